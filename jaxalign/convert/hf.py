@@ -1,0 +1,340 @@
+"""Hugging Face Llama checkpoints <-> jaxalign params, through one declarative table.
+
+Each row names an HF key (with `{i}` for the layer index), our param path, and a
+transform that is applied forwards on import and backwards on export. Per-layer HF
+tensors are stacked on a leading 'layers' axis on import and unstacked on export.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import numpy as np
+from jax.sharding import Mesh
+
+from jaxalign.config import ModelConfig
+from jaxalign.convert.safetensors_io import SafetensorsFile, dtype_name, save_file
+from jaxalign.models import functional
+
+log = logging.getLogger(__name__)
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "tokenizer.model", "chat_template.jinja", "chat_template.json",
+                   "added_tokens.json", "vocab.json", "merges.txt")
+# Tensors some HF checkpoints carry that hold no weights of ours.
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+class CheckpointError(ValueError):
+    """An HF checkpoint directory cannot be read exactly."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Transform:
+    """HF array -> our array (`fwd`) and back (`inv`); both pure reshapes / transposes."""
+    fwd: Callable[[np.ndarray, ModelConfig], np.ndarray]
+    inv: Callable[[np.ndarray, ModelConfig], np.ndarray]
+
+
+IDENTITY = Transform(lambda x, c: x, lambda x, c: x)
+TRANSPOSE = Transform(lambda x, c: x.T, lambda x, c: x.T)
+# nn.Linear stores (out, in); ours is (in, heads, head_dim) for q/k/v ...
+Q_PROJ = Transform(lambda x, c: x.T.reshape(c.hidden_size, c.num_heads, c.head_dim),
+                   lambda x, c: x.reshape(c.hidden_size, -1).T)
+KV_PROJ = Transform(lambda x, c: x.T.reshape(c.hidden_size, c.num_kv_heads, c.head_dim),
+                    lambda x, c: x.reshape(c.hidden_size, -1).T)
+# ... and (heads, head_dim, out) for o.
+O_PROJ = Transform(lambda x, c: x.T.reshape(c.num_heads, c.head_dim, c.hidden_size),
+                   lambda x, c: x.reshape(-1, c.hidden_size).T)
+Q_BIAS = Transform(lambda x, c: x.reshape(c.num_heads, c.head_dim), lambda x, c: x.reshape(-1))
+KV_BIAS = Transform(lambda x, c: x.reshape(c.num_kv_heads, c.head_dim), lambda x, c: x.reshape(-1))
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    hf_key: str                  # '{i}' = layer index
+    path: tuple[str, ...]        # our param path; per-layer rows live under 'layers'
+    transform: Transform
+    when: Callable[[ModelConfig], bool] = lambda c: True
+
+    @property
+    def per_layer(self) -> bool:
+        return "{i}" in self.hf_key
+
+
+_L = "model.layers.{i}."
+TABLE: tuple[Row, ...] = (
+    Row("model.embed_tokens.weight", ("embed",), IDENTITY),
+    Row("model.norm.weight", ("final_norm", "scale"), IDENTITY),
+    Row("lm_head.weight", ("lm_head",), TRANSPOSE, lambda c: not c.tie_word_embeddings),
+    Row(_L + "input_layernorm.weight", ("layers", "attn_norm", "scale"), IDENTITY),
+    Row(_L + "post_attention_layernorm.weight", ("layers", "mlp_norm", "scale"), IDENTITY),
+    Row(_L + "self_attn.q_proj.weight", ("layers", "attn", "q"), Q_PROJ),
+    Row(_L + "self_attn.k_proj.weight", ("layers", "attn", "k"), KV_PROJ),
+    Row(_L + "self_attn.v_proj.weight", ("layers", "attn", "v"), KV_PROJ),
+    Row(_L + "self_attn.o_proj.weight", ("layers", "attn", "o"), O_PROJ),
+    Row(_L + "self_attn.q_proj.bias", ("layers", "attn", "q_bias"), Q_BIAS, lambda c: c.attention_bias),
+    Row(_L + "self_attn.k_proj.bias", ("layers", "attn", "k_bias"), KV_BIAS, lambda c: c.attention_bias),
+    Row(_L + "self_attn.v_proj.bias", ("layers", "attn", "v_bias"), KV_BIAS, lambda c: c.attention_bias),
+    Row(_L + "self_attn.o_proj.bias", ("layers", "attn", "o_bias"), IDENTITY, lambda c: c.attention_bias),
+    Row(_L + "mlp.gate_proj.weight", ("layers", "mlp", "gate"), TRANSPOSE),
+    Row(_L + "mlp.up_proj.weight", ("layers", "mlp", "up"), TRANSPOSE),
+    Row(_L + "mlp.down_proj.weight", ("layers", "mlp", "down"), TRANSPOSE),
+    Row(_L + "mlp.gate_proj.bias", ("layers", "mlp", "gate_bias"), IDENTITY, lambda c: c.mlp_bias),
+    Row(_L + "mlp.up_proj.bias", ("layers", "mlp", "up_bias"), IDENTITY, lambda c: c.mlp_bias),
+    Row(_L + "mlp.down_proj.bias", ("layers", "mlp", "down_bias"), IDENTITY, lambda c: c.mlp_bias),
+)
+
+
+def active_rows(cfg: ModelConfig) -> list[Row]:
+    return [r for r in TABLE if r.when(cfg)]
+
+
+def hf_keys(row: Row, cfg: ModelConfig) -> list[str]:
+    return [row.hf_key.format(i=i) for i in range(cfg.num_layers)] if row.per_layer else [row.hf_key]
+
+
+def _get(tree: dict, path: tuple[str, ...]):
+    for p in path:
+        tree = tree[p]
+    return tree
+
+
+def _set(tree: dict, path: tuple[str, ...], value) -> None:
+    for p in path[:-1]:
+        tree = tree.setdefault(p, {})
+    tree[path[-1]] = value
+
+
+# ----------------------------------------------------------------------------- reading
+
+@dataclasses.dataclass
+class HFCheckpoint:
+    """An HF Llama directory, opened: its config and where each tensor lives."""
+    path: Path
+    hf_config: dict[str, Any]
+    cfg: ModelConfig
+    files: dict[str, SafetensorsFile]   # tensor key -> file holding it
+
+    def close(self) -> None:
+        for f in set(self.files.values()):
+            f.close()
+
+
+def read_hf_config(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    cfg_file = path / "config.json"
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a directory")
+    if not cfg_file.exists():
+        raise CheckpointError(f"{cfg_file}: missing (not a Hugging Face model directory?)")
+    try:
+        return json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{cfg_file}: invalid JSON ({e})") from None
+
+
+def open_hf(path: str | Path, **runtime) -> HFCheckpoint:
+    """Opens and validates an HF directory; reads only headers. `runtime` sets dtype etc."""
+    path = Path(path)
+    hf_config = read_hf_config(path)
+    try:
+        cfg = ModelConfig.from_hf(hf_config, **runtime)
+    except ValueError as e:
+        raise CheckpointError(f"{path / 'config.json'}: {e}") from None
+
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        opened = {}
+        for name in sorted(set(weight_map.values())):
+            if not (path / name).exists():
+                raise CheckpointError(f"{path / name}: shard listed in {index.name} does not exist")
+            opened[name] = SafetensorsFile(path / name)
+        files = {k: opened[v] for k, v in weight_map.items()}
+    elif (path / "model.safetensors").exists():
+        f = SafetensorsFile(path / "model.safetensors")
+        files = {k: f for k in f.keys()}
+    else:
+        raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json "
+                              "(only safetensors checkpoints are read)")
+    ckpt = HFCheckpoint(path, hf_config, cfg, files)
+    _validate(ckpt)
+    return ckpt
+
+
+def _expected_hf_shape(row: Row, cfg: ModelConfig) -> tuple[int, ...]:
+    ours = _get(functional.abstract_params(cfg), row.path).shape
+    if row.per_layer:
+        ours = ours[1:]
+    dummy = np.zeros(ours, np.int8)
+    return row.transform.inv(dummy, cfg).shape
+
+
+def _validate(ckpt: HFCheckpoint) -> None:
+    cfg, expected = ckpt.cfg, set()
+    for row in active_rows(cfg):
+        shape = _expected_hf_shape(row, cfg)
+        for key in hf_keys(row, cfg):
+            expected.add(key)
+            if key not in ckpt.files:
+                raise CheckpointError(f"{ckpt.path}: tensor {key!r} is missing "
+                                      f"(expected shape {shape} for this config.json)")
+            got = ckpt.files[key].shape(key)
+            if got != shape:
+                raise CheckpointError(f"{ckpt.files[key].path}: tensor {key!r} has shape {got}, "
+                                      f"expected {shape} from config.json")
+    extra = sorted(k for k in ckpt.files if k not in expected and not k.endswith(_IGNORED_SUFFIXES))
+    if cfg.tie_word_embeddings and "lm_head.weight" in extra:
+        # Some writers store the tied head anyway; it must equal the embedding.
+        extra.remove("lm_head.weight")
+    if extra:
+        raise CheckpointError(f"{ckpt.path}: unexpected tensor(s) {extra[:5]}"
+                              f"{' ...' if len(extra) > 5 else ''} not used by a Llama with this "
+                              "config.json (wrong architecture or config?)")
+
+
+def load_params(ckpt: HFCheckpoint, mesh: Mesh | None = None) -> functional.Params:
+    """Reads every tensor once and places it straight onto its target sharding.
+
+    Only one of our params is ever held on the host at a time; each device then receives
+    just its own slice of it (`make_array_from_callback`), also across processes.
+    """
+    cfg = ckpt.cfg
+    pdtype = np.dtype(jax.numpy.dtype(cfg.param_dtype))
+    shardings = functional.param_shardings(cfg, mesh) if mesh is not None else None
+    params: dict = {}
+    for row in active_rows(cfg):
+        arrays = [row.transform.fwd(ckpt.files[k].get(k), cfg) for k in hf_keys(row, cfg)]
+        host = (np.stack(arrays) if row.per_layer else arrays[0]).astype(pdtype)
+        if shardings is None:
+            value = jax.device_put(host)
+        else:
+            value = jax.make_array_from_callback(host.shape, _get(shardings, row.path),
+                                                 lambda idx, h=host: h[idx])
+        _set(params, row.path, value)
+        del arrays, host
+    return params
+
+
+def load(path: str | Path, mesh: Mesh | None = None, **runtime):
+    """HF directory -> (ModelConfig, params, hf_config dict)."""
+    ckpt = open_hf(path, **runtime)
+    try:
+        return ckpt.cfg, load_params(ckpt, mesh), ckpt.hf_config
+    finally:
+        ckpt.close()
+
+
+# ----------------------------------------------------------------------------- writing
+
+def _to_host(x: jax.Array) -> np.ndarray:
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
+
+
+def hf_tensors(cfg: ModelConfig, params: functional.Params, dtype: np.dtype | None = None):
+    """Yields (hf_key, numpy array) for every tensor of the HF layout."""
+    for row in active_rows(cfg):
+        host = _to_host(_get(params, row.path))
+        if dtype is not None:
+            host = host.astype(dtype)
+        if row.per_layer:
+            for i, key in enumerate(hf_keys(row, cfg)):
+                yield key, np.ascontiguousarray(row.transform.inv(host[i], cfg))
+        else:
+            yield row.hf_key, np.ascontiguousarray(row.transform.inv(host, cfg))
+
+
+def hf_config_for(cfg: ModelConfig, base: dict[str, Any] | None = None) -> dict[str, Any]:
+    """config.json content: the source checkpoint's (kept verbatim) or one built from cfg."""
+    if base is not None:
+        return dict(base)
+    rope: dict[str, Any] = {"rope_type": cfg.rope_type, "rope_theta": cfg.rope_theta}
+    if cfg.rope_type != "default":
+        rope["factor"] = cfg.rope_factor
+    if cfg.rope_type == "llama3":
+        rope.update(low_freq_factor=cfg.rope_low_freq_factor,
+                    high_freq_factor=cfg.rope_high_freq_factor,
+                    original_max_position_embeddings=cfg.rope_original_max_position)
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
+        "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size, "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads,
+        "head_dim": cfg.head_dim, "rms_norm_eps": cfg.rms_norm_eps, "rope_parameters": rope,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "tie_word_embeddings": cfg.tie_word_embeddings, "attention_bias": cfg.attention_bias,
+        "mlp_bias": cfg.mlp_bias, "dtype": cfg.param_dtype,
+    }
+
+
+def save(out_dir: str | Path, cfg: ModelConfig, params: functional.Params, *,
+         hf_config: dict[str, Any] | None = None, source_dir: str | Path | None = None,
+         max_shard_bytes: int = 5 * 2**30) -> Path:
+    """Writes an HF directory that `AutoModelForCausalLM.from_pretrained` loads.
+
+    Tensors are written in the dtype named by the config (`dtype` / `torch_dtype`), so an
+    fp32 or bf16 checkpoint comes back in its own precision. Tokenizer files, chat
+    template and generation_config.json are copied from `source_dir` when given.
+    Only process 0 writes; all processes must call this (the gather is collective).
+    """
+    out = Path(out_dir)
+    config = hf_config_for(cfg, hf_config)
+    dtype_str = config.get("dtype") or config.get("torch_dtype") or cfg.param_dtype
+    dtype = np.dtype(jax.numpy.dtype(dtype_str))
+    writer = jax.process_index() == 0
+    if writer:
+        out.mkdir(parents=True, exist_ok=True)
+    shards: list[dict[str, np.ndarray]] = [{}]
+    size = 0
+    for key, arr in hf_tensors(cfg, params, dtype):
+        if shards[-1] and size + arr.nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = arr
+        size += arr.nbytes
+    if not writer:
+        return out
+
+    if len(shards) == 1:
+        save_file(shards[0], out / "model.safetensors", {"format": "pt"})
+    else:
+        weight_map, total = {}, 0
+        for n, shard in enumerate(shards, 1):
+            name = f"model-{n:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, out / name, {"format": "pt"})
+            weight_map.update({k: name for k in shard})
+            total += sum(a.nbytes for a in shard.values())
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    # transformers' own layout: indent 2, sorted keys.
+    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    _copy_side_files(source_dir, out, config)
+    log.info("wrote %s (%d tensor file(s), %s)", out, len(shards), dtype_name(dtype))
+    return out
+
+
+def _copy_side_files(source_dir: str | Path | None, out: Path, config: dict[str, Any]) -> None:
+    src = Path(source_dir) if source_dir is not None else None
+    if src is not None and src.resolve() != out.resolve():
+        for name in TOKENIZER_FILES + ("generation_config.json",):
+            if (src / name).exists():
+                shutil.copyfile(src / name, out / name)
+    if not (out / "generation_config.json").exists():
+        gen = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")
+               if config.get(k) is not None}
+        (out / "generation_config.json").write_text(json.dumps(gen, indent=2, sort_keys=True) + "\n")
+
+
+def num_params(params: functional.Params) -> int:
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(params))

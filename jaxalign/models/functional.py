@@ -1,0 +1,83 @@
+"""The one place that splits and merges NNX graphs.
+
+Everything outside this module sees a model as (ModelConfig, params), where params is
+a plain nested dict of arrays: easy to jit, shard, donate, checkpoint and convert.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import Mesh
+
+from jaxalign import sharding
+from jaxalign.config import ModelConfig
+from jaxalign.models.llama import Cache, Llama
+
+Params = dict[str, Any]
+
+
+@functools.lru_cache(maxsize=None)
+def _split(cfg: ModelConfig):
+    # eval_shape: no memory, no RNG work. Eager sharding off: shardings are decided by
+    # jaxalign.sharding from the names, not by flax at construction time.
+    with nnx.use_eager_sharding(False):
+        abstract = nnx.eval_shape(lambda: Llama(cfg, nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    names = jax.tree.map(lambda v: tuple(v.get_metadata()["out_sharding"]), state,
+                         is_leaf=lambda v: isinstance(v, nnx.Variable))
+    shapes = nnx.to_pure_dict(state)
+    return graphdef, shapes, nnx.to_pure_dict(names)
+
+
+def abstract_params(cfg: ModelConfig) -> Params:
+    """Tree of `jax.ShapeDtypeStruct` with the exact structure of the params."""
+    return _split(cfg)[1]
+
+
+def param_names(cfg: ModelConfig) -> Params:
+    """Tree of logical axis-name tuples, one per parameter."""
+    return _split(cfg)[2]
+
+
+def param_shardings(cfg: ModelConfig, mesh: Mesh) -> Params:
+    return sharding.tree_shardings(abstract_params(cfg), param_names(cfg), mesh)
+
+
+def init_params(cfg: ModelConfig, mesh: Mesh | None = None, seed: int = 0) -> Params:
+    """Random parameters (normal(0.02) weights, unit norms), created directly on their shards."""
+    def make():
+        with nnx.use_eager_sharding(False):
+            return nnx.to_pure_dict(nnx.state(Llama(cfg, nnx.Rngs(seed))))
+    out = param_shardings(cfg, mesh) if mesh is not None else None
+    return jax.jit(make, out_shardings=out)()
+
+
+def positions_from_segments(segment_ids_BT: jax.Array) -> jax.Array:
+    """Positions that restart at 0 at each new segment (packing) and after left padding."""
+    T = segment_ids_BT.shape[1]
+    idx = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), segment_ids_BT.shape)
+    starts = jnp.concatenate(
+        [jnp.ones_like(segment_ids_BT[:, :1], bool), segment_ids_BT[:, 1:] != segment_ids_BT[:, :-1]],
+        axis=1)
+    return idx - jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
+
+
+def apply(cfg: ModelConfig, params: Params, tokens_BT: jax.Array, *,
+          positions_BT: jax.Array | None = None, segment_ids_BT: jax.Array | None = None,
+          cache: Cache | None = None, return_logits: bool = True):
+    """Pure forward pass: (logits_BTV fp32 | None, hidden_BTD, cache | None).
+
+    segment_ids default to all ones (no padding); positions default to restarting at
+    each segment, which also gives left-padded rows positions 0.. at their first token.
+    """
+    if segment_ids_BT is None:
+        segment_ids_BT = jnp.ones(tokens_BT.shape, jnp.int32)
+    if positions_BT is None:
+        positions_BT = positions_from_segments(segment_ids_BT)
+    model = nnx.merge(_split(cfg)[0], params)
+    return model(tokens_BT, positions_BT, segment_ids_BT, cache, return_logits=return_logits)

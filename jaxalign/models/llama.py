@@ -1,0 +1,302 @@
+"""Llama-family decoder in Flax NNX, written to be used functionally.
+
+The module holds only `nnx.Param` leaves, each born with logical axis names
+(see `jaxalign.sharding.RULES`). RoPE tables and the KV cache are computed or passed
+in, never stored. Weight layouts follow the Hugging Face tensors up to a transpose /
+head reshape, and RoPE uses HF's rotate-half convention, so converted weights need no
+permutation.
+
+Shape suffixes: B batch, T query length, S key length, D hidden, N query heads,
+K kv heads, G = N / K query heads per kv head, H head dim, F mlp hidden, V vocab, L layers.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxalign.config import ModelConfig
+from jaxalign.sharding import constrain
+
+Cache = dict[str, jax.Array]  # {'k': LBSKH, 'v': LBSKH, 'valid': BS bool, 'end': int32 scalar}
+
+_INIT_STD = 0.02
+
+
+def _dtype(name: str) -> jnp.dtype:
+    return jnp.dtype(name)
+
+
+def _param(rngs: nnx.Rngs | None, shape, names, dtype, kind: str = "normal") -> nnx.Param:
+    if kind == "ones":
+        value = jnp.ones(shape, dtype)
+    elif kind == "zeros":
+        value = jnp.zeros(shape, dtype)
+    else:
+        value = (_INIT_STD * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+    return nnx.Param(value, out_sharding=tuple(names))
+
+
+def _dot(eq: str, a: jax.Array, b: jax.Array, dtype) -> jax.Array:
+    # bf16 matmuls on CPU only run at full speed with an fp32 accumulator
+    # (DESIGN.md section 5); on fp32 inputs this is a plain dot.
+    return jnp.einsum(eq, a.astype(dtype), b.astype(dtype),
+                      preferred_element_type=jnp.float32).astype(dtype)
+
+
+# ----------------------------------------------------------------------------- RoPE
+
+def rope_inv_freq(cfg: ModelConfig) -> jax.Array:
+    """Inverse frequencies (H/2,), with linear or llama3 scaling as transformers applies it."""
+    exponents = jnp.arange(0, cfg.head_dim, 2, dtype=jnp.float32) / cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** exponents)
+    if cfg.rope_type == "linear":
+        return inv_freq / cfg.rope_factor
+    if cfg.rope_type == "llama3":
+        # Long wavelengths are divided by `factor`, short ones kept, the band between
+        # interpolated smoothly (Llama 3.1 context extension).
+        factor, lo, hi = cfg.rope_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+        old_ctx = cfg.rope_original_max_position
+        wavelen = 2 * math.pi / inv_freq
+        scaled = jnp.where(wavelen > old_ctx / lo, inv_freq / factor, inv_freq)
+        smooth = (old_ctx / wavelen - lo) / (hi - lo)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_ctx / hi) & (wavelen <= old_ctx / lo)
+        return jnp.where(medium, smoothed, scaled)
+    return inv_freq
+
+
+def rope_tables(cfg: ModelConfig, positions_BT: jax.Array) -> tuple[jax.Array, jax.Array]:
+    freqs_BTh = positions_BT.astype(jnp.float32)[..., None] * rope_inv_freq(cfg)
+    angles_BTH = jnp.concatenate([freqs_BTh, freqs_BTh], axis=-1)
+    return jnp.cos(angles_BTH), jnp.sin(angles_BTH)
+
+
+def apply_rope(x_BTnH: jax.Array, cos_BTH: jax.Array, sin_BTH: jax.Array) -> jax.Array:
+    half = x_BTnH.shape[-1] // 2
+    rotated = jnp.concatenate([-x_BTnH[..., half:], x_BTnH[..., :half]], axis=-1)
+    cos, sin = cos_BTH[:, :, None, :].astype(x_BTnH.dtype), sin_BTH[:, :, None, :].astype(x_BTnH.dtype)
+    return x_BTnH * cos + rotated * sin
+
+
+# ----------------------------------------------------------------------------- layers
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, param_dtype):
+        self.eps = eps
+        self.scale = _param(None, (dim,), ("vector",), param_dtype, "ones")
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        xf = x.astype(jnp.float32)
+        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return self.scale[...].astype(x.dtype) * xf.astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        D, N, K, H = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        pd = _dtype(cfg.param_dtype)
+        self.cfg = cfg
+        self.q = _param(rngs, (D, N, H), ("embed", "heads", "head_dim"), pd)
+        self.k = _param(rngs, (D, K, H), ("embed", "kv_heads", "head_dim"), pd)
+        self.v = _param(rngs, (D, K, H), ("embed", "kv_heads", "head_dim"), pd)
+        self.o = _param(rngs, (N, H, D), ("heads", "head_dim", "embed"), pd)
+        if cfg.attention_bias:
+            self.q_bias = _param(None, (N, H), ("heads", "head_dim"), pd, "zeros")
+            self.k_bias = _param(None, (K, H), ("kv_heads", "head_dim"), pd, "zeros")
+            self.v_bias = _param(None, (K, H), ("kv_heads", "head_dim"), pd, "zeros")
+            self.o_bias = _param(None, (D,), ("vector",), pd, "zeros")
+
+    def __call__(self, x_BTD, cos_BTH, sin_BTH, mask_BTS, kv_cache=None, cache_end=None):
+        """Returns the attention output and the updated (k, v) cache of this layer, if any."""
+        cfg, dt = self.cfg, x_BTD.dtype
+        B, T, _ = x_BTD.shape
+        q_BTNH = _dot("btd,dnh->btnh", x_BTD, self.q[...], dt)
+        k_BTKH = _dot("btd,dkh->btkh", x_BTD, self.k[...], dt)
+        v_BTKH = _dot("btd,dkh->btkh", x_BTD, self.v[...], dt)
+        if cfg.attention_bias:
+            q_BTNH += self.q_bias[...].astype(dt)
+            k_BTKH += self.k_bias[...].astype(dt)
+            v_BTKH += self.v_bias[...].astype(dt)
+        q_BTNH = constrain(apply_rope(q_BTNH, cos_BTH, sin_BTH), ("batch", "seq", "heads", None))
+        k_BTKH = constrain(apply_rope(k_BTKH, cos_BTH, sin_BTH), ("batch", "seq", "kv_heads", None))
+        v_BTKH = constrain(v_BTKH, ("batch", "seq", "kv_heads", None))
+
+        if kv_cache is not None:
+            k_cache, v_cache = kv_cache
+            start = (0, cache_end, 0, 0)
+            k_cache = jax.lax.dynamic_update_slice(k_cache, k_BTKH.astype(k_cache.dtype), start)
+            v_cache = jax.lax.dynamic_update_slice(v_cache, v_BTKH.astype(v_cache.dtype), start)
+            k_BSKH, v_BSKH, new_cache = k_cache.astype(dt), v_cache.astype(dt), (k_cache, v_cache)
+        else:
+            k_BSKH, v_BSKH, new_cache = k_BTKH, v_BTKH, None
+
+        # Grouped-query attention without materialising repeated kv heads.
+        q_BTKGH = q_BTNH.reshape(B, T, cfg.num_kv_heads, cfg.num_groups, cfg.head_dim)
+        scores_BKGTS = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH,
+                                  preferred_element_type=jnp.float32) * cfg.head_dim ** -0.5
+        # `where`, not an additive bias: a fully masked (padding) row stays finite.
+        scores_BKGTS = jnp.where(mask_BTS[:, None, None], scores_BKGTS, jnp.finfo(jnp.float32).min)
+        probs_BKGTS = jax.nn.softmax(scores_BKGTS, axis=-1).astype(dt)
+        out_BTKGH = _dot("bkgts,bskh->btkgh", probs_BKGTS, v_BSKH, dt)
+        out_BTNH = out_BTKGH.reshape(B, T, cfg.num_heads, cfg.head_dim)
+        out_BTD = _dot("btnh,nhd->btd", out_BTNH, self.o[...], dt)
+        if cfg.attention_bias:
+            out_BTD += self.o_bias[...].astype(dt)
+        return out_BTD, new_cache
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        D, F, pd = cfg.hidden_size, cfg.intermediate_size, _dtype(cfg.param_dtype)
+        self.bias = cfg.mlp_bias
+        self.gate = _param(rngs, (D, F), ("embed", "mlp"), pd)
+        self.up = _param(rngs, (D, F), ("embed", "mlp"), pd)
+        self.down = _param(rngs, (F, D), ("mlp", "embed"), pd)
+        if cfg.mlp_bias:
+            self.gate_bias = _param(None, (F,), ("mlp",), pd, "zeros")
+            self.up_bias = _param(None, (F,), ("mlp",), pd, "zeros")
+            self.down_bias = _param(None, (D,), ("vector",), pd, "zeros")
+
+    def __call__(self, x_BTD):
+        dt = x_BTD.dtype
+        gate_BTF = _dot("btd,df->btf", x_BTD, self.gate[...], dt)
+        up_BTF = _dot("btd,df->btf", x_BTD, self.up[...], dt)
+        if self.bias:
+            gate_BTF += self.gate_bias[...].astype(dt)
+            up_BTF += self.up_bias[...].astype(dt)
+        h_BTF = constrain(jax.nn.silu(gate_BTF) * up_BTF, ("batch", "seq", "mlp"))
+        out_BTD = _dot("btf,fd->btd", h_BTF, self.down[...], dt)
+        if self.bias:
+            out_BTD += self.down_bias[...].astype(dt)
+        return out_BTD
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        pd = _dtype(cfg.param_dtype)
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pd)
+        self.attn = Attention(cfg, rngs)
+        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pd)
+        self.mlp = MLP(cfg, rngs)
+
+    def __call__(self, x_BTD, cos_BTH, sin_BTH, mask_BTS, kv_cache=None, cache_end=None):
+        attn_BTD, kv_cache = self.attn(self.attn_norm(x_BTD), cos_BTH, sin_BTH, mask_BTS,
+                                       kv_cache, cache_end)
+        x_BTD = x_BTD + attn_BTD
+        x_BTD = x_BTD + self.mlp(self.mlp_norm(x_BTD))
+        return constrain(x_BTD, ("batch", "seq", None)), kv_cache
+
+
+_REMAT_POLICIES: dict[str, Callable | None] = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class Llama(nnx.Module):
+    """Token ids in, logits (fp32) and final hidden states out."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        pd = _dtype(cfg.param_dtype)
+        self.cfg = cfg
+        self.embed = _param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), pd)
+
+        # Layers are created stacked (leading 'layers' axis) so that scan and the
+        # converter both see one array per weight kind.
+        @nnx.split_rngs(splits=cfg.num_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+        def make_blocks(rngs):
+            return Block(cfg, rngs)
+
+        self.layers = make_blocks(rngs)
+        self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pd)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = _param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), pd)
+
+    def __call__(self, tokens_BT: jax.Array, positions_BT: jax.Array, segment_ids_BT: jax.Array,
+                 cache: Cache | None = None, *, return_logits: bool = True):
+        """Forward pass.
+
+        segment_ids_BT: 0 marks padding; tokens attend causally only within their own
+        segment (packing). With a cache, the T new tokens are written at `cache['end']` and
+        attend to every valid earlier slot.
+        Returns (logits_BTV fp32 or None, hidden_BTD after the final norm, new cache or None).
+        """
+        cfg = self.cfg
+        dt = _dtype(cfg.dtype)
+        B, T = tokens_BT.shape
+        x_BTD = constrain(jnp.take(self.embed[...], tokens_BT, axis=0).astype(dt), ("batch", "seq", None))
+        cos_BTH, sin_BTH = rope_tables(cfg, positions_BT)
+
+        if cache is None:
+            q_idx, k_idx = jnp.arange(T)[:, None], jnp.arange(T)[None, :]
+            same_segment = segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
+            mask_BTS = (k_idx <= q_idx)[None] & same_segment & (segment_ids_BT[:, None, :] > 0)
+            end, kv = None, None
+        else:
+            end = cache["end"]
+            valid_BS = jax.lax.dynamic_update_slice(cache["valid"], segment_ids_BT > 0, (0, end))
+            S = valid_BS.shape[1]
+            q_slot, k_slot = end + jnp.arange(T)[:, None], jnp.arange(S)[None, :]
+            mask_BTS = (k_slot <= q_slot)[None] & valid_BS[:, None, :]
+            kv = (cache["k"], cache["v"])
+
+        x_BTD, kv = self._run_layers(x_BTD, cos_BTH, sin_BTH, mask_BTS, kv, end)
+        hidden_BTD = self.final_norm(x_BTD)
+        new_cache = None
+        if cache is not None:
+            new_cache = {"k": kv[0], "v": kv[1], "valid": valid_BS, "end": end + T}
+        if not return_logits:
+            return None, hidden_BTD, new_cache
+        if cfg.tie_word_embeddings:
+            logits_BTV = jnp.einsum("btd,vd->btv", hidden_BTD, self.embed[...].astype(dt),
+                                    preferred_element_type=jnp.float32)
+        else:
+            logits_BTV = jnp.einsum("btd,dv->btv", hidden_BTD, self.lm_head[...].astype(dt),
+                                    preferred_element_type=jnp.float32)
+        return constrain(logits_BTV, ("batch", "seq", "vocab")), hidden_BTD, new_cache
+
+    def _run_layers(self, x_BTD, cos_BTH, sin_BTH, mask_BTS, kv, end):
+        cfg = self.cfg
+        block_def, stacked = nnx.split(self.layers)
+
+        def body(x_BTD, layer):
+            params, layer_kv = layer
+            return nnx.merge(block_def, params)(x_BTD, cos_BTH, sin_BTH, mask_BTS, layer_kv, end)
+
+        policy = _REMAT_POLICIES.get(cfg.remat)
+        if policy is not None:
+            # prevent_cse only matters outside scan; inside scan it would block fusion.
+            body = jax.checkpoint(body, policy=policy, prevent_cse=not cfg.scan_layers)
+
+        if cfg.scan_layers:
+            return jax.lax.scan(body, x_BTD, (stacked, kv))
+        new_k, new_v = [], []
+        for i in range(cfg.num_layers):
+            layer = jax.tree.map(lambda a: a[i], (stacked, kv))
+            x_BTD, layer_kv = body(x_BTD, layer)
+            if layer_kv is not None:
+                new_k.append(layer_kv[0])
+                new_v.append(layer_kv[1])
+        return x_BTD, ((jnp.stack(new_k), jnp.stack(new_v)) if kv is not None else None)
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: str | None = None) -> Cache:
+    """An empty KV cache for `batch` rows of up to `max_len` tokens."""
+    shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+    dt = _dtype(dtype or cfg.dtype)
+    return {"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt),
+            "valid": jnp.zeros((batch, max_len), bool), "end": jnp.zeros((), jnp.int32)}
+
+
+CACHE_NAMES: dict[str, Any] = {
+    "k": ("layers", "batch", "seq", "kv_heads", "head_dim"),
+    "v": ("layers", "batch", "seq", "kv_heads", "head_dim"),
+    "valid": ("batch", "seq"),
+    "end": (),
+}
