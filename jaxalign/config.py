@@ -14,7 +14,12 @@ DTYPES = ("float32", "bfloat16")
 REMAT_POLICIES = ("none", "full", "dots")
 
 
-class ConfigError(ValueError):
+class JaxalignError(ValueError):
+    """Bad input that we can name: a file, row, tensor, key or mesh size. The CLI prints it
+    as one line instead of a traceback."""
+
+
+class ConfigError(JaxalignError):
     """A configuration value is missing, unknown or out of range."""
 
 

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from jaxalign.config import MeshConfig
+from jaxalign.config import JaxalignError, MeshConfig
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ RULES: tuple[tuple[str, Any], ...] = (
 _RULES = dict(RULES)
 
 
-class MeshError(ValueError):
+class MeshError(JaxalignError):
     """The requested mesh does not fit the available devices."""
 
 

@@ -19,7 +19,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from jaxalign.config import ModelConfig
+from jaxalign.config import JaxalignError, ModelConfig
 from jaxalign.convert.safetensors_io import SafetensorsFile, dtype_name, save_file
 from jaxalign.models import functional
 
@@ -32,7 +32,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
-class CheckpointError(ValueError):
+class CheckpointError(JaxalignError):
     """An HF checkpoint directory cannot be read exactly."""
 
 
@@ -147,7 +147,7 @@ def open_hf(path: str | Path, **runtime) -> HFCheckpoint:
     hf_config = read_hf_config(path)
     try:
         cfg = ModelConfig.from_hf(hf_config, **runtime)
-    except ValueError as e:
+    except JaxalignError as e:
         raise CheckpointError(f"{path / 'config.json'}: {e}") from None
 
     index = path / "model.safetensors.index.json"
@@ -319,12 +319,12 @@ def save(out_dir: str | Path, cfg: ModelConfig, params: functional.Params, *,
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     # transformers' own layout: indent 2, sorted keys.
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    _copy_side_files(source_dir, out, config)
+    copy_side_files(source_dir, out, config)
     log.info("wrote %s (%d tensor file(s), %s)", out, len(shards), dtype_name(dtype))
     return out
 
 
-def _copy_side_files(source_dir: str | Path | None, out: Path, config: dict[str, Any]) -> None:
+def copy_side_files(source_dir: str | Path | None, out: Path, config: dict[str, Any]) -> None:
     src = Path(source_dir) if source_dir is not None else None
     if src is not None and src.resolve() != out.resolve():
         for name in TOKENIZER_FILES + ("generation_config.json",):

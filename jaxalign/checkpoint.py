@@ -1,0 +1,76 @@
+"""Model checkpoints in our own format, and one loader for every model source.
+
+A jaxalign model directory (`jaxalign convert`) holds:
+  jaxalign.json      {"format": "jaxalign-model", "version": 1, "hf_config": {...}}
+  params/            orbax checkpoint of the param tree (restored straight onto shardings)
+  tokenizer files, generation_config.json (copied from the HF source)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from jax.sharding import Mesh
+
+from jaxalign.config import JaxalignError, ModelConfig
+from jaxalign.convert import hf
+from jaxalign.models import functional
+
+log = logging.getLogger(__name__)
+
+MODEL_FORMAT = "jaxalign-model"
+MARKER = "jaxalign.json"
+
+
+class ModelSourceError(JaxalignError):
+    """A path is neither an HF model directory nor a jaxalign checkpoint."""
+
+
+def save_model(out_dir: str | Path, cfg: ModelConfig, params: functional.Params,
+               hf_config: dict[str, Any] | None, source_dir: str | Path | None = None) -> Path:
+    out = Path(out_dir).absolute()
+    out.mkdir(parents=True, exist_ok=True)
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(out / "params", params, force=True)
+    if jax.process_index() == 0:
+        meta = {"format": MODEL_FORMAT, "version": 1,
+                "hf_config": hf.hf_config_for(cfg, hf_config)}
+        hf.copy_side_files(source_dir, out, meta["hf_config"])
+        (out / MARKER).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    return out
+
+
+def is_jaxalign_model(path: str | Path) -> bool:
+    p = Path(path) / MARKER
+    return p.exists() and json.loads(p.read_text()).get("format") == MODEL_FORMAT
+
+
+def load_model(path: str | Path, mesh: Mesh | None = None, **runtime):
+    """Any model source -> (cfg, params, hf_config, dir holding the tokenizer files).
+
+    `runtime` overrides how the model runs (dtype, scan_layers, remat), never its shape.
+    """
+    path = Path(path)
+    if is_jaxalign_model(path):
+        meta = json.loads((path / MARKER).read_text())
+        cfg = ModelConfig.from_hf(meta["hf_config"], **runtime)
+        abstract = functional.abstract_params(cfg)
+        if mesh is not None:
+            shardings = functional.param_shardings(cfg, mesh)
+            target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                  abstract, shardings)
+        else:
+            target = abstract
+        with ocp.StandardCheckpointer() as ckptr:
+            params = ckptr.restore(path.absolute() / "params", target)
+        return cfg, params, meta["hf_config"], path
+    if (path / "config.json").exists():
+        cfg, params, hf_config = hf.load(path, mesh, **runtime)
+        return cfg, params, hf_config, path
+    raise ModelSourceError(f"{path}: not a model (expected an HF directory with config.json, "
+                           f"or a jaxalign checkpoint with {MARKER})")

@@ -1,0 +1,142 @@
+"""Command line: parse, then call the library. Logs go to stderr, results to stdout.
+
+  jaxalign convert HF_DIR OUT_DIR
+  jaxalign export MODEL OUT_HF_DIR
+  jaxalign generate MODEL --prompt TEXT [--chat] [--max-new-tokens N] [--temperature T]
+                    [--top-p P] [--top-k K] [--seed S]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+
+log = logging.getLogger("jaxalign")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2 (the CLI contract)
+        sys.stderr.write(f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+        sys.exit(2)
+
+
+def _mesh_arg(text: str):
+    from jaxalign.config import MeshConfig
+    try:
+        sizes = dict(part.split("=") for part in text.split(","))
+        return MeshConfig(**{k.strip(): int(v) for k, v in sizes.items()})
+    except (ValueError, TypeError) as e:
+        raise argparse.ArgumentTypeError(f"bad --mesh {text!r} (want e.g. data=1,fsdp=-1,tensor=1): {e}")
+
+
+def _add_runtime(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--mesh", type=_mesh_arg, default=None,
+                   help="device mesh, e.g. data=1,fsdp=-1,tensor=1 (default: all devices on fsdp)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="compute dtype (default float32)")
+
+
+def _mesh(args):
+    from jaxalign import sharding
+    from jaxalign.config import MeshConfig
+    return sharding.make_mesh(args.mesh or MeshConfig())
+
+
+def cmd_convert(args) -> int:
+    from jaxalign import checkpoint
+    from jaxalign.convert import hf
+
+    t0 = time.perf_counter()
+    cfg, params, hf_config = hf.load(args.hf_dir, _mesh(args))
+    out = checkpoint.save_model(args.out_dir, cfg, params, hf_config, source_dir=args.hf_dir)
+    log.info("converted %s -> %s (%.1fM params, %.1fs)", args.hf_dir, out,
+             hf.num_params(params) / 1e6, time.perf_counter() - t0)
+    print(out)
+    return 0
+
+
+def cmd_export(args) -> int:
+    from jaxalign import checkpoint
+    from jaxalign.convert import hf
+
+    cfg, params, hf_config, src = checkpoint.load_model(args.model, _mesh(args))
+    out = hf.save(args.out_dir, cfg, params, hf_config=hf_config, source_dir=src,
+                  max_shard_bytes=int(args.max_shard_gb * 2**30))
+    print(out)
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from transformers import AutoTokenizer
+
+    from jaxalign import checkpoint
+    from jaxalign.generate import generate_text
+
+    cfg, params, _, tok_dir = checkpoint.load_model(args.model, _mesh(args), dtype=args.dtype,
+                                                    scan_layers=False)
+    tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+    t0 = time.perf_counter()
+    (completion,) = generate_text(cfg, params, tokenizer, [args.prompt], chat=args.chat,
+                                  max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                  top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+    log.info("generated in %.1fs (compile included)", time.perf_counter() - t0)
+    print(completion)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="jaxalign", description="Align Hugging Face Llama models with JAX.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("convert", help="HF checkpoint -> jaxalign checkpoint")
+    p.add_argument("hf_dir")
+    p.add_argument("out_dir")
+    _add_runtime(p)
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("export", help="jaxalign checkpoint (or HF dir) -> HF directory")
+    p.add_argument("model")
+    p.add_argument("out_dir")
+    p.add_argument("--max-shard-gb", type=float, default=5.0,
+                   help="split safetensors above this size, with an index (default 5)")
+    _add_runtime(p)
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("generate", help="complete one prompt; prints only the completion")
+    p.add_argument("model", help="HF directory or jaxalign checkpoint")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    _add_runtime(p)
+    p.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    # jax probes for a TPU on every start and logs the miss at INFO; not news on CPU/GPU.
+    logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
+    if not args.verbose:  # orbax logs every save/restore phase through absl at INFO
+        logging.getLogger("absl").setLevel(logging.WARNING)
+    from jaxalign.config import JaxalignError
+    from jaxalign.sharding import initialize_distributed
+    initialize_distributed()
+    try:
+        return args.func(args)
+    except (JaxalignError, FileNotFoundError) as e:
+        # Our own errors name the file / tensor / key; a traceback would bury that.
+        log.error("%s", e)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
