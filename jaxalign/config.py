@@ -12,6 +12,7 @@ from typing import Any, Literal, Mapping
 ROPE_TYPES = ("default", "linear", "llama3")
 DTYPES = ("float32", "bfloat16")
 REMAT_POLICIES = ("none", "full", "dots")
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 class JaxalignError(ValueError):
@@ -61,6 +62,11 @@ class ModelConfig:
     # on a 2-core CPU (DESIGN.md section 5). Same parameter layout either way.
     scan_layers: bool = True
     remat: Literal["none", "full", "dots"] = "none"
+    # LoRA adapters (rank 0 = none) on the named HF projections; scale = alpha / rank.
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
 
     def __post_init__(self):
         for key in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
@@ -74,6 +80,17 @@ class ModelConfig:
         _require(self.param_dtype in DTYPES, f"model.param_dtype must be one of {DTYPES}")
         _require(self.dtype in DTYPES, f"model.dtype must be one of {DTYPES}")
         _require(self.remat in REMAT_POLICIES, f"model.remat must be one of {REMAT_POLICIES}")
+        _require(self.lora_rank >= 0, f"lora.rank must be >= 0, got {self.lora_rank}")
+        _require(0.0 <= self.lora_dropout < 1.0, f"lora.dropout must be in [0, 1), got {self.lora_dropout}")
+        bad = [t for t in self.lora_targets if t not in LORA_TARGETS]
+        _require(not bad, f"lora.targets: unknown module(s) {bad}; expected some of {LORA_TARGETS}")
+
+    def without_lora(self) -> "ModelConfig":
+        defaults = {f.name: f.default for f in dataclasses.fields(self) if f.name.startswith("lora_")}
+        return dataclasses.replace(self, **defaults)
+
+    def lora_on(self, target: str) -> bool:
+        return self.lora_rank > 0 and target in self.lora_targets
 
     @property
     def num_groups(self) -> int:
@@ -155,3 +172,74 @@ class MeshConfig:
     @property
     def shape(self) -> tuple[int, int, int]:
         return (self.data, self.fsdp, self.tensor)
+
+
+# ----------------------------------------------------------------------------- YAML loading
+
+def from_dict(cls, data: Mapping[str, Any] | None, where: str = ""):
+    """Builds a (nested) config dataclass from a dict; an unknown key is an error naming it."""
+    data = dict(data or {})
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"unknown config key {where + unknown[0]!r}"
+                          f" (known under {where or 'top level'}: {', '.join(sorted(fields))})")
+    kwargs = {}
+    for name, value in data.items():
+        sub = _dataclass_type(cls, name)
+        if sub is not None and isinstance(value, Mapping):
+            value = from_dict(sub, value, f"{where}{name}.")
+        elif isinstance(value, list):
+            value = tuple(value)
+        kwargs[name] = value
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # a required key is missing
+        raise ConfigError(f"{where or 'config'}: {e}") from None
+
+
+def _dataclass_type(cls, name: str):
+    import typing
+    hint = typing.get_type_hints(cls).get(name)
+    for candidate in (hint, *typing.get_args(hint)):
+        if dataclasses.is_dataclass(candidate):
+            return candidate
+    return None
+
+
+def to_dict(cfg) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """`a.b.c=value` overrides, values parsed as YAML (so 3, 1e-4, true, [a, b] work)."""
+    import yaml
+    data = dict(data)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        node = data
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node[p] = dict(node.get(p) or {})
+            node = node[p]
+        node[parts[-1]] = yaml.safe_load(raw)
+    return data
+
+
+def load_yaml(path: str, overrides: list[str] = (), cls=None):
+    """Reads a YAML config file, applies dotted overrides, builds `cls` (dict if None)."""
+    import yaml
+    from pathlib import Path
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML ({e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at top level")
+    data = apply_overrides(data, list(overrides))
+    return data if cls is None else from_dict(cls, data)

@@ -35,6 +35,7 @@ RULES: tuple[tuple[str, Any], ...] = (
     ("vector", None),   # norm scales and hidden-size biases: small, replicate them
     ("layers", None),   # the stacked-layer axis is scanned over, never split
     ("seq", None),
+    ("lora_rank", None),
 )
 _RULES = dict(RULES)
 

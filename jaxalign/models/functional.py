@@ -69,7 +69,8 @@ def positions_from_segments(segment_ids_BT: jax.Array) -> jax.Array:
 
 def apply(cfg: ModelConfig, params: Params, tokens_BT: jax.Array, *,
           positions_BT: jax.Array | None = None, segment_ids_BT: jax.Array | None = None,
-          cache: Cache | None = None, return_logits: bool = True):
+          cache: Cache | None = None, return_logits: bool = True,
+          dropout_key: jax.Array | None = None, use_lora: bool = True):
     """Pure forward pass: (logits_BTV fp32 | None, hidden_BTD, cache | None).
 
     segment_ids default to all ones (no padding); positions default to restarting at
@@ -80,4 +81,5 @@ def apply(cfg: ModelConfig, params: Params, tokens_BT: jax.Array, *,
     if positions_BT is None:
         positions_BT = positions_from_segments(segment_ids_BT)
     model = nnx.merge(_split(cfg)[0], params)
-    return model(tokens_BT, positions_BT, segment_ids_BT, cache, return_logits=return_logits)
+    return model(tokens_BT, positions_BT, segment_ids_BT, cache, return_logits=return_logits,
+                 dropout_key=dropout_key, use_lora=use_lora)

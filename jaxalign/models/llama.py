@@ -83,6 +83,44 @@ def apply_rope(x_BTnH: jax.Array, cos_BTH: jax.Array, sin_BTH: jax.Array) -> jax
     return x_BTnH * cos + rotated * sin
 
 
+# ----------------------------------------------------------------------------- LoRA
+
+class LoRA(nnx.Module):
+    """Low-rank update x -> scale * dropout(x) @ a @ b of one projection (PEFT's definition).
+
+    `a` starts uniform(+-1/sqrt(fan_in)) like PEFT's kaiming init and `b` at zero, so a
+    fresh adapter leaves the model unchanged.
+    """
+
+    def __init__(self, cfg: ModelConfig, in_shape, out_shape, in_names, out_names, rngs: nnx.Rngs):
+        r, pd = cfg.lora_rank, _dtype(cfg.param_dtype)
+        bound = 1.0 / math.sqrt(math.prod(in_shape))
+        a = jax.random.uniform(rngs.params(), (*in_shape, r), jnp.float32, -bound, bound)
+        self.a = nnx.Param(a.astype(pd), out_sharding=(*in_names, "lora_rank"))
+        self.b = nnx.Param(jnp.zeros((r, *out_shape), pd), out_sharding=("lora_rank", *out_names))
+        self.scale = cfg.lora_alpha / r
+        self.dropout = cfg.lora_dropout
+
+    def __call__(self, x, key):
+        dt = x.dtype
+        if self.dropout > 0 and key is not None:
+            keep = jax.random.bernoulli(key, 1.0 - self.dropout, x.shape)
+            x = jnp.where(keep, x / (1.0 - self.dropout), 0).astype(dt)
+        n_in = self.a.ndim - 1
+        xa = jnp.tensordot(x, self.a[...].astype(dt), axes=n_in)
+        return (self.scale * jnp.tensordot(xa, self.b[...].astype(dt), axes=1)).astype(dt)
+
+
+def _maybe_lora(cfg, target, in_shape, out_shape, in_names, out_names, rngs):
+    return LoRA(cfg, in_shape, out_shape, in_names, out_names, rngs) if cfg.lora_on(target) else None
+
+
+def _adapt(y, lora: LoRA | None, x, key, salt: int, use_lora: bool):
+    if lora is None or not use_lora:
+        return y
+    return y + lora(x, None if key is None else jax.random.fold_in(key, salt))
+
+
 # ----------------------------------------------------------------------------- layers
 
 class RMSNorm(nnx.Module):
@@ -105,19 +143,24 @@ class Attention(nnx.Module):
         self.k = _param(rngs, (D, K, H), ("embed", "kv_heads", "head_dim"), pd)
         self.v = _param(rngs, (D, K, H), ("embed", "kv_heads", "head_dim"), pd)
         self.o = _param(rngs, (N, H, D), ("heads", "head_dim", "embed"), pd)
+        self.q_lora = _maybe_lora(cfg, "q_proj", (D,), (N, H), ("embed",), ("heads", "head_dim"), rngs)
+        self.k_lora = _maybe_lora(cfg, "k_proj", (D,), (K, H), ("embed",), ("kv_heads", "head_dim"), rngs)
+        self.v_lora = _maybe_lora(cfg, "v_proj", (D,), (K, H), ("embed",), ("kv_heads", "head_dim"), rngs)
+        self.o_lora = _maybe_lora(cfg, "o_proj", (N, H), (D,), ("heads", "head_dim"), ("embed",), rngs)
         if cfg.attention_bias:
             self.q_bias = _param(None, (N, H), ("heads", "head_dim"), pd, "zeros")
             self.k_bias = _param(None, (K, H), ("kv_heads", "head_dim"), pd, "zeros")
             self.v_bias = _param(None, (K, H), ("kv_heads", "head_dim"), pd, "zeros")
             self.o_bias = _param(None, (D,), ("vector",), pd, "zeros")
 
-    def __call__(self, x_BTD, cos_BTH, sin_BTH, mask_BTS, kv_cache=None, cache_end=None):
+    def __call__(self, x_BTD, cos_BTH, sin_BTH, mask_BTS, kv_cache=None, cache_end=None,
+                 key=None, use_lora=True):
         """Returns the attention output and the updated (k, v) cache of this layer, if any."""
         cfg, dt = self.cfg, x_BTD.dtype
         B, T, _ = x_BTD.shape
-        q_BTNH = _dot("btd,dnh->btnh", x_BTD, self.q[...], dt)
-        k_BTKH = _dot("btd,dkh->btkh", x_BTD, self.k[...], dt)
-        v_BTKH = _dot("btd,dkh->btkh", x_BTD, self.v[...], dt)
+        q_BTNH = _adapt(_dot("btd,dnh->btnh", x_BTD, self.q[...], dt), self.q_lora, x_BTD, key, 0, use_lora)
+        k_BTKH = _adapt(_dot("btd,dkh->btkh", x_BTD, self.k[...], dt), self.k_lora, x_BTD, key, 1, use_lora)
+        v_BTKH = _adapt(_dot("btd,dkh->btkh", x_BTD, self.v[...], dt), self.v_lora, x_BTD, key, 2, use_lora)
         if cfg.attention_bias:
             q_BTNH += self.q_bias[...].astype(dt)
             k_BTKH += self.k_bias[...].astype(dt)
@@ -144,7 +187,8 @@ class Attention(nnx.Module):
         probs_BKGTS = jax.nn.softmax(scores_BKGTS, axis=-1).astype(dt)
         out_BTKGH = _dot("bkgts,bskh->btkgh", probs_BKGTS, v_BSKH, dt)
         out_BTNH = out_BTKGH.reshape(B, T, cfg.num_heads, cfg.head_dim)
-        out_BTD = _dot("btnh,nhd->btd", out_BTNH, self.o[...], dt)
+        out_BTD = _adapt(_dot("btnh,nhd->btd", out_BTNH, self.o[...], dt), self.o_lora, out_BTNH,
+                         key, 3, use_lora)
         if cfg.attention_bias:
             out_BTD += self.o_bias[...].astype(dt)
         return out_BTD, new_cache
@@ -157,20 +201,23 @@ class MLP(nnx.Module):
         self.gate = _param(rngs, (D, F), ("embed", "mlp"), pd)
         self.up = _param(rngs, (D, F), ("embed", "mlp"), pd)
         self.down = _param(rngs, (F, D), ("mlp", "embed"), pd)
+        self.gate_lora = _maybe_lora(cfg, "gate_proj", (D,), (F,), ("embed",), ("mlp",), rngs)
+        self.up_lora = _maybe_lora(cfg, "up_proj", (D,), (F,), ("embed",), ("mlp",), rngs)
+        self.down_lora = _maybe_lora(cfg, "down_proj", (F,), (D,), ("mlp",), ("embed",), rngs)
         if cfg.mlp_bias:
             self.gate_bias = _param(None, (F,), ("mlp",), pd, "zeros")
             self.up_bias = _param(None, (F,), ("mlp",), pd, "zeros")
             self.down_bias = _param(None, (D,), ("vector",), pd, "zeros")
 
-    def __call__(self, x_BTD):
+    def __call__(self, x_BTD, key=None, use_lora=True):
         dt = x_BTD.dtype
-        gate_BTF = _dot("btd,df->btf", x_BTD, self.gate[...], dt)
-        up_BTF = _dot("btd,df->btf", x_BTD, self.up[...], dt)
+        gate_BTF = _adapt(_dot("btd,df->btf", x_BTD, self.gate[...], dt), self.gate_lora, x_BTD, key, 4, use_lora)
+        up_BTF = _adapt(_dot("btd,df->btf", x_BTD, self.up[...], dt), self.up_lora, x_BTD, key, 5, use_lora)
         if self.bias:
             gate_BTF += self.gate_bias[...].astype(dt)
             up_BTF += self.up_bias[...].astype(dt)
         h_BTF = constrain(jax.nn.silu(gate_BTF) * up_BTF, ("batch", "seq", "mlp"))
-        out_BTD = _dot("btf,fd->btd", h_BTF, self.down[...], dt)
+        out_BTD = _adapt(_dot("btf,fd->btd", h_BTF, self.down[...], dt), self.down_lora, h_BTF, key, 6, use_lora)
         if self.bias:
             out_BTD += self.down_bias[...].astype(dt)
         return out_BTD
@@ -184,11 +231,12 @@ class Block(nnx.Module):
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pd)
         self.mlp = MLP(cfg, rngs)
 
-    def __call__(self, x_BTD, cos_BTH, sin_BTH, mask_BTS, kv_cache=None, cache_end=None):
+    def __call__(self, x_BTD, cos_BTH, sin_BTH, mask_BTS, kv_cache=None, cache_end=None,
+                 key=None, use_lora=True):
         attn_BTD, kv_cache = self.attn(self.attn_norm(x_BTD), cos_BTH, sin_BTH, mask_BTS,
-                                       kv_cache, cache_end)
+                                       kv_cache, cache_end, key, use_lora)
         x_BTD = x_BTD + attn_BTD
-        x_BTD = x_BTD + self.mlp(self.mlp_norm(x_BTD))
+        x_BTD = x_BTD + self.mlp(self.mlp_norm(x_BTD), key, use_lora)
         return constrain(x_BTD, ("batch", "seq", None)), kv_cache
 
 
@@ -219,12 +267,14 @@ class Llama(nnx.Module):
             self.lm_head = _param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), pd)
 
     def __call__(self, tokens_BT: jax.Array, positions_BT: jax.Array, segment_ids_BT: jax.Array,
-                 cache: Cache | None = None, *, return_logits: bool = True):
+                 cache: Cache | None = None, *, return_logits: bool = True,
+                 dropout_key: jax.Array | None = None, use_lora: bool = True):
         """Forward pass.
 
         segment_ids_BT: 0 marks padding; tokens attend causally only within their own
         segment (packing). With a cache, the T new tokens are written at `cache['end']` and
-        attend to every valid earlier slot.
+        attend to every valid earlier slot. `dropout_key` turns on LoRA dropout (training);
+        `use_lora=False` runs the base model with the adapters switched off.
         Returns (logits_BTV fp32 or None, hidden_BTD after the final norm, new cache or None).
         """
         cfg = self.cfg
@@ -246,7 +296,8 @@ class Llama(nnx.Module):
             mask_BTS = (k_slot <= q_slot)[None] & valid_BS[:, None, :]
             kv = (cache["k"], cache["v"])
 
-        x_BTD, kv = self._run_layers(x_BTD, cos_BTH, sin_BTH, mask_BTS, kv, end)
+        x_BTD, kv = self._run_layers(x_BTD, cos_BTH, sin_BTH, mask_BTS, kv, end, dropout_key,
+                                     use_lora)
         hidden_BTD = self.final_norm(x_BTD)
         new_cache = None
         if cache is not None:
@@ -261,13 +312,15 @@ class Llama(nnx.Module):
                                     preferred_element_type=jnp.float32)
         return constrain(logits_BTV, ("batch", "seq", "vocab")), hidden_BTD, new_cache
 
-    def _run_layers(self, x_BTD, cos_BTH, sin_BTH, mask_BTS, kv, end):
+    def _run_layers(self, x_BTD, cos_BTH, sin_BTH, mask_BTS, kv, end, key, use_lora):
         cfg = self.cfg
         block_def, stacked = nnx.split(self.layers)
+        keys = None if key is None else jax.random.split(key, cfg.num_layers)
 
         def body(x_BTD, layer):
-            params, layer_kv = layer
-            return nnx.merge(block_def, params)(x_BTD, cos_BTH, sin_BTH, mask_BTS, layer_kv, end)
+            params, layer_kv, layer_key = layer
+            return nnx.merge(block_def, params)(x_BTD, cos_BTH, sin_BTH, mask_BTS, layer_kv, end,
+                                                layer_key, use_lora)
 
         policy = _REMAT_POLICIES.get(cfg.remat)
         if policy is not None:
@@ -275,10 +328,10 @@ class Llama(nnx.Module):
             body = jax.checkpoint(body, policy=policy, prevent_cse=not cfg.scan_layers)
 
         if cfg.scan_layers:
-            return jax.lax.scan(body, x_BTD, (stacked, kv))
+            return jax.lax.scan(body, x_BTD, (stacked, kv, keys))
         new_k, new_v = [], []
         for i in range(cfg.num_layers):
-            layer = jax.tree.map(lambda a: a[i], (stacked, kv))
+            layer = jax.tree.map(lambda a: a[i], (stacked, kv, keys))
             x_BTD, layer_kv = body(x_BTD, layer)
             if layer_kv is not None:
                 new_k.append(layer_kv[0])

@@ -1,0 +1,71 @@
+"""Optimizer and learning-rate schedule from config."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import jax
+import optax
+
+from jaxalign.config import ConfigError
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class OptimConfig:
+    lr: float = 2e-5
+    schedule: Literal["constant", "linear", "cosine"] = "cosine"
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0          # final lr / peak lr for linear and cosine decay
+    weight_decay: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    max_grad_norm: float | None = 1.0  # None: no clipping
+
+    def __post_init__(self):
+        if self.schedule not in ("constant", "linear", "cosine"):
+            raise ConfigError(f"optim.schedule {self.schedule!r}: expected constant, linear or cosine")
+        if self.lr <= 0:
+            raise ConfigError(f"optim.lr must be positive, got {self.lr}")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.max_grad_norm is not None and self.max_grad_norm <= 0:
+            raise ConfigError(f"optim.max_grad_norm must be positive or null, got {self.max_grad_norm}")
+
+
+def make_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
+    """Linear warmup from 0, then constant / linear / cosine decay to lr * min_lr_ratio."""
+    decay_steps = max(total_steps - cfg.warmup_steps, 1)
+    end = cfg.lr * cfg.min_lr_ratio
+    if cfg.schedule == "constant":
+        decay = optax.constant_schedule(cfg.lr)
+    elif cfg.schedule == "linear":
+        decay = optax.linear_schedule(cfg.lr, end, decay_steps)
+    else:
+        decay = optax.cosine_decay_schedule(cfg.lr, decay_steps, alpha=cfg.min_lr_ratio)
+    if cfg.warmup_steps == 0:
+        return decay
+    warmup = optax.linear_schedule(0.0, cfg.lr, cfg.warmup_steps)
+    return optax.join_schedules([warmup, decay], [cfg.warmup_steps])
+
+
+def decay_mask(params) -> dict:
+    """Weight decay on matrices only: not on norm scales or biases (named, since stacked
+    layers make a norm scale 2-D)."""
+    def keep(path, _):
+        name = "/".join(str(getattr(k, "key", k)) for k in path)
+        return not ("norm" in name or name.endswith("bias"))
+    return jax.tree_util.tree_map_with_path(keep, params)
+
+
+def make_optimizer(cfg: OptimConfig, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    schedule = make_schedule(cfg, total_steps)
+    parts = []
+    if cfg.max_grad_norm is not None:
+        parts.append(optax.clip_by_global_norm(cfg.max_grad_norm))
+    parts.append(optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                             weight_decay=cfg.weight_decay, mask=decay_mask))
+    return optax.chain(*parts), schedule

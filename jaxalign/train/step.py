@@ -1,0 +1,113 @@
+"""The train state and the pure, jitted train / eval steps shared by every algorithm.
+
+An algorithm supplies only `loss_fn(params, frozen, batch, rng) -> (loss, metrics)` with
+`metrics['weight']` (tokens, pairs, ... that `loss` averages over). The step does the rest:
+micro-batch accumulation weighted by that count (so k micro-batches equal one k-times
+larger batch), clipping and the optimizer, and a non-finite guard.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+# rng is None in evaluation (dropout off).
+LossFn = Callable[[Any, Any, dict, "jax.Array | None"], tuple[jax.Array, dict]]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class TrainState:
+    step: jax.Array        # int32 scalar: optimizer steps taken
+    params: Any            # trainable params only (LoRA: just the adapters)
+    opt_state: Any
+    rng: jax.Array         # raw uint32 key; per-step keys are folded in from `step`
+
+
+def init_state(params, optimizer: optax.GradientTransformation, seed: int) -> TrainState:
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      opt_state=optimizer.init(params), rng=jax.random.PRNGKey(seed))
+
+
+def micro_batches(batch: dict, grad_accum: int) -> dict:
+    """(B, ...) -> (A, B/A, ...). Micro-batch k takes rows k, k+A, k+2A, ... so that every
+    data-parallel shard contributes to every micro-batch (no device idles)."""
+    def split(x):
+        b = x.shape[0] // grad_accum
+        return x.reshape(b, grad_accum, *x.shape[1:]).swapaxes(0, 1)
+    return jax.tree.map(split, batch)
+
+
+def _weighted_sums(loss_fn: LossFn, params, frozen, batch, rng, grad_accum: int):
+    """Sum over micro-batches of (weight * loss, weight * metric, weight * grad)."""
+    def weighted(p, mb, key):
+        loss, metrics = loss_fn(p, frozen, mb, key)
+        return loss * metrics["weight"], metrics
+
+    grad_fn = jax.value_and_grad(weighted, has_aux=True)
+
+    def body(carry, xs):
+        mb, k = xs
+        (wloss, metrics), grads = grad_fn(params, mb, jax.random.fold_in(rng, k))
+        w = metrics["weight"]
+        sums = {name: v * w for name, v in metrics.items() if name != "weight"}
+        sums["weight"] = w
+        carry = jax.tree.map(jnp.add, carry, (wloss, sums, grads))
+        return carry, None
+
+    mbs = micro_batches(batch, grad_accum)
+    first = jax.tree.map(lambda x: x[0], mbs)
+    (_, metric_shapes), grad_shapes = jax.eval_shape(grad_fn, params, first, rng)
+    zero = lambda s: jnp.zeros(s.shape, s.dtype)
+    init = (jnp.zeros((), jnp.float32),
+            {name: jnp.zeros((), jnp.float32) for name in metric_shapes},
+            jax.tree.map(zero, grad_shapes))
+    (wloss, sums, grads), _ = jax.lax.scan(body, init, (mbs, jnp.arange(grad_accum)))
+    return wloss, sums, grads
+
+
+def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
+                    schedule: optax.Schedule, *, grad_accum: int = 1):
+    """Pure step: (state, frozen, batch) -> (state, metrics). Jit it with `jit_train_step`."""
+    def step(state: TrainState, frozen, batch: dict):
+        rng = jax.random.fold_in(state.rng, state.step)
+        wloss, sums, grads = _weighted_sums(loss_fn, state.params, frozen, batch, rng, grad_accum)
+        weight = jnp.maximum(sums["weight"], 1e-9)
+        loss = wloss / weight
+        grads = jax.tree.map(lambda g: g / weight, grads)
+        grad_norm = optax.global_norm(grads)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        # A non-finite loss or gradient leaves params and optimizer state untouched; the
+        # loop decides whether to stop or skip (the inputs are donated, so it can't undo).
+        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+        new_state = TrainState(step=state.step + 1, params=keep(params, state.params),
+                               opt_state=keep(opt_state, state.opt_state), rng=state.rng)
+        metrics = {name: v / weight for name, v in sums.items() if name != "weight"}
+        metrics.update(loss=loss, grad_norm=grad_norm, lr=schedule(state.step),
+                       weight=sums["weight"], finite=ok.astype(jnp.float32))
+        return new_state, metrics
+    return step
+
+
+def jit_train_step(step_fn, state_shardings, frozen_shardings, batch_shardings):
+    # The state is donated: params and optimizer moments are updated in place, which
+    # halves peak memory and avoids a fresh allocation per step.
+    return jax.jit(step_fn, in_shardings=(state_shardings, frozen_shardings, batch_shardings),
+                   out_shardings=(state_shardings, None), donate_argnums=(0,))
+
+
+def make_eval_step(loss_fn: LossFn):
+    """(params, frozen, batch) -> {'loss_sum', 'weight', ...sums}; the caller divides."""
+    def step(params, frozen, batch):
+        loss, metrics = loss_fn(params, frozen, batch, None)  # rng None: no dropout
+        w = metrics["weight"]
+        out = {f"{k}_sum": v * w for k, v in metrics.items() if k != "weight"}
+        out["weight"] = w
+        return out
+    return jax.jit(step)
