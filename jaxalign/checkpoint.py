@@ -74,3 +74,37 @@ def load_model(path: str | Path, mesh: Mesh | None = None, **runtime):
         return cfg, params, hf_config, path
     raise ModelSourceError(f"{path}: not a model (expected an HF directory with config.json, "
                            f"or a jaxalign checkpoint with {MARKER})")
+
+
+# ----------------------------------------------------------------------------- training runs
+
+class TrainCheckpoints:
+    """Orbax CheckpointManager over `run_dir/checkpoints`: the TrainState (restored straight
+    onto its shardings) plus JSON metadata (data-loader position, controller state...)."""
+
+    def __init__(self, run_dir: str | Path, keep: int = 3):
+        self.dir = Path(run_dir).absolute() / "checkpoints"
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                               enable_async_checkpointing=False)
+        self.manager = ocp.CheckpointManager(self.dir, options=options)
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state, meta: dict[str, Any]) -> None:
+        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                         meta=ocp.args.JsonSave(meta)), force=True)
+        self.manager.wait_until_finished()
+
+    def restore(self, step: int, abstract_state, shardings=None):
+        """-> (state, meta). `abstract_state`: ShapeDtypeStructs (or arrays) of the state."""
+        if shardings is not None:
+            abstract_state = jax.tree.map(
+                lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state,
+                shardings)
+        out = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+        return out["state"], out["meta"]
+
+    def close(self) -> None:
+        self.manager.close()

@@ -4,11 +4,13 @@
   jaxalign export MODEL OUT_HF_DIR
   jaxalign generate MODEL --prompt TEXT [--chat] [--max-new-tokens N] [--temperature T]
                     [--top-p P] [--top-k K] [--seed S]
+  jaxalign sft CONFIG.yaml [key=value ...]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
@@ -86,6 +88,17 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_sft(args) -> int:
+    from jaxalign.config import from_dict, load_yaml
+    from jaxalign.train.sft import SFTConfig, run_sft
+
+    raw = load_yaml(args.config, args.overrides)
+    cfg = from_dict(SFTConfig, raw)
+    metrics = run_sft(cfg, raw)
+    print(json.dumps({k: round(v, 6) for k, v in metrics.items()}))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="jaxalign", description="Align Hugging Face Llama models with JAX.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -116,6 +129,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     _add_runtime(p)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("sft", help="supervised fine-tuning (rerun on the same out_dir resumes)")
+    p.add_argument("config", help="YAML run config (see configs/)")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="dotted overrides, e.g. train.steps=10 optim.lr=1e-4")
+    p.set_defaults(func=cmd_sft)
     return parser
 
 
