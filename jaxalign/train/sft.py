@@ -17,6 +17,7 @@ from jaxalign.data.config import DataConfig
 from jaxalign.data.pipeline import build_sft_data
 from jaxalign.losses.xent import masked_xent
 from jaxalign.models import functional, lora
+from jaxalign.tokenizer import load_tokenizer
 from jaxalign.train.loop import Task, TrainConfig, train
 from jaxalign.train.optim import OptimConfig
 
@@ -91,16 +92,15 @@ def write_run_config(run_dir: Path, raw: dict) -> None:
         (run_dir / "config.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
 
 
-def run_sft(cfg: SFTConfig, raw_config: dict | None = None) -> dict[str, float]:
-    from transformers import AutoTokenizer
-
+def run_sft(cfg: SFTConfig, raw_config: dict | None = None, devices=None) -> dict[str, float]:
+    """Runs or resumes SFT in cfg.out_dir. `devices`: the mesh's devices (default: all)."""
     run_dir = Path(cfg.out_dir)
     raw = raw_config if raw_config is not None else json.loads(json.dumps(dataclasses.asdict(cfg)))
     write_run_config(run_dir, raw)
-    mesh = sharding.make_mesh(cfg.mesh)
+    mesh = sharding.make_mesh(cfg.mesh, devices)
     model_cfg, trainable, frozen, frozen_sh, hf_config, tok_dir = load_policy(
         cfg.model, cfg.lora, mesh, cfg.train.seed)
-    tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+    tokenizer = load_tokenizer(tok_dir)
     data = build_sft_data(cfg.data, tokenizer, batch_size=cfg.train.batch_size,
                           process_index=jax.process_index(), process_count=jax.process_count())
     task = Task(loss_fn=sft_loss_fn(model_cfg), train_data=data.train,

@@ -1,0 +1,147 @@
+"""Configuration of the data pipeline: which datasets, how they are tokenized and batched.
+
+Frozen and validated on construction like every jaxalign config (STYLE.md item 10); a bad
+value raises `ConfigError` naming the key (`data.train[1].weight`). Dataset specs may be
+given as dicts (from YAML) or plain path strings; they are normalised to `DatasetSpec`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Literal, Mapping, Sequence
+
+from jaxalign.config import ConfigError
+
+FORMATS = ("auto", "alpaca", "dolly", "chat", "sharegpt", "prompt_completion", "text")
+TRUNCATION = ("truncate", "drop")
+ON_EMPTY = ("drop", "error")
+
+
+def _require(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DatasetSpec:
+    """One dataset: a local file / `save_to_disk` folder / hub name, and how to read it.
+
+    `weight` is the mixing weight among the training datasets (ignored for eval);
+    `max_examples` keeps the first N rows of the split (before shuffling), for quick runs.
+    `name` is the hub configuration name (`load_dataset(path, name)`), if any.
+    """
+
+    path: str
+    format: Literal["auto", "alpaca", "dolly", "chat", "sharegpt", "prompt_completion", "text"] = "auto"
+    weight: float = 1.0
+    split: str = "train"
+    max_examples: int | None = None
+    name: str | None = None
+
+    def validate(self, key: str) -> None:
+        _require(isinstance(self.path, str) and self.path != "",
+                 f"{key}.path must be a non-empty string, got {self.path!r}")
+        _require(self.format in FORMATS,
+                 f"{key}.format {self.format!r} is not one of {FORMATS}")
+        _require(isinstance(self.weight, (int, float)) and self.weight > 0,
+                 f"{key}.weight must be a positive number, got {self.weight!r}")
+        _require(isinstance(self.split, str) and self.split != "",
+                 f"{key}.split must be a non-empty string, got {self.split!r}")
+        _require(self.max_examples is None
+                 or (isinstance(self.max_examples, int) and self.max_examples > 0),
+                 f"{key}.max_examples must be a positive integer or null, got {self.max_examples!r}")
+
+    @classmethod
+    def coerce(cls, value: Any, key: str) -> "DatasetSpec":
+        """A spec from a DatasetSpec, a path string or a dict; unknown keys are named."""
+        if isinstance(value, DatasetSpec):
+            spec = value
+        elif isinstance(value, str):
+            spec = cls(path=value)
+        elif isinstance(value, Mapping):
+            known = {f.name for f in dataclasses.fields(cls)}
+            for k in value:
+                _require(k in known, f"{key}: unknown key {k!r}; expected one of {sorted(known)}")
+            _require("path" in value, f"{key}.path is required")
+            spec = cls(**value)
+        else:
+            raise ConfigError(f"{key} must be a path string or a mapping with 'path', "
+                              f"got {type(value).__name__}")
+        spec.validate(key)
+        return spec
+
+
+def _specs(value: Any, key: str) -> tuple[DatasetSpec, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, (str, Mapping, DatasetSpec)):
+        value = [value]
+    _require(isinstance(value, Sequence), f"{key} must be a dataset spec or a list of them")
+    return tuple(DatasetSpec.coerce(v, f"{key}[{i}]") for i, v in enumerate(value))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    """The SFT data pipeline.
+
+    train            one or more DatasetSpecs, mixed by their weights.
+    eval             optional DatasetSpec(s) for evaluation; or instead
+    eval_fraction    hold out this fraction of every training dataset (seeded, at example level).
+    seq_len          tokens per row; an example may use all of them (its last token has no target).
+    pack             pack several examples per row (segment ids, restarting positions) or pad one per row.
+    truncation       over-long examples: 'truncate' keeps the first seq_len tokens, 'drop' skips them.
+    train_on_prompt  loss on every token instead of only assistant / completion tokens.
+    chat_template    a Jinja chat template (or a path to a .jinja file) used instead of the tokenizer's.
+    on_empty         an empty completion / assistant message / text: 'drop' (counted and logged) or 'error'.
+    shuffle          per-epoch permutation of each training dataset (eval is never shuffled).
+    seed             seeds shuffling, mixing and the eval hold-out.
+    cache_dir        HF `datasets` cache directory (None: the datasets default).
+    """
+
+    train: tuple[DatasetSpec, ...]
+    eval: tuple[DatasetSpec, ...] = ()
+    eval_fraction: float = 0.0
+    seq_len: int = 1024
+    pack: bool = False
+    truncation: Literal["truncate", "drop"] = "truncate"
+    train_on_prompt: bool = False
+    chat_template: str | None = None
+    on_empty: Literal["drop", "error"] = "drop"
+    shuffle: bool = True
+    seed: int = 0
+    cache_dir: str | None = None
+
+    def __post_init__(self):
+        train = _specs(self.train, "data.train")
+        _require(len(train) > 0, "data.train must name at least one dataset")
+        object.__setattr__(self, "train", train)
+        object.__setattr__(self, "eval", _specs(self.eval, "data.eval"))
+        _require(isinstance(self.eval_fraction, (int, float)) and 0 <= self.eval_fraction < 1,
+                 f"data.eval_fraction must be in [0, 1), got {self.eval_fraction!r}")
+        _require(not (self.eval and self.eval_fraction > 0),
+                 "data.eval and data.eval_fraction are exclusive: give one of them")
+        _require(isinstance(self.seq_len, int) and self.seq_len >= 2,
+                 f"data.seq_len must be an integer >= 2, got {self.seq_len!r}")
+        _require(isinstance(self.pack, bool), f"data.pack must be true or false, got {self.pack!r}")
+        _require(self.truncation in TRUNCATION,
+                 f"data.truncation {self.truncation!r} is not one of {TRUNCATION}")
+        _require(isinstance(self.train_on_prompt, bool),
+                 f"data.train_on_prompt must be true or false, got {self.train_on_prompt!r}")
+        _require(self.chat_template is None or (isinstance(self.chat_template, str)
+                                                and self.chat_template.strip() != ""),
+                 "data.chat_template must be a non-empty string or null")
+        _require(self.on_empty in ON_EMPTY, f"data.on_empty {self.on_empty!r} is not one of {ON_EMPTY}")
+        _require(isinstance(self.shuffle, bool), f"data.shuffle must be true or false, got {self.shuffle!r}")
+        _require(isinstance(self.seed, int) and self.seed >= 0,
+                 f"data.seed must be a non-negative integer, got {self.seed!r}")
+
+    def replace(self, **changes) -> "DataConfig":
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "DataConfig":
+        """From a YAML mapping; an unknown key is named."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        for k in d:
+            _require(k in known, f"data: unknown key {k!r}; expected one of {sorted(known)}")
+        return cls(**d)

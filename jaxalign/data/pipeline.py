@@ -1,0 +1,116 @@
+"""`build_sft_data`: DataConfig + tokenizer -> train loader, eval loader and counts.
+
+Every dataset is read, normalised and tokenized up front (SFT sets fit in memory as flat
+int32 arrays), so the counts are known before step 1 and the loaders only index arrays.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from jaxalign.data.config import DataConfig, DatasetSpec
+from jaxalign.data.formats import normalise
+from jaxalign.data.loader import EvalLoader, TrainLoader
+from jaxalign.data.sources import DataError, load_rows
+from jaxalign.data.tokenize import DataStats, Encoder, SourceStats, TokenizedSet, tokenize_examples
+
+log = logging.getLogger("jaxalign.data")
+
+
+@dataclasses.dataclass
+class SFTData:
+    train: TrainLoader
+    eval: EvalLoader | None
+    stats: DataStats           # training datasets (eval hold-outs already removed)
+    eval_stats: DataStats | None
+    pad_id: int
+
+
+def resolve_template(template: str | None) -> str | None:
+    """`data.chat_template` is a Jinja string or a path to a .jinja file."""
+    if template is not None and template.endswith(".jinja") and "{" not in template:
+        path = Path(template).expanduser()
+        if not path.exists():
+            raise DataError(f"data.chat_template: template file {path} does not exist")
+        return path.read_text()
+    return template
+
+
+def load_tokenized(spec: DatasetSpec, cfg: DataConfig, encoder: Encoder) -> tuple[TokenizedSet, SourceStats]:
+    """Reads, normalises and tokenizes one dataset under cfg's policies."""
+    source = load_rows(spec, cache_dir=cfg.cache_dir)
+    examples, dropped, fmt = normalise(source, spec.format, cfg.on_empty)
+    stats = SourceStats(source.name, format=fmt, rows=len(source.rows), dropped_empty=dropped)
+    data = tokenize_examples(examples, encoder, seq_len=cfg.seq_len, truncation=cfg.truncation,
+                             stats=stats, where=source.where)
+    if stats.truncated or stats.dropped_too_long or stats.dropped_no_loss:
+        log.warning("%s: %d example(s) longer than seq_len %d were %s; %d had no trained token left",
+                    source.name, stats.truncated + stats.dropped_too_long, cfg.seq_len,
+                    "truncated" if cfg.truncation == "truncate" else "dropped", stats.dropped_no_loss)
+    return data, stats
+
+
+def _hold_out(data: TokenizedSet, fraction: float, seed: int, i: int) -> tuple[TokenizedSet, TokenizedSet]:
+    n = len(data)
+    n_eval = min(max(1, round(fraction * n)), n - 1)
+    if n_eval < 1:
+        raise DataError(f"{data.name}: {n} example(s) are too few to hold out data.eval_fraction")
+    perm = np.random.default_rng([seed, 2, i]).permutation(n)
+    held = np.sort(perm[:n_eval])
+    kept = np.sort(perm[n_eval:])
+    return data.subset(kept), data.subset(held, name=f"{data.name} (held out)")
+
+
+def _concat(name: str, sets: list[TokenizedSet]) -> TokenizedSet:
+    return TokenizedSet.from_pairs(name, [s[j] for s in sets for j in range(len(s))])
+
+
+def build_sft_data(cfg: DataConfig, tokenizer, *, batch_size: int, eval_batch_size: int | None = None,
+                   process_index: int = 0, process_count: int = 1) -> SFTData:
+    """Builds the SFT loaders. `batch_size` is the global batch (rows over all processes);
+    each process's loaders yield its rows [i * B / P, (i + 1) * B / P)."""
+    encoder = Encoder(tokenizer, chat_template=resolve_template(cfg.chat_template),
+                      train_on_prompt=cfg.train_on_prompt)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    train_sets, stats = [], DataStats()
+    for spec in cfg.train:
+        data, s = load_tokenized(spec, cfg, encoder)
+        if len(data) == 0:
+            raise DataError(f"{s.name}: no usable examples after filtering ({s.rows} rows: "
+                            f"{s.dropped_empty} empty, {s.dropped_too_long} too long, "
+                            f"{s.dropped_no_loss} with no trained token)")
+        train_sets.append(data)
+        stats.sources.append(s)
+
+    eval_set, eval_stats = None, None
+    if cfg.eval:
+        eval_stats = DataStats()
+        parts = []
+        for spec in cfg.eval:
+            data, s = load_tokenized(spec, cfg, encoder)
+            parts.append(data)
+            eval_stats.sources.append(s)
+        eval_set = _concat("eval", parts)
+    elif cfg.eval_fraction > 0:
+        held = []
+        for i, data in enumerate(train_sets):
+            train_sets[i], h = _hold_out(data, cfg.eval_fraction, cfg.seed, i)
+            held.append(h)
+            log.info("%s: held out %d of %d examples for eval", data.name, len(h), len(data))
+        eval_set = _concat("eval", held)
+
+    log.info("data:\n%s", stats.summary())
+    train = TrainLoader(train_sets, [spec.weight for spec in cfg.train], seq_len=cfg.seq_len,
+                        batch_size=batch_size, pack=cfg.pack, pad_id=pad_id, seed=cfg.seed,
+                        shuffle=cfg.shuffle, process_index=process_index, process_count=process_count)
+    evaluator = None
+    if eval_set is not None and len(eval_set):
+        evaluator = EvalLoader(eval_set, seq_len=cfg.seq_len, batch_size=eval_batch_size or batch_size,
+                               pack=cfg.pack, pad_id=pad_id, process_index=process_index,
+                               process_count=process_count)
+    return SFTData(train, evaluator, stats, eval_stats, pad_id)

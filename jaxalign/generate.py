@@ -1,0 +1,221 @@
+"""KV-cache sampling: prefill + `lax.while_loop` decode, as a pure function of arrays.
+
+`generate` is traceable inside a larger jit (PPO samples from the live policy params);
+`make_generate_fn` jits it once per (config, sampling settings) and shape bucket;
+`generate_text` is the host-side convenience (tokenize, left-pad, decode).
+
+Shape suffixes: B batch, P prompt length (left-padded), N new tokens, S cache slots, V vocab.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxalign.config import JaxalignError, ModelConfig
+from jaxalign.models import functional
+from jaxalign.models.llama import CACHE_NAMES, init_cache
+from jaxalign.sharding import constrain
+
+
+def _filter_top_k_top_p(logits_BV: jax.Array, top_k: int, top_p: float) -> jax.Array:
+    """Masks (to -inf) the tokens outside the top-k, then outside the nucleus of mass top_p.
+
+    Same order and semantics as transformers' TopK / TopP warpers: the nucleus is computed on
+    the distribution renormalised after top-k, and always keeps at least the best token.
+    """
+    if 0 < top_k < logits_BV.shape[-1]:
+        kth_B1 = jax.lax.top_k(logits_BV, top_k)[0][:, -1:]
+        logits_BV = jnp.where(logits_BV >= kth_B1, logits_BV, -jnp.inf)
+    if top_p < 1.0:
+        sorted_BV = -jnp.sort(-logits_BV, axis=-1)  # descending
+        probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
+        # Keep a token while the mass strictly above it is still short of top_p.
+        keep_BV = ((jnp.cumsum(probs_BV, axis=-1) - probs_BV) < top_p) & (sorted_BV > -jnp.inf)
+        keep_BV = keep_BV.at[:, 0].set(True)
+        cutoff_B1 = jnp.min(jnp.where(keep_BV, sorted_BV, jnp.inf), axis=-1, keepdims=True)
+        logits_BV = jnp.where(logits_BV >= cutoff_B1, logits_BV, -jnp.inf)
+    return logits_BV
+
+
+def _select(logits_BV, key, temperature: float, top_k: int, top_p: float):
+    """Next token and its log-prob. Sampling settings are static: branches resolve at trace time.
+
+    The log-prob is log_softmax(logits / T) of the chosen token, i.e. under the
+    temperature-scaled distribution *before* top-k / top-p truncation (T = 1 when greedy).
+    That is the policy distribution PPO's ratio and KL are defined on; the truncated one
+    would give -inf / undefined ratios for tokens the policy could still produce.
+    """
+    if temperature == 0.0:
+        tok_B = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+        scaled_BV = logits_BV
+    else:
+        scaled_BV = logits_BV / temperature
+        filtered_BV = _filter_top_k_top_p(scaled_BV, top_k, top_p)
+        tok_B = jax.random.categorical(key, filtered_BV, axis=-1).astype(jnp.int32)
+    logp_BV = jax.nn.log_softmax(scaled_BV, axis=-1)
+    return tok_B, jnp.take_along_axis(logp_BV, tok_B[:, None], axis=-1)[:, 0]
+
+
+def generate(cfg: ModelConfig, params, prompt_tokens_BP: jax.Array, prompt_mask_BP: jax.Array,
+             key: jax.Array, *, max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
+             top_p: float = 1.0, eos_ids: Sequence[int] = (), pad_id: int = 0) -> dict:
+    """Samples up to `max_new_tokens` tokens after each LEFT-padded prompt (mask 0 = pad).
+
+    Every row needs at least one real prompt token (e.g. BOS). Returns
+      tokens_BN   int32, pad_id after a row's first EOS (and after an early stop);
+      mask_BN     int32, 1 for generated tokens up to and including the first EOS;
+      logprobs_BN fp32, log_softmax(logits / T) of each token (see `_select`), 0 where masked;
+      lengths_B   int32, mask_BN.sum(-1).
+    The settings after `key` must be Python values (static under jit). Not differentiable
+    (a while_loop with a data-dependent stop): PPO recomputes log-probs with a forward pass.
+    """
+    B, P = prompt_tokens_BP.shape
+    N = max_new_tokens
+    mask_BP = prompt_mask_BP.astype(jnp.int32)
+    prompt_len_B = mask_BP.sum(axis=-1)
+    eos_E = jnp.asarray(tuple(eos_ids) or (-1,), jnp.int32)  # -1: no token ever matches
+
+    # The cache holds the prompt and every fed-back token (the last sampled one never is
+    # fed): P - 1 + N slots. It is kept in the compute dtype: the uncached forward attends to
+    # k/v in that dtype too, so a wider cache would cost memory without changing a number.
+    cache = init_cache(cfg, B, P - 1 + N)
+    # Under a mesh (PPO), shard the cache like the batch and the kv heads; without one
+    # `constrain` is a no-op.
+    cache = {name: constrain(x, CACHE_NAMES[name]) for name, x in cache.items()}
+    if P > 1:
+        # Prefill all but the last prompt token; no logits needed (a (B, P, V) fp32 tensor
+        # would dominate memory for long prompts). The last prompt token, always real under
+        # left padding, goes through the decode step below, whose logits give new token 0:
+        # one code path produces every sampled token.
+        positions_BP = jnp.maximum(jnp.cumsum(mask_BP, axis=-1) - 1, 0)
+        _, _, cache = functional.apply(cfg, params, prompt_tokens_BP[:, :-1],
+                                       positions_BT=positions_BP[:, :-1],
+                                       segment_ids_BT=mask_BP[:, :-1], cache=cache,
+                                       return_logits=False)
+
+    def step(state):
+        i, cache, tok_in_B, tokens_BN, logprobs_BN, out_mask_BN, done_B = state
+        # Token fed at step i sits at position prompt_len - 1 + i (positions start at 0).
+        pos_B1 = (prompt_len_B - 1 + i)[:, None]
+        logits_B1V, _, cache = functional.apply(cfg, params, tok_in_B[:, None], positions_BT=pos_B1,
+                                                segment_ids_BT=jnp.ones_like(pos_B1), cache=cache)
+        tok_B, logp_B = _select(logits_B1V[:, 0], jax.random.fold_in(key, i),
+                                temperature, top_k, top_p)
+        # Finished rows keep running (the batch is one array) but emit pad and are masked.
+        tok_B = jnp.where(done_B, pad_id, tok_B)
+        tokens_BN = tokens_BN.at[:, i].set(tok_B)
+        logprobs_BN = logprobs_BN.at[:, i].set(jnp.where(done_B, 0.0, logp_B))
+        out_mask_BN = out_mask_BN.at[:, i].set((~done_B).astype(jnp.int32))
+        done_B = done_B | jnp.isin(tok_B, eos_E)
+        return i + 1, cache, tok_B, tokens_BN, logprobs_BN, out_mask_BN, done_B
+
+    def cond(state):
+        i, done_B = state[0], state[-1]
+        return (i < N) & ~jnp.all(done_B)  # stop as soon as every row has emitted EOS
+
+    init = (jnp.int32(0), cache, prompt_tokens_BP[:, -1].astype(jnp.int32),
+            jnp.full((B, N), pad_id, jnp.int32), jnp.zeros((B, N), jnp.float32),
+            jnp.zeros((B, N), jnp.int32), jnp.zeros((B,), bool))
+    _, _, _, tokens_BN, logprobs_BN, out_mask_BN, _ = jax.lax.while_loop(cond, step, init)
+    return {"tokens_BN": tokens_BN, "mask_BN": out_mask_BN, "logprobs_BN": logprobs_BN,
+            "lengths_B": out_mask_BN.sum(axis=-1)}
+
+
+@functools.lru_cache(maxsize=32)
+def make_generate_fn(cfg: ModelConfig, max_new_tokens: int, temperature: float = 0.0,
+                     top_k: int = 0, top_p: float = 1.0, eos_ids: tuple[int, ...] = (),
+                     pad_id: int = 0):
+    """Jitted `fn(params, prompt_tokens_BP, prompt_mask_BP, key) -> generate(...)'s dict`.
+
+    Cached on its (hashable) settings, so repeated calls reuse one jitted function, which
+    compiles once per input shape: callers should bucket P (see `bucket_length`).
+    """
+    if max_new_tokens < 1:
+        raise JaxalignError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if temperature < 0:
+        raise JaxalignError(f"temperature must be >= 0, got {temperature}")
+    if top_k < 0:
+        raise JaxalignError(f"top_k must be >= 0 (0 = off), got {top_k}")
+    if not 0.0 < top_p <= 1.0:
+        raise JaxalignError(f"top_p must be in (0, 1], got {top_p}")
+    fn = functools.partial(generate, cfg, max_new_tokens=max_new_tokens,
+                           temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
+                           eos_ids=tuple(int(e) for e in eos_ids), pad_id=int(pad_id))
+    return jax.jit(fn)
+
+
+# ----------------------------------------------------------------------------- host side
+
+def bucket_length(n: int, minimum: int = 16, step: int = 256) -> int:
+    """Padded prompt length: a power of two (>= minimum) up to `step`, then multiples of it,
+    so prompts of similar length share one compiled program."""
+    if n <= step:
+        return max(minimum, 1 << max(n - 1, 0).bit_length())
+    return -(-n // step) * step
+
+
+def eos_ids_for(tokenizer, model_dir: str | Path | None = None) -> tuple[int, ...]:
+    """EOS ids: generation_config.json's `eos_token_id` (int or list) plus the tokenizer's."""
+    ids: list[int] = []
+    model_dir = model_dir or getattr(tokenizer, "name_or_path", None)
+    gen_file = Path(model_dir) / "generation_config.json" if model_dir else None
+    if gen_file is not None and gen_file.is_file():
+        eos = json.loads(gen_file.read_text()).get("eos_token_id")
+        ids += [eos] if isinstance(eos, int) else list(eos or [])
+    if tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    return tuple(dict.fromkeys(int(i) for i in ids))  # de-duplicated, order kept
+
+
+def encode_prompts(tokenizer, prompts: Sequence[str], *, chat: bool) -> list[list[int]]:
+    if not chat:
+        return [tokenizer(p).input_ids for p in prompts]
+    # The template already spells out its special tokens; adding BOS again would double it
+    # (this is what apply_chat_template(tokenize=True) does too).
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                           add_generation_prompt=True) for p in prompts]
+    return [tokenizer(t, add_special_tokens=False).input_ids for t in texts]
+
+
+def left_pad(ids: Sequence[Sequence[int]], pad_id: int, length: int) -> tuple[np.ndarray, np.ndarray]:
+    tokens_BP = np.full((len(ids), length), pad_id, np.int32)
+    mask_BP = np.zeros((len(ids), length), np.int32)
+    for b, row in enumerate(ids):
+        if not 0 < len(row) <= length:
+            raise JaxalignError(f"prompt {b} has {len(row)} tokens; need 1..{length}")
+        tokens_BP[b, length - len(row):] = row
+        mask_BP[b, length - len(row):] = 1
+    return tokens_BP, mask_BP
+
+
+def generate_ids(cfg: ModelConfig, params, prompt_ids: Sequence[Sequence[int]], *,
+                 max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+                 top_k: int = 0, seed: int = 0, eos_ids: Sequence[int] = (),
+                 pad_id: int = 0) -> list[list[int]]:
+    """Completion token ids per prompt (up to and including EOS), batched in one call."""
+    P = bucket_length(max(len(r) for r in prompt_ids))
+    tokens_BP, mask_BP = left_pad(prompt_ids, pad_id, P)
+    fn = make_generate_fn(cfg, max_new_tokens, float(temperature), int(top_k), float(top_p),
+                          tuple(eos_ids), int(pad_id))
+    out = jax.device_get(fn(params, tokens_BP, mask_BP, jax.random.key(seed)))
+    return [out["tokens_BN"][b, :n].tolist() for b, n in enumerate(out["lengths_B"])]
+
+
+def generate_text(cfg: ModelConfig, params, tokenizer, prompts: Sequence[str], *, chat: bool,
+                  max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
+                  top_k: int = 0, seed: int = 0, eos_ids: Sequence[int] | None = None) -> list[str]:
+    """Completes each prompt (the chat template's user turn when `chat`); returns the
+    completions only, special tokens skipped. EOS ids default to `eos_ids_for(tokenizer)`."""
+    eos = tuple(eos_ids) if eos_ids is not None else eos_ids_for(tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or (0,))[0]
+    ids = generate_ids(cfg, params, encode_prompts(tokenizer, prompts, chat=chat),
+                       max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                       top_k=top_k, seed=seed, eos_ids=eos, pad_id=pad_id)
+    return [tokenizer.decode(row, skip_special_tokens=True) for row in ids]
