@@ -53,6 +53,9 @@ def is_jaxalign_model(path: str | Path) -> bool:
 def load_model(path: str | Path, mesh: Mesh | None = None, **runtime):
     """Any model source -> (cfg, params, hf_config, dir holding the tokenizer files).
 
+    Sources: an HF directory, a jaxalign model checkpoint, or a training run directory
+    (latest checkpoint; LoRA runs come back with adapters, see `lora.merge`).
+
     `runtime` overrides how the model runs (dtype, scan_layers, remat), never its shape.
     """
     path = Path(path)
@@ -69,6 +72,9 @@ def load_model(path: str | Path, mesh: Mesh | None = None, **runtime):
         with ocp.StandardCheckpointer() as ckptr:
             params = ckptr.restore(path.absolute() / "params", target)
         return cfg, params, meta["hf_config"], path
+    if (path / "config.yaml").exists() and (path / "checkpoints").is_dir():
+        from jaxalign.train.sft import load_trained  # a training run: its latest checkpoint
+        return load_trained(path, mesh, **runtime)
     if (path / "config.json").exists():
         cfg, params, hf_config = hf.load(path, mesh, **runtime)
         return cfg, params, hf_config, path

@@ -63,9 +63,17 @@ def cmd_export(args) -> int:
     from jaxalign import checkpoint
     from jaxalign.convert import hf
 
+    from jaxalign.models import lora
+
     cfg, params, hf_config, src = checkpoint.load_model(args.model, _mesh(args))
-    out = hf.save(args.out_dir, cfg, params, hf_config=hf_config, source_dir=src,
-                  max_shard_bytes=int(args.max_shard_gb * 2**30))
+    if args.adapter:
+        if not cfg.lora_rank:
+            raise checkpoint.ModelSourceError(f"{args.model}: --adapter needs a LoRA run")
+        out = lora.save_peft(args.out_dir, cfg, params, base_model_path=str(src))
+    else:
+        cfg, params = lora.merge(cfg, params)
+        out = hf.save(args.out_dir, cfg, params, hf_config=hf_config, source_dir=src,
+                      max_shard_bytes=int(args.max_shard_gb * 2**30))
     print(out)
     return 0
 
@@ -111,11 +119,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_runtime(p)
     p.set_defaults(func=cmd_convert)
 
-    p = sub.add_parser("export", help="jaxalign checkpoint (or HF dir) -> HF directory")
+    p = sub.add_parser("export", help="run dir / jaxalign checkpoint / HF dir -> HF directory")
     p.add_argument("model")
     p.add_argument("out_dir")
     p.add_argument("--max-shard-gb", type=float, default=5.0,
                    help="split safetensors above this size, with an index (default 5)")
+    p.add_argument("--adapter", action="store_true",
+                   help="LoRA runs: write a PEFT adapter (adapter_config.json + "
+                        "adapter_model.safetensors) instead of merged weights")
     _add_runtime(p)
     p.set_defaults(func=cmd_export)
 

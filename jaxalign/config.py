@@ -115,8 +115,9 @@ class ModelConfig:
             _require(key in hf, f"config.json: required field {key!r} is missing")
 
         # transformers 5 writes `rope_parameters` (theta inside); 4.x wrote `rope_theta`
-        # plus an optional `rope_scaling` dict. Accept both.
-        rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+        # plus an optional `rope_scaling` dict. Accept both; where both are present,
+        # `rope_scaling` wins, as in transformers (convert_rope_params_to_dict).
+        rope = dict(hf.get("rope_scaling") or hf.get("rope_parameters") or {})
         theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         _require(rope_type in ROPE_TYPES,

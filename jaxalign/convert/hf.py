@@ -158,6 +158,11 @@ def open_hf(path: str | Path, **runtime) -> HFCheckpoint:
             if not (path / name).exists():
                 raise CheckpointError(f"{path / name}: shard listed in {index.name} does not exist")
             opened[name] = SafetensorsFile(path / name)
+        held = {name: set(f.keys()) for name, f in opened.items()}
+        for key, name in weight_map.items():
+            if key not in held[name]:
+                raise CheckpointError(f"{index}: tensor {key!r} is listed in {name}, "
+                                      "which does not hold it")
         files = {k: opened[v] for k, v in weight_map.items()}
     elif (path / "model.safetensors").exists():
         f = SafetensorsFile(path / "model.safetensors")
@@ -193,7 +198,13 @@ def _validate(ckpt: HFCheckpoint) -> None:
                                       f"expected {shape} from config.json")
     extra = sorted(k for k in ckpt.files if k not in expected and not k.endswith(_IGNORED_SUFFIXES))
     if cfg.tie_word_embeddings and "lm_head.weight" in extra:
-        # Some writers store the tied head anyway; it must equal the embedding.
+        # Some writers store the tied head anyway. transformers then uses the stored head
+        # (it unties), so we may only drop it when it equals the embedding.
+        head = ckpt.files["lm_head.weight"].get("lm_head.weight")
+        embed = ckpt.files["model.embed_tokens.weight"].get("model.embed_tokens.weight")
+        if head.shape != embed.shape or not np.array_equal(head, embed):
+            raise CheckpointError(f"{ckpt.path}: config.json ties the embeddings, but tensor "
+                                  "'lm_head.weight' differs from 'model.embed_tokens.weight'")
         extra.remove("lm_head.weight")
     if extra:
         raise CheckpointError(f"{ckpt.path}: unexpected tensor(s) {extra[:5]}"

@@ -79,7 +79,7 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
         weight = jnp.maximum(sums["weight"], 1e-9)
         loss = wloss / weight
         grads = jax.tree.map(lambda g: g / weight, grads)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         # A non-finite loss or gradient leaves params and optimizer state untouched; the
