@@ -58,7 +58,7 @@ def load_model(path: str | Path, mesh: Mesh | None = None, **runtime):
 
     `runtime` overrides how the model runs (dtype, scan_layers, remat), never its shape.
     """
-    path = Path(path)
+    path = Path(path).expanduser()
     if is_jaxalign_model(path):
         meta = json.loads((path / MARKER).read_text())
         cfg = ModelConfig.from_hf(meta["hf_config"], **runtime)

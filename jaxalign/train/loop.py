@@ -16,13 +16,13 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Protocol
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 
 from jaxalign.checkpoint import TrainCheckpoints
 from jaxalign.config import ConfigError, JaxalignError
 from jaxalign.metrics import MetricsWriter, Progress
+from jaxalign.sharding import batch_sharding
 from jaxalign.train.optim import OptimConfig, make_optimizer
 from jaxalign.train.step import LossFn, TrainState, init_state, jit_train_step, make_eval_step, \
     make_train_step
@@ -77,10 +77,6 @@ class Task:
     eval_data: Callable[[], Iterable[dict]] | None = None
     # Work outside the gradient on each batch (e.g. DPO reference log-probs); jitted by the owner.
     prepare: Callable[[dict], dict] | None = None
-
-
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, P(("data", "fsdp")))
 
 
 def put_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:

@@ -1,0 +1,418 @@
+"""jaxalign's own instruction tasks with checkable answers, and an exact-match evaluator.
+
+Seven kinds, each with one short unambiguous answer, worded with several templates:
+
+  arithmetic  add / subtract / multiply two small numbers      "Compute 37 + 48. ..." -> "85"
+  uppercase   words in capitals, joined by ", "                  "... apple pear plum" -> "APPLE, PEAR, PLUM"
+  reverse     a short list in reverse order, joined by ", "     "cat, dog, owl" -> "owl, dog, cat"
+  sort        three to four numbers, ascending or descending     "42, 7, 19" -> "7, 19, 42"
+  email       the email address in a sentence                    -> "anna.berg@example.com"
+  year        the (only) four-digit year in a sentence           -> "1987"
+  name        the speaker's name after "my name is", with a distractor name -> "Maria Lopez"
+
+A row is the chat form that `jaxalign.data` reads (format 'chat'), plus what checking needs:
+
+  {"messages": [{"role": "user", "content": PROMPT}, {"role": "assistant", "content": ANSWER}],
+   "kind": KIND, "answer": ANSWER, "args": [str, ...]}
+
+`answer` is the exact string a correct completion equals after `normalise` (whitespace and one
+trailing period stripped); `args` are the inputs the answer is computed from (operands, the word
+or number list), always strings so that every row has one Arrow schema.
+
+Generation is pure Python (`random.Random` seeded with a string, which hashes the same in every
+process and Python version), so `make_tasks(n, seed)` is the same list everywhere. Within a list
+prompts are unique and kinds are balanced (rounds of one row per kind, in random order).
+
+  python -m jaxalign.data.tasks OUT_DIR --train 2000 --eval 200 --seed 0
+
+writes OUT_DIR/train.jsonl and OUT_DIR/eval.jsonl, whose prompts are disjoint. The model side
+(`evaluate`, `generate_completions`) imports jax only when called: `jaxalign.data` stays light.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import random
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+log = logging.getLogger("jaxalign.tasks")
+
+KINDS = ("arithmetic", "uppercase", "reverse", "sort", "email", "year", "name")
+
+# ----------------------------------------------------------------------------- vocabularies
+
+NOUNS = ("apple pear plum grape lemon mango peach cherry melon kiwi olive onion carrot potato "
+         "tomato pepper garlic bread cheese butter honey sugar salt coffee tea milk water juice "
+         "cat dog horse mouse rabbit tiger lion zebra eagle owl duck goose shark whale snake frog "
+         "table chair lamp door window pencil paper book clock phone cup plate spoon fork knife "
+         "river mountain forest desert island ocean cloud storm rain snow wind stone sand "
+         "red green blue yellow purple orange silver golden").split()
+FIRST = ("Anna Maria Lucas Noah Emma Olivia Liam Sofia Mateo Chloe Ethan Mia Hugo Clara Felix Nina "
+         "Oscar Lena David Sara Tomas Elena Ivan Julia Marco Paula Omar Leila Pedro Hana Yuki Kofi "
+         "Amara Ravi Priya Jonas Ingrid Pablo Rosa Samuel Alice Victor Irene Daniel Laura Simon "
+         "Eva Adam Nora Leo").split()
+LAST = ("Berg Lopez Novak Silva Moreau Kowalski Tanaka Okafor Rossi Jensen Fischer Garcia Haddad "
+        "Ivanova Larsen Mendes Nakamura Osei Patel Quinn Rahman Santos Schmidt Torres Varga "
+        "Walsh Young Zimmer Costa Dubois Eriksen Ferreira Gruber Hansen Keller Lindqvist "
+        "Marino Nowak Petrov Reyes").split()
+DOMAINS = ("example.com mail.org inbox.net post.io webmail.com company.org studio.net "
+           "school.edu lab.org shop.com").split()
+CITIES = ("Lisbon Oslo Lagos Lima Kyoto Berlin Nairobi Quito Dublin Hanoi Porto Krakow Tunis Accra "
+          "Seville Bergen Madras Perth Denver Leeds").split()
+THINGS = ("the old bridge", "the city library", "the first railway station", "the harbour wall",
+          "the town hall", "the lighthouse", "the botanical garden", "the stone church",
+          "the science museum", "the main theatre", "the river dam", "the village school")
+EVENTS = ("was opened", "was finished", "was built", "was founded", "was rebuilt",
+          "was completed", "first opened to the public", "was designed")
+JOBS = ("a teacher", "a nurse", "an engineer", "a baker", "a pilot", "a student", "a farmer",
+        "a painter", "a doctor", "a chef", "a lawyer", "a musician")
+
+# ----------------------------------------------------------------------------- task makers
+# Each maker takes a random.Random and returns (prompt, answer, args).
+
+OPS = {"+": ("plus", lambda a, b: a + b), "-": ("minus", lambda a, b: a - b),
+       "*": ("times", lambda a, b: a * b)}
+ARITH_TEMPLATES = (
+    "Compute {a} {op} {b}. Reply with only the number.",
+    "What is {a} {word} {b}? Answer with just the number.",
+    "Calculate {a} {op} {b}. Give only the result.",
+    "{a} {op} {b} = ? Reply with the number only.",
+    "Work out {a} {word} {b}. Respond with only the final number.",
+    "What do you get for {a} {op} {b}? Reply with only the number.",
+)
+
+
+def arithmetic(rng: random.Random) -> tuple[str, str, list[str]]:
+    op = rng.choice("+-*")
+    if op == "*":
+        a, b = rng.randint(3, 19), rng.randint(3, 12)
+    else:
+        a, b = rng.randint(11, 99), rng.randint(11, 99)
+        if op == "-" and b > a:
+            a, b = b, a  # non-negative results: one unambiguous spelling of the answer
+    prompt = rng.choice(ARITH_TEMPLATES).format(a=a, b=b, op=op, word=OPS[op][0])
+    return prompt, str(OPS[op][1](a, b)), [str(a), op, str(b)]
+
+
+UPPER_TEMPLATES = (
+    "Write the words in UPPERCASE, separated by commas: {plain}",
+    "Convert each word to capital letters and separate them with a comma and a space: {plain}",
+    "Rewrite these words in all caps as a comma-separated list: {plain}",
+    "Make every word uppercase and join them with ', ': {plain}",
+    "Words: {plain}\nReturn them in UPPERCASE, separated by commas, and nothing else.",
+)
+
+
+def _distinct_words(rng: random.Random, lo: int, hi: int) -> list[str]:
+    return rng.sample(NOUNS, rng.randint(lo, hi))
+
+
+def uppercase(rng: random.Random) -> tuple[str, str, list[str]]:
+    words = _distinct_words(rng, 3, 4)
+    prompt = rng.choice(UPPER_TEMPLATES).format(plain=" ".join(words))
+    return prompt, ", ".join(w.upper() for w in words), words
+
+
+REVERSE_TEMPLATES = (
+    "Reverse the order of this list: {items}. Reply with only the reversed list, separated by commas.",
+    "Write these items in reverse order, separated by commas: {items}",
+    "List: {items}\nGive the same items from last to first, comma-separated, and nothing else.",
+    "Put the following words in the opposite order and separate them with commas: {items}",
+)
+
+
+def reverse(rng: random.Random) -> tuple[str, str, list[str]]:
+    words = _distinct_words(rng, 3, 5)
+    prompt = rng.choice(REVERSE_TEMPLATES).format(items=", ".join(words))
+    return prompt, ", ".join(reversed(words)), words
+
+
+SORT_TEMPLATES = (
+    "Sort these numbers from {order}: {nums}. Reply with only the sorted numbers, separated by commas.",
+    "Arrange {nums} from {order}. Answer with the numbers separated by commas.",
+    "Numbers: {nums}\nList them from {order}, comma-separated, and nothing else.",
+    "Order the following numbers from {order}, separated by commas: {nums}",
+)
+
+
+def sort(rng: random.Random) -> tuple[str, str, list[str]]:
+    nums = rng.sample(range(1, 100), rng.randint(3, 4))
+    descending = rng.random() < 0.5
+    order = "largest to smallest" if descending else "smallest to largest"
+    prompt = rng.choice(SORT_TEMPLATES).format(order=order, nums=", ".join(map(str, nums)))
+    answer = ", ".join(map(str, sorted(nums, reverse=descending)))
+    return prompt, answer, [str(n) for n in nums] + ["desc" if descending else "asc"]
+
+
+EMAIL_SENTENCES = (
+    "Hi, this is {name}. You can reach me at {email} any time this week.",
+    "For questions about the order, write to {email} and mention your invoice number.",
+    "{name} from {city} asked us to send the report to {email} before Friday.",
+    "Please update my contact details: my new address is {email}, not the old one.",
+    "The workshop is organised by {name}; registration goes through {email}.",
+    "Send your photos to {email} and we will print the best ones.",
+)
+EMAIL_TEMPLATES = (
+    "Extract the email address from: {text} Reply with only the address.",
+    "Text: {text}\nWhat is the email address in this text? Answer with only the email address.",
+    "Find the email address in the following message and reply with nothing else.\n{text}",
+)
+
+
+def email(rng: random.Random) -> tuple[str, str, list[str]]:
+    first, last = rng.choice(FIRST), rng.choice(LAST)
+    user = rng.choice([f"{first}.{last}", f"{first[0]}{last}", f"{first}{rng.randint(1, 99)}",
+                       f"{last}.{first[0]}"]).lower()
+    addr = f"{user}@{rng.choice(DOMAINS)}"
+    text = rng.choice(EMAIL_SENTENCES).format(name=f"{first} {last}", email=addr,
+                                              city=rng.choice(CITIES))
+    return rng.choice(EMAIL_TEMPLATES).format(text=text), addr, [addr]
+
+
+YEAR_SENTENCES = (
+    "In {city}, {thing} {event} in {year}, after years of planning.",
+    "{Thing} {event} in {year} and is still one of the best known places in {city}.",
+    "Records show that {thing} in {city} {event} in the year {year}.",
+    "Local guides like to say that {thing} {event} in {year}; before that the site was a field.",
+    "After a long delay, {thing} {event} in {year} with a ceremony attended by the mayor of {city}.",
+)
+YEAR_TEMPLATES = (
+    "In which year did this happen? {text} Reply with only the year.",
+    "Extract the year from this sentence: {text} Answer with only the four-digit year.",
+    "Text: {text}\nWhat year is mentioned? Reply with just the year.",
+)
+
+
+def year(rng: random.Random) -> tuple[str, str, list[str]]:
+    y = str(rng.randint(1600, 2023))
+    thing = rng.choice(THINGS)
+    text = rng.choice(YEAR_SENTENCES).format(thing=thing, Thing=thing[0].upper() + thing[1:],
+                                             event=rng.choice(EVENTS), year=y, city=rng.choice(CITIES))
+    return rng.choice(YEAR_TEMPLATES).format(text=text), y, [y]
+
+
+NAME_SENTENCES = (
+    "Good morning! My name is {name} and I work with {other} as {job} in {city}.",
+    "{other} told me to write to you. My name is {name}, I am {job} from {city}.",
+    "Hello everyone, my name is {name}. My colleague {other} could not come today.",
+    "I am {job} in {city}. My name is {name}, and my manager is {other}.",
+    "Dear {other}, thank you for the letter. My name is {name} and I would like to join.",
+)
+NAME_TEMPLATES = (
+    "What is the name of the person who says 'my name is' in this text? {text} Reply with only the full name.",
+    "Message: {text}\nWho wrote this message? Answer with only their first and last name.",
+    "Extract the writer's full name (the name after 'my name is') from: {text} Reply with only the name.",
+)
+
+
+def name(rng: random.Random) -> tuple[str, str, list[str]]:
+    first, other_first = rng.sample(FIRST, 2)
+    full, other = f"{first} {rng.choice(LAST)}", f"{other_first} {rng.choice(LAST)}"
+    text = rng.choice(NAME_SENTENCES).format(name=full, other=other, job=rng.choice(JOBS),
+                                             city=rng.choice(CITIES))
+    return rng.choice(NAME_TEMPLATES).format(text=text), full, [full, other]
+
+
+MAKERS: dict[str, Callable[[random.Random], tuple[str, str, list[str]]]] = {
+    "arithmetic": arithmetic, "uppercase": uppercase, "reverse": reverse, "sort": sort,
+    "email": email, "year": year, "name": name,
+}
+assert tuple(MAKERS) == KINDS
+
+
+# ----------------------------------------------------------------------------- datasets
+
+def _row(kind: str, prompt: str, answer: str, args: list[str]) -> dict:
+    return {"messages": [{"role": "user", "content": prompt},
+                         {"role": "assistant", "content": answer}],
+            "kind": kind, "answer": answer, "args": args}
+
+
+def prompt_of(row: dict) -> str:
+    """The user message of a task row (what a model is asked)."""
+    return row["messages"][0]["content"]
+
+
+def make_tasks(n: int, seed: int = 0, kinds: Sequence[str] = KINDS, *, split: str = "train",
+               exclude: Iterable[str] = ()) -> list[dict]:
+    """n rows with unique prompts, kinds balanced: rounds of one row per kind, each round in
+    its own random order, so every prefix (`--limit`) is balanced too.
+
+    `split` salts the random stream (the same seed gives unrelated train and eval draws);
+    prompts in `exclude` are never produced (how `write_splits` keeps eval out of train).
+    """
+    kinds = tuple(kinds)
+    unknown = [k for k in kinds if k not in MAKERS]
+    if unknown or not kinds:
+        raise ValueError(f"unknown task kind(s) {unknown}; expected some of {list(KINDS)}")
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    rng = random.Random(f"jaxalign-tasks/{seed}/{split}")
+    seen = set(exclude)
+    rows: list[dict] = []
+    order: list[str] = []
+    for _ in range(n):
+        if not order:
+            order = rng.sample(kinds, len(kinds))
+        kind = order.pop()
+        for _ in range(1000):  # a collision is rare; a kind this exhausted is a bug in its space
+            prompt, answer, args = MAKERS[kind](rng)
+            if prompt not in seen:
+                break
+        else:
+            raise ValueError(f"task kind {kind!r}: could not draw a new prompt after 1000 tries")
+        seen.add(prompt)
+        rows.append(_row(kind, prompt, answer, args))
+    return rows
+
+
+def write_jsonl(path: str | Path, rows: Iterable[dict]) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    return path
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def write_splits(out_dir: str | Path, n_train: int, n_eval: int, seed: int = 0,
+                 kinds: Sequence[str] = KINDS) -> tuple[Path, Path]:
+    """Writes out_dir/train.jsonl and out_dir/eval.jsonl. Eval is drawn first, so it does not
+    depend on n_train; train never repeats an eval prompt (nor its own)."""
+    eval_rows = make_tasks(n_eval, seed, kinds, split="eval")
+    train_rows = make_tasks(n_train, seed, kinds, split="train",
+                            exclude={prompt_of(r) for r in eval_rows})
+    out = Path(out_dir)
+    return write_jsonl(out / "train.jsonl", train_rows), write_jsonl(out / "eval.jsonl", eval_rows)
+
+
+# ----------------------------------------------------------------------------- scoring
+
+def normalise(text: str) -> str:
+    """What exact match compares: surrounding whitespace and one trailing period removed."""
+    text = text.strip()
+    return text[:-1].rstrip() if text.endswith(".") else text
+
+
+def exact_match(completions: Sequence[str], answers: Sequence[str],
+                kinds: Sequence[str] | None = None) -> dict:
+    """{"exact_match": fraction correct, "per_kind": {kind: fraction}, "n": count, "correct":
+    [bool per row]}. Without `kinds` every row counts as kind 'all'."""
+    if len(completions) != len(answers) or (kinds is not None and len(kinds) != len(answers)):
+        raise ValueError(f"got {len(completions)} completions for {len(answers)} answers"
+                         + (f" and {len(kinds)} kinds" if kinds is not None else ""))
+    kinds = list(kinds) if kinds is not None else ["all"] * len(answers)
+    correct = [normalise(c) == normalise(a) for c, a in zip(completions, answers)]
+    total, hits = Counter(kinds), Counter(k for k, ok in zip(kinds, correct) if ok)
+    return {"exact_match": sum(correct) / len(correct) if correct else 0.0,
+            "per_kind": {k: hits[k] / total[k] for k in sorted(total)},
+            "n": len(correct), "correct": correct}
+
+
+def format_table(result: dict) -> str:
+    """Accuracy per kind and overall, as an aligned plain-text table."""
+    counts = result.get("counts", {})
+    lines = [f"{'kind':<12} {'n':>5} {'exact':>7}"]
+    for k, acc in result["per_kind"].items():
+        lines.append(f"{k:<12} {counts.get(k, ''):>5} {acc:>7.1%}")
+    lines.append(f"{'overall':<12} {result['n']:>5} {result['exact_match']:>7.1%}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- model side
+
+def generate_completions(cfg, params, tokenizer, prompts: Sequence[str], *, batch_size: int = 16,
+                         max_new_tokens: int = 32, chat: bool = True) -> list[str]:
+    """Greedy completions of the prompts, `batch_size` at a time.
+
+    The last batch is padded with copies of its last prompt, so every call has the same batch
+    shape and (per prompt-length bucket) compiles once.
+    """
+    from jaxalign.generate import generate_text  # jax only when a model is actually run
+
+    out: list[str] = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = list(prompts[start:start + batch_size])
+        padded = chunk + [chunk[-1]] * (batch_size - len(chunk))
+        t0 = time.perf_counter()
+        texts = generate_text(cfg, params, tokenizer, padded, chat=chat,
+                              max_new_tokens=max_new_tokens, temperature=0.0, top_p=1.0,
+                              top_k=0, seed=0)
+        out.extend(texts[:len(chunk)])
+        log.info("generated %d/%d in %.1fs", len(out), len(prompts), time.perf_counter() - t0)
+    return out
+
+
+def score_rows(rows: Sequence[dict], completions: Sequence[str]) -> dict:
+    """exact_match of completions against task rows, with per-kind counts added."""
+    result = exact_match(completions, [r["answer"] for r in rows], [r["kind"] for r in rows])
+    result["counts"] = dict(sorted(Counter(r["kind"] for r in rows).items()))
+    return result
+
+
+def evaluate_params(cfg, params, tokenizer, rows: Sequence[dict], *, batch_size: int = 16,
+                    max_new_tokens: int = 32) -> dict:
+    """Greedy exact-match accuracy of a loaded model on task rows; adds `completions`."""
+    completions = generate_completions(cfg, params, tokenizer, [prompt_of(r) for r in rows],
+                                       batch_size=batch_size, max_new_tokens=max_new_tokens)
+    return {**score_rows(rows, completions), "completions": completions}
+
+
+def evaluate(model_path: str | Path, rows: Sequence[dict], *, batch_size: int = 16,
+             max_new_tokens: int = 32, limit: int | None = None, dtype: str | None = None) -> dict:
+    """Loads a model (HF dir or jaxalign checkpoint) and its tokenizer, then `evaluate_params`
+    on the first `limit` rows. Adds `seconds` (load + compile + generation)."""
+    from jaxalign import checkpoint
+    from jaxalign.tokenizer import load_tokenizer
+
+    t0 = time.perf_counter()
+    rows = list(rows)[:limit] if limit is not None else list(rows)
+    if not rows:
+        raise ValueError("no rows to evaluate")
+    # Decoding is memory-bound: scanned layers decode faster on CPU and compile sooner
+    # (see cli.cmd_generate).
+    runtime = {"scan_layers": True} | ({"dtype": dtype} if dtype else {})
+    cfg, params, _, tok_dir = checkpoint.load_model(model_path, **runtime)
+    tokenizer = load_tokenizer(tok_dir)
+    result = evaluate_params(cfg, params, tokenizer, rows, batch_size=batch_size,
+                             max_new_tokens=max_new_tokens)
+    result["seconds"] = time.perf_counter() - t0
+    return result
+
+
+# ----------------------------------------------------------------------------- command line
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m jaxalign.data.tasks",
+                                 description="Write train.jsonl and eval.jsonl of jaxalign's tasks.")
+    ap.add_argument("out_dir")
+    ap.add_argument("--train", type=int, default=2000, help="training rows (default 2000)")
+    ap.add_argument("--eval", type=int, default=200, help="evaluation rows (default 200)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--kinds", default=",".join(KINDS),
+                    help=f"comma-separated subset of {','.join(KINDS)}")
+    args = ap.parse_args(argv)
+    kinds = [k for k in args.kinds.split(",") if k]
+    bad = [k for k in kinds if k not in MAKERS]
+    if bad or not kinds:
+        ap.error(f"--kinds: unknown kind(s) {bad}; expected some of {','.join(KINDS)}")
+    if args.train < 0 or args.eval < 0:
+        ap.error("--train and --eval must be >= 0")
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    train, evl = write_splits(args.out_dir, args.train, args.eval, args.seed, kinds)
+    log.info("wrote %d train and %d eval rows of %s", args.train, args.eval, ", ".join(kinds))
+    print(train)
+    print(evl)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
