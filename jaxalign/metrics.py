@@ -80,12 +80,14 @@ class MetricsWriter:
 
 
 class Progress:
-    """One refreshing status line on stderr (rich), or plain log lines when not a terminal."""
+    """One refreshing status line on stderr (rich), or, when stderr is not a terminal, a log
+    line at most every `log_seconds` (and at the last step)."""
 
-    def __init__(self, total: int, start: int, enabled: bool = True):
+    def __init__(self, total: int, start: int, enabled: bool = True, log_seconds: float = 10.0):
         self.total, self.start = total, start
         self.enabled = enabled and jax.process_index() == 0
-        self._t0 = time.perf_counter()
+        self._t0 = self._last_log = time.perf_counter()
+        self._log_seconds = log_seconds
         self._bar = None
         if self.enabled and sys.stderr.isatty():
             from rich.console import Console
@@ -107,7 +109,8 @@ class Progress:
         info += f" tok/s {perf.get('tokens_per_s', 0):.0f}"
         if self._bar is not None:
             self._bar.update(self._task, completed=step, info=info)
-        else:
+        elif step == self.total or time.perf_counter() - self._last_log >= self._log_seconds:
+            self._last_log = time.perf_counter()
             log.info("step %d/%d %s eta %.0fs", step, self.total, info, eta)
 
     def close(self) -> None:
