@@ -1,14 +1,22 @@
 """jaxalign's own instruction tasks with checkable answers, and an exact-match evaluator.
 
-Seven kinds, each with one short unambiguous answer, worded with several templates:
+Each task has one unambiguous answer that the prompt asks for in an exact form. The default
+kinds were calibrated on SmolLM2-135M-Instruct (greedy, zero-shot), which almost never replies
+with a bare value ("Reply with only the number" gets "37 + 48 = 85" or "The answer is 85."),
+so every default kind asks for a form that this model produces some of the time and gets
+right only some of the time: headroom both ways for a short SFT.
 
-  arithmetic  add / subtract / multiply two small numbers      "Compute 37 + 48. ..." -> "85"
-  uppercase   words in capitals, joined by ", "                  "... apple pear plum" -> "APPLE, PEAR, PLUM"
-  reverse     a short list in reverse order, joined by ", "     "cat, dog, owl" -> "owl, dog, cat"
-  sort        three to four numbers, ascending or descending     "42, 7, 19" -> "7, 19, 42"
-  email       the email address in a sentence                    -> "anna.berg@example.com"
-  year        the (only) four-digit year in a sentence           -> "1987"
-  name        the speaker's name after "my name is", with a distractor name -> "Maria Lopez"
+  arithmetic  complete an equation            "Fill in the result: 37 + 48 =" -> "37 + 48 = 85"
+  capitalize  capital first letters            "...: apple, pear, plum" -> "Apple, Pear, Plum"
+  sort        three numbers, either direction  "Numbers: 42, 7, 19\\n..." -> "7, 19, 42"
+  year        which of two years was asked    "...? Answer in the form: The year is YEAR." -> "The year is 1987"
+  name        the writer ("my name is"), with a distractor name -> "The writer's name is Maria Lopez"
+
+Extra kinds, bare answers, ~0% zero-shot for SmolLM2-135M (harder; pass them in `kinds`):
+
+  uppercase   words in capitals, joined by ", "  -> "APPLE, PEAR, PLUM"
+  reverse     a short list in reverse order      -> "owl, dog, cat"
+  email       the email address in a sentence    -> "anna.berg@example.com"
 
 A row is the chat form that `jaxalign.data` reads (format 'chat'), plus what checking needs:
 
@@ -17,7 +25,7 @@ A row is the chat form that `jaxalign.data` reads (format 'chat'), plus what che
 
 `answer` is the exact string a correct completion equals after `normalise` (whitespace and one
 trailing period stripped); `args` are the inputs the answer is computed from (operands, the word
-or number list), always strings so that every row has one Arrow schema.
+or number list, the candidates), always strings so that every row has one Arrow schema.
 
 Generation is pure Python (`random.Random` seeded with a string, which hashes the same in every
 process and Python version), so `make_tasks(n, seed)` is the same list everywhere. Within a list
@@ -43,7 +51,9 @@ from typing import Callable, Iterable, Sequence
 
 log = logging.getLogger("jaxalign.tasks")
 
-KINDS = ("arithmetic", "uppercase", "reverse", "sort", "email", "year", "name")
+KINDS = ("arithmetic", "capitalize", "sort", "year", "name")
+EXTRA_KINDS = ("uppercase", "reverse", "email")
+ALL_KINDS = KINDS + EXTRA_KINDS
 
 # ----------------------------------------------------------------------------- vocabularies
 
@@ -68,49 +78,128 @@ CITIES = ("Lisbon Oslo Lagos Lima Kyoto Berlin Nairobi Quito Dublin Hanoi Porto 
 THINGS = ("the old bridge", "the city library", "the first railway station", "the harbour wall",
           "the town hall", "the lighthouse", "the botanical garden", "the stone church",
           "the science museum", "the main theatre", "the river dam", "the village school")
-EVENTS = ("was opened", "was finished", "was built", "was founded", "was rebuilt",
-          "was completed", "first opened to the public", "was designed")
 JOBS = ("a teacher", "a nurse", "an engineer", "a baker", "a pilot", "a student", "a farmer",
         "a painter", "a doctor", "a chef", "a lawyer", "a musician")
 
 # ----------------------------------------------------------------------------- task makers
-# Each maker takes a random.Random and returns (prompt, answer, args).
+# Each maker takes a random.Random and returns (prompt, answer, args). The wordings of the
+# default kinds are ones SmolLM2-135M-Instruct answered in the asked form some of the time.
+# Small changes move it a lot: "Reply with only the number / year / address" got 0% (it
+# answers in a sentence), JSON answers mostly got code, "Answer in the form: A, B, C" got the
+# placeholder copied, and "Capitalize the first letter of each word: ..." got a sentence about
+# capitals. Change a template only with a zero-shot run (scripts/eval_tasks.py) beside it.
 
-OPS = {"+": ("plus", lambda a, b: a + b), "-": ("minus", lambda a, b: a - b),
-       "*": ("times", lambda a, b: a * b)}
+OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
 ARITH_TEMPLATES = (
-    "Compute {a} {op} {b}. Reply with only the number.",
-    "What is {a} {word} {b}? Answer with just the number.",
-    "Calculate {a} {op} {b}. Give only the result.",
-    "{a} {op} {b} = ? Reply with the number only.",
-    "Work out {a} {word} {b}. Respond with only the final number.",
-    "What do you get for {a} {op} {b}? Reply with only the number.",
+    "Fill in the result: {a} {op} {b} =",
+    "Complete the equation: {a} {op} {b} =",
+    "What is {a} {op} {b}? Reply with the complete equation.",
 )
 
 
 def arithmetic(rng: random.Random) -> tuple[str, str, list[str]]:
     op = rng.choice("+-*")
+    # Small operands: with two-digit ones SmolLM2-135M was right about one time in ten.
     if op == "*":
-        a, b = rng.randint(3, 19), rng.randint(3, 12)
+        a, b = rng.randint(2, 9), rng.randint(2, 9)
     else:
-        a, b = rng.randint(11, 99), rng.randint(11, 99)
+        a, b = rng.randint(2, 20), rng.randint(2, 20)
         if op == "-" and b > a:
             a, b = b, a  # non-negative results: one unambiguous spelling of the answer
-    prompt = rng.choice(ARITH_TEMPLATES).format(a=a, b=b, op=op, word=OPS[op][0])
-    return prompt, str(OPS[op][1](a, b)), [str(a), op, str(b)]
+    prompt = rng.choice(ARITH_TEMPLATES).format(a=a, b=b, op=op)
+    return prompt, f"{a} {op} {b} = {OPS[op](a, b)}", [str(a), op, str(b)]
+
+
+def _distinct_words(rng: random.Random, lo: int, hi: int) -> list[str]:
+    return rng.sample(NOUNS, rng.randint(lo, hi))
+
+
+CAPITALIZE_TEMPLATES = (
+    "Write the words with capital first letters, separated by commas: {items}",
+    "Write these words with capital first letters, separated by commas: {items}",
+    "Write the following words with capital first letters, separated by commas: {items}",
+)
+
+
+def capitalize(rng: random.Random) -> tuple[str, str, list[str]]:
+    words = _distinct_words(rng, 3, 3)
+    prompt = rng.choice(CAPITALIZE_TEMPLATES).format(items=", ".join(words))
+    return prompt, ", ".join(w.capitalize() for w in words), words
+
+
+SORT_TEMPLATES = (
+    "Numbers: {nums}\nList them from {order}, comma-separated, and nothing else.",
+    "Numbers: {nums}\nWrite them from {order}, separated by commas, and nothing else.",
+    "Numbers: {nums}\nList them in order from {order}, comma-separated.",
+)
+
+
+def sort(rng: random.Random) -> tuple[str, str, list[str]]:
+    nums = rng.sample(range(1, 100), 3)
+    descending = rng.random() < 0.5
+    order = "largest to smallest" if descending else "smallest to largest"
+    prompt = rng.choice(SORT_TEMPLATES).format(order=order, nums=", ".join(map(str, nums)))
+    answer = ", ".join(map(str, sorted(nums, reverse=descending)))
+    return prompt, answer, [str(n) for n in nums] + ["desc" if descending else "asc"]
+
+
+# Two years per sentence, the question names one of the two events.
+YEAR_EVENTS = (("planned", "opened"), ("started", "finished"), ("designed", "built"),
+               ("founded", "rebuilt"), ("begun", "completed"))
+YEAR_SENTENCES = (
+    "{Thing} in {city} was {v1} in {y1} and {v2} in {y2}.",
+    "In {city}, {thing} was {v1} in {y1}; it was {v2} in {y2}.",
+    "Records say that {thing} in {city} was {v1} in {y1} and {v2} in {y2}.",
+    "{Thing} in {city} was {v2} in {y2}, although it was {v1} as early as {y1}.",
+)
+YEAR_QUESTIONS = (
+    "In which year was it {v}? Answer in the form: The year is YEAR.",
+    "When was {thing} {v}? Answer in the form: The year is YEAR.",
+    "What year was it {v} in? Answer in the form: The year is YEAR.",
+)
+
+
+def year(rng: random.Random) -> tuple[str, str, list[str]]:
+    y1 = rng.randint(1600, 1980)
+    y2 = y1 + rng.randint(2, 40)
+    v1, v2 = rng.choice(YEAR_EVENTS)
+    thing = rng.choice(THINGS)
+    text = rng.choice(YEAR_SENTENCES).format(thing=thing, Thing=thing[0].upper() + thing[1:],
+                                             city=rng.choice(CITIES), v1=v1, v2=v2, y1=y1, y2=y2)
+    asked = rng.choice((v1, v2))
+    question = rng.choice(YEAR_QUESTIONS).format(v=asked, thing=thing)
+    answer_year = y1 if asked == v1 else y2
+    return f"{text}\n{question}", f"The year is {answer_year}", [str(y1), v1, str(y2), v2, asked]
+
+
+NAME_SENTENCES = (
+    "Good morning! My name is {name} and I work with {other} as {job} in {city}.",
+    "{other} told me to write to you. My name is {name}, and I am {job} in {city}.",
+    "Hello everyone, my name is {name}. My colleague {other} could not come today.",
+    "I am {job} in {city}. My name is {name}, and my manager is {other}.",
+    "Dear {other}, thank you for the letter. My name is {name} and I would like to join.",
+)
+NAME_QUESTIONS = (
+    "Who is writing? Answer in the form: The writer's name is NAME.",
+    "Who wrote this message? Answer in the form: The writer's name is NAME.",
+    "What is the writer's name? Answer in the form: The writer's name is NAME.",
+)
+
+
+def name(rng: random.Random) -> tuple[str, str, list[str]]:
+    first, other_first = rng.sample(FIRST, 2)
+    full, other = f"{first} {rng.choice(LAST)}", f"{other_first} {rng.choice(LAST)}"
+    text = rng.choice(NAME_SENTENCES).format(name=full, other=other, job=rng.choice(JOBS),
+                                             city=rng.choice(CITIES))
+    return f"{text}\n{rng.choice(NAME_QUESTIONS)}", f"The writer's name is {full}", [full, other]
 
 
 UPPER_TEMPLATES = (
     "Write the words in UPPERCASE, separated by commas: {plain}",
     "Convert each word to capital letters and separate them with a comma and a space: {plain}",
     "Rewrite these words in all caps as a comma-separated list: {plain}",
-    "Make every word uppercase and join them with ', ': {plain}",
     "Words: {plain}\nReturn them in UPPERCASE, separated by commas, and nothing else.",
 )
-
-
-def _distinct_words(rng: random.Random, lo: int, hi: int) -> list[str]:
-    return rng.sample(NOUNS, rng.randint(lo, hi))
 
 
 def uppercase(rng: random.Random) -> tuple[str, str, list[str]]:
@@ -133,30 +222,12 @@ def reverse(rng: random.Random) -> tuple[str, str, list[str]]:
     return prompt, ", ".join(reversed(words)), words
 
 
-SORT_TEMPLATES = (
-    "Sort these numbers from {order}: {nums}. Reply with only the sorted numbers, separated by commas.",
-    "Arrange {nums} from {order}. Answer with the numbers separated by commas.",
-    "Numbers: {nums}\nList them from {order}, comma-separated, and nothing else.",
-    "Order the following numbers from {order}, separated by commas: {nums}",
-)
-
-
-def sort(rng: random.Random) -> tuple[str, str, list[str]]:
-    nums = rng.sample(range(1, 100), rng.randint(3, 4))
-    descending = rng.random() < 0.5
-    order = "largest to smallest" if descending else "smallest to largest"
-    prompt = rng.choice(SORT_TEMPLATES).format(order=order, nums=", ".join(map(str, nums)))
-    answer = ", ".join(map(str, sorted(nums, reverse=descending)))
-    return prompt, answer, [str(n) for n in nums] + ["desc" if descending else "asc"]
-
-
 EMAIL_SENTENCES = (
     "Hi, this is {name}. You can reach me at {email} any time this week.",
     "For questions about the order, write to {email} and mention your invoice number.",
     "{name} from {city} asked us to send the report to {email} before Friday.",
     "Please update my contact details: my new address is {email}, not the old one.",
     "The workshop is organised by {name}; registration goes through {email}.",
-    "Send your photos to {email} and we will print the best ones.",
 )
 EMAIL_TEMPLATES = (
     "Extract the email address from: {text} Reply with only the address.",
@@ -175,56 +246,11 @@ def email(rng: random.Random) -> tuple[str, str, list[str]]:
     return rng.choice(EMAIL_TEMPLATES).format(text=text), addr, [addr]
 
 
-YEAR_SENTENCES = (
-    "In {city}, {thing} {event} in {year}, after years of planning.",
-    "{Thing} {event} in {year} and is still one of the best known places in {city}.",
-    "Records show that {thing} in {city} {event} in the year {year}.",
-    "Local guides like to say that {thing} {event} in {year}; before that the site was a field.",
-    "After a long delay, {thing} {event} in {year} with a ceremony attended by the mayor of {city}.",
-)
-YEAR_TEMPLATES = (
-    "In which year did this happen? {text} Reply with only the year.",
-    "Extract the year from this sentence: {text} Answer with only the four-digit year.",
-    "Text: {text}\nWhat year is mentioned? Reply with just the year.",
-)
-
-
-def year(rng: random.Random) -> tuple[str, str, list[str]]:
-    y = str(rng.randint(1600, 2023))
-    thing = rng.choice(THINGS)
-    text = rng.choice(YEAR_SENTENCES).format(thing=thing, Thing=thing[0].upper() + thing[1:],
-                                             event=rng.choice(EVENTS), year=y, city=rng.choice(CITIES))
-    return rng.choice(YEAR_TEMPLATES).format(text=text), y, [y]
-
-
-NAME_SENTENCES = (
-    "Good morning! My name is {name} and I work with {other} as {job} in {city}.",
-    "{other} told me to write to you. My name is {name}, I am {job} from {city}.",
-    "Hello everyone, my name is {name}. My colleague {other} could not come today.",
-    "I am {job} in {city}. My name is {name}, and my manager is {other}.",
-    "Dear {other}, thank you for the letter. My name is {name} and I would like to join.",
-)
-NAME_TEMPLATES = (
-    "What is the name of the person who says 'my name is' in this text? {text} Reply with only the full name.",
-    "Message: {text}\nWho wrote this message? Answer with only their first and last name.",
-    "Extract the writer's full name (the name after 'my name is') from: {text} Reply with only the name.",
-)
-
-
-def name(rng: random.Random) -> tuple[str, str, list[str]]:
-    first, other_first = rng.sample(FIRST, 2)
-    full, other = f"{first} {rng.choice(LAST)}", f"{other_first} {rng.choice(LAST)}"
-    text = rng.choice(NAME_SENTENCES).format(name=full, other=other, job=rng.choice(JOBS),
-                                             city=rng.choice(CITIES))
-    return rng.choice(NAME_TEMPLATES).format(text=text), full, [full, other]
-
-
 MAKERS: dict[str, Callable[[random.Random], tuple[str, str, list[str]]]] = {
-    "arithmetic": arithmetic, "uppercase": uppercase, "reverse": reverse, "sort": sort,
-    "email": email, "year": year, "name": name,
+    "arithmetic": arithmetic, "capitalize": capitalize, "sort": sort, "year": year, "name": name,
+    "uppercase": uppercase, "reverse": reverse, "email": email,
 }
-assert tuple(MAKERS) == KINDS
-
+assert tuple(MAKERS) == ALL_KINDS
 
 # ----------------------------------------------------------------------------- datasets
 
@@ -250,7 +276,7 @@ def make_tasks(n: int, seed: int = 0, kinds: Sequence[str] = KINDS, *, split: st
     kinds = tuple(kinds)
     unknown = [k for k in kinds if k not in MAKERS]
     if unknown or not kinds:
-        raise ValueError(f"unknown task kind(s) {unknown}; expected some of {list(KINDS)}")
+        raise ValueError(f"unknown task kind(s) {unknown}; expected some of {list(ALL_KINDS)}")
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
     rng = random.Random(f"jaxalign-tasks/{seed}/{split}")
@@ -398,12 +424,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--eval", type=int, default=200, help="evaluation rows (default 200)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--kinds", default=",".join(KINDS),
-                    help=f"comma-separated subset of {','.join(KINDS)}")
+                    help=f"comma-separated, default {','.join(KINDS)}; extra: {','.join(EXTRA_KINDS)}")
     args = ap.parse_args(argv)
     kinds = [k for k in args.kinds.split(",") if k]
     bad = [k for k in kinds if k not in MAKERS]
     if bad or not kinds:
-        ap.error(f"--kinds: unknown kind(s) {bad}; expected some of {','.join(KINDS)}")
+        ap.error(f"--kinds: unknown kind(s) {bad}; expected some of {','.join(ALL_KINDS)}")
     if args.train < 0 or args.eval < 0:
         ap.error("--train and --eval must be >= 0")
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
