@@ -1,0 +1,271 @@
+"""SFT training speed, jaxalign vs TRL `SFTTrainer`, on SmolLM2-135M, same batches and allocator.
+
+  python scripts/bench_sft.py [--batch 8] [--seq 256] [--steps 3] [--warmup 1] [--modes full,lora]
+                              [--precision fp32|bf16] [--allocator jemalloc|glibc]
+                              [--ours unrolled/none,unrolled/full,scan/none,scan/full] [--trl-gc on,off]
+
+Every row runs in its own subprocess (same allocator, inherited from this process) so that
+its peak RSS is its own. Both sides train on the same synthetic batches: random token ids,
+exactly --seq tokens per row, no padding, every next-token prediction trained, in the same
+order, with AdamW (same lr, constant schedule, no weight decay), clipping at 1.0.
+LoRA: rank 16, alpha 32, on q_proj and v_proj, on both sides. bf16: ours computes in bf16
+with fp32 params (fp32 accumulation); TRL uses bf16 autocast (its default) on fp32 params.
+
+Step time is the median over --steps timed steps after --warmup steps. Ours: batch
+transfer + the jitted step, blocked on; compile time is `lower().compile()`. TRL: from
+`on_step_begin` to `on_step_end` (forward, backward, clip, optimizer). "loss@1" is the
+first step's loss on the same batch from the same weights: it must agree across sides.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import benchlib
+
+LORA = dict(rank=16, alpha=32.0, targets=("q_proj", "v_proj"))
+LR = 1e-5
+
+
+def synthetic_tokens(vocab: int, n_batches: int, batch: int, seq: int):
+    """(n_batches, batch, seq) int32 ids, identical in every subprocess (fixed seed)."""
+    import numpy as np
+    return np.random.default_rng(0).integers(3, vocab, (n_batches, batch, seq), dtype=np.int32)
+
+
+# ----------------------------------------------------------------------------- ours
+
+def run_ours(job: dict) -> dict:
+    import jax
+    import numpy as np
+
+    from jaxalign import sharding
+    from jaxalign.config import MeshConfig
+    from jaxalign.data import packing
+    from jaxalign.train import sft
+    from jaxalign.train.loop import batch_sharding, put_batch
+    from jaxalign.train.optim import OptimConfig, make_optimizer
+    from jaxalign.train.step import init_state, jit_train_step, make_train_step
+
+    layers, remat = job["config"].split("/")
+    n = job["warmup"] + job["steps"]
+    mesh = sharding.make_mesh(MeshConfig(data=1, fsdp=1, tensor=1))
+    source = sft.ModelSource(path=job["model"], dtype="bfloat16" if job["precision"] == "bf16" else "float32",
+                             param_dtype="float32", scan_layers=layers == "scan", remat=remat)
+    lora_cfg = sft.LoRAConfig(**LORA) if job["mode"] == "lora" else sft.LoRAConfig()
+    # Loaded outside the mesh context, as `run_sft` does: shardings come from the names.
+    cfg, trainable, frozen, frozen_sh, _, _ = sft.load_policy(source, lora_cfg, mesh, seed=0)
+    with jax.set_mesh(mesh):
+        optimizer, schedule = make_optimizer(
+            OptimConfig(lr=LR, schedule="constant", weight_decay=0.0, max_grad_norm=1.0), n)
+        # As in the training loop: the jitted init gives the moments their params' shardings.
+        state = jax.jit(init_state, static_argnums=(1, 2))(trainable, optimizer, 0)
+        state_sh = jax.tree.map(lambda x: x.sharding, state)
+        step_fn = jit_train_step(make_train_step(sft.sft_loss_fn(cfg), optimizer, schedule),
+                                 state_sh, frozen_sh, batch_sharding(mesh))
+
+        batches = []
+        for tokens_BT in synthetic_tokens(job["vocab"], n, job["batch"], job["seq"]):
+            b = packing.empty_batch(job["batch"], job["seq"], pad_id=0)
+            for r, ids in enumerate(tokens_BT):
+                packing.write_row(b, r, [(ids, np.ones(len(ids), np.float32))])
+            batches.append(b)
+
+        t0 = time.perf_counter()
+        compiled = step_fn.lower(state, frozen, put_batch(batches[0], mesh)).compile()
+        compile_s = time.perf_counter() - t0
+        mem = compiled.memory_analysis()
+        rss_setup = benchlib.peak_rss_gib()
+        times, losses = [], []
+        for i, host_batch in enumerate(batches):
+            t0 = time.perf_counter()
+            state, metrics = compiled(state, frozen, put_batch(host_batch, mesh))
+            losses.append(float(jax.block_until_ready(metrics)["loss"]))
+            if i >= job["warmup"]:
+                times.append(time.perf_counter() - t0)
+    return dict(compile_s=compile_s, step_s=statistics.median(times), loss1=losses[0], rss_setup=rss_setup,
+                xla_temp_gib=getattr(mem, "temp_size_in_bytes", 0) / 2**30)
+
+
+# ----------------------------------------------------------------------------- TRL
+
+def run_trl(job: dict) -> dict:
+    import datasets
+    import torch
+    from peft import LoraConfig
+    from transformers import AutoTokenizer, TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    n = job["warmup"] + job["steps"]
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.times, self.losses, self._t0, self.rss_setup = [], [], 0.0, None
+
+        def on_step_begin(self, args, state, control, **kw):
+            if self.rss_setup is None:
+                self.rss_setup = benchlib.peak_rss_gib()
+            self._t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            self.times.append(time.perf_counter() - self._t0)
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                self.losses.append(logs["loss"])
+
+    tokenizer = AutoTokenizer.from_pretrained(job["model"])
+    tokens = synthetic_tokens(job["vocab"], n, job["batch"], job["seq"])
+    # Pre-tokenized rows of exactly `seq` tokens: with skip_prepare_dataset the collator
+    # makes labels = input_ids and an all-ones attention mask, so nothing is padded.
+    data = datasets.Dataset.from_dict({"input_ids": tokens.reshape(-1, job["seq"]).tolist()})
+    peft_config = None
+    if job["mode"] == "lora":
+        peft_config = LoraConfig(r=LORA["rank"], lora_alpha=LORA["alpha"], lora_dropout=0.0,
+                                 target_modules=list(LORA["targets"]), task_type="CAUSAL_LM")
+    timer = StepTimer()
+    with tempfile.TemporaryDirectory() as out:
+        args = SFTConfig(
+            output_dir=out, max_steps=n, per_device_train_batch_size=job["batch"],
+            learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
+            max_grad_norm=1.0, gradient_checkpointing=job["config"] == "grad-ckpt on",
+            bf16=job["precision"] == "bf16", use_cpu=True, max_length=job["seq"], packing=False,
+            dataset_kwargs={"skip_prepare_dataset": True}, train_sampling_strategy="sequential",
+            logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True, seed=0)
+        trainer = SFTTrainer(model=job["model"], args=args, train_dataset=data,
+                             processing_class=tokenizer, peft_config=peft_config, callbacks=[timer])
+        trainer.train()
+    return dict(compile_s=None, step_s=statistics.median(timer.times[job["warmup"]:]),
+                loss1=timer.losses[0] if timer.losses else float("nan"), rss_setup=timer.rss_setup,
+                threads=torch.get_num_threads())
+
+
+# ----------------------------------------------------------------------------- driver
+
+def worker(job: dict) -> None:
+    out, sys.stdout = sys.stdout, sys.stderr  # libraries' prints must not corrupt the result line
+    result = (run_ours if job["side"] == "jaxalign" else run_trl)(job)
+    result["peak_rss_gib"] = benchlib.peak_rss_gib()
+    print(json.dumps(result), file=out, flush=True)
+
+
+def child_env(allocator: str) -> dict:
+    env = dict(os.environ)
+    if allocator == "glibc":  # never let an inherited preload change the allocator under test
+        kept = [p for p in env.get("LD_PRELOAD", "").split(":") if p and "jemalloc" not in p]
+        env["LD_PRELOAD"] = ":".join(kept)
+        env.pop("MALLOC_CONF", None)
+    return env
+
+
+def run_job(job: dict, allocator: str) -> dict:
+    label = f"{job['side']} {job['mode']} {job['config']}"
+    print(f"[bench_sft] running {label} ...", file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(job)],
+                          stdout=subprocess.PIPE, text=True, env=child_env(allocator))
+    if proc.returncode != 0:
+        print(f"[bench_sft] {label} failed (exit {proc.returncode})", file=sys.stderr)
+        return {"error": f"exit {proc.returncode}"}
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    print(f"[bench_sft] {label}: {res['step_s']:.2f} s/step ({time.perf_counter() - t0:.0f} s wall)",
+          file=sys.stderr, flush=True)
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=None, help="HF dir (default: the cached SmolLM2-135M-Instruct)")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=3, help="timed steps (median reported)")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed steps first")
+    ap.add_argument("--modes", default="full,lora", help="comma list of full, lora")
+    ap.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    ap.add_argument("--ours", default="unrolled/none,unrolled/full,scan/none,scan/full",
+                    help="jaxalign configs: layers (unrolled|scan) / remat (none|full|dots)")
+    ap.add_argument("--trl-gc", default="on,off",
+                    help="TRL gradient checkpointing settings to run (on is TRL's default)")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    benchlib.add_allocator_arg(ap)
+    args = ap.parse_args()
+    if args.worker:
+        return worker(json.loads(args.worker))
+    modes = [m for m in args.modes.split(",") if m]
+    if bad := [m for m in modes if m not in ("full", "lora")]:
+        ap.error(f"--modes: unknown {bad}; expected full, lora")
+    ours = [c for c in args.ours.split(",") if c]
+    if bad := [c for c in ours if c.count("/") != 1 or c.split("/")[0] not in ("unrolled", "scan")
+               or c.split("/")[1] not in ("none", "full", "dots")]:
+        ap.error(f"--ours: bad config(s) {bad}; expected LAYERS/REMAT, e.g. scan/full")
+    trl_gc = [g for g in args.trl_gc.split(",") if g]
+    if bad := [g for g in trl_gc if g not in ("on", "off")]:
+        ap.error(f"--trl-gc: unknown {bad}; expected on, off")
+    if args.steps < 1 or args.warmup < 0:
+        ap.error("--steps must be >= 1 and --warmup >= 0")
+    command = " ".join(shlex.quote(a) for a in ["python"] + sys.argv)  # before the re-exec
+    allocator = benchlib.ensure_allocator(args.allocator)
+
+    from fetch_smollm2 import fetch
+    model = str(args.model or fetch())
+    vocab = json.loads((Path(model) / "config.json").read_text())["vocab_size"]
+    common = dict(model=model, vocab=vocab, batch=args.batch, seq=args.seq, steps=args.steps,
+                  warmup=args.warmup, precision=args.precision)
+    load = os.getloadavg()
+    rows, step_s = [], {}
+    n_tok = args.batch * args.seq
+    for mode in modes:
+        jobs = [dict(side="jaxalign", config=c) for c in ours]
+        jobs += [dict(side="trl", config=f"grad-ckpt {g}") for g in trl_gc]
+        for job in jobs:
+            job.update(common, mode=mode)
+            r = run_job(job, allocator)
+            if "error" in r:
+                rows.append([job["side"], mode, args.precision, job["config"], r["error"]] + ["-"] * 6)
+                continue
+            c = r["compile_s"]
+            rows.append([job["side"], mode, args.precision, job["config"],
+                         "-" if c is None else c, r["step_s"], n_tok / r["step_s"],
+                         r["rss_setup"], r["peak_rss_gib"], r.get("xla_temp_gib", "-"),
+                         f"{r['loss1']:.5f}"])
+            step_s[(mode, job["side"], job["config"])] = r["step_s"]
+
+    alloc = (f"jemalloc (LD_PRELOAD={os.environ.get('LD_PRELOAD')} "
+             f"MALLOC_CONF={os.environ.get('MALLOC_CONF')})" if allocator == "jemalloc" else "glibc malloc")
+    print(f"\ncommand: {command}")
+    print(f"allocator: {alloc}, both sides; {os.cpu_count()} CPUs, load average at start "
+          f"{load[0]:.1f} {load[1]:.1f} {load[2]:.1f}")
+    benchlib.print_table(
+        f"SFT step, SmolLM2-135M, batch {args.batch} x {args.seq} tokens, {args.precision}, "
+        f"median of {args.steps} steps after {args.warmup} warmup",
+        ["side", "mode", "precision", "layers/remat | grad-ckpt", "compile s", "step s", "tok/s",
+         "RSS setup GiB", "peak RSS GiB", "XLA temp GiB", "loss@1"], rows)
+    print("RSS setup: peak RSS before the first step (model load, trainer set-up, our compile); "
+          "XLA temp: the compiled step's scratch memory (memory_analysis)")
+    # Speedup = TRL step time / ours: for our best config and for our default (sft.ModelSource).
+    for mode in modes:
+        mine = {c: s for (m, side, c), s in step_s.items() if m == mode and side == "jaxalign"}
+        picks = {}
+        if mine:
+            best = min(mine, key=mine.get)
+            picks[f"best jaxalign ({best})"] = mine[best]
+        if "unrolled/none" in mine:
+            picks["jaxalign default (unrolled/none)"] = mine["unrolled/none"]
+        for g in ("on", "off"):
+            theirs = step_s.get((mode, "trl", f"grad-ckpt {g}"))
+            for name, ours_s in picks.items() if theirs else ():
+                print(f"{mode}: {name} {ours_s:.2f} s vs TRL grad-ckpt {g}"
+                      f"{' (its default)' if g == 'on' else ''} {theirs:.2f} s: {theirs / ours_s:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
