@@ -230,3 +230,27 @@ def test_smollm2_chat_greedy_matches_transformers(smollm2_dir, monkeypatch):
             ref = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
                                  do_sample=False, max_new_tokens=32)[0, len(ids):].tolist()
         assert got == ref, tokenizer.decode(ref)
+
+
+def test_cli_generate_prints_transformers_greedy_completion(smollm2_dir, capsys):
+    """`jaxalign generate MODEL --chat --prompt ...` prints exactly transformers' greedy
+    completion (32 new tokens) and nothing else on stdout; usage errors exit 2."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from jaxalign import cli
+
+    prompt = "Give me a short list of three colors."
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32)
+    ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                  return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        out = model.generate(**ids, max_new_tokens=32, do_sample=False)
+    expected = tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+
+    capsys.readouterr()
+    assert cli.main(["generate", str(smollm2_dir), "--chat", "--prompt", prompt,
+                     "--max-new-tokens", "32"]) == 0
+    assert capsys.readouterr().out == expected + "\n"
+    with pytest.raises(SystemExit) as e:
+        cli.main(["generate", str(smollm2_dir), "--max-new-tokens", "3"])  # no --prompt
+    assert e.value.code == 2
