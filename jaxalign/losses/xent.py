@@ -1,9 +1,17 @@
-"""Token-level cross-entropy and log-probabilities: pure functions of arrays."""
+"""Token-level cross-entropy and log-probabilities: pure functions of arrays.
+
+Two entry points compute the same numbers: from full logits (`token_logprobs`), or from
+the final hidden states and the LM-head weight (`head_logprobs`), which walks the sequence
+in chunks and never holds the (B, T, V) logits: for a 49k vocabulary that tensor (and its
+gradient) is the largest activation of a small model's train step.
+"""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+from jaxalign.sharding import constrain
 
 
 def token_logprobs(logits_BTV: jax.Array, targets_BT: jax.Array) -> jax.Array:
@@ -14,16 +22,74 @@ def token_logprobs(logits_BTV: jax.Array, targets_BT: jax.Array) -> jax.Array:
     return picked_BT - lse_BT
 
 
+def _chunk_stats(hidden_BCD, head, targets_BC, head_is_VD: bool):
+    """(log p(target), target is the argmax, entropy) for one chunk of positions."""
+    w = head.astype(hidden_BCD.dtype)
+    eq = "bcd,vd->bcv" if head_is_VD else "bcd,dv->bcv"
+    logits_BCV = jnp.einsum(eq, hidden_BCD, w, preferred_element_type=jnp.float32)
+    logits_BCV = constrain(logits_BCV, ("batch", None, "vocab"))
+    lse_BC = jax.nn.logsumexp(logits_BCV, axis=-1)
+    picked_BC = jnp.take_along_axis(logits_BCV, targets_BC[..., None], axis=-1)[..., 0]
+    # Ties count as correct, as a plain argmax comparison would for the first maximum.
+    correct_BC = picked_BC >= jnp.max(logits_BCV, axis=-1)
+    return picked_BC - lse_BC, correct_BC
+
+
+def head_logprobs(hidden_BTD: jax.Array, head: jax.Array, targets_BT: jax.Array, *,
+                  head_is_VD: bool, chunk: int = 128) -> tuple[jax.Array, jax.Array]:
+    """log p(target_t) (fp32) and whether the target is the argmax, for every position,
+    from the final hidden states and the LM-head weight ((V, D) when tied to the embedding,
+    else (D, V)).
+
+    The sequence is cut into chunks of `chunk` positions and scanned; each chunk's logits
+    are rematerialised in the backward pass instead of stored, so peak memory holds one
+    (B, chunk, V) block instead of (B, T, V), at the cost of one more head matmul.
+    """
+    B, T, D = hidden_BTD.shape
+    chunk = max(1, min(chunk, T))
+    n = -(-T // chunk)
+    pad = n * chunk - T
+    if pad:
+        hidden_BTD = jnp.pad(hidden_BTD, ((0, 0), (0, pad), (0, 0)))
+        targets_BT = jnp.pad(targets_BT, ((0, 0), (0, pad)))
+    # (n, B, chunk, ...): scan over chunks.
+    h_nBCD = hidden_BTD.reshape(B, n, chunk, D).swapaxes(0, 1)
+    t_nBC = targets_BT.reshape(B, n, chunk).swapaxes(0, 1)
+
+    @jax.checkpoint
+    def body(_, xs):
+        h_BCD, t_BC = xs
+        return None, _chunk_stats(h_BCD, head, t_BC, head_is_VD)
+
+    _, (logp_nBC, correct_nBC) = jax.lax.scan(body, None, (h_nBCD, t_nBC))
+    logp_BT = logp_nBC.swapaxes(0, 1).reshape(B, n * chunk)[:, :T]
+    correct_BT = correct_nBC.swapaxes(0, 1).reshape(B, n * chunk)[:, :T]
+    return logp_BT, correct_BT
+
+
+def _masked_mean_metrics(logp_BT, correct_BT, loss_mask_BT):
+    mask_BT = loss_mask_BT.astype(jnp.float32)
+    tokens = mask_BT.sum()
+    denom = jnp.maximum(tokens, 1.0)
+    loss = -(logp_BT * mask_BT).sum() / denom
+    accuracy = (correct_BT.astype(jnp.float32) * mask_BT).sum() / denom
+    return loss, {"loss": loss, "token_accuracy": accuracy, "weight": tokens}
+
+
 def masked_xent(logits_BTV: jax.Array, targets_BT: jax.Array, loss_mask_BT: jax.Array):
     """Mean negative log-likelihood over the masked tokens.
 
     Returns (loss, metrics); metrics['weight'] is the number of tokens averaged over, which
     the train step uses to weight micro-batches so that accumulation equals one big batch.
     """
-    mask_BT = loss_mask_BT.astype(jnp.float32)
-    nll_BT = -token_logprobs(logits_BTV, targets_BT)
-    tokens = mask_BT.sum()
-    loss = (nll_BT * mask_BT).sum() / jnp.maximum(tokens, 1.0)
-    correct = (jnp.argmax(logits_BTV, axis=-1) == targets_BT).astype(jnp.float32)
-    accuracy = (correct * mask_BT).sum() / jnp.maximum(tokens, 1.0)
-    return loss, {"loss": loss, "token_accuracy": accuracy, "weight": tokens}
+    logp_BT = token_logprobs(logits_BTV, targets_BT)
+    correct_BT = jnp.argmax(logits_BTV, axis=-1) == targets_BT
+    return _masked_mean_metrics(logp_BT, correct_BT, loss_mask_BT)
+
+
+def head_masked_xent(hidden_BTD: jax.Array, head: jax.Array, targets_BT: jax.Array,
+                     loss_mask_BT: jax.Array, *, head_is_VD: bool, chunk: int = 128):
+    """`masked_xent` from hidden states + head weight, without the (B, T, V) logits."""
+    logp_BT, correct_BT = head_logprobs(hidden_BTD, head, targets_BT, head_is_VD=head_is_VD,
+                                        chunk=chunk)
+    return _masked_mean_metrics(logp_BT, correct_BT, loss_mask_BT)

@@ -80,14 +80,21 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
         loss = wloss / weight
         grads = jax.tree.map(lambda g: g / weight, grads)
         grad_norm = optax.tree.norm(grads)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
         # A non-finite loss or gradient leaves params and optimizer state untouched; the
         # loop decides whether to stop or skip (the inputs are donated, so it can't undo).
+        # `cond` rather than a `where` over both trees: the update runs only when it is
+        # used, and XLA need not keep a second copy of the params and Adam moments alive.
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
-        new_state = TrainState(step=state.step + 1, params=keep(params, state.params),
-                               opt_state=keep(opt_state, state.opt_state), rng=state.rng)
+
+        def update(operands):
+            grads, opt_state, params = operands
+            updates, opt_state = optimizer.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), opt_state
+
+        params, opt_state = jax.lax.cond(ok, update, lambda ops: (ops[2], ops[1]),
+                                         (grads, state.opt_state, state.params))
+        new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
+                               rng=state.rng)
         metrics = {name: v / weight for name, v in sums.items() if name != "weight"}
         metrics.update(loss=loss, grad_norm=grad_norm, lr=schedule(state.step),
                        weight=sums["weight"], finite=ok.astype(jnp.float32))
