@@ -50,15 +50,33 @@ def is_jaxalign_model(path: str | Path) -> bool:
     return p.exists() and json.loads(p.read_text()).get("format") == MODEL_FORMAT
 
 
-def load_model(path: str | Path, mesh: Mesh | None = None, **runtime):
+def load_model(path: str | Path, mesh: Mesh | None = None, *, num_labels: int | None = None,
+               seed: int = 0, **runtime):
     """Any model source -> (cfg, params, hf_config, dir holding the tokenizer files).
 
     Sources: an HF directory, a jaxalign model checkpoint, or a training run directory
     (latest checkpoint; LoRA runs come back with adapters, see `lora.merge`).
 
+    `num_labels` asks for a classifier / reward model: a source that is one already must
+    have that many labels; a causal LM gets its LM head dropped and a fresh score head
+    (`heads.add_score_head`, initialised from `seed`), and the returned hf_config becomes a
+    classifier's (`hf.hf_config_for`).
     `runtime` overrides how the model runs (dtype, scan_layers, remat), never its shape.
     """
-    path = Path(path).expanduser()
+    cfg, params, hf_config, src = _load_any(Path(path).expanduser(), mesh, **runtime)
+    if num_labels is not None and num_labels != cfg.num_labels:
+        if cfg.num_labels > 0:
+            raise ModelSourceError(f"{path}: is a classifier with {cfg.num_labels} label(s), "
+                                   f"not {num_labels}")
+        from jaxalign.models import heads
+        cfg, params = heads.add_score_head(cfg, params, num_labels, mesh, seed)
+        hf_config = hf.hf_config_for(cfg, hf_config)
+        log.info("%s: causal LM -> classifier with %d label(s) (LM head dropped, score head "
+                 "initialised)", path, num_labels)
+    return cfg, params, hf_config, src
+
+
+def _load_any(path: Path, mesh: Mesh | None, **runtime):
     if is_jaxalign_model(path):
         meta = json.loads((path / MARKER).read_text())
         cfg = ModelConfig.from_hf(meta["hf_config"], **runtime)

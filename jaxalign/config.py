@@ -13,6 +13,10 @@ ROPE_TYPES = ("default", "linear", "llama3")
 DTYPES = ("float32", "bfloat16")
 REMAT_POLICIES = ("none", "full", "dots")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# HF architectures we read; anything else with model_type 'llama' (e.g. LlamaForTokenClassification,
+# LlamaForQuestionAnswering) has other heads and is refused by name.
+CAUSAL_LM_ARCHS = ("LlamaForCausalLM", "LLaMAForCausalLM")  # the second: early HF conversions
+CLASSIFIER_ARCH = "LlamaForSequenceClassification"
 
 
 class JaxalignError(ValueError):
@@ -55,6 +59,10 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     attention_bias: bool = False
     mlp_bias: bool = False
+    # 0: causal LM (LM head or tied embedding). > 0: a sequence classifier as in HF
+    # LlamaForSequenceClassification, i.e. a `score` (hidden -> num_labels, no bias) read at the
+    # last real token and no LM head; 1 = the scalar head of reward and value models.
+    num_labels: int = 0
 
     param_dtype: Literal["float32", "bfloat16"] = "float32"
     dtype: Literal["float32", "bfloat16"] = "float32"
@@ -80,6 +88,7 @@ class ModelConfig:
         _require(self.param_dtype in DTYPES, f"model.param_dtype must be one of {DTYPES}")
         _require(self.dtype in DTYPES, f"model.dtype must be one of {DTYPES}")
         _require(self.remat in REMAT_POLICIES, f"model.remat must be one of {REMAT_POLICIES}")
+        _require(self.num_labels >= 0, f"model.num_labels must be >= 0, got {self.num_labels}")
         _require(self.lora_rank >= 0, f"lora.rank must be >= 0, got {self.lora_rank}")
         _require(0.0 <= self.lora_dropout < 1.0, f"lora.dropout must be in [0, 1), got {self.lora_dropout}")
         bad = [t for t in self.lora_targets if t not in LORA_TARGETS]
@@ -113,6 +122,10 @@ class ModelConfig:
         for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                     "num_attention_heads"):
             _require(key in hf, f"config.json: required field {key!r} is missing")
+        _require("num_labels" not in runtime,
+                 "num_labels comes from config.json (its architectures); to put a score head on "
+                 "a causal LM use checkpoint.load_model(path, num_labels=1)")
+        num_labels = num_labels_from_hf(hf)
 
         # transformers 5 writes `rope_parameters` (theta inside); 4.x wrote `rope_theta`
         # plus an optional `rope_scaling` dict. Accept both; where both are present,
@@ -149,8 +162,31 @@ class ModelConfig:
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             attention_bias=bool(hf.get("attention_bias", False)),
             mlp_bias=bool(hf.get("mlp_bias", False)),
+            num_labels=num_labels,
             **runtime,
         )
+
+
+def num_labels_from_hf(hf: Mapping[str, Any]) -> int:
+    """0 for a causal LM; the label count of a LlamaForSequenceClassification.
+
+    transformers 5 writes `id2label` (not `num_labels`); where both are present, `num_labels`
+    wins, as in PretrainedConfig. With neither, transformers' default is 2 labels.
+    """
+    archs = list(hf.get("architectures") or [])
+    known = CAUSAL_LM_ARCHS + (CLASSIFIER_ARCH,)
+    _require(len(archs) <= 1 and all(a in known for a in archs),
+             f"config.json: architectures {archs} is not supported; expected one of {list(known)}")
+    if archs != [CLASSIFIER_ARCH]:
+        return 0
+    if hf.get("num_labels") is not None:
+        n = int(hf["num_labels"])
+    elif hf.get("id2label"):
+        n = len(hf["id2label"])
+    else:
+        n = 2
+    _require(n >= 1, f"config.json: {CLASSIFIER_ARCH} with {n} labels")
+    return n
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

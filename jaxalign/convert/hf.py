@@ -3,6 +3,9 @@
 Each row names an HF key (with `{i}` for the layer index), our param path, and a
 transform that is applied forwards on import and backwards on export. Per-layer HF
 tensors are stacked on a leading 'layers' axis on import and unstacked on export.
+
+LlamaForCausalLM and LlamaForSequenceClassification (reward models: `score.weight`
+instead of `lm_head.weight`, `cfg.num_labels > 0`) are read and written.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from jaxalign.config import JaxalignError, ModelConfig
+from jaxalign.config import CLASSIFIER_ARCH, JaxalignError, ModelConfig, num_labels_from_hf
 from jaxalign.convert.safetensors_io import SafetensorsFile, dtype_name, save_file
 from jaxalign.models import functional
 
@@ -73,7 +76,9 @@ _L = "model.layers.{i}."
 TABLE: tuple[Row, ...] = (
     Row("model.embed_tokens.weight", ("embed",), IDENTITY),
     Row("model.norm.weight", ("final_norm", "scale"), IDENTITY),
-    Row("lm_head.weight", ("lm_head",), TRANSPOSE, lambda c: not c.tie_word_embeddings),
+    Row("lm_head.weight", ("lm_head",), TRANSPOSE,
+        lambda c: c.num_labels == 0 and not c.tie_word_embeddings),
+    Row("score.weight", ("score",), TRANSPOSE, lambda c: c.num_labels > 0),
     Row(_L + "input_layernorm.weight", ("layers", "attn_norm", "scale"), IDENTITY),
     Row(_L + "post_attention_layernorm.weight", ("layers", "mlp_norm", "scale"), IDENTITY),
     Row(_L + "self_attn.q_proj.weight", ("layers", "attn", "q"), Q_PROJ),
@@ -197,7 +202,7 @@ def _validate(ckpt: HFCheckpoint) -> None:
                 raise CheckpointError(f"{ckpt.files[key].path}: tensor {key!r} has shape {got}, "
                                       f"expected {shape} from config.json")
     extra = sorted(k for k in ckpt.files if k not in expected and not k.endswith(_IGNORED_SUFFIXES))
-    if cfg.tie_word_embeddings and "lm_head.weight" in extra:
+    if cfg.num_labels == 0 and cfg.tie_word_embeddings and "lm_head.weight" in extra:
         # Some writers store the tied head anyway. transformers then uses the stored head
         # (it unties), so we may only drop it when it equals the embedding.
         head = ckpt.files["lm_head.weight"].get("lm_head.weight")
@@ -266,10 +271,41 @@ def hf_tensors(cfg: ModelConfig, params: functional.Params, dtype: np.dtype | No
             yield row.hf_key, np.ascontiguousarray(row.transform.inv(host, cfg))
 
 
-def hf_config_for(cfg: ModelConfig, base: dict[str, Any] | None = None) -> dict[str, Any]:
-    """config.json content: the source checkpoint's (kept verbatim) or one built from cfg."""
+def hf_config_for(cfg: ModelConfig, base: dict[str, Any] | None = None, *,
+                  pad_token_id: int | None = None) -> dict[str, Any]:
+    """config.json content: the source checkpoint's (kept verbatim) or one built from cfg.
+
+    A classifier (num_labels > 0) made from a causal LM gets the classifier's fields on top
+    of its base config: architectures, num_labels, id2label, label2id. `pad_token_id`, when
+    given, is written (transformers' sequence classifier needs one to find the last token
+    of padded rows; `save` insists on it).
+    """
     if base is not None:
-        return dict(base)
+        config = dict(base)
+        base_labels = num_labels_from_hf(config)
+        if cfg.num_labels == 0 and base_labels > 0:
+            raise CheckpointError(f"the model is a causal LM but its source config.json is a "
+                                  f"{CLASSIFIER_ARCH}; export it without hf_config")
+        if cfg.num_labels > 0 and base_labels != cfg.num_labels:
+            config.update(_classifier_fields(cfg.num_labels))
+    else:
+        config = _config_from_cfg(cfg)
+        if cfg.num_labels > 0:
+            config.update(_classifier_fields(cfg.num_labels))
+    if pad_token_id is not None:
+        config["pad_token_id"] = int(pad_token_id)
+    return config
+
+
+def _classifier_fields(num_labels: int) -> dict[str, Any]:
+    # What transformers writes (id2label / label2id), plus num_labels for other readers.
+    labels = [f"LABEL_{i}" for i in range(num_labels)]
+    return {"architectures": [CLASSIFIER_ARCH], "num_labels": num_labels,
+            "id2label": {str(i): name for i, name in enumerate(labels)},
+            "label2id": {name: i for i, name in enumerate(labels)}}
+
+
+def _config_from_cfg(cfg: ModelConfig) -> dict[str, Any]:
     rope: dict[str, Any] = {"rope_type": cfg.rope_type, "rope_theta": cfg.rope_theta}
     if cfg.rope_type != "default":
         rope["factor"] = cfg.rope_factor
@@ -291,16 +327,21 @@ def hf_config_for(cfg: ModelConfig, base: dict[str, Any] | None = None) -> dict[
 
 def save(out_dir: str | Path, cfg: ModelConfig, params: functional.Params, *,
          hf_config: dict[str, Any] | None = None, source_dir: str | Path | None = None,
-         max_shard_bytes: int = 5 * 2**30) -> Path:
-    """Writes an HF directory that `AutoModelForCausalLM.from_pretrained` loads.
+         max_shard_bytes: int = 5 * 2**30, pad_token_id: int | None = None) -> Path:
+    """Writes an HF directory that `AutoModelForCausalLM.from_pretrained` loads
+    (`AutoModelForSequenceClassification` for a classifier / reward model, num_labels > 0).
 
     Tensors are written in the dtype named by the config (`dtype` / `torch_dtype`), so an
     fp32 or bf16 checkpoint comes back in its own precision. Tokenizer files, chat
     template and generation_config.json are copied from `source_dir` when given.
+    A classifier needs `pad_token_id` in its config: the argument, else the config's, else
+    the pad token of the tokenizer in `source_dir`; with none of them, nothing is written.
     Only process 0 writes; all processes must call this (the gather is collective).
     """
     out = Path(out_dir)
-    config = hf_config_for(cfg, hf_config)
+    config = hf_config_for(cfg, hf_config, pad_token_id=pad_token_id)
+    if cfg.num_labels > 0:
+        _require_pad_token(config, source_dir)
     dtype_str = config.get("dtype") or config.get("torch_dtype") or cfg.param_dtype
     dtype = np.dtype(jax.numpy.dtype(dtype_str))
     writer = jax.process_index() == 0
@@ -333,6 +374,34 @@ def save(out_dir: str | Path, cfg: ModelConfig, params: functional.Params, *,
     copy_side_files(source_dir, out, config)
     log.info("wrote %s (%d tensor file(s), %s)", out, len(shards), dtype_name(dtype))
     return out
+
+
+def _require_pad_token(config: dict[str, Any], source_dir: str | Path | None) -> None:
+    """transformers' LlamaForSequenceClassification scores the rightmost token != pad_token_id
+    and refuses batches > 1 without one, so an exported classifier must name it."""
+    if config.get("pad_token_id") is None:
+        config["pad_token_id"] = _tokenizer_pad_id(source_dir)
+    if config["pad_token_id"] is None:
+        raise CheckpointError(
+            "exporting a sequence classifier / reward model needs a pad_token_id (transformers "
+            "finds each row's last token by it), but neither the config nor the tokenizer "
+            f"{'in ' + str(source_dir) + ' ' if source_dir else ''}defines one: pass "
+            "pad_token_id=... to convert.hf.save (e.g. the tokenizer's eos id), or set "
+            "pad_token_id in the source config.json")
+    eos = config.get("eos_token_id")
+    if config["pad_token_id"] in (eos if isinstance(eos, list) else [eos]):
+        log.warning("pad_token_id == eos_token_id (%s): transformers scores a row that ends in "
+                    "eos at the token before it (the rightmost token != pad); jaxalign scores "
+                    "the last real token, the eos itself", config["pad_token_id"])
+
+
+def _tokenizer_pad_id(source_dir: str | Path | None) -> int | None:
+    # The tokenizer's own pad token: not jaxalign.tokenizer's pad = eos fallback, which
+    # transformers' users would not get from these files.
+    if source_dir is None or not (Path(source_dir) / "tokenizer.json").exists():
+        return None
+    from transformers import PreTrainedTokenizerFast
+    return PreTrainedTokenizerFast.from_pretrained(str(source_dir)).pad_token_id
 
 
 def copy_side_files(source_dir: str | Path | None, out: Path, config: dict[str, Any]) -> None:

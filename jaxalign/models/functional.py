@@ -15,7 +15,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from jaxalign import sharding
-from jaxalign.config import ModelConfig
+from jaxalign.config import ConfigError, ModelConfig
 from jaxalign.models.llama import Cache, Llama
 
 Params = dict[str, Any]
@@ -24,8 +24,10 @@ Params = dict[str, Any]
 @functools.lru_cache(maxsize=None)
 def _split(cfg: ModelConfig):
     # eval_shape: no memory, no RNG work. Eager sharding off: shardings are decided by
-    # jaxalign.sharding from the names, not by flax at construction time.
-    with nnx.use_eager_sharding(False):
+    # jaxalign.sharding from the names, not by flax at construction time. An empty abstract
+    # mesh hides any mesh the caller has set, under which flax would try to resolve the
+    # logical names ('vocab', 'embed', ...) as mesh axes.
+    with nnx.use_eager_sharding(False), jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), ())):
         abstract = nnx.eval_shape(lambda: Llama(cfg, nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
     names = jax.tree.map(lambda v: tuple(v.get_metadata()["out_sharding"]), state,
@@ -83,3 +85,13 @@ def apply(cfg: ModelConfig, params: Params, tokens_BT: jax.Array, *,
     model = nnx.merge(_split(cfg)[0], params)
     return model(tokens_BT, positions_BT, segment_ids_BT, cache, return_logits=return_logits,
                  dropout_key=dropout_key, use_lora=use_lora)
+
+
+def lm_head(cfg: ModelConfig, params: Params) -> tuple[jax.Array, bool]:
+    """The LM-head weight and whether it is laid out (V, D) (tied to the embedding) or (D, V),
+    for losses that compute log-probs from hidden states chunk by chunk."""
+    if cfg.num_labels > 0:
+        raise ConfigError(f"a classifier (num_labels={cfg.num_labels}) has no LM head")
+    if cfg.tie_word_embeddings:
+        return params["embed"], True
+    return params["lm_head"], False

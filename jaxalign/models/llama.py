@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxalign.config import ModelConfig
+from jaxalign.config import ConfigError, ModelConfig
 from jaxalign.sharding import constrain
 
 Cache = dict[str, jax.Array]  # {'k': LBSKH, 'v': LBSKH, 'valid': BS bool, 'end': int32 scalar}
@@ -31,13 +31,22 @@ def _dtype(name: str) -> jnp.dtype:
     return jnp.dtype(name)
 
 
-def _param(rngs: nnx.Rngs | None, shape, names, dtype, kind: str = "normal") -> nnx.Param:
+def score_init_std(hidden_size: int) -> float:
+    """Init std of a fresh score head: 1/sqrt(D+1), as OpenAI's lm-human-preferences reward
+    head and TRL's value heads (HF itself uses initializer_range, 0.02). Not zeros: the
+    trunk's gradient is proportional to the head, so a zero head would leave the first step
+    training the head alone, and initial rewards would carry no signal to compare."""
+    return 1.0 / math.sqrt(hidden_size + 1)
+
+
+def _param(rngs: nnx.Rngs | None, shape, names, dtype, kind: str = "normal",
+           std: float = _INIT_STD) -> nnx.Param:
     if kind == "ones":
         value = jnp.ones(shape, dtype)
     elif kind == "zeros":
         value = jnp.zeros(shape, dtype)
     else:
-        value = (_INIT_STD * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+        value = (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
     return nnx.Param(value, out_sharding=tuple(names))
 
 
@@ -247,7 +256,12 @@ _REMAT_POLICIES: dict[str, Callable | None] = {
 
 
 class Llama(nnx.Module):
-    """Token ids in, logits (fp32) and final hidden states out."""
+    """Token ids in, logits (fp32) and final hidden states out.
+
+    With `cfg.num_labels > 0` it is a sequence classifier / reward model: no LM head, a
+    `score` weight (D, num_labels) instead, and no vocab logits; the caller pools the hidden
+    states (`jaxalign.models.heads.score`).
+    """
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         pd = _dtype(cfg.param_dtype)
@@ -263,7 +277,11 @@ class Llama(nnx.Module):
 
         self.layers = make_blocks(rngs)
         self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pd)
-        if not cfg.tie_word_embeddings:
+        if cfg.num_labels > 0:
+            # Split over fsdp like every weight's model dimension; the label axis is tiny.
+            self.score = _param(rngs, (cfg.hidden_size, cfg.num_labels), ("embed", None), pd,
+                                std=score_init_std(cfg.hidden_size))
+        elif not cfg.tie_word_embeddings:
             self.lm_head = _param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), pd)
 
     def __call__(self, tokens_BT: jax.Array, positions_BT: jax.Array, segment_ids_BT: jax.Array,
@@ -276,8 +294,13 @@ class Llama(nnx.Module):
         attend to every valid earlier slot. `dropout_key` turns on LoRA dropout (training);
         `use_lora=False` runs the base model with the adapters switched off.
         Returns (logits_BTV fp32 or None, hidden_BTD after the final norm, new cache or None).
+        A classifier (num_labels > 0) has no vocab logits: call it with return_logits=False.
         """
         cfg = self.cfg
+        if return_logits and cfg.num_labels > 0:
+            raise ConfigError(f"this model is a sequence classifier (num_labels={cfg.num_labels}) "
+                             "with no LM head: call it with return_logits=False and pool the "
+                             "hidden states (jaxalign.models.heads.score)")
         dt = _dtype(cfg.dtype)
         B, T = tokens_BT.shape
         x_BTD = constrain(jnp.take(self.embed[...], tokens_BT, axis=0).astype(dt), ("batch", "seq", None))
