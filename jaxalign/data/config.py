@@ -12,9 +12,12 @@ from typing import Any, Literal, Mapping, Sequence
 
 from jaxalign.config import ConfigError
 
-FORMATS = ("auto", "alpaca", "dolly", "chat", "sharegpt", "prompt_completion", "text")
+FORMATS = ("auto", "alpaca", "dolly", "chat", "sharegpt", "prompt_completion", "text",
+           "preference", "hh_rlhf")  # the last two: preference data (jaxalign.data.preference)
 TRUNCATION = ("truncate", "drop")
 ON_EMPTY = ("drop", "error")
+PROMPT_TRUNCATION = ("keep_end", "drop")
+ON_IDENTICAL = ("drop", "error")
 
 
 def _require(cond: bool, msg: str) -> None:
@@ -32,7 +35,8 @@ class DatasetSpec:
     """
 
     path: str
-    format: Literal["auto", "alpaca", "dolly", "chat", "sharegpt", "prompt_completion", "text"] = "auto"
+    format: Literal["auto", "alpaca", "dolly", "chat", "sharegpt", "prompt_completion", "text",
+                    "preference", "hh_rlhf"] = "auto"
     weight: float = 1.0
     split: str = "train"
     max_examples: int | None = None
@@ -82,7 +86,7 @@ def _specs(value: Any, key: str) -> tuple[DatasetSpec, ...]:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DataConfig:
-    """The SFT data pipeline.
+    """The data pipeline: SFT (`build_sft_data`) and preference pairs (`build_preference_data`).
 
     train            one or more DatasetSpecs, mixed by their weights.
     eval             optional DatasetSpec(s) for evaluation; or instead
@@ -96,6 +100,12 @@ class DataConfig:
     shuffle          per-epoch permutation of each training dataset (eval is never shuffled).
     seed             seeds shuffling, mixing and the eval hold-out.
     cache_dir        HF `datasets` cache directory (None: the datasets default).
+
+    Preference data only (reward modelling, DPO; see jaxalign.data.preference):
+    max_prompt_len   prompt tokens allowed (None: no limit but seq_len); must be < seq_len.
+    prompt_truncation  a longer prompt: 'keep_end' keeps its last max_prompt_len tokens (and a
+                     leading BOS), so the response keeps seq_len - max_prompt_len; 'drop' skips the pair.
+    on_identical     chosen == rejected: 'drop' (counted and logged) or 'error'.
     """
 
     train: tuple[DatasetSpec, ...]
@@ -110,6 +120,9 @@ class DataConfig:
     shuffle: bool = True
     seed: int = 0
     cache_dir: str | None = None
+    max_prompt_len: int | None = None
+    prompt_truncation: Literal["keep_end", "drop"] = "keep_end"
+    on_identical: Literal["drop", "error"] = "drop"
 
     def __post_init__(self):
         train = _specs(self.train, "data.train")
@@ -134,6 +147,14 @@ class DataConfig:
         _require(isinstance(self.shuffle, bool), f"data.shuffle must be true or false, got {self.shuffle!r}")
         _require(isinstance(self.seed, int) and self.seed >= 0,
                  f"data.seed must be a non-negative integer, got {self.seed!r}")
+        _require(self.max_prompt_len is None
+                 or (isinstance(self.max_prompt_len, int) and 1 <= self.max_prompt_len < self.seq_len),
+                 f"data.max_prompt_len must be null or an integer in [1, seq_len={self.seq_len}), "
+                 f"got {self.max_prompt_len!r}")
+        _require(self.prompt_truncation in PROMPT_TRUNCATION,
+                 f"data.prompt_truncation {self.prompt_truncation!r} is not one of {PROMPT_TRUNCATION}")
+        _require(self.on_identical in ON_IDENTICAL,
+                 f"data.on_identical {self.on_identical!r} is not one of {ON_IDENTICAL}")
 
     def replace(self, **changes) -> "DataConfig":
         return dataclasses.replace(self, **changes)
