@@ -1,0 +1,144 @@
+"""Pairwise preference losses (reward model, DPO family): pure functions of arrays.
+
+Inputs are per-pair scalars (B,): reward-model scores, or sequence log-probabilities of the
+chosen and rejected responses. Every loss returns (loss, metrics) with metrics['weight'] the
+number of pairs, which the train step uses to weight micro-batches and average metrics.
+Metric names follow TRL's so that logs can be compared side by side.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
+
+
+def _mean_fn(like_B: jax.Array, pair_mask_B: jax.Array | None):
+    """(mean over real pairs, number of real pairs). pair_mask_B marks real pairs (1) and
+    the fillers that pad a last eval batch (0); None: every pair is real."""
+    if pair_mask_B is None:
+        return (lambda x_B: x_B.mean()), jnp.asarray(like_B.shape[0], jnp.float32)
+    w_B = pair_mask_B.astype(jnp.float32)
+    n = w_B.sum()
+    return (lambda x_B: (x_B * w_B).sum() / jnp.maximum(n, 1.0)), n
+
+
+def sequence_logps(token_logps_BT: jax.Array, mask_BT: jax.Array,
+                   average: bool = False) -> jax.Array:
+    """Per-sequence log-probability: the sum (or mean) of token log-probs over masked tokens.
+
+    DPO's theory uses sums (log pi(y|x) of the whole response). IPO as TRL runs it uses the
+    per-token mean, which keeps beta comparable across response lengths; pass average=True
+    for all four inputs of `dpo_loss` to get that. A row with no masked token gives 0.
+    """
+    mask_BT = mask_BT.astype(jnp.float32)
+    total_B = (token_logps_BT.astype(jnp.float32) * mask_BT).sum(axis=-1)
+    if not average:
+        return total_B
+    return total_B / jnp.maximum(mask_BT.sum(axis=-1), 1.0)
+
+
+def bradley_terry(chosen_B: jax.Array, rejected_B: jax.Array, *, margin_B: jax.Array | None = None,
+                  center_coef: float = 0.0, pair_mask_B: jax.Array | None = None):
+    """Reward-model loss: -log sigmoid(r_c - r_r - margin), plus optional reward centering.
+
+    The centering term coef * mean((r_c + r_r)^2) (Eisenstein et al. 2023, TRL's
+    `center_rewards_coefficient`) pins the otherwise free offset of the rewards near zero.
+    log_sigmoid keeps large negative differences finite. pair_mask_B (optional) excludes
+    filler pairs from every mean and from metrics['weight'].
+    """
+    r_c = chosen_B.astype(jnp.float32)
+    r_r = rejected_B.astype(jnp.float32)
+    mean, n = _mean_fn(r_c, pair_mask_B)
+    diff_B = r_c - r_r
+    shifted_B = diff_B if margin_B is None else diff_B - margin_B.astype(jnp.float32)
+    loss = mean(-jax.nn.log_sigmoid(shifted_B))
+    if center_coef:
+        loss = loss + center_coef * mean((r_c + r_r) ** 2)
+    metrics = {
+        "loss": loss,
+        "accuracy": mean((diff_B > 0).astype(jnp.float32)),  # ties count as wrong
+        "reward_chosen": mean(r_c),
+        "reward_rejected": mean(r_r),
+        "margin": mean(diff_B),
+        "weight": n,
+    }
+    return loss, metrics
+
+
+def _check_dpo_args(beta, loss_type, label_smoothing) -> None:
+    # Plain Python checks: these are static arguments, so a bad value fails at trace time
+    # with a message, rather than training on a silently different objective.
+    if loss_type not in DPO_LOSS_TYPES:
+        raise ValueError(f"dpo_loss: unknown loss_type={loss_type!r}; "
+                         f"expected one of {DPO_LOSS_TYPES}")
+    if not beta > 0:  # also rejects NaN
+        raise ValueError(f"dpo_loss: beta={beta!r} must be > 0")
+    if loss_type in ("sigmoid", "robust"):
+        if not 0.0 <= label_smoothing < 0.5:
+            raise ValueError(f"dpo_loss: label_smoothing={label_smoothing!r} must be in [0, 0.5) "
+                             f"for loss_type={loss_type!r}")
+    elif label_smoothing != 0.0:
+        raise ValueError(f"dpo_loss: label_smoothing={label_smoothing!r} has no effect with "
+                         f"loss_type={loss_type!r}; set it to 0")
+
+
+def dpo_loss(policy_chosen_B: jax.Array, policy_rejected_B: jax.Array, ref_chosen_B: jax.Array,
+             ref_rejected_B: jax.Array, *, beta: float, loss_type: str = "sigmoid",
+             label_smoothing: float = 0.0, reference_free: bool = False,
+             pair_mask_B: jax.Array | None = None):
+    """DPO and its pairwise variants on sequence log-probs (see `sequence_logps`).
+
+    With h = (pc - pr) - (rc - rr), the log-ratio margin of chosen over rejected:
+      sigmoid: -(1-ls) log s(b h) - ls log s(-b h)    DPO eq. 7; ls > 0 is conservative DPO
+      ipo:     (h - 1/(2b))^2                         IPO eq. 17 (b is the paper's tau)
+      hinge:   relu(1 - b h)                          SLiC
+      robust:  (-(1-ls) log s(b h) + ls log s(-b h)) / (1 - 2 ls)   Chowdhury et al. 2024
+    IPO is defined on whatever the caller passes: TRL feeds it per-token means, not sums
+    (`sequence_logps(..., average=True)`); the rewards/* metrics then are means too.
+    reference_free drops the reference terms (the reference is a uniform policy).
+    pair_mask_B (optional) excludes filler pairs from every mean and from metrics['weight'].
+    beta, loss_type and label_smoothing are static Python values, checked here.
+    """
+    _check_dpo_args(beta, loss_type, label_smoothing)
+    pc = policy_chosen_B.astype(jnp.float32)
+    pr = policy_rejected_B.astype(jnp.float32)
+    mean, n = _mean_fn(pc, pair_mask_B)
+    if reference_free:
+        rc = jnp.zeros_like(pc)
+        rr = jnp.zeros_like(pr)
+    else:
+        rc = ref_chosen_B.astype(jnp.float32)
+        rr = ref_rejected_B.astype(jnp.float32)
+    chosen_logratio_B = pc - rc
+    rejected_logratio_B = pr - rr
+    h_B = chosen_logratio_B - rejected_logratio_B
+    ls = label_smoothing
+
+    if loss_type == "sigmoid":
+        per_pair_B = (-(1 - ls) * jax.nn.log_sigmoid(beta * h_B)
+                      - ls * jax.nn.log_sigmoid(-beta * h_B))
+    elif loss_type == "ipo":
+        per_pair_B = (h_B - 1.0 / (2.0 * beta)) ** 2
+    elif loss_type == "hinge":
+        per_pair_B = jax.nn.relu(1.0 - beta * h_B)
+    else:  # robust: unbiased under label noise of rate ls, hence the (1 - 2 ls) division
+        per_pair_B = (-(1 - ls) * jax.nn.log_sigmoid(beta * h_B)
+                      + ls * jax.nn.log_sigmoid(-beta * h_B)) / (1 - 2 * ls)
+    loss = mean(per_pair_B)
+
+    # Implicit rewards are diagnostics only: no gradient should flow through the metrics.
+    reward_chosen_B = jax.lax.stop_gradient(beta * chosen_logratio_B)
+    reward_rejected_B = jax.lax.stop_gradient(beta * rejected_logratio_B)
+    metrics = {
+        "loss": loss,
+        "rewards/chosen": mean(reward_chosen_B),
+        "rewards/rejected": mean(reward_rejected_B),
+        "rewards/accuracies": mean((reward_chosen_B > reward_rejected_B).astype(jnp.float32)),
+        "rewards/margins": mean(reward_chosen_B - reward_rejected_B),
+        "logps/chosen": mean(jax.lax.stop_gradient(pc)),
+        "logps/rejected": mean(jax.lax.stop_gradient(pr)),
+        "weight": n,
+    }
+    return loss, metrics

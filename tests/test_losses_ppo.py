@@ -1,0 +1,252 @@
+"""PPO/GRPO pieces against plain-Python loop references and closed forms."""
+
+import math
+import statistics
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxalign.losses import ppo
+
+B, T = 4, 6
+# Ragged: rows end at different lengths, one row is full, one has a single token.
+LENGTHS = [6, 3, 1, 4]
+
+
+def ragged_mask():
+    mask = np.zeros((B, T), np.float32)
+    for i, n in enumerate(LENGTHS):
+        mask[i, :n] = 1.0
+    return mask
+
+
+def rand(seed, scale=1.0, shape=(B, T)):
+    return (np.random.default_rng(seed).normal(size=shape) * scale).astype(np.float32)
+
+
+def close(got, want, tol=1e-5):
+    np.testing.assert_allclose(np.asarray(got, np.float64), np.asarray(want, np.float64),
+                               rtol=tol, atol=tol)
+
+
+# ---- GAE -------------------------------------------------------------------------------------
+
+def gae_reference(rewards, values, mask, gamma, lam):
+    """TRL's PPO loop: values and rewards past the response are 0, walk time backwards."""
+    adv = np.zeros((B, T))
+    for i in range(B):
+        last = 0.0
+        for t in reversed(range(T)):
+            if mask[i, t] == 0:
+                last = 0.0
+                continue
+            next_value = values[i, t + 1] if t + 1 < T and mask[i, t + 1] else 0.0
+            delta = float(rewards[i, t]) + gamma * next_value - float(values[i, t])
+            last = delta + gamma * lam * last
+            adv[i, t] = last
+    return adv, (adv + values) * mask
+
+
+@pytest.mark.parametrize("gamma, lam", [(1.0, 0.95), (0.9, 0.8), (0.99, 1.0)])
+def test_gae_matches_loop(gamma, lam):
+    mask = ragged_mask()
+    rewards, values = rand(1) * mask, rand(2)  # values nonzero on padding: it must be ignored
+    adv, ret = ppo.gae(jnp.asarray(rewards), jnp.asarray(values), jnp.asarray(mask),
+                       gamma=gamma, lam=lam)
+    want_adv, want_ret = gae_reference(rewards, values, mask, gamma, lam)
+    close(adv, want_adv)
+    close(ret, want_ret)
+    assert np.all(np.asarray(adv)[mask == 0] == 0) and np.all(np.asarray(ret)[mask == 0] == 0)
+
+
+def test_gae_with_lambda_one_and_gamma_one_is_reward_to_go_minus_value():
+    mask = ragged_mask()
+    rewards, values = rand(3) * mask, rand(4) * mask
+    adv, ret = ppo.gae(jnp.asarray(rewards), jnp.asarray(values), jnp.asarray(mask),
+                       gamma=1.0, lam=1.0)
+    to_go = np.flip(np.cumsum(np.flip(rewards, 1), 1), 1) * mask
+    close(ret, to_go)
+    close(adv, (to_go - values) * mask)
+
+
+# ---- whitening -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shift_mean", [True, False])
+def test_whiten_matches_loop(shift_mean):
+    mask = ragged_mask()
+    x = rand(5, 3.0) + 2.0
+    xs = [float(x[i, t]) for i in range(B) for t in range(T) if mask[i, t]]
+    n = len(xs)
+    mu = sum(xs) / n
+    var = sum((v - mu) ** 2 for v in xs) / (n - 1)  # unbiased, like TRL's masked_var
+    want = np.zeros((B, T))
+    for i in range(B):
+        for t in range(T):
+            want[i, t] = (float(x[i, t]) - mu) / math.sqrt(var + 1e-8) + (0.0 if shift_mean else mu)
+    close(ppo.whiten(jnp.asarray(x), jnp.asarray(mask), shift_mean=shift_mean), want)
+
+
+# ---- clipped losses --------------------------------------------------------------------------
+
+def test_policy_loss_matches_loop():
+    mask = ragged_mask()
+    old = rand(6, 0.5) - 2.0
+    logp = old + rand(7, 0.3)  # ratios around 0.6..1.7, so the 0.2 clip binds for many tokens
+    adv = rand(8)
+    eps = 0.2
+    losses, clipped, kls, ratios = [], [], [], []
+    for i in range(B):
+        for t in range(T):
+            if not mask[i, t]:
+                continue
+            r = math.exp(float(logp[i, t]) - float(old[i, t]))
+            a = float(adv[i, t])
+            unclipped, clip_term = -a * r, -a * min(max(r, 1 - eps), 1 + eps)
+            losses.append(max(unclipped, clip_term))
+            clipped.append(float(clip_term > unclipped))
+            kls.append(0.5 * (float(logp[i, t]) - float(old[i, t])) ** 2)
+            ratios.append(r)
+    loss, m = ppo.policy_loss(jnp.asarray(logp), jnp.asarray(old), jnp.asarray(adv),
+                              jnp.asarray(mask), clip_eps=eps)
+    n = len(losses)
+    assert 0 < sum(clipped) < n  # both branches are exercised
+    close(loss, sum(losses) / n)
+    close(m["policy_loss"], sum(losses) / n)
+    close(m["clipfrac"], sum(clipped) / n)
+    close(m["approx_kl"], sum(kls) / n)
+    close(m["ratio"], sum(ratios) / n)
+    assert float(m["weight"]) == sum(LENGTHS)
+
+
+def test_policy_loss_gradient_vanishes_once_clipped():
+    # A > 0 and ratio above 1 + eps: the clipped (constant) term is the max, so no gradient.
+    logp = jnp.asarray([[0.5, 0.0]])
+    ones = jnp.ones((1, 2))
+    grad = jax.grad(lambda lp: ppo.policy_loss(lp, 0 * ones, ones, ones, clip_eps=0.2)[0])(logp)
+    close(grad, [[0.0, -0.5]])  # second token: ratio 1, d(-A r)/dlogp = -r / n_tokens
+
+
+def test_value_loss_matches_loop():
+    mask = ragged_mask()
+    old = rand(9)
+    values = old + rand(10, 0.4)
+    returns = rand(11)
+    eps = 0.2
+    losses, clipped = [], []
+    for i in range(B):
+        for t in range(T):
+            if not mask[i, t]:
+                continue
+            v, o, r = float(values[i, t]), float(old[i, t]), float(returns[i, t])
+            vc = o + min(max(v - o, -eps), eps)
+            losses.append(max((v - r) ** 2, (vc - r) ** 2))
+            clipped.append(float((vc - r) ** 2 > (v - r) ** 2))
+    loss, m = ppo.value_loss(jnp.asarray(values), jnp.asarray(old), jnp.asarray(returns),
+                             jnp.asarray(mask), clip_eps=eps)
+    n = len(losses)
+    assert 0 < sum(clipped) < n
+    close(loss, 0.5 * sum(losses) / n)
+    close(m["value_loss"], 0.5 * sum(losses) / n)
+    close(m["value_clipfrac"], sum(clipped) / n)
+    assert float(m["weight"]) == sum(LENGTHS)
+
+
+# ---- KL estimators ---------------------------------------------------------------------------
+
+P = [0.5, 0.3, 0.15, 0.05]
+Q = [0.25, 0.25, 0.25, 0.25]
+
+
+def expectation_under_p(kind):
+    """sum_x p(x) k(x): the exact mean of the estimator over samples x ~ p."""
+    logp = jnp.log(jnp.asarray([P], jnp.float32))
+    logq = jnp.log(jnp.asarray([Q], jnp.float32))
+    return float((jnp.asarray(P) * ppo.kl_penalty(logp, logq, kind)[0]).sum())
+
+
+def test_k1_and_k3_are_unbiased_for_kl():
+    kl = sum(p * math.log(p / q) for p, q in zip(P, Q))
+    assert expectation_under_p("k1") == pytest.approx(kl, rel=1e-5)
+    assert expectation_under_p("k3") == pytest.approx(kl, rel=1e-5)
+
+
+def test_k2_and_abs_expectations():
+    assert expectation_under_p("k2") == pytest.approx(
+        sum(p * 0.5 * math.log(p / q) ** 2 for p, q in zip(P, Q)), rel=1e-5)
+    assert expectation_under_p("abs") == pytest.approx(
+        sum(p * abs(math.log(p / q)) for p, q in zip(P, Q)), rel=1e-5)
+
+
+def test_k3_is_nonnegative_per_sample_and_unknown_kind_is_named():
+    lr = jnp.linspace(-5.0, 5.0, 41)[None, :]
+    assert float(ppo.kl_penalty(lr, jnp.zeros_like(lr), "k3").min()) >= 0.0
+    with pytest.raises(ValueError, match="kind='k4'"):
+        ppo.kl_penalty(lr, lr, "k4")
+
+
+# ---- entropy, GRPO, controller, explained variance ------------------------------------------
+
+def test_entropy_from_logits():
+    logits = rand(12, 4.0, (2, 3, 5))
+    logits[0, 0] += 100.0  # exp(100) overflows fp32: only a logsumexp form survives this
+    logits[1, 2] *= 200.0  # nearly one-hot
+    got = np.asarray(ppo.entropy_from_logits(jnp.asarray(logits)))
+    for i in range(2):
+        for t in range(3):
+            row = [float(v) for v in logits[i, t]]
+            top = max(row)
+            z = sum(math.exp(v - top) for v in row)
+            ps = [math.exp(v - top) / z for v in row]
+            assert got[i, t] == pytest.approx(-sum(p * math.log(p) for p in ps if p > 0), abs=5e-5)
+
+
+def test_entropy_with_banned_token_is_finite():
+    logits = jnp.asarray([[[0.0, 0.0, -jnp.inf]]])
+    ent = ppo.entropy_from_logits(logits)
+    assert float(ent[0, 0]) == pytest.approx(math.log(2), rel=1e-6)
+    grad = jax.grad(lambda x: ppo.entropy_from_logits(x).sum())(logits)
+    assert np.isfinite(np.asarray(grad)[..., :2]).all()
+
+
+@pytest.mark.parametrize("scale", [True, False])
+def test_group_advantages_matches_loop(scale):
+    g = 4
+    rewards = [1.0, 0.0, 0.0, 1.0, 0.5, 0.5, 0.5, 0.5, 3.0, -1.0, 2.0, 0.25]  # a zero-std group too
+    want = []
+    for k in range(0, len(rewards), g):
+        grp = rewards[k:k + g]
+        mu = statistics.mean(grp)
+        sd = statistics.stdev(grp)
+        want += [(r - mu) / (sd + 1e-4) if scale else r - mu for r in grp]
+    close(ppo.group_advantages(jnp.asarray(rewards), g, scale=scale), want)
+
+
+def test_group_advantages_bad_group_size():
+    with pytest.raises(ValueError, match="group_size=5"):
+        ppo.group_advantages(jnp.zeros(12), 5)
+    with pytest.raises(ValueError, match="group_size=1"):
+        ppo.group_advantages(jnp.zeros(12), 1)
+
+
+@pytest.mark.parametrize("kl, want_err",
+                         [(6.0, 0.0), (9.0, 0.2), (6.3, 0.05), (1.0, -0.2), (5.7, -0.05)])
+def test_adaptive_kl_formula(kl, want_err):
+    target, horizon, n_steps, coef = 6.0, 10000.0, 256, 0.2
+    want = coef * (1 + want_err * n_steps / horizon)
+    kw = dict(target=target, horizon=horizon)
+    assert ppo.adaptive_kl_update(coef, kl, n_steps, **kw) == pytest.approx(want, rel=1e-12)
+    assert ppo.AdaptiveKL.update(coef, kl, n_steps, **kw) == pytest.approx(want, rel=1e-12)
+
+
+def test_explained_variance():
+    mask = ragged_mask()
+    returns = rand(13)
+    values = returns + rand(14, 0.5)
+    rs = [float(returns[i, t]) for i in range(B) for t in range(T) if mask[i, t]]
+    ds = [float(returns[i, t] - values[i, t]) for i in range(B) for t in range(T) if mask[i, t]]
+    want = 1 - statistics.pvariance(ds) / statistics.pvariance(rs)
+    v, r, m = jnp.asarray(values), jnp.asarray(returns), jnp.asarray(mask)
+    close(ppo.explained_variance(v, r, m), want)
+    close(ppo.explained_variance(r, r, m), 1.0)
