@@ -5,6 +5,9 @@
   jaxalign generate MODEL --prompt TEXT [--chat] [--max-new-tokens N] [--temperature T]
                     [--top-p P] [--top-k K] [--seed S]
   jaxalign sft CONFIG.yaml [key=value ...]
+  jaxalign rm  CONFIG.yaml [key=value ...]
+  jaxalign dpo CONFIG.yaml [key=value ...]
+  jaxalign ppo CONFIG.yaml [key=value ...]     (algorithm: ppo | grpo)
 """
 
 from __future__ import annotations
@@ -97,15 +100,35 @@ def cmd_generate(args) -> int:
     return 0
 
 
-def cmd_sft(args) -> int:
+def _run_training(args, config_cls, run_fn) -> int:
     from jaxalign.config import from_dict, load_yaml
-    from jaxalign.train.sft import SFTConfig, run_sft
 
     raw = load_yaml(args.config, args.overrides)
-    cfg = from_dict(SFTConfig, raw)
-    metrics = run_sft(cfg, raw)
+    cfg = from_dict(config_cls, raw)
+    metrics = run_fn(cfg, raw)
     print(json.dumps({k: round(v, 6) for k, v in metrics.items()}))
     return 0
+
+
+def cmd_sft(args) -> int:
+    from jaxalign.train.sft import SFTConfig, run_sft
+    return _run_training(args, SFTConfig, run_sft)
+
+
+def cmd_rm(args) -> int:
+    from jaxalign.train.rm import RMConfig, run_rm
+    return _run_training(args, RMConfig, run_rm)
+
+
+def cmd_dpo(args) -> int:
+    from jaxalign.train.dpo import DPOConfig, run_dpo
+    return _run_training(args, DPOConfig, run_dpo)
+
+
+def cmd_ppo(args) -> int:
+    from jaxalign.train.ppo import RLConfig
+    from jaxalign.train.rl import run_rl
+    return _run_training(args, RLConfig, run_rl)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -142,11 +165,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_runtime(p)
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("sft", help="supervised fine-tuning (rerun on the same out_dir resumes)")
-    p.add_argument("config", help="YAML run config (see configs/)")
-    p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="dotted overrides, e.g. train.steps=10 optim.lr=1e-4")
-    p.set_defaults(func=cmd_sft)
+    for name, func, text in (
+            ("sft", cmd_sft, "supervised fine-tuning"),
+            ("rm", cmd_rm, "reward modelling (Bradley-Terry); train.export_hf writes an HF "
+                           "LlamaForSequenceClassification"),
+            ("dpo", cmd_dpo, "DPO and variants (sigmoid / cDPO, ipo, hinge, robust)"),
+            ("ppo", cmd_ppo, "PPO or GRPO (algorithm: grpo) from a reward model / functions")):
+        p = sub.add_parser(name, help=f"{text} (rerun on the same out_dir resumes)")
+        p.add_argument("config", help="YAML run config (see configs/)")
+        p.add_argument("overrides", nargs="*", metavar="key=value",
+                       help="dotted overrides, e.g. train.steps=10 optim.lr=1e-4")
+        p.set_defaults(func=func)
     return parser
 
 

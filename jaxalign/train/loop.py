@@ -46,12 +46,14 @@ class TrainConfig:
     wandb_project: str | None = None
     export_hf: bool = False         # write run_dir/hf at the end
     progress: bool = True
+    # Positions per LM-head chunk in token losses; 0 builds the full (B, T, V) logits.
+    logits_chunk: int = 128
 
     def __post_init__(self):
         for key in ("steps", "batch_size", "grad_accum", "log_every", "keep_checkpoints"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"train.{key} must be >= 1, got {getattr(self, key)}")
-        for key in ("eval_every", "eval_batches", "save_every", "max_bad_steps"):
+        for key in ("eval_every", "eval_batches", "save_every", "max_bad_steps", "logits_chunk"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"train.{key} must be >= 0, got {getattr(self, key)}")
         if self.batch_size % self.grad_accum:
@@ -77,6 +79,8 @@ class Task:
     eval_data: Callable[[], Iterable[dict]] | None = None
     # Work outside the gradient on each batch (e.g. DPO reference log-probs); jitted by the owner.
     prepare: Callable[[dict], dict] | None = None
+    # Report eval/perplexity = exp(eval/loss): only meaningful for a token-level NLL.
+    perplexity: bool = True
 
 
 def put_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
@@ -114,7 +118,8 @@ class _StopFlag:
             signal.signal(s, h)
 
 
-def evaluate(eval_step, params, frozen, batches: Iterable[dict], mesh: Mesh, limit: int = 0) -> dict:
+def evaluate(eval_step, params, frozen, batches: Iterable[dict], mesh: Mesh, limit: int = 0,
+             perplexity: bool = True) -> dict:
     sums: dict[str, float] = {}
     for i, batch in enumerate(batches):
         if limit and i >= limit:
@@ -124,7 +129,7 @@ def evaluate(eval_step, params, frozen, batches: Iterable[dict], mesh: Mesh, lim
             sums[k] = sums.get(k, 0.0) + float(v)
     weight = max(sums.pop("weight", 0.0), 1e-9)
     metrics = {f"eval/{k[:-4]}": v / weight for k, v in sums.items()}
-    if "eval/loss" in metrics:
+    if perplexity and "eval/loss" in metrics:
         metrics["eval/perplexity"] = math.exp(min(metrics["eval/loss"], 50.0))
     return metrics
 
@@ -191,7 +196,7 @@ def train(*, run_dir: str | Path, cfg: TrainConfig, optim: OptimConfig, mesh: Me
                 if eval_step is not None and (
                         (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps):
                     metrics.update(evaluate(eval_step, state.params, frozen, task.eval_data(), mesh,
-                                            cfg.eval_batches))
+                                            cfg.eval_batches, task.perplexity))
                 if step % cfg.log_every == 0 or step == cfg.steps or "eval/loss" in metrics:
                     writer.write(step, metrics, perf)
                 progress.update(step, metrics, perf)

@@ -15,7 +15,7 @@ from jaxalign import checkpoint, sharding
 from jaxalign.config import MeshConfig, ModelConfig
 from jaxalign.data.config import DataConfig
 from jaxalign.data.pipeline import build_sft_data
-from jaxalign.losses.xent import masked_xent
+from jaxalign.losses.xent import head_masked_xent, masked_xent
 from jaxalign.models import functional, lora
 from jaxalign.tokenizer import load_tokenizer
 from jaxalign.train.loop import Task, TrainConfig, train
@@ -61,14 +61,22 @@ class SFTConfig:
     mesh: MeshConfig = MeshConfig()
 
 
-def sft_loss_fn(cfg: ModelConfig):
-    """loss_fn(trainable, frozen, batch, rng) for the shared train step."""
+def sft_loss_fn(cfg: ModelConfig, logits_chunk: int = 128):
+    """loss_fn(trainable, frozen, batch, rng) for the shared train step.
+
+    logits_chunk > 0: log-probs straight from the hidden states, `logits_chunk` positions at
+    a time (the (B, T, V) logits are never built); 0: from the full logits.
+    """
     def loss_fn(trainable, frozen, batch, rng):
         params = lora.combine(trainable, frozen)
-        logits_BTV, _, _ = functional.apply(cfg, params, batch["tokens"],
-                                            positions_BT=batch["positions"],
-                                            segment_ids_BT=batch["segment_ids"], dropout_key=rng)
-        return masked_xent(logits_BTV, batch["targets"], batch["loss_mask"])
+        logits_BTV, hidden_BTD, _ = functional.apply(
+            cfg, params, batch["tokens"], positions_BT=batch["positions"],
+            segment_ids_BT=batch["segment_ids"], dropout_key=rng, return_logits=not logits_chunk)
+        if not logits_chunk:
+            return masked_xent(logits_BTV, batch["targets"], batch["loss_mask"])
+        head, head_is_VD = functional.lm_head(cfg, params)
+        return head_masked_xent(hidden_BTD, head, batch["targets"], batch["loss_mask"],
+                                head_is_VD=head_is_VD, chunk=logits_chunk)
     return loss_fn
 
 
@@ -103,7 +111,7 @@ def run_sft(cfg: SFTConfig, raw_config: dict | None = None, devices=None) -> dic
     tokenizer = load_tokenizer(tok_dir)
     data = build_sft_data(cfg.data, tokenizer, batch_size=cfg.train.batch_size,
                           process_index=jax.process_index(), process_count=jax.process_count())
-    task = Task(loss_fn=sft_loss_fn(model_cfg), train_data=data.train,
+    task = Task(loss_fn=sft_loss_fn(model_cfg, cfg.train.logits_chunk), train_data=data.train,
                 eval_data=(lambda: iter(data.eval)) if data.eval is not None else None)
 
     def on_end(state):

@@ -1,0 +1,152 @@
+"""DPO and its variants: the shared loop + reference log-probs outside the gradient + a
+pairwise loss on sequence log-probs.
+
+The reference is the starting policy. With LoRA it is the same params run with the adapters
+switched off (`use_lora=False`): no second copy of the model in memory. Without LoRA it is a
+frozen copy held in the step's `frozen` tree, which the optimizer never sees. Its log-probs
+are computed in the same jitted step, under `stop_gradient`, on the same 2B rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+from jaxalign import checkpoint, sharding
+from jaxalign.config import ConfigError, MeshConfig, ModelConfig
+from jaxalign.data.config import DataConfig
+from jaxalign.data.preference import build_preference_data
+from jaxalign.losses.preference import DPO_LOSS_TYPES, dpo_loss, sequence_logps
+from jaxalign.losses.xent import head_logprobs
+from jaxalign.models import functional, lora
+from jaxalign.tokenizer import load_tokenizer
+from jaxalign.train.loop import Task, TrainConfig, train
+from jaxalign.train.optim import OptimConfig
+from jaxalign.train.rm import pair_rows
+from jaxalign.train.sft import LoRAConfig, ModelSource, load_policy, write_run_config
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DPOOptions:
+    beta: float = 0.1
+    loss_type: str = "sigmoid"      # sigmoid | ipo | hinge | robust
+    label_smoothing: float = 0.0    # cDPO (sigmoid) / robust DPO noise rate
+    reference_free: bool = False    # compare against a uniform reference
+    # Sequence log-prob = sum over response tokens (DPO); IPO is usually run on the mean.
+    average_logps: bool | None = None   # None: mean for ipo, sum otherwise
+    reference: str | None = None    # a different reference model (HF dir / run); None: the start
+
+    def __post_init__(self):
+        if self.loss_type not in DPO_LOSS_TYPES:
+            raise ConfigError(f"dpo.loss_type {self.loss_type!r} is not one of {DPO_LOSS_TYPES}")
+        if not self.beta > 0:
+            raise ConfigError(f"dpo.beta must be > 0, got {self.beta}")
+        if self.loss_type in ("sigmoid", "robust") and not 0 <= self.label_smoothing < 0.5:
+            raise ConfigError(f"dpo.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        if self.loss_type in ("ipo", "hinge") and self.label_smoothing:
+            raise ConfigError(f"dpo.label_smoothing has no effect with loss_type "
+                              f"{self.loss_type!r}; remove it")
+
+    @property
+    def average(self) -> bool:
+        return self.loss_type == "ipo" if self.average_logps is None else self.average_logps
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DPOConfig:
+    out_dir: str
+    model: ModelSource
+    data: DataConfig
+    train: TrainConfig
+    optim: OptimConfig = OptimConfig()
+    lora: LoRAConfig = LoRAConfig()
+    mesh: MeshConfig = MeshConfig()
+    dpo: DPOOptions = DPOOptions()
+
+
+def pair_logps(cfg: ModelConfig, params, batch: dict, *, average: bool, chunk: int,
+               dropout_key=None, use_lora: bool = True) -> jax.Array:
+    """(B, 2) sequence log-probs of (chosen, rejected) over their response tokens."""
+    rows = pair_rows(batch)
+    _, hidden_RTD, _ = functional.apply(cfg, params, rows["tokens"], positions_BT=rows["positions"],
+                                        segment_ids_BT=rows["segment_ids"], return_logits=False,
+                                        dropout_key=dropout_key, use_lora=use_lora)
+    head, head_is_VD = functional.lm_head(cfg, params)
+    logp_RT, _ = head_logprobs(hidden_RTD, head, rows["targets"], head_is_VD=head_is_VD,
+                               chunk=chunk or rows["tokens"].shape[1])
+    return sequence_logps(logp_RT, rows["loss_mask"], average=average).reshape(-1, 2)
+
+
+def dpo_loss_fn(cfg: ModelConfig, opts: DPOOptions, *, ref_cfg: ModelConfig | None,
+                chunk: int = 128):
+    """Frozen tree: {'base': LoRA base weights or {}, 'ref': a separate reference or {}}.
+    ref_cfg None: the reference is the policy with adapters off (LoRA)."""
+    def loss_fn(trainable, frozen, batch, rng):
+        params = lora.combine(trainable, frozen["base"])
+        pol_B2 = pair_logps(cfg, params, batch, average=opts.average, chunk=chunk,
+                            dropout_key=rng)
+        if opts.reference_free:
+            ref_B2 = jnp.zeros_like(pol_B2)
+        elif ref_cfg is None:
+            ref_B2 = pair_logps(cfg, jax.lax.stop_gradient(params), batch, average=opts.average,
+                                chunk=chunk, use_lora=False)
+        else:
+            ref_B2 = pair_logps(ref_cfg, frozen["ref"], batch, average=opts.average, chunk=chunk)
+        ref_B2 = jax.lax.stop_gradient(ref_B2)
+        return dpo_loss(pol_B2[:, 0], pol_B2[:, 1], ref_B2[:, 0], ref_B2[:, 1], beta=opts.beta,
+                        loss_type=opts.loss_type, label_smoothing=opts.label_smoothing,
+                        reference_free=opts.reference_free, pair_mask_B=batch["pair_mask"])
+    return loss_fn
+
+
+def load_dpo_models(cfg: DPOConfig, mesh):
+    """Policy + reference -> (model cfg, ref cfg or None, trainable, frozen, frozen shardings,
+    hf_config, tokenizer dir)."""
+    model_cfg, trainable, base, base_sh, hf_config, tok_dir = load_policy(
+        cfg.model, cfg.lora, mesh, cfg.train.seed)
+    ref_cfg, ref, ref_sh = None, {}, {}
+    if not cfg.dpo.reference_free and (cfg.dpo.reference is not None or not model_cfg.lora_rank):
+        # A separate frozen reference: the given model, or a copy of the starting policy.
+        path = cfg.dpo.reference or cfg.model.path
+        ref_cfg, ref, _, _ = checkpoint.load_model(path, mesh, **cfg.model.runtime())
+        if ref_cfg.lora_rank:
+            ref_cfg, ref = lora.merge(ref_cfg, ref)
+        if ref_cfg.vocab_size != model_cfg.vocab_size:
+            raise ConfigError(f"dpo.reference {path}: vocab size {ref_cfg.vocab_size} differs "
+                              f"from the policy's {model_cfg.vocab_size}")
+        ref_sh = functional.param_shardings(ref_cfg, mesh)
+    frozen = {"base": base, "ref": ref}
+    frozen_sh = {"base": base_sh, "ref": ref_sh}
+    return model_cfg, ref_cfg, trainable, frozen, frozen_sh, hf_config, tok_dir
+
+
+def run_dpo(cfg: DPOConfig, raw_config: dict | None = None, devices=None) -> dict[str, float]:
+    """Runs (or resumes) DPO in cfg.out_dir."""
+    run_dir = Path(cfg.out_dir)
+    raw = raw_config if raw_config is not None else json.loads(json.dumps(dataclasses.asdict(cfg)))
+    write_run_config(run_dir, raw)
+    mesh = sharding.make_mesh(cfg.mesh, devices)
+    model_cfg, ref_cfg, trainable, frozen, frozen_sh, hf_config, tok_dir = load_dpo_models(cfg, mesh)
+    tokenizer = load_tokenizer(tok_dir)
+    data = build_preference_data(cfg.data, tokenizer, batch_size=cfg.train.batch_size,
+                                 process_index=jax.process_index(),
+                                 process_count=jax.process_count())
+    loss_fn = dpo_loss_fn(model_cfg, cfg.dpo, ref_cfg=ref_cfg, chunk=cfg.train.logits_chunk)
+    task = Task(loss_fn=loss_fn, train_data=data.train,
+                eval_data=(lambda: iter(data.eval)) if data.eval is not None else None,
+                perplexity=False)
+
+    def on_end(state):
+        if cfg.train.export_hf:
+            from jaxalign.convert import hf
+            merged_cfg, merged = lora.merge(model_cfg, lora.combine(state.params, frozen["base"]))
+            hf.save(run_dir / "hf", merged_cfg, merged, hf_config=hf_config, source_dir=tok_dir)
+
+    with jax.set_mesh(mesh):
+        return train(run_dir=run_dir, cfg=cfg.train, optim=cfg.optim, mesh=mesh,
+                     trainable=trainable, frozen=frozen, frozen_shardings=frozen_sh, task=task,
+                     run_config=raw, on_end=on_end)
