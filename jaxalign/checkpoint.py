@@ -91,7 +91,7 @@ def _load_any(path: Path, mesh: Mesh | None, **runtime):
             params = ckptr.restore(path.absolute() / "params", target)
         return cfg, params, meta["hf_config"], path
     if (path / "config.yaml").exists() and (path / "checkpoints").is_dir():
-        from jaxalign.train.sft import load_trained  # a training run: its latest checkpoint
+        from jaxalign.train.runs import load_trained  # a training run: its latest checkpoint
         return load_trained(path, mesh, **runtime)
     if (path / "config.json").exists():
         cfg, params, hf_config = hf.load(path, mesh, **runtime)

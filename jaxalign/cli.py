@@ -131,6 +131,13 @@ def cmd_ppo(args) -> int:
     return _run_training(args, RLConfig, run_rl)
 
 
+def cmd_eval(args) -> int:
+    from jaxalign.evaluate import load_config, run_eval
+    results = run_eval(load_config(args.config, args.overrides))
+    print(json.dumps({k: round(v, 6) for k, v in results.items()}))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="jaxalign", description="Align Hugging Face Llama models with JAX.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -176,6 +183,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("overrides", nargs="*", metavar="key=value",
                        help="dotted overrides, e.g. train.steps=10 optim.lr=1e-4")
         p.set_defaults(func=func)
+
+    p = sub.add_parser("eval", help="held-out preference accuracy (reward model, DPO-implied "
+                                    "reward) and reward-model-judged win rate vs the reference")
+    p.add_argument("config", help="YAML eval config (see configs/*eval*.yaml)")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.set_defaults(func=cmd_eval)
     return parser
 
 

@@ -132,15 +132,15 @@ def test_dpo_exact_resume_and_learning(prefs, tmp_path):
     """6 steps straight vs 3 steps, then the same command resumed to 6: identical metrics.jsonl;
     and DPO moves the held-out implied reward margin up from 0."""
     kw = dict(eval_every=3, eval_batches=2)
-    straight = _config(DPOConfig, prefs, tmp_path / "a", steps=6, **kw)
+    straight = _config(DPOConfig, prefs, prefs["root"] / "dpo", steps=6, **kw)
     run_dpo(straight, devices=jax.devices()[:1])
     first = _config(DPOConfig, prefs, tmp_path / "b", steps=3, **kw)
     run_dpo(first, devices=jax.devices()[:1])
     resumed = _config(DPOConfig, prefs, tmp_path / "b", steps=6, **kw)
     run_dpo(resumed, devices=jax.devices()[:1])
-    a = (tmp_path / "a" / "metrics.jsonl").read_text()
+    a = (prefs["root"] / "dpo" / "metrics.jsonl").read_text()
     assert a == (tmp_path / "b" / "metrics.jsonl").read_text()
-    rows = _metrics(tmp_path / "a")
+    rows = _metrics(prefs["root"] / "dpo")
     assert [r["step"] for r in rows] == list(range(1, 7))
     assert rows[0]["loss"] == pytest.approx(math.log(2), rel=1e-6)
     assert rows[-1]["eval/rewards/margins"] > rows[2]["eval/rewards/margins"] > 0
@@ -191,3 +191,35 @@ def test_dpo_options_are_validated():
     with pytest.raises(ConfigError, match="label_smoothing"):
         DPOOptions(loss_type="ipo", label_smoothing=0.1)
     assert DPOOptions(loss_type="ipo").average and not DPOOptions().average
+
+
+def test_eval_accuracy_and_win_rate(prefs):
+    """`jaxalign eval` on the runs above: its preference accuracies are the runs' own held-out
+    figures; a policy judged against itself ties every prompt (win rate 0.5, DPO accuracy 0)."""
+    from jaxalign import cli
+    from jaxalign.evaluate import EvalConfig, run_eval
+    rm_run, dpo_run = prefs["root"] / "rm", prefs["root"] / "dpo"
+    if not (rm_run / "hf").exists() or not (dpo_run / "checkpoints").exists():
+        pytest.skip("needs the reward-model and DPO runs of the tests above")
+    common = dict(pairs=[{"path": str(prefs["eval"])}], prompts=[{"path": str(prefs["eval"])}],
+                  seq_len=192, limit=32, batch_size=16, max_new_tokens=8)
+    got = run_eval(from_dict(EvalConfig, dict(common, policy=str(dpo_run),
+                                              reward_model=str(rm_run))))
+    dpo_rows = _metrics(dpo_run)
+    rm_rows = _metrics(rm_run)
+    assert got["dpo/pairs"] == 32 and got["winrate/prompts"] == 32
+    assert got["dpo/accuracy"] == pytest.approx(dpo_rows[-1]["eval/rewards/accuracies"], abs=1e-6)
+    assert got["dpo/margin"] == pytest.approx(dpo_rows[-1]["eval/rewards/margins"], rel=1e-4)
+    assert got["rm/accuracy"] >= 0.95 and rm_rows[-1]["eval/accuracy"] >= 0.95
+    assert 0.0 <= got["winrate/policy_vs_reference"] <= 1.0
+
+    out = prefs["root"] / "eval_self"
+    cfg_path = prefs["root"] / "eval.yaml"
+    import yaml
+    cfg_path.write_text(yaml.safe_dump(dict(common, policy=str(prefs["model_dir"]),
+                                            reward_model=str(rm_run / "hf"), out_dir=str(out))))
+    assert cli.main(["eval", str(cfg_path)]) == 0
+    self_eval = json.loads((out / "eval.json").read_text())
+    assert self_eval["winrate/policy_vs_reference"] == 0.5
+    assert self_eval["dpo/accuracy"] == 0.0 and self_eval["dpo/margin"] == 0.0
+    assert self_eval["rm/accuracy"] == got["rm/accuracy"]  # run dir and its HF export agree

@@ -128,7 +128,7 @@ def run_dpo(cfg: DPOConfig, raw_config: dict | None = None, devices=None) -> dic
     """Runs (or resumes) DPO in cfg.out_dir."""
     run_dir = Path(cfg.out_dir)
     raw = raw_config if raw_config is not None else json.loads(json.dumps(dataclasses.asdict(cfg)))
-    write_run_config(run_dir, raw)
+    write_run_config(run_dir, raw, "dpo")
     mesh = sharding.make_mesh(cfg.mesh, devices)
     model_cfg, ref_cfg, trainable, frozen, frozen_sh, hf_config, tok_dir = load_dpo_models(cfg, mesh)
     tokenizer = load_tokenizer(tok_dir)

@@ -94,7 +94,7 @@ def run_rm(cfg: RMConfig, raw_config: dict | None = None, devices=None) -> dict[
     run_dir/hf as an HF LlamaForSequenceClassification directory."""
     run_dir = Path(cfg.out_dir)
     raw = raw_config if raw_config is not None else json.loads(json.dumps(dataclasses.asdict(cfg)))
-    write_run_config(run_dir, raw)
+    write_run_config(run_dir, raw, "rm")
     mesh = sharding.make_mesh(cfg.mesh, devices)
     model_cfg, trainable, frozen, frozen_sh, hf_config, tok_dir = load_reward_model(
         cfg.model, cfg.lora, mesh, cfg.train.seed)

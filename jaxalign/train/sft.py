@@ -94,10 +94,13 @@ def load_policy(source: ModelSource, lora_cfg: LoRAConfig, mesh, seed: int):
     return cfg, trainable, frozen, frozen_sh, hf_config, tok_dir
 
 
-def write_run_config(run_dir: Path, raw: dict) -> None:
+def write_run_config(run_dir: Path, raw: dict, algorithm: str = "sft") -> None:
+    """The resolved config.yaml, and run.json naming the algorithm (which tells
+    `jaxalign.train.runs.load_trained` how the checkpointed params are laid out)."""
     if jax.process_index() == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+        (run_dir / "run.json").write_text(json.dumps({"algorithm": algorithm}) + "\n")
 
 
 def run_sft(cfg: SFTConfig, raw_config: dict | None = None, devices=None) -> dict[str, float]:
@@ -124,36 +127,3 @@ def run_sft(cfg: SFTConfig, raw_config: dict | None = None, devices=None) -> dic
         return train(run_dir=run_dir, cfg=cfg.train, optim=cfg.optim, mesh=mesh,
                      trainable=trainable, frozen=frozen, frozen_shardings=frozen_sh, task=task,
                      run_config=raw, on_end=on_end)
-
-
-
-def load_trained(run_dir: str | Path, mesh=None, **runtime):
-    """A training run directory -> (cfg, params, hf_config, tokenizer dir), from its latest
-    checkpoint; with LoRA, the params hold base weights and adapters (merge to export)."""
-    from jaxalign.checkpoint import TrainCheckpoints
-    from jaxalign.config import from_dict, load_yaml
-    from jaxalign.train.optim import make_optimizer
-    from jaxalign.train.step import init_state
-
-    run_dir = Path(run_dir)
-    raw = load_yaml(str(run_dir / "config.yaml"))
-    cfg = from_dict(SFTConfig, raw)
-    source = dataclasses.replace(cfg.model, **runtime) if runtime else cfg.model
-    mesh = mesh if mesh is not None else sharding.make_mesh(MeshConfig(data=1, fsdp=1, tensor=1),
-                                                            jax.devices()[:1])
-    model_cfg, trainable, frozen, _, hf_config, tok_dir = load_policy(source, cfg.lora, mesh,
-                                                                      cfg.train.seed)
-    ckpts = TrainCheckpoints(run_dir, keep=cfg.train.keep_checkpoints)
-    step = ckpts.latest_step()
-    if step is None:
-        raise checkpoint.ModelSourceError(f"{run_dir}: a run directory without checkpoints")
-    optimizer, _ = make_optimizer(cfg.optim, cfg.train.steps)
-    abstract = jax.eval_shape(lambda p: init_state(p, optimizer, 0), trainable)
-    shardings = jax.tree.map(lambda x: x.sharding, trainable)
-    # Params onto their own shardings; the optimizer state (not needed here) replicated.
-    state_sh = dataclasses.replace(
-        jax.tree.map(lambda _: sharding.replicated(mesh), abstract), params=shardings)
-    state, _ = ckpts.restore(step, abstract, state_sh)
-    ckpts.close()
-    log.info("loaded %s at step %d", run_dir, step)
-    return model_cfg, lora.combine(state.params, frozen), hf_config, tok_dir
