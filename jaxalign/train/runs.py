@@ -49,8 +49,11 @@ def load_trained(run_dir: str | Path, mesh=None, **runtime):
     from jaxalign.train.step import init_state
 
     run_dir = Path(run_dir)
-    raw = load_yaml(str(run_dir / "config.yaml"))
     algorithm = run_algorithm(run_dir)
+    if algorithm in ("ppo", "grpo"):  # the checkpoint holds value head / critic beside the policy
+        from jaxalign.train.roles import load_trained_policy
+        return load_trained_policy(run_dir, mesh, **runtime)
+    raw = load_yaml(str(run_dir / "config.yaml"))
     source = from_dict(ModelSource, raw.get("model"), "model.")
     source = dataclasses.replace(source, **runtime) if runtime else source
     lora_cfg = from_dict(LoRAConfig, raw.get("lora"), "lora.")

@@ -1,0 +1,211 @@
+"""RL rewards: a reward model and / or Python reward functions, combined into one score per
+completion, then the missing-EOS penalty, normalisation and clipping.
+
+A reward function is named `module:function`; it receives the prompts and the completions
+(lists of str, the completions decoded without special tokens) and returns one float per
+completion. What it returns is checked: an exception, a NaN / inf or the wrong count stops
+the run with an error naming the function, before anything of that iteration is applied.
+
+A reward model is a LlamaForSequenceClassification with num_labels=1 (an HF directory, a
+jaxalign checkpoint or an RM run directory); it scores the policy's token ids at the last
+generated token, so it must share the policy's tokenizer. Its forward runs inside the
+jitted rollout (`rollout.rollout`); this module only loads and checks it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from jaxalign.config import ConfigError, JaxalignError, num_labels_from_hf
+
+log = logging.getLogger(__name__)
+
+NORMALIZE = ("none", "batch", "running")
+
+
+class RewardFunctionError(JaxalignError):
+    """A reward function raised, or returned something other than one finite float per completion."""
+
+
+class RewardModelError(JaxalignError):
+    """reward.model is not a usable reward model (wrong kind, other tokenizer)."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RewardConfig:
+    """model                reward model directory (or null)
+    functions            'module:function' reward functions (summed with the model's score)
+    weights              one weight per source, the model first (default: all 1)
+    missing_eos_penalty  subtracted from the score of a completion that did not end with EOS
+    normalize            'none', 'batch' (whiten over the rollout) or 'running' (whiten with
+                         running mean / std over all rollouts so far, kept in the checkpoint)
+    clip                 clip the (normalised) score to [-clip, clip]"""
+    model: str | None = None
+    functions: tuple[str, ...] = ()
+    weights: tuple[float, ...] = ()
+    missing_eos_penalty: float | None = None
+    normalize: str = "none"
+    clip: float | None = None
+
+    def __post_init__(self):
+        if isinstance(self.functions, str):
+            object.__setattr__(self, "functions", (self.functions,))
+        if self.model is None and not self.functions:
+            raise ConfigError("reward: give reward.model, reward.functions or both")
+        n = len(self.functions) + (self.model is not None)
+        if self.weights and len(self.weights) != n:
+            raise ConfigError(f"reward.weights has {len(self.weights)} entries for {n} reward "
+                              f"source(s) (the model first, then each function)")
+        for name in self.functions:
+            if not isinstance(name, str) or name.count(":") != 1 or not all(name.split(":")):
+                raise ConfigError(f"reward.functions: {name!r} is not of the form module:function")
+        if self.normalize not in NORMALIZE:
+            raise ConfigError(f"reward.normalize {self.normalize!r}: expected one of {NORMALIZE}")
+        if self.clip is not None and self.clip <= 0:
+            raise ConfigError(f"reward.clip must be positive or null, got {self.clip}")
+
+
+def load_function(name: str) -> Callable:
+    module, _, attr = name.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"reward.functions: cannot load {name!r}: {type(e).__name__}: {e}") from None
+    if not callable(fn):
+        raise ConfigError(f"reward.functions: {name!r} is not callable")
+    return fn
+
+
+def call_function(name: str, fn: Callable, prompts: Sequence[str],
+                  completions: Sequence[str]) -> np.ndarray:
+    """fn(prompts, completions) as a float64 array, or RewardFunctionError naming `name`."""
+    try:
+        out = fn(list(prompts), list(completions))
+    except Exception as e:  # any failure in user code: one clear error, no half-done iteration
+        raise RewardFunctionError(f"reward function {name} raised {type(e).__name__}: {e}") from e
+    try:
+        values = [float(v) for v in out]
+    except (TypeError, ValueError) as e:
+        raise RewardFunctionError(f"reward function {name} must return one float per completion; "
+                                  f"got {type(out).__name__} ({e})") from None
+    if len(values) != len(completions):
+        raise RewardFunctionError(f"reward function {name} returned {len(values)} value(s) for "
+                                  f"{len(completions)} completion(s)")
+    bad = [i for i, v in enumerate(values) if not math.isfinite(v)]
+    if bad:
+        i = bad[0]
+        raise RewardFunctionError(f"reward function {name} returned {values[i]} for completion {i} "
+                                  f"({len(bad)} non-finite value(s)); completion: {completions[i]!r}")
+    return np.asarray(values, np.float64)
+
+
+def check_reward_model_dir(path: str) -> None:
+    """Refuses an HF causal LM (or a multi-label classifier) before its weights are read."""
+    config = Path(path).expanduser() / "config.json"
+    if config.is_file():
+        try:
+            n = num_labels_from_hf(json.loads(config.read_text()))
+        except (JaxalignError, json.JSONDecodeError) as e:
+            raise RewardModelError(f"reward.model {path}: {e}") from None
+        _check_labels(path, n)
+
+
+def _check_labels(path: str, num_labels: int) -> None:
+    if num_labels == 1:
+        return
+    kind = "a causal LM" if num_labels == 0 else f"a classifier with {num_labels} labels"
+    raise RewardModelError(
+        f"reward.model {path}: wrong kind of model: {kind}, not a reward model "
+        f"(LlamaForSequenceClassification with num_labels=1; train one with `jaxalign rm`, or "
+        f"use reward.functions)")
+
+
+def load_reward_model(path: str, mesh, policy_tokenizer, **runtime):
+    """-> (cfg, params) of a reward model that scores the policy's token ids."""
+    from jaxalign import checkpoint
+    from jaxalign.tokenizer import load_tokenizer
+
+    check_reward_model_dir(path)
+    cfg, params, _, tok_dir = checkpoint.load_model(path, mesh, **runtime)
+    _check_labels(path, cfg.num_labels)
+    if (Path(tok_dir) / "tokenizer.json").exists():
+        if load_tokenizer(tok_dir).get_vocab() != policy_tokenizer.get_vocab():
+            raise RewardModelError(f"reward.model {path}: its tokenizer differs from the policy's; "
+                                   "the reward model scores the policy's token ids directly")
+    return cfg, params
+
+
+class RunningMoments:
+    """Mean and variance over every score seen (Chan et al.'s parallel update); the state is
+    three floats that the checkpoint's JSON stores exactly."""
+
+    def __init__(self, mean: float = 0.0, var: float = 1.0, count: float = 0.0):
+        self.mean, self.var, self.count = mean, var, count
+
+    def update(self, x: np.ndarray) -> None:
+        n = float(len(x))
+        if n == 0:
+            return
+        b_mean, b_var = float(np.mean(x)), float(np.var(x))
+        total = self.count + n
+        delta = b_mean - self.mean
+        m2 = self.var * self.count + b_var * n + delta ** 2 * self.count * n / total
+        self.mean += delta * n / total
+        self.var = m2 / total
+        self.count = total
+
+    def state(self) -> dict:
+        return {"mean": self.mean, "var": self.var, "count": self.count}
+
+    @classmethod
+    def from_state(cls, state: dict | None) -> "RunningMoments":
+        return cls(**state) if state else cls()
+
+
+class Rewarder:
+    """Scores completions on the host: sources combined, EOS penalty, normalisation, clip."""
+
+    def __init__(self, cfg: RewardConfig):
+        self.cfg = cfg
+        self.functions = [(name, load_function(name)) for name in cfg.functions]
+        n = len(cfg.functions) + (cfg.model is not None)
+        self.weights = list(cfg.weights) or [1.0] * n
+        self.moments = RunningMoments()
+
+    def raw(self, prompts: Sequence[str], completions: Sequence[str], model_scores: np.ndarray,
+            eos: np.ndarray) -> tuple[np.ndarray, dict[str, float]]:
+        """-> (score per completion, per-source means). Raises RewardFunctionError."""
+        parts: dict[str, float] = {}
+        weights = iter(self.weights)
+        total = np.zeros(len(completions), np.float64)
+        if self.cfg.model is not None:
+            s = np.asarray(model_scores, np.float64)
+            total += next(weights) * s
+            parts["reward/model"] = float(s.mean())
+        for name, fn in self.functions:
+            s = call_function(name, fn, prompts, completions)
+            total += next(weights) * s
+            parts[f"reward/{name.split(':')[1]}"] = float(s.mean())
+        if self.cfg.missing_eos_penalty is not None:
+            total = total - self.cfg.missing_eos_penalty * (~eos)
+        return total, parts
+
+    def normalise(self, scores: np.ndarray) -> np.ndarray:
+        """Normalise and clip; updates the running moments (call once per rollout)."""
+        x = np.asarray(scores, np.float64)
+        if self.cfg.normalize == "batch":
+            x = (x - x.mean()) / (x.std() + 1e-8)
+        elif self.cfg.normalize == "running":
+            self.moments.update(x)
+            x = (x - self.moments.mean) / (math.sqrt(self.moments.var) + 1e-8)
+        if self.cfg.clip is not None:
+            x = np.clip(x, -self.cfg.clip, self.cfg.clip)
+        return x

@@ -1,0 +1,392 @@
+"""The RL driver shared by PPO and GRPO: rollout -> score -> advantages -> updates.
+
+One iteration, top to bottom:
+  1. the next prompts (`PromptStream`), left-padded to one length, each repeated
+     num_generations times;
+  2. one jitted rollout: sample from the live policy params, then the training forward for
+     the policy / reference log-probs, values and the reward model's score;
+  3. on the host: decode, call the reward functions, EOS penalty, normalise, clip;
+  4. one jitted advantage computation (GAE, or group-normalised for GRPO);
+  5. ppo.epochs passes of ppo.minibatches optimizer steps through the shared
+     `make_train_step`, stopping early when an epoch's approx KL exceeds ppo.max_approx_kl;
+  6. the KL controller, metrics, samples, monitors, checkpoint.
+
+The roles (policy, reference, value, reward) are loaded by `jaxalign.train.roles`; their
+sizes are logged (and written to memory.json) from param byte counts and the compiled
+programs' memory analysis before the first update.
+
+Resuming is rerunning: the checkpoint holds the TrainState (params, optimizer, RNG) and, in
+its JSON, the prompt-stream position, the KL coefficient and the running reward moments;
+the rollout key is derived from the state's RNG and the iteration, so a resumed run
+reproduces metrics.jsonl exactly.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxalign import sharding
+from jaxalign.checkpoint import TrainCheckpoints
+from jaxalign.config import JaxalignError
+from jaxalign.generate import eos_ids_for
+from jaxalign.losses.ppo import adaptive_kl_update
+from jaxalign.metrics import MetricsWriter, Progress, _truncate_jsonl
+from jaxalign.models import lora
+from jaxalign.tokenizer import load_tokenizer
+from jaxalign.train import ppo, rollout as R
+from jaxalign.train.loop import NonFiniteLossError, _StopFlag, put_batch
+from jaxalign.train.optim import make_optimizer
+from jaxalign.train.reward import Rewarder, RewardFunctionError, RunningMoments, \
+    check_reward_model_dir
+from jaxalign.train.roles import Roles, build_roles, memory_report, nbytes
+from jaxalign.train.sft import write_run_config
+from jaxalign.train.step import init_state, jit_train_step, make_train_step
+
+log = logging.getLogger(__name__)
+
+_ROLLOUT_SALT = 0x5EED
+
+
+class MonitorStop(JaxalignError):
+    """A monitor with action 'stop' tripped (entropy floor, KL ceiling)."""
+
+
+# ----------------------------------------------------------------------------- compile cache
+
+_EXECUTABLES: collections.OrderedDict = collections.OrderedDict()
+
+
+def _signature(tree):
+    leaves, treedef = jax.tree.flatten(tree)
+    return treedef, tuple((tuple(x.shape), str(x.dtype), getattr(x, "sharding", None))
+                          for x in leaves)
+
+
+def compiled(key, make_jitted, *abstract_args):
+    """`make_jitted().lower(*abstract_args).compile()`, cached on (key, the arguments' shapes,
+    dtypes and shardings). One executable serves both the memory analysis and the run, and
+    runs in one process (resumes, tests) compile each program once. `key` must hold every
+    static input of the traced function."""
+    sig = (key, _signature(abstract_args))
+    if sig not in _EXECUTABLES:
+        _EXECUTABLES[sig] = make_jitted().lower(*abstract_args).compile()
+        while len(_EXECUTABLES) > 16:
+            _EXECUTABLES.popitem(last=False)
+    return _EXECUTABLES[sig]
+
+
+def _abstract(tree, sh=None):
+    """ShapeDtypeStructs with each leaf's sharding (or `sh` for all)."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                       sharding=sh or x.sharding), tree)
+
+
+# ----------------------------------------------------------------------------- driver
+
+def _mean_metrics(records: list[dict]) -> dict:
+    keys = records[0].keys() if records else ()
+    return {k: float(np.mean([r[k] for r in records])) for k in keys}
+
+
+def run_rl(cfg: ppo.RLConfig, raw_config: dict | None = None, devices=None) -> dict[str, float]:
+    """Runs (or resumes) PPO / GRPO in cfg.out_dir; returns the last iteration's metrics."""
+    run_dir = Path(cfg.out_dir)
+    raw = raw_config if raw_config is not None else json.loads(json.dumps(dataclasses.asdict(cfg)))
+    mesh = sharding.make_mesh(cfg.mesh, devices)
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if cfg.rollout.rows % shards or cfg.minibatch_rows % (shards * cfg.train.grad_accum):
+        raise JaxalignError(f"{cfg.rollout.rows} rollout rows / minibatches of "
+                            f"{cfg.minibatch_rows} rows (x train.grad_accum) must split over "
+                            f"data x fsdp = {shards} devices")
+    rewarder = Rewarder(cfg.reward)   # imports the reward functions: a bad name fails here
+    if cfg.reward.model is not None:
+        check_reward_model_dir(cfg.reward.model)  # a wrong kind fails before any model loads
+    holder = {}
+
+    def tokenizer_and_prompts(tok_dir):
+        tok = load_tokenizer(tok_dir)
+        holder["prompts"] = R.read_prompts(cfg.data, tok)
+        return tok
+
+    with jax.set_mesh(mesh):
+        roles, tokenizer = build_roles(cfg, mesh, tokenizer_and_prompts)
+        write_run_config(run_dir, raw, cfg.algorithm)  # run.json: how to load it back
+        prompts = holder["prompts"]
+        log.info("%s: %d prompts; %s, %d iterations of %d prompts x %d generation(s)",
+                 prompts.name, len(prompts.ids), cfg.algorithm, cfg.train.iterations,
+                 cfg.rollout.batch_size, cfg.rollout.num_generations)
+        return _Run(cfg, run_dir, mesh, roles, tokenizer, prompts, rewarder, raw).run()
+
+
+class _Run:
+    """The state of one run; `run` is the loop. A class only to keep the loop body short."""
+
+    def __init__(self, cfg, run_dir, mesh, roles: Roles, tokenizer, prompts, rewarder, raw):
+        self.cfg, self.run_dir, self.mesh, self.roles = cfg, run_dir, mesh, roles
+        self.tokenizer, self.prompts, self.rewarder, self.raw = tokenizer, prompts, rewarder, raw
+        self.eos_ids = eos_ids_for(tokenizer, roles.tok_dir)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
+        self.P = R.prompt_length(prompts)
+        self.obj = ppo.Objective.of(cfg)
+        self.sampling = R.Sampling(
+            max_new_tokens=cfg.rollout.max_new_tokens, temperature=float(cfg.rollout.temperature),
+            top_p=float(cfg.rollout.top_p), top_k=cfg.rollout.top_k, eos_ids=self.eos_ids,
+            pad_id=int(self.pad_id), decode_scan_layers=cfg.rollout.decode_scan_layers,
+            logits_chunk=cfg.train.logits_chunk)
+        self.stream = R.PromptStream(len(prompts.ids), cfg.rollout.batch_size,
+                                     seed=cfg.data.seed, shuffle=cfg.data.shuffle)
+        self.kl_coef = cfg.ppo.kl_coef if cfg.algorithm == "ppo" else cfg.grpo.beta
+
+    # -- programs ---------------------------------------------------------------------------
+    def _compile(self, state):
+        cfg, mesh, roles = self.cfg, self.mesh, self.roles
+        rep, bsh = sharding.replicated(mesh), sharding.batch_sharding(mesh)
+        rows, N, mb = cfg.rollout.rows, cfg.rollout.max_new_tokens, cfg.minibatch_rows
+        T = self.P + N
+        i32, f32 = jnp.int32, jnp.float32
+        sds = lambda shape, dt, sh=bsh: jax.ShapeDtypeStruct(shape, dt, sharding=sh)
+        train_sh = jax.tree.map(lambda x: x.sharding, state.params)
+        frozen_sh = jax.tree.map(lambda x: x.sharding, roles.frozen)
+        aux_sh = jax.tree.map(lambda x: x.sharding, roles.aux)
+        models, sampling, obj = roles.models, self.sampling, self.obj
+        # The loss never sees the reward model: keep it out of the train step's cache key.
+        loss_models = dataclasses.replace(models, reward=None)
+
+        self.rollout_fn = compiled(
+            ("rollout", models, sampling),
+            lambda: jax.jit(lambda *a: R.rollout(models, sampling, *a),
+                            in_shardings=(train_sh, frozen_sh, aux_sh, bsh, bsh, rep)),
+            _abstract(state.params), _abstract(roles.frozen), _abstract(roles.aux),
+            sds((rows, self.P), i32), sds((rows, self.P), i32), sds((2,), jnp.uint32, rep))
+        exp_abs = {"mask_BN": sds((rows, N), i32), "old_logp_BN": sds((rows, N), f32),
+                   "ref_logp_BN": sds((rows, N), f32), "values_BN": sds((rows, N), f32),
+                   "lengths_B": sds((rows,), i32)}
+        self.adv_fn = compiled(
+            ("advantages", obj),
+            lambda: jax.jit(lambda *a: ppo.advantages(obj, *a)),
+            exp_abs, sds((rows,), f32), sds((), f32, rep))
+        optimizer, schedule = make_optimizer(cfg.optim, cfg.total_steps)
+        batch_abs = {k: sds((mb, T if k.endswith("_BT") else N), i32 if k in (
+            "tokens_BT", "positions_BT", "segment_ids_BT", "response_BN", "mask_BN") else f32)
+            for k in ppo.TRAIN_KEYS}
+        state_sh = jax.tree.map(lambda x: x.sharding, state)
+        # A constant schedule (after warmup) does not depend on the run's length.
+        span = 0 if cfg.optim.schedule == "constant" else cfg.total_steps
+        self.step_fn = compiled(
+            ("train", loss_models, obj, cfg.optim, span, cfg.train.grad_accum),
+            lambda: jit_train_step(make_train_step(ppo.make_loss_fn(loss_models, obj), optimizer,
+                                                   schedule, grad_accum=cfg.train.grad_accum),
+                                   state_sh, frozen_sh, bsh),
+            _abstract(state), _abstract(roles.frozen), batch_abs)
+        return {"rollout": self.rollout_fn, "advantages": self.adv_fn, "train_step": self.step_fn}
+
+    # -- one iteration ------------------------------------------------------------------------
+    def _experience(self, state, it: int):
+        """Rollout + rewards + advantages -> (host batch, metrics, samples). Touches no state
+        except the reward moments, and those only after every reward function succeeded."""
+        cfg, G = self.cfg, self.cfg.rollout.num_generations
+        idx = np.repeat(self.stream.next(), G)   # GRPO groups: consecutive rows
+        prompt_BP, mask_BP = R.stack_prompts(self.prompts, idx, self.pad_id, self.P)
+        key = jax.random.fold_in(jax.random.fold_in(state.rng, _ROLLOUT_SALT), it)
+        rep = sharding.replicated(self.mesh)
+        dev = put_batch({"p": prompt_BP, "m": mask_BP}, self.mesh)
+        exp = self.rollout_fn(state.params, self.roles.frozen,
+                              self.roles.aux, dev["p"], dev["m"],
+                              jax.device_put(jnp.asarray(key, jnp.uint32), rep))
+        host = {k: np.asarray(v) for k, v in jax.device_get(exp).items()}
+        lengths, eos = host["lengths_B"], R.has_eos(host["response_BN"], host["lengths_B"], self.eos_ids)
+        completions = R.decode(self.tokenizer, host["response_BN"], lengths)
+        texts = [self.prompts.texts[i] for i in idx]
+        raw, parts = self.rewarder.raw(texts, completions, host["rm_score_B"], eos)
+        scores = self.rewarder.normalise(raw).astype(np.float32)
+        adv_in = put_batch({k: host[k] for k in ("mask_BN", "old_logp_BN", "ref_logp_BN",
+                                                  "values_BN", "lengths_B")}, self.mesh)
+        adv = jax.device_get(self.adv_fn(adv_in, put_batch({"s": scores}, self.mesh)["s"],
+                                         jax.device_put(jnp.float32(self.kl_coef), rep)))
+        mask = host["mask_BN"].astype(bool)
+        metrics = {"reward_mean": float(raw.mean()), "reward_std": float(raw.std()),
+                   "score_mean": float(scores.mean()), **parts,
+                   "kl": float(np.mean(adv["kl_B"])), "kl_token": float(adv["kl_token"]),
+                   "kl_coef": float(self.kl_coef),
+                   "entropy": float(host["entropy_BN"][mask].mean()),
+                   "response_length": float(lengths.mean()), "eos_rate": float(eos.mean()),
+                   "logprob_gap": float(np.abs(host["sampler_logp_BN"] - host["old_logp_BN"])[mask].max())}
+        if "explained_variance" in adv:
+            metrics["explained_variance"] = float(adv["explained_variance"])
+        batch = {k: host[k] for k in ppo.TRAIN_KEYS if k in host}
+        batch.update(advantages_BN=np.asarray(adv["advantages_BN"]),
+                     returns_BN=np.asarray(adv["returns_BN"]))
+        samples = [{"prompt": texts[r], "completion": completions[r], "reward": float(raw[r]),
+                    "length": int(lengths[r]), "eos": bool(eos[r])}
+                   for r in range(min(cfg.train.num_samples, len(idx)))]
+        return batch, metrics, samples
+
+    def _update(self, state, batch: dict, it: int, saved_at: int):
+        """ppo.epochs x ppo.minibatches optimizer steps -> (state, averaged step metrics)."""
+        cfg = self.cfg
+        rng = np.random.default_rng([cfg.train.seed, it])
+        records, epochs = [], 0
+        for epoch in range(cfg.ppo.epochs):
+            perm = rng.permutation(cfg.rollout.rows)
+            epoch_records = []
+            for m in range(cfg.ppo.minibatches):
+                rows = perm[m * cfg.minibatch_rows:(m + 1) * cfg.minibatch_rows]
+                state, out = self.step_fn(state, self.roles.frozen,
+                                          put_batch({k: v[rows] for k, v in batch.items()}, self.mesh))
+                out = {k: float(v) for k, v in jax.device_get(out).items()}
+                self._check_finite(out, it, saved_at)
+                epoch_records.append(out)
+            records += epoch_records
+            epochs += 1
+            approx_kl = float(np.mean([r["approx_kl"] for r in epoch_records]))
+            if cfg.ppo.max_approx_kl is not None and approx_kl > cfg.ppo.max_approx_kl:
+                log.info("iteration %d: epoch %d approx KL %.4g > ppo.max_approx_kl=%g; "
+                         "stopping this rollout's epochs", it, epoch + 1, approx_kl,
+                         cfg.ppo.max_approx_kl)
+                break
+        metrics = _mean_metrics(records)
+        metrics.pop("finite", None)
+        metrics.pop("weight", None)
+        metrics["train_entropy"] = metrics.pop("entropy")
+        metrics.update(epochs=float(epochs), skipped=float(self._skipped))
+        return state, metrics
+
+    def _check_finite(self, out: dict, it: int, saved_at: int) -> None:
+        if out["finite"] > 0:
+            self._bad = 0
+            return
+        self._bad += 1
+        self._skipped += 1
+        msg = (f"iteration {it}: non-finite loss {out['loss']} / grad norm {out['grad_norm']}; "
+               f"params left unchanged")
+        if self._bad > self.cfg.train.max_bad_steps:
+            raise NonFiniteLossError(
+                f"{msg}. Stopping: {self._bad} bad step(s) in a row > train.max_bad_steps="
+                f"{self.cfg.train.max_bad_steps}. The last good checkpoint (iteration {saved_at}) "
+                f"in {self.run_dir / 'checkpoints'} is intact.")
+        log.warning("%s (skipped, %d in a row)", msg, self._bad)
+
+    def _monitors(self, metrics: dict, it: int) -> str | None:
+        mon = self.cfg.monitor
+        problems = []
+        if mon.entropy_floor is not None and metrics["entropy"] < mon.entropy_floor:
+            problems.append(f"entropy {metrics['entropy']:.4g} < monitor.entropy_floor={mon.entropy_floor}")
+        if mon.kl_ceiling is not None and metrics["kl"] > mon.kl_ceiling:
+            problems.append(f"KL {metrics['kl']:.4g} > monitor.kl_ceiling={mon.kl_ceiling}")
+        if not problems:
+            return None
+        msg = f"iteration {it}: " + "; ".join(problems)
+        if mon.action == "warn":
+            log.warning("%s", msg)
+            return None
+        return msg
+
+    # -- the loop -------------------------------------------------------------------------------
+    def run(self) -> dict[str, float]:
+        cfg, run_dir = self.cfg, self.run_dir
+        optimizer, _ = make_optimizer(cfg.optim, cfg.total_steps)
+        state = jax.jit(init_state, static_argnums=(1, 2))(self.roles.trainable, optimizer,
+                                                           cfg.train.seed)
+        state_sh = jax.tree.map(lambda x: x.sharding, state)
+        ckpts = TrainCheckpoints(run_dir, keep=cfg.train.keep_checkpoints)
+        start = ckpts.latest_step() or 0
+        if start:
+            state, meta = ckpts.restore(start, state, state_sh)
+            self.stream.restore(meta["prompts"])
+            self.kl_coef = float(meta["kl_coef"])
+            self.rewarder.moments = RunningMoments.from_state(meta["reward_moments"])
+            log.info("resumed %s at iteration %d", run_dir, start)
+        self.roles.trainable = None  # the state owns (and donates) the trainable params now
+        programs = self._compile(state)
+        memory_report(run_dir, self.roles, cfg, nbytes(state.opt_state), programs)
+
+        writer = MetricsWriter(run_dir, resume_step=start, tensorboard=cfg.train.tensorboard,
+                               wandb_project=cfg.train.wandb_project, run_config=self.raw)
+        if jax.process_index() == 0:
+            _truncate_jsonl(run_dir / "samples.jsonl", start)
+        progress = Progress(cfg.train.iterations, start, enabled=cfg.train.progress)
+        self._bad, saved_at, last = 0, start, {}
+        meta = self._meta(start)
+
+        def save(it, meta):
+            nonlocal saved_at
+            ckpts.save(it, state, meta)
+            saved_at = it
+
+        try:
+            with _StopFlag() as stop:
+                for it in range(start + 1, cfg.train.iterations + 1):
+                    t0 = time.perf_counter()
+                    self._skipped = 0
+                    try:
+                        batch, metrics, samples = self._experience(state, it)
+                    except RewardFunctionError as e:
+                        # Nothing of this iteration was applied: keep the last completed one.
+                        if saved_at != it - 1:
+                            save(it - 1, meta)
+                        kept = (f"the checkpoint of iteration {it - 1} in {ckpts.dir} is intact"
+                                if it > 1 else "no iteration completed, nothing saved")
+                        raise RewardFunctionError(f"iteration {it}: {e}; {kept}") from e
+                    t1 = time.perf_counter()
+                    state, step_metrics = self._update(state, batch, it, saved_at)
+                    metrics.update(step_metrics)
+                    if cfg.algorithm == "ppo" and cfg.ppo.kl_target is not None:
+                        self.kl_coef = adaptive_kl_update(
+                            self.kl_coef, metrics["kl"], cfg.rollout.rows,
+                            target=cfg.ppo.kl_target, horizon=cfg.ppo.kl_horizon)
+                    dt = time.perf_counter() - t0
+                    perf = {"iteration_s": dt, "rollout_s": t1 - t0, "update_s": dt - (t1 - t0),
+                            "tokens_per_s": metrics["response_length"] * cfg.rollout.rows / dt}
+                    writer.write(it, metrics, perf)
+                    progress.update(it, metrics, perf)
+                    last = metrics
+                    if cfg.train.sample_every and it % cfg.train.sample_every == 0:
+                        self._write_samples(it, samples)
+                    meta = self._meta(it)
+                    tripped = self._monitors(metrics, it)
+                    if (cfg.train.save_every and it % cfg.train.save_every == 0) \
+                            or it == cfg.train.iterations or tripped or stop.signum is not None:
+                        save(it, meta)
+                    if tripped:
+                        raise MonitorStop(f"{tripped}; stopped (monitor.action=stop) with "
+                                          f"iteration {it} checkpointed in {ckpts.dir}")
+                    if stop.signum is not None:
+                        raise KeyboardInterrupt(f"stopped by signal at iteration {it}; "
+                                                "checkpoint saved")
+            if cfg.train.export_hf:
+                self._export(state)
+        finally:
+            progress.close()
+            writer.close()
+            ckpts.close()
+        return last
+
+    def _meta(self, it: int) -> dict:
+        return {"iteration": it, "step": it, "prompts": self.stream.state(),
+                "kl_coef": self.kl_coef, "reward_moments": self.rewarder.moments.state()}
+
+    def _write_samples(self, it: int, samples: list[dict]) -> None:
+        for s in samples:
+            log.info("sample @%d reward %.3f: %r -> %r", it, s["reward"], s["prompt"][-80:],
+                     s["completion"][:200])
+        if jax.process_index() == 0:
+            with open(self.run_dir / "samples.jsonl", "a") as f:
+                for s in samples:
+                    f.write(json.dumps({"step": it, **s}, ensure_ascii=False) + "\n")
+
+    def _export(self, state) -> None:
+        from jaxalign.convert import hf
+        cfg = self.roles.models.policy
+        merged_cfg, merged = lora.merge(cfg, lora.combine(state.params["policy"],
+                                                          self.roles.frozen["policy"]))
+        hf.save(self.run_dir / "hf", merged_cfg, merged, hf_config=self.roles.hf_config,
+                source_dir=self.roles.tok_dir)

@@ -1,0 +1,178 @@
+"""The roles of an RL run (policy, reference, value, reward), loaded once, and what they
+cost in memory.
+
+  policy     the trained model (LoRA: adapters trainable, base frozen)
+  reference  LoRA: the policy with its adapters switched off (no memory); else a frozen copy
+  value      PPO: a scalar head on the policy trunk ('shared'), or a separate critic Llama with
+             a score head, from the policy or the reward model ('separate'); GRPO: none
+  reward     a frozen reward model (aux['reward']) and / or Python functions (host side)
+
+`memory_report` logs (and writes to memory.json) the param bytes of every role and the
+compiled programs' memory analysis (arguments, outputs, temporaries), before the first update.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+from jaxalign import checkpoint, sharding
+from jaxalign.models import lora
+from jaxalign.models.llama import score_init_std
+from jaxalign.train import ppo, rollout as R
+from jaxalign.train.reward import load_reward_model
+from jaxalign.train.sft import load_policy
+
+log = logging.getLogger(__name__)
+
+
+def nbytes(tree) -> int:
+    return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)))
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+@dataclasses.dataclass
+class Roles:
+    models: R.Models
+    trainable: dict
+    frozen: dict
+    aux: dict
+    hf_config: dict
+    tok_dir: str
+    bytes: dict
+
+
+def _copy(tree):
+    # A real copy: the policy's buffers are donated to every update.
+    return jax.tree.map(lambda x: jax.device_put(x, x.sharding, may_alias=False), tree)
+
+
+def _value_head(d: int, mesh, seed: int) -> dict:
+    w = score_init_std(d) * jax.random.normal(jax.random.PRNGKey(seed), (d, 1), jnp.float32)
+    return {"score": jax.device_put(w, sharding.replicated(mesh))}
+
+
+def _critic(cfg: ppo.RLConfig, mesh, reward):
+    """A separate critic: a Llama with a score head from the policy or the reward model. With
+    LoRA its trunk trains through its own adapters (and, from the reward model, shares its
+    frozen weights); the score head always trains."""
+    runtime = cfg.model.runtime()
+    if cfg.ppo.critic_init == "reward":
+        ccfg, base = reward
+        base = base if cfg.lora.rank else _copy(base)
+    else:
+        ccfg, base, _, _ = checkpoint.load_model(cfg.model.path, mesh, num_labels=1,
+                                                 seed=cfg.train.seed + 2, **runtime)
+    if not cfg.lora.rank:
+        return ccfg, base, {}
+    ccfg = cfg.lora.apply_to(ccfg)
+    adapters, frozen = lora.split(lora.add_adapters(ccfg, base, mesh, cfg.train.seed + 3))
+    frozen = dict(frozen)
+    adapters["score"] = _copy(frozen.pop("score"))
+    return ccfg, adapters, frozen
+
+
+def build_roles(cfg: ppo.RLConfig, mesh, tokenizer_cb) -> tuple[Roles, object]:
+    """Loads every model the run needs. `tokenizer_cb(tok_dir)` loads the tokenizer and the
+    prompts (so bad data fails before the other models load) and returns the tokenizer."""
+    policy_cfg, p_train, p_frozen, _, hf_config, tok_dir = load_policy(
+        cfg.model, cfg.lora, mesh, cfg.train.seed)
+    tokenizer = tokenizer_cb(tok_dir)
+    aux, trainable, frozen = {}, {"policy": p_train}, {"policy": p_frozen}
+    reward = None
+    if cfg.reward.model is not None:
+        reward = load_reward_model(cfg.reward.model, mesh, tokenizer, **cfg.model.runtime())
+        aux["reward"] = reward[1]
+    ref = "adapters_off" if cfg.lora.rank else "copy"
+    if ref == "copy":
+        aux["ref"] = _copy(p_train)
+    value, critic_cfg = "none", None
+    if cfg.algorithm == "ppo":
+        value = cfg.ppo.value_model
+        if value == "shared":
+            trainable["value_head"] = _value_head(policy_cfg.hidden_size, mesh, cfg.train.seed + 1)
+        else:
+            critic_cfg, trainable["critic"], frozen["critic"] = _critic(cfg, mesh, reward)
+    models = R.Models(policy=policy_cfg, ref=ref, value=value, critic=critic_cfg,
+                      reward=reward[0] if reward else None)
+    # A LoRA critic from the reward model shares its frozen trunk: count those buffers once.
+    shared = {id(x) for x in jax.tree.leaves(aux.get("reward", {}))}
+    sizes = {"policy_trainable": nbytes(p_train), "policy_frozen": nbytes(p_frozen),
+              "reference": nbytes(aux.get("ref", {})),
+              "value": nbytes({k: v for k, v in trainable.items() if k != "policy"})
+              + nbytes([x for x in jax.tree.leaves(frozen.get("critic", {}))
+                         if id(x) not in shared]),
+              "reward_model": nbytes(aux.get("reward", {}))}
+    return Roles(models, trainable, frozen, aux, hf_config, str(tok_dir), sizes), tokenizer
+
+
+def memory_report(run_dir: Path, roles: Roles, cfg: ppo.RLConfig, opt_bytes: int,
+                   programs: dict) -> dict:
+    b = roles.bytes
+    ref = ("shared: the policy with LoRA adapters off" if roles.models.ref == "adapters_off"
+           else _mib(b["reference"]) + " (frozen copy)")
+    value = {"shared": "head on the policy trunk", "separate": "separate critic",
+             "none": "none"}[roles.models.value]
+    reward = " + ".join(([f"model {_mib(b['reward_model'])}"] if cfg.reward.model else [])
+                        + list(cfg.reward.functions))
+    log.info("memory, params (global): policy %s trainable + %s frozen | reference %s | value %s "
+             "%s | reward %s | optimizer state %s", _mib(b["policy_trainable"]),
+             _mib(b["policy_frozen"]), ref, value, _mib(b["value"]), reward, _mib(opt_bytes))
+    report = {"params_bytes": dict(b, optimizer_state=opt_bytes), "programs": {}}
+    for name, exe in programs.items():
+        m = exe.memory_analysis()
+        if m is None:
+            continue
+        stats = {k: int(getattr(m, f"{k}_size_in_bytes")) for k in
+                 ("argument", "output", "alias", "temp", "generated_code")}
+        stats["peak_estimate"] = stats["argument"] + stats["output"] - stats["alias"] + stats["temp"]
+        report["programs"][name] = stats
+        log.info("memory, compiled %s (per device): arguments %s, outputs %s (%s aliased), "
+                 "temporaries %s -> peak about %s", name, _mib(stats["argument"]),
+                 _mib(stats["output"]), _mib(stats["alias"]), _mib(stats["temp"]),
+                 _mib(stats["peak_estimate"]))
+    if jax.process_index() == 0:
+        (run_dir / "memory.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def load_trained_policy(run_dir: str | Path, mesh=None, **runtime):
+    """A PPO / GRPO run directory -> (cfg, policy params, hf_config, tokenizer dir) from its
+    latest checkpoint (LoRA: base + adapters). Rebuilds every role, since the checkpointed
+    trainable tree holds the value head / critic beside the policy."""
+    from jaxalign.checkpoint import ModelSourceError, TrainCheckpoints
+    from jaxalign.config import MeshConfig, from_dict, load_yaml
+    from jaxalign.tokenizer import load_tokenizer
+    from jaxalign.train.optim import make_optimizer
+    from jaxalign.train.step import init_state
+
+    run_dir = Path(run_dir)
+    cfg = from_dict(ppo.RLConfig, load_yaml(str(run_dir / "config.yaml")))
+    if runtime:
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **runtime))
+    mesh = mesh if mesh is not None else sharding.make_mesh(MeshConfig(data=1, fsdp=1, tensor=1),
+                                                            jax.devices()[:1])
+    with jax.set_mesh(mesh):
+        roles, _ = build_roles(cfg, mesh, load_tokenizer)
+    ckpts = TrainCheckpoints(run_dir, keep=cfg.train.keep_checkpoints)
+    step = ckpts.latest_step()
+    if step is None:
+        raise ModelSourceError(f"{run_dir}: a run directory without checkpoints")
+    optimizer, _ = make_optimizer(cfg.optim, cfg.total_steps)
+    abstract = jax.eval_shape(lambda p: init_state(p, optimizer, 0), roles.trainable)
+    # Params onto their own shardings; the optimizer state (not needed here) replicated.
+    state_sh = dataclasses.replace(jax.tree.map(lambda _: sharding.replicated(mesh), abstract),
+                                   params=jax.tree.map(lambda x: x.sharding, roles.trainable))
+    state, _ = ckpts.restore(step, abstract, state_sh)
+    ckpts.close()
+    log.info("loaded %s run %s at iteration %d", cfg.algorithm, run_dir, step)
+    return (roles.models.policy, lora.combine(state.params["policy"], roles.frozen["policy"]),
+            roles.hf_config, roles.tok_dir)

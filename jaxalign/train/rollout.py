@@ -1,0 +1,321 @@
+"""RL rollouts: prompts in; sampled responses and everything computed on them out.
+
+The host side reads a prompt set (`read_prompts`) and walks it in a resumable, seeded order
+(`PromptStream`). The device side is one pure function (`rollout`) that samples from the
+policy's live params with the KV-cache sampler and, in the same jitted program, runs the
+training forward over prompt + response for the quantities PPO / GRPO need: the policy's
+log-probs (recomputed, not the sampler's), the reference's, the values and the reward
+model's score.
+
+Sequence layout (the same for the rollout and the loss): prompt left-padded to P, response
+right-padded to N, one row of T = P + N tokens; segment id 1 on real tokens, 0 on padding;
+positions count real tokens from 0. Response token i is predicted by the hidden state at
+P - 1 + i, so the logits, values and log-probs of the response are that slice.
+
+Shape suffixes: B rows, P prompt length, N response length, T = P + N, D hidden, V vocab.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxalign.config import ConfigError, ModelConfig
+from jaxalign.data.config import DatasetSpec
+from jaxalign.data.sources import DataError, load_rows
+from jaxalign.generate import bucket_length, generate
+from jaxalign.models import functional, heads, lora
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------- prompts
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PromptDataConfig:
+    """prompts         a dataset (path or spec) whose rows hold "prompt" (a string or a message
+                       list) or "messages" (a trailing assistant turn is dropped).
+    chat            render with the tokenizer's chat template + generation prompt.
+    max_prompt_len  longer prompts are dropped (counted and logged), not cut.
+    shuffle, seed   a fresh seeded permutation of the prompts every epoch."""
+    prompts: DatasetSpec | str
+    chat: bool = False
+    max_prompt_len: int = 256
+    shuffle: bool = True
+    seed: int = 0
+
+    def __post_init__(self):
+        object.__setattr__(self, "prompts", DatasetSpec.coerce(self.prompts, "data.prompts"))
+        if self.max_prompt_len < 1:
+            raise ConfigError(f"data.max_prompt_len must be >= 1, got {self.max_prompt_len}")
+
+
+@dataclasses.dataclass
+class Prompts:
+    name: str                  # the file, for messages
+    texts: list[str]           # what reward functions see: the prompt string / last user turn
+    ids: list[list[int]]       # what the policy sees: rendered and tokenized
+
+
+def _messages(value, where: str) -> list[dict]:
+    if not (isinstance(value, list) and value
+            and all(isinstance(m, dict) and "role" in m and "content" in m for m in value)):
+        raise DataError(f"{where}: expected a non-empty list of {{role, content}} messages")
+    return [{"role": m["role"], "content": m["content"]} for m in value]
+
+
+def _prompt_of(row: dict, where: str) -> tuple[list[dict] | None, str]:
+    """(messages or None, the prompt's text for reward functions)."""
+    if row.get("prompt") is not None:
+        p = row["prompt"]
+        if isinstance(p, str):
+            return None, p
+        msgs = _messages(p, f"{where}: field 'prompt'")
+    elif row.get("messages") is not None:
+        msgs = _messages(row["messages"], f"{where}: field 'messages'")
+        if msgs[-1]["role"] == "assistant":
+            msgs = msgs[:-1]
+        if not msgs:
+            raise DataError(f"{where}: 'messages' holds only an assistant turn; no prompt")
+    else:
+        raise DataError(f"{where}: no 'prompt' or 'messages' field (keys: {sorted(row)})")
+    users = [m["content"] for m in msgs if m["role"] == "user"]
+    return msgs, users[-1] if users else msgs[-1]["content"]
+
+
+def read_prompts(cfg: PromptDataConfig, tokenizer) -> Prompts:
+    """The prompt set, rendered and tokenized; errors name the file and row."""
+    source = load_rows(cfg.prompts)
+    if cfg.chat and not getattr(tokenizer, "chat_template", None):
+        raise DataError(f"{source.name}: data.chat is true but the tokenizer has no chat template")
+    texts, rendered = [], []
+    for i, row in enumerate(source.rows):
+        where = source.where(i)
+        msgs, text = _prompt_of(row, where)
+        if cfg.chat:
+            msgs = msgs or [{"role": "user", "content": text}]
+            rendered.append(tokenizer.apply_chat_template(msgs, tokenize=False,
+                                                          add_generation_prompt=True))
+        elif msgs is not None:
+            raise DataError(f"{where}: a message-list prompt needs data.chat: true")
+        else:
+            rendered.append(text)
+        texts.append(text)
+    # A rendered template spells out its special tokens; plain text gets the tokenizer's (BOS).
+    ids = tokenizer(rendered, add_special_tokens=not cfg.chat).input_ids if rendered else []
+    keep = []
+    for i, row_ids in enumerate(ids):
+        if not row_ids:
+            raise DataError(f"{source.where(i)}: the prompt is empty (no tokens)")
+        if len(row_ids) <= cfg.max_prompt_len:
+            keep.append(i)
+    if len(keep) < len(ids):
+        log.warning("%s: dropped %d of %d prompts longer than data.max_prompt_len=%d tokens",
+                    source.name, len(ids) - len(keep), len(ids), cfg.max_prompt_len)
+    if not keep:
+        raise DataError(f"{source.name}: no usable prompts (all {len(ids)} are longer than "
+                        f"data.max_prompt_len={cfg.max_prompt_len} tokens)")
+    return Prompts(source.name, [texts[i] for i in keep], [list(ids[i]) for i in keep])
+
+
+class PromptStream:
+    """Prompt indices, `batch` at a time, in a seeded permutation per epoch; resumable from
+    (epoch, index), which the checkpoint stores. A batch may span two epochs."""
+
+    def __init__(self, n: int, batch: int, *, seed: int, shuffle: bool):
+        self.n, self.batch, self.seed, self.shuffle = n, batch, seed, shuffle
+        self.epoch, self.index = 0, 0
+
+    def _order(self, epoch: int) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(self.n)
+        return np.random.default_rng([self.seed, epoch]).permutation(self.n)
+
+    def next(self) -> np.ndarray:
+        out: list[int] = []
+        while len(out) < self.batch:
+            take = self._order(self.epoch)[self.index:self.index + self.batch - len(out)]
+            out.extend(int(i) for i in take)
+            self.index += len(take)
+            if self.index >= self.n:
+                self.epoch, self.index = self.epoch + 1, 0
+        return np.asarray(out)
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def restore(self, state: dict) -> None:
+        self.epoch, self.index = int(state["epoch"]), int(state["index"])
+
+
+def prompt_length(prompts: Prompts) -> int:
+    """One padded prompt length for the whole run: one compiled program per shape."""
+    return bucket_length(max(len(x) for x in prompts.ids))
+
+
+# ----------------------------------------------------------------------------- device side
+
+@dataclasses.dataclass(frozen=True)
+class Models:
+    """Static description of the roles (hashable: part of the compile cache key).
+
+    ref:    'adapters_off' (LoRA: the policy with use_lora=False) or 'copy' (aux['ref']).
+    value:  'shared' (a head on the policy trunk, trainable['value_head']), 'separate' (a
+            critic Llama, trainable / frozen ['critic']) or 'none' (GRPO).
+    """
+    policy: ModelConfig
+    ref: str
+    value: str
+    critic: ModelConfig | None = None
+    reward: ModelConfig | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    top_k: int
+    eos_ids: tuple[int, ...]
+    pad_id: int
+    decode_scan_layers: bool | None = None   # None: as the policy config
+    logits_chunk: int = 128
+
+
+def sequence(prompt_BP, prompt_mask_BP, response_BN, response_mask_BN) -> dict:
+    """The training layout of prompt + response (see the module docstring)."""
+    segs_BT = jnp.concatenate([prompt_mask_BP, response_mask_BN], axis=1).astype(jnp.int32)
+    return {"tokens_BT": jnp.concatenate([prompt_BP, response_BN], axis=1).astype(jnp.int32),
+            "segment_ids_BT": segs_BT,
+            "positions_BT": jnp.maximum(jnp.cumsum(segs_BT, axis=1) - 1, 0).astype(jnp.int32)}
+
+
+def response_stats(hidden_BND, head, targets_BN, *, head_is_VD: bool, temperature: float,
+                   chunk: int):
+    """log p(target) and the entropy (nats) of softmax(logits / temperature), fp32, at every
+    response position, `chunk` positions at a time (logits rematerialised in the backward
+    pass: peak memory holds one (B, chunk, V) block). The temperature-scaled, untruncated
+    distribution is the one the sampler reports log-probs under (`generate._select`)."""
+    B, N, D = hidden_BND.shape
+    chunk = max(1, min(chunk or N, N))
+    n = -(-N // chunk)
+    pad = n * chunk - N
+    if pad:
+        hidden_BND = jnp.pad(hidden_BND, ((0, 0), (0, pad), (0, 0)))
+        targets_BN = jnp.pad(targets_BN, ((0, 0), (0, pad)))
+    h_nBCD = hidden_BND.reshape(B, n, chunk, D).swapaxes(0, 1)
+    t_nBC = targets_BN.reshape(B, n, chunk).swapaxes(0, 1)
+    eq = "bcd,vd->bcv" if head_is_VD else "bcd,dv->bcv"
+
+    @jax.checkpoint
+    def body(_, xs):
+        h_BCD, t_BC = xs
+        logits_BCV = jnp.einsum(eq, h_BCD, head.astype(h_BCD.dtype),
+                                preferred_element_type=jnp.float32) / temperature
+        lse_BC = jax.nn.logsumexp(logits_BCV, axis=-1)
+        picked_BC = jnp.take_along_axis(logits_BCV, t_BC[..., None], axis=-1)[..., 0]
+        p_BCV = jnp.exp(logits_BCV - lse_BC[..., None])
+        entropy_BC = lse_BC - (p_BCV * logits_BCV).sum(-1)
+        return None, (picked_BC - lse_BC, entropy_BC)
+
+    _, (logp_nBC, ent_nBC) = jax.lax.scan(body, None, (h_nBCD, t_nBC))
+    unchunk = lambda x: x.swapaxes(0, 1).reshape(B, n * chunk)[:, :N]
+    return unchunk(logp_nBC), unchunk(ent_nBC)
+
+
+def _response_hidden(cfg: ModelConfig, params, batch: dict, *, use_lora: bool = True,
+                     dropout_key=None):
+    _, hidden_BTD, _ = functional.apply(cfg, params, batch["tokens_BT"],
+                                        positions_BT=batch["positions_BT"],
+                                        segment_ids_BT=batch["segment_ids_BT"],
+                                        return_logits=False, use_lora=use_lora,
+                                        dropout_key=dropout_key)
+    N = batch["response_BN"].shape[1]
+    P = hidden_BTD.shape[1] - N
+    return hidden_BTD[:, P - 1:P - 1 + N]
+
+
+def policy_forward(cfg: ModelConfig, params, batch: dict, *, temperature: float, chunk: int,
+                   use_lora: bool = True):
+    """-> (logp_BN, entropy_BN, hidden_BND) of the response under `params`."""
+    hidden_BND = _response_hidden(cfg, params, batch, use_lora=use_lora)
+    head, head_is_VD = functional.lm_head(cfg, params)
+    logp_BN, ent_BN = response_stats(hidden_BND, head, batch["response_BN"], head_is_VD=head_is_VD,
+                                     temperature=temperature, chunk=chunk)
+    return logp_BN, ent_BN, hidden_BND
+
+
+def values(models: Models, trainable, frozen, batch: dict, policy_hidden_BND) -> jax.Array:
+    """Per-token values (B, N) fp32: the value head on the policy trunk, or the critic."""
+    if models.value == "shared":
+        return heads.project(trainable["value_head"], policy_hidden_BND)[..., 0]
+    if models.value == "separate":
+        critic = lora.combine(trainable["critic"], frozen.get("critic", {}))
+        return heads.project(critic, _response_hidden(models.critic, critic, batch))[..., 0]
+    return jnp.zeros(batch["response_BN"].shape, jnp.float32)
+
+
+def rollout(models: Models, sampling: Sampling, trainable, frozen, aux, prompt_BP, prompt_mask_BP,
+            key) -> dict[str, jax.Array]:
+    """Sample, then score every response with one forward per role. Pure; jit it with
+    `models` and `sampling` static. `aux`: {'ref': params} when models.ref == 'copy',
+    {'reward': params} with a reward model."""
+    policy = lora.combine(trainable["policy"], frozen["policy"])
+    gen_cfg = models.policy
+    if sampling.decode_scan_layers is not None:
+        # Same param layout either way; scanned layers decode faster on CPU (cli.py).
+        gen_cfg = gen_cfg.replace(scan_layers=sampling.decode_scan_layers)
+    out = generate(gen_cfg, policy, prompt_BP, prompt_mask_BP, key,
+                   max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
+                   top_k=sampling.top_k, top_p=sampling.top_p, eos_ids=sampling.eos_ids,
+                   pad_id=sampling.pad_id)
+    batch = sequence(prompt_BP, prompt_mask_BP, out["tokens_BN"], out["mask_BN"])
+    batch["response_BN"], batch["mask_BN"] = out["tokens_BN"], out["mask_BN"]
+    kw = dict(temperature=sampling.temperature, chunk=sampling.logits_chunk)
+    logp_BN, ent_BN, hidden_BND = policy_forward(models.policy, policy, batch, **kw)
+    if models.ref == "adapters_off":
+        ref_logp_BN = policy_forward(models.policy, policy, batch, use_lora=False, **kw)[0]
+    else:
+        ref_logp_BN = policy_forward(models.policy, aux["ref"], batch, **kw)[0]
+    if models.reward is not None:
+        score_B = heads.score(models.reward, aux["reward"], batch["tokens_BT"],
+                              batch["segment_ids_BT"], batch["positions_BT"])
+    else:
+        score_B = jnp.zeros(prompt_BP.shape[:1], jnp.float32)
+    mask_BN = out["mask_BN"].astype(jnp.float32)
+    return {**batch,
+            "sampler_logp_BN": out["logprobs_BN"],
+            "old_logp_BN": logp_BN * mask_BN,
+            "ref_logp_BN": ref_logp_BN * mask_BN,
+            "entropy_BN": ent_BN * mask_BN,
+            "values_BN": values(models, trainable, frozen, batch, hidden_BND) * mask_BN,
+            "rm_score_B": score_B,
+            "lengths_B": out["lengths_B"]}
+
+
+def stack_prompts(prompts: Prompts, indices: Sequence[int], pad_id: int, length: int):
+    """Left-padded (tokens, mask) int32 arrays for the given prompt indices."""
+    tokens = np.full((len(indices), length), pad_id, np.int32)
+    mask = np.zeros((len(indices), length), np.int32)
+    for r, i in enumerate(indices):
+        ids = prompts.ids[i]
+        tokens[r, length - len(ids):] = ids
+        mask[r, length - len(ids):] = 1
+    return tokens, mask
+
+
+def has_eos(response_BN: np.ndarray, lengths_B: np.ndarray, eos_ids: Sequence[int]) -> np.ndarray:
+    """Whether each response ended with an EOS (rather than running out of tokens)."""
+    last = response_BN[np.arange(len(lengths_B)), np.maximum(lengths_B - 1, 0)]
+    return (lengths_B > 0) & np.isin(last, np.asarray(list(eos_ids) or [-1]))
+
+
+def decode(tokenizer, response_BN: np.ndarray, lengths_B: np.ndarray) -> list[str]:
+    return tokenizer.batch_decode([row[:n].tolist() for row, n in zip(response_BN, lengths_B)],
+                                  skip_special_tokens=True)
+

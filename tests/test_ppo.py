@@ -1,0 +1,328 @@
+"""PPO / GRPO on a tiny random Llama: sampler vs trainer log-probs, learning a programmatic
+reward under a KL ceiling, exact resume, bad inputs, the roles (LoRA reference, reward
+model, separate critic), the curves script.
+
+Compile time dominates: every run with the PPO config below shares one set of compiled
+programs (`rl.compiled` caches them per process), so most tests cost about a second.
+"""
+
+import json
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from jaxalign.checkpoint import TrainCheckpoints
+from jaxalign.config import ConfigError, apply_overrides, from_dict
+from jaxalign.data.sources import DataError
+from jaxalign.train import rollout as R
+from jaxalign.train.loop import NonFiniteLossError
+from jaxalign.train.ppo import RLConfig
+from jaxalign.train.reward import RewardFunctionError, RewardModelError
+from jaxalign.train.rl import MonitorStop, run_rl
+
+ROOT = Path(__file__).resolve().parents[1]
+ITERATIONS = 16
+KL_TARGET = 3.0        # the adaptive controller's target (nats per sequence of 8 tokens)
+KL_CEILING = 10.0      # monitor.kl_ceiling with action stop: the run fails past it
+
+# Test reward functions, written to a module the runs import by name ("module:function").
+REWARDS_MODULE = '''
+import os, signal
+from jaxalign.rewards import digits as _digits
+CALLS = {"n": 0}
+STOP_AT = {"n": None}
+
+def _call():
+    CALLS["n"] += 1
+    return CALLS["n"]
+
+def digits(prompts, completions):          # the good one; SIGTERMs the run at call STOP_AT
+    if _call() == STOP_AT["n"]:
+        os.kill(os.getpid(), signal.SIGTERM)
+    return _digits(prompts, completions)
+
+def raises(prompts, completions):
+    if _call() >= 2:
+        raise ValueError("boom")
+    return _digits(prompts, completions)
+
+def nan(prompts, completions):
+    out = _digits(prompts, completions)
+    if _call() >= 2:
+        out[3] = float("nan")
+    return out
+
+def wrong_count(prompts, completions):
+    out = _digits(prompts, completions)
+    return out[:-1] if _call() >= 2 else out
+
+def huge(prompts, completions):            # finite, but the value loss overflows
+    out = _digits(prompts, completions)
+    return [1e30] * len(out) if _call() >= 2 else out
+'''
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from make_tiny_model import make_tiny_model
+    root = tmp_path_factory.mktemp("ppo")
+    model_dir = make_tiny_model(root / "model")
+    prompts = root / "prompts.jsonl"
+    with open(prompts, "w") as f:
+        for i in range(48):  # chat rows: the assistant turn is dropped, the template renders
+            a, b = i % 8 + 2, i // 8 + 3
+            f.write(json.dumps({"messages": [{"role": "user", "content": f"What is {a} plus {b}?"},
+                                             {"role": "assistant", "content": f"{a + b}"}]}) + "\n")
+    (root / "ppo_test_rewards.py").write_text(REWARDS_MODULE)
+    sys.path.insert(0, str(root))
+    import ppo_test_rewards
+    return dict(root=root, model_dir=model_dir, prompts=prompts, rewards=ppo_test_rewards)
+
+
+def config(tiny, out_dir, *overrides) -> RLConfig:
+    raw = {"out_dir": str(out_dir), "algorithm": "ppo",
+           "model": {"path": str(tiny["model_dir"]), "scan_layers": False},
+           "data": {"prompts": str(tiny["prompts"]), "chat": True, "max_prompt_len": 64},
+           "rollout": {"batch_size": 16, "max_new_tokens": 8, "temperature": 1.0},
+           "reward": {"functions": ["jaxalign.rewards:digits"]},
+           "ppo": {"epochs": 4, "minibatches": 2, "kl_coef": 0.1, "kl_target": KL_TARGET,
+                   "kl_horizon": 16},
+           "monitor": {"kl_ceiling": KL_CEILING, "action": "stop"},
+           "train": {"iterations": ITERATIONS, "save_every": 4, "sample_every": 4,
+                     "tensorboard": False, "progress": False},
+           "optim": {"lr": 3e-3, "schedule": "constant"},
+           "mesh": {"data": 1, "fsdp": -1, "tensor": 1}}
+    return from_dict(RLConfig, apply_overrides(raw, list(overrides)))
+
+
+def run(cfg):
+    return run_rl(cfg, devices=jax.devices()[:1])
+
+
+def records(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def _learned(rows, gain):
+    first = np.mean([r["reward_mean"] for r in rows[:4]])
+    last = np.mean([r["reward_mean"] for r in rows[-4:]])
+    assert last >= first + gain, (first, last, [round(r["reward_mean"], 3) for r in rows])
+    assert max(r["kl"] for r in rows) <= KL_CEILING  # also enforced by the monitor (stop)
+    return first, last
+
+
+@pytest.fixture(scope="module")
+def ppo_run(tiny):
+    out = tiny["root"] / "ppo"
+    run(config(tiny, out))
+    return out
+
+
+def test_sampler_logprobs_equal_training_logprobs(tiny):
+    """The sampler's log-probs (KV cache, temperature 0.7, top-p 0.9, left padding) equal the
+    training forward's, fp32, within 1e-5: the chunked head the loss uses and full logits."""
+    from jaxalign.convert import hf
+    from jaxalign.models import functional
+    from jaxalign.tokenizer import load_tokenizer
+
+    cfg, params, _ = hf.load(tiny["model_dir"], scan_layers=False)
+    tok = load_tokenizer(tiny["model_dir"])
+    ids = [tok(t).input_ids for t in ("What is 2 plus 3?", "red", "write a list of three colors")]
+    assert len({len(x) for x in ids}) == 3
+    prompts = R.Prompts("inline", [""] * 3, ids)
+    tokens_BP, mask_BP = R.stack_prompts(prompts, [0, 1, 2, 1], tok.pad_token_id, 16)
+    T = 0.7
+    models = R.Models(policy=cfg, ref="copy", value="none")
+    sampling = R.Sampling(max_new_tokens=8, temperature=T, top_p=0.9, top_k=0,
+                          eos_ids=(tok.eos_token_id,), pad_id=tok.pad_token_id)
+
+    @jax.jit
+    def go(p, tokens, mask, key):
+        out = R.rollout(models, sampling, {"policy": p}, {"policy": {}}, {"ref": p}, tokens, mask, key)
+        logits = functional.apply(cfg, p, out["tokens_BT"], positions_BT=out["positions_BT"],
+                                  segment_ids_BT=out["segment_ids_BT"])[0]
+        return out, jax.nn.log_softmax(logits / T, axis=-1)
+
+    out, full_logp = jax.device_get(go(params, tokens_BP, mask_BP, jax.random.PRNGKey(3)))
+    mask = out["mask_BN"].astype(bool)
+    assert mask.sum() >= 16
+    sampler, trained = out["sampler_logp_BN"], out["old_logp_BN"]
+    np.testing.assert_array_less(np.abs(sampler - trained)[mask], 1e-5)
+    P, N = tokens_BP.shape[1], mask.shape[1]
+    picked = np.take_along_axis(full_logp[:, P - 1:P - 1 + N], out["response_BN"][..., None], -1)[..., 0]
+    np.testing.assert_array_less(np.abs(sampler - picked)[mask], 1e-5)
+    # The reference is a copy of the same params here: zero KL.
+    np.testing.assert_array_less(np.abs(out["ref_logp_BN"] - trained)[mask], 1e-6)
+
+
+def test_ppo_learns_reward_under_kl_ceiling(ppo_run):
+    rows = records(ppo_run)
+    assert [r["step"] for r in rows] == list(range(1, ITERATIONS + 1))
+    first, last = _learned(rows, gain=0.15)
+    print(f"PPO reward {first:.3f} -> {last:.3f}, KL max {max(r['kl'] for r in rows):.2f}")
+    assert max(r["logprob_gap"] for r in rows) <= 1e-5
+    assert rows[0]["kl"] == 0.0                                 # the reference is a copy
+    for key in ("reward_std", "entropy", "clipfrac", "approx_kl", "value_loss",
+                "explained_variance", "response_length", "eos_rate", "kl_coef", "epochs"):
+        assert key in rows[-1], key
+    assert len({r["kl_coef"] for r in rows}) > 1                 # the adaptive controller moves
+    samples = [json.loads(l) for l in (ppo_run / "samples.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in samples] == [4, 4, 8, 8, 12, 12, 16, 16]
+    assert {"prompt", "completion", "reward", "length", "eos"} <= set(samples[0])
+    memory = json.loads((ppo_run / "memory.json").read_text())
+    assert set(memory["programs"]) == {"rollout", "advantages", "train_step"}
+    assert memory["programs"]["train_step"]["temp"] > 0
+    b = memory["params_bytes"]
+    assert b["reference"] == b["policy_trainable"] > 0 and b["value"] == 64 * 4
+
+
+def test_grpo_learns_reward_under_kl_ceiling(tiny):
+    out = tiny["root"] / "grpo"
+    run(config(tiny, out, "algorithm=grpo", "rollout.batch_size=4", "rollout.num_generations=4",
+               "ppo.epochs=2", "grpo.beta=0.04", "train.sample_every=0"))
+    rows = records(out)
+    first, last = _learned(rows, gain=0.15)
+    print(f"GRPO reward {first:.3f} -> {last:.3f}, KL max {max(r['kl'] for r in rows):.2f}")
+    assert "value_loss" not in rows[-1] and rows[-1]["kl_loss"] > 0
+    assert rows[-1]["kl_coef"] == 0.04
+
+
+def test_exact_resume(tiny, ppo_run, tmp_path):
+    """16 iterations straight == stopped (SIGTERM) at 6 + a stray record past the checkpoint +
+    rerun: identical metrics.jsonl and samples.jsonl (rollout RNG, prompt position, adaptive
+    KL coefficient all restored)."""
+    mod = tiny["rewards"]
+    mod.CALLS["n"], mod.STOP_AT["n"] = 0, 6
+    cfg = config(tiny, tmp_path / "r", "reward.functions=[ppo_test_rewards:digits]")
+    with pytest.raises(KeyboardInterrupt, match="iteration 6"):
+        run(cfg)
+    assert TrainCheckpoints(tmp_path / "r").latest_step() == 6
+    with open(tmp_path / "r" / "metrics.jsonl", "a") as f:  # as if killed after logging 7
+        f.write(json.dumps({"step": 7, "reward_mean": 123.0}) + "\n")
+    mod.STOP_AT["n"] = None
+    run(cfg)
+    for name in ("metrics.jsonl", "samples.jsonl"):
+        assert (tmp_path / "r" / name).read_text() == (ppo_run / name).read_text(), name
+
+
+@pytest.mark.parametrize("fn, message", [
+    ("raises", r"reward function ppo_test_rewards:raises raised ValueError: boom"),
+    ("nan", r"reward function ppo_test_rewards:nan returned nan for completion 3"),
+    ("wrong_count", r"reward function ppo_test_rewards:wrong_count returned 15 value\(s\) "
+                    r"for 16 completion\(s\)"),
+])
+def test_bad_reward_function_keeps_last_iteration(tiny, tmp_path, fn, message):
+    tiny["rewards"].CALLS["n"] = 0
+    cfg = config(tiny, tmp_path, f"reward.functions=[ppo_test_rewards:{fn}]")
+    with pytest.raises(RewardFunctionError, match=rf"iteration 2: {message}.*checkpoint of "
+                                                  r"iteration 1 .* is intact"):
+        run(cfg)
+    # Iteration 1 is checkpointed (saved on the error, save_every is 4); nothing of 2 is.
+    ckpts = TrainCheckpoints(tmp_path)
+    assert list(ckpts.manager.all_steps()) == [1]
+    ckpts.close()
+    assert [r["step"] for r in records(tmp_path)] == [1]
+
+
+def test_nan_loss_stops_with_last_checkpoint(tiny, tmp_path):
+    tiny["rewards"].CALLS["n"] = 0
+    cfg = config(tiny, tmp_path, "reward.functions=[ppo_test_rewards:huge]", "train.save_every=1")
+    with pytest.raises(NonFiniteLossError, match=r"iteration 2: non-finite loss.*last good "
+                                                 r"checkpoint \(iteration 1\)"):
+        run(cfg)
+    ckpts = TrainCheckpoints(tmp_path)
+    assert list(ckpts.manager.all_steps()) == [1]
+    ckpts.close()
+
+
+def test_monitor_stop(tiny, tmp_path):
+    cfg = config(tiny, tmp_path, "monitor.entropy_floor=100.0")
+    with pytest.raises(MonitorStop, match=r"iteration 1: entropy .* < monitor.entropy_floor=100"):
+        run(cfg)
+    assert TrainCheckpoints(tmp_path).latest_step() == 1
+
+
+def test_wrong_kind_of_reward_model(tiny, tmp_path):
+    cfg = config(tiny, tmp_path, f"reward.model={tiny['model_dir']}")
+    with pytest.raises(RewardModelError, match=r"wrong kind of model: a causal LM"):
+        run(cfg)
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_bad_prompt_sets(tiny, tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(DataError, match=rf"{empty}: file has no rows"):
+        run(config(tiny, tmp_path / "a", f"data.prompts={empty}"))
+    no_field = tmp_path / "nofield.jsonl"
+    no_field.write_text('{"text": "hi"}\n')
+    with pytest.raises(DataError, match=rf"{no_field}: row 0 \(line 1\): no 'prompt' or 'messages'"):
+        run(config(tiny, tmp_path / "b", f"data.prompts={no_field}"))
+    with pytest.raises(DataError, match=r"no usable prompts .* longer than data.max_prompt_len=4"):
+        run(config(tiny, tmp_path / "c", "data.max_prompt_len=4"))
+    with pytest.raises(ConfigError, match="grpo needs rollout.num_generations >= 2"):
+        config(tiny, tmp_path, "algorithm=grpo")
+    with pytest.raises(ConfigError, match="reward.functions: 'nocolon' is not of the form"):
+        config(tiny, tmp_path, "reward.functions=[nocolon]")
+
+
+def test_lora_reward_model_and_separate_critic(tiny, tmp_path):
+    """LoRA policy (reference = adapters off: no copy, KL exactly 0 before any update), a
+    reward model directory scoring the last token, a separate critic initialised from it."""
+    from jaxalign import checkpoint
+    from jaxalign.convert import hf
+
+    cfg, params, hf_config, _ = checkpoint.load_model(tiny["model_dir"], num_labels=1, seed=5)
+    rm_dir = hf.save(tmp_path / "rm", cfg, params, hf_config=hf_config, source_dir=tiny["model_dir"])
+    out = tmp_path / "run"
+    run(config(tiny, out, f"reward.model={rm_dir}", "reward.functions=[]", "lora.rank=4",
+               "ppo.value_model=separate", "ppo.critic_init=reward", "train.iterations=2",
+               "ppo.epochs=1", "monitor.kl_ceiling=null"))
+    rows = records(out)
+    assert rows[0]["kl"] == 0.0 and rows[0]["reward_mean"] == pytest.approx(rows[0]["reward/model"])
+    assert rows[0]["reward_std"] > 0 and np.isfinite(rows[1]["value_loss"])
+    b = json.loads((out / "memory.json").read_text())["params_bytes"]
+    assert b["reference"] == 0 and b["reward_model"] > 0
+    assert 0 < b["policy_trainable"] < b["policy_frozen"]      # adapters only
+    assert b["value"] == b["policy_trainable"] + 64 * 4           # adapters + score; trunk shared
+    # The run dir loads back as a model (run.json says ppo): the trained LoRA policy.
+    from jaxalign.models import functional
+    mcfg, mparams, _, _ = checkpoint.load_model(out)
+    assert mcfg.lora_rank == 4 and mcfg.num_labels == 0
+    x = np.arange(3, 19, dtype=np.int32)[None]
+    on, off = (np.asarray(functional.apply(mcfg, mparams, x, use_lora=u)[0]) for u in (True, False))
+    assert np.abs(on - off).max() > 1e-4                          # the adapters trained
+
+
+def test_ppo_curves_png(ppo_run, tmp_path):
+    png = tmp_path / "curves.png"
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "ppo_curves.py"), str(ppo_run), str(png)],
+                   check=True, capture_output=True)
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    assert data[12:16] == b"IHDR"
+    width, height = struct.unpack(">II", data[16:24])
+    assert width > 100 and height > 100
+    if data.count(b"IDAT") == 1:  # our own writer: RGB rows, each behind a filter byte
+        at = data.index(b"IDAT")
+        length = struct.unpack(">I", data[at - 4:at])[0]
+        raw = zlib.decompress(data[at + 4:at + 4 + length])
+        assert len(raw) == height * (1 + 3 * width)
+
+
+def test_cli_ppo(tiny, tmp_path, capsys):
+    """`jaxalign ppo`: a usage error exits 2; configs/tiny_ppo.yaml parses, and a run error is
+    one line and exit 1 (here: a causal LM given as the reward model)."""
+    from jaxalign import cli
+    with pytest.raises(SystemExit) as e:
+        cli.main(["ppo"])
+    assert e.value.code == 2
+    assert cli.main(["ppo", str(ROOT / "configs" / "tiny_ppo.yaml"), f"out_dir={tmp_path}",
+                     f"model.path={tiny['model_dir']}", f"data.prompts={tiny['prompts']}",
+                     f"reward.model={tiny['model_dir']}"]) == 1
