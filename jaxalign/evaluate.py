@@ -106,11 +106,11 @@ def rm_accuracy(cfg: EvalConfig, rm) -> dict[str, float]:
 def dpo_accuracy(cfg: EvalConfig, policy, reference) -> dict[str, float]:
     from jaxalign.train.dpo import pair_logps
     (p_cfg, p_params, tok), (r_cfg, r_params, _) = policy, reference
-    logps = {}
+    logps, pairs = {}, _pairs(cfg, tok)
     for name, (c, params) in (("policy", (p_cfg, p_params)), ("reference", (r_cfg, r_params))):
         fn = jax.jit(lambda p, b, c=c: pair_logps(c, p, b, average=False, chunk=128))
         parts = []
-        for batch in _batches(cfg, _pairs(cfg, tok), _pad_id(tok)):
+        for batch in _batches(cfg, pairs, _pad_id(tok)):
             lp = np.asarray(fn(params, {k: jnp.asarray(v) for k, v in batch.items()}))
             parts.append(lp[batch["pair_mask"] > 0])
         logps[name] = np.concatenate(parts)

@@ -18,7 +18,7 @@ from jaxalign.config import ConfigError, MeshConfig, ModelConfig
 from jaxalign.data.config import DataConfig
 from jaxalign.data.preference import build_preference_data
 from jaxalign.losses.preference import bradley_terry
-from jaxalign.models import heads, lora
+from jaxalign.models import functional, heads, lora
 from jaxalign.tokenizer import load_tokenizer
 from jaxalign.train.loop import Task, TrainConfig, train
 from jaxalign.train.optim import OptimConfig
@@ -80,7 +80,6 @@ def load_reward_model(source: ModelSource, lora_cfg: LoRAConfig, mesh, seed: int
     """-> (cfg, trainable, frozen, frozen_shardings, hf_config, tokenizer dir)."""
     cfg, params, hf_config, tok_dir = checkpoint.load_model(source.path, mesh, num_labels=1,
                                                             seed=seed, **source.runtime())
-    from jaxalign.models import functional
     cfg = lora_cfg.apply_to(cfg)
     if cfg.lora_rank:
         params = lora.add_adapters(cfg, params, mesh, seed)
