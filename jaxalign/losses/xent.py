@@ -35,18 +35,13 @@ def _chunk_stats(hidden_BCD, head, targets_BC, head_is_VD: bool):
     return picked_BC - lse_BC, correct_BC
 
 
-def head_logprobs(hidden_BTD: jax.Array, head: jax.Array, targets_BT: jax.Array, *,
-                  head_is_VD: bool, chunk: int = 128) -> tuple[jax.Array, jax.Array]:
-    """log p(target_t) (fp32) and whether the target is the argmax, for every position,
-    from the final hidden states and the LM-head weight ((V, D) when tied to the embedding,
-    else (D, V)).
-
-    The sequence is cut into chunks of `chunk` positions and scanned; each chunk's logits
-    are rematerialised in the backward pass instead of stored, so peak memory holds one
-    (B, chunk, V) block instead of (B, T, V), at the cost of one more head matmul.
-    """
+def scan_chunks(hidden_BTD: jax.Array, targets_BT: jax.Array, chunk: int, stats_fn):
+    """Applies `stats_fn(hidden_BCD, targets_BC) -> tuple of (B, C) arrays` to the sequence
+    `chunk` positions at a time and returns the tuple as (B, T) arrays. Each chunk runs under
+    `jax.checkpoint`: its (B, chunk, V) logits are rematerialised in the backward pass instead
+    of stored, so peak memory holds one such block instead of (B, T, V)."""
     B, T, D = hidden_BTD.shape
-    chunk = max(1, min(chunk, T))
+    chunk = max(1, min(chunk or T, T))
     n = -(-T // chunk)
     pad = n * chunk - T
     if pad:
@@ -58,13 +53,21 @@ def head_logprobs(hidden_BTD: jax.Array, head: jax.Array, targets_BT: jax.Array,
 
     @jax.checkpoint
     def body(_, xs):
-        h_BCD, t_BC = xs
-        return None, _chunk_stats(h_BCD, head, t_BC, head_is_VD)
+        return None, stats_fn(*xs)
 
-    _, (logp_nBC, correct_nBC) = jax.lax.scan(body, None, (h_nBCD, t_nBC))
-    logp_BT = logp_nBC.swapaxes(0, 1).reshape(B, n * chunk)[:, :T]
-    correct_BT = correct_nBC.swapaxes(0, 1).reshape(B, n * chunk)[:, :T]
-    return logp_BT, correct_BT
+    _, outs = jax.lax.scan(body, None, (h_nBCD, t_nBC))
+    return tuple(x.swapaxes(0, 1).reshape(B, n * chunk)[:, :T] for x in outs)
+
+
+def head_logprobs(hidden_BTD: jax.Array, head: jax.Array, targets_BT: jax.Array, *,
+                  head_is_VD: bool, chunk: int = 128) -> tuple[jax.Array, jax.Array]:
+    """log p(target_t) (fp32) and whether the target is the argmax, for every position,
+    from the final hidden states and the LM-head weight ((V, D) when tied to the embedding,
+    else (D, V)), `chunk` positions at a time (`scan_chunks`), at the cost of one more head
+    matmul in the backward pass.
+    """
+    return scan_chunks(hidden_BTD, targets_BT, chunk,
+                       lambda h, t: _chunk_stats(h, head, t, head_is_VD))
 
 
 def _masked_mean_metrics(logp_BT, correct_BT, loss_mask_BT):

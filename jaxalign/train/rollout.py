@@ -29,6 +29,7 @@ from jaxalign.config import ConfigError, ModelConfig
 from jaxalign.data.config import DatasetSpec
 from jaxalign.data.sources import DataError, load_rows
 from jaxalign.generate import bucket_length, generate
+from jaxalign.losses.xent import scan_chunks
 from jaxalign.models import functional, heads, lora
 
 log = logging.getLogger(__name__)
@@ -201,31 +202,18 @@ def response_stats(hidden_BND, head, targets_BN, *, head_is_VD: bool, temperatur
     response position, `chunk` positions at a time (logits rematerialised in the backward
     pass: peak memory holds one (B, chunk, V) block). The temperature-scaled, untruncated
     distribution is the one the sampler reports log-probs under (`generate._select`)."""
-    B, N, D = hidden_BND.shape
-    chunk = max(1, min(chunk or N, N))
-    n = -(-N // chunk)
-    pad = n * chunk - N
-    if pad:
-        hidden_BND = jnp.pad(hidden_BND, ((0, 0), (0, pad), (0, 0)))
-        targets_BN = jnp.pad(targets_BN, ((0, 0), (0, pad)))
-    h_nBCD = hidden_BND.reshape(B, n, chunk, D).swapaxes(0, 1)
-    t_nBC = targets_BN.reshape(B, n, chunk).swapaxes(0, 1)
     eq = "bcd,vd->bcv" if head_is_VD else "bcd,dv->bcv"
 
-    @jax.checkpoint
-    def body(_, xs):
-        h_BCD, t_BC = xs
+    def stats(h_BCD, t_BC):
         logits_BCV = jnp.einsum(eq, h_BCD, head.astype(h_BCD.dtype),
                                 preferred_element_type=jnp.float32) / temperature
         lse_BC = jax.nn.logsumexp(logits_BCV, axis=-1)
         picked_BC = jnp.take_along_axis(logits_BCV, t_BC[..., None], axis=-1)[..., 0]
         p_BCV = jnp.exp(logits_BCV - lse_BC[..., None])
         entropy_BC = lse_BC - (p_BCV * logits_BCV).sum(-1)
-        return None, (picked_BC - lse_BC, entropy_BC)
+        return picked_BC - lse_BC, entropy_BC
 
-    _, (logp_nBC, ent_nBC) = jax.lax.scan(body, None, (h_nBCD, t_nBC))
-    unchunk = lambda x: x.swapaxes(0, 1).reshape(B, n * chunk)[:, :N]
-    return unchunk(logp_nBC), unchunk(ent_nBC)
+    return scan_chunks(hidden_BND, targets_BN, chunk, stats)
 
 
 def _response_hidden(cfg: ModelConfig, params, batch: dict, *, use_lora: bool = True,
