@@ -12,6 +12,7 @@ from typing import Any, Literal, Mapping
 ROPE_TYPES = ("default", "linear", "llama3")
 DTYPES = ("float32", "bfloat16")
 REMAT_POLICIES = ("none", "full", "dots")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # HF architectures we read; anything else with model_type 'llama' (e.g. LlamaForTokenClassification,
 # LlamaForQuestionAnswering) has other heads and is refused by name.
@@ -70,6 +71,10 @@ class ModelConfig:
     # on a 2-core CPU (DESIGN.md section 5). Same parameter layout either way.
     scan_layers: bool = True
     remat: Literal["none", "full", "dots"] = "none"
+    # Attention kernel of the training / scoring forward (the KV-cache decode always uses XLA):
+    # "xla" materialises the (T, S) scores; "cudnn" is cuDNN's fused flash attention (GPU,
+    # bf16 compute only); "auto" picks cudnn where it applies, else xla.
+    attention: Literal["auto", "xla", "cudnn"] = "auto"
     # LoRA adapters (rank 0 = none) on the named HF projections; scale = alpha / rank.
     lora_rank: int = 0
     lora_alpha: float = 16.0
@@ -88,6 +93,7 @@ class ModelConfig:
         _require(self.param_dtype in DTYPES, f"model.param_dtype must be one of {DTYPES}")
         _require(self.dtype in DTYPES, f"model.dtype must be one of {DTYPES}")
         _require(self.remat in REMAT_POLICIES, f"model.remat must be one of {REMAT_POLICIES}")
+        _require(self.attention in ATTENTION_IMPLS, f"model.attention must be one of {ATTENTION_IMPLS}")
         _require(self.num_labels >= 0, f"model.num_labels must be >= 0, got {self.num_labels}")
         _require(self.lora_rank >= 0, f"lora.rank must be >= 0, got {self.lora_rank}")
         _require(0.0 <= self.lora_dropout < 1.0, f"lora.dropout must be in [0, 1), got {self.lora_dropout}")

@@ -93,7 +93,8 @@ def run_ours(job: dict) -> dict:
             if i >= job["warmup"]:
                 times.append(time.perf_counter() - t0)
     return dict(compile_s=compile_s, step_s=statistics.median(times), loss1=losses[0], rss_setup=rss_setup,
-                xla_temp_gib=getattr(mem, "temp_size_in_bytes", 0) / 2**30)
+                xla_temp_gib=getattr(mem, "temp_size_in_bytes", 0) / 2**30,
+                device=benchlib.jax_device_name(), peak_dev_gib=benchlib.jax_peak_device_gib())
 
 
 # ----------------------------------------------------------------------------- TRL
@@ -117,6 +118,8 @@ def run_trl(job: dict) -> dict:
             self._t0 = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kw):
+            if torch.cuda.is_available():  # CUDA kernels run asynchronously: wait for the step
+                torch.cuda.synchronize()
             self.times.append(time.perf_counter() - self._t0)
 
         def on_log(self, args, state, control, logs=None, **kw):
@@ -138,7 +141,7 @@ def run_trl(job: dict) -> dict:
             output_dir=out, max_steps=n, per_device_train_batch_size=job["batch"],
             learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
             max_grad_norm=1.0, gradient_checkpointing=job["config"] == "grad-ckpt on",
-            bf16=job["precision"] == "bf16", use_cpu=True, max_length=job["seq"], packing=False,
+            bf16=job["precision"] == "bf16", use_cpu=not torch.cuda.is_available(), max_length=job["seq"], packing=False,
             dataset_kwargs={"skip_prepare_dataset": True}, train_sampling_strategy="sequential",
             logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True, seed=0)
         trainer = SFTTrainer(model=job["model"], args=args, train_dataset=data,
@@ -146,7 +149,8 @@ def run_trl(job: dict) -> dict:
         trainer.train()
     return dict(compile_s=None, step_s=statistics.median(timer.times[job["warmup"]:]),
                 loss1=timer.losses[0] if timer.losses else float("nan"), rss_setup=timer.rss_setup,
-                threads=torch.get_num_threads())
+                threads=torch.get_num_threads(), device=benchlib.torch_device_name(),
+                peak_dev_gib=benchlib.torch_peak_device_gib())
 
 
 # ----------------------------------------------------------------------------- driver
@@ -221,7 +225,7 @@ def main() -> None:
     common = dict(model=model, vocab=vocab, batch=args.batch, seq=args.seq, steps=args.steps,
                   warmup=args.warmup, precision=args.precision)
     load = os.getloadavg()
-    rows, step_s = [], {}
+    rows, step_s, devices = [], {}, {}
     n_tok = args.batch * args.seq
     for mode in modes:
         jobs = [dict(side="jaxalign", config=c) for c in ours]
@@ -230,13 +234,14 @@ def main() -> None:
             job.update(common, mode=mode)
             r = run_job(job, allocator)
             if "error" in r:
-                rows.append([job["side"], mode, args.precision, job["config"], r["error"]] + ["-"] * 6)
+                rows.append([job["side"], mode, args.precision, job["config"], r["error"]] + ["-"] * 7)
                 continue
             c = r["compile_s"]
             rows.append([job["side"], mode, args.precision, job["config"],
                          "-" if c is None else c, r["step_s"], n_tok / r["step_s"],
                          r["rss_setup"], r["peak_rss_gib"], r.get("xla_temp_gib", "-"),
-                         f"{r['loss1']:.5f}"])
+                         r.get("peak_dev_gib") or "-", f"{r['loss1']:.5f}"])
+            devices[job["side"]] = r.get("device", "cpu")
             step_s[(mode, job["side"], job["config"])] = r["step_s"]
 
     alloc = (f"jemalloc (LD_PRELOAD={os.environ.get('LD_PRELOAD')} "
@@ -245,12 +250,14 @@ def main() -> None:
     print(f"allocator: {alloc}, both sides; {os.cpu_count()} CPUs, load average at start "
           f"{load[0]:.1f} {load[1]:.1f} {load[2]:.1f}")
     benchlib.print_table(
-        f"SFT step, SmolLM2-135M, batch {args.batch} x {args.seq} tokens, {args.precision}, "
+        f"SFT step, {Path(model).name}, batch {args.batch} x {args.seq} tokens, {args.precision}, "
         f"median of {args.steps} steps after {args.warmup} warmup",
         ["side", "mode", "precision", "layers/remat | grad-ckpt", "compile s", "step s", "tok/s",
-         "RSS setup GiB", "peak RSS GiB", "XLA temp GiB", "loss@1"], rows)
+         "RSS setup GiB", "peak RSS GiB", "XLA temp GiB", "peak device GiB", "loss@1"], rows)
     print("RSS setup: peak RSS before the first step (model load, trainer set-up, our compile); "
-          "XLA temp: the compiled step's scratch memory (memory_analysis)")
+          "XLA temp: the compiled step's scratch memory (memory_analysis); peak device: the "
+          "accelerator allocator's peak (JAX memory_stats / torch max_memory_allocated), '-' on CPU")
+    print("devices: " + ", ".join(f"{side} on {d}" for side, d in devices.items()))
     # Speedup = TRL step time / ours: for our best config and for our default (sft.ModelSource).
     for mode in modes:
         mine = {c: s for (m, side, c), s in step_s.items() if m == mode and side == "jaxalign"}

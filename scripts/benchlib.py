@@ -62,3 +62,27 @@ def print_table(title: str, header: list[str], rows: list[list[object]]) -> None
     print(line)
     for r in cells[1:]:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
+
+
+def jax_device_name() -> str:
+    import jax
+    d = jax.devices()[0]
+    return "cpu" if d.platform == "cpu" else f"{d.platform} {d.device_kind}"
+
+
+def jax_peak_device_gib() -> float | None:
+    """Peak bytes held by JAX's allocator on device 0; None on CPU (no allocator stats)."""
+    import jax
+    d = jax.devices()[0]
+    stats = d.memory_stats() if d.platform != "cpu" else None
+    return stats["peak_bytes_in_use"] / 2**30 if stats and "peak_bytes_in_use" in stats else None
+
+
+def torch_device_name() -> str:
+    import torch
+    return f"cuda {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else "cpu"
+
+
+def torch_peak_device_gib() -> float | None:
+    import torch
+    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from conftest import make_tiny_hf
+from jaxalign.config import ConfigError
 from jaxalign.convert import hf
 from jaxalign.models import functional
 from jaxalign.models.llama import rope_inv_freq
@@ -266,6 +267,43 @@ def test_bf16_compute_close_to_fp32_transformers(gqa):
     real = mask > 0
     agree = float((got.argmax(-1) == ref.argmax(-1))[real].mean())
     assert agree >= 0.9, f"bf16 argmax agrees with fp32 at only {agree:.0%} of real tokens"
+
+
+# ----------------------------------------------------------------------------- attention kernel
+
+def test_cudnn_attention_needs_gpu_and_bf16(gqa):
+    cfg, params, _ = gqa
+    tokens, mask = padded_batch()
+    if jax.default_backend() == "gpu":
+        bad = cfg.replace(attention="cudnn", dtype="float32")
+    else:
+        bad = cfg.replace(attention="cudnn", dtype="bfloat16")
+    with pytest.raises(ConfigError, match="model.attention: cudnn needs a GPU and dtype bfloat16"):
+        ours(bad, params, tokens, mask)
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN flash attention needs a GPU")
+def test_cudnn_attention_matches_xla_attention(gqa):
+    """Same bf16 model, the two attention kernels: logits and gradients on a batch with left
+    padding, right padding and packed segments (scripts/device_check.sh runs this)."""
+    cfg, params, _ = gqa
+    tokens, mask = padded_batch(seed=9)
+    seg = mask.copy()
+    seg[2, T // 2:] = 2  # the full row becomes two packed segments
+    tokens, seg = jnp.asarray(tokens), jnp.asarray(seg)
+    (loss_x, logits_x), grads_x = _loss_and_grad(cfg.replace(dtype="bfloat16", attention="xla"),
+                                                 params, tokens, seg)
+    (loss_c, logits_c), grads_c = _loss_and_grad(cfg.replace(dtype="bfloat16", attention="cudnn"),
+                                                 params, tokens, seg)
+    real = np.asarray(seg) > 0
+    scale = float(np.abs(np.asarray(logits_x)[real]).max())
+    diff = float(np.abs(np.asarray(logits_c) - np.asarray(logits_x))[real].max())
+    assert diff <= 0.03 * scale, f"cudnn vs xla logits differ by {diff:.3g} (scale {scale:.2f})"
+    assert abs(float(loss_c) - float(loss_x)) <= 0.01 * abs(float(loss_x))
+    for name in ("q", "k", "v", "o"):
+        gx, gc = np.asarray(grads_x["layers"]["attn"][name]), np.asarray(grads_c["layers"]["attn"][name])
+        rel = float(np.linalg.norm(gc - gx) / np.linalg.norm(gx))
+        assert rel <= 0.05, f"grad of attn.{name}: cudnn vs xla relative difference {rel:.3g}"
 
 
 # ----------------------------------------------------------------------------- SmolLM2

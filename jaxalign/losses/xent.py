@@ -11,6 +11,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jaxalign.models.llama import matmul_precision
 from jaxalign.sharding import constrain
 
 
@@ -26,7 +27,8 @@ def _chunk_stats(hidden_BCD, head, targets_BC, head_is_VD: bool):
     """(log p(target), target is the argmax, entropy) for one chunk of positions."""
     w = head.astype(hidden_BCD.dtype)
     eq = "bcd,vd->bcv" if head_is_VD else "bcd,dv->bcv"
-    logits_BCV = jnp.einsum(eq, hidden_BCD, w, preferred_element_type=jnp.float32)
+    logits_BCV = jnp.einsum(eq, hidden_BCD, w, precision=matmul_precision(w.dtype),
+                            preferred_element_type=jnp.float32)
     logits_BCV = constrain(logits_BCV, ("batch", None, "vocab"))
     lse_BC = jax.nn.logsumexp(logits_BCV, axis=-1)
     picked_BC = jnp.take_along_axis(logits_BCV, targets_BC[..., None], axis=-1)[..., 0]

@@ -16,7 +16,7 @@ from jax.sharding import Mesh
 
 from jaxalign.config import ConfigError, ModelConfig
 from jaxalign.models import functional
-from jaxalign.models.llama import score_init_std
+from jaxalign.models.llama import matmul_precision, score_init_std
 
 Params = functional.Params
 
@@ -40,7 +40,7 @@ def project(params: Params, hidden_xD: jax.Array) -> jax.Array:
     fp32 accumulator, as every matmul of the model (DESIGN.md section 5)."""
     w_DL = params["score"]
     return jnp.einsum("...d,dl->...l", hidden_xD, w_DL.astype(hidden_xD.dtype),
-                      preferred_element_type=jnp.float32)
+                      precision=matmul_precision(hidden_xD.dtype), preferred_element_type=jnp.float32)
 
 
 def score(cfg: ModelConfig, params: Params, tokens_BT: jax.Array, segment_ids_BT: jax.Array,

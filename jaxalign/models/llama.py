@@ -50,11 +50,30 @@ def _param(rngs: nnx.Rngs | None, shape, names, dtype, kind: str = "normal",
     return nnx.Param(value, out_sharding=tuple(names))
 
 
+def matmul_precision(dtype) -> jax.lax.Precision:
+    """HIGHEST for fp32 operands, the backend's default otherwise.
+
+    GPUs otherwise run fp32 dots as TF32 (XLA's default), which put SmolLM2-shaped logits
+    1.5e-2 away from transformers' fp32 on an H200; on CPU both give the same code."""
+    return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else jax.lax.Precision.DEFAULT
+
+
 def _dot(eq: str, a: jax.Array, b: jax.Array, dtype) -> jax.Array:
     # bf16 matmuls on CPU only run at full speed with an fp32 accumulator
     # (DESIGN.md section 5); on fp32 inputs this is a plain dot.
-    return jnp.einsum(eq, a.astype(dtype), b.astype(dtype),
+    return jnp.einsum(eq, a.astype(dtype), b.astype(dtype), precision=matmul_precision(dtype),
                       preferred_element_type=jnp.float32).astype(dtype)
+
+
+def attention_impl(cfg: ModelConfig, dtype, decoding: bool) -> str:
+    """Resolves `cfg.attention`: cuDNN flash attention needs a GPU and 16-bit operands."""
+    if decoding or cfg.attention == "xla":
+        return "xla"
+    fits = jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+    if cfg.attention == "cudnn" and not fits:
+        raise ConfigError(f"model.attention: cudnn needs a GPU and dtype bfloat16 (backend "
+                          f"{jax.default_backend()}, dtype {jnp.dtype(dtype).name}); use auto or xla")
+    return "cudnn" if fits else "xla"
 
 
 # ----------------------------------------------------------------------------- RoPE
@@ -116,8 +135,9 @@ class LoRA(nnx.Module):
             keep = jax.random.bernoulli(key, 1.0 - self.dropout, x.shape)
             x = jnp.where(keep, x / (1.0 - self.dropout), 0).astype(dt)
         n_in = self.a.ndim - 1
-        xa = jnp.tensordot(x, self.a[...].astype(dt), axes=n_in)
-        return (self.scale * jnp.tensordot(xa, self.b[...].astype(dt), axes=1)).astype(dt)
+        prec = matmul_precision(dt)
+        xa = jnp.tensordot(x, self.a[...].astype(dt), axes=n_in, precision=prec)
+        return (self.scale * jnp.tensordot(xa, self.b[...].astype(dt), axes=1, precision=prec)).astype(dt)
 
 
 def _maybe_lora(cfg, target, in_shape, out_shape, in_names, out_names, rngs):
@@ -187,15 +207,22 @@ class Attention(nnx.Module):
         else:
             k_BSKH, v_BSKH, new_cache = k_BTKH, v_BTKH, None
 
-        # Grouped-query attention without materialising repeated kv heads.
-        q_BTKGH = q_BTNH.reshape(B, T, cfg.num_kv_heads, cfg.num_groups, cfg.head_dim)
-        scores_BKGTS = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH,
-                                  preferred_element_type=jnp.float32) * cfg.head_dim ** -0.5
-        # `where`, not an additive bias: a fully masked (padding) row stays finite.
-        scores_BKGTS = jnp.where(mask_BTS[:, None, None], scores_BKGTS, jnp.finfo(jnp.float32).min)
-        probs_BKGTS = jax.nn.softmax(scores_BKGTS, axis=-1).astype(dt)
-        out_BTKGH = _dot("bkgts,bskh->btkgh", probs_BKGTS, v_BSKH, dt)
-        out_BTNH = out_BTKGH.reshape(B, T, cfg.num_heads, cfg.head_dim)
+        if attention_impl(cfg, dt, kv_cache is not None) == "cudnn":
+            # Fused flash attention: the (T, S) scores never reach memory. The boolean mask
+            # becomes a large negative bias; fully masked (padding) rows stay finite.
+            out_BTNH = jax.nn.dot_product_attention(
+                q_BTNH, k_BSKH, v_BSKH, mask=mask_BTS[:, None], scale=cfg.head_dim ** -0.5,
+                implementation="cudnn")
+        else:
+            # Grouped-query attention without materialising repeated kv heads.
+            q_BTKGH = q_BTNH.reshape(B, T, cfg.num_kv_heads, cfg.num_groups, cfg.head_dim)
+            scores_BKGTS = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH, precision=matmul_precision(dt),
+                                      preferred_element_type=jnp.float32) * cfg.head_dim ** -0.5
+            # `where`, not an additive bias: a fully masked (padding) row stays finite.
+            scores_BKGTS = jnp.where(mask_BTS[:, None, None], scores_BKGTS, jnp.finfo(jnp.float32).min)
+            probs_BKGTS = jax.nn.softmax(scores_BKGTS, axis=-1).astype(dt)
+            out_BTKGH = _dot("bkgts,bskh->btkgh", probs_BKGTS, v_BSKH, dt)
+            out_BTNH = out_BTKGH.reshape(B, T, cfg.num_heads, cfg.head_dim)
         out_BTD = _adapt(_dot("btnh,nhd->btd", out_BTNH, self.o[...], dt), self.o_lora, out_BTNH,
                          key, 3, use_lora)
         if cfg.attention_bias:
@@ -329,10 +356,10 @@ class Llama(nnx.Module):
             return None, hidden_BTD, new_cache
         if cfg.tie_word_embeddings:
             logits_BTV = jnp.einsum("btd,vd->btv", hidden_BTD, self.embed[...].astype(dt),
-                                    preferred_element_type=jnp.float32)
+                                    precision=matmul_precision(dt), preferred_element_type=jnp.float32)
         else:
             logits_BTV = jnp.einsum("btd,dv->btv", hidden_BTD, self.lm_head[...].astype(dt),
-                                    preferred_element_type=jnp.float32)
+                                    precision=matmul_precision(dt), preferred_element_type=jnp.float32)
         return constrain(logits_BTV, ("batch", "seq", "vocab")), hidden_BTD, new_cache
 
     def _run_layers(self, x_BTD, cos_BTH, sin_BTH, mask_BTS, kv, end, key, use_lora):

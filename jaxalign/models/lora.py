@@ -75,7 +75,8 @@ def _delta(lora: Params, scale: float) -> jax.Array:
     n_in = a.ndim - 2           # dims between the layer axis and the rank
     a2 = a.reshape(a.shape[0], -1, a.shape[-1])
     b2 = b.reshape(b.shape[0], b.shape[1], -1)
-    d = jnp.einsum("lir,lro->lio", a2.astype(jnp.float32), b2.astype(jnp.float32)) * scale
+    d = jnp.einsum("lir,lro->lio", a2.astype(jnp.float32), b2.astype(jnp.float32),
+                   precision=jax.lax.Precision.HIGHEST) * scale
     return d.reshape(a.shape[:1] + a.shape[1:1 + n_in] + b.shape[2:])
 
 

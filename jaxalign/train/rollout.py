@@ -31,6 +31,7 @@ from jaxalign.data.sources import DataError, load_rows
 from jaxalign.generate import bucket_length, generate
 from jaxalign.losses.xent import scan_chunks
 from jaxalign.models import functional, heads, lora
+from jaxalign.models.llama import matmul_precision
 
 log = logging.getLogger(__name__)
 
@@ -206,6 +207,7 @@ def response_stats(hidden_BND, head, targets_BN, *, head_is_VD: bool, temperatur
 
     def stats(h_BCD, t_BC):
         logits_BCV = jnp.einsum(eq, h_BCD, head.astype(h_BCD.dtype),
+                                precision=matmul_precision(h_BCD.dtype),
                                 preferred_element_type=jnp.float32) / temperature
         lse_BC = jax.nn.logsumexp(logits_BCV, axis=-1)
         picked_BC = jnp.take_along_axis(logits_BCV, t_BC[..., None], axis=-1)[..., 0]

@@ -32,10 +32,11 @@ class ModelSource:
     param_dtype: str = "float32"
     scan_layers: bool = False      # unrolled steps ran 2x faster on CPU; scan compiles faster
     remat: str = "none"
+    attention: str = "auto"        # auto | xla | cudnn (GPU flash attention, bf16)
 
     def runtime(self) -> dict[str, Any]:
         return dict(dtype=self.dtype, param_dtype=self.param_dtype, scan_layers=self.scan_layers,
-                    remat=self.remat)
+                    remat=self.remat, attention=self.attention)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
