@@ -241,6 +241,38 @@ def test_nan_loss_stops_with_last_checkpoint(tiny, tmp_path):
     ckpts.close()
 
 
+def test_approx_kl_early_stop(tiny, ppo_run, tmp_path):
+    """ppo.max_approx_kl ends a rollout's epochs once an epoch's mean approx KL exceeds it;
+    unset, every iteration runs all ppo.epochs (the shared run)."""
+    assert all(r["epochs"] == 4.0 for r in records(ppo_run))
+    run(config(tiny, tmp_path, "ppo.max_approx_kl=1e-12", "train.iterations=2"))
+    rows = records(tmp_path)
+    assert [r["epochs"] for r in rows] == [1.0, 1.0]
+    assert all(r["approx_kl"] > 1e-12 for r in rows)
+
+
+def test_reward_sources_weighted_and_eos_penalty():
+    """score = sum of weight x source (the model first), minus the missing-EOS penalty; a
+    weight list of the wrong length is refused by name."""
+    from jaxalign.rewards import brevity, digits
+    from jaxalign.train.reward import Rewarder, RewardConfig
+    prompts = ["What is 2 plus 3?"] * 3
+    completions = ["5", "The answer is 5, I think, or maybe 6", "no digits here"]
+    eos = np.array([True, False, True])
+    model_scores = np.array([0.5, -1.0, 2.0])
+    cfg = RewardConfig(model="unused-dir", functions=("jaxalign.rewards:digits", "jaxalign.rewards:brevity"),
+                       weights=(0.5, 2.0, -1.0), missing_eos_penalty=0.25)
+    total, parts = Rewarder(cfg).raw(prompts, completions, model_scores, eos)
+    expected = (0.5 * model_scores + 2.0 * np.array(digits(prompts, completions))
+                - np.array(brevity(prompts, completions)) - 0.25 * ~eos)
+    np.testing.assert_allclose(total, expected, rtol=1e-12)
+    assert parts["reward/model"] == pytest.approx(model_scores.mean())
+    assert parts["reward/digits"] == pytest.approx(np.mean(digits(prompts, completions)))
+    assert len(set(np.round(expected, 6))) == 3  # the sources really differ per completion
+    with pytest.raises(ConfigError, match=r"reward.weights has 2 entries for 3 reward source"):
+        RewardConfig(model="m", functions=("a:b", "c:d"), weights=(1.0, 2.0))
+
+
 def test_monitor_stop(tiny, tmp_path):
     cfg = config(tiny, tmp_path, "monitor.entropy_floor=100.0")
     with pytest.raises(MonitorStop, match=r"iteration 1: entropy .* < monitor.entropy_floor=100"):
