@@ -7,6 +7,8 @@ with the offending key in the message.
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from typing import Any, Literal, Mapping
 
 ROPE_TYPES = ("default", "linear", "llama3")
@@ -228,12 +230,13 @@ def from_dict(cls, data: Mapping[str, Any] | None, where: str = ""):
         raise ConfigError(f"unknown config key {where + unknown[0]!r}"
                           f" (known under {where or 'top level'}: {', '.join(sorted(fields))})")
     kwargs = {}
+    hints = typing.get_type_hints(cls)
     for name, value in data.items():
         sub = _dataclass_type(cls, name)
         if sub is not None and isinstance(value, Mapping):
             value = from_dict(sub, value, f"{where}{name}.")
-        elif isinstance(value, list):
-            value = tuple(value)
+        else:
+            value = _coerce(hints.get(name), value, where + name)
         kwargs[name] = value
     try:
         return cls(**kwargs)
@@ -241,8 +244,41 @@ def from_dict(cls, data: Mapping[str, Any] | None, where: str = ""):
         raise ConfigError(f"{where or 'config'}: {e}") from None
 
 
+def _coerce(hint, value, key: str):
+    """A YAML scalar -> the field's declared type, or a ConfigError naming the key.
+
+    YAML 1.1 (PyYAML) reads `1e-4` (no dot) as a string: numeric fields accept any string
+    that parses as a number. bool is never taken for a number. Lists become tuples."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if value is None:
+        return None
+    if origin in (typing.Union, types.UnionType):
+        options = [a for a in args if a is not type(None)]
+        return _coerce(options[0], value, key) if len(options) == 1 else value
+    if isinstance(value, list):
+        value = tuple(value)
+    if origin is tuple and isinstance(value, tuple) and len(args) == 2 and args[1] is Ellipsis:
+        return tuple(_coerce(args[0], v, f"{key}[{i}]") for i, v in enumerate(value))
+    if hint is float or hint is int:
+        number = value
+        if isinstance(value, str):
+            try:
+                number = float(value)
+            except ValueError:
+                pass
+        if isinstance(number, bool) or not isinstance(number, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if hint is float:
+            return float(number)
+        if float(number) != int(number):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return int(number)
+    if hint is bool and not isinstance(value, bool):
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    return value
+
+
 def _dataclass_type(cls, name: str):
-    import typing
     hint = typing.get_type_hints(cls).get(name)
     for candidate in (hint, *typing.get_args(hint)):
         if dataclasses.is_dataclass(candidate):
@@ -255,7 +291,8 @@ def to_dict(cfg) -> dict[str, Any]:
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """`a.b.c=value` overrides, values parsed as YAML (so 3, 1e-4, true, [a, b] work)."""
+    """`a.b.c=value` overrides, values parsed as YAML (3, true, [a, b]; from_dict turns a
+    string such as 1e-4 into the number its field declares)."""
     import yaml
     data = dict(data)
     for item in overrides:

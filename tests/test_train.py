@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from jaxalign import sharding
-from jaxalign.config import ConfigError, MeshConfig, from_dict, load_yaml
+from jaxalign.config import ConfigError, MeshConfig, apply_overrides, from_dict, load_yaml
 from jaxalign.data.config import DataConfig
 from jaxalign.data.pipeline import build_sft_data
 from jaxalign.models import functional
@@ -166,6 +166,23 @@ def test_unknown_config_key_is_named():
                   "train": {"stepz": 3, "steps": 1, "batch_size": 1}})
     with pytest.raises(ConfigError, match="optim.lr"):
         OptimConfig(lr=-1.0)
+
+
+def test_config_values_take_their_declared_types():
+    """YAML 1.1 reads `1e-4` as a string: numeric fields still get numbers; a value of the
+    wrong type is refused with its key."""
+    base = {"out_dir": "x", "model": {"path": "m"}, "data": {"train": ["d"]}}
+    cfg = from_dict(SFTConfig, apply_overrides(base, ["optim.lr=1e-4", "optim.max_grad_norm=1",
+                                                      "train.steps=2e1", "train.batch_size=4"]))
+    assert cfg.optim.lr == 1e-4 and isinstance(cfg.optim.lr, float)
+    assert cfg.optim.max_grad_norm == 1.0 and isinstance(cfg.optim.max_grad_norm, float)
+    assert cfg.train.steps == 20 and isinstance(cfg.train.steps, int)
+    for override, message in (("optim.lr=fast", r"optim.lr: expected a number, got 'fast'"),
+                              ("optim.lr=true", r"optim.lr: expected a number, got True"),
+                              ("train.steps=2.5", r"train.steps: expected an integer, got 2.5"),
+                              ("train.progress=3", r"train.progress: expected true or false, got 3")):
+        with pytest.raises(ConfigError, match=message):
+            from_dict(SFTConfig, apply_overrides(base, [override, "train.batch_size=4"]))
 
 
 def _run_cli(config, overrides, env, **kw):
