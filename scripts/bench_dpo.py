@@ -137,7 +137,8 @@ def run_ours(job: dict) -> dict:
                 first = {k: float(metrics[k]) for k in ("loss", "logps/chosen", "logps/rejected")}
     return dict(compile_s=compile_s, step_s=statistics.median(times), loss1=first["loss"],
                 logps_chosen1=first["logps/chosen"], logps_rejected1=first["logps/rejected"],
-                rss_setup=rss_setup, xla_temp_gib=getattr(mem, "temp_size_in_bytes", 0) / 2**30)
+                rss_setup=rss_setup, xla_temp_gib=getattr(mem, "temp_size_in_bytes", 0) / 2**30,
+                device=benchlib.jax_device_name(), peak_dev_gib=benchlib.jax_peak_device_gib())
 
 
 # ----------------------------------------------------------------------------- TRL
@@ -168,6 +169,8 @@ def run_trl(job: dict) -> dict:
             self._t0 = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kw):
+            if torch.cuda.is_available():  # CUDA kernels run asynchronously: wait for the step
+                torch.cuda.synchronize()
             self.times.append(time.perf_counter() - self._t0)
 
         def on_log(self, args, state, control, logs=None, **kw):
@@ -190,7 +193,7 @@ def run_trl(job: dict) -> dict:
             output_dir=out, max_steps=n, per_device_train_batch_size=job["batch"],
             learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
             max_grad_norm=1.0, gradient_checkpointing=job["config"] == "grad-ckpt on",
-            bf16=job["precision"] == "bf16", use_cpu=True, beta=BETA, loss_type=[LOSS_TYPE],
+            bf16=job["precision"] == "bf16", use_cpu=not torch.cuda.is_available(), beta=BETA, loss_type=[LOSS_TYPE],
             max_length=p_len + r_len, pad_to_multiple_of=None, precompute_ref_log_probs=False,
             train_sampling_strategy="sequential", logging_steps=1, save_strategy="no",
             report_to="none", disable_tqdm=True, seed=0)
@@ -211,7 +214,8 @@ def run_trl(job: dict) -> dict:
     return dict(compile_s=None, step_s=statistics.median(timer.times[job["warmup"]:]),
                 loss1=log1.get("loss", nan), logps_chosen1=log1.get("logps/chosen", nan),
                 logps_rejected1=log1.get("logps/rejected", nan), rss_setup=timer.rss_setup,
-                threads=torch.get_num_threads())
+                threads=torch.get_num_threads(), device=benchlib.torch_device_name(),
+                peak_dev_gib=benchlib.torch_peak_device_gib())
 
 
 # ----------------------------------------------------------------------------- driver
@@ -282,7 +286,7 @@ def main() -> None:
                   response_len=args.response_len, steps=args.steps, warmup=args.warmup,
                   precision=args.precision)
     load = os.getloadavg()
-    rows, step_s, logps = [], {}, {}
+    rows, step_s, logps, devices = [], {}, {}, {}
     for mode in modes:
         jobs = [dict(side="jaxalign", config=c) for c in ours]
         jobs += [dict(side="trl", config=f"grad-ckpt {g}") for g in trl_gc]
@@ -290,13 +294,15 @@ def main() -> None:
             job.update(common, mode=mode)
             r = run_job(job, allocator)
             if "error" in r:
-                rows.append([job["side"], mode, args.precision, job["config"], r["error"]] + ["-"] * 8)
+                rows.append([job["side"], mode, args.precision, job["config"], r["error"]] + ["-"] * 9)
                 continue
             c = r["compile_s"]
             rows.append([job["side"], mode, args.precision, job["config"],
                          "-" if c is None else c, r["step_s"], args.batch / r["step_s"],
                          r["rss_setup"], r["peak_rss_gib"], r.get("xla_temp_gib", "-"),
+                         r.get("peak_dev_gib") or "-",
                          f"{r['loss1']:.5f}", f"{r['logps_chosen1']:.3f}", f"{r['logps_rejected1']:.3f}"])
+            devices[job["side"]] = r.get("device", "cpu")
             step_s[(mode, job["side"], job["config"])] = r["step_s"]
             logps[(mode, job["side"], job["config"])] = (r["logps_chosen1"], r["logps_rejected1"])
 
@@ -307,15 +313,18 @@ def main() -> None:
     print(f"allocator: {alloc}, both sides; {os.cpu_count()} CPUs, load average at start "
           f"{load[0]:.1f} {load[1]:.1f} {load[2]:.1f}")
     benchlib.print_table(
-        f"DPO step ({LOSS_TYPE}, beta {BETA}), SmolLM2-135M, batch {args.batch} pairs x 2 x {seq} tokens "
+        f"DPO step ({LOSS_TYPE}, beta {BETA}), {Path(model).name}, batch {args.batch} pairs x 2 x {seq} tokens "
         f"(prompt {args.prompt_len} + response {args.response_len}), {args.precision}, "
         f"median of {args.steps} steps after {args.warmup} warmup",
         ["side", "mode", "precision", "layers/remat | grad-ckpt", "compile s", "step s", "pairs/s",
-         "RSS setup GiB", "peak RSS GiB", "XLA temp GiB", "loss@1", "logps/chosen@1", "logps/rejected@1"],
+         "RSS setup GiB", "peak RSS GiB", "XLA temp GiB", "peak device GiB", "loss@1", "logps/chosen@1",
+         "logps/rejected@1"],
         rows)
     print("RSS setup: peak RSS before the first step (model load, trainer set-up, our compile); "
           "XLA temp: the compiled step's scratch memory (memory_analysis); @1: the first step's "
-          f"metrics (loss@1 must be log 2 = {math.log(2):.5f}, logps must agree across rows)")
+          f"metrics (loss@1 must be log 2 = {math.log(2):.5f}, logps must agree across rows); "
+          "peak device: the accelerator allocator's peak, '-' on CPU")
+    print("devices: " + ", ".join(f"{side} on {d}" for side, d in devices.items()))
     # First-step agreement: every row against the first TRL row of the mode (else the first row).
     # bf16 rounds differently on the two sides (~1e-3 relative each way, seen on a smoke run).
     tol = 1e-3 if args.precision == "fp32" else 1e-2
