@@ -42,14 +42,12 @@ import math
 import os
 import shlex
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import benchlib
-from bench_sft import child_env
 
 LORA = dict(rank=16, alpha=32.0, targets=("q_proj", "v_proj"))
 LR = 1e-6      # TRL DPOConfig's default learning rate
@@ -220,28 +218,6 @@ def run_trl(job: dict) -> dict:
 
 # ----------------------------------------------------------------------------- driver
 
-def worker(job: dict) -> None:
-    out, sys.stdout = sys.stdout, sys.stderr  # libraries' prints must not corrupt the result line
-    result = (run_ours if job["side"] == "jaxalign" else run_trl)(job)
-    result["peak_rss_gib"] = benchlib.peak_rss_gib()
-    print(json.dumps(result), file=out, flush=True)
-
-
-def run_job(job: dict, allocator: str) -> dict:
-    label = f"{job['side']} {job['mode']} {job['config']}"
-    print(f"[bench_dpo] running {label} ...", file=sys.stderr, flush=True)
-    t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(job)],
-                          stdout=subprocess.PIPE, text=True, env=child_env(allocator))
-    if proc.returncode != 0:
-        print(f"[bench_dpo] {label} failed (exit {proc.returncode})", file=sys.stderr)
-        return {"error": f"exit {proc.returncode}"}
-    res = json.loads(proc.stdout.strip().splitlines()[-1])
-    print(f"[bench_dpo] {label}: {res['step_s']:.2f} s/step, logps/chosen@1 {res['logps_chosen1']:.4f} "
-          f"({time.perf_counter() - t0:.0f} s wall)", file=sys.stderr, flush=True)
-    return res
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, help="HF dir (default: the cached SmolLM2-135M-Instruct)")
@@ -261,7 +237,8 @@ def main() -> None:
     benchlib.add_allocator_arg(ap)
     args = ap.parse_args()
     if args.worker:
-        return worker(json.loads(args.worker))
+        job = json.loads(args.worker)
+        return benchlib.worker(job, run_ours if job["side"] == "jaxalign" else run_trl)
     modes = [m for m in args.modes.split(",") if m]
     if bad := [m for m in modes if m not in ("full", "lora")]:
         ap.error(f"--modes: unknown {bad}; expected full, lora")
@@ -292,7 +269,9 @@ def main() -> None:
         jobs += [dict(side="trl", config=f"grad-ckpt {g}") for g in trl_gc]
         for job in jobs:
             job.update(common, mode=mode)
-            r = run_job(job, allocator)
+            r = benchlib.run_row(__file__, job, allocator, f"{job['side']} {job['mode']} {job['config']}",
+                                 lambda r: f"{r['step_s']:.2f} s/step, logps/chosen@1 "
+                                           f"{r['logps_chosen1']:.4f}")
             if "error" in r:
                 rows.append([job["side"], mode, args.precision, job["config"], r["error"]] + ["-"] * 9)
                 continue

@@ -72,7 +72,6 @@ import json
 import os
 import shlex
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -80,7 +79,6 @@ import warnings
 from pathlib import Path
 
 import benchlib
-from bench_sft import child_env
 
 PARTS = ("rollout", "grpo", "ppo")
 LORA = dict(rank=16, alpha=32.0, targets=("q_proj", "v_proj"))
@@ -397,29 +395,6 @@ RUNNERS = {("rollout", "jaxalign"): run_ours_rollout, ("rollout", "transformers"
            ("ppo", "jaxalign"): run_ours_rl}
 
 
-def worker(job: dict) -> None:
-    out, sys.stdout = sys.stdout, sys.stderr  # libraries' prints must not corrupt the result line
-    result = RUNNERS[job["part"], job["side"]](job)
-    result["peak_rss_gib"] = benchlib.peak_rss_gib()
-    print(json.dumps(result), file=out, flush=True)
-
-
-def run_job(job: dict, allocator: str) -> dict:
-    label = f"{job['part']} {job['side']} {job.get('mode', '')} {job['config']}".replace("  ", " ")
-    print(f"[bench_ppo] running {label} ...", file=sys.stderr, flush=True)
-    t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(job)],
-                          stdout=subprocess.PIPE, text=True, env=child_env(allocator))
-    if proc.returncode != 0:
-        print(f"[bench_ppo] {label} failed (exit {proc.returncode})", file=sys.stderr)
-        return {"error": f"exit {proc.returncode}"}
-    res = json.loads(proc.stdout.strip().splitlines()[-1])
-    key = "step_s" if job["part"] == "rollout" else "iteration_s"
-    print(f"[bench_ppo] {label}: {res[key]:.3f} s ({time.perf_counter() - t0:.0f} s wall)",
-          file=sys.stderr, flush=True)
-    return res
-
-
 def _list(ap, flag: str, value: str, allowed) -> list[str]:
     items = [v for v in value.split(",") if v]
     if bad := [v for v in items if v not in allowed]:
@@ -461,7 +436,8 @@ def main() -> None:
     benchlib.add_allocator_arg(ap)
     args = ap.parse_args()
     if args.worker:
-        return worker(json.loads(args.worker))
+        job = json.loads(args.worker)
+        return benchlib.worker(job, RUNNERS[job["part"], job["side"]])
     parts = _list(ap, "--parts", args.parts, PARTS)
     modes = _list(ap, "--modes", args.modes, ("full", "lora"))
     decode = _list(ap, "--decode", args.decode, ("scan", "unrolled"))
@@ -510,7 +486,9 @@ def main() -> None:
                 jobs += [dict(side="trl", mode=m, config=f"grad-ckpt {g}") for m in modes for g in trl_gc]
         for job in jobs:
             job = dict(common, part=part, **job)
-            r = run_job(job, allocator)
+            label = f"{job['part']} {job['side']} {job.get('mode', '')} {job['config']}".replace("  ", " ")
+            key = "step_s" if job["part"] == "rollout" else "iteration_s"
+            r = benchlib.run_row(__file__, job, allocator, label, lambda r: f"{r[key]:.3f} s")
             results[part].append((job, r))
             if "error" not in r:
                 threads = f" (torch threads {r['threads']})" if "threads" in r else ""

@@ -86,3 +86,43 @@ def torch_device_name() -> str:
 def torch_peak_device_gib() -> float | None:
     import torch
     return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+
+
+# ----------------------------------------------------------------------------- one row, one process
+
+def worker(job: dict, runner: Callable[[dict], dict]) -> None:
+    """The `--worker JSON` side: runs one row and prints its result as the last stdout line."""
+    import json
+    out, sys.stdout = sys.stdout, sys.stderr  # libraries' prints must not corrupt the result line
+    result = runner(job)
+    result["peak_rss_gib"] = peak_rss_gib()
+    print(json.dumps(result), file=out, flush=True)
+
+
+def child_env(allocator: str) -> dict:
+    env = dict(os.environ)
+    if allocator == "glibc":  # never let an inherited preload change the allocator under test
+        kept = [p for p in env.get("LD_PRELOAD", "").split(":") if p and "jemalloc" not in p]
+        env["LD_PRELOAD"] = ":".join(kept)
+        env.pop("MALLOC_CONF", None)
+    return env
+
+
+def run_row(script: str, job: dict, allocator: str, label: str,
+            summary: Callable[[dict], str]) -> dict:
+    """Runs `script --worker JSON` in its own process (so its peak RSS is its own) and returns
+    the row's result, or {"error": ...} when the process failed (its stderr is shown)."""
+    import json
+    import subprocess
+    tag = Path(script).stem
+    print(f"[{tag}] running {label} ...", file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, script, "--worker", json.dumps(job)],
+                          stdout=subprocess.PIPE, text=True, env=child_env(allocator))
+    if proc.returncode != 0:
+        print(f"[{tag}] {label} failed (exit {proc.returncode})", file=sys.stderr)
+        return {"error": f"exit {proc.returncode}"}
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    print(f"[{tag}] {label}: {summary(res)} ({time.perf_counter() - t0:.0f} s wall)",
+          file=sys.stderr, flush=True)
+    return res
