@@ -3,10 +3,11 @@
 #
 #   bash scripts/device_check.sh [BENCH_ARGS...]
 #
-# Expects, next to the checkout (carried, git-ignored): .whl/ holding the pure-Python wheels
-# that machine lacks (trl, datasets, dill, multiprocess, tensorboardX, and our pinned flax,
-# optax, orbax-checkpoint, chex), and .gpu/smollm2/ holding SmolLM2-135M's config.json and
-# tokenizer files (the weights stay behind: a random model of the same shape is timed).
+# Expects, in the checkout (carried, git-ignored): .whl/ holding the pure-Python wheels that
+# machine lacks (trl, datasets, dill, multiprocess, tensorboardX; its own jax / flax / optax /
+# orbax are used: our pinned flax 0.12.8 does not import under its jax 0.11.2), and
+# .gpu/smollm2/ holding SmolLM2-135M's config.json and tokenizer files (the weights stay
+# behind: a random model of the same shape is timed).
 # Writes logs under $OUT (default /tmp/device_out).
 #
 # 1. versions and the device; 2. the model-fidelity tests (tests/test_llama_parity.py) with
