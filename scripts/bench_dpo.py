@@ -49,7 +49,6 @@ from pathlib import Path
 
 import benchlib
 
-LORA = dict(rank=16, alpha=32.0, targets=("q_proj", "v_proj"))
 LR = 1e-6      # TRL DPOConfig's default learning rate
 BETA = 0.1
 LOSS_TYPE = "sigmoid"
@@ -94,7 +93,7 @@ def run_ours(job: dict) -> dict:
         # Only seq_len matters here: the batches are built below, not by the data pipeline.
         data=DataConfig(train=(DatasetSpec(path="synthetic", format="preference"),), seq_len=seq),
         train=TrainConfig(steps=n, batch_size=job["batch"], seed=0, progress=False, tensorboard=False),
-        optim=optim_cfg, lora=sft.LoRAConfig(**LORA) if job["mode"] == "lora" else sft.LoRAConfig(),
+        optim=optim_cfg, lora=sft.LoRAConfig(**benchlib.LORA) if job["mode"] == "lora" else sft.LoRAConfig(),
         dpo=dpo.DPOOptions(beta=BETA, loss_type=LOSS_TYPE))
     # Loaded outside the mesh context, as `run_dpo` does: shardings come from the names.
     model_cfg, ref_cfg, trainable, frozen, frozen_sh, _, _ = dpo.load_dpo_models(cfg, mesh)
@@ -144,8 +143,7 @@ def run_ours(job: dict) -> dict:
 def run_trl(job: dict) -> dict:
     import datasets
     import torch
-    from peft import LoraConfig
-    from transformers import AutoTokenizer, TrainerCallback
+    from transformers import AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
     n = job["warmup"] + job["steps"]
@@ -157,35 +155,13 @@ def run_trl(job: dict) -> dict:
         def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
             return dataset
 
-    class StepTimer(TrainerCallback):
-        def __init__(self):
-            self.times, self.logs, self._t0, self.rss_setup = [], [], 0.0, None
-
-        def on_step_begin(self, args, state, control, **kw):
-            if self.rss_setup is None:
-                self.rss_setup = benchlib.peak_rss_gib()
-            self._t0 = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kw):
-            if torch.cuda.is_available():  # CUDA kernels run asynchronously: wait for the step
-                torch.cuda.synchronize()
-            self.times.append(time.perf_counter() - self._t0)
-
-        def on_log(self, args, state, control, logs=None, **kw):
-            if logs and "loss" in logs:
-                self.logs.append(dict(logs))
-
     tokenizer = AutoTokenizer.from_pretrained(job["model"])
     prompt, chosen, rejected = synthetic_pairs(job["vocab"], n, job["batch"], p_len, r_len)
     # Pair order = ours: batch i is pairs [i * B, (i + 1) * B) under the sequential sampler.
     data = datasets.Dataset.from_dict({"prompt_ids": prompt.reshape(-1, p_len).tolist(),
                                        "chosen_ids": chosen.reshape(-1, r_len).tolist(),
                                        "rejected_ids": rejected.reshape(-1, r_len).tolist()})
-    peft_config = None
-    if job["mode"] == "lora":
-        peft_config = LoraConfig(r=LORA["rank"], lora_alpha=LORA["alpha"], lora_dropout=0.0,
-                                 target_modules=list(LORA["targets"]), task_type="CAUSAL_LM")
-    timer = StepTimer()
+    timer = benchlib.trl_step_timer("loss")
     with tempfile.TemporaryDirectory() as out:
         args = DPOConfig(
             output_dir=out, max_steps=n, per_device_train_batch_size=job["batch"],
@@ -196,7 +172,7 @@ def run_trl(job: dict) -> dict:
             train_sampling_strategy="sequential", logging_steps=1, save_strategy="no",
             report_to="none", disable_tqdm=True, seed=0)
         trainer = PreTokenizedDPOTrainer(model=job["model"], args=args, train_dataset=data,
-                                         processing_class=tokenizer, peft_config=peft_config,
+                                         processing_class=tokenizer, peft_config=benchlib.peft_lora(job["mode"]),
                                          callbacks=[timer])
         assert (trainer.ref_model is None) == (job["mode"] == "lora"), "unexpected reference for the mode"
         # The first batch as TRL's collator builds it must be exactly our rows, unpadded.
@@ -239,16 +215,9 @@ def main() -> None:
     if args.worker:
         job = json.loads(args.worker)
         return benchlib.worker(job, run_ours if job["side"] == "jaxalign" else run_trl)
-    modes = [m for m in args.modes.split(",") if m]
-    if bad := [m for m in modes if m not in ("full", "lora")]:
-        ap.error(f"--modes: unknown {bad}; expected full, lora")
-    ours = [c for c in args.ours.split(",") if c]
-    if bad := [c for c in ours if c.count("/") != 1 or c.split("/")[0] not in ("unrolled", "scan")
-               or c.split("/")[1] not in ("none", "full", "dots")]:
-        ap.error(f"--ours: bad config(s) {bad}; expected LAYERS/REMAT, e.g. scan/full")
-    trl_gc = [g for g in args.trl_gc.split(",") if g]
-    if bad := [g for g in trl_gc if g not in ("on", "off")]:
-        ap.error(f"--trl-gc: unknown {bad}; expected on, off")
+    modes = benchlib.parse_list(ap, "--modes", args.modes, ("full", "lora"))
+    ours = benchlib.parse_list(ap, "--ours", args.ours, benchlib.OURS_CONFIGS)
+    trl_gc = benchlib.parse_list(ap, "--trl-gc", args.trl_gc, ("on", "off"))
     if args.steps < 1 or args.warmup < 0:
         ap.error("--steps must be >= 1 and --warmup >= 0")
     if args.batch < 1 or args.prompt_len < 1 or args.response_len < 1:

@@ -81,7 +81,6 @@ from pathlib import Path
 import benchlib
 
 PARTS = ("rollout", "grpo", "ppo")
-LORA = dict(rank=16, alpha=32.0, targets=("q_proj", "v_proj"))
 LR = 1e-6          # TRL GRPOConfig's default learning rate
 BETA = 0.04        # GRPO's KL coefficient (ours' default; TRL's default 0 skips the reference)
 CLIP_EPS = 0.2
@@ -248,7 +247,8 @@ def run_ours_rl(job: dict) -> dict:
                "optim": {"lr": LR, "schedule": "constant", "weight_decay": 0.0, "max_grad_norm": 1.0},
                "mesh": {"data": 1, "fsdp": 1, "tensor": 1}}
         if job["mode"] == "lora":
-            raw["lora"] = {"rank": LORA["rank"], "alpha": LORA["alpha"], "targets": list(LORA["targets"])}
+            lora = benchlib.LORA
+            raw["lora"] = {"rank": lora["rank"], "alpha": lora["alpha"], "targets": list(lora["targets"])}
         cfg = from_dict(RLConfig, raw)
         assert R.read_prompts(cfg.data, load_tokenizer(job["model"])).ids == ids, "prompt ids differ"
         rl.compiled = timed_compiled
@@ -283,8 +283,7 @@ def trl_arithmetic(prompts, completions, **kwargs) -> list[float]:
 def run_trl_grpo(job: dict) -> dict:
     import datasets
     import torch
-    from peft import LoraConfig
-    from transformers import AutoTokenizer, PrinterCallback, TrainerCallback
+    from transformers import AutoTokenizer, PrinterCallback
     from trl import GRPOConfig, GRPOTrainer
 
     iterations = job["warmup"] + job["steps"]
@@ -306,28 +305,8 @@ def run_trl_grpo(job: dict) -> dict:
             rollout_times.append(time.perf_counter() - t0)
             return out
 
-    class StepTimer(TrainerCallback):
-        def __init__(self):
-            self.times, self.logs, self._t0 = [], [], 0.0
-
-        def on_step_begin(self, args, state, control, **kw):
-            self._t0 = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kw):
-            if cuda:  # CUDA kernels run asynchronously: wait for the step
-                torch.cuda.synchronize()
-            self.times.append(time.perf_counter() - self._t0)
-
-        def on_log(self, args, state, control, logs=None, **kw):
-            if logs and "completions/mean_length" in logs:
-                self.logs.append(dict(logs))
-
     data = datasets.Dataset.from_dict({"prompt": [[{"role": "user", "content": t}] for t in texts]})
-    peft_config = None
-    if job["mode"] == "lora":
-        peft_config = LoraConfig(r=LORA["rank"], lora_alpha=LORA["alpha"], lora_dropout=0.0,
-                                 target_modules=list(LORA["targets"]), task_type="CAUSAL_LM")
-    timer = StepTimer()
+    timer = benchlib.trl_step_timer("completions/mean_length")
     with tempfile.TemporaryDirectory() as out:
         args = GRPOConfig(
             output_dir=out, max_steps=iterations * steps_per_iteration,
@@ -344,7 +323,7 @@ def run_trl_grpo(job: dict) -> dict:
         trainer = TimedGRPOTrainer(model=job["model"], args=args, train_dataset=data,
                                    reward_funcs=[trl_arithmetic],
                                    processing_class=AutoTokenizer.from_pretrained(job["model"]),
-                                   peft_config=peft_config, callbacks=[timer])
+                                   peft_config=benchlib.peft_lora(job["mode"]), callbacks=[timer])
         trainer.remove_callback(PrinterCallback)  # its per-step log lines; the timer keeps them
         assert (trainer.ref_model is None) == (job["mode"] == "lora"), "unexpected reference for the mode"
         theirs = trainer._tokenize_prompts(list(data["prompt"]))[0]
@@ -395,13 +374,6 @@ RUNNERS = {("rollout", "jaxalign"): run_ours_rollout, ("rollout", "transformers"
            ("ppo", "jaxalign"): run_ours_rl}
 
 
-def _list(ap, flag: str, value: str, allowed) -> list[str]:
-    items = [v for v in value.split(",") if v]
-    if bad := [v for v in items if v not in allowed]:
-        ap.error(f"{flag}: unknown {bad}; expected some of {', '.join(allowed)}")
-    return items
-
-
 def _opt(x):
     return "-" if x is None else x
 
@@ -438,12 +410,11 @@ def main() -> None:
     if args.worker:
         job = json.loads(args.worker)
         return benchlib.worker(job, RUNNERS[job["part"], job["side"]])
-    parts = _list(ap, "--parts", args.parts, PARTS)
-    modes = _list(ap, "--modes", args.modes, ("full", "lora"))
-    decode = _list(ap, "--decode", args.decode, ("scan", "unrolled"))
-    trl_gc = _list(ap, "--trl-gc", args.trl_gc, ("on", "off"))
-    ours = _list(ap, "--ours", args.ours, [f"{l}/{r}" for l in ("unrolled", "scan")
-                                           for r in ("none", "full", "dots")])
+    parts = benchlib.parse_list(ap, "--parts", args.parts, PARTS)
+    modes = benchlib.parse_list(ap, "--modes", args.modes, ("full", "lora"))
+    decode = benchlib.parse_list(ap, "--decode", args.decode, ("scan", "unrolled"))
+    trl_gc = benchlib.parse_list(ap, "--trl-gc", args.trl_gc, ("on", "off"))
+    ours = benchlib.parse_list(ap, "--ours", args.ours, benchlib.OURS_CONFIGS)
     if not (parts and modes and decode and trl_gc and ours):
         ap.error("--parts, --modes, --decode, --ours and --trl-gc must each name at least one")
     if args.steps < 1 or args.warmup < 0:

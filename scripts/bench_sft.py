@@ -31,7 +31,6 @@ from pathlib import Path
 
 import benchlib
 
-LORA = dict(rank=16, alpha=32.0, targets=("q_proj", "v_proj"))
 LR = 1e-5
 
 
@@ -60,7 +59,7 @@ def run_ours(job: dict) -> dict:
     mesh = sharding.make_mesh(MeshConfig(data=1, fsdp=1, tensor=1))
     source = sft.ModelSource(path=job["model"], dtype="bfloat16" if job["precision"] == "bf16" else "float32",
                              param_dtype="float32", scan_layers=layers == "scan", remat=remat)
-    lora_cfg = sft.LoRAConfig(**LORA) if job["mode"] == "lora" else sft.LoRAConfig()
+    lora_cfg = sft.LoRAConfig(**benchlib.LORA) if job["mode"] == "lora" else sft.LoRAConfig()
     # Loaded outside the mesh context, as `run_sft` does: shardings come from the names.
     cfg, trainable, frozen, frozen_sh, _, _ = sft.load_policy(source, lora_cfg, mesh, seed=0)
     with jax.set_mesh(mesh):
@@ -101,40 +100,17 @@ def run_ours(job: dict) -> dict:
 def run_trl(job: dict) -> dict:
     import datasets
     import torch
-    from peft import LoraConfig
-    from transformers import AutoTokenizer, TrainerCallback
+    from transformers import AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
     n = job["warmup"] + job["steps"]
-
-    class StepTimer(TrainerCallback):
-        def __init__(self):
-            self.times, self.losses, self._t0, self.rss_setup = [], [], 0.0, None
-
-        def on_step_begin(self, args, state, control, **kw):
-            if self.rss_setup is None:
-                self.rss_setup = benchlib.peak_rss_gib()
-            self._t0 = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kw):
-            if torch.cuda.is_available():  # CUDA kernels run asynchronously: wait for the step
-                torch.cuda.synchronize()
-            self.times.append(time.perf_counter() - self._t0)
-
-        def on_log(self, args, state, control, logs=None, **kw):
-            if logs and "loss" in logs:
-                self.losses.append(logs["loss"])
 
     tokenizer = AutoTokenizer.from_pretrained(job["model"])
     tokens = synthetic_tokens(job["vocab"], n, job["batch"], job["seq"])
     # Pre-tokenized rows of exactly `seq` tokens: with skip_prepare_dataset the collator
     # makes labels = input_ids and an all-ones attention mask, so nothing is padded.
     data = datasets.Dataset.from_dict({"input_ids": tokens.reshape(-1, job["seq"]).tolist()})
-    peft_config = None
-    if job["mode"] == "lora":
-        peft_config = LoraConfig(r=LORA["rank"], lora_alpha=LORA["alpha"], lora_dropout=0.0,
-                                 target_modules=list(LORA["targets"]), task_type="CAUSAL_LM")
-    timer = StepTimer()
+    timer = benchlib.trl_step_timer("loss")
     with tempfile.TemporaryDirectory() as out:
         args = SFTConfig(
             output_dir=out, max_steps=n, per_device_train_batch_size=job["batch"],
@@ -144,10 +120,10 @@ def run_trl(job: dict) -> dict:
             dataset_kwargs={"skip_prepare_dataset": True}, train_sampling_strategy="sequential",
             logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True, seed=0)
         trainer = SFTTrainer(model=job["model"], args=args, train_dataset=data,
-                             processing_class=tokenizer, peft_config=peft_config, callbacks=[timer])
+                             processing_class=tokenizer, peft_config=benchlib.peft_lora(job["mode"]), callbacks=[timer])
         trainer.train()
     return dict(compile_s=None, step_s=statistics.median(timer.times[job["warmup"]:]),
-                loss1=timer.losses[0] if timer.losses else float("nan"), rss_setup=timer.rss_setup,
+                loss1=timer.logs[0]["loss"] if timer.logs else float("nan"), rss_setup=timer.rss_setup,
                 threads=torch.get_num_threads(), device=benchlib.torch_device_name(),
                 peak_dev_gib=benchlib.torch_peak_device_gib())
 
@@ -173,16 +149,9 @@ def main() -> None:
     if args.worker:
         job = json.loads(args.worker)
         return benchlib.worker(job, run_ours if job["side"] == "jaxalign" else run_trl)
-    modes = [m for m in args.modes.split(",") if m]
-    if bad := [m for m in modes if m not in ("full", "lora")]:
-        ap.error(f"--modes: unknown {bad}; expected full, lora")
-    ours = [c for c in args.ours.split(",") if c]
-    if bad := [c for c in ours if c.count("/") != 1 or c.split("/")[0] not in ("unrolled", "scan")
-               or c.split("/")[1] not in ("none", "full", "dots")]:
-        ap.error(f"--ours: bad config(s) {bad}; expected LAYERS/REMAT, e.g. scan/full")
-    trl_gc = [g for g in args.trl_gc.split(",") if g]
-    if bad := [g for g in trl_gc if g not in ("on", "off")]:
-        ap.error(f"--trl-gc: unknown {bad}; expected on, off")
+    modes = benchlib.parse_list(ap, "--modes", args.modes, ("full", "lora"))
+    ours = benchlib.parse_list(ap, "--ours", args.ours, benchlib.OURS_CONFIGS)
+    trl_gc = benchlib.parse_list(ap, "--trl-gc", args.trl_gc, ("on", "off"))
     if args.steps < 1 or args.warmup < 0:
         ap.error("--steps must be >= 1 and --warmup >= 0")
     command = " ".join(shlex.quote(a) for a in ["python"] + sys.argv)  # before the re-exec

@@ -126,3 +126,56 @@ def run_row(script: str, job: dict, allocator: str, label: str,
     print(f"[{tag}] {label}: {summary(res)} ({time.perf_counter() - t0:.0f} s wall)",
           file=sys.stderr, flush=True)
     return res
+
+
+# ----------------------------------------------------------------------------- shared settings
+
+# LoRA of every comparison, the same on both sides: rank 16, alpha 32, on q_proj and v_proj.
+LORA = dict(rank=16, alpha=32.0, targets=("q_proj", "v_proj"))
+OURS_CONFIGS = tuple(f"{layers}/{remat}" for layers in ("unrolled", "scan")
+                     for remat in ("none", "full", "dots"))
+
+
+def parse_list(parser, flag: str, value: str, allowed) -> list[str]:
+    """A comma list from the command line, every item one of `allowed` (else a usage error)."""
+    items = [v for v in value.split(",") if v]
+    if bad := [v for v in items if v not in allowed]:
+        parser.error(f"{flag}: unknown {bad}; expected some of {', '.join(allowed)}")
+    return items
+
+
+def peft_lora(mode: str):
+    """PEFT's LoraConfig equal to LORA for mode 'lora'; None for full fine-tuning."""
+    if mode != "lora":
+        return None
+    from peft import LoraConfig
+    return LoraConfig(r=LORA["rank"], lora_alpha=LORA["alpha"], lora_dropout=0.0,
+                      target_modules=list(LORA["targets"]), task_type="CAUSAL_LM")
+
+
+def trl_step_timer(log_key: str = "loss"):
+    """A transformers TrainerCallback that times each optimizer step (on_step_begin ->
+    on_step_end, CUDA synchronised) into `.times`, keeps the logs holding `log_key` in `.logs`
+    and the peak RSS before the first step in `.rss_setup`."""
+    import torch
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.times, self.logs, self._t0, self.rss_setup = [], [], 0.0, None
+
+        def on_step_begin(self, args, state, control, **kw):
+            if self.rss_setup is None:
+                self.rss_setup = peak_rss_gib()
+            self._t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            if torch.cuda.is_available():  # CUDA kernels run asynchronously: wait for the step
+                torch.cuda.synchronize()
+            self.times.append(time.perf_counter() - self._t0)
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and log_key in logs:
+                self.logs.append(dict(logs))
+
+    return StepTimer()

@@ -109,6 +109,13 @@ def records(run_dir) -> list[dict]:
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
+def saved_steps(run_dir) -> list[int]:
+    ckpts = TrainCheckpoints(run_dir)
+    steps = list(ckpts.manager.all_steps())
+    ckpts.close()
+    return steps
+
+
 def _learned(rows, gain):
     first = np.mean([r["reward_mean"] for r in rows[:4]])
     last = np.mean([r["reward_mean"] for r in rows[-4:]])
@@ -224,9 +231,7 @@ def test_bad_reward_function_keeps_last_iteration(tiny, tmp_path, fn, message):
                                                   r"iteration 1 .* is intact"):
         run(cfg)
     # Iteration 1 is checkpointed (saved on the error, save_every is 4); nothing of 2 is.
-    ckpts = TrainCheckpoints(tmp_path)
-    assert list(ckpts.manager.all_steps()) == [1]
-    ckpts.close()
+    assert saved_steps(tmp_path) == [1]
     assert [r["step"] for r in records(tmp_path)] == [1]
 
 
@@ -236,9 +241,7 @@ def test_nan_loss_stops_with_last_checkpoint(tiny, tmp_path):
     with pytest.raises(NonFiniteLossError, match=r"iteration 2: non-finite loss.*last good "
                                                  r"checkpoint \(iteration 1\)"):
         run(cfg)
-    ckpts = TrainCheckpoints(tmp_path)
-    assert list(ckpts.manager.all_steps()) == [1]
-    ckpts.close()
+    assert saved_steps(tmp_path) == [1]
 
 
 def test_approx_kl_early_stop(tiny, ppo_run, tmp_path):
