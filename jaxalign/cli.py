@@ -193,6 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from jaxalign import runtime
+    if argv is None:  # a real command line: may re-execute under mimalloc (jaxalign.runtime)
+        runtime.reexec_with_allocator(sys.argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
@@ -202,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("absl").setLevel(logging.WARNING)
     from jaxalign.config import JaxalignError
     from jaxalign.sharding import initialize_distributed
+    settings = runtime.configure_jax()
+    log.debug("runtime settings: %s", settings)
     initialize_distributed()
     try:
         return args.func(args)

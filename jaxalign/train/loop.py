@@ -19,6 +19,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
+from jaxalign import runtime
 from jaxalign.checkpoint import TrainCheckpoints
 from jaxalign.config import ConfigError, JaxalignError
 from jaxalign.metrics import MetricsWriter, Progress
@@ -140,6 +141,7 @@ def train(*, run_dir: str | Path, cfg: TrainConfig, optim: OptimConfig, mesh: Me
     """Runs (or resumes) training to `cfg.steps`; returns the last logged metrics."""
     run_dir = Path(run_dir)
     _check_batch_fits(cfg, mesh)
+    runtime.count_compilations()  # perf.jsonl shows any recompilation after warm-up
     optimizer, schedule = make_optimizer(optim, cfg.steps)
     # Optimizer moments inherit each param's sharding through the jitted init.
     state = jax.jit(init_state, static_argnums=(1, 2))(trainable, optimizer, cfg.seed)
@@ -192,7 +194,7 @@ def train(*, run_dir: str | Path, cfg: TrainConfig, optim: OptimConfig, mesh: Me
                     log.warning("%s (skipped, %d in a row)", msg, bad_in_a_row)
                 else:
                     bad_in_a_row = 0
-                perf = {"step_s": dt, "tokens_per_s": tokens / dt}
+                perf = {"step_s": dt, "tokens_per_s": tokens / dt, **runtime.compile_stats()}
                 if eval_step is not None and (
                         (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps):
                     metrics.update(evaluate(eval_step, state.params, frozen, task.eval_data(), mesh,

@@ -1,0 +1,165 @@
+"""Process-wide performance settings that `jaxalign` applies on its own, so that a user who
+types `jaxalign sft ...` on a fresh machine gets what the benchmarks measure.
+
+Two things cannot be changed from inside a running process and are therefore arranged
+before jax is imported:
+
+* **The host allocator.** XLA's CPU runtime allocates and frees every step's activations
+  with malloc. glibc serves large blocks with fresh mmaps and unmaps them on free, so each
+  training step page-faults (and the kernel zeroes) gigabytes again: 25-35% of a SmolLM2 SFT
+  step (DESIGN.md section 5). mimalloc with purging off keeps freed memory mapped and reuses
+  it. It ships as the PyPI wheel `cmeel-mimalloc` (a dependency on x86-64 Linux), and the
+  entry point re-executes itself once with it in LD_PRELOAD, since an allocator can only be
+  swapped before the first malloc. `JAXALIGN_ALLOCATOR=system` keeps glibc.
+* **XLA flags** are read once, when the backend starts (none are needed today: every
+  flag tried on the CPU backend was slower or neutral; see docs/bench/README.md).
+
+Everything else is a jax config option set in `configure_jax`:
+
+* **The persistent compilation cache** (on by default under `$JAXALIGN_CACHE/xla`,
+  `JAXALIGN_COMPILE_CACHE=DIR` moves it, `=off` disables it): a rerun, a resume or a second
+  run with the same shapes loads its programs instead of compiling them again.
+* **Compilation counters** (`compile_stats`), which the training loops write to perf.jsonl,
+  so that a recompilation after warm-up is visible (and tested).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import sysconfig
+import threading
+from pathlib import Path
+
+ALLOCATOR_ENV = "JAXALIGN_ALLOCATOR"      # mimalloc (default where available) | system
+COMPILE_CACHE_ENV = "JAXALIGN_COMPILE_CACHE"
+_REEXEC_MARK = "JAXALIGN_ALLOCATOR_PRELOADED"
+
+# mimalloc options (read from the environment by the library): never hand freed pages back
+# to the OS (purge delay -1), so the next step's buffers reuse them without page faults.
+MIMALLOC_ENV = {"MIMALLOC_PURGE_DELAY": "-1"}
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("JAXALIGN_CACHE", Path.home() / ".cache" / "jaxalign"))
+
+
+def mimalloc_path() -> Path | None:
+    """libmimalloc.so from the `cmeel-mimalloc` wheel, if installed in this environment."""
+    for key in ("purelib", "platlib"):
+        lib = Path(sysconfig.get_paths()[key]) / "cmeel.prefix" / "lib" / "libmimalloc.so"
+        if lib.is_file():
+            return lib
+    return None
+
+
+def allocator_env(environ: dict[str, str] | None = None) -> dict[str, str] | None:
+    """The environment to re-execute under, or None when the process is already set up.
+
+    None when: the user asked for the system allocator, we already re-executed, the user
+    preloads something of their own, or no mimalloc library is installed (other platforms).
+    """
+    env = dict(os.environ if environ is None else environ)
+    choice = env.get(ALLOCATOR_ENV, "mimalloc").strip().lower()
+    if choice == "system" or env.get(_REEXEC_MARK) or env.get("LD_PRELOAD"):
+        return None
+    if choice != "mimalloc":
+        raise SystemExit(f"jaxalign: {ALLOCATOR_ENV}={choice!r}: expected mimalloc or system")
+    lib = mimalloc_path()
+    if lib is None or not sys.platform.startswith("linux"):
+        return None
+    for key, value in MIMALLOC_ENV.items():
+        env.setdefault(key, value)
+    env["LD_PRELOAD"] = str(lib)
+    env[_REEXEC_MARK] = "1"
+    return env
+
+
+def reexec_with_allocator(argv: list[str]) -> None:
+    """Replaces this process by the same command under mimalloc (see the module doc).
+
+    Called first thing in `cli.main`, before jax (and its allocator use) is loaded. Returns
+    only when there is nothing to do."""
+    env = allocator_env()
+    if env is None or "jax" in sys.modules:
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, "-m", "jaxalign.cli", *argv], env)
+
+
+def allocator_in_use() -> str:
+    """'mimalloc' when this process runs under the preloaded mimalloc, else 'system'."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return "system"
+    return "mimalloc" if "libmimalloc" in maps else "system"
+
+
+# ----------------------------------------------------------------------------- jax settings
+
+_stats = {"compiles": 0, "compile_s": 0.0, "cache_hits": 0, "cache_misses": 0}
+_lock = threading.Lock()
+_listening = False
+
+
+def _on_event(name: str, **_):
+    if name == "/jax/compilation_cache/cache_hits":
+        with _lock:
+            _stats["cache_hits"] += 1
+    elif name == "/jax/compilation_cache/cache_misses":
+        with _lock:
+            _stats["cache_misses"] += 1
+
+
+def _on_duration(name: str, secs: float, **_):
+    # Fired once per executable jax had to produce: compiled, or loaded from the cache.
+    if name == "/jax/core/compile/backend_compile_duration":
+        with _lock:
+            _stats["compiles"] += 1
+            _stats["compile_s"] += secs
+
+
+def count_compilations() -> None:
+    """Starts counting compilations (idempotent); read them with `compile_stats`."""
+    global _listening
+    if _listening:
+        return
+    import jax
+    jax.monitoring.register_event_listener(_on_event)
+    jax.monitoring.register_event_duration_secs_listener(_on_duration)
+    _listening = True
+
+
+def compile_stats() -> dict[str, float]:
+    """Cumulative counts for this process: programs compiled or loaded (`compiles`), their
+    total backend time, and persistent-cache hits / misses."""
+    with _lock:
+        return dict(_stats)
+
+
+def compile_cache_dir(environ: dict[str, str] | None = None) -> Path | None:
+    env = os.environ if environ is None else environ
+    value = env.get(COMPILE_CACHE_ENV, "").strip()
+    if value.lower() in ("off", "0", "none", "false"):
+        return None
+    return Path(value).expanduser() if value else cache_root() / "xla"
+
+
+def configure_jax() -> dict[str, str]:
+    """Applies the jax-level settings; returns what was chosen, for the run log."""
+    import jax
+
+    count_compilations()
+    chosen = {"allocator": allocator_in_use()}
+    cache = compile_cache_dir()
+    if cache is not None:
+        cache.mkdir(parents=True, exist_ok=True)
+        jax.config.update("jax_compilation_cache_dir", str(cache))
+        # Cache every program: the small ones (optimizer init, eval, data placement) add up
+        # to seconds at start-up too, and a cache entry costs only its file.
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+    chosen["compile_cache"] = str(cache) if cache is not None else "off"
+    return chosen

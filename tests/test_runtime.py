@@ -1,0 +1,108 @@
+"""The CLI's own performance settings (jaxalign/runtime.py): the allocator it preloads, the
+persistent compilation cache, and no recompilation after warm-up, within a run, across a
+resume and across a second run of the same shapes."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from jaxalign import runtime
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_allocator_env_choices(monkeypatch):
+    lib = runtime.mimalloc_path()
+    if lib is None:
+        pytest.skip("cmeel-mimalloc is not installed on this platform")
+    env = runtime.allocator_env({"PATH": "/bin"})
+    assert env["LD_PRELOAD"] == str(lib) and env["MIMALLOC_PURGE_DELAY"] == "-1"
+    # The user's own choices win: opting out, a preload of their own, an explicit purge delay.
+    assert runtime.allocator_env({"JAXALIGN_ALLOCATOR": "system"}) is None
+    assert runtime.allocator_env({"LD_PRELOAD": "/usr/lib/libjemalloc.so.2"}) is None
+    assert runtime.allocator_env({"MIMALLOC_PURGE_DELAY": "10"})["MIMALLOC_PURGE_DELAY"] == "10"
+    # Re-executed once only.
+    assert runtime.allocator_env(env) is None
+    with pytest.raises(SystemExit, match="JAXALIGN_ALLOCATOR='tcmalloc'"):
+        runtime.allocator_env({"JAXALIGN_ALLOCATOR": "tcmalloc"})
+
+
+def test_compile_cache_dir_choices(tmp_path):
+    assert runtime.compile_cache_dir({"JAXALIGN_COMPILE_CACHE": "off"}) is None
+    assert runtime.compile_cache_dir({"JAXALIGN_COMPILE_CACHE": str(tmp_path)}) == tmp_path
+    assert runtime.compile_cache_dir({}) == runtime.cache_root() / "xla"
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from make_tiny_model import make_tiny_model
+    root = tmp_path_factory.mktemp("runtime")
+    model_dir = make_tiny_model(root / "model")
+    data = root / "train.jsonl"
+    with open(data, "w") as f:
+        for i in range(64):
+            f.write(json.dumps({"prompt": f"What is {i % 9} plus {i % 7}?",
+                                "completion": f"The answer is {i % 9 + i % 7}."}) + "\n")
+    return model_dir, data
+
+
+def _sft(tiny, out_dir, cache_dir, *extra):
+    model_dir, data = tiny
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "JAXALIGN_ALLOCATOR",
+                                                             "JAXALIGN_ALLOCATOR_PRELOADED")}
+    env.update(XLA_FLAGS="--xla_force_host_platform_device_count=1",
+               JAXALIGN_COMPILE_CACHE=str(cache_dir))
+    cmd = [sys.executable, "-m", "jaxalign.cli", "-v", "sft", str(ROOT / "configs" / "tiny_sft.yaml"),
+           f"out_dir={out_dir}", f"model.path={model_dir}", f"data.train=[{{path: {data}}}]",
+           "train.steps=6", "train.save_every=3", "train.tensorboard=false",
+           "train.progress=false", *extra]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    perf = [json.loads(line) for line in (Path(out_dir) / "perf.jsonl").read_text().splitlines()]
+    return proc.stderr, {p["step"]: p for p in perf}
+
+
+def test_cli_settings_cache_and_no_recompilation(tiny, tmp_path):
+    cache = tmp_path / "xla"
+    err, perf = _sft(tiny, tmp_path / "a", cache)
+    # The CLI re-executed itself under the preloaded allocator and switched the cache on.
+    expected = "mimalloc" if runtime.mimalloc_path() is not None else "system"
+    assert f"'allocator': '{expected}'" in err and f"'compile_cache': '{cache}'" in err
+    assert any(cache.iterdir())
+    # Every program is compiled by the end of step 1; later steps compile nothing.
+    assert perf[1]["compiles"] > 0 and perf[1]["cache_misses"] > 0
+    assert all(perf[s]["compiles"] == perf[1]["compiles"] for s in range(2, 6)), perf
+    # (step 6 also evaluates and exports nothing new: the run has no eval data.)
+    assert perf[6]["compiles"] == perf[1]["compiles"], perf
+
+    # The same command in a fresh directory: every program comes from the cache.
+    _, again = _sft(tiny, tmp_path / "b", cache)
+    assert again[1]["cache_misses"] == 0 and again[1]["cache_hits"] > 0, again[1]
+    assert again[6]["compiles"] == again[1]["compiles"]
+
+    # A resume (checkpoint at step 3, the later one removed): cache hits only, and no
+    # recompilation after the first resumed step.
+    run = tmp_path / "a"
+    shutil.rmtree(run / "checkpoints" / "6")
+    err, resumed = _sft(tiny, run, cache)
+    assert "resumed" in err
+    assert sorted(resumed) == [1, 2, 3, 4, 5, 6]  # perf.jsonl cut back to step 3, then 4..6
+    assert resumed[4]["cache_misses"] == 0 and resumed[4]["cache_hits"] > 0, resumed[4]
+    assert resumed[6]["compiles"] == resumed[4]["compiles"]
+
+
+def test_cache_off_and_system_allocator(tiny, tmp_path):
+    model_dir, data = tiny
+    env = dict(os.environ, JAXALIGN_ALLOCATOR="system", JAXALIGN_COMPILE_CACHE="off",
+               XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    env.pop("LD_PRELOAD", None)
+    proc = subprocess.run([sys.executable, "-m", "jaxalign.cli", "-v", "generate", str(model_dir),
+                           "--prompt", "What is 2 plus 3?", "--max-new-tokens", "4"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "'allocator': 'system', 'compile_cache': 'off'" in proc.stderr
