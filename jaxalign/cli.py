@@ -86,8 +86,9 @@ def cmd_generate(args) -> int:
     from jaxalign import checkpoint
     from jaxalign.generate import generate_text
 
-    # Decoding is memory-bound: scanned layers decoded faster than unrolled ones on CPU
-    # (220 vs 350 ms a step for SmolLM2) and compiled in 13 s instead of 48 s.
+    # Scanned layers keep the prefill one small program; the decode steps read per-layer
+    # weights either way (generate.py). --dtype bfloat16 decodes from bf16 copies of the
+    # weights (half the bytes a step reads).
     cfg, params, _, tok_dir = checkpoint.load_model(args.model, _mesh(args), dtype=args.dtype,
                                                     scan_layers=True)
     tokenizer = load_tokenizer(tok_dir)

@@ -85,10 +85,8 @@ def generate(cfg: ModelConfig, params, prompt_tokens_BP: jax.Array, prompt_mask_
     # The cache holds the prompt and every fed-back token (the last sampled one never is
     # fed): P - 1 + N slots. It is kept in the compute dtype: the uncached forward attends to
     # k/v in that dtype too, so a wider cache would cost memory without changing a number.
-    cache = init_cache(cfg, B, P - 1 + N)
-    # Under a mesh (PPO), shard the cache like the batch and the kv heads; without one
-    # `constrain` is a no-op.
-    cache = {name: constrain(x, CACHE_NAMES[name]) for name, x in cache.items()}
+    stacked = not isinstance(params["layers"], tuple)
+    cache = _constrain_cache(init_cache(cfg, B, P - 1 + N, per_layer=not stacked))
     if P > 1:
         # Prefill all but the last prompt token; no logits needed (a (B, P, V) fp32 tensor
         # would dominate memory for long prompts). The last prompt token, always real under
@@ -99,6 +97,16 @@ def generate(cfg: ModelConfig, params, prompt_tokens_BP: jax.Array, prompt_mask_
                                        positions_BT=positions_BP[:, :-1],
                                        segment_ids_BT=mask_BP[:, :-1], cache=cache,
                                        return_logits=False)
+    if stacked:
+        # Decode steps read per-layer weights in place (`Llama._loop_layers`): a scan over
+        # stacked weights would copy every layer's slice on every step. So the weights are
+        # sliced once per call here (the prefill above still ran as one scan, which keeps
+        # the program small), and the cache is split by layer.
+        # Weights stored wider than the compute dtype (fp32 params, bf16 decoding) are cast in
+        # the same pass, so the steps read half the bytes instead of casting every step.
+        cast = cfg.dtype if cfg.dtype != cfg.param_dtype else None
+        params = functional.unstack_layers(cfg, params, cast)
+        cache = _constrain_cache({**cache, "k": tuple(cache["k"]), "v": tuple(cache["v"])})
 
     def step(state):
         i, cache, tok_in_B, tokens_BN, logprobs_BN, out_mask_BN, done_B = state
@@ -126,6 +134,13 @@ def generate(cfg: ModelConfig, params, prompt_tokens_BP: jax.Array, prompt_mask_
     _, _, _, tokens_BN, logprobs_BN, out_mask_BN, _ = jax.lax.while_loop(cond, step, init)
     return {"tokens_BN": tokens_BN, "mask_BN": out_mask_BN, "logprobs_BN": logprobs_BN,
             "lengths_B": out_mask_BN.sum(axis=-1)}
+
+
+def _constrain_cache(cache):
+    """Under a mesh (PPO), shards the cache like the batch and the kv heads; without one
+    `constrain` is a no-op. Per-layer k / v (tuples) drop the leading 'layers' name."""
+    return {name: (tuple(constrain(a, CACHE_NAMES[name][1:]) for a in x) if isinstance(x, tuple)
+                   else constrain(x, CACHE_NAMES[name])) for name, x in cache.items()}
 
 
 @functools.lru_cache(maxsize=32)

@@ -16,6 +16,7 @@ from jax.sharding import Mesh
 
 from jaxalign import sharding
 from jaxalign.config import ConfigError, ModelConfig
+from jaxalign.models import llama
 from jaxalign.models.llama import Cache, Llama
 
 Params = dict[str, Any]
@@ -82,9 +83,27 @@ def apply(cfg: ModelConfig, params: Params, tokens_BT: jax.Array, *,
         segment_ids_BT = jnp.ones(tokens_BT.shape, jnp.int32)
     if positions_BT is None:
         positions_BT = positions_from_segments(segment_ids_BT)
+    layer_params = None
+    if isinstance(params["layers"], tuple):
+        # Decode layout (`unstack_layers`): the model is merged around the first layer's tree
+        # only to give it a structure; the layers run from `layer_params`.
+        layer_params = params["layers"]
+        params = {**params, "layers": layer_params[0]}
     model = nnx.merge(_split(cfg)[0], params)
     return model(tokens_BT, positions_BT, segment_ids_BT, cache, return_logits=return_logits,
-                 dropout_key=dropout_key, use_lora=use_lora)
+                 dropout_key=dropout_key, use_lora=use_lora, layer_params=layer_params)
+
+
+def unstack_layers(cfg: ModelConfig, params: Params, dtype: str | None = None) -> Params:
+    """The params in decode layout: `params['layers']` becomes a tuple of per-layer trees
+    (read in place by each decode step, see `Llama._loop_layers`), optionally cast to `dtype`
+    together with the other weights. `apply` takes either layout."""
+    if isinstance(params["layers"], tuple):
+        return params
+    out = {k: (v if dtype is None else jax.tree.map(lambda a: a.astype(dtype), v))
+           for k, v in params.items() if k != "layers"}
+    out["layers"] = llama.unstack_layers(params["layers"], dtype)
+    return out
 
 
 def lm_head(cfg: ModelConfig, params: Params) -> tuple[jax.Array, bool]:

@@ -313,7 +313,8 @@ class Llama(nnx.Module):
 
     def __call__(self, tokens_BT: jax.Array, positions_BT: jax.Array, segment_ids_BT: jax.Array,
                  cache: Cache | None = None, *, return_logits: bool = True,
-                 dropout_key: jax.Array | None = None, use_lora: bool = True):
+                 dropout_key: jax.Array | None = None, use_lora: bool = True,
+                 layer_params: tuple | None = None):
         """Forward pass.
 
         segment_ids_BT: 0 marks padding; tokens attend causally only within their own
@@ -322,6 +323,8 @@ class Llama(nnx.Module):
         `use_lora=False` runs the base model with the adapters switched off.
         Returns (logits_BTV fp32 or None, hidden_BTD after the final norm, new cache or None).
         A classifier (num_labels > 0) has no vocab logits: call it with return_logits=False.
+        `layer_params`: one param tree per layer (`unstack_layers`), run as a Python loop in
+        place of the stacked `self.layers`; the cache's k / v are then tuples of layers too.
         """
         cfg = self.cfg
         if return_logits and cfg.num_labels > 0:
@@ -346,8 +349,12 @@ class Llama(nnx.Module):
             mask_BTS = (k_slot <= q_slot)[None] & valid_BS[:, None, :]
             kv = (cache["k"], cache["v"])
 
-        x_BTD, kv = self._run_layers(x_BTD, cos_BTH, sin_BTH, mask_BTS, kv, end, dropout_key,
-                                     use_lora)
+        if layer_params is not None:
+            x_BTD, kv = self._loop_layers(layer_params, x_BTD, cos_BTH, sin_BTH, mask_BTS, kv, end,
+                                          dropout_key, use_lora)
+        else:
+            x_BTD, kv = self._run_layers(x_BTD, cos_BTH, sin_BTH, mask_BTS, kv, end, dropout_key,
+                                         use_lora)
         hidden_BTD = self.final_norm(x_BTD)
         new_cache = None
         if cache is not None:
@@ -383,13 +390,48 @@ class Llama(nnx.Module):
         # (about 30% of a SmolLM2 step).
         return jax.lax.scan(body, x_BTD, (stacked, kv, keys), unroll=not cfg.scan_layers)
 
+    def _loop_layers(self, layer_params, x_BTD, cos_BTH, sin_BTH, mask_BTS, kv, end, key, use_lora):
+        """The layers as a Python loop over separate per-layer arrays (decoding).
 
-def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: str | None = None) -> Cache:
-    """An empty KV cache for `batch` rows of up to `max_len` tokens."""
-    shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+        Inside a scan (or an unrolled scan) each layer's weights are sliced out of the stacked
+        arrays, and XLA's CPU backend copies every slice before the matmul reads it: on a
+        memory-bound decode step that doubles the weight traffic. Separate arrays are read
+        in place. The KV cache is per layer too, so each step updates it in place."""
+        block_def = nnx.graphdef(self.layers)
+        keys = [None] * len(layer_params) if key is None else jax.random.split(key, len(layer_params))
+        new_k, new_v = [], []
+        for i, params in enumerate(layer_params):
+            layer_kv = None if kv is None else (kv[0][i], kv[1][i])
+            x_BTD, layer_kv = nnx.merge(block_def, params)(x_BTD, cos_BTH, sin_BTH, mask_BTS,
+                                                           layer_kv, end, keys[i], use_lora)
+            if layer_kv is not None:
+                new_k.append(layer_kv[0])
+                new_v.append(layer_kv[1])
+        return x_BTD, (None if kv is None else (tuple(new_k), tuple(new_v)))
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: str | None = None,
+               per_layer: bool = False) -> Cache:
+    """An empty KV cache for `batch` rows of up to `max_len` tokens: k / v stacked over layers
+    (L, B, S, K, H), or with `per_layer` a tuple of L (B, S, K, H) arrays (`layer_params`)."""
     dt = _dtype(dtype or cfg.dtype)
-    return {"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt),
-            "valid": jnp.zeros((batch, max_len), bool), "end": jnp.zeros((), jnp.int32)}
+    shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+    if per_layer:
+        k = tuple(jnp.zeros(shape, dt) for _ in range(cfg.num_layers))
+        v = tuple(jnp.zeros(shape, dt) for _ in range(cfg.num_layers))
+    else:
+        k = v = jnp.zeros((cfg.num_layers, *shape), dt)
+    return {"k": k, "v": v, "valid": jnp.zeros((batch, max_len), bool),
+            "end": jnp.zeros((), jnp.int32)}
+
+
+def unstack_layers(stacked: dict, dtype=None) -> tuple[dict, ...]:
+    """Stacked layer params (leading L axis) -> one tree per layer, optionally cast to `dtype`
+    (bfloat16 decoding halves the bytes each decode step reads)."""
+    leaves, treedef = jax.tree.flatten(stacked)
+    num_layers = leaves[0].shape[0]
+    cast = (lambda a: a) if dtype is None else (lambda a: a.astype(dtype))
+    return tuple(jax.tree.unflatten(treedef, [cast(a[i]) for a in leaves]) for i in range(num_layers))
 
 
 CACHE_NAMES: dict[str, Any] = {
