@@ -224,6 +224,12 @@ def run(args) -> list[dict]:
                       and o["batch"] == row["batch"] and o.get("step_s")), None)
         if row["side"] == "ours" and row.get("step_s") and other:
             row["ratio"] = other["step_s"] / row["step_s"]
+            if row.get("check") and other.get("check"):  # the same computation on both sides?
+                mine, theirs = row["check"], other["check"]
+                row["agreement"] = (f"logits max |diff| {max(abs(x - y) for x, y in zip(mine, theirs)):.2g}"
+                                    if args.workload == "forward" else
+                                    f"first {next((i for i, (x, y) in enumerate(zip(mine, theirs)) if x != y), len(mine))}"
+                                    f"/{len(mine)} tokens of row 0 equal")
     ctx["rows"] = rows
     return report(ctx)
 
@@ -235,17 +241,19 @@ def report(ctx: dict) -> list[dict]:
     table = []
     for r in ctx["rows"]:
         pct = lambda k: 100 * r[k] if r.get(k) is not None else None  # noqa: E731
-        note = r.get("error", "")
+        note = r.get("error") or r.get("agreement", "")
         if ctx["workload"] in ("ppo", "grpo") and r.get("rollout_s") is not None:
             note = f"rollout {r['rollout_s']:.3g} s, resp len {r.get('response_length') or 0:.1f}"
         table.append([r["side"], r["allocator"], r["batch"], r.get("step_s"), r.get("speed"), r.get("ratio"),
                       r.get("peak_rss_gib"), r.get("peak_dev_gib"), r.get("compile_s"), r.get("first_step_s"),
                       pct("mfu"), pct("roofline"), r.get("loss1"), note])
-    shape = (f"{ctx['seq']} tokens" if ctx["workload"] not in ("ppo", "grpo", "generate") else
-             f"{a.prompt_tokens}-token prompts + {a.new_tokens} new tokens" if ctx["workload"] == "generate"
-             else f"x {a.generations} generations, <= {a.new_tokens} new tokens")
-    title = (f"{ctx['workload']}: {Path(ctx['model']).name}, {a.precision}, batch x {shape}; median of "
-             f"{a.steps} steps after {a.warmup} warm-up")
+    w = ctx["workload"]
+    shape = {"generate": f"batch x ({a.prompt_tokens}-token prompt + {a.new_tokens} new tokens)",
+             "grpo": f"batch prompts x {a.generations} generations, <= {a.new_tokens} new tokens",
+             "ppo": f"batch x {a.generations} prompts, <= {a.new_tokens} new tokens",
+             "dpo": f"batch pairs x 2 x ({a.prompt_len} + {a.response_len}) tokens",
+             "rm": f"batch pairs x 2 x ({a.prompt_len} + {a.response_len}) tokens"}.get(w, f"batch x {ctx['seq']} tokens")
+    title = f"{w}: {Path(ctx['model']).name}, {a.precision}, {shape}; median of {a.steps} steps after {a.warmup} warm-up"
     lines = [title if not wl.note else f"{title}\n{wl.note}", common.table("", header, table).lstrip("\n")]
     gf = lambda k: probe.get(k, 0) / 1e9  # noqa: E731
     lines.append(f"machine: matmul peak {gf('matmul_fp32_flops'):.1f} GFLOP/s fp32, {gf('matmul_bf16_flops'):.1f} "

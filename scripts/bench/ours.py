@@ -89,9 +89,9 @@ def forward(job: dict) -> dict:
     t0 = time.perf_counter()
     compiled = fwd.lower(params, tokens).compile()
     compile_s = time.perf_counter() - t0
-    step_s, _ = _timed(lambda: compiled(params, tokens).block_until_ready(), job["warmup"], job["steps"])
+    step_s, times = _timed(lambda: compiled(params, tokens).block_until_ready(), job["warmup"], job["steps"])
     logits = np.asarray(compiled(params, tokens)[0, -1, :8], np.float64)
-    return dict(step_s=step_s, compile_s=compile_s, check=logits.tolist(),
+    return dict(step_s=step_s, first_step_s=times[0], compile_s=compile_s, check=logits.tolist(),
                 param_bytes=sum(x.nbytes for x in jax.tree.leaves(params)),
                 peak_dev_gib=_device_peak_gib(), device=str(jax.devices()[0].device_kind))
 
@@ -116,8 +116,8 @@ def generate(job: dict) -> dict:
     def call():
         out.update(jax.device_get(compiled(params, tokens, mask, key)))
 
-    step_s, _ = _timed(call, job["warmup"], job["steps"])
+    step_s, times = _timed(call, job["warmup"], job["steps"])
     assert (out["lengths_B"] == job["new_tokens"]).all(), out["lengths_B"]
-    return dict(step_s=step_s, compile_s=compile_s, check=out["tokens_BN"][0, :16].tolist(),
+    return dict(step_s=step_s, first_step_s=times[0], compile_s=compile_s, check=out["tokens_BN"][0, :16].tolist(),
                 param_bytes=sum(x.nbytes for x in jax.tree.leaves(params)),
                 peak_dev_gib=_device_peak_gib(), device=str(jax.devices()[0].device_kind))
