@@ -96,7 +96,7 @@ def _worker_row(job: dict, env: dict, tmp: Path, label: str, verbose: bool) -> d
     path.write_text(json.dumps(job))
     r = common.run_child(common.worker_argv(str(path)), env, label=label, verbose=verbose)
     out = common.last_json(r["stdout"]) if r["rc"] == 0 else {"error": f"exit {r['rc']}"}
-    return dict(out, peak_rss_gib=r["peak_rss_gib"], wall_s=r["wall_s"])
+    return dict(out, peak_rss_gib=r["peak_rss_gib"], smi_dev_gib=r["smi_dev_gib"], wall_s=r["wall_s"])
 
 
 def _ours_train(ctx: dict, env: dict, label: str) -> dict:
@@ -104,10 +104,12 @@ def _ours_train(ctx: dict, env: dict, label: str) -> dict:
     run_dir = ctx["tmp"] / f"run-{abs(hash(label))}"
     r = common.run_child(ours.cli_argv(ctx["command"], ctx["raw"], run_dir), env, label=label,
                          verbose=ctx["verbose"])
+    measured = dict(peak_rss_gib=r["peak_rss_gib"], smi_dev_gib=r["smi_dev_gib"], wall_s=r["wall_s"])
     if r["rc"] != 0:
-        return dict(error=f"exit {r['rc']}", peak_rss_gib=r["peak_rss_gib"], wall_s=r["wall_s"])
-    res = ours.read_run(run_dir, ctx["warmup"], rl=ctx["workload"] in ("ppo", "grpo"))
-    return dict(res, peak_rss_gib=r["peak_rss_gib"], wall_s=r["wall_s"], peak_dev_gib=None)
+        return dict(error=f"exit {r['rc']}", **measured)
+    # peak_dev_gib (the allocator's own peak): the CLI does not write it; nvidia-smi's figure stands.
+    return dict(ours.read_run(run_dir, ctx["warmup"], rl=ctx["workload"] in ("ppo", "grpo")),
+                peak_dev_gib=None, **measured)
 
 
 def _theirs_job(ctx: dict, variant: dict) -> dict:
@@ -236,7 +238,7 @@ def run(args) -> list[dict]:
 
 def report(ctx: dict) -> list[dict]:
     a, wl, probe = ctx["args"], WORKLOADS[ctx["workload"]], ctx["probe"]
-    header = ["side", "alloc", "batch", "step s", wl.unit, "ours/theirs", "peak RSS GiB", "peak dev GiB",
+    header = ["side", "alloc", "batch", "step s", wl.unit, "ours/theirs", "peak RSS GiB", "dev alloc GiB", "dev smi GiB",
               "compile s", "first step s", "MFU %", "roofline %", "loss@1", "note"]
     table = []
     for r in ctx["rows"]:
@@ -245,7 +247,8 @@ def report(ctx: dict) -> list[dict]:
         if ctx["workload"] in ("ppo", "grpo") and r.get("rollout_s") is not None:
             note = f"rollout {r['rollout_s']:.3g} s, resp len {r.get('response_length') or 0:.1f}"
         table.append([r["side"], r["allocator"], r["batch"], r.get("step_s"), r.get("speed"), r.get("ratio"),
-                      r.get("peak_rss_gib"), r.get("peak_dev_gib"), r.get("compile_s"), r.get("first_step_s"),
+                      r.get("peak_rss_gib"), r.get("peak_dev_gib"), r.get("smi_dev_gib"), r.get("compile_s"),
+                      r.get("first_step_s"),
                       pct("mfu"), pct("roofline"), r.get("loss1"), note])
     w = ctx["workload"]
     shape = {"generate": f"batch x ({a.prompt_tokens}-token prompt + {a.new_tokens} new tokens)",

@@ -9,9 +9,11 @@ import json
 import os
 import platform
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -48,17 +50,46 @@ def child_env(allocator: str) -> dict | None:
     return dict(env, LD_PRELOAD=lib, **ALLOCATOR_ENV[allocator])
 
 
+class _GpuPoll(threading.Thread):
+    """The largest device memory nvidia-smi reports for one process (what it holds: for JAX,
+    its preallocated pool unless XLA_PYTHON_CLIENT_PREALLOCATE=false), every 0.5 s."""
+
+    def __init__(self, pid: int):
+        super().__init__(daemon=True)
+        self.pid, self.peak_mib, self.done = pid, None, threading.Event()
+
+    def run(self):
+        while not self.done.wait(0.5):
+            try:
+                text = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory",
+                                       "--format=csv,noheader,nounits"], capture_output=True,
+                                      text=True, timeout=10).stdout
+            except (OSError, subprocess.SubprocessError):
+                return
+            for line in text.splitlines():
+                pid, _, mib = line.partition(",")
+                if pid.strip() == str(self.pid) and mib.strip().isdigit():
+                    self.peak_mib = max(self.peak_mib or 0, int(mib))
+
+
 def run_child(argv: list[str], env: dict, cwd: str | None = None, label: str = "",
               verbose: bool = False) -> dict:
-    """Runs one row's process to its end. -> rc, stdout, stderr tail, peak RSS (GiB: the
-    child's ru_maxrss from wait4, i.e. its largest resident set, all threads), wall seconds."""
+    """Runs one row's process to its end. -> rc, stdout, stderr, peak RSS (GiB: the child's
+    ru_maxrss from wait4, i.e. its largest resident set, all threads), its peak device memory
+    per nvidia-smi (GiB, None without a GPU), wall seconds."""
     print(f"[bench] {label} ...", file=sys.stderr, flush=True)
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         t0 = time.perf_counter()
         proc = subprocess.Popen(argv, stdout=out, stderr=None if verbose else err, env=env, cwd=cwd)
+        poll = _GpuPoll(proc.pid) if shutil.which("nvidia-smi") else None
+        if poll:
+            poll.start()
         _, status, usage = os.wait4(proc.pid, 0)
         proc.returncode = os.waitstatus_to_exitcode(status)
         wall = time.perf_counter() - t0
+        if poll:
+            poll.done.set()
+            poll.join()
         out.seek(0)
         err.seek(0)
         stdout, stderr = out.read(), err.read()
@@ -67,7 +98,8 @@ def run_child(argv: list[str], env: dict, cwd: str | None = None, label: str = "
           file=sys.stderr, flush=True)
     if proc.returncode != 0:
         print("\n".join(stderr.splitlines()[-40:]), file=sys.stderr)
-    return dict(rc=proc.returncode, stdout=stdout, stderr=stderr, peak_rss_gib=rss, wall_s=wall)
+    dev = poll.peak_mib / 1024 if poll and poll.peak_mib is not None else None
+    return dict(rc=proc.returncode, stdout=stdout, stderr=stderr, peak_rss_gib=rss, smi_dev_gib=dev, wall_s=wall)
 
 
 def worker_argv(job_file: str) -> list[str]:
@@ -130,7 +162,10 @@ def fmt(x) -> str:
     return str(x)
 
 
-def table(title: str, header: list[str], rows: list[list]) -> str:
+def table(title: str, header: list[str], rows: list[list], keep: int = 4) -> str:
+    """Aligned columns; a column past the first `keep` that is empty on every row is left out."""
+    shown = [i for i in range(len(header)) if i < keep or any(r[i] not in (None, "") for r in rows)]
+    header, rows = [header[i] for i in shown], [[r[i] for i in shown] for r in rows]
     cells = [header] + [[fmt(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
     lines = [title, "  ".join(h.ljust(w) for h, w in zip(cells[0], widths)),

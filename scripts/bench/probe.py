@@ -34,9 +34,9 @@ def probe(job: dict) -> dict:
         s = _best(lambda: mm(a, b).block_until_ready(), 10)
         out[f"matmul_{name}_flops"] = 2 * m * k * n / s
     out["matmul_shape"] = [m, k, n]
-    # Memory: a jitted reduction over 512 MiB (reads every byte once), best of 5; numpy's
+    # Memory: a jitted reduction over 512 MiB (GPU: 2 GiB), read once, best of 5; numpy's
     # single-threaded copy (reads + writes) for reference.
-    x = jnp.ones((2 ** 27,), jnp.float32)
+    x = jnp.ones((2 ** (29 if gpu else 27),), jnp.float32)
     red = jax.jit(jnp.sum)
     out["mem_read_bytes_per_s"] = x.nbytes / _best(lambda: red(x).block_until_ready(), 5)
     src = np.ones(2 ** 26, np.float32)
