@@ -102,7 +102,7 @@ def _worker_row(job: dict, env: dict, tmp: Path, label: str, verbose: bool) -> d
 def _ours_train(ctx: dict, env: dict, label: str) -> dict:
     from bench import ours
     run_dir = ctx["tmp"] / f"run-{abs(hash(label))}"
-    r = common.run_child(ours.cli_argv(ctx["command"], ctx["raw"], run_dir), env, label=label,
+    r = common.run_child(ours.cli_argv(ctx["command"], ctx["raw"], run_dir, ctx["args"].ours_set), env, label=label,
                          verbose=ctx["verbose"])
     measured = dict(peak_rss_gib=r["peak_rss_gib"], smi_dev_gib=r["smi_dev_gib"], wall_s=r["wall_s"])
     if r["rc"] != 0:
@@ -112,9 +112,9 @@ def _ours_train(ctx: dict, env: dict, label: str) -> dict:
                 peak_dev_gib=None, **measured)
 
 
-def _theirs_job(ctx: dict, variant: dict) -> dict:
+def _theirs_job(ctx: dict, variant: dict, gc: str) -> dict:
     w, a = ctx["workload"], ctx["args"]
-    job = dict(fn=f"theirs.{WORKLOADS[w].theirs}", model=ctx["model"], precision=a.precision,
+    job = dict(fn=f"theirs.{WORKLOADS[w].theirs}", model=ctx["model"], precision=a.precision, gc=gc,
                warmup=a.warmup, steps=a.steps, batch=variant["batch"], seq=ctx["seq"])
     if WORKLOADS[w].kind == "infer":
         job.update(tokens=variant["tokens"], new_tokens=a.new_tokens)
@@ -198,14 +198,17 @@ def run(args) -> list[dict]:
                seq=seq, warmup=args.warmup, verbose=args.verbose)
     ctx["probe"] = _worker_row(dict(fn="probe.probe"), common.child_env("none"), tmp, "machine probe", args.verbose)
     variants = _prepare(ctx, args)
-    sides = [s for s in ("ours", "theirs") if args.side in (s, "both")]
+    sides = [("ours", None)] if args.side in ("ours", "both") else []
+    if args.side in ("theirs", "both"):
+        sides += [("theirs", gc) for gc in args.theirs_gc.split(",")]
     rows = []
     for alloc in args.allocator.split(","):
         env = common.child_env(alloc)
         for v in variants:
-            for side in sides:
-                label = f"{args.workload} {side} batch {v['batch']} allocator {alloc}"
-                row = dict(side=side, allocator=alloc, batch=v["batch"])
+            for side, gc in sides:
+                name = side if gc in (None, "default") else f"{side} gc {gc}"
+                label = f"{args.workload} {name} batch {v['batch']} allocator {alloc}"
+                row = dict(side=side, variant=name, allocator=alloc, batch=v["batch"])
                 if env is None:
                     r = {"error": f"{alloc} not installed"}
                 elif side == "theirs" and wl.theirs is None:
@@ -217,13 +220,16 @@ def run(args) -> list[dict]:
                                warmup=args.warmup, steps=args.steps, new_tokens=args.new_tokens)
                     r = _worker_row(job, env, tmp, label, args.verbose)
                 else:
-                    r = _worker_row(_theirs_job(ctx, v), env, tmp, label, args.verbose)
+                    r = _worker_row(_theirs_job(ctx, v, gc), env, tmp, label, args.verbose)
                 row.update(r)
                 row.update(_derived(ctx, v, r))
                 rows.append(row)
-    for row in rows:  # ours / theirs speed, same allocator and batch
-        other = next((o for o in rows if o["side"] == "theirs" and o["allocator"] == row["allocator"]
-                      and o["batch"] == row["batch"] and o.get("step_s")), None)
+    for row in rows:  # ours / theirs speed, same allocator and batch: theirs' first (default) row
+        others = [o for o in rows if o["side"] == "theirs" and o["allocator"] == row["allocator"]
+                  and o["batch"] == row["batch"] and o.get("step_s")]
+        other = others[0] if others else None
+        if row["side"] == "ours" and row.get("step_s"):
+            row["ratios"] = {o["variant"]: o["step_s"] / row["step_s"] for o in others}
         if row["side"] == "ours" and row.get("step_s") and other:
             row["ratio"] = other["step_s"] / row["step_s"]
             if row.get("check") and other.get("check"):  # the same computation on both sides?
@@ -244,9 +250,11 @@ def report(ctx: dict) -> list[dict]:
     for r in ctx["rows"]:
         pct = lambda k: 100 * r[k] if r.get(k) is not None else None  # noqa: E731
         note = r.get("error") or r.get("agreement", "")
+        if len(r.get("ratios", {})) > 1:
+            note = "; ".join([note] * bool(note) + [f"vs {k}: {x:.3g}x" for k, x in r["ratios"].items()])
         if ctx["workload"] in ("ppo", "grpo") and r.get("rollout_s") is not None:
             note = f"rollout {r['rollout_s']:.3g} s, resp len {r.get('response_length') or 0:.1f}"
-        table.append([r["side"], r["allocator"], r["batch"], r.get("step_s"), r.get("speed"), r.get("ratio"),
+        table.append([r["variant"], r["allocator"], r["batch"], r.get("step_s"), r.get("speed"), r.get("ratio"),
                       r.get("peak_rss_gib"), r.get("peak_dev_gib"), r.get("smi_dev_gib"), r.get("compile_s"),
                       r.get("first_step_s"),
                       pct("mfu"), pct("roofline"), r.get("loss1"), note])
@@ -257,6 +265,8 @@ def report(ctx: dict) -> list[dict]:
              "dpo": f"batch pairs x 2 x ({a.prompt_len} + {a.response_len}) tokens",
              "rm": f"batch pairs x 2 x ({a.prompt_len} + {a.response_len}) tokens"}.get(w, f"batch x {ctx['seq']} tokens")
     title = f"{w}: {Path(ctx['model']).name}, {a.precision}, {shape}; median of {a.steps} steps after {a.warmup} warm-up"
+    if a.ours_set:
+        title += f"; ours with {' '.join(a.ours_set)}"
     lines = [title if not wl.note else f"{title}\n{wl.note}", common.table("", header, table).lstrip("\n")]
     gf = lambda k: probe.get(k, 0) / 1e9  # noqa: E731
     lines.append(f"machine: matmul peak {gf('matmul_fp32_flops'):.1f} GFLOP/s fp32, {gf('matmul_bf16_flops'):.1f} "
@@ -306,6 +316,10 @@ def main(argv=None) -> None:
     ap.add_argument("--side", choices=("ours", "theirs", "both"), default="both")
     ap.add_argument("--allocator", default="none",
                     help="comma list of none (the user's default), jemalloc, mimalloc (LD_PRELOAD, when installed)")
+    ap.add_argument("--ours-set", action="append", default=[], metavar="KEY=VALUE",
+                    help="train workloads: a CLI override for ours (e.g. model.remat=full), repeatable")
+    ap.add_argument("--theirs-gc", default="default",
+                    help="comma list of default (TRL's: gradient checkpointing on), off: one theirs row each")
     ap.add_argument("--out", help="also write the table and the JSON line here")
     ap.add_argument("--verbose", action="store_true", help="show the children's stderr")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -320,8 +334,9 @@ def main(argv=None) -> None:
     if args.steps < 1 or args.warmup < 1:
         ap.error("--steps and --warmup must be >= 1 (the first step compiles)")
     bad = [x for x in args.allocator.split(",") if x not in ("none", "jemalloc", "mimalloc")]
+    bad += [x for x in args.theirs_gc.split(",") if x not in ("default", "off")]
     if bad:
-        ap.error(f"--allocator: unknown {bad}")
+        ap.error(f"--allocator / --theirs-gc: unknown {bad}")
     run(args)
 
 

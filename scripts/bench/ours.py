@@ -15,11 +15,13 @@ from pathlib import Path
 import yaml
 
 
-def cli_argv(command: str, raw: dict, run_dir: Path) -> list[str]:
+def cli_argv(command: str, raw: dict, run_dir: Path, overrides: list[str] = ()) -> list[str]:
+    """`python -m jaxalign.cli COMMAND config.yaml [key=value ...]`, the config written next
+    to the run dir."""
     raw = dict(raw, out_dir=str(run_dir))
     cfg = run_dir.parent / f"{run_dir.name}.yaml"
     cfg.write_text(yaml.safe_dump(raw, sort_keys=False))
-    return [sys.executable, "-m", "jaxalign.cli", command, str(cfg)]
+    return [sys.executable, "-m", "jaxalign.cli", command, str(cfg), *overrides]
 
 
 def _jsonl(path: Path) -> list[dict]:

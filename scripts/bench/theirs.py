@@ -53,8 +53,10 @@ def _step_timer():
 
 
 def _common(job: dict, out: str) -> dict:
-    """What every trainer must share with ours; everything else stays TRL's default."""
-    return dict(output_dir=out, max_steps=job["warmup"] + job["steps"],
+    """What every trainer must share with ours; everything else stays TRL's default (but
+    gradient checkpointing, on by default, is switched off for a `gc: off` row)."""
+    extra = {"gradient_checkpointing": False} if job.get("gc") == "off" else {}
+    return dict(**extra, output_dir=out, max_steps=job["warmup"] + job["steps"],
                 per_device_train_batch_size=job["batch"], learning_rate=job["lr"],
                 bf16=job["precision"] == "bf16", use_cpu=not _cuda(), report_to="none",
                 save_strategy="no", disable_tqdm=True, logging_steps=1)
