@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
-import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -91,8 +92,11 @@ def _model_dir(args) -> str:
     return str(fetch())
 
 
+_ROW_IDS = itertools.count()
+
+
 def _worker_row(job: dict, env: dict, tmp: Path, label: str, verbose: bool) -> dict:
-    path = tmp / f"job-{abs(hash(label))}.json"
+    path = tmp / f"job-{next(_ROW_IDS)}.json"
     path.write_text(json.dumps(job))
     r = common.run_child(common.worker_argv(str(path)), env, label=label, verbose=verbose)
     out = common.last_json(r["stdout"]) if r["rc"] == 0 else {"error": f"exit {r['rc']}"}
@@ -101,15 +105,17 @@ def _worker_row(job: dict, env: dict, tmp: Path, label: str, verbose: bool) -> d
 
 def _ours_train(ctx: dict, env: dict, label: str) -> dict:
     from bench import ours
-    run_dir = ctx["tmp"] / f"run-{abs(hash(label))}"
+    run_dir = ctx["tmp"] / f"run-{next(_ROW_IDS)}"
     r = common.run_child(ours.cli_argv(ctx["command"], ctx["raw"], run_dir, ctx["args"].ours_set), env, label=label,
                          verbose=ctx["verbose"])
     measured = dict(peak_rss_gib=r["peak_rss_gib"], smi_dev_gib=r["smi_dev_gib"], wall_s=r["wall_s"])
     if r["rc"] != 0:
         return dict(error=f"exit {r['rc']}", **measured)
     # peak_dev_gib (the allocator's own peak): the CLI does not write it; nvidia-smi's figure stands.
-    return dict(ours.read_run(run_dir, ctx["warmup"], rl=ctx["workload"] in ("ppo", "grpo")),
-                peak_dev_gib=None, **measured)
+    res = ours.read_run(run_dir, ctx["warmup"], rl=ctx["workload"] in ("ppo", "grpo"))
+    if not ctx["verbose"]:
+        shutil.rmtree(run_dir)  # its checkpoint: optimizer state and weights
+    return dict(res, peak_dev_gib=None, **measured)
 
 
 def _theirs_job(ctx: dict, variant: dict, gc: str) -> dict:
@@ -186,6 +192,24 @@ def _derived(ctx: dict, v: dict, r: dict) -> dict:
     return out
 
 
+def _compare(rows: list[dict], workload: str) -> None:
+    """Ours against theirs, same allocator and batch: speed ratios (`ratio`: theirs' first,
+    default row) and whether forward / generate computed the same thing."""
+    for row in (r for r in rows if r["side"] == "ours" and r.get("step_s")):
+        others = [o for o in rows if o["side"] == "theirs" and o["allocator"] == row["allocator"]
+                  and o["batch"] == row["batch"] and o.get("step_s")]
+        if not others:
+            continue
+        row["ratios"] = {o["variant"]: o["step_s"] / row["step_s"] for o in others}
+        row["ratio"] = others[0]["step_s"] / row["step_s"]
+        mine, theirs = row.get("check"), others[0].get("check")
+        if mine and theirs and workload == "forward":
+            row["agreement"] = f"logits max |diff| {max(abs(x - y) for x, y in zip(mine, theirs)):.2g}"
+        elif mine and theirs:
+            same = next((i for i, (x, y) in enumerate(zip(mine, theirs)) if x != y), len(mine))
+            row["agreement"] = f"first {same}/{len(mine)} tokens of row 0 equal"
+
+
 # ----------------------------------------------------------------------------- driver
 
 def run(args) -> list[dict]:
@@ -224,21 +248,10 @@ def run(args) -> list[dict]:
                 row.update(r)
                 row.update(_derived(ctx, v, r))
                 rows.append(row)
-    for row in rows:  # ours / theirs speed, same allocator and batch: theirs' first (default) row
-        others = [o for o in rows if o["side"] == "theirs" and o["allocator"] == row["allocator"]
-                  and o["batch"] == row["batch"] and o.get("step_s")]
-        other = others[0] if others else None
-        if row["side"] == "ours" and row.get("step_s"):
-            row["ratios"] = {o["variant"]: o["step_s"] / row["step_s"] for o in others}
-        if row["side"] == "ours" and row.get("step_s") and other:
-            row["ratio"] = other["step_s"] / row["step_s"]
-            if row.get("check") and other.get("check"):  # the same computation on both sides?
-                mine, theirs = row["check"], other["check"]
-                row["agreement"] = (f"logits max |diff| {max(abs(x - y) for x, y in zip(mine, theirs)):.2g}"
-                                    if args.workload == "forward" else
-                                    f"first {next((i for i, (x, y) in enumerate(zip(mine, theirs)) if x != y), len(mine))}"
-                                    f"/{len(mine)} tokens of row 0 equal")
+    _compare(rows, args.workload)
     ctx["rows"] = rows
+    if not args.verbose:
+        shutil.rmtree(tmp, ignore_errors=True)
     return report(ctx)
 
 
@@ -321,7 +334,8 @@ def main(argv=None) -> None:
     ap.add_argument("--theirs-gc", default="default",
                     help="comma list of default (TRL's: gradient checkpointing on), off: one theirs row each")
     ap.add_argument("--out", help="also write the table and the JSON line here")
-    ap.add_argument("--verbose", action="store_true", help="show the children's stderr")
+    ap.add_argument("--verbose", action="store_true",
+                    help="show the children's stderr and keep the temp dir (configs, data, run dirs)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
