@@ -180,8 +180,10 @@ def _derived(ctx: dict, v: dict, r: dict) -> dict:
     if "step_s" not in r:
         return out
     peak = probe.get(f"matmul_{a.precision}_flops")
+    tokens = v["batch"] * ctx["seq"] * (2 if ctx["workload"] in ("dpo", "rm") else 1)
+    if r.get("tokens_per_step") not in (None, tokens) and ctx["workload"] not in ("ppo", "grpo"):
+        out["warning"] = f"the CLI trained {r['tokens_per_step']:.0f} tokens a step, not {tokens}"
     if wl.flops_per_token and peak:
-        tokens = v["batch"] * ctx["seq"] * (2 if ctx["workload"] in ("dpo", "rm") else 1)
         out["model_flops_per_s"] = wl.flops_per_token(ctx) * tokens / r["step_s"]
         out["mfu"] = out["model_flops_per_s"] / peak
     if ctx["workload"] == "generate" and probe.get("mem_read_bytes_per_s"):
@@ -217,7 +219,9 @@ def run(args) -> list[dict]:
     model = _model_dir(args)
     config = json.loads((Path(model) / "config.json").read_text())
     tmp = Path(tempfile.mkdtemp(prefix=f"bench-{args.workload}-"))
-    seq = args.prompt_len + args.response_len if args.workload in ("dpo", "rm") else args.seq
+    if args.workload in ("dpo", "rm"):
+        args.seq = args.prompt_len + args.response_len
+    seq = args.seq
     ctx = dict(workload=args.workload, args=args, model=model, config=config, dims=_dims(config), tmp=tmp,
                seq=seq, warmup=args.warmup, verbose=args.verbose)
     ctx["probe"] = _worker_row(dict(fn="probe.probe"), common.child_env("none"), tmp, "machine probe", args.verbose)
@@ -262,7 +266,7 @@ def report(ctx: dict) -> list[dict]:
     table = []
     for r in ctx["rows"]:
         pct = lambda k: 100 * r[k] if r.get(k) is not None else None  # noqa: E731
-        note = r.get("error") or r.get("agreement", "")
+        note = r.get("error") or r.get("warning") or r.get("agreement", "")
         if len(r.get("ratios", {})) > 1:
             note = "; ".join([note] * bool(note) + [f"vs {k}: {x:.3g}x" for k, x in r["ratios"].items()])
         if ctx["workload"] in ("ppo", "grpo") and r.get("rollout_s") is not None:
@@ -285,8 +289,9 @@ def report(ctx: dict) -> list[dict]:
     lines.append(f"machine: matmul peak {gf('matmul_fp32_flops'):.1f} GFLOP/s fp32, {gf('matmul_bf16_flops'):.1f} "
                  f"bf16 ({probe.get('matmul_shape')}); memory read {gf('mem_read_bytes_per_s'):.1f} GB/s "
                  f"(numpy copy {gf('numpy_copy_bytes_per_s'):.1f}); backend {probe.get('backend')}")
+    machine = dict(common.machine_info(), backend=probe.get("backend"), device=probe.get("device"))
     result = dict(bench="jaxalign", workload=ctx["workload"], model=ctx["model"], dims=ctx["dims"],
-                  settings={k: v for k, v in vars(a).items() if k != "worker"}, machine=common.machine_info(),
+                  settings={k: v for k, v in vars(a).items() if k != "worker"}, machine=machine,
                   probe=probe, rows=ctx["rows"], note=wl.note)
     text = "\n".join(lines) + "\n" + json.dumps(result, default=str)
     print(text, flush=True)
