@@ -1,0 +1,46 @@
+"""scripts/bench.py end to end on a tiny random model: the CLI row and the TRL row of `sft`,
+one JSON line with every figure present and positive, and the same first-step loss on both
+sides (same weights, same token ids: TRL's SFTTrainer is the reference)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def bench_sft(tmp_path_factory):
+    from make_tiny_model import make_tiny_model
+    tmp = tmp_path_factory.mktemp("bench")
+    model = make_tiny_model(tmp / "tiny")
+    # The children get the user's environment: not the test session's 8 fake CPU devices.
+    env = dict(os.environ, PYTHONPATH=str(ROOT), XLA_FLAGS="")
+    out = tmp / "bench.txt"
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), "sft", "--model", str(model),
+                           "--steps", "1", "--warmup", "1", "--batch", "2", "--seq", "32", "--out", str(out)],
+                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout, out.read_text()
+
+
+def test_bench_sft_json(bench_sft):
+    stdout, written = bench_sft
+    assert written.strip() == stdout.strip()
+    result = json.loads(stdout.strip().splitlines()[-1])
+    assert result["workload"] == "sft" and result["machine"]["cores"] > 0 and result["machine"]["cpu"]
+    assert result["probe"]["matmul_fp32_flops"] > 0 and result["probe"]["mem_read_bytes_per_s"] > 0
+    rows = {r["side"]: r for r in result["rows"]}
+    assert set(rows) == {"ours", "theirs"}
+    for side, r in rows.items():
+        assert "error" not in r, r
+        for key in ("step_s", "speed", "peak_rss_gib", "first_step_s", "mfu"):
+            assert r[key] > 0, (side, key, r[key])
+    ours, theirs = rows["ours"], rows["theirs"]
+    assert ours["compile_s"] > 0 and ours["ratio"] > 0
+    assert ours["tokens_per_step"] == 2 * 32  # full rows: nothing padded
+    assert ours["loss1"] == pytest.approx(theirs["loss1"], rel=1e-4)
