@@ -2,7 +2,7 @@
 
   python scripts/bench.py WORKLOAD [--model HF_DIR] [--steps 3] [--warmup 1] [--batch B]
                           [--seq T] [--precision fp32|bf16] [--side ours|theirs|both]
-                          [--allocator none[,jemalloc,mimalloc]] [--out FILE]
+                          [--allocator default[,system,jemalloc,mimalloc]] [--out FILE]
 
 WORKLOAD: forward, generate, sft, sft-lora, dpo, rm, ppo, grpo (see WORKLOADS below).
 Every row runs in a fresh child process, one after the other: ours as the user runs it (the
@@ -106,6 +106,8 @@ def _worker_row(job: dict, env: dict, tmp: Path, label: str, verbose: bool) -> d
 def _ours_train(ctx: dict, env: dict, label: str) -> dict:
     from bench import ours
     run_dir = ctx["tmp"] / f"run-{next(_ROW_IDS)}"
+    if not ctx["args"].warm_cache:  # a cold start: the compile time a first run pays
+        env = dict(env, JAXALIGN_COMPILE_CACHE=str(run_dir.parent / f"{run_dir.name}-xla"))
     r = common.run_child(ours.cli_argv(ctx["command"], ctx["raw"], run_dir, ctx["args"].ours_set), env, label=label,
                          verbose=ctx["verbose"])
     measured = dict(peak_rss_gib=r["peak_rss_gib"], smi_dev_gib=r["smi_dev_gib"], wall_s=r["wall_s"])
@@ -152,7 +154,7 @@ def _prepare(ctx: dict, args) -> list[dict]:
     if w in ("sft", "sft-lora", "dpo", "rm") and args.side != "ours":
         # The CLI's own batches, built in a child of their own (jax stays out of TRL's RSS).
         job = dict(fn="prep", command=ctx["command"], raw=ctx["raw"], n=n, out=str(ctx["tmp"] / "prep.json"))
-        r = _worker_row(job, common.child_env("none"), ctx["tmp"], f"{w} data (jaxalign pipeline)", args.verbose)
+        r = _worker_row(job, common.child_env("default"), ctx["tmp"], f"{w} data (jaxalign pipeline)", args.verbose)
         if "error" in r:
             sys.exit(f"{w}: building the CLI's batches failed")
         ctx["prep"] = json.loads((ctx["tmp"] / "prep.json").read_text())
@@ -224,7 +226,7 @@ def run(args) -> list[dict]:
     seq = args.seq
     ctx = dict(workload=args.workload, args=args, model=model, config=config, dims=_dims(config), tmp=tmp,
                seq=seq, warmup=args.warmup, verbose=args.verbose)
-    ctx["probe"] = _worker_row(dict(fn="probe.probe"), common.child_env("none"), tmp, "machine probe", args.verbose)
+    ctx["probe"] = _worker_row(dict(fn="probe.probe"), common.child_env("default"), tmp, "machine probe", args.verbose)
     variants = _prepare(ctx, args)
     sides = [("ours", None)] if args.side in ("ours", "both") else []
     if args.side in ("theirs", "both"):
@@ -332,8 +334,13 @@ def main(argv=None) -> None:
     ap.add_argument("--generations", type=int, help="grpo: completions per prompt (ppo: rows per prompt batch)")
     ap.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     ap.add_argument("--side", choices=("ours", "theirs", "both"), default="both")
-    ap.add_argument("--allocator", default="none",
-                    help="comma list of none (the user's default), jemalloc, mimalloc (LD_PRELOAD, when installed)")
+    ap.add_argument("--warm-cache", action="store_true",
+                    help="ours' train rows use the user's compilation cache (a rerun) instead of a "
+                         "fresh one per row (a cold first run, the default)")
+    ap.add_argument("--allocator", default="default",
+                    help="comma list of default (the user's environment: the jaxalign CLI preloads "
+                         "its mimalloc, torch runs on glibc), system (glibc on both sides), jemalloc, "
+                         "mimalloc (LD_PRELOAD on both sides, when installed)")
     ap.add_argument("--ours-set", action="append", default=[], metavar="KEY=VALUE",
                     help="train workloads: a CLI override for ours (e.g. model.remat=full), repeatable")
     ap.add_argument("--theirs-gc", default="default",
@@ -352,7 +359,7 @@ def main(argv=None) -> None:
             setattr(args, k, v)
     if args.steps < 1 or args.warmup < 1:
         ap.error("--steps and --warmup must be >= 1 (the first step compiles)")
-    bad = [x for x in args.allocator.split(",") if x not in ("none", "jemalloc", "mimalloc")]
+    bad = [x for x in args.allocator.split(",") if x not in ("default", "system", "jemalloc", "mimalloc")]
     bad += [x for x in args.theirs_gc.split(",") if x not in ("default", "off")]
     if bad:
         ap.error(f"--allocator / --theirs-gc: unknown {bad}")

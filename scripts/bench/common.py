@@ -27,7 +27,8 @@ ALLOCATORS = {
 # The allocator settings of the issue's measurements (memory kept, not returned to the OS).
 ALLOCATOR_ENV = {"jemalloc": {"MALLOC_CONF": "dirty_decay_ms:-1,muzzy_decay_ms:-1"},
                  "mimalloc": {"MIMALLOC_PURGE_DELAY": "-1"}}
-_ALLOC_VARS = ("LD_PRELOAD", "MALLOC_CONF", "MIMALLOC_PURGE_DELAY")
+_ALLOC_VARS = ("LD_PRELOAD", "MALLOC_CONF", "MIMALLOC_PURGE_DELAY", "JAXALIGN_ALLOCATOR",
+               "JAXALIGN_ALLOCATOR_PRELOADED")
 
 
 def find_allocator(name: str) -> str | None:
@@ -39,11 +40,15 @@ def find_allocator(name: str) -> str | None:
 
 
 def child_env(allocator: str) -> dict | None:
-    """The environment of a row: the user's, minus any inherited allocator preload ('none'),
-    or with the allocator preloaded. None when the allocator is not installed here."""
+    """The environment of a row: the user's, minus any inherited allocator setting ('default':
+    the jaxalign CLI then preloads its own mimalloc, jaxalign/runtime.py; torch gets glibc),
+    'system' (glibc on both sides: JAXALIGN_ALLOCATOR=system), or with an allocator preloaded
+    for both sides. None when that allocator is not installed here."""
     env = {k: v for k, v in os.environ.items() if k not in _ALLOC_VARS}
-    if allocator == "none":
+    if allocator == "default":
         return env
+    if allocator == "system":
+        return dict(env, JAXALIGN_ALLOCATOR="system")
     lib = find_allocator(allocator)
     if lib is None:
         return None

@@ -29,9 +29,9 @@ def _jsonl(path: Path) -> list[dict]:
 
 
 def read_run(run_dir: Path, warmup: int, rl: bool) -> dict:
-    """Step times from perf.jsonl: the median of the steps after `warmup`. The loop does not
-    write a compile time: 'compile_s' here is the first step's time minus that median (the
-    first step traces and compiles the train step; RL compiles before iteration 1, so 0)."""
+    """Step times from perf.jsonl: the median of the steps after `warmup`. 'compile_s': the
+    backend compile time the run itself counted up to its first step (perf.jsonl's cumulative
+    `compile_s`, jaxalign/runtime.py), else the first step's time minus that median."""
     perf = _jsonl(run_dir / "perf.jsonl")
     metrics = _jsonl(run_dir / "metrics.jsonl")
     key = "iteration_s" if rl else "step_s"
@@ -40,7 +40,8 @@ def read_run(run_dir: Path, warmup: int, rl: bool) -> dict:
         raise RuntimeError(f"{run_dir}: {len(times)} steps in perf.jsonl, more than {warmup} needed")
     step_s = statistics.median(times[warmup:])
     out = dict(step_s=step_s, first_step_s=times[0], steps_logged=len(times),
-               compile_s=None if rl else max(times[0] - step_s, 0.0),
+               compile_s=perf[0].get("compile_s", None if rl else max(times[0] - step_s, 0.0)),
+               cache_hits=perf[0].get("cache_hits"),
                tokens_per_step=statistics.median(p["tokens_per_s"] * p[key] for p in perf[warmup:]))
     if rl:
         timed = metrics[warmup:]
