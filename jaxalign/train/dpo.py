@@ -1,5 +1,6 @@
 """DPO and its variants: the shared loop + reference log-probs outside the gradient + a
-pairwise loss on sequence log-probs.
+pairwise loss on sequence log-probs. ORPO and SimPO (`dpo.loss_type: orpo | simpo`) run
+the same loop on the policy alone: no reference model is loaded or run for them.
 
 The reference is the starting policy. With LoRA it is the same params run with the adapters
 switched off (`use_lora=False`): no second copy of the model in memory. Without LoRA it is a
@@ -20,7 +21,8 @@ from jaxalign import checkpoint, sharding
 from jaxalign.config import ConfigError, MeshConfig, ModelConfig
 from jaxalign.data.config import DataConfig
 from jaxalign.data.preference import build_preference_data
-from jaxalign.losses.preference import DPO_LOSS_TYPES, dpo_loss, sequence_logps
+from jaxalign.losses.preference import DPO_LOSS_TYPES, POLICY_ONLY_LOSS_TYPES, dpo_loss, \
+    orpo_loss, sequence_logps, simpo_loss
 from jaxalign.losses.xent import head_logprobs
 from jaxalign.models import functional, lora
 from jaxalign.tokenizer import load_tokenizer
@@ -32,8 +34,9 @@ from jaxalign.train.sft import LoRAConfig, ModelSource, load_policy, write_run_c
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DPOOptions:
-    beta: float = 0.1
-    loss_type: str = "sigmoid"      # sigmoid | ipo | hinge | robust
+    beta: float = 0.1               # orpo: the odds-ratio weight lambda (TRL's ORPO `beta`)
+    loss_type: str = "sigmoid"      # sigmoid | ipo | hinge | robust | orpo | simpo
+    simpo_gamma: float = 0.5        # simpo: target reward margin gamma
     label_smoothing: float = 0.0    # cDPO (sigmoid) / robust DPO noise rate
     reference_free: bool = False    # compare against a uniform reference
     # Sequence log-prob = sum over response tokens (DPO); IPO is usually run on the mean.
@@ -41,8 +44,17 @@ class DPOOptions:
     reference: str | None = None    # a different reference model (HF dir / run); None: the start
 
     def __post_init__(self):
-        if self.loss_type not in DPO_LOSS_TYPES:
-            raise ConfigError(f"dpo.loss_type {self.loss_type!r} is not one of {DPO_LOSS_TYPES}")
+        types = DPO_LOSS_TYPES + POLICY_ONLY_LOSS_TYPES
+        if self.loss_type not in types:
+            raise ConfigError(f"dpo.loss_type {self.loss_type!r} is not one of {types}")
+        if self.loss_type in POLICY_ONLY_LOSS_TYPES:
+            why = {"reference": "uses no reference model", "average_logps": "always "
+                   "length-normalises", "label_smoothing": "has no label smoothing"}
+            for key, value in (("reference", self.reference), ("average_logps", self.average_logps),
+                               ("label_smoothing", self.label_smoothing or None)):
+                if value is not None:
+                    raise ConfigError(f"dpo.{key}: loss_type {self.loss_type!r} {why[key]}; "
+                                      f"remove dpo.{key}")
         if not self.beta > 0:
             raise ConfigError(f"dpo.beta must be > 0, got {self.beta}")
         if self.loss_type in ("sigmoid", "robust") and not 0 <= self.label_smoothing < 0.5:
@@ -50,6 +62,10 @@ class DPOOptions:
         if self.loss_type in ("ipo", "hinge") and self.label_smoothing:
             raise ConfigError(f"dpo.label_smoothing has no effect with loss_type "
                               f"{self.loss_type!r}; remove it")
+
+    @property
+    def uses_reference(self) -> bool:
+        return not self.reference_free and self.loss_type not in POLICY_ONLY_LOSS_TYPES
 
     @property
     def average(self) -> bool:
@@ -87,6 +103,9 @@ def dpo_loss_fn(cfg: ModelConfig, opts: DPOOptions, *, ref_cfg: ModelConfig | No
     ref_cfg None: the reference is the policy with adapters off (LoRA)."""
     def loss_fn(trainable, frozen, batch, rng):
         params = lora.combine(trainable, frozen["base"])
+        if opts.loss_type in POLICY_ONLY_LOSS_TYPES:
+            return policy_only_loss(opts, pair_logps(cfg, params, batch, average=False,
+                                                     chunk=chunk, dropout_key=rng), batch)
         pol_B2 = pair_logps(cfg, params, batch, average=opts.average, chunk=chunk,
                             dropout_key=rng)
         if opts.reference_free:
@@ -103,13 +122,23 @@ def dpo_loss_fn(cfg: ModelConfig, opts: DPOOptions, *, ref_cfg: ModelConfig | No
     return loss_fn
 
 
+def policy_only_loss(opts: DPOOptions, sums_B2: jax.Array, batch: dict):
+    """ORPO / SimPO from the policy's (chosen, rejected) log-prob sums and token counts."""
+    lens_B2 = batch["loss_mask"].astype(jnp.float32).sum(axis=-1)
+    args = (sums_B2[:, 0], sums_B2[:, 1], lens_B2[:, 0], lens_B2[:, 1])
+    if opts.loss_type == "orpo":
+        return orpo_loss(*args, lam=opts.beta, pair_mask_B=batch["pair_mask"])
+    return simpo_loss(*args, beta=opts.beta, gamma=opts.simpo_gamma,
+                      pair_mask_B=batch["pair_mask"])
+
+
 def load_dpo_models(cfg: DPOConfig, mesh):
     """Policy + reference -> (model cfg, ref cfg or None, trainable, frozen, frozen shardings,
     hf_config, tokenizer dir)."""
     model_cfg, trainable, base, base_sh, hf_config, tok_dir = load_policy(
         cfg.model, cfg.lora, mesh, cfg.train.seed)
     ref_cfg, ref, ref_sh = None, {}, {}
-    if not cfg.dpo.reference_free and (cfg.dpo.reference is not None or not model_cfg.lora_rank):
+    if cfg.dpo.uses_reference and (cfg.dpo.reference is not None or not model_cfg.lora_rank):
         # A separate frozen reference: the given model, or a copy of the starting policy.
         path = cfg.dpo.reference or cfg.model.path
         ref_cfg, ref, _, _ = checkpoint.load_model(path, mesh, **cfg.model.runtime())
