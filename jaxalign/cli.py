@@ -7,6 +7,7 @@
   jaxalign sft CONFIG.yaml [key=value ...]
   jaxalign rm  CONFIG.yaml [key=value ...]
   jaxalign dpo CONFIG.yaml [key=value ...]
+  jaxalign kto CONFIG.yaml [key=value ...]
   jaxalign ppo CONFIG.yaml [key=value ...]     (algorithm: ppo | grpo)
 """
 
@@ -125,6 +126,11 @@ def cmd_dpo(args) -> int:
     return _run_training(args, DPOConfig, run_dpo)
 
 
+def cmd_kto(args) -> int:
+    from jaxalign.train.kto import KTOConfig, run_kto
+    return _run_training(args, KTOConfig, run_kto)
+
+
 def cmd_ppo(args) -> int:
     from jaxalign.train.ppo import RLConfig
     from jaxalign.train.rl import run_rl
@@ -176,7 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
             ("sft", cmd_sft, "supervised fine-tuning"),
             ("rm", cmd_rm, "reward modelling (Bradley-Terry); train.export_hf writes an HF "
                            "LlamaForSequenceClassification"),
-            ("dpo", cmd_dpo, "DPO and variants (sigmoid / cDPO, ipo, hinge, robust)"),
+            ("dpo", cmd_dpo, "DPO and variants (sigmoid / cDPO, ipo, hinge, robust; orpo, "
+                             "simpo without a reference model)"),
+            ("kto", cmd_kto, "KTO on unpaired {prompt, completion, label} rows"),
             ("ppo", cmd_ppo, "PPO or GRPO (algorithm: grpo) from a reward model / functions")):
         p = sub.add_parser(name, help=f"{text} (rerun on the same out_dir resumes)")
         p.add_argument("config", help="YAML run config (see configs/)")

@@ -102,7 +102,18 @@ def _check_type(value: Any, field: str, where: str) -> None:
                         f"got {type(value).__name__}")
 
 
-def _response(value, field: str, prompt: tuple[dict, ...], where: str) -> tuple[dict, ...]:
+def prompt_messages(row: dict, where: str) -> tuple[dict, ...]:
+    """The `prompt` field as messages: a string is one user message; () when it is empty."""
+    prompt = _field(row, "prompt", where)
+    _check_type(prompt, "prompt", where)
+    if isinstance(prompt, str):
+        return ({"role": "user", "content": prompt},) if prompt.strip() else ()
+    return _messages(prompt, "prompt", where, need_assistant=False)
+
+
+def response_messages(value, field: str, prompt: tuple[dict, ...], where: str) -> tuple[dict, ...]:
+    """A response field as messages: a string is one assistant message; a list that repeats the
+    prompt first has that copy removed. Raises `_Empty` without an assistant message."""
     if isinstance(value, str):
         if not value.strip():
             raise _Empty(f"{where}: empty {field!r}")
@@ -132,18 +143,13 @@ def _both(parse: Callable[[str, Any], Any], row: dict, where: str) -> list:
 
 
 def _preference(row: dict, where: str) -> Pair:
-    prompt = _field(row, "prompt", where)
-    _check_type(prompt, "prompt", where)
-    if isinstance(prompt, str):
-        p = ({"role": "user", "content": prompt},) if prompt.strip() else ()
-    else:
-        p = _messages(prompt, "prompt", where, need_assistant=False)
-    chosen, rejected = _both(lambda f, v: _response(v, f, p, where), row, where)
+    p = prompt_messages(row, where)
+    chosen, rejected = _both(lambda f, v: response_messages(v, f, p, where), row, where)
     if not p:
         raise _NoPrompt(f"{where}: empty 'prompt'")
     if chosen == rejected:
         raise _Identical(f"{where}: chosen and rejected are identical")
-    texts = (prompt, row["chosen"], row["rejected"])
+    texts = (row["prompt"], row["chosen"], row["rejected"])
     return Pair(p, chosen, rejected, texts if all(isinstance(t, str) for t in texts) else None)
 
 
@@ -254,20 +260,25 @@ class PrefStats:
 
 
 def normalise_pairs(source: Source, fmt: str = "auto", *, on_empty: str = "drop",
-                    on_identical: str = "drop") -> tuple[list[Pair], PairStats]:
-    """Converts every row of `source`; returns the pairs and their counts so far."""
+                    on_identical: str = "drop", converters: dict | None = None
+                    ) -> tuple[list[Pair], PairStats]:
+    """Converts every row of `source`; returns the pairs and their counts so far.
+    `converters` (format -> row converter) replaces the preference formats, e.g. with
+    `jaxalign.data.unpaired`'s; a converter returns a dataclass with a `row` field."""
     if not source.rows:
         raise DataError(f"{source.name}: dataset has no rows")
+    converters = CONVERTERS if converters is None else converters
     if fmt == "auto":
-        fmt = detect_pair_format(source.rows[0], source.name)
-    if fmt not in CONVERTERS:
+        fmt = (detect_pair_format(source.rows[0], source.name) if converters is CONVERTERS
+               else next(iter(converters)))
+    if fmt not in converters:
         raise DataError(f"{source.name}: format {fmt!r} is not a preference format; "
-                        f"expected one of {list(PAIR_FORMATS)}")
+                        f"expected one of {list(converters)}")
     stats = PairStats(source.name, format=fmt, rows=len(source.rows))
     pairs, first = [], {}
     for i, row in enumerate(source.rows):
         try:
-            pair = CONVERTERS[fmt](row, source.where(i))
+            pair = converters[fmt](row, source.where(i))
         except (_Empty, _Identical, _NoPrompt) as e:
             reason, knob, policy = {_Empty: ("empty", "on_empty", on_empty),
                                     _Identical: ("identical", "on_identical", on_identical),
@@ -328,61 +339,62 @@ class PairSet:
         return crc
 
 
-def encode_pairs(pairs: Sequence[Pair], encoder: Encoder, where: Callable[[int], str]) -> list[tuple]:
-    """[(chosen (ids, mask), rejected (ids, mask), prompt_len)], untruncated. The masks cover the
-    response only; prompt_len is the number of leading tokens both sides share with the prompt
-    (rendered with the generation prompt, or plain with special tokens)."""
+def encode_prompted(items: Sequence[tuple], encoder: Encoder, where: Callable[[int], str]
+                    ) -> list[tuple[list, int]]:
+    """items: (prompt messages, responses (each a tuple of messages), plain texts (prompt,
+    response, ...) or None, row). -> [([(ids, mask) per response], prompt_len)], untruncated.
+    The masks cover the response only; prompt_len is the number of leading tokens every
+    response shares with the prompt (rendered with the generation prompt, or plain with
+    special tokens)."""
     templated = encoder.template is not None
     examples, prompts = [], []
-    for p in pairs:
+    for prompt, responses, plain, row in items:
         if templated:
-            examples += [Example(p.prompt + p.chosen, "chat", p.row),
-                         Example(p.prompt + p.rejected, "chat", p.row)]
-            prompts.append(encoder._render(p.prompt, True, where(p.row)))
-        elif p.plain is not None:
-            examples += [Example(({"role": "user", "content": p.plain[0]},
-                                  {"role": "assistant", "content": text}), "prompt_completion", p.row)
-                         for text in p.plain[1:]]
-            prompts.append(p.plain[0])
+            examples += [Example(prompt + r, "chat", row) for r in responses]
+            prompts.append(encoder._render(prompt, True, where(row)))
+        elif plain is not None:
+            examples += [Example(({"role": "user", "content": plain[0]},
+                                  {"role": "assistant", "content": text}), "prompt_completion", row)
+                         for text in plain[1:]]
+            prompts.append(plain[0])
         else:
-            raise DataError(f"{where(p.row)}: chat-format preference data needs a chat template, "
+            raise DataError(f"{where(row)}: chat-format preference data needs a chat template, "
                             f"and the tokenizer has none; set data.chat_template")
-    encoded = encoder.encode_many(examples, where)
+    encoded = iter(encoder.encode_many(examples, where))
     out = []
-    for n, prompt_ids in enumerate(encoder._ids(prompts, special=not templated)):
+    for (_, responses, _, _), prompt_ids in zip(items, encoder._ids(prompts, special=not templated)):
         sides, p = [], len(prompt_ids)
-        for ids, mask in encoded[2 * n:2 * n + 2]:
+        for ids, mask in (next(encoded) for _ in responses):
             cut = _common_prefix(ids, prompt_ids)
             mask = mask.copy()
             mask[:cut] = 0  # assistant turns inside the prompt are context, not trained
             sides.append((ids, mask))
             p = min(p, cut)
-        out.append((sides[0], sides[1], p))
+        out.append((sides, p))
     return out
 
 
-def _fit(chosen, rejected, p: int, cfg: DataConfig, bos: int | None):
-    """Applies the length policies; returns (reason dropped | None, chosen, rejected, p, events)."""
+def fit_sides(sides: list, p: int, cfg: DataConfig, bos: int | None):
+    """Applies the length policies to sequences sharing a p-token prompt; returns
+    (reason dropped | None, sides, p, events)."""
     events = []
     if cfg.max_prompt_len is not None and p > cfg.max_prompt_len:
         if cfg.prompt_truncation == "drop":
-            return "long_prompt", chosen, rejected, p, events
-        keep = int(bos is not None and p > 0 and chosen[0][0] == bos)  # keep a leading BOS
+            return "long_prompt", sides, p, events
+        keep = int(bos is not None and p > 0 and sides[0][0][0] == bos)  # keep a leading BOS
         cut = np.s_[keep:keep + p - cfg.max_prompt_len]
-        chosen, rejected = [(np.delete(i, cut), np.delete(m, cut)) for i, m in (chosen, rejected)]
+        sides = [(np.delete(i, cut), np.delete(m, cut)) for i, m in sides]
         p = cfg.max_prompt_len
         events.append("prompt_truncated")
-    if max(len(chosen[0]), len(rejected[0])) > cfg.seq_len:
+    if max(len(i) for i, _ in sides) > cfg.seq_len:
         if cfg.truncation == "drop":
-            return "too_long", chosen, rejected, p, events
-        chosen, rejected = [(i[:cfg.seq_len], m[:cfg.seq_len]) for i, m in (chosen, rejected)]
+            return "too_long", sides, p, events
+        sides = [(i[:cfg.seq_len], m[:cfg.seq_len]) for i, m in sides]
         p = min(p, cfg.seq_len)
         events.append("truncated")
-    if not (chosen[1][1:].any() and rejected[1][1:].any()):  # the first token is never a target
-        return "no_loss", chosen, rejected, p, events
-    if np.array_equal(chosen[0], rejected[0]) and np.array_equal(chosen[1], rejected[1]):
-        return "identical", chosen, rejected, p, events
-    return None, chosen, rejected, p, events
+    if not all(m[1:].any() for _, m in sides):  # the first token is never a target
+        return "no_loss", sides, p, events
+    return None, sides, p, events
 
 
 def tokenize_pairs(pairs: Sequence[Pair], encoder: Encoder, cfg: DataConfig, stats: PairStats,
@@ -390,8 +402,11 @@ def tokenize_pairs(pairs: Sequence[Pair], encoder: Encoder, cfg: DataConfig, sta
     """Encodes, applies cfg's length / identity policies and counts into `stats`."""
     bos = getattr(encoder.tok, "bos_token_id", None)
     kept = []
-    for pair, (c, r, p) in zip(pairs, encode_pairs(pairs, encoder, where)):
-        reason, c, r, p, events = _fit(c, r, p, cfg, bos)
+    items = [(pair.prompt, (pair.chosen, pair.rejected), pair.plain, pair.row) for pair in pairs]
+    for pair, (sides, p) in zip(pairs, encode_prompted(items, encoder, where)):
+        reason, (c, r), p, events = fit_sides(sides, p, cfg, bos)
+        if reason is None and np.array_equal(c[0], r[0]) and np.array_equal(c[1], r[1]):
+            reason = "identical"
         if reason == "identical" and cfg.on_identical == "error":
             raise DataError(f"{where(pair.row)}: chosen and rejected are identical after truncation "
                             f"to {cfg.seq_len} tokens (set data.on_identical: drop to skip such rows)")
@@ -481,6 +496,16 @@ class PreferenceData:
     pad_id: int
 
 
+@dataclasses.dataclass(frozen=True)
+class DataKind:
+    """How `build_preference_data` reads one kind of preference data into loaders."""
+    load: Callable               # (spec, cfg, encoder) -> (dataset, PairStats)
+    concat: Callable             # (name, datasets) -> dataset
+    train_loader: type           # (datasets, weights, *, seq_len, batch_size, pad_id, seed, ...)
+    eval_loader: type            # (dataset, *, seq_len, batch_size, pad_id, ...)
+    unit: str = "pairs"
+
+
 def load_pairs(spec: DatasetSpec, cfg: DataConfig, encoder: Encoder) -> tuple[PairSet, PairStats]:
     """Reads, normalises and tokenizes one preference dataset under cfg's policies."""
     source = load_rows(spec, cache_dir=cfg.cache_dir)
@@ -500,9 +525,10 @@ def load_pairs(spec: DatasetSpec, cfg: DataConfig, encoder: Encoder) -> tuple[Pa
 
 def build_preference_data(cfg: DataConfig, tokenizer, *, batch_size: int,
                           eval_batch_size: int | None = None, process_index: int = 0,
-                          process_count: int = 1) -> PreferenceData:
-    """Builds the pair loaders. `batch_size` counts pairs over all processes; each process's
-    loaders yield its pairs [i * B / P, (i + 1) * B / P)."""
+                          process_count: int = 1, kind: DataKind | None = None) -> PreferenceData:
+    """Builds the pair loaders (or `kind`'s, e.g. unpaired rows). `batch_size` counts pairs
+    over all processes; each process's loaders yield its pairs [i * B / P, (i + 1) * B / P)."""
+    kind = kind or PAIRS
     if cfg.pack:
         raise ConfigError("data.pack: preference pairs are not packed (each side takes one row); "
                           "set data.pack: false")
@@ -514,9 +540,9 @@ def build_preference_data(cfg: DataConfig, tokenizer, *, batch_size: int,
 
     train_sets, stats = [], PrefStats()
     for spec in cfg.train:
-        data, s = load_pairs(spec, cfg, encoder)
+        data, s = kind.load(spec, cfg, encoder)
         if len(data) == 0:
-            raise DataError(f"{s.name}: no usable pairs after filtering ({s.rows} rows; dropped "
+            raise DataError(f"{s.name}: no usable {kind.unit} after filtering ({s.rows} rows; dropped "
                             + ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in s.dropped().items())
                             + ")")
         train_sets.append(data)
@@ -527,29 +553,31 @@ def build_preference_data(cfg: DataConfig, tokenizer, *, batch_size: int,
         eval_stats = PrefStats()
         parts = []
         for spec in cfg.eval:
-            data, s = load_pairs(spec, cfg, encoder)
+            data, s = kind.load(spec, cfg, encoder)
             parts.append(data)
             eval_stats.sources.append(s)
-        eval_set = PairSet.concat("eval", parts)
+        eval_set = kind.concat("eval", parts)
     elif cfg.eval_fraction > 0:
         held = []
         for i, data in enumerate(train_sets):
             train_sets[i], h = _hold_out(data, cfg.eval_fraction, cfg.seed, i)
             held.append(h)
-            log.info("%s: held out %d of %d pairs for eval", data.name, len(h), len(data))
-        eval_set = PairSet.concat("eval", held)
+            log.info("%s: held out %d of %d %s for eval", data.name, len(h), len(data), kind.unit)
+        eval_set = kind.concat("eval", held)
 
     log.info("preference data:\n%s", stats.summary())
-    train = PrefLoader(train_sets, [spec.weight for spec in cfg.train], seq_len=cfg.seq_len,
+    train = kind.train_loader(train_sets, [spec.weight for spec in cfg.train], seq_len=cfg.seq_len,
                        batch_size=batch_size, pad_id=pad_id, seed=cfg.seed, shuffle=cfg.shuffle,
                        process_index=process_index, process_count=process_count)
     evaluator = None
     if eval_set is not None and len(eval_set):
-        evaluator = PrefEvalLoader(eval_set, seq_len=cfg.seq_len,
+        evaluator = kind.eval_loader(eval_set, seq_len=cfg.seq_len,
                                    batch_size=eval_batch_size or batch_size, pad_id=pad_id,
                                    process_index=process_index, process_count=process_count)
     return PreferenceData(train, evaluator, stats, eval_stats, pad_id)
 
+
+PAIRS = DataKind(load_pairs, PairSet.concat, PrefLoader, PrefEvalLoader)
 
 # ----------------------------------------------------------------------------- prompts only
 

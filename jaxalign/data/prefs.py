@@ -21,7 +21,13 @@ Deterministic by seed (`random.Random` seeded with a string, like tasks.py). Spl
 disjoint by question, not only by prompt text: every row has a key (task kind + the inputs its
 answer is computed from), and no key of eval appears in train, whatever the kind or wording.
 
-  python -m jaxalign.data.prefs OUT_DIR --train 2000 --eval 200 --seed 0
+With --unpaired, each pair becomes two rows of TRL's unpaired format (for KTO), the chosen
+side desirable and the rejected side undesirable, shuffled so that a prompt's two rows are
+rarely neighbours:
+
+  {"prompt": str, "completion": str, "label": bool, "kind", "task", "answer", "args"}
+
+  python -m jaxalign.data.prefs OUT_DIR --train 2000 --eval 200 --seed 0 [--unpaired]
 """
 
 from __future__ import annotations
@@ -173,12 +179,28 @@ def make_prefs(n: int, seed: int = 0, kinds: Sequence[str] = KINDS, *, split: st
     return rows, keys
 
 
+def to_unpaired(rows: Sequence[dict], seed: int = 0, split: str = "train") -> list[dict]:
+    """Pairs -> twice as many unpaired rows (chosen: label true, rejected: label false), in a
+    seeded random order."""
+    out = []
+    for row in rows:
+        rest = {k: v for k, v in row.items() if k not in ("prompt", "chosen", "rejected")}
+        for side, label in (("chosen", True), ("rejected", False)):
+            out.append({"prompt": row["prompt"], "completion": row[side], "label": label, **rest})
+    random.Random(f"jaxalign-prefs/{seed}/{split}/unpaired").shuffle(out)
+    return out
+
+
 def write_splits(out_dir: str | Path, n_train: int, n_eval: int, seed: int = 0,
-                 kinds: Sequence[str] = KINDS) -> tuple[Path, Path]:
+                 kinds: Sequence[str] = KINDS, unpaired: bool = False) -> tuple[Path, Path]:
     """Writes out_dir/train.jsonl and out_dir/eval.jsonl. Eval is drawn first, so it does not
-    depend on n_train; train never repeats an eval question (nor its own)."""
+    depend on n_train; train never repeats an eval question (nor its own). unpaired: the
+    same pairs as `to_unpaired` rows (2 n_train and 2 n_eval rows)."""
     eval_rows, eval_keys = make_prefs(n_eval, seed, kinds, split="eval")
     train_rows, _ = make_prefs(n_train, seed, kinds, split="train", exclude=eval_keys)
+    if unpaired:
+        eval_rows = to_unpaired(eval_rows, seed, "eval")
+        train_rows = to_unpaired(train_rows, seed, "train")
     out = Path(out_dir)
     return (tasks.write_jsonl(out / "train.jsonl", train_rows),
             tasks.write_jsonl(out / "eval.jsonl", eval_rows))
@@ -193,6 +215,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--eval", type=int, default=200, help="evaluation pairs (default 200)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--kinds", default=",".join(KINDS), help=f"comma-separated, default {','.join(KINDS)}")
+    ap.add_argument("--unpaired", action="store_true",
+                    help="write each pair as two labelled rows {prompt, completion, label} (KTO)")
     args = ap.parse_args(argv)
     kinds = [k for k in args.kinds.split(",") if k]
     bad = [k for k in kinds if k not in KINDS]
@@ -201,8 +225,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.train < 0 or args.eval < 0:
         ap.error("--train and --eval must be >= 0")
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    train, evl = write_splits(args.out_dir, args.train, args.eval, args.seed, kinds)
-    log.info("wrote %d train and %d eval pairs of %s", args.train, args.eval, ", ".join(kinds))
+    train, evl = write_splits(args.out_dir, args.train, args.eval, args.seed, kinds, args.unpaired)
+    log.info("wrote %d train and %d eval pairs of %s%s", args.train, args.eval, ", ".join(kinds),
+             " as labelled unpaired rows" if args.unpaired else "")
     print(train)
     print(evl)
     return 0

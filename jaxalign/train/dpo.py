@@ -110,16 +110,25 @@ def dpo_loss_fn(cfg: ModelConfig, opts: DPOOptions, *, ref_cfg: ModelConfig | No
                             dropout_key=rng)
         if opts.reference_free:
             ref_B2 = jnp.zeros_like(pol_B2)
-        elif ref_cfg is None:
-            ref_B2 = pair_logps(cfg, jax.lax.stop_gradient(params), batch, average=opts.average,
-                                chunk=chunk, use_lora=False)
         else:
-            ref_B2 = pair_logps(ref_cfg, frozen["ref"], batch, average=opts.average, chunk=chunk)
-        ref_B2 = jax.lax.stop_gradient(ref_B2)
+            ref_B2 = reference_logps(cfg, ref_cfg, params, frozen, batch, average=opts.average,
+                                     chunk=chunk)
         return dpo_loss(pol_B2[:, 0], pol_B2[:, 1], ref_B2[:, 0], ref_B2[:, 1], beta=opts.beta,
                         loss_type=opts.loss_type, label_smoothing=opts.label_smoothing,
                         reference_free=opts.reference_free, pair_mask_B=batch["pair_mask"])
     return loss_fn
+
+
+def reference_logps(cfg: ModelConfig, ref_cfg: ModelConfig | None, params, frozen, batch: dict,
+                    *, average: bool, chunk: int) -> jax.Array:
+    """(B, 2) `pair_logps` of the reference, outside the gradient: the policy with adapters
+    off when ref_cfg is None (LoRA), else the frozen copy frozen['ref']."""
+    if ref_cfg is None:
+        ref_B2 = pair_logps(cfg, jax.lax.stop_gradient(params), batch, average=average,
+                            chunk=chunk, use_lora=False)
+    else:
+        ref_B2 = pair_logps(ref_cfg, frozen["ref"], batch, average=average, chunk=chunk)
+    return jax.lax.stop_gradient(ref_B2)
 
 
 def policy_only_loss(opts: DPOOptions, sums_B2: jax.Array, batch: dict):
@@ -132,21 +141,23 @@ def policy_only_loss(opts: DPOOptions, sums_B2: jax.Array, batch: dict):
                       pair_mask_B=batch["pair_mask"])
 
 
-def load_dpo_models(cfg: DPOConfig, mesh):
+def load_dpo_models(cfg: DPOConfig, mesh, section: str = "dpo"):
     """Policy + reference -> (model cfg, ref cfg or None, trainable, frozen, frozen shardings,
-    hf_config, tokenizer dir)."""
+    hf_config, tokenizer dir). The options are cfg.<section> (`reference`, `uses_reference`):
+    DPO's, or another objective's with a reference model (KTO)."""
+    opts = getattr(cfg, section)
     model_cfg, trainable, base, base_sh, hf_config, tok_dir = load_policy(
         cfg.model, cfg.lora, mesh, cfg.train.seed)
     ref_cfg, ref, ref_sh = None, {}, {}
-    if cfg.dpo.uses_reference and (cfg.dpo.reference is not None or not model_cfg.lora_rank):
+    if opts.uses_reference and (opts.reference is not None or not model_cfg.lora_rank):
         # A separate frozen reference: the given model, or a copy of the starting policy.
-        path = cfg.dpo.reference or cfg.model.path
+        path = opts.reference or cfg.model.path
         ref_cfg, ref, _, _ = checkpoint.load_model(path, mesh, **cfg.model.runtime())
         if ref_cfg.lora_rank:
             ref_cfg, ref = lora.merge(ref_cfg, ref)
         if ref_cfg.vocab_size != model_cfg.vocab_size:
-            raise ConfigError(f"dpo.reference {path}: vocab size {ref_cfg.vocab_size} differs "
-                              f"from the policy's {model_cfg.vocab_size}")
+            raise ConfigError(f"{section}.reference {path}: vocab size {ref_cfg.vocab_size} "
+                              f"differs from the policy's {model_cfg.vocab_size}")
         ref_sh = functional.param_shardings(ref_cfg, mesh)
     frozen = {"base": base, "ref": ref}
     frozen_sh = {"base": base_sh, "ref": ref_sh}
@@ -155,16 +166,26 @@ def load_dpo_models(cfg: DPOConfig, mesh):
 
 def run_dpo(cfg: DPOConfig, raw_config: dict | None = None, devices=None) -> dict[str, float]:
     """Runs (or resumes) DPO in cfg.out_dir."""
+    return run_preference(cfg, raw_config, devices, section="dpo",
+                          build_data=build_preference_data, make_loss=dpo_loss_fn)
+
+
+def run_preference(cfg, raw_config: dict | None, devices, *, section: str, build_data,
+                   make_loss) -> dict[str, float]:
+    """The run of an objective on preference batches with an optional reference model:
+    cfg.<section> holds its options, build_data(data cfg, tokenizer, batch_size=...) its
+    loaders, make_loss(model cfg, options, ref_cfg=..., chunk=...) its loss_fn."""
     run_dir = Path(cfg.out_dir)
     raw = raw_config if raw_config is not None else json.loads(json.dumps(dataclasses.asdict(cfg)))
-    write_run_config(run_dir, raw, "dpo")
+    write_run_config(run_dir, raw, section)
     mesh = sharding.make_mesh(cfg.mesh, devices)
-    model_cfg, ref_cfg, trainable, frozen, frozen_sh, hf_config, tok_dir = load_dpo_models(cfg, mesh)
+    model_cfg, ref_cfg, trainable, frozen, frozen_sh, hf_config, tok_dir = load_dpo_models(
+        cfg, mesh, section)
     tokenizer = load_tokenizer(tok_dir)
-    data = build_preference_data(cfg.data, tokenizer, batch_size=cfg.train.batch_size,
-                                 process_index=jax.process_index(),
-                                 process_count=jax.process_count())
-    loss_fn = dpo_loss_fn(model_cfg, cfg.dpo, ref_cfg=ref_cfg, chunk=cfg.train.logits_chunk)
+    data = build_data(cfg.data, tokenizer, batch_size=cfg.train.batch_size,
+                      process_index=jax.process_index(), process_count=jax.process_count())
+    loss_fn = make_loss(model_cfg, getattr(cfg, section), ref_cfg=ref_cfg,
+                        chunk=cfg.train.logits_chunk)
     task = Task(loss_fn=loss_fn, train_data=data.train,
                 eval_data=(lambda: iter(data.eval)) if data.eval is not None else None,
                 perplexity=False)
