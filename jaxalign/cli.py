@@ -66,14 +66,14 @@ def cmd_convert(args) -> int:
 def cmd_export(args) -> int:
     from jaxalign import checkpoint
     from jaxalign.convert import hf
-
+    from jaxalign.convert.peft import save_peft
     from jaxalign.models import lora
 
     cfg, params, hf_config, src = checkpoint.load_model(args.model, _mesh(args))
     if args.adapter:
         if not cfg.lora_rank:
             raise checkpoint.ModelSourceError(f"{args.model}: --adapter needs a LoRA run")
-        out = lora.save_peft(args.out_dir, cfg, params, base_model_path=str(src))
+        out = save_peft(args.out_dir, cfg, params, base_model_path=str(src))
     else:
         cfg, params = lora.merge(cfg, params)
         out = hf.save(args.out_dir, cfg, params, hf_config=hf_config, source_dir=src,

@@ -12,7 +12,7 @@ On SmolLM2-135M by default; every comparison uses the same model, prompts, lengt
 Every row runs in its own subprocess (same allocator, inherited from this process) so that
 its peak RSS is its own.
 
-Prompts, the same on every row: arithmetic tasks of `jaxalign.data.tasks` (seed 0), rendered
+Prompts, the same on every row: arithmetic tasks of `jaxalign.synth.tasks` (seed 0), rendered
 with the tokenizer's chat template + generation prompt and tokenized without added special
 tokens (what `jaxalign ppo` does with data.chat: true, and TRL with conversational prompts;
 the TRL row checks that its token ids are ours); prompts over --max-prompt-len tokens are
@@ -91,7 +91,7 @@ REWARD = "jaxalign.rewards:arithmetic"
 def task_prompts(model: str, n: int, max_len: int) -> tuple[list[str], list[list[int]]]:
     """The first n arithmetic prompts of at most max_len tokens: (user texts, token ids),
     rendered as `jaxalign.train.rollout.read_prompts` does with data.chat: true."""
-    from jaxalign.data.tasks import make_tasks, prompt_of
+    from jaxalign.synth.tasks import make_tasks, prompt_of
     from jaxalign.tokenizer import load_tokenizer
 
     tok = load_tokenizer(model)  # jaxalign's (no torch); TRL's AutoTokenizer reads the same files

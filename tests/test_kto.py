@@ -144,7 +144,7 @@ def test_unpaired_rows_and_kl_completions(tmp_path):
     from make_tiny_model import make_tiny_tokenizer
     from transformers import AutoTokenizer
     from jaxalign.data.config import DataConfig
-    from jaxalign.data.tasks import write_jsonl
+    from jaxalign.synth.tasks import write_jsonl
     from jaxalign.data.unpaired import build_unpaired_data
     make_tiny_tokenizer(tmp_path / "tok")
     tok = AutoTokenizer.from_pretrained(tmp_path / "tok")
@@ -183,7 +183,7 @@ def test_unpaired_rows_and_kl_completions(tmp_path):
 
 @pytest.fixture(scope="module")
 def unpaired(prefs, tmp_path_factory):  # noqa: F811
-    from jaxalign.data import prefs as gen
+    from jaxalign.synth import prefs as gen
     root = tmp_path_factory.mktemp("unpaired")
     train, evals = gen.write_splits(root, 256, 32, 0, kinds=("format", "concise"), unpaired=True)
     return dict(prefs, train=train, eval=evals, root=root)

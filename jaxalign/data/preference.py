@@ -1,13 +1,6 @@
 """Preference data for reward modelling and DPO: two responses to one prompt, tokenized side by side.
 
-Formats (detected from the first row's keys, or named by `DatasetSpec.format`):
-
-  preference  {prompt, chosen, rejected}, each a string or a list of messages {role, content}.
-              A string prompt is one user message, a string response one assistant message.
-              A response list that repeats the prompt messages first (UltraFeedback-style whole
-              conversations) has that copy removed.
-  hh_rlhf     {chosen, rejected}: two whole conversations, either HH-RLHF strings
-              ("\\n\\nHuman: ...\\n\\nAssistant: ...") or message lists, split by `split_turn`.
+Rows are read and normalised by `jaxalign.data.pairs` (formats, HH split, row policies).
 
 With a chat template (the tokenizer's, or `data.chat_template`) a pair renders as
 prompt + response messages through `Encoder`, and the response mask is found the same way
@@ -17,11 +10,8 @@ Assistant turns inside the prompt are never trained. Without a template, string 
 plain text: `tok(prompt, add_special_tokens=True) + tok(response) + [eos]`; message lists then
 need a template.
 
-Policies, in order (each counted in `PairStats`, the first case of each logged with its row):
-  missing field / non-string content / not a conversation   DataError naming file, row, field
-  empty response (or response without assistant turn)      data.on_empty: drop (default) | error
-  empty prompt, or HH pair with no common turn to split at  always dropped (`dropped_no_prompt`)
-  chosen == rejected (also after truncation)               data.on_identical: drop (default) | error
+Length policies, in order (counted in `PairStats`):
+  chosen == rejected after truncation                      data.on_identical: drop (default) | error
   prompt > data.max_prompt_len tokens                      data.prompt_truncation: keep_end (default:
                                                            keep its last tokens and a leading BOS) | drop
   prompt + response > data.seq_len                         data.truncation: truncate (cut the
@@ -43,257 +33,24 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import re
 import zlib
-from typing import Any, Callable, Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
 from jaxalign.config import ConfigError
 from jaxalign.data.config import DataConfig, DatasetSpec
-from jaxalign.data.formats import Example, _Empty, _field, _messages
+from jaxalign.data.formats import Example
 from jaxalign.data.loader import EvalLoader, TrainLoader
 from jaxalign.data.packing import BATCH_KEYS, empty_batch, write_row
-from jaxalign.data.pipeline import _hold_out, resolve_template
-from jaxalign.data.sources import DataError, Source, load_rows
-from jaxalign.data.tokenize import Encoder, TokenizedSet, _common_prefix
+from jaxalign.data.pairs import Pair, PairStats, PrefStats, normalise_pairs
+from jaxalign.data.pipeline import hold_out, resolve_template
+from jaxalign.data.sources import DataError, load_rows
+from jaxalign.data.tokenize import Encoder, TokenizedSet, common_prefix
 
 log = logging.getLogger("jaxalign.data")
 
-PAIR_FORMATS = ("preference", "hh_rlhf")
 PREF_BATCH_KEYS = BATCH_KEYS + ("prompt_len", "pair_mask")
-HH_OPENER = re.compile(r"(?:^\s*|\n\n)(Human|Assistant):")
-HH_ROLES = {"Human": "user", "Assistant": "assistant"}
-
-# ----------------------------------------------------------------------------- formats
-
-
-@dataclasses.dataclass(frozen=True)
-class Pair:
-    """One preference row, normalised. `plain` holds (prompt, chosen, rejected) text for
-    tokenizers without a chat template, where the row has a string form."""
-
-    prompt: tuple[dict, ...]
-    chosen: tuple[dict, ...]
-    rejected: tuple[dict, ...]
-    plain: tuple[str, str, str] | None = None
-    row: int = -1
-
-
-class _Identical(Exception):
-    pass
-
-
-class _NoPrompt(Exception):
-    pass
-
-
-def detect_pair_format(row: dict, name: str = "dataset") -> str:
-    keys = {k for k, v in row.items() if v is not None}
-    if "chosen" in keys or "rejected" in keys:
-        return "preference" if "prompt" in keys else "hh_rlhf"
-    raise DataError(f"{name}: cannot detect a preference format from the first row's keys "
-                    f"{sorted(keys)}; expected prompt+chosen+rejected or chosen+rejected (HH-RLHF)")
-
-
-def _check_type(value: Any, field: str, where: str) -> None:
-    if not isinstance(value, (str, list, tuple)):
-        raise DataError(f"{where}: field {field!r} must be a string or a list of messages, "
-                        f"got {type(value).__name__}")
-
-
-def prompt_messages(row: dict, where: str) -> tuple[dict, ...]:
-    """The `prompt` field as messages: a string is one user message; () when it is empty."""
-    prompt = _field(row, "prompt", where)
-    _check_type(prompt, "prompt", where)
-    if isinstance(prompt, str):
-        return ({"role": "user", "content": prompt},) if prompt.strip() else ()
-    return _messages(prompt, "prompt", where, need_assistant=False)
-
-
-def response_messages(value, field: str, prompt: tuple[dict, ...], where: str) -> tuple[dict, ...]:
-    """A response field as messages: a string is one assistant message; a list that repeats the
-    prompt first has that copy removed. Raises `_Empty` without an assistant message."""
-    if isinstance(value, str):
-        if not value.strip():
-            raise _Empty(f"{where}: empty {field!r}")
-        return ({"role": "assistant", "content": value},)
-    msgs = _messages(value, field, where, need_assistant=False)
-    if prompt and msgs[:len(prompt)] == prompt:
-        msgs = msgs[len(prompt):]  # a whole conversation that starts with the prompt
-    if not any(m["role"] == "assistant" for m in msgs):
-        raise _Empty(f"{where}: {field!r} has no assistant message after the prompt")
-    return msgs
-
-
-def _both(parse: Callable[[str, Any], Any], row: dict, where: str) -> list:
-    """parse(field, value) for chosen and rejected; an empty side is reported only after both
-    were checked, so a malformed other side is still an error, not a silent drop."""
-    values = [_field(row, f, where) for f in ("chosen", "rejected")]
-    out, empty = [], None
-    for f, v in zip(("chosen", "rejected"), values):
-        _check_type(v, f, where)
-        try:
-            out.append(parse(f, v))
-        except _Empty as e:
-            empty = empty or e
-    if empty is not None:
-        raise empty
-    return out
-
-
-def _preference(row: dict, where: str) -> Pair:
-    p = prompt_messages(row, where)
-    chosen, rejected = _both(lambda f, v: response_messages(v, f, p, where), row, where)
-    if not p:
-        raise _NoPrompt(f"{where}: empty 'prompt'")
-    if chosen == rejected:
-        raise _Identical(f"{where}: chosen and rejected are identical")
-    texts = (row["prompt"], row["chosen"], row["rejected"])
-    return Pair(p, chosen, rejected, texts if all(isinstance(t, str) for t in texts) else None)
-
-
-def _hh_turns(field: str, value, where: str) -> list[tuple[str, str, int | None]]:
-    """(role, raw content, offset of the content in the string or None) per turn."""
-    if not isinstance(value, str):
-        return [(m["role"], m["content"], None)
-                for m in _messages(value, field, where, need_assistant=False)]
-    if not value.strip():
-        raise _Empty(f"{where}: empty {field!r}")
-    found = list(HH_OPENER.finditer(value))
-    if not found or found[0].start() != 0:
-        raise DataError(f"{where}: field {field!r} is not an HH-RLHF conversation: it must start "
-                        f"with a '\\n\\nHuman:' turn, got {value[:40]!r}")
-    ends = [m.start() for m in found[1:]] + [len(value)]
-    return [(HH_ROLES[m.group(1)], value[m.end():e], m.end()) for m, e in zip(found, ends)]
-
-
-def split_turn(chosen: Sequence[tuple], rejected: Sequence[tuple], where: str = "") -> int:
-    """Where an implicit-prompt pair splits into prompt + two responses: turn index j.
-
-    The rule: the prompt is turns[:j] for the largest j such that the first j turns of both
-    conversations are equal (role and raw text) and turn j of both is an Assistant turn, i.e.
-    the prompt ends with the last common "Assistant:" opener. So the prompt is never cut
-    inside a turn, responses always start with an assistant turn, and for strings it is
-    TRL's rule (longest common prefix, cut after its last "\\n\\nAssistant:"). If the
-    conversations differ before that (a different Human turn), the response keeps the later
-    turns of its own side; only its assistant turns are trained.
-    """
-    key = lambda turns: [t[:2] for t in turns]
-    if key(chosen) == key(rejected):
-        raise _Identical(f"{where}: chosen and rejected are identical")
-    k = 0
-    while k < min(len(chosen), len(rejected)) and chosen[k][:2] == rejected[k][:2]:
-        k += 1
-    for j in range(min(k, len(chosen) - 1, len(rejected) - 1), 0, -1):
-        if chosen[j][0] == rejected[j][0] == "assistant":
-            return j
-    raise _NoPrompt(f"{where}: chosen and rejected share no turns before a common Assistant "
-                    f"turn, so there is no prompt to split at")
-
-
-def _hh_rlhf(row: dict, where: str) -> Pair:
-    turns = _both(lambda f, v: _hh_turns(f, v, where), row, where)
-    j = split_turn(*turns, where)
-    msgs = [tuple({"role": r, "content": c.strip() if off is not None else c} for r, c, off in t)
-            for t in turns]
-    for f, t in zip(("chosen", "rejected"), turns):
-        if any(r == "assistant" and not c.strip() for r, c, _ in t[j:]):
-            raise _Empty(f"{where}: empty assistant turn in the {f!r} response")
-    plain = None
-    if all(t[j][2] is not None for t in turns):
-        c, r = row["chosen"], row["rejected"]
-        plain = (c[:turns[0][j][2]], c[turns[0][j][2]:], r[turns[1][j][2]:])
-    return Pair(msgs[0][:j], msgs[0][j:], msgs[1][j:], plain)
-
-
-CONVERTERS = {"preference": _preference, "hh_rlhf": _hh_rlhf}
-
-
-@dataclasses.dataclass
-class PairStats:
-    """What happened to one dataset's rows. `PrefStats.summary()` is what gets logged."""
-
-    name: str
-    format: str = ""
-    rows: int = 0
-    dropped_empty: int = 0        # an empty response (on_empty='drop')
-    dropped_no_prompt: int = 0    # an empty prompt; an HH pair with no common turn to split at
-    dropped_identical: int = 0    # chosen == rejected (on_identical='drop'), also after truncation
-    prompt_truncated: int = 0     # prompt > max_prompt_len, cut from the left (keep_end)
-    dropped_long_prompt: int = 0  # prompt > max_prompt_len with prompt_truncation='drop'
-    truncated: int = 0            # a side > seq_len, response end cut (truncation='truncate')
-    dropped_too_long: int = 0     # a side > seq_len with truncation='drop'
-    dropped_no_loss: int = 0      # a side with no response token left after truncation
-    kept: int = 0
-    tokens: int = 0               # both sides of the kept pairs
-    loss_tokens: int = 0
-
-    def dropped(self) -> dict[str, int]:
-        return {f.name[8:]: getattr(self, f.name) for f in dataclasses.fields(self)
-                if f.name.startswith("dropped_")}
-
-
-@dataclasses.dataclass
-class PrefStats:
-    sources: list[PairStats] = dataclasses.field(default_factory=list)
-
-    def total(self) -> PairStats:
-        out = PairStats("total")
-        for s in self.sources:
-            for f in dataclasses.fields(PairStats):
-                if f.name not in ("name", "format"):
-                    setattr(out, f.name, getattr(out, f.name) + getattr(s, f.name))
-        return out
-
-    def as_dict(self) -> dict:
-        return {"sources": [dataclasses.asdict(s) for s in self.sources],
-                "total": dataclasses.asdict(self.total())}
-
-    def summary(self) -> str:
-        def line(s):
-            dropped = ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in s.dropped().items())
-            return (f"{s.name}: {s.rows} rows -> {s.kept} pairs, {s.tokens} tokens "
-                    f"({s.loss_tokens} trained); dropped {dropped}; prompt truncated "
-                    f"{s.prompt_truncated}, response truncated {s.truncated}")
-        return "\n".join(line(s) for s in self.sources + [self.total()])
-
-
-def normalise_pairs(source: Source, fmt: str = "auto", *, on_empty: str = "drop",
-                    on_identical: str = "drop", converters: dict | None = None
-                    ) -> tuple[list[Pair], PairStats]:
-    """Converts every row of `source`; returns the pairs and their counts so far.
-    `converters` (format -> row converter) replaces the preference formats, e.g. with
-    `jaxalign.data.unpaired`'s; a converter returns a dataclass with a `row` field."""
-    if not source.rows:
-        raise DataError(f"{source.name}: dataset has no rows")
-    converters = CONVERTERS if converters is None else converters
-    if fmt == "auto":
-        fmt = (detect_pair_format(source.rows[0], source.name) if converters is CONVERTERS
-               else next(iter(converters)))
-    if fmt not in converters:
-        raise DataError(f"{source.name}: format {fmt!r} is not a preference format; "
-                        f"expected one of {list(converters)}")
-    stats = PairStats(source.name, format=fmt, rows=len(source.rows))
-    pairs, first = [], {}
-    for i, row in enumerate(source.rows):
-        try:
-            pair = converters[fmt](row, source.where(i))
-        except (_Empty, _Identical, _NoPrompt) as e:
-            reason, knob, policy = {_Empty: ("empty", "on_empty", on_empty),
-                                    _Identical: ("identical", "on_identical", on_identical),
-                                    _NoPrompt: ("no_prompt", None, "drop")}[type(e)]
-            if policy == "error":
-                raise DataError(f"{e} (set data.{knob}: drop to skip such rows)") from None
-            setattr(stats, f"dropped_{reason}", getattr(stats, f"dropped_{reason}") + 1)
-            first.setdefault(reason, str(e))
-            continue
-        pairs.append(dataclasses.replace(pair, row=i))
-    for reason, msg in first.items():
-        log.warning("%s: dropped %d pair(s) (%s), the first: %s", source.name,
-                    getattr(stats, f"dropped_{reason}"), reason.replace("_", " "), msg)
-    return pairs, stats
-
 
 # ----------------------------------------------------------------------------- tokens
 
@@ -351,7 +108,7 @@ def encode_prompted(items: Sequence[tuple], encoder: Encoder, where: Callable[[i
     for prompt, responses, plain, row in items:
         if templated:
             examples += [Example(prompt + r, "chat", row) for r in responses]
-            prompts.append(encoder._render(prompt, True, where(row)))
+            prompts.append(encoder.render(prompt, True, where(row)))
         elif plain is not None:
             examples += [Example(({"role": "user", "content": plain[0]},
                                   {"role": "assistant", "content": text}), "prompt_completion", row)
@@ -362,10 +119,10 @@ def encode_prompted(items: Sequence[tuple], encoder: Encoder, where: Callable[[i
                             f"and the tokenizer has none; set data.chat_template")
     encoded = iter(encoder.encode_many(examples, where))
     out = []
-    for (_, responses, _, _), prompt_ids in zip(items, encoder._ids(prompts, special=not templated)):
+    for (_, responses, _, _), prompt_ids in zip(items, encoder.token_ids(prompts, special=not templated)):
         sides, p = [], len(prompt_ids)
         for ids, mask in (next(encoded) for _ in responses):
-            cut = _common_prefix(ids, prompt_ids)
+            cut = common_prefix(ids, prompt_ids)
             mask = mask.copy()
             mask[:cut] = 0  # assistant turns inside the prompt are context, not trained
             sides.append((ids, mask))
@@ -560,7 +317,7 @@ def build_preference_data(cfg: DataConfig, tokenizer, *, batch_size: int,
     elif cfg.eval_fraction > 0:
         held = []
         for i, data in enumerate(train_sets):
-            train_sets[i], h = _hold_out(data, cfg.eval_fraction, cfg.seed, i)
+            train_sets[i], h = hold_out(data, cfg.eval_fraction, cfg.seed, i)
             held.append(h)
             log.info("%s: held out %d of %d %s for eval", data.name, len(h), len(data), kind.unit)
         eval_set = kind.concat("eval", held)
@@ -578,84 +335,3 @@ def build_preference_data(cfg: DataConfig, tokenizer, *, batch_size: int,
 
 
 PAIRS = DataKind(load_pairs, PairSet.concat, PrefLoader, PrefEvalLoader)
-
-# ----------------------------------------------------------------------------- prompts only
-
-
-def _prompt_of(row: dict, fmt: str, where: str) -> tuple[tuple[dict, ...], str | None]:
-    """(prompt messages, plain prompt text or None) of a preference, prompt or chat row."""
-    if fmt in ("preference", "prompt_completion", "prompt"):
-        prompt = _field(row, "prompt", where)
-        _check_type(prompt, "prompt", where)
-        if isinstance(prompt, str):
-            msgs, plain = ({"role": "user", "content": prompt},), prompt
-        else:
-            msgs, plain = _messages(prompt, "prompt", where, need_assistant=False), None
-    elif fmt == "hh_rlhf":
-        try:
-            try:
-                turns = _both(lambda f, v: _hh_turns(f, v, where), row, where)
-                j = split_turn(*turns, where)
-            except (_Identical, _Empty):  # no pair to split: the prompt of the chosen conversation
-                turns = [_hh_turns("chosen", _field(row, "chosen", where), where)]
-                j = max((i for i, t in enumerate(turns[0]) if t[0] == "assistant"), default=0)
-        except (_Empty, _NoPrompt) as e:
-            raise DataError(str(e)) from None
-        msgs = tuple({"role": r, "content": c.strip() if off is not None else c}
-                     for r, c, off in turns[0][:j])
-        plain = row["chosen"][:turns[0][j][2]] if j and turns[0][j][2] is not None else None
-    elif fmt == "chat":
-        msgs = _messages(_field(row, "messages", where), "messages", where, need_assistant=False)
-        last = max((i for i, m in enumerate(msgs) if m["role"] == "assistant"), default=len(msgs))
-        msgs, plain = msgs[:last], None
-    else:
-        raise DataError(f"{where}: load_prompts reads formats preference, hh_rlhf, "
-                        f"prompt_completion and chat, not {fmt!r}")
-    if not msgs or (plain is not None and not plain.strip()):
-        raise DataError(f"{where}: empty prompt")
-    return msgs, plain
-
-
-def load_prompts(spec: DatasetSpec | str, tokenizer, *, chat_template: str | None = None,
-                 tokenize: bool = False, max_prompt_len: int | None = None,
-                 cache_dir: str | None = None) -> list[str] | list[np.ndarray]:
-    """The prompts of a dataset, one per row in row order, for generation (PPO rollouts, eval).
-
-    Rows may be preference pairs (the prompt as training splits it), {prompt[, completion]}
-    or {messages} (the messages before the last assistant one). Returns the prompt rendered
-    with the chat template and its generation prompt (plain text without a template), or with
-    `tokenize`, int32 ids exactly as they start a training sequence (special tokens added only
-    without a template), cut to their last `max_prompt_len` tokens (a leading BOS kept).
-    No padding: the generator left-pads.
-    """
-    if isinstance(spec, str):
-        spec = DatasetSpec(path=spec)
-    if max_prompt_len is not None and not tokenize:
-        raise ValueError("max_prompt_len counts tokens: pass tokenize=True with it")
-    source = load_rows(spec, cache_dir=cache_dir)
-    fmt = spec.format
-    if fmt == "auto":
-        keys = {k for k, v in source.rows[0].items() if v is not None}
-        fmt = ("prompt" if "prompt" in keys else "chat" if "messages" in keys
-               else detect_pair_format(source.rows[0], source.name))
-    encoder = Encoder(tokenizer, chat_template=resolve_template(chat_template))
-    texts = []
-    for i, row in enumerate(source.rows):
-        msgs, plain = _prompt_of(row, fmt, source.where(i))
-        if encoder.template is not None:
-            texts.append(encoder._render(msgs, True, source.where(i)))
-        elif plain is not None:
-            texts.append(plain)
-        else:
-            raise DataError(f"{source.where(i)}: chat-format prompts need a chat template, and the "
-                            f"tokenizer has none; pass chat_template")
-    if not tokenize:
-        return texts
-    ids = encoder._ids(texts, special=encoder.template is None)
-    if max_prompt_len is not None:
-        bos = getattr(tokenizer, "bos_token_id", None)
-        for n, x in enumerate(ids):
-            if len(x) > max_prompt_len:
-                keep = int(bos is not None and x[0] == bos)
-                ids[n] = np.concatenate([x[:keep], x[len(x) - max_prompt_len + keep:]])
-    return ids

@@ -7,8 +7,8 @@ named `format: unpaired`):
             messages (as for `preference` pairs); label a bool, true = desirable.
 
 Rows are parsed, tokenized (chat template, response-only mask) and length-checked by the
-preference pipeline (`jaxalign.data.preference`: `prompt_messages`, `encode_prompted`,
-`fit_sides`), under the same data.* policies and counts.
+preference pipeline (`jaxalign.data.pairs.prompt_messages`, `jaxalign.data.preference`'s
+`encode_prompted` and `fit_sides`), under the same data.* policies and counts.
 
 KL rows. KTO's reference point is the policy / reference KL on MISMATCHED prompt /
 completion pairs of the same batch. TRL 1.16 (`KTOTrainer._prepare_dataset`) gives row i the
@@ -37,10 +37,9 @@ import numpy as np
 from jaxalign.data.config import DataConfig, DatasetSpec
 from jaxalign.data.loader import EvalLoader, TrainLoader
 from jaxalign.data.packing import BATCH_KEYS, write_row
-from jaxalign.data.preference import (DataKind, PairStats, PreferenceData,
-                                      build_preference_data, empty_pair_batch, encode_prompted,
-                                      fit_sides, normalise_pairs, prompt_messages,
-                                      response_messages)
+from jaxalign.data.pairs import PairStats, normalise_pairs, prompt_messages, response_messages
+from jaxalign.data.preference import (DataKind, PreferenceData, build_preference_data,
+                                      empty_pair_batch, encode_prompted, fit_sides)
 from jaxalign.data.sources import DataError, load_rows
 from jaxalign.data.tokenize import Encoder, TokenizedSet
 

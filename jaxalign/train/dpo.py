@@ -73,7 +73,8 @@ class DPOOptions:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class DPOConfig:
+class PreferenceRunConfig:
+    """The sections of every preference objective's run; DPOConfig and KTOConfig add their own."""
     out_dir: str
     model: ModelSource
     data: DataConfig
@@ -81,6 +82,10 @@ class DPOConfig:
     optim: OptimConfig = OptimConfig()
     lora: LoRAConfig = LoRAConfig()
     mesh: MeshConfig = MeshConfig()
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DPOConfig(PreferenceRunConfig):
     dpo: DPOOptions = DPOOptions()
 
 

@@ -11,15 +11,11 @@ from __future__ import annotations
 
 import dataclasses
 
-from jaxalign.config import ConfigError, MeshConfig, ModelConfig
-from jaxalign.data.config import DataConfig
+from jaxalign.config import ConfigError, ModelConfig
 from jaxalign.data.unpaired import build_unpaired_data
 from jaxalign.losses.kto import kto_loss
 from jaxalign.models import lora
-from jaxalign.train.dpo import pair_logps, reference_logps, run_preference
-from jaxalign.train.loop import TrainConfig
-from jaxalign.train.optim import OptimConfig
-from jaxalign.train.sft import LoRAConfig, ModelSource
+from jaxalign.train.dpo import PreferenceRunConfig, pair_logps, reference_logps, run_preference
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -44,14 +40,7 @@ class KTOOptions:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class KTOConfig:
-    out_dir: str
-    model: ModelSource
-    data: DataConfig
-    train: TrainConfig
-    optim: OptimConfig = OptimConfig()
-    lora: LoRAConfig = LoRAConfig()
-    mesh: MeshConfig = MeshConfig()
+class KTOConfig(PreferenceRunConfig):
     kto: KTOOptions = KTOOptions()
 
 

@@ -1,6 +1,6 @@
 """Synthetic preference pairs whose preferred side is known: a checkable set for RM / DPO runs.
 
-Three kinds, built on the questions of `jaxalign.data.tasks` (so answers are computed, not
+Three kinds, built on the questions of `jaxalign.synth.tasks` (so answers are computed, not
 guessed):
 
   correct   a task prompt as is; chosen = the right answer, rejected = a plausible wrong one:
@@ -27,12 +27,11 @@ rarely neighbours:
 
   {"prompt": str, "completion": str, "label": bool, "kind", "task", "answer", "args"}
 
-  python -m jaxalign.data.prefs OUT_DIR --train 2000 --eval 200 --seed 0 [--unpaired]
+  python -m jaxalign.synth.prefs OUT_DIR --train 2000 --eval 200 --seed 0 [--unpaired]
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import random
@@ -40,7 +39,7 @@ import sys
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from jaxalign.data import tasks
+from jaxalign.synth import tasks
 
 log = logging.getLogger("jaxalign.prefs")
 
@@ -207,29 +206,15 @@ def write_splits(out_dir: str | Path, n_train: int, n_eval: int, seed: int = 0,
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m jaxalign.data.prefs",
-                                 description="Write train.jsonl and eval.jsonl of synthetic "
-                                             "preference pairs (prompt, chosen, rejected).")
-    ap.add_argument("out_dir")
-    ap.add_argument("--train", type=int, default=2000, help="training pairs (default 2000)")
-    ap.add_argument("--eval", type=int, default=200, help="evaluation pairs (default 200)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--kinds", default=",".join(KINDS), help=f"comma-separated, default {','.join(KINDS)}")
+    ap = tasks.splits_parser("python -m jaxalign.synth.prefs", "synthetic preference pairs "
+                             "(prompt, chosen, rejected)", "pairs", KINDS)
     ap.add_argument("--unpaired", action="store_true",
                     help="write each pair as two labelled rows {prompt, completion, label} (KTO)")
-    args = ap.parse_args(argv)
-    kinds = [k for k in args.kinds.split(",") if k]
-    bad = [k for k in kinds if k not in KINDS]
-    if bad or not kinds:
-        ap.error(f"--kinds: unknown kind(s) {bad}; expected some of {','.join(KINDS)}")
-    if args.train < 0 or args.eval < 0:
-        ap.error("--train and --eval must be >= 0")
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    train, evl = write_splits(args.out_dir, args.train, args.eval, args.seed, kinds, args.unpaired)
+    args, kinds = tasks.parse_splits(ap, argv, KINDS)
+    paths = write_splits(args.out_dir, args.train, args.eval, args.seed, kinds, args.unpaired)
     log.info("wrote %d train and %d eval pairs of %s%s", args.train, args.eval, ", ".join(kinds),
              " as labelled unpaired rows" if args.unpaired else "")
-    print(train)
-    print(evl)
+    print("\n".join(map(str, paths)))
     return 0
 
 
