@@ -223,6 +223,9 @@ def test_kto_cli_and_config(unpaired, tmp_path):
                  "train.tensorboard=false"]
     assert cli.main(["kto", str(path)] + overrides) == 0
     assert json.loads((tmp_path / "run.json").read_text())["algorithm"] == "kto"
+    from jaxalign.checkpoint import load_model
+    cfg, _, _, _ = load_model(tmp_path)  # a KTO run dir is a model source, like a DPO one
+    assert cfg.vocab_size > 0 and not cfg.lora_rank
     with pytest.raises(SystemExit) as usage:  # no config: one-line usage error, exit 2
         cli.main(["kto"])
     assert usage.value.code == 2
