@@ -152,30 +152,9 @@ def make_prefs(n: int, seed: int = 0, kinds: Sequence[str] = KINDS, *, split: st
                exclude: Iterable[str] = ()) -> tuple[list[dict], set[str]]:
     """n rows, kinds balanced (rounds of one row per kind, each in random order), questions
     unique within the list and never in `exclude` (keys). Returns (rows, their keys)."""
-    kinds = tuple(kinds)
-    unknown = [k for k in kinds if k not in KINDS]
-    if unknown or not kinds:
-        raise ValueError(f"unknown preference kind(s) {unknown}; expected some of {list(KINDS)}")
-    if n < 0:
-        raise ValueError(f"n must be >= 0, got {n}")
     rng = random.Random(f"jaxalign-prefs/{seed}/{split}")
-    seen, keys = set(exclude), set()
-    rows: list[dict] = []
-    order: list[str] = []
-    for _ in range(n):
-        if not order:
-            order = rng.sample(kinds, len(kinds))
-        kind = order.pop()
-        for _ in range(1000):  # each draw picks a task too, so one exhausted task does not stop us
-            key, row = _make(kind, rng)
-            if key not in seen:
-                break
-        else:
-            raise ValueError(f"preference kind {kind!r}: could not draw a new question after 1000 tries")
-        seen.add(key)
-        keys.add(key)
-        rows.append(row)
-    return rows, keys
+    drawn = tasks.balanced_draws(n, kinds, KINDS, rng, _make, exclude=exclude, what="preference")
+    return [row for _, row in drawn], {key for key, _ in drawn}
 
 
 def to_unpaired(rows: Sequence[dict], seed: int = 0, split: str = "train") -> list[dict]:

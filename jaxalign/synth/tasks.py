@@ -46,7 +46,7 @@ import random
 import sys
 from collections import Counter
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 log = logging.getLogger("jaxalign.tasks")
 
@@ -264,6 +264,36 @@ def prompt_of(row: dict) -> str:
     return row["messages"][0]["content"]
 
 
+def balanced_draws(n: int, kinds: Sequence[str], known: Sequence[str], rng: random.Random,
+                   draw: Callable[[str, random.Random], tuple[str, Any]], *,
+                   exclude: Iterable[str] = (), what: str = "task") -> list[tuple[str, Any]]:
+    """n (key, item) = draw(kind, rng), kinds balanced: rounds of one draw per kind, each round
+    in its own random order, so every prefix is balanced too. Keys are unique within the list
+    and never in `exclude`; a collision is redrawn (each draw may pick new inputs)."""
+    kinds = tuple(kinds)
+    unknown = [k for k in kinds if k not in known]
+    if unknown or not kinds:
+        raise ValueError(f"unknown {what} kind(s) {unknown}; expected some of {list(known)}")
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    seen = set(exclude)
+    out: list[tuple[str, Any]] = []
+    order: list[str] = []
+    for _ in range(n):
+        if not order:
+            order = rng.sample(kinds, len(kinds))
+        kind = order.pop()
+        for _ in range(1000):  # a collision is rare; a kind this exhausted is a bug in its space
+            key, item = draw(kind, rng)
+            if key not in seen:
+                break
+        else:
+            raise ValueError(f"{what} kind {kind!r}: could not draw a new one after 1000 tries")
+        seen.add(key)
+        out.append((key, item))
+    return out
+
+
 def make_tasks(n: int, seed: int = 0, kinds: Sequence[str] = KINDS, *, split: str = "train",
                exclude: Iterable[str] = ()) -> list[dict]:
     """n rows with unique prompts, kinds balanced: rounds of one row per kind, each round in
@@ -272,29 +302,12 @@ def make_tasks(n: int, seed: int = 0, kinds: Sequence[str] = KINDS, *, split: st
     `split` salts the random stream (the same seed gives unrelated train and eval draws);
     prompts in `exclude` are never produced (how `write_splits` keeps eval out of train).
     """
-    kinds = tuple(kinds)
-    unknown = [k for k in kinds if k not in MAKERS]
-    if unknown or not kinds:
-        raise ValueError(f"unknown task kind(s) {unknown}; expected some of {list(ALL_KINDS)}")
-    if n < 0:
-        raise ValueError(f"n must be >= 0, got {n}")
+    def draw(kind, rng):
+        prompt, answer, args = MAKERS[kind](rng)
+        return prompt, _row(kind, prompt, answer, args)
+
     rng = random.Random(f"jaxalign-tasks/{seed}/{split}")
-    seen = set(exclude)
-    rows: list[dict] = []
-    order: list[str] = []
-    for _ in range(n):
-        if not order:
-            order = rng.sample(kinds, len(kinds))
-        kind = order.pop()
-        for _ in range(1000):  # a collision is rare; a kind this exhausted is a bug in its space
-            prompt, answer, args = MAKERS[kind](rng)
-            if prompt not in seen:
-                break
-        else:
-            raise ValueError(f"task kind {kind!r}: could not draw a new prompt after 1000 tries")
-        seen.add(prompt)
-        rows.append(_row(kind, prompt, answer, args))
-    return rows
+    return [row for _, row in balanced_draws(n, kinds, ALL_KINDS, rng, draw, exclude=exclude)]
 
 
 def write_jsonl(path: str | Path, rows: Iterable[dict]) -> Path:
