@@ -7,6 +7,7 @@
   jaxalign sft CONFIG.yaml [key=value ...]
   jaxalign rm  CONFIG.yaml [key=value ...]
   jaxalign dpo CONFIG.yaml [key=value ...]
+  jaxalign kto CONFIG.yaml [key=value ...]
   jaxalign ppo CONFIG.yaml [key=value ...]     (algorithm: ppo | grpo)
 """
 
@@ -65,14 +66,14 @@ def cmd_convert(args) -> int:
 def cmd_export(args) -> int:
     from jaxalign import checkpoint
     from jaxalign.convert import hf
-
+    from jaxalign.convert.peft import save_peft
     from jaxalign.models import lora
 
     cfg, params, hf_config, src = checkpoint.load_model(args.model, _mesh(args))
     if args.adapter:
         if not cfg.lora_rank:
             raise checkpoint.ModelSourceError(f"{args.model}: --adapter needs a LoRA run")
-        out = lora.save_peft(args.out_dir, cfg, params, base_model_path=str(src))
+        out = save_peft(args.out_dir, cfg, params, base_model_path=str(src))
     else:
         cfg, params = lora.merge(cfg, params)
         out = hf.save(args.out_dir, cfg, params, hf_config=hf_config, source_dir=src,
@@ -126,6 +127,11 @@ def cmd_dpo(args) -> int:
     return _run_training(args, DPOConfig, run_dpo)
 
 
+def cmd_kto(args) -> int:
+    from jaxalign.train.kto import KTOConfig, run_kto
+    return _run_training(args, KTOConfig, run_kto)
+
+
 def cmd_ppo(args) -> int:
     from jaxalign.train.ppo import RLConfig
     from jaxalign.train.rl import run_rl
@@ -177,7 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
             ("sft", cmd_sft, "supervised fine-tuning"),
             ("rm", cmd_rm, "reward modelling (Bradley-Terry); train.export_hf writes an HF "
                            "LlamaForSequenceClassification"),
-            ("dpo", cmd_dpo, "DPO and variants (sigmoid / cDPO, ipo, hinge, robust)"),
+            ("dpo", cmd_dpo, "DPO and variants (sigmoid / cDPO, ipo, hinge, robust; orpo, "
+                             "simpo without a reference model)"),
+            ("kto", cmd_kto, "KTO on unpaired {prompt, completion, label} rows"),
             ("ppo", cmd_ppo, "PPO or GRPO (algorithm: grpo) from a reward model / functions")):
         p = sub.add_parser(name, help=f"{text} (rerun on the same out_dir resumes)")
         p.add_argument("config", help="YAML run config (see configs/)")

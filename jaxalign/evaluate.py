@@ -23,8 +23,9 @@ import numpy as np
 
 from jaxalign import checkpoint
 from jaxalign.config import ConfigError, from_dict, load_yaml
-from jaxalign.data.config import DataConfig, DatasetSpec, _specs
-from jaxalign.data.preference import PairSet, PrefEvalLoader, load_pairs, load_prompts
+from jaxalign.data.config import DataConfig, DatasetSpec, dataset_specs
+from jaxalign.data.preference import PairSet, PrefEvalLoader, load_pairs
+from jaxalign.data.prompts import load_prompts
 from jaxalign.data.tokenize import Encoder
 from jaxalign.generate import eos_ids_for, generate_ids
 from jaxalign.models import heads, lora
@@ -52,8 +53,8 @@ class EvalConfig:
     out_dir: str | None = None
 
     def __post_init__(self):
-        object.__setattr__(self, "pairs", _specs(self.pairs, "pairs") if self.pairs else ())
-        object.__setattr__(self, "prompts", _specs(self.prompts, "prompts") if self.prompts else ())
+        object.__setattr__(self, "pairs", dataset_specs(self.pairs, "pairs") if self.pairs else ())
+        object.__setattr__(self, "prompts", dataset_specs(self.prompts, "prompts") if self.prompts else ())
         if not (self.policy or self.reward_model):
             raise ConfigError("eval: set policy and / or reward_model")
         if self.prompts and not (self.policy and self.reward_model):
@@ -140,8 +141,8 @@ def win_rate(cfg: EvalConfig, policy, reference, rm) -> dict[str, float]:
     if tok.get_vocab() != rm[2].get_vocab():
         raise ConfigError("eval: the reward model's tokenizer differs from the policy's; the "
                           "win rate scores the policy's tokens as they are")
-    prompt_ids = [x for spec in cfg.prompts
-                  for x in load_prompts(spec, tok, tokenize=True, max_prompt_len=cfg.max_prompt_len)]
+    prompt_ids = [np.asarray(x, np.int32) for spec in cfg.prompts
+                  for x in load_prompts(spec, tok, max_prompt_len=cfg.max_prompt_len).ids]
     if cfg.limit:
         prompt_ids = prompt_ids[:cfg.limit]
     eos = eos_ids_for(tok)

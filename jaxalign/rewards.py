@@ -7,7 +7,7 @@ special tokens) and returns one float per completion:
                                 a dense "answer with a number" signal that even a random tiny
                                 model can climb (the tests' learning check)
   jaxalign.rewards:arithmetic   1 for the exact answer to an arithmetic task of
-                                `jaxalign.data.tasks` ("37 + 48 = 85", its exact_match),
+                                `jaxalign.synth.tasks` ("37 + 48 = 85", its exact_match),
                                 0.5 when the right number appears in the completion, else 0
   jaxalign.rewards:brevity      1 for an empty completion down to 0 at 32 words or more
                                 (pair it with reward.missing_eos_penalty for "short, and done")
@@ -18,7 +18,7 @@ from __future__ import annotations
 import re
 from typing import Sequence
 
-from jaxalign.data.tasks import OPS, exact_match
+from jaxalign.synth.tasks import OPS, exact_match
 
 _EQUATION = re.compile(r"(\d+)\s*([+\-*])\s*(\d+)")
 _NUMBER = re.compile(r"-?\d+")

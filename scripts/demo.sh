@@ -12,7 +12,7 @@ SMOL=$($PY scripts/fetch_smollm2.py)
 mkdir -p "$(dirname "$RUN")"
 EVAL_N=${EVAL_N:-100}
 echo "== SmolLM2-135M-Instruct at $SMOL"
-$PY -m jaxalign.data.tasks data/tasks --train 2000 --eval 200 --seed 0 >/dev/null
+$PY -m jaxalign.synth.tasks data/tasks --train 2000 --eval 200 --seed 0 >/dev/null
 echo "== held-out exact match BEFORE training ($EVAL_N tasks)"
 $PY scripts/eval_tasks.py "$SMOL" data/tasks/eval.jsonl --limit "$EVAL_N" | tee "$RUN.before.txt"
 echo "== LoRA SFT (configs/smollm2_sft.yaml) -> $RUN"

@@ -1,4 +1,4 @@
-"""Exact-match accuracy of a model on jaxalign's task rows (`jaxalign.data.tasks`), greedy.
+"""Exact-match accuracy of a model on jaxalign's task rows (`jaxalign.synth.tasks`), greedy.
 
   python scripts/eval_tasks.py MODEL EVAL_JSONL [--limit N] [--batch-size 16] [--max-new-tokens 32]
                                [--dtype float32|bfloat16] [--dump OUT.jsonl]
@@ -20,7 +20,7 @@ from pathlib import Path
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model", help="HF model directory or jaxalign checkpoint")
-    ap.add_argument("eval_jsonl", help="task rows, e.g. eval.jsonl from python -m jaxalign.data.tasks")
+    ap.add_argument("eval_jsonl", help="task rows, e.g. eval.jsonl from python -m jaxalign.synth.tasks")
     ap.add_argument("--limit", type=int, default=None, help="evaluate only the first N rows")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--max-new-tokens", type=int, default=32)
@@ -35,10 +35,10 @@ def main(argv=None) -> int:
         ap.error(f"{args.eval_jsonl}: no such file")
 
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    from jaxalign.data import tasks
+    from jaxalign.synth import task_eval, tasks
 
     rows = tasks.read_jsonl(args.eval_jsonl)[:args.limit]
-    result = tasks.evaluate(args.model, rows, batch_size=args.batch_size,
+    result = task_eval.evaluate(args.model, rows, batch_size=args.batch_size,
                             max_new_tokens=args.max_new_tokens, dtype=args.dtype)
     logging.getLogger("jaxalign.tasks").info("evaluated %d rows in %.1fs (load and compile included)",
                                              result["n"], result["seconds"])

@@ -73,7 +73,8 @@ def test_peft_adapter_loads_in_peft_with_our_logits(setup, tmp_path):
     from transformers import AutoModelForCausalLM
 
     d, _, _, cfg, params, tokens = setup
-    lora.save_peft(tmp_path / "adapter", cfg, params, base_model_path=str(d))
+    from jaxalign.convert.peft import save_peft
+    save_peft(tmp_path / "adapter", cfg, params, base_model_path=str(d))
     base = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
     model = peft.PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
     with torch.no_grad():

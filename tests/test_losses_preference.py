@@ -240,3 +240,119 @@ def test_pair_mask_excludes_fillers():
         np.testing.assert_allclose(full_loss, sub_loss, rtol=1e-6)
         for k in sub_m:
             np.testing.assert_allclose(full_m[k], sub_m[k], rtol=1e-6, err_msg=k)
+
+
+# ---- ORPO and SimPO: policy-only, on length-normalised log-probs --------------------------------
+
+# Per-sequence log-prob SUMS and response token counts of (chosen, rejected).
+SC, SR = [-6.0, -21.0, -1.5, -40.0], [-9.0, -12.0, -4.0, -39.0]
+NC, NR = [4, 7, 5, 20], [6, 3, 8, 13]
+
+
+def _orpo_by_hand(lam):
+    """Hong et al. 2024 eq. 4-7 in plain floats (log(1 - p) through log1p)."""
+    log_odds = lambda lp: lp - math.log1p(-math.exp(lp))
+    ratio = [logsig(log_odds(c / a) - log_odds(r / b)) for c, r, a, b in zip(SC, SR, NC, NR)]
+    nll = -sum(SC) / sum(NC)
+    return nll - lam * mean(ratio), nll, mean(ratio)
+
+
+def _ours_pol(fn, **kw):
+    arrs = [jnp.asarray(x, jnp.float32) for x in (SC, SR, NC, NR)]
+    loss, m = fn(*arrs, **kw)
+    return float(loss), {k: float(v) for k, v in m.items()}
+
+
+def test_orpo_is_the_paper_formula():
+    from jaxalign.losses.preference import orpo_loss
+    want, nll, ratio = _orpo_by_hand(0.25)
+    got, m = _ours_pol(orpo_loss, lam=0.25)
+    assert got == pytest.approx(want, rel=1e-6)
+    assert m["nll_loss"] == pytest.approx(nll, rel=1e-6)
+    assert m["log_odds_ratio"] == pytest.approx(ratio, rel=1e-6)
+    assert m["rewards/chosen"] == pytest.approx(mean([0.25 * c / n for c, n in zip(SC, NC)]),
+                                                rel=1e-6)
+    assert m["weight"] == 4.0
+
+
+def test_orpo_log_odds_stay_finite_near_certainty():
+    """p -> 1 (mean log-prob -> 0): log(1 - p) must not cancel to -inf / NaN."""
+    import jax
+    from jaxalign.losses.preference import orpo_loss
+    args = [jnp.asarray([x], jnp.float32) for x in (-1e-4, -3.0, 1.0, 1.0)]
+    loss, m = orpo_loss(*args, lam=0.1)
+    want = 1e-4 - 0.1 * logsig((-1e-4 - math.log(-math.expm1(-1e-4)))
+                               - (-3.0 - math.log1p(-math.exp(-3.0))))
+    assert float(loss) == pytest.approx(want, rel=1e-4)
+    grads = jax.grad(lambda c: orpo_loss(c, *args[1:], lam=0.1)[0])(args[0])
+    assert np.isfinite(np.asarray(grads)).all()
+
+
+def test_orpo_matches_trl_odds_ratio_loss():
+    """TRL 1.16 keeps ORPO in trl.experimental.orpo: its `odds_ratio_loss` on our mean log-probs,
+    and its full loss `nll - losses.mean()` with the NLL taken over the same response tokens."""
+    torch = pytest.importorskip("torch")
+    orpo = pytest.importorskip("trl.experimental.orpo.orpo_trainer")
+    from jaxalign.losses.preference import orpo_loss
+    trainer = object.__new__(orpo.ORPOTrainer)
+    object.__setattr__(trainer, "beta", 0.25)
+    object.__setattr__(trainer, "accelerator", types.SimpleNamespace(device=torch.device("cpu")))
+    pc = torch.tensor([c / n for c, n in zip(SC, NC)], dtype=torch.float64)
+    pr = torch.tensor([r / n for r, n in zip(SR, NR)], dtype=torch.float64)
+    losses, chosen_r, rejected_r, ratio, log_odds = trainer.odds_ratio_loss(pc, pr)
+    want = -sum(SC) / sum(NC) - float(losses.mean())
+    got, m = _ours_pol(orpo_loss, lam=0.25)
+    assert got == pytest.approx(want, abs=1e-6, rel=1e-6)
+    assert m["log_odds_ratio"] == pytest.approx(float(ratio), abs=1e-6)
+    assert m["log_odds_chosen"] == pytest.approx(float(log_odds), abs=1e-6)
+    assert m["rewards/chosen"] == pytest.approx(float(chosen_r.mean()), abs=1e-6)
+    assert m["rewards/rejected"] == pytest.approx(float(rejected_r.mean()), abs=1e-6)
+
+
+def test_simpo_is_the_paper_formula():
+    from jaxalign.losses.preference import simpo_loss
+    beta, gamma = 2.0, 0.5
+    want = mean([-logsig(beta * c / a - beta * r / b - gamma)
+                 for c, r, a, b in zip(SC, SR, NC, NR)])
+    got, m = _ours_pol(simpo_loss, beta=beta, gamma=gamma)
+    assert got == pytest.approx(want, rel=1e-6)
+    assert m["rewards/margins"] == pytest.approx(
+        mean([beta * (c / a - r / b) for c, r, a, b in zip(SC, SR, NC, NR)]), rel=1e-6)
+
+
+def test_simpo_matches_trl_cpo_simpo():
+    """TRL 1.16 runs SimPO as CPOTrainer(loss_type='simpo'); cpo_alpha=0 drops its NLL term."""
+    torch = pytest.importorskip("torch")
+    cpo = pytest.importorskip("trl.experimental.cpo.cpo_trainer")
+    from jaxalign.losses.preference import simpo_loss
+    beta, gamma = 2.0, 0.5
+    trainer = object.__new__(cpo.CPOTrainer)
+    for k, v in dict(beta=beta, simpo_gamma=gamma, loss_type="simpo", alpha=0.0,
+                     label_smoothing=0.0,
+                     accelerator=types.SimpleNamespace(device=torch.device("cpu"))).items():
+        object.__setattr__(trainer, k, v)
+    # CPO's get_batch_logps(average_log_prob=True) for simpo: the per-token means.
+    pc = torch.tensor([c / n for c, n in zip(SC, NC)], dtype=torch.float64)
+    pr = torch.tensor([r / n for r, n in zip(SR, NR)], dtype=torch.float64)
+    losses, chosen_r, rejected_r = trainer.cpo_loss(pc, pr)
+    got, m = _ours_pol(simpo_loss, beta=beta, gamma=gamma)
+    assert got == pytest.approx(float(losses.mean()), abs=1e-6, rel=1e-6)
+    assert m["rewards/chosen"] == pytest.approx(float(chosen_r.mean()), abs=1e-5)
+    assert m["rewards/rejected"] == pytest.approx(float(rejected_r.mean()), abs=1e-5)
+
+
+def test_policy_only_losses_ignore_fillers():
+    """An empty filler pair (count 0, pair_mask 0) changes neither loss, metrics nor gradient."""
+    import jax
+    from jaxalign.losses.preference import orpo_loss, simpo_loss
+    full = [jnp.asarray(x + [0.0], jnp.float32) for x in (SC, SR, NC, NR)]
+    sub = [jnp.asarray(x, jnp.float32) for x in (SC, SR, NC, NR)]
+    mask = jnp.asarray([1, 1, 1, 1, 0], jnp.float32)
+    for fn, kw in ((orpo_loss, dict(lam=0.3)), (simpo_loss, dict(beta=2.0, gamma=0.4))):
+        a, am = fn(*full, pair_mask_B=mask, **kw)
+        b, bm = fn(*sub, **kw)
+        np.testing.assert_allclose(a, b, rtol=1e-6)
+        for k in bm:
+            np.testing.assert_allclose(am[k], bm[k], rtol=1e-6, err_msg=k)
+        g = jax.grad(lambda c: fn(c, *full[1:], pair_mask_B=mask, **kw)[0])(full[0])
+        assert np.isfinite(np.asarray(g)).all() and float(g[-1]) == 0.0

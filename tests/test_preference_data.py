@@ -17,8 +17,9 @@ from jaxalign.config import ConfigError
 from jaxalign.data import (BATCH_KEYS, PREF_BATCH_KEYS, DataConfig, DataError, Encoder, PairSet,
                            PrefEvalLoader, Source, build_preference_data, load_prompts,
                            normalise_pairs)
-from jaxalign.data import prefs, tasks
-from jaxalign.data.preference import _Identical, _NoPrompt, split_turn, tokenize_pairs
+from jaxalign.data.pairs import Identical, NoPrompt, split_turn
+from jaxalign.data.preference import tokenize_pairs
+from jaxalign.synth import prefs, tasks
 
 EOS = "<|im_end|>"
 PROMPT_MSGS = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
@@ -205,9 +206,9 @@ def test_split_rule():
     # One conversation is a prefix of the other: the shorter's last answer is its response.
     assert split_turn(t(*base, (a, "x")), t(*base, (a, "x"), (h, "q3"), (a, "z"))) == 3
     assert split_turn(t(*base, (a, "x")), t(*base[:2], (h, "other"), (a, "x"))) == 1
-    with pytest.raises(_NoPrompt):
+    with pytest.raises(NoPrompt):
         split_turn(t((h, "q1"), (a, "x")), t((h, "q2"), (a, "x")))
-    with pytest.raises(_Identical):
+    with pytest.raises(Identical):
         split_turn(t(*base, (a, "x")), t(*base, (a, "x")))
 
 
@@ -423,21 +424,24 @@ def test_config_fields_and_refusals(tok):
 
 def test_load_prompts_match_the_training_prefix(tok, tok_plain, tmp_path, cache):
     a, b = make_files(tmp_path, n=4)
-    texts = load_prompts(a, tok, cache_dir=cache)
+    texts = load_prompts(a, tok, cache_dir=cache).rendered
     assert texts[1] == tok.apply_chat_template([{"role": "user", "content": "What is 1 plus 1?"}],
                                                tokenize=False, add_generation_prompt=True)
     cfg = DataConfig(train=[a], seq_len=48, cache_dir=cache, shuffle=False)
     batch = next(build_preference_data(cfg, tok, batch_size=4).train)
-    ids = load_prompts(a, tok, tokenize=True, cache_dir=cache)
+    ids = load_prompts(a, tok, cache_dir=cache).ids
     for r in range(4):
-        assert ids[r].dtype == np.int32
-        assert ids[r].tolist() == batch["tokens"][r, 0, :batch["prompt_len"][r]].tolist()
-    assert load_prompts(b, tok_plain, cache_dir=cache)[0] == "\n\nHuman: sum 0\n\nAssistant:"
-    short = load_prompts(a, tok, tokenize=True, max_prompt_len=6, cache_dir=cache)
-    assert [len(x) for x in short] == [6] * 4 and short[0].tolist() == ids[0][-6:].tolist()
+        assert ids[r] == batch["tokens"][r, 0, :batch["prompt_len"][r]].tolist()
+    assert load_prompts(b, tok_plain, cache_dir=cache).rendered[0] == "\n\nHuman: sum 0\n\nAssistant:"
+    short = load_prompts(a, tok, max_prompt_len=6, cache_dir=cache)
+    assert [len(x) for x in short.ids] == [6] * 4 and short.ids[0] == ids[0][-6:]
+    dropped = load_prompts(a, tok, max_prompt_len=len(ids[0]), too_long="drop", cache_dir=cache)
+    assert dropped.rows == [r for r in range(4) if len(ids[r]) <= len(ids[0])]
     chat = write_jsonl(tmp_path / "tasks.jsonl", tasks.make_tasks(3, seed=1))  # SFT chat rows
-    assert load_prompts(chat, tok, cache_dir=cache)[0].endswith(
-        tasks.make_tasks(3, seed=1)[0]["messages"][0]["content"] + EOS + "\n<|im_start|>assistant\n")
+    prompts = load_prompts(chat, tok, cache_dir=cache)
+    user = tasks.make_tasks(3, seed=1)[0]["messages"][0]["content"]
+    assert prompts.rendered[0].endswith(user + EOS + "\n<|im_start|>assistant\n")
+    assert prompts.texts[0] == user  # what a reward function sees: the last user turn
 
 
 # ---- the synthetic generator --------------------------------------------------------------

@@ -24,7 +24,7 @@ from jaxalign.train.step import init_state, make_train_step
 @pytest.fixture(scope="module")
 def prefs(tmp_path_factory):
     from make_tiny_model import make_tiny_model
-    from jaxalign.data import prefs as gen
+    from jaxalign.synth import prefs as gen
     from jaxalign.tokenizer import load_tokenizer
 
     root = tmp_path_factory.mktemp("prefs")

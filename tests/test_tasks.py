@@ -1,4 +1,4 @@
-"""jaxalign's own task set (`jaxalign.data.tasks`): determinism, disjoint splits, correct
+"""jaxalign's own task set (`jaxalign.synth.tasks`): determinism, disjoint splits, correct
 answers, loss masks through the SFT pipeline, and exact-match scoring. No jax is compiled:
 the model side is exercised with a stand-in for `generate_text`.
 """
@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from jaxalign.data import DataConfig, build_sft_data
-from jaxalign.data import tasks
-from jaxalign.data.tasks import ALL_KINDS, KINDS, exact_match, make_tasks, prompt_of, write_splits
+from jaxalign.synth import tasks
+from jaxalign.synth.tasks import ALL_KINDS, KINDS, exact_match, make_tasks, prompt_of, write_splits
 
 SMOLLM2_DIR = Path("~/.cache/jaxalign/smollm2-135m-instruct-0.1.2").expanduser()
 
@@ -62,7 +62,7 @@ def test_make_tasks_is_deterministic_by_seed():
 
 def test_generation_is_the_same_in_a_fresh_process():
     # String seeds hash with sha512, not Python's per-process salted hash.
-    code = ("import json; from jaxalign.data.tasks import make_tasks; "
+    code = ("import json; from jaxalign.synth.tasks import make_tasks; "
             "print(json.dumps(make_tasks(30, seed=7)))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "PYTHONHASHSEED": "123"})
@@ -149,7 +149,7 @@ def test_cli_writes_splits(tmp_path, capsys):
 
 
 def test_importing_tasks_imports_neither_jax_nor_torch():
-    code = ("import sys; from jaxalign.data import tasks; tasks.make_tasks(7); "
+    code = ("import sys; from jaxalign.synth import tasks; tasks.make_tasks(7); "
             "print('jax' in sys.modules, 'torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]
@@ -222,7 +222,8 @@ def test_evaluate_params_batches_pads_and_keeps_order(monkeypatch):
         return [answers[p] + "." if i % 2 == 0 else "Sure! " + answers[p] for i, p in enumerate(prompts)]
 
     monkeypatch.setattr(generate, "generate_text", fake_generate_text)
-    res = tasks.evaluate_params(None, None, None, rows, batch_size=16, max_new_tokens=9)
+    from jaxalign.synth import task_eval
+    res = task_eval.evaluate_params(None, None, None, rows, batch_size=16, max_new_tokens=9)
     assert shapes == [16, 16, 16]  # the last 5 prompts padded to one batch shape
     assert res["n"] == 37 and len(res["completions"]) == 37
     assert res["correct"] == [i % 16 % 2 == 0 for i in range(37)]

@@ -75,7 +75,7 @@ class DatasetSpec:
         return spec
 
 
-def _specs(value: Any, key: str) -> tuple[DatasetSpec, ...]:
+def dataset_specs(value: Any, key: str) -> tuple[DatasetSpec, ...]:
     if value is None:
         return ()
     if isinstance(value, (str, Mapping, DatasetSpec)):
@@ -125,10 +125,10 @@ class DataConfig:
     on_identical: Literal["drop", "error"] = "drop"
 
     def __post_init__(self):
-        train = _specs(self.train, "data.train")
+        train = dataset_specs(self.train, "data.train")
         _require(len(train) > 0, "data.train must name at least one dataset")
         object.__setattr__(self, "train", train)
-        object.__setattr__(self, "eval", _specs(self.eval, "data.eval"))
+        object.__setattr__(self, "eval", dataset_specs(self.eval, "data.eval"))
         _require(isinstance(self.eval_fraction, (int, float)) and 0 <= self.eval_fraction < 1,
                  f"data.eval_fraction must be in [0, 1), got {self.eval_fraction!r}")
         _require(not (self.eval and self.eval_fraction > 0),

@@ -47,7 +47,7 @@ class Example:
     row: int = -1  # index of the source row, for error messages
 
 
-class _Empty(Exception):
+class EmptyField(Exception):
     """Raised inside a row converter; turned into a drop or an error by `normalise`."""
 
 
@@ -75,7 +75,7 @@ def detect_format(row: dict, name: str = "dataset") -> str:
                     f"or set the dataset's format")
 
 
-def _field(row: dict, key: str, where: str, *, required: bool = True) -> Any:
+def get_field(row: dict, key: str, where: str, *, required: bool = True) -> Any:
     value = row.get(key)
     if value is None:
         if required:
@@ -91,17 +91,17 @@ def _string(value: Any, field: str, where: str) -> str:
 
 
 def _joined(row, where, main, extra, answer):
-    instruction = _string(_field(row, main, where), main, where)
-    context = _string(_field(row, extra, where, required=False), extra, where)
-    output = _string(_field(row, answer, where), answer, where)
+    instruction = _string(get_field(row, main, where), main, where)
+    context = _string(get_field(row, extra, where, required=False), extra, where)
+    output = _string(get_field(row, answer, where), answer, where)
     if not output.strip():
-        raise _Empty(f"{where}: empty {answer!r}")
+        raise EmptyField(f"{where}: empty {answer!r}")
     user = instruction + ("\n\n" + context if context.strip() else "")
     return Example(({"role": "user", "content": user},
                     {"role": "assistant", "content": output}), "chat")
 
 
-def _messages(msgs: Any, field: str, where: str, role_key="role", content_key="content",
+def parse_messages(msgs: Any, field: str, where: str, role_key="role", content_key="content",
               role_map=None, need_assistant=True) -> tuple[dict, ...]:
     if not isinstance(msgs, (list, tuple)):
         raise DataError(f"{where}: field {field!r} must be a list of messages, "
@@ -111,53 +111,53 @@ def _messages(msgs: Any, field: str, where: str, role_key="role", content_key="c
         f = f"{field}[{j}]"
         if not isinstance(m, dict):
             raise DataError(f"{where}: {f} must be a mapping, got {type(m).__name__}")
-        role = _string(_field(m, role_key, where + f", {f}"), f"{f}.{role_key}", where)
-        content = _string(_field(m, content_key, where + f", {f}"), f"{f}.{content_key}", where)
+        role = _string(get_field(m, role_key, where + f", {f}"), f"{f}.{role_key}", where)
+        content = _string(get_field(m, content_key, where + f", {f}"), f"{f}.{content_key}", where)
         known = role_map if role_map is not None else {r: r for r in ROLES}
         if role not in known:
             raise DataError(f"{where}: {f}.{role_key} {role!r} is not a known role; "
                             f"expected one of {sorted(known)}")
         role = known[role]
         if role == "assistant" and not content.strip():
-            raise _Empty(f"{where}: {f} is an empty assistant message")
+            raise EmptyField(f"{where}: {f} is an empty assistant message")
         out.append({"role": role, "content": content})
     if need_assistant and not any(m["role"] == "assistant" for m in out):
-        raise _Empty(f"{where}: {field!r} has no assistant message")
+        raise EmptyField(f"{where}: {field!r} has no assistant message")
     return tuple(out)
 
 
 def _chat(row, where):
-    return Example(_messages(_field(row, "messages", where), "messages", where), "chat")
+    return Example(parse_messages(get_field(row, "messages", where), "messages", where), "chat")
 
 
 def _sharegpt(row, where):
-    msgs = _messages(_field(row, "conversations", where), "conversations", where,
+    msgs = parse_messages(get_field(row, "conversations", where), "conversations", where,
                      role_key="from", content_key="value", role_map=SHAREGPT_ROLES)
     return Example(msgs, "chat")
 
 
 def _prompt_completion(row, where):
-    prompt = _field(row, "prompt", where)
-    completion = _field(row, "completion", where)
+    prompt = get_field(row, "prompt", where)
+    completion = get_field(row, "completion", where)
     if isinstance(prompt, list):  # TRL's conversational prompt / completion
-        msgs = _messages(prompt, "prompt", where, need_assistant=False)
+        msgs = parse_messages(prompt, "prompt", where, need_assistant=False)
         if isinstance(completion, str):
             if not completion.strip():
-                raise _Empty(f"{where}: empty 'completion'")
+                raise EmptyField(f"{where}: empty 'completion'")
             return Example(msgs + ({"role": "assistant", "content": completion},), "chat")
-        return Example(msgs + _messages(completion, "completion", where), "chat")
+        return Example(msgs + parse_messages(completion, "completion", where), "chat")
     prompt = _string(prompt, "prompt", where)
     completion = _string(completion, "completion", where)
     if not completion.strip():
-        raise _Empty(f"{where}: empty 'completion'")
+        raise EmptyField(f"{where}: empty 'completion'")
     return Example(({"role": "user", "content": prompt},
                     {"role": "assistant", "content": completion}), "prompt_completion")
 
 
 def _text(row, where):
-    text = _string(_field(row, "text", where), "text", where)
+    text = _string(get_field(row, "text", where), "text", where)
     if not text.strip():
-        raise _Empty(f"{where}: empty 'text'")
+        raise EmptyField(f"{where}: empty 'text'")
     return Example(({"role": "assistant", "content": text},), "text")
 
 
@@ -184,7 +184,7 @@ def normalise(source: Source, fmt: str = "auto", on_empty: str = "drop") -> tupl
     for i, row in enumerate(source.rows):
         try:
             ex = convert(row, source.where(i))
-        except _Empty as e:
+        except EmptyField as e:
             if on_empty == "error":
                 raise DataError(f"{e} (set data.on_empty: drop to skip such rows)") from None
             dropped += 1

@@ -54,7 +54,7 @@ def load_tokenized(spec: DatasetSpec, cfg: DataConfig, encoder: Encoder) -> tupl
     return data, stats
 
 
-def _hold_out(data: TokenizedSet, fraction: float, seed: int, i: int) -> tuple[TokenizedSet, TokenizedSet]:
+def hold_out(data: TokenizedSet, fraction: float, seed: int, i: int) -> tuple[TokenizedSet, TokenizedSet]:
     n = len(data)
     n_eval = min(max(1, round(fraction * n)), n - 1)
     if n_eval < 1:
@@ -99,7 +99,7 @@ def build_sft_data(cfg: DataConfig, tokenizer, *, batch_size: int, eval_batch_si
     elif cfg.eval_fraction > 0:
         held = []
         for i, data in enumerate(train_sets):
-            train_sets[i], h = _hold_out(data, cfg.eval_fraction, cfg.seed, i)
+            train_sets[i], h = hold_out(data, cfg.eval_fraction, cfg.seed, i)
             held.append(h)
             log.info("%s: held out %d of %d examples for eval", data.name, len(h), len(data))
         eval_set = _concat("eval", held)

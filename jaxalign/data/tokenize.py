@@ -94,11 +94,12 @@ class SourceStats:
 @dataclasses.dataclass
 class DataStats:
     sources: list[SourceStats] = dataclasses.field(default_factory=list)
+    per_source = SourceStats  # the counts class summed by `total` (PairStats for pairs)
 
     def total(self) -> SourceStats:
-        out = SourceStats("total")
+        out = self.per_source("total")
         for s in self.sources:
-            for f in dataclasses.fields(SourceStats):
+            for f in dataclasses.fields(self.per_source):
                 if f.name not in ("name", "format"):
                     setattr(out, f.name, getattr(out, f.name) + getattr(s, f.name))
         return out
@@ -116,7 +117,7 @@ class DataStats:
         return "\n".join(line(s) for s in self.sources + [self.total()])
 
 
-def _common_prefix(a: np.ndarray, b: np.ndarray) -> int:
+def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
     n = min(len(a), len(b))
     neq = np.nonzero(a[:n] != b[:n])[0]
     return int(neq[0]) if len(neq) else n
@@ -133,7 +134,7 @@ class Encoder:
         if self.eos is None:
             raise DataError("tokenizer has no eos_token_id; set one so examples can be ended")
 
-    def _render(self, messages, gen: bool, where: str) -> str:
+    def render(self, messages, gen: bool, where: str) -> str:
         if not messages:
             return ""
         try:
@@ -142,7 +143,7 @@ class Encoder:
         except Exception as e:
             raise DataError(f"{where}: chat template failed: {type(e).__name__}: {e}") from None
 
-    def _ids(self, texts: list[str], special: bool) -> list[np.ndarray]:
+    def token_ids(self, texts: list[str], special: bool) -> list[np.ndarray]:
         if not texts:
             return []
         out = self.tok(texts, add_special_tokens=special, return_attention_mask=False)["input_ids"]
@@ -173,13 +174,13 @@ class Encoder:
                 plain_text.append(ex)
         # The last message's rendering is the full one: tokenize each distinct string once.
         unique = list(dict.fromkeys(t for _, strings in plans for t in strings))
-        toks = dict(zip(unique, self._ids(unique, special=False)))
+        toks = dict(zip(unique, self.token_ids(unique, special=False)))
         chat = iter([self._finish_chat(ex, [toks[t] for t in strings]) for ex, strings in plans])
-        prompts = self._ids([ex.messages[0]["content"] for ex in plain_pc], special=True)
-        completions = self._ids([ex.messages[1]["content"] for ex in plain_pc], special=False)
+        prompts = self.token_ids([ex.messages[0]["content"] for ex in plain_pc], special=True)
+        completions = self.token_ids([ex.messages[1]["content"] for ex in plain_pc], special=False)
         pc = iter([self._finish_plain(p, c) for p, c in zip(prompts, completions)])
         text = iter([self._finish_plain(np.zeros(0, np.int32), t) for t in
-                     self._ids([ex.messages[0]["content"] for ex in plain_text], special=True)])
+                     self.token_ids([ex.messages[0]["content"] for ex in plain_text], special=True)])
         return [next(chat) if self._templated(ex) else next(pc) if ex.kind == "prompt_completion"
                 else next(text) for ex in examples]
 
@@ -187,13 +188,13 @@ class Encoder:
         """Strings to tokenize: the full rendering, then (prefix, prefix + message k) for each
         assistant message k."""
         msgs = ex.messages
-        full = self._render(msgs, False, where)
+        full = self.render(msgs, False, where)
         strings = [full]
         for k, m in enumerate(msgs):
             if m["role"] != "assistant":
                 continue
-            before = self._render(msgs[:k], True, where)
-            upto = full if k == len(msgs) - 1 else self._render(msgs[:k + 1], False, where)
+            before = self.render(msgs[:k], True, where)
+            upto = full if k == len(msgs) - 1 else self.render(msgs[:k + 1], False, where)
             if not (upto.startswith(before) and full.startswith(upto)):
                 bad = "messages[:%d] (with the generation prompt)" % k if not upto.startswith(before) \
                     else "messages[:%d]" % (k + 1)
@@ -210,8 +211,8 @@ class Encoder:
         mask = np.zeros(len(ids), np.uint8)
         last_has_eos = True
         for j in range(1, len(toks), 2):
-            s = _common_prefix(ids, toks[j])
-            e = _common_prefix(ids, toks[j + 1])
+            s = common_prefix(ids, toks[j])
+            e = common_prefix(ids, toks[j + 1])
             eos_at = np.nonzero(ids[s:e] == self.eos)[0]
             if len(eos_at):
                 e = s + int(eos_at[-1]) + 1

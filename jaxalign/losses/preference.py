@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 
 DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
+# Objectives on the policy alone (no reference model), on length-normalised log-probs.
+POLICY_ONLY_LOSS_TYPES = ("orpo", "simpo")
 
 
 def _mean_fn(like_B: jax.Array, pair_mask_B: jax.Array | None):
@@ -128,17 +130,87 @@ def dpo_loss(policy_chosen_B: jax.Array, policy_rejected_B: jax.Array, ref_chose
                       + ls * jax.nn.log_sigmoid(-beta * h_B)) / (1 - 2 * ls)
     loss = mean(per_pair_B)
 
-    # Implicit rewards are diagnostics only: no gradient should flow through the metrics.
-    reward_chosen_B = jax.lax.stop_gradient(beta * chosen_logratio_B)
-    reward_rejected_B = jax.lax.stop_gradient(beta * rejected_logratio_B)
-    metrics = {
+    return loss, _reward_metrics(mean, n, loss, beta * chosen_logratio_B,
+                                 beta * rejected_logratio_B, pc, pr)
+
+
+def _reward_metrics(mean, n, loss, reward_chosen_B, reward_rejected_B, logp_chosen_B,
+                    logp_rejected_B) -> dict:
+    """TRL's rewards/* and logps/* metrics. Implicit rewards are diagnostics only: no
+    gradient flows through the metrics."""
+    rc, rr = jax.lax.stop_gradient(reward_chosen_B), jax.lax.stop_gradient(reward_rejected_B)
+    return {
         "loss": loss,
-        "rewards/chosen": mean(reward_chosen_B),
-        "rewards/rejected": mean(reward_rejected_B),
-        "rewards/accuracies": mean((reward_chosen_B > reward_rejected_B).astype(jnp.float32)),
-        "rewards/margins": mean(reward_chosen_B - reward_rejected_B),
-        "logps/chosen": mean(jax.lax.stop_gradient(pc)),
-        "logps/rejected": mean(jax.lax.stop_gradient(pr)),
+        "rewards/chosen": mean(rc),
+        "rewards/rejected": mean(rr),
+        "rewards/accuracies": mean((rc > rr).astype(jnp.float32)),  # ties count as wrong
+        "rewards/margins": mean(rc - rr),
+        "logps/chosen": mean(jax.lax.stop_gradient(logp_chosen_B)),
+        "logps/rejected": mean(jax.lax.stop_gradient(logp_rejected_B)),
         "weight": n,
     }
+
+
+def log1mexp(x: jax.Array) -> jax.Array:
+    """log(1 - exp(x)) for x < 0, without cancellation: log1p(-exp(x)) far from 0,
+    log(-expm1(x)) near it (the branch at -log 2 of Maechler 2012, as TRL's ORPO)."""
+    far_B = jnp.minimum(x, -0.6931471805599453)   # keeps the unused branch finite for grads
+    near_B = jnp.minimum(x, -1e-30)
+    return jnp.where(x < -0.6931471805599453, jnp.log1p(-jnp.exp(far_B)),
+                     jnp.log(-jnp.expm1(near_B)))
+
+
+def _mean_logps(sum_B: jax.Array, len_B: jax.Array) -> jax.Array:
+    """Per-token mean log-prob from a sum and a token count. An empty row (an eval filler)
+    gets -1, not 0/0, so that no NaN reaches a masked mean or its gradient."""
+    len_B = len_B.astype(jnp.float32)
+    return jnp.where(len_B > 0, sum_B.astype(jnp.float32) / jnp.maximum(len_B, 1.0), -1.0)
+
+
+def orpo_loss(chosen_sum_B: jax.Array, rejected_sum_B: jax.Array, chosen_len_B: jax.Array,
+              rejected_len_B: jax.Array, *, lam: float, pair_mask_B: jax.Array | None = None):
+    """ORPO (Hong et al. 2024, eq. 6): NLL of the chosen response + lam * odds-ratio term.
+
+    Inputs are per-sequence SUMS of response-token log-probs and response token counts.
+    With log p = sum / count (the length-normalised log-prob, eq. 4),
+      log odds(y) = log p - log(1 - p)                     (log1mexp, stable near p = 1)
+      L_OR        = -log sigmoid(log odds(y_w) - log odds(y_l))
+      L_SFT       = -sum(chosen sums) / sum(chosen counts)  (token mean over the batch)
+      loss        = L_SFT + lam * mean(L_OR)
+    TRL's ORPOTrainer names lam `beta` (`odds_ratio_loss` returns lam * log sigmoid); its
+    NLL also covers the prompt tokens, ours the response only, as the paper's L_SFT.
+    No reference model. metrics: TRL's rewards/* (lam * mean log-probs), nll_loss,
+    log_odds_ratio (mean log sigmoid), log_odds_chosen (mean log-odds difference).
+    """
+    if not lam > 0:
+        raise ValueError(f"orpo_loss: lam={lam!r} must be > 0")
+    pc, pr = _mean_logps(chosen_sum_B, chosen_len_B), _mean_logps(rejected_sum_B, rejected_len_B)
+    mean, n = _mean_fn(pc, pair_mask_B)
+    w_B = jnp.ones_like(pc) if pair_mask_B is None else pair_mask_B.astype(jnp.float32)
+    nll = -(chosen_sum_B.astype(jnp.float32) * w_B).sum() / jnp.maximum(
+        (chosen_len_B.astype(jnp.float32) * w_B).sum(), 1.0)
+    log_odds_B = (pc - pr) - (log1mexp(pc) - log1mexp(pr))
+    ratio_B = jax.nn.log_sigmoid(log_odds_B)
+    loss = nll - lam * mean(ratio_B)
+    metrics = _reward_metrics(mean, n, loss, lam * pc, lam * pr, pc, pr)
+    metrics.update({"nll_loss": jax.lax.stop_gradient(nll),
+                    "log_odds_ratio": mean(jax.lax.stop_gradient(ratio_B)),
+                    "log_odds_chosen": mean(jax.lax.stop_gradient(log_odds_B))})
     return loss, metrics
+
+
+def simpo_loss(chosen_sum_B: jax.Array, rejected_sum_B: jax.Array, chosen_len_B: jax.Array,
+               rejected_len_B: jax.Array, *, beta: float, gamma: float,
+               pair_mask_B: jax.Array | None = None):
+    """SimPO (Meng et al. 2024, eq. 6), no reference model:
+      loss = -log sigmoid(beta / |y_w| log pi(y_w) - beta / |y_l| log pi(y_l) - gamma)
+    from per-sequence log-prob SUMS and response token counts |y|. TRL runs it as
+    CPOTrainer(loss_type="simpo", cpo_alpha=0) with simpo_gamma = gamma.
+    metrics: rewards/* are the length-normalised rewards beta * log pi(y) / |y|.
+    """
+    if not beta > 0:
+        raise ValueError(f"simpo_loss: beta={beta!r} must be > 0")
+    pc, pr = _mean_logps(chosen_sum_B, chosen_len_B), _mean_logps(rejected_sum_B, rejected_len_B)
+    mean, n = _mean_fn(pc, pair_mask_B)
+    loss = mean(-jax.nn.log_sigmoid(beta * pc - beta * pr - gamma))
+    return loss, _reward_metrics(mean, n, loss, beta * pc, beta * pr, pc, pr)

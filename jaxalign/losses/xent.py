@@ -11,7 +11,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxalign.models.llama import matmul_precision
+from jaxalign.precision import matmul_precision
 from jaxalign.sharding import constrain
 
 

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxalign.config import ConfigError, ModelConfig
+from jaxalign.precision import matmul_precision
 from jaxalign.sharding import constrain
 
 Cache = dict[str, jax.Array]  # {'k': LBSKH, 'v': LBSKH, 'valid': BS bool, 'end': int32 scalar}
@@ -48,14 +49,6 @@ def _param(rngs: nnx.Rngs | None, shape, names, dtype, kind: str = "normal",
     else:
         value = (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
     return nnx.Param(value, out_sharding=tuple(names))
-
-
-def matmul_precision(dtype) -> jax.lax.Precision:
-    """HIGHEST for fp32 operands, the backend's default otherwise.
-
-    GPUs otherwise run fp32 dots as TF32 (XLA's default), which put SmolLM2-shaped logits
-    1.5e-2 away from transformers' fp32 on an H200; on CPU both give the same code."""
-    return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else jax.lax.Precision.DEFAULT
 
 
 def _dot(eq: str, a: jax.Array, b: jax.Array, dtype) -> jax.Array:

@@ -1,4 +1,5 @@
-"""LoRA adapters: add to a base model, split for training, merge for export, PEFT format.
+"""LoRA adapters: add to a base model, split for training, merge for export. The PEFT file
+format is written by `jaxalign.convert.peft`.
 
 Adapters live in the param tree under `<proj>_lora/{a, b}` next to the weight they adapt
 (see `llama.LoRA`), so one apply serves base, adapted and adapter-disabled forwards.
@@ -6,33 +7,24 @@ Adapters live in the param tree under `<proj>_lora/{a, b}` next to the weight th
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import Mesh
 
 from jaxalign.config import ModelConfig
-from jaxalign.convert import safetensors_io
 from jaxalign.models import functional
 
 Params = dict[str, Any]
-_SUFFIX = "_lora"
-# our (module, weight) for each HF projection name
-_TARGETS = {"q_proj": ("attn", "q"), "k_proj": ("attn", "k"), "v_proj": ("attn", "v"),
-            "o_proj": ("attn", "o"), "gate_proj": ("mlp", "gate"), "up_proj": ("mlp", "up"),
-            "down_proj": ("mlp", "down")}
-_HF_MODULE = {"attn": "self_attn", "mlp": "mlp"}
+ADAPTER_SUFFIX = "_lora"   # `<weight>_lora/{a, b}` sits beside the weight it adapts
 
 
 def split(params: Params) -> tuple[Params, Params]:
     """(adapters, base): two disjoint nested dicts whose union is `params`."""
     adapters, base = {}, {}
     for key, value in params.items():
-        if key.endswith(_SUFFIX):
+        if key.endswith(ADAPTER_SUFFIX):
             adapters[key] = value
         elif isinstance(value, dict):
             a, b = split(value)
@@ -89,37 +81,8 @@ def merge(cfg: ModelConfig, params: Params) -> tuple[ModelConfig, Params]:
     layers = {mod: dict(sub) for mod, sub in base["layers"].items()}
     for module, sub in adapters["layers"].items():
         for name, lora in sub.items():
-            weight = name[: -len(_SUFFIX)]
+            weight = name[: -len(ADAPTER_SUFFIX)]
             w = layers[module][weight]
             layers[module][weight] = (w.astype(jnp.float32) + _delta(lora, scale)).astype(w.dtype)
     merged = dict(base, layers=layers)
     return cfg.without_lora(), merged
-
-
-def save_peft(out_dir: str | Path, cfg: ModelConfig, params: Params,
-              base_model_path: str | None = None) -> Path:
-    """adapter_config.json + adapter_model.safetensors that `peft.PeftModel` loads onto
-    the HF base model (nn.Linear layout: lora_A (r, in), lora_B (out, r))."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    adapters, _ = split(params)
-    tensors: dict[str, np.ndarray] = {}
-    for target in cfg.lora_targets:
-        module, weight = _TARGETS[target]
-        lora = adapters["layers"][module][weight + _SUFFIX]
-        a = np.asarray(jax.device_get(lora["a"]))          # (L, *in, r)
-        b = np.asarray(jax.device_get(lora["b"]))          # (L, r, *out)
-        for i in range(cfg.num_layers):
-            prefix = f"base_model.model.model.layers.{i}.{_HF_MODULE[module]}.{target}"
-            tensors[f"{prefix}.lora_A.weight"] = a[i].reshape(-1, cfg.lora_rank).T.copy()
-            tensors[f"{prefix}.lora_B.weight"] = b[i].reshape(cfg.lora_rank, -1).T.copy()
-    safetensors_io.save_file(tensors, out / "adapter_model.safetensors", {"format": "pt"})
-    config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": cfg.lora_rank,
-        "lora_alpha": cfg.lora_alpha, "lora_dropout": cfg.lora_dropout,
-        "target_modules": sorted(cfg.lora_targets), "bias": "none", "fan_in_fan_out": False,
-        "use_rslora": False, "init_lora_weights": True, "inference_mode": True,
-        "base_model_name_or_path": base_model_path,
-    }
-    (out / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    return out

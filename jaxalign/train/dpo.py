@@ -1,5 +1,6 @@
 """DPO and its variants: the shared loop + reference log-probs outside the gradient + a
-pairwise loss on sequence log-probs.
+pairwise loss on sequence log-probs. ORPO and SimPO (`dpo.loss_type: orpo | simpo`) run
+the same loop on the policy alone: no reference model is loaded or run for them.
 
 The reference is the starting policy. With LoRA it is the same params run with the adapters
 switched off (`use_lora=False`): no second copy of the model in memory. Without LoRA it is a
@@ -20,7 +21,8 @@ from jaxalign import checkpoint, sharding
 from jaxalign.config import ConfigError, MeshConfig, ModelConfig
 from jaxalign.data.config import DataConfig
 from jaxalign.data.preference import build_preference_data
-from jaxalign.losses.preference import DPO_LOSS_TYPES, dpo_loss, sequence_logps
+from jaxalign.losses.preference import DPO_LOSS_TYPES, POLICY_ONLY_LOSS_TYPES, dpo_loss, \
+    orpo_loss, sequence_logps, simpo_loss
 from jaxalign.losses.xent import head_logprobs
 from jaxalign.models import functional, lora
 from jaxalign.tokenizer import load_tokenizer
@@ -32,8 +34,9 @@ from jaxalign.train.sft import LoRAConfig, ModelSource, load_policy, write_run_c
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DPOOptions:
-    beta: float = 0.1
-    loss_type: str = "sigmoid"      # sigmoid | ipo | hinge | robust
+    beta: float = 0.1               # orpo: the odds-ratio weight lambda (TRL's ORPO `beta`)
+    loss_type: str = "sigmoid"      # sigmoid | ipo | hinge | robust | orpo | simpo
+    simpo_gamma: float = 0.5        # simpo: target reward margin gamma
     label_smoothing: float = 0.0    # cDPO (sigmoid) / robust DPO noise rate
     reference_free: bool = False    # compare against a uniform reference
     # Sequence log-prob = sum over response tokens (DPO); IPO is usually run on the mean.
@@ -41,8 +44,17 @@ class DPOOptions:
     reference: str | None = None    # a different reference model (HF dir / run); None: the start
 
     def __post_init__(self):
-        if self.loss_type not in DPO_LOSS_TYPES:
-            raise ConfigError(f"dpo.loss_type {self.loss_type!r} is not one of {DPO_LOSS_TYPES}")
+        types = DPO_LOSS_TYPES + POLICY_ONLY_LOSS_TYPES
+        if self.loss_type not in types:
+            raise ConfigError(f"dpo.loss_type {self.loss_type!r} is not one of {types}")
+        if self.loss_type in POLICY_ONLY_LOSS_TYPES:
+            why = {"reference": "uses no reference model", "average_logps": "always "
+                   "length-normalises", "label_smoothing": "has no label smoothing"}
+            for key, value in (("reference", self.reference), ("average_logps", self.average_logps),
+                               ("label_smoothing", self.label_smoothing or None)):
+                if value is not None:
+                    raise ConfigError(f"dpo.{key}: loss_type {self.loss_type!r} {why[key]}; "
+                                      f"remove dpo.{key}")
         if not self.beta > 0:
             raise ConfigError(f"dpo.beta must be > 0, got {self.beta}")
         if self.loss_type in ("sigmoid", "robust") and not 0 <= self.label_smoothing < 0.5:
@@ -52,12 +64,17 @@ class DPOOptions:
                               f"{self.loss_type!r}; remove it")
 
     @property
+    def uses_reference(self) -> bool:
+        return not self.reference_free and self.loss_type not in POLICY_ONLY_LOSS_TYPES
+
+    @property
     def average(self) -> bool:
         return self.loss_type == "ipo" if self.average_logps is None else self.average_logps
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class DPOConfig:
+class PreferenceRunConfig:
+    """The sections of every preference objective's run; DPOConfig and KTOConfig add their own."""
     out_dir: str
     model: ModelSource
     data: DataConfig
@@ -65,6 +82,10 @@ class DPOConfig:
     optim: OptimConfig = OptimConfig()
     lora: LoRAConfig = LoRAConfig()
     mesh: MeshConfig = MeshConfig()
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DPOConfig(PreferenceRunConfig):
     dpo: DPOOptions = DPOOptions()
 
 
@@ -87,37 +108,61 @@ def dpo_loss_fn(cfg: ModelConfig, opts: DPOOptions, *, ref_cfg: ModelConfig | No
     ref_cfg None: the reference is the policy with adapters off (LoRA)."""
     def loss_fn(trainable, frozen, batch, rng):
         params = lora.combine(trainable, frozen["base"])
+        if opts.loss_type in POLICY_ONLY_LOSS_TYPES:
+            return policy_only_loss(opts, pair_logps(cfg, params, batch, average=False,
+                                                     chunk=chunk, dropout_key=rng), batch)
         pol_B2 = pair_logps(cfg, params, batch, average=opts.average, chunk=chunk,
                             dropout_key=rng)
         if opts.reference_free:
             ref_B2 = jnp.zeros_like(pol_B2)
-        elif ref_cfg is None:
-            ref_B2 = pair_logps(cfg, jax.lax.stop_gradient(params), batch, average=opts.average,
-                                chunk=chunk, use_lora=False)
         else:
-            ref_B2 = pair_logps(ref_cfg, frozen["ref"], batch, average=opts.average, chunk=chunk)
-        ref_B2 = jax.lax.stop_gradient(ref_B2)
+            ref_B2 = reference_logps(cfg, ref_cfg, params, frozen, batch, average=opts.average,
+                                     chunk=chunk)
         return dpo_loss(pol_B2[:, 0], pol_B2[:, 1], ref_B2[:, 0], ref_B2[:, 1], beta=opts.beta,
                         loss_type=opts.loss_type, label_smoothing=opts.label_smoothing,
                         reference_free=opts.reference_free, pair_mask_B=batch["pair_mask"])
     return loss_fn
 
 
-def load_dpo_models(cfg: DPOConfig, mesh):
+def reference_logps(cfg: ModelConfig, ref_cfg: ModelConfig | None, params, frozen, batch: dict,
+                    *, average: bool, chunk: int) -> jax.Array:
+    """(B, 2) `pair_logps` of the reference, outside the gradient: the policy with adapters
+    off when ref_cfg is None (LoRA), else the frozen copy frozen['ref']."""
+    if ref_cfg is None:
+        ref_B2 = pair_logps(cfg, jax.lax.stop_gradient(params), batch, average=average,
+                            chunk=chunk, use_lora=False)
+    else:
+        ref_B2 = pair_logps(ref_cfg, frozen["ref"], batch, average=average, chunk=chunk)
+    return jax.lax.stop_gradient(ref_B2)
+
+
+def policy_only_loss(opts: DPOOptions, sums_B2: jax.Array, batch: dict):
+    """ORPO / SimPO from the policy's (chosen, rejected) log-prob sums and token counts."""
+    lens_B2 = batch["loss_mask"].astype(jnp.float32).sum(axis=-1)
+    args = (sums_B2[:, 0], sums_B2[:, 1], lens_B2[:, 0], lens_B2[:, 1])
+    if opts.loss_type == "orpo":
+        return orpo_loss(*args, lam=opts.beta, pair_mask_B=batch["pair_mask"])
+    return simpo_loss(*args, beta=opts.beta, gamma=opts.simpo_gamma,
+                      pair_mask_B=batch["pair_mask"])
+
+
+def load_dpo_models(cfg: DPOConfig, mesh, section: str = "dpo"):
     """Policy + reference -> (model cfg, ref cfg or None, trainable, frozen, frozen shardings,
-    hf_config, tokenizer dir)."""
+    hf_config, tokenizer dir). The options are cfg.<section> (`reference`, `uses_reference`):
+    DPO's, or another objective's with a reference model (KTO)."""
+    opts = getattr(cfg, section)
     model_cfg, trainable, base, base_sh, hf_config, tok_dir = load_policy(
         cfg.model, cfg.lora, mesh, cfg.train.seed)
     ref_cfg, ref, ref_sh = None, {}, {}
-    if not cfg.dpo.reference_free and (cfg.dpo.reference is not None or not model_cfg.lora_rank):
+    if opts.uses_reference and (opts.reference is not None or not model_cfg.lora_rank):
         # A separate frozen reference: the given model, or a copy of the starting policy.
-        path = cfg.dpo.reference or cfg.model.path
+        path = opts.reference or cfg.model.path
         ref_cfg, ref, _, _ = checkpoint.load_model(path, mesh, **cfg.model.runtime())
         if ref_cfg.lora_rank:
             ref_cfg, ref = lora.merge(ref_cfg, ref)
         if ref_cfg.vocab_size != model_cfg.vocab_size:
-            raise ConfigError(f"dpo.reference {path}: vocab size {ref_cfg.vocab_size} differs "
-                              f"from the policy's {model_cfg.vocab_size}")
+            raise ConfigError(f"{section}.reference {path}: vocab size {ref_cfg.vocab_size} "
+                              f"differs from the policy's {model_cfg.vocab_size}")
         ref_sh = functional.param_shardings(ref_cfg, mesh)
     frozen = {"base": base, "ref": ref}
     frozen_sh = {"base": base_sh, "ref": ref_sh}
@@ -126,16 +171,26 @@ def load_dpo_models(cfg: DPOConfig, mesh):
 
 def run_dpo(cfg: DPOConfig, raw_config: dict | None = None, devices=None) -> dict[str, float]:
     """Runs (or resumes) DPO in cfg.out_dir."""
+    return run_preference(cfg, raw_config, devices, section="dpo",
+                          build_data=build_preference_data, make_loss=dpo_loss_fn)
+
+
+def run_preference(cfg, raw_config: dict | None, devices, *, section: str, build_data,
+                   make_loss) -> dict[str, float]:
+    """The run of an objective on preference batches with an optional reference model:
+    cfg.<section> holds its options, build_data(data cfg, tokenizer, batch_size=...) its
+    loaders, make_loss(model cfg, options, ref_cfg=..., chunk=...) its loss_fn."""
     run_dir = Path(cfg.out_dir)
     raw = raw_config if raw_config is not None else json.loads(json.dumps(dataclasses.asdict(cfg)))
-    write_run_config(run_dir, raw, "dpo")
+    write_run_config(run_dir, raw, section)
     mesh = sharding.make_mesh(cfg.mesh, devices)
-    model_cfg, ref_cfg, trainable, frozen, frozen_sh, hf_config, tok_dir = load_dpo_models(cfg, mesh)
+    model_cfg, ref_cfg, trainable, frozen, frozen_sh, hf_config, tok_dir = load_dpo_models(
+        cfg, mesh, section)
     tokenizer = load_tokenizer(tok_dir)
-    data = build_preference_data(cfg.data, tokenizer, batch_size=cfg.train.batch_size,
-                                 process_index=jax.process_index(),
-                                 process_count=jax.process_count())
-    loss_fn = dpo_loss_fn(model_cfg, cfg.dpo, ref_cfg=ref_cfg, chunk=cfg.train.logits_chunk)
+    data = build_data(cfg.data, tokenizer, batch_size=cfg.train.batch_size,
+                      process_index=jax.process_index(), process_count=jax.process_count())
+    loss_fn = make_loss(model_cfg, getattr(cfg, section), ref_cfg=ref_cfg,
+                        chunk=cfg.train.logits_chunk)
     task = Task(loss_fn=loss_fn, train_data=data.train,
                 eval_data=(lambda: iter(data.eval)) if data.eval is not None else None,
                 perplexity=False)

@@ -31,7 +31,7 @@ def _build(algorithm: str, source, lora_cfg, mesh, seed: int):
     if algorithm == "rm":
         from jaxalign.train.rm import load_reward_model
         cfg, trainable, frozen, _, hf_config, tok_dir = load_reward_model(source, lora_cfg, mesh, seed)
-    elif algorithm in ("sft", "dpo"):
+    elif algorithm in ("sft", "dpo", "kto"):
         from jaxalign.train.sft import load_policy
         cfg, trainable, frozen, _, hf_config, tok_dir = load_policy(source, lora_cfg, mesh, seed)
     else:

@@ -42,7 +42,7 @@ def write_pairs(path: Path, n: int, prompt_len: int, response_len: int) -> Path:
 
 def write_prompts(path: Path, n: int) -> Path:
     """Arithmetic tasks as user turns (the reward function checks the answer)."""
-    from jaxalign.data.tasks import make_tasks, prompt_of
+    from jaxalign.synth.tasks import make_tasks, prompt_of
     rows = make_tasks(n, seed=0, kinds=("arithmetic",))
     path.write_text("".join(json.dumps({"messages": [{"role": "user", "content": prompt_of(r)}]})
                             + "\n" for r in rows))

@@ -1,6 +1,6 @@
 """Synthetic preference pairs whose preferred side is known: a checkable set for RM / DPO runs.
 
-Three kinds, built on the questions of `jaxalign.data.tasks` (so answers are computed, not
+Three kinds, built on the questions of `jaxalign.synth.tasks` (so answers are computed, not
 guessed):
 
   correct   a task prompt as is; chosen = the right answer, rejected = a plausible wrong one:
@@ -21,12 +21,17 @@ Deterministic by seed (`random.Random` seeded with a string, like tasks.py). Spl
 disjoint by question, not only by prompt text: every row has a key (task kind + the inputs its
 answer is computed from), and no key of eval appears in train, whatever the kind or wording.
 
-  python -m jaxalign.data.prefs OUT_DIR --train 2000 --eval 200 --seed 0
+With --unpaired, each pair becomes two rows of TRL's unpaired format (for KTO), the chosen
+side desirable and the rejected side undesirable, shuffled so that a prompt's two rows are
+rarely neighbours:
+
+  {"prompt": str, "completion": str, "label": bool, "kind", "task", "answer", "args"}
+
+  python -m jaxalign.synth.prefs OUT_DIR --train 2000 --eval 200 --seed 0 [--unpaired]
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import random
@@ -34,7 +39,7 @@ import sys
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from jaxalign.data import tasks
+from jaxalign.synth import tasks
 
 log = logging.getLogger("jaxalign.prefs")
 
@@ -147,64 +152,48 @@ def make_prefs(n: int, seed: int = 0, kinds: Sequence[str] = KINDS, *, split: st
                exclude: Iterable[str] = ()) -> tuple[list[dict], set[str]]:
     """n rows, kinds balanced (rounds of one row per kind, each in random order), questions
     unique within the list and never in `exclude` (keys). Returns (rows, their keys)."""
-    kinds = tuple(kinds)
-    unknown = [k for k in kinds if k not in KINDS]
-    if unknown or not kinds:
-        raise ValueError(f"unknown preference kind(s) {unknown}; expected some of {list(KINDS)}")
-    if n < 0:
-        raise ValueError(f"n must be >= 0, got {n}")
     rng = random.Random(f"jaxalign-prefs/{seed}/{split}")
-    seen, keys = set(exclude), set()
-    rows: list[dict] = []
-    order: list[str] = []
-    for _ in range(n):
-        if not order:
-            order = rng.sample(kinds, len(kinds))
-        kind = order.pop()
-        for _ in range(1000):  # each draw picks a task too, so one exhausted task does not stop us
-            key, row = _make(kind, rng)
-            if key not in seen:
-                break
-        else:
-            raise ValueError(f"preference kind {kind!r}: could not draw a new question after 1000 tries")
-        seen.add(key)
-        keys.add(key)
-        rows.append(row)
-    return rows, keys
+    drawn = tasks.balanced_draws(n, kinds, KINDS, rng, _make, exclude=exclude, what="preference")
+    return [row for _, row in drawn], {key for key, _ in drawn}
+
+
+def to_unpaired(rows: Sequence[dict], seed: int = 0, split: str = "train") -> list[dict]:
+    """Pairs -> twice as many unpaired rows (chosen: label true, rejected: label false), in a
+    seeded random order."""
+    out = []
+    for row in rows:
+        rest = {k: v for k, v in row.items() if k not in ("prompt", "chosen", "rejected")}
+        for side, label in (("chosen", True), ("rejected", False)):
+            out.append({"prompt": row["prompt"], "completion": row[side], "label": label, **rest})
+    random.Random(f"jaxalign-prefs/{seed}/{split}/unpaired").shuffle(out)
+    return out
 
 
 def write_splits(out_dir: str | Path, n_train: int, n_eval: int, seed: int = 0,
-                 kinds: Sequence[str] = KINDS) -> tuple[Path, Path]:
+                 kinds: Sequence[str] = KINDS, unpaired: bool = False) -> tuple[Path, Path]:
     """Writes out_dir/train.jsonl and out_dir/eval.jsonl. Eval is drawn first, so it does not
-    depend on n_train; train never repeats an eval question (nor its own)."""
+    depend on n_train; train never repeats an eval question (nor its own). unpaired: the
+    same pairs as `to_unpaired` rows (2 n_train and 2 n_eval rows)."""
     eval_rows, eval_keys = make_prefs(n_eval, seed, kinds, split="eval")
     train_rows, _ = make_prefs(n_train, seed, kinds, split="train", exclude=eval_keys)
+    if unpaired:
+        eval_rows = to_unpaired(eval_rows, seed, "eval")
+        train_rows = to_unpaired(train_rows, seed, "train")
     out = Path(out_dir)
     return (tasks.write_jsonl(out / "train.jsonl", train_rows),
             tasks.write_jsonl(out / "eval.jsonl", eval_rows))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m jaxalign.data.prefs",
-                                 description="Write train.jsonl and eval.jsonl of synthetic "
-                                             "preference pairs (prompt, chosen, rejected).")
-    ap.add_argument("out_dir")
-    ap.add_argument("--train", type=int, default=2000, help="training pairs (default 2000)")
-    ap.add_argument("--eval", type=int, default=200, help="evaluation pairs (default 200)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--kinds", default=",".join(KINDS), help=f"comma-separated, default {','.join(KINDS)}")
-    args = ap.parse_args(argv)
-    kinds = [k for k in args.kinds.split(",") if k]
-    bad = [k for k in kinds if k not in KINDS]
-    if bad or not kinds:
-        ap.error(f"--kinds: unknown kind(s) {bad}; expected some of {','.join(KINDS)}")
-    if args.train < 0 or args.eval < 0:
-        ap.error("--train and --eval must be >= 0")
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    train, evl = write_splits(args.out_dir, args.train, args.eval, args.seed, kinds)
-    log.info("wrote %d train and %d eval pairs of %s", args.train, args.eval, ", ".join(kinds))
-    print(train)
-    print(evl)
+    ap = tasks.splits_parser("python -m jaxalign.synth.prefs", "synthetic preference pairs "
+                             "(prompt, chosen, rejected)", "pairs", KINDS)
+    ap.add_argument("--unpaired", action="store_true",
+                    help="write each pair as two labelled rows {prompt, completion, label} (KTO)")
+    args, kinds = tasks.parse_splits(ap, argv, KINDS)
+    paths = write_splits(args.out_dir, args.train, args.eval, args.seed, kinds, args.unpaired)
+    log.info("wrote %d train and %d eval pairs of %s%s", args.train, args.eval, ", ".join(kinds),
+             " as labelled unpaired rows" if args.unpaired else "")
+    print("\n".join(map(str, paths)))
     return 0
 
 

@@ -31,10 +31,10 @@ Generation is pure Python (`random.Random` seeded with a string, which hashes th
 process and Python version), so `make_tasks(n, seed)` is the same list everywhere. Within a list
 prompts are unique and kinds are balanced (rounds of one row per kind, in random order).
 
-  python -m jaxalign.data.tasks OUT_DIR --train 2000 --eval 200 --seed 0
+  python -m jaxalign.synth.tasks OUT_DIR --train 2000 --eval 200 --seed 0
 
-writes OUT_DIR/train.jsonl and OUT_DIR/eval.jsonl, whose prompts are disjoint. The model side
-(`evaluate`, `generate_completions`) imports jax only when called: `jaxalign.data` stays light.
+writes OUT_DIR/train.jsonl and OUT_DIR/eval.jsonl, whose prompts are disjoint. Running a model
+on them (`evaluate`, `generate_completions`) is `jaxalign.synth.task_eval`.
 """
 
 from __future__ import annotations
@@ -44,10 +44,9 @@ import json
 import logging
 import random
 import sys
-import time
 from collections import Counter
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 log = logging.getLogger("jaxalign.tasks")
 
@@ -265,6 +264,36 @@ def prompt_of(row: dict) -> str:
     return row["messages"][0]["content"]
 
 
+def balanced_draws(n: int, kinds: Sequence[str], known: Sequence[str], rng: random.Random,
+                   draw: Callable[[str, random.Random], tuple[str, Any]], *,
+                   exclude: Iterable[str] = (), what: str = "task") -> list[tuple[str, Any]]:
+    """n (key, item) = draw(kind, rng), kinds balanced: rounds of one draw per kind, each round
+    in its own random order, so every prefix is balanced too. Keys are unique within the list
+    and never in `exclude`; a collision is redrawn (each draw may pick new inputs)."""
+    kinds = tuple(kinds)
+    unknown = [k for k in kinds if k not in known]
+    if unknown or not kinds:
+        raise ValueError(f"unknown {what} kind(s) {unknown}; expected some of {list(known)}")
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    seen = set(exclude)
+    out: list[tuple[str, Any]] = []
+    order: list[str] = []
+    for _ in range(n):
+        if not order:
+            order = rng.sample(kinds, len(kinds))
+        kind = order.pop()
+        for _ in range(1000):  # a collision is rare; a kind this exhausted is a bug in its space
+            key, item = draw(kind, rng)
+            if key not in seen:
+                break
+        else:
+            raise ValueError(f"{what} kind {kind!r}: could not draw a new one after 1000 tries")
+        seen.add(key)
+        out.append((key, item))
+    return out
+
+
 def make_tasks(n: int, seed: int = 0, kinds: Sequence[str] = KINDS, *, split: str = "train",
                exclude: Iterable[str] = ()) -> list[dict]:
     """n rows with unique prompts, kinds balanced: rounds of one row per kind, each round in
@@ -273,29 +302,12 @@ def make_tasks(n: int, seed: int = 0, kinds: Sequence[str] = KINDS, *, split: st
     `split` salts the random stream (the same seed gives unrelated train and eval draws);
     prompts in `exclude` are never produced (how `write_splits` keeps eval out of train).
     """
-    kinds = tuple(kinds)
-    unknown = [k for k in kinds if k not in MAKERS]
-    if unknown or not kinds:
-        raise ValueError(f"unknown task kind(s) {unknown}; expected some of {list(ALL_KINDS)}")
-    if n < 0:
-        raise ValueError(f"n must be >= 0, got {n}")
+    def draw(kind, rng):
+        prompt, answer, args = MAKERS[kind](rng)
+        return prompt, _row(kind, prompt, answer, args)
+
     rng = random.Random(f"jaxalign-tasks/{seed}/{split}")
-    seen = set(exclude)
-    rows: list[dict] = []
-    order: list[str] = []
-    for _ in range(n):
-        if not order:
-            order = rng.sample(kinds, len(kinds))
-        kind = order.pop()
-        for _ in range(1000):  # a collision is rare; a kind this exhausted is a bug in its space
-            prompt, answer, args = MAKERS[kind](rng)
-            if prompt not in seen:
-                break
-        else:
-            raise ValueError(f"task kind {kind!r}: could not draw a new prompt after 1000 tries")
-        seen.add(prompt)
-        rows.append(_row(kind, prompt, answer, args))
-    return rows
+    return [row for _, row in balanced_draws(n, kinds, ALL_KINDS, rng, draw, exclude=exclude)]
 
 
 def write_jsonl(path: str | Path, rows: Iterable[dict]) -> Path:
@@ -353,30 +365,6 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-# ----------------------------------------------------------------------------- model side
-
-def generate_completions(cfg, params, tokenizer, prompts: Sequence[str], *, batch_size: int = 16,
-                         max_new_tokens: int = 32, chat: bool = True) -> list[str]:
-    """Greedy completions of the prompts, `batch_size` at a time.
-
-    The last batch is padded with copies of its last prompt, so every call has the same batch
-    shape and (per prompt-length bucket) compiles once.
-    """
-    from jaxalign.generate import generate_text  # jax only when a model is actually run
-
-    out: list[str] = []
-    for start in range(0, len(prompts), batch_size):
-        chunk = list(prompts[start:start + batch_size])
-        padded = chunk + [chunk[-1]] * (batch_size - len(chunk))
-        t0 = time.perf_counter()
-        texts = generate_text(cfg, params, tokenizer, padded, chat=chat,
-                              max_new_tokens=max_new_tokens, temperature=0.0, top_p=1.0,
-                              top_k=0, seed=0)
-        out.extend(texts[:len(chunk)])
-        log.info("generated %d/%d in %.1fs", len(out), len(prompts), time.perf_counter() - t0)
-    return out
-
-
 def score_rows(rows: Sequence[dict], completions: Sequence[str]) -> dict:
     """exact_match of completions against task rows, with per-kind counts added."""
     result = exact_match(completions, [r["answer"] for r in rows], [r["kind"] for r in rows])
@@ -384,59 +372,43 @@ def score_rows(rows: Sequence[dict], completions: Sequence[str]) -> dict:
     return result
 
 
-def evaluate_params(cfg, params, tokenizer, rows: Sequence[dict], *, batch_size: int = 16,
-                    max_new_tokens: int = 32) -> dict:
-    """Greedy exact-match accuracy of a loaded model on task rows; adds `completions`."""
-    completions = generate_completions(cfg, params, tokenizer, [prompt_of(r) for r in rows],
-                                       batch_size=batch_size, max_new_tokens=max_new_tokens)
-    return {**score_rows(rows, completions), "completions": completions}
-
-
-def evaluate(model_path: str | Path, rows: Sequence[dict], *, batch_size: int = 16,
-             max_new_tokens: int = 32, limit: int | None = None, dtype: str | None = None) -> dict:
-    """Loads a model (HF dir or jaxalign checkpoint) and its tokenizer, then `evaluate_params`
-    on the first `limit` rows. Adds `seconds` (load + compile + generation)."""
-    from jaxalign import checkpoint
-    from jaxalign.tokenizer import load_tokenizer
-
-    t0 = time.perf_counter()
-    rows = list(rows)[:limit] if limit is not None else list(rows)
-    if not rows:
-        raise ValueError("no rows to evaluate")
-    # Decoding is memory-bound: scanned layers decode faster on CPU and compile sooner
-    # (see cli.cmd_generate).
-    runtime = {"scan_layers": True} | ({"dtype": dtype} if dtype else {})
-    cfg, params, _, tok_dir = checkpoint.load_model(model_path, **runtime)
-    tokenizer = load_tokenizer(tok_dir)
-    result = evaluate_params(cfg, params, tokenizer, rows, batch_size=batch_size,
-                             max_new_tokens=max_new_tokens)
-    result["seconds"] = time.perf_counter() - t0
-    return result
-
-
 # ----------------------------------------------------------------------------- command line
 
-def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m jaxalign.data.tasks",
-                                 description="Write train.jsonl and eval.jsonl of jaxalign's tasks.")
+def splits_parser(prog: str, what: str, unit: str, kinds: Sequence[str],
+                  extra_kinds: Sequence[str] = ()) -> argparse.ArgumentParser:
+    """The command line shared by the synthetic set writers (this module and `prefs`)."""
+    ap = argparse.ArgumentParser(prog=prog, description=f"Write train.jsonl and eval.jsonl of {what}.")
     ap.add_argument("out_dir")
-    ap.add_argument("--train", type=int, default=2000, help="training rows (default 2000)")
-    ap.add_argument("--eval", type=int, default=200, help="evaluation rows (default 200)")
+    ap.add_argument("--train", type=int, default=2000, help=f"training {unit} (default 2000)")
+    ap.add_argument("--eval", type=int, default=200, help=f"evaluation {unit} (default 200)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--kinds", default=",".join(KINDS),
-                    help=f"comma-separated, default {','.join(KINDS)}; extra: {','.join(EXTRA_KINDS)}")
+    extra = f"; extra: {','.join(extra_kinds)}" if extra_kinds else ""
+    ap.add_argument("--kinds", default=",".join(kinds),
+                    help=f"comma-separated, default {','.join(kinds)}{extra}")
+    return ap
+
+
+def parse_splits(ap: argparse.ArgumentParser, argv: Sequence[str] | None,
+                 known: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
+    """(args, the --kinds list), with usage errors for unknown kinds or negative sizes."""
     args = ap.parse_args(argv)
     kinds = [k for k in args.kinds.split(",") if k]
-    bad = [k for k in kinds if k not in MAKERS]
+    bad = [k for k in kinds if k not in known]
     if bad or not kinds:
-        ap.error(f"--kinds: unknown kind(s) {bad}; expected some of {','.join(ALL_KINDS)}")
+        ap.error(f"--kinds: unknown kind(s) {bad}; expected some of {','.join(known)}")
     if args.train < 0 or args.eval < 0:
         ap.error("--train and --eval must be >= 0")
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    train, evl = write_splits(args.out_dir, args.train, args.eval, args.seed, kinds)
+    return args, kinds
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = splits_parser("python -m jaxalign.synth.tasks", "jaxalign's tasks", "rows", KINDS,
+                       EXTRA_KINDS)
+    args, kinds = parse_splits(ap, argv, ALL_KINDS)
+    paths = write_splits(args.out_dir, args.train, args.eval, args.seed, kinds)
     log.info("wrote %d train and %d eval rows of %s", args.train, args.eval, ", ".join(kinds))
-    print(train)
-    print(evl)
+    print("\n".join(map(str, paths)))
     return 0
 
 

@@ -1,0 +1,226 @@
+"""Unpaired preference data for KTO: one response per prompt and a desirable / undesirable label.
+
+Format (TRL's unpaired preference type; detected for a dataset whose rows have `label`, or
+named `format: unpaired`):
+
+  unpaired  {prompt, completion, label}: prompt and completion each a string or a list of
+            messages (as for `preference` pairs); label a bool, true = desirable.
+
+Rows are parsed, tokenized (chat template, response-only mask) and length-checked by the
+preference pipeline (`jaxalign.data.pairs.prompt_messages`, `jaxalign.data.preference`'s
+`encode_prompted` and `fit_sides`), under the same data.* policies and counts.
+
+KL rows. KTO's reference point is the policy / reference KL on MISMATCHED prompt /
+completion pairs of the same batch. TRL 1.16 (`KTOTrainer._prepare_dataset`) gives row i the
+completion of row i - 1 (cyclically, within each batch); we do the same within each global
+batch, at the token level (prompt_i's tokens + completion_{i-1}'s tokens, cut to seq_len), as
+TRL does. In an eval batch the shift cycles over the real rows only.
+
+Batches reuse the pair layout (`jaxalign.data.preference`), so the DPO forward pass runs
+them unchanged: axis 1 is (the row's own completion, its KL completion).
+
+  tokens, targets, segment_ids, positions   (B, 2, T) int32
+  loss_mask                                 (B, 2, T) float32: completion tokens of each side
+  prompt_len                                (B,) int32
+  label                                     (B,) float32, 1 desirable, 0 undesirable
+  pair_mask                                 (B,) float32, 1 for a real row, 0 for an eval filler
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import zlib
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+
+from jaxalign.data.config import DataConfig, DatasetSpec
+from jaxalign.data.loader import EvalLoader, TrainLoader
+from jaxalign.data.packing import BATCH_KEYS, write_row
+from jaxalign.data.pairs import PairStats, normalise_pairs, prompt_messages, response_messages
+from jaxalign.data.preference import (DataKind, PreferenceData, build_preference_data,
+                                      empty_pair_batch, encode_prompted, fit_sides)
+from jaxalign.data.sources import DataError, load_rows
+from jaxalign.data.tokenize import Encoder, TokenizedSet
+
+UNPAIRED_BATCH_KEYS = BATCH_KEYS + ("prompt_len", "label", "pair_mask")
+
+
+@dataclasses.dataclass(frozen=True)
+class Labelled:
+    """One unpaired row, normalised. `plain` holds (prompt, completion) text for tokenizers
+    without a chat template, where the row has a string form."""
+
+    prompt: tuple[dict, ...]
+    completion: tuple[dict, ...]
+    label: bool
+    plain: tuple[str, str] | None = None
+    row: int = -1
+
+
+def _unpaired(row: dict, where: str) -> Labelled:
+    label = row.get("label")
+    if not isinstance(label, (bool, np.bool_)):
+        raise DataError(f"{where}: field 'label' must be a bool (true = desirable), "
+                        f"got {type(label).__name__}")
+    p = prompt_messages(row, where)
+    value = row.get("completion")
+    if not isinstance(value, (str, list, tuple)):
+        raise DataError(f"{where}: field 'completion' must be a string or a list of messages, "
+                        f"got {type(value).__name__}")
+    completion = response_messages(value, "completion", p, where)
+    texts = (row["prompt"], value)
+    return Labelled(p, completion, bool(label),
+                    texts if all(isinstance(t, str) for t in texts) else None)
+
+
+CONVERTERS = {"unpaired": _unpaired}
+
+
+@dataclasses.dataclass
+class UnpairedSet:
+    """Tokenized rows: examples[i] (ids, mask) starts with prompt_len[i] prompt tokens."""
+
+    name: str
+    examples: TokenizedSet
+    prompt_len: np.ndarray  # (n,) int32
+    label: np.ndarray       # (n,) bool
+
+    @classmethod
+    def from_items(cls, name: str, items: Sequence[tuple]) -> "UnpairedSet":
+        return cls(name, TokenizedSet.from_pairs(name, [(i, m) for i, m, _, _ in items]),
+                   np.array([p for _, _, p, _ in items], np.int32),
+                   np.array([y for _, _, _, y in items], bool))
+
+    def __len__(self) -> int:
+        return len(self.prompt_len)
+
+    def __getitem__(self, i: int):
+        ids, mask = self.examples[i]
+        return ids, mask, int(self.prompt_len[i]), bool(self.label[i])
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return self.examples.lengths
+
+    def subset(self, indices: Sequence[int], name: str | None = None) -> "UnpairedSet":
+        return UnpairedSet.from_items(name or self.name, [self[int(i)] for i in indices])
+
+    @classmethod
+    def concat(cls, name: str, sets: Sequence["UnpairedSet"]) -> "UnpairedSet":
+        return cls.from_items(name, [s[j] for s in sets for j in range(len(s))])
+
+    def fingerprint(self) -> int:
+        crc = zlib.crc32(self.prompt_len.tobytes() + self.label.tobytes())
+        return zlib.crc32(self.examples.fingerprint().to_bytes(4, "little"), crc)
+
+
+def tokenize_unpaired(rows: Sequence[Labelled], encoder: Encoder, cfg: DataConfig,
+                      stats: PairStats, where: Callable[[int], str]) -> UnpairedSet:
+    """Encodes, applies cfg's length policies and counts into `stats`."""
+    bos = getattr(encoder.tok, "bos_token_id", None)
+    items = [(r.prompt, (r.completion,), r.plain, r.row) for r in rows]
+    kept = []
+    for r, (sides, p) in zip(rows, encode_prompted(items, encoder, where)):
+        reason, ((ids, mask),), p, events = fit_sides(sides, p, cfg, bos)
+        if reason is not None:
+            setattr(stats, f"dropped_{reason}", getattr(stats, f"dropped_{reason}") + 1)
+            continue
+        for e in events:
+            setattr(stats, e, getattr(stats, e) + 1)
+        stats.tokens += len(ids)
+        stats.loss_tokens += int(mask[1:].sum())
+        kept.append((ids, mask, p, r.label))
+    stats.kept += len(kept)
+    return UnpairedSet.from_items(stats.name, kept)
+
+
+def load_unpaired(spec: DatasetSpec, cfg: DataConfig, encoder: Encoder
+                  ) -> tuple[UnpairedSet, PairStats]:
+    """Reads, normalises and tokenizes one unpaired dataset under cfg's policies."""
+    source = load_rows(spec, cache_dir=cfg.cache_dir)
+    rows, stats = normalise_pairs(source, spec.format, on_empty=cfg.on_empty,
+                                  converters=CONVERTERS)
+    return tokenize_unpaired(rows, encoder, cfg, stats, source.where), stats
+
+
+# ----------------------------------------------------------------------------- batches
+
+
+def empty_unpaired_batch(batch_size: int, seq_len: int, pad_id: int) -> dict[str, np.ndarray]:
+    batch = empty_pair_batch(batch_size, seq_len, pad_id)
+    batch["label"] = np.zeros(batch_size, np.float32)
+    return batch
+
+
+def kl_side(example: tuple, other: tuple, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """example's prompt tokens + other's completion tokens (trained), cut to seq_len."""
+    ids, _, p, _ = example
+    o_ids, o_mask, o_p, _ = other
+    kl_ids = np.concatenate([ids[:p], o_ids[o_p:]])[:seq_len]
+    kl_mask = np.concatenate([np.zeros(p, np.uint8), o_mask[o_p:]])[:seq_len]
+    return kl_ids, kl_mask
+
+
+def write_unpaired(batch: dict[str, np.ndarray], examples: Sequence[tuple]) -> None:
+    """Writes examples into rows 0..n-1, row r with the KL completion of example r - 1."""
+    seq_len = batch["tokens"].shape[-1]
+    for r, ex in enumerate(examples):
+        rows = {k: batch[k][r] for k in BATCH_KEYS}  # (2, T) views into the batch
+        write_row(rows, 0, [ex[:2]])
+        write_row(rows, 1, [kl_side(ex, examples[r - 1], seq_len)])
+        batch["prompt_len"][r] = ex[2]
+        batch["label"][r] = float(ex[3])
+        batch["pair_mask"][r] = 1.0
+
+
+class UnpairedLoader(TrainLoader):
+    """Infinite, deterministic, resumable batches of labelled rows: `TrainLoader`'s mixture
+    stream, state() / restore() and process slicing, with KL rows built per global batch."""
+
+    def __init__(self, datasets: Sequence[UnpairedSet], weights: Sequence[float] | None = None,
+                 *, seq_len: int, batch_size: int, pad_id: int, seed: int = 0,
+                 shuffle: bool = True, process_index: int = 0, process_count: int = 1):
+        if batch_size < 2:
+            raise DataError("KTO's KL estimate pairs each prompt with another row's completion: "
+                            "train.batch_size must be >= 2")
+        super().__init__(datasets, weights, seq_len=seq_len, batch_size=batch_size, pack=False,
+                         pad_id=pad_id, seed=seed, shuffle=shuffle, process_index=process_index,
+                         process_count=process_count)
+        self._check["kind"] = "unpaired"
+
+    def next_global(self) -> dict[str, np.ndarray]:
+        examples = []
+        for _ in range(self.batch_size):
+            i, j = self.stream.peek()
+            examples.append(self.datasets[i][j])
+            self.stream.advance()
+        batch = empty_unpaired_batch(self.batch_size, self.seq_len, self.pad_id)
+        write_unpaired(batch, examples)
+        self.batches += 1
+        return batch
+
+
+class UnpairedEvalLoader(EvalLoader):
+    """Every row once, in order; the last batch is filled with fillers (pair_mask 0)."""
+
+    def __init__(self, dataset: UnpairedSet, *, seq_len: int, batch_size: int, pad_id: int,
+                 process_index: int = 0, process_count: int = 1):
+        super().__init__(dataset, seq_len=seq_len, batch_size=batch_size, pack=False, pad_id=pad_id,
+                         process_index=process_index, process_count=process_count)
+
+    def global_batches(self) -> Iterator[dict[str, np.ndarray]]:
+        for b in range(self.num_batches):
+            batch = empty_unpaired_batch(self.batch_size, self.seq_len, self.pad_id)
+            stop = min((b + 1) * self.batch_size, len(self.dataset))
+            write_unpaired(batch, [self.dataset[i] for i in range(b * self.batch_size, stop)])
+            yield batch
+
+
+UNPAIRED = DataKind(load_unpaired, UnpairedSet.concat, UnpairedLoader, UnpairedEvalLoader,
+                    unit="rows")
+
+
+def build_unpaired_data(cfg: DataConfig, tokenizer, **kw) -> PreferenceData:
+    """`build_preference_data` for unpaired rows: -> PreferenceData with Unpaired loaders."""
+    return build_preference_data(cfg, tokenizer, kind=UNPAIRED, **kw)

@@ -1,0 +1,65 @@
+"""KTO: the shared loop + reference log-probs outside the gradient + `kto_loss`, on unpaired
+labelled rows (`jaxalign.data.unpaired`: TRL's {prompt, completion, label}).
+
+Each batch row carries its own completion and a mismatched one (another row's completion
+after the same prompt), so one forward pass over 2B rows gives both the rewards and the KL
+reference point, exactly as for DPO's (chosen, rejected). The reference is DPO's: the policy
+with adapters off under LoRA, else a frozen copy of the start (or `kto.reference`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from jaxalign.config import ConfigError, ModelConfig
+from jaxalign.data.unpaired import build_unpaired_data
+from jaxalign.losses.kto import kto_loss
+from jaxalign.models import lora
+from jaxalign.train.dpo import PreferenceRunConfig, pair_logps, reference_logps, run_preference
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class KTOOptions:
+    beta: float = 0.1
+    desirable_weight: float = 1.0     # lambda_D: raise it when desirable rows are scarcer
+    undesirable_weight: float = 1.0   # lambda_U
+    reference: str | None = None      # a different reference model (HF dir / run); None: the start
+
+    def __post_init__(self):
+        if not self.beta > 0:
+            raise ConfigError(f"kto.beta must be > 0, got {self.beta}")
+        for key in ("desirable_weight", "undesirable_weight"):
+            if not getattr(self, key) >= 0:
+                raise ConfigError(f"kto.{key} must be >= 0, got {getattr(self, key)}")
+        if not self.desirable_weight + self.undesirable_weight > 0:
+            raise ConfigError("kto.desirable_weight and kto.undesirable_weight are both 0")
+
+    @property
+    def uses_reference(self) -> bool:
+        return True
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class KTOConfig(PreferenceRunConfig):
+    kto: KTOOptions = KTOOptions()
+
+
+def kto_loss_fn(cfg: ModelConfig, opts: KTOOptions, *, ref_cfg: ModelConfig | None,
+                chunk: int = 128):
+    """loss_fn for the shared step; frozen as in `dpo_loss_fn` ({'base', 'ref'}). Column 0 of
+    the (B, 2) log-probs is each row's completion, column 1 its mismatched KL completion."""
+    def loss_fn(trainable, frozen, batch, rng):
+        params = lora.combine(trainable, frozen["base"])
+        pol_B2 = pair_logps(cfg, params, batch, average=False, chunk=chunk, dropout_key=rng)
+        ref_B2 = reference_logps(cfg, ref_cfg, params, frozen, batch, average=False, chunk=chunk)
+        return kto_loss(pol_B2[:, 0], ref_B2[:, 0], pol_B2[:, 1], ref_B2[:, 1], batch["label"],
+                        beta=opts.beta, desirable_weight=opts.desirable_weight,
+                        undesirable_weight=opts.undesirable_weight,
+                        row_mask_B=batch["pair_mask"])
+    return loss_fn
+
+
+def run_kto(cfg: KTOConfig, raw_config: dict | None = None, devices=None) -> dict[str, float]:
+    """Runs (or resumes) KTO in cfg.out_dir."""
+    return run_preference(cfg, raw_config, devices, section="kto",
+                          build_data=build_unpaired_data, make_loss=kto_loss_fn)
