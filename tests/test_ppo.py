@@ -3,7 +3,7 @@ reward under a KL ceiling, exact resume, bad inputs, the roles (LoRA reference, 
 model, separate critic), the curves script.
 
 Compile time dominates: every run with the PPO config below shares one set of compiled
-programs (`rl.compiled` caches them per process), so most tests cost about a second.
+programs (`driver.compiled` caches them per process), so most tests cost about a second.
 """
 
 import json
@@ -20,11 +20,11 @@ import pytest
 from jaxalign.checkpoint import TrainCheckpoints
 from jaxalign.config import ConfigError, apply_overrides, from_dict
 from jaxalign.data.sources import DataError
-from jaxalign.train import rollout as R
 from jaxalign.train.loop import NonFiniteLossError
-from jaxalign.train.ppo import RLConfig
-from jaxalign.train.reward import RewardFunctionError, RewardModelError
-from jaxalign.train.rl import MonitorStop, run_rl
+from jaxalign.train.rl import prompts as RP, rollout as R
+from jaxalign.train.rl.config import RLConfig
+from jaxalign.train.rl.driver import MonitorStop, run_rl
+from jaxalign.train.rl.rewards import RewardFunctionError, RewardModelError
 
 ROOT = Path(__file__).resolve().parents[1]
 ITERATIONS = 16
@@ -142,8 +142,8 @@ def test_sampler_logprobs_equal_training_logprobs(tiny):
     tok = load_tokenizer(tiny["model_dir"])
     ids = [tok(t).input_ids for t in ("What is 2 plus 3?", "red", "write a list of three colors")]
     assert len({len(x) for x in ids}) == 3
-    prompts = R.Prompts("inline", [""] * 3, ids)
-    tokens_BP, mask_BP = R.stack_prompts(prompts, [0, 1, 2, 1], tok.pad_token_id, 16)
+    prompts = RP.Prompts("inline", [""] * 3, ids)
+    tokens_BP, mask_BP = RP.stack_prompts(prompts, [0, 1, 2, 1], tok.pad_token_id, 16)
     T = 0.7
     models = R.Models(policy=cfg, ref="copy", value="none")
     sampling = R.Sampling(max_new_tokens=8, temperature=T, top_p=0.9, top_k=0,
@@ -258,7 +258,8 @@ def test_reward_sources_weighted_and_eos_penalty():
     """score = sum of weight x source (the model first), minus the missing-EOS penalty; a
     weight list of the wrong length is refused by name."""
     from jaxalign.rewards import brevity, digits
-    from jaxalign.train.reward import Rewarder, RewardConfig
+    from jaxalign.train.rl.config import RewardConfig
+    from jaxalign.train.rl.rewards import Rewarder
     prompts = ["What is 2 plus 3?"] * 3
     completions = ["5", "The answer is 5, I think, or maybe 6", "no digits here"]
     eos = np.array([True, False, True])
@@ -333,6 +334,32 @@ def test_lora_reward_model_and_separate_critic(tiny, tmp_path):
     x = np.arange(3, 19, dtype=np.int32)[None]
     on, off = (np.asarray(functional.apply(mcfg, mparams, x, use_lora=u)[0]) for u in (True, False))
     assert np.abs(on - off).max() > 1e-4                          # the adapters trained
+
+
+def test_ppo_run_loads_policy_only(ppo_run, monkeypatch):
+    """`load_model(run_dir)` reads run.json and restores only the policy subtree: no role
+    builder, reward model, critic or value head is touched (each raises here), and the
+    params equal the checkpoint's state.params['policy'] read whole by orbax."""
+    import orbax.checkpoint as ocp
+    from jaxalign import checkpoint
+    from jaxalign.train import setup
+    from jaxalign.train.rl import roles, rewards
+
+    def boom(*a, **k):
+        raise AssertionError("loading a run dir built a training role")
+    for mod, name in ((roles, "build_roles"), (roles, "_critic"), (roles, "_value_head"),
+                      (rewards, "load_frozen_reward_model"), (setup, "load_policy")):
+        monkeypatch.setattr(mod, name, boom)
+    cfg, params, _, tok_dir = checkpoint.load_model(ppo_run)
+    assert cfg.num_labels == 0 and cfg.lora_rank == 0 and "score" not in params
+    step = TrainCheckpoints(ppo_run).latest_step()
+    with ocp.PyTreeCheckpointer() as reader:
+        saved = reader.restore(ppo_run / "checkpoints" / str(step) / "state")
+    assert set(saved["params"]) == {"policy", "value_head"}
+    assert jax.tree.structure(params) == jax.tree.structure(saved["params"]["policy"])
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(saved["params"]["policy"])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert (Path(tok_dir) / "tokenizer.json").exists()
 
 
 def test_ppo_curves_png(ppo_run, tmp_path):
