@@ -44,6 +44,10 @@ OBJECTIVES: dict[str, Objective] = {o.name: o for o in (
     # The score normalised within its prompt's group; k3 KL in the loss (TRL's GRPOTrainer).
     Objective("grpo", needs_value=False, kl_in_reward=False, min_generations=2,
               advantage_fn=L.group_sequence_advantages),
+    # Leave-one-out baseline over each prompt's group; the sequence KL off the score (TRL's
+    # RLOOTrainer: ppo.kl_coef is its beta, ppo.kl_kind k1 its estimator).
+    Objective("rloo", needs_value=False, kl_in_reward=True, min_generations=2,
+              advantage_fn=L.rloo_sequence_advantages),
 )}
 
 
