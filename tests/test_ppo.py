@@ -65,6 +65,12 @@ def wrong_count(prompts, completions):
 def huge(prompts, completions):            # finite, but the value loss overflows
     out = _digits(prompts, completions)
     return [1e30] * len(out) if _call() >= 2 else out
+
+SEEN = []
+
+def answer_seen(prompts, completions, answer, **kwargs):   # the TRL keyword form
+    SEEN.append((list(prompts), list(answer), sorted(kwargs)))
+    return [0.0] * len(completions)
 '''
 
 
@@ -78,7 +84,8 @@ def tiny(tmp_path_factory):
         for i in range(48):  # chat rows: the assistant turn is dropped, the template renders
             a, b = i % 8 + 2, i // 8 + 3
             f.write(json.dumps({"messages": [{"role": "user", "content": f"What is {a} plus {b}?"},
-                                             {"role": "assistant", "content": f"{a + b}"}]}) + "\n")
+                                             {"role": "assistant", "content": f"{a + b}"}],
+                                "answer": str(a + b)}) + "\n")
     (root / "ppo_test_rewards.py").write_text(REWARDS_MODULE)
     sys.path.insert(0, str(root))
     import ppo_test_rewards
@@ -198,6 +205,71 @@ def test_grpo_learns_reward_under_kl_ceiling(tiny):
     print(f"GRPO reward {first:.3f} -> {last:.3f}, KL max {max(r['kl'] for r in rows):.2f}")
     assert "value_loss" not in rows[-1] and rows[-1]["kl_loss"] > 0
     assert rows[-1]["kl_coef"] == 0.04
+
+
+def test_rloo_learns_resumes_exactly_and_passes_columns(tiny, tmp_path):
+    """RLOO, one row of the objectives table, raises the reward on the shared driver (no
+    value model, KL in the reward); a run stopped after 3 iterations and rerun writes the
+    same metrics as the straight run; a keyword reward function gets the `answer` column of
+    each completion's prompt row (and the other columns, here `messages`)."""
+    mod = tiny["rewards"]
+    mod.SEEN.clear()
+    args = ("algorithm=rloo", "rollout.batch_size=4", "rollout.num_generations=4",
+            "ppo.epochs=2", "ppo.kl_coef=0.03", "ppo.kl_target=null", "train.sample_every=0",
+            "reward.weights=[1.0,0.0]",
+            "reward.functions=[jaxalign.rewards:digits,ppo_test_rewards:answer_seen]")
+    out = tiny["root"] / "rloo"
+    run(config(tiny, out, *args))
+    rows = records(out)
+    first, last = _learned(rows, gain=0.15)
+    print(f"RLOO reward {first:.3f} -> {last:.3f}, KL max {max(r['kl'] for r in rows):.2f}")
+    assert "value_loss" not in rows[-1] and "kl_loss" not in rows[-1]
+    assert "explained_variance" not in rows[-1]
+    assert {r["kl_coef"] for r in rows} == {0.03}    # ppo.kl_coef: the KL is in the reward
+    assert len(mod.SEEN) == ITERATIONS
+    for prompts, answers, others in mod.SEEN:
+        assert others == ["messages"] and len(answers) == 16
+        for p, a in zip(prompts, answers):
+            x, y = (int(w) for w in p.rstrip("?").split()[2::2])
+            assert int(a) == x + y
+    resumed = tmp_path / "r"
+    run(config(tiny, resumed, *args, "train.iterations=3"))
+    run(config(tiny, resumed, *args))
+    assert (resumed / "metrics.jsonl").read_text() == (out / "metrics.jsonl").read_text()
+
+
+def test_reward_functions_take_dataset_columns(tiny, tmp_path):
+    """A prompt file with an `answer` column: the verifiable reward `exact_answer` (keyword
+    form) scores each completion against its row's answer; the positional form still works."""
+    from jaxalign.rewards import digits
+    from jaxalign.tokenizer import load_tokenizer
+    from jaxalign.train.rl.config import PromptDataConfig, RewardConfig
+    from jaxalign.train.rl.rewards import Rewarder, call_function
+
+    path = tmp_path / "qa.jsonl"
+    rows = [{"prompt": "What is 2 plus 3?", "answer": "5", "level": 1},
+            {"prompt": "What is 10 plus 7?", "answer": "#### 17", "level": 2},
+            {"prompt": "Capital of France?", "answer": "Paris"}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    prompts = RP.read_prompts(PromptDataConfig(prompts=str(path)),
+                              load_tokenizer(tiny["model_dir"]))
+    assert prompts.columns == {"answer": ["5", "#### 17", "Paris"], "level": [1, 2, None]}
+    idx = [0, 0, 1, 1, 2, 2]
+    completions = ["The answer is 5.", "6", "It is 1 7", "17,000", " paris ", "Lyon"]
+    texts = [prompts.texts[i] for i in idx]
+    rewarder = Rewarder(RewardConfig(functions=("jaxalign.rewards:exact_answer",
+                                                "jaxalign.rewards:digits")))
+    total, parts = rewarder.raw(texts, completions, np.zeros(6), np.ones(6, bool),
+                                prompts.columns_of(idx))
+    exact = np.array([1, 0, 0, 0, 1, 0], np.float64)
+    np.testing.assert_allclose(total, exact + np.array(digits(texts, completions)))
+    assert parts["reward/exact_answer"] == pytest.approx(exact.mean())
+    positional = call_function("lambda", lambda p, c: [len(x) for x in c], texts, completions,
+                               prompts.columns_of(idx))
+    np.testing.assert_array_equal(positional, [len(c) for c in completions])
+    with pytest.raises(RewardFunctionError, match=r"raised TypeError: .*'answer'"):
+        call_function("needs_answer", lambda prompts, completions, answer: [0.0] * 6,
+                      texts, completions, {})
 
 
 def test_exact_resume(tiny, ppo_run, tmp_path):
