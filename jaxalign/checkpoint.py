@@ -173,10 +173,10 @@ def load_run(run_dir: Path, mesh: Mesh | None = None, **runtime):
     meta = json.loads(marker.read_text()) if marker.exists() else {}
     if meta.get("format") != RUN_FORMAT:
         raise ModelSourceError(f"{run_dir}: a run directory without a model description "
-                               f"({RUN_MARKER} from jaxalign >= 0.2); rerun it to write one")
-    cfg = ModelConfig.from_hf(meta["hf_config"], **runtime)
-    cfg = cfg.replace(**{f: meta["lora"][k] for k, f in _LORA_FIELDS.items()})
-    cfg = cfg.replace(lora_targets=tuple(cfg.lora_targets))
+                               f"(an older {RUN_MARKER}); rerun its command to write one")
+    lora_cfg = {f: meta["lora"][k] for k, f in _LORA_FIELDS.items()}
+    lora_cfg["lora_targets"] = tuple(lora_cfg["lora_targets"])   # a JSON list
+    cfg = ModelConfig.from_hf(meta["hf_config"], **runtime).replace(**lora_cfg)
     if mesh is None:
         mesh = sharding.make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), jax.devices()[:1])
     target = _sharded(functional.abstract_params(cfg), functional.param_shardings(cfg, mesh))
@@ -199,6 +199,7 @@ def load_run(run_dir: Path, mesh: Mesh | None = None, **runtime):
         trained = lora.combine(trained, _restrict(base_params, saved, keep=False))
     log.info("loaded %s run %s at step %d", meta["algorithm"], run_dir, step)
     return cfg, trained, meta["hf_config"], run_dir / "model"
+
 
 class TrainCheckpoints:
     """Orbax CheckpointManager over `run_dir/checkpoints`: the TrainState (restored straight

@@ -22,7 +22,7 @@ from jaxalign.losses.preference import DPO_LOSS_TYPES, dpo_loss, sequence_logps
 from jaxalign.losses.xent import head_logprobs
 from jaxalign.models import functional, lora
 from jaxalign.train.loop import Task
-from jaxalign.train.setup import Loaded, load_policy, pair_rows, run_recipe
+from jaxalign.train.setup import Loaded, load_policy, pair_rows, run_recipe, supervised
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -126,4 +126,5 @@ def _task(cfg: DPOConfig, models: Loaded, tokenizer):
 
 def run_dpo(cfg: DPOConfig, raw_config: dict | None = None, devices=None) -> dict[str, float]:
     """Runs (or resumes) DPO in cfg.out_dir."""
-    return run_recipe(cfg, raw_config, devices, algorithm="dpo", load=load_dpo_models, task=_task)
+    return run_recipe(cfg, raw_config, devices, algorithm="dpo", load=load_dpo_models,
+                      run=supervised(_task))

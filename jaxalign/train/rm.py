@@ -18,7 +18,7 @@ from jaxalign.data.preference import build_preference_data
 from jaxalign.losses.preference import bradley_terry
 from jaxalign.models import functional, heads, lora
 from jaxalign.train.loop import Task
-from jaxalign.train.setup import Loaded, pair_rows, run_recipe
+from jaxalign.train.setup import Loaded, pair_rows, run_recipe, supervised
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -87,4 +87,4 @@ def run_rm(cfg: RMConfig, raw_config: dict | None = None, devices=None) -> dict[
     run_dir/hf as an HF LlamaForSequenceClassification directory."""
     return run_recipe(cfg, raw_config, devices, algorithm="rm",
                       load=lambda c, mesh: init_reward_model(c.model, c.lora, mesh, c.train.seed),
-                      task=_task)
+                      run=supervised(_task))

@@ -1,5 +1,5 @@
 """What every training recipe does the same way: load the policy (with LoRA), start a run
-directory, export at the end; and `run_recipe`, the skeleton the supervised recipes share.
+directory, export at the end; and `run_recipe`, the skeleton all four recipes share.
 
 A supervised recipe (sft.py, rm.py, dpo.py) is then: a config class, a loss, a `load`
 (the models it trains and holds frozen) and a `task` (its data and loss for the loop).
@@ -62,28 +62,41 @@ def export_hf(out_dir: Path, cfg: ModelConfig, params, hf_config: dict, tok_dir,
 
 
 def run_recipe(cfg, raw_config: dict | None, devices, *, algorithm: str,
-               load: Callable[[Any, Any], Loaded],
-               task: Callable[[Any, Loaded, Any], tuple[Task, dict]]) -> dict[str, float]:
-    """Runs (or resumes) a supervised recipe in cfg.out_dir; returns the last logged metrics.
+               load: Callable[[Any, Any], Any], run: Callable[..., dict[str, float]],
+               policy_path: tuple[str, ...] = ()) -> dict[str, float]:
+    """The skeleton of every recipe (sft, rm, dpo, the RL driver): the resolved config, the
+    mesh, the models (loaded under the mesh), the run files that describe the trained model
+    (`checkpoint.describe_run`), then the recipe's loop; returns its last metrics.
 
-    `load(cfg, mesh)` -> the models; `task(cfg, loaded, tokenizer)` -> (the loop's Task,
-    keyword arguments for the HF export at the end when train.export_hf)."""
+    `load(cfg, mesh)` -> the models: anything with .cfg, .hf_config and .tok_dir of the model
+    being trained (`Loaded` for the supervised recipes); `run(cfg, models, run_dir, mesh,
+    raw)` runs or resumes the loop; `policy_path`: the model's key path in the TrainState's
+    params."""
     run_dir = Path(cfg.out_dir)
     raw = resolved_config(cfg, raw_config)
     mesh = sharding.make_mesh(cfg.mesh, devices)
-    models = load(cfg, mesh)
-    write_run_files(run_dir, raw, algorithm=algorithm, model=models.cfg,
-                    hf_config=models.hf_config, base=cfg.model.path, tokenizer_dir=models.tok_dir)
-    the_task, export_kw = task(cfg, models, load_tokenizer(models.tok_dir))
-    base = models.frozen if models.base is None else models.base
-
-    def on_end(state):
-        if cfg.train.export_hf:
-            export_hf(run_dir / "hf", models.cfg, lora.combine(state.params, base),
-                      models.hf_config, models.tok_dir, **export_kw)
-
     with jax.set_mesh(mesh):
+        models = load(cfg, mesh)
+        write_run_files(run_dir, raw, algorithm=algorithm, model=models.cfg,
+                        hf_config=models.hf_config, base=cfg.model.path,
+                        tokenizer_dir=models.tok_dir, policy_path=policy_path)
+        return run(cfg, models, run_dir, mesh, raw)
+
+
+def supervised(task: Callable[[Any, Loaded, Any], tuple[Task, dict]]):
+    """`run_recipe`'s `run` for a supervised recipe: `task(cfg, models, tokenizer)` -> (the
+    loop's Task, keyword arguments of the HF export at the end when train.export_hf)."""
+    def run(cfg, models: Loaded, run_dir: Path, mesh, raw: dict) -> dict[str, float]:
+        the_task, export_kw = task(cfg, models, load_tokenizer(models.tok_dir))
+        base = models.frozen if models.base is None else models.base
+
+        def on_end(state):
+            if cfg.train.export_hf:
+                export_hf(run_dir / "hf", models.cfg, lora.combine(state.params, base),
+                          models.hf_config, models.tok_dir, **export_kw)
+
         return train(run_dir=run_dir, cfg=cfg.train, optim=cfg.optim, mesh=mesh,
                      trainable=models.trainable, frozen=models.frozen,
                      frozen_shardings=models.frozen_shardings, task=the_task, run_config=raw,
                      on_end=on_end)
+    return run

@@ -12,7 +12,7 @@ from jaxalign.data.pipeline import build_sft_data
 from jaxalign.losses.xent import head_masked_xent, masked_xent
 from jaxalign.models import functional, lora
 from jaxalign.train.loop import Task
-from jaxalign.train.setup import Loaded, load_policy, run_recipe
+from jaxalign.train.setup import Loaded, load_policy, run_recipe, supervised
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -50,4 +50,4 @@ def run_sft(cfg: SFTConfig, raw_config: dict | None = None, devices=None) -> dic
     """Runs or resumes SFT in cfg.out_dir. `devices`: the mesh's devices (default: all)."""
     return run_recipe(cfg, raw_config, devices, algorithm="sft",
                       load=lambda c, mesh: load_policy(c.model, c.lora, mesh, c.train.seed),
-                      task=_task)
+                      run=supervised(_task))

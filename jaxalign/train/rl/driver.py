@@ -42,15 +42,14 @@ from jaxalign.losses.ppo import adaptive_kl_update
 from jaxalign.metrics import MetricsWriter, Progress, truncate_jsonl
 from jaxalign.models import lora
 from jaxalign.tokenizer import load_tokenizer
-from jaxalign.train.loop import BadStepGuard, StopFlag, put_batch, resolved_config, \
-    start_or_resume, write_run_files
+from jaxalign.train.loop import BadStepGuard, StopFlag, put_batch, start_or_resume
 from jaxalign.train.optim import make_optimizer
 from jaxalign.train.rl import objectives, prompts as RP, rollout as R
 from jaxalign.train.rl.config import RLConfig
 from jaxalign.train.rl.rewards import Rewarder, RewardFunctionError, RunningMoments, \
     check_reward_model_dir
 from jaxalign.train.rl.roles import Roles, build_roles, memory_report, nbytes
-from jaxalign.train.setup import export_hf
+from jaxalign.train.setup import export_hf, run_recipe
 from jaxalign.train.step import jit_train_step, make_train_step
 
 log = logging.getLogger(__name__)
@@ -99,11 +98,31 @@ def _mean_metrics(records: list[dict]) -> dict:
     return {k: float(np.mean([r[k] for r in records])) for k in keys}
 
 
-def run_rl(cfg: RLConfig, raw_config: dict | None = None, devices=None) -> dict[str, float]:
-    """Runs (or resumes) an RL objective in cfg.out_dir; returns the last iteration's metrics."""
-    run_dir = Path(cfg.out_dir)
-    raw = resolved_config(cfg, raw_config)
-    mesh = sharding.make_mesh(cfg.mesh, devices)
+@dataclasses.dataclass
+class Loaded:
+    """What `run_recipe` loads for an RL run: the roles, the tokenizer, the prompts and the
+    reward sources; .cfg / .hf_config / .tok_dir describe the policy (run.json)."""
+    roles: Roles
+    tokenizer: object
+    prompts: RP.Prompts
+    rewarder: Rewarder
+
+    @property
+    def cfg(self):
+        return self.roles.models.policy
+
+    @property
+    def hf_config(self) -> dict:
+        return self.roles.hf_config
+
+    @property
+    def tok_dir(self) -> str:
+        return self.roles.tok_dir
+
+
+def load(cfg: RLConfig, mesh) -> Loaded:
+    """Checks what can fail cheaply first (rows over the mesh, reward function names, the
+    reward model's kind, the prompts), then loads every role."""
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     if cfg.rollout.rows % shards or cfg.minibatch_rows % (shards * cfg.train.grad_accum):
         raise JaxalignError(f"{cfg.rollout.rows} rollout rows / minibatches of "
@@ -119,34 +138,40 @@ def run_rl(cfg: RLConfig, raw_config: dict | None = None, devices=None) -> dict[
         holder["prompts"] = RP.read_prompts(cfg.data, tok)
         return tok
 
-    with jax.set_mesh(mesh):
-        roles, tokenizer = build_roles(cfg, mesh, tokenizer_and_prompts)
-        write_run_files(run_dir, raw, algorithm=cfg.algorithm, model=roles.models.policy,
-                        hf_config=roles.hf_config, base=cfg.model.path,
-                        tokenizer_dir=roles.tok_dir, policy_path=("policy",))
-        prompts = holder["prompts"]
-        log.info("%s: %d prompts; %s, %d iterations of %d prompts x %d generation(s)",
-                 prompts.name, len(prompts.ids), cfg.algorithm, cfg.train.iterations,
-                 cfg.rollout.batch_size, cfg.rollout.num_generations)
-        return _Run(cfg, run_dir, mesh, roles, tokenizer, prompts, rewarder, raw).run()
+    roles, tokenizer = build_roles(cfg, mesh, tokenizer_and_prompts)
+    prompts = holder["prompts"]
+    log.info("%s: %d prompts; %s, %d iterations of %d prompts x %d generation(s)",
+             prompts.name, len(prompts.ids), cfg.algorithm, cfg.train.iterations,
+             cfg.rollout.batch_size, cfg.rollout.num_generations)
+    return Loaded(roles, tokenizer, prompts, rewarder)
+
+
+def run_rl(cfg: RLConfig, raw_config: dict | None = None, devices=None) -> dict[str, float]:
+    """Runs (or resumes) an RL objective in cfg.out_dir; returns the last iteration's metrics."""
+    return run_recipe(cfg, raw_config, devices, algorithm=cfg.algorithm, load=load,
+                      run=lambda c, loaded, run_dir, mesh, raw: _Run(c, run_dir, mesh, loaded,
+                                                                     raw).run(),
+                      policy_path=("policy",))
 
 
 class _Run:
     """The state of one run; `run` is the loop. A class only to keep the loop body short."""
 
-    def __init__(self, cfg, run_dir, mesh, roles: Roles, tokenizer, prompts, rewarder, raw):
-        self.cfg, self.run_dir, self.mesh, self.roles = cfg, run_dir, mesh, roles
-        self.tokenizer, self.prompts, self.rewarder, self.raw = tokenizer, prompts, rewarder, raw
-        self.eos_ids = eos_ids_for(tokenizer, roles.tok_dir)
+    def __init__(self, cfg, run_dir: Path, mesh, loaded: Loaded, raw: dict):
+        self.cfg, self.run_dir, self.mesh, self.raw = cfg, run_dir, mesh, raw
+        self.roles, self.tokenizer = loaded.roles, loaded.tokenizer
+        self.prompts, self.rewarder = loaded.prompts, loaded.rewarder
+        tokenizer = loaded.tokenizer
+        self.eos_ids = eos_ids_for(tokenizer, loaded.tok_dir)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
-        self.P = RP.prompt_length(prompts)
+        self.P = RP.prompt_length(loaded.prompts)
         self.obj = objectives.Settings.of(cfg)
         self.sampling = R.Sampling(
             max_new_tokens=cfg.rollout.max_new_tokens, temperature=float(cfg.rollout.temperature),
             top_p=float(cfg.rollout.top_p), top_k=cfg.rollout.top_k, eos_ids=self.eos_ids,
             pad_id=int(self.pad_id), decode_scan_layers=cfg.rollout.decode_scan_layers,
             logits_chunk=cfg.train.logits_chunk)
-        self.stream = RP.PromptStream(len(prompts.ids), cfg.rollout.batch_size,
+        self.stream = RP.PromptStream(len(loaded.prompts.ids), cfg.rollout.batch_size,
                                      seed=cfg.data.seed, shuffle=cfg.data.shuffle)
         # The coefficient of the objective's KL term (traced into the advantages; logged).
         self.kl_coef = cfg.ppo.kl_coef if cfg.objective.kl_in_reward else cfg.grpo.beta
