@@ -1,9 +1,23 @@
-"""Model checkpoints in our own format, and one loader for every model source.
+"""Model checkpoints in our own format, training checkpoints, and one loader for every
+model source.
 
 A jaxalign model directory (`jaxalign convert`) holds:
   jaxalign.json      {"format": "jaxalign-model", "version": 1, "hf_config": {...}}
   params/            orbax checkpoint of the param tree (restored straight onto shardings)
   tokenizer files, generation_config.json (copied from the HF source)
+
+A training run directory describes itself (`describe_run`, called by every algorithm when
+it starts):
+  run.json           {"format": "jaxalign-run", "version": 2, "algorithm", "hf_config",
+                      "lora": {rank, alpha, dropout, targets}, "policy_path", "base"}
+  model/             the tokenizer files and generation_config.json of the starting model
+  checkpoints/       orbax TrainStates; the model's trained params sit in state.params at
+                     `policy_path` (PPO: ["policy"], beside the value head / critic)
+`load_model(run_dir)` restores only that subtree (an orbax partial restore: no optimizer
+state, no value head, no reward model or critic is built) and imports nothing from
+`jaxalign.train`. A full fine-tune needs nothing else: its checkpoint holds every weight.
+A LoRA run saves only what trained (adapters, and a fresh score head); like a PEFT adapter
+it reads its frozen base weights from `base`, which must still exist.
 """
 
 from __future__ import annotations
@@ -17,9 +31,10 @@ import jax
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh
 
-from jaxalign.config import JaxalignError, ModelConfig
+from jaxalign import sharding
+from jaxalign.config import JaxalignError, MeshConfig, ModelConfig
 from jaxalign.convert import hf
-from jaxalign.models import functional
+from jaxalign.models import functional, heads, lora
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +83,6 @@ def load_model(path: str | Path, mesh: Mesh | None = None, *, num_labels: int | 
         if cfg.num_labels > 0:
             raise ModelSourceError(f"{path}: is a classifier with {cfg.num_labels} label(s), "
                                    f"not {num_labels}")
-        from jaxalign.models import heads
         cfg, params = heads.add_score_head(cfg, params, num_labels, mesh, seed)
         hf_config = hf.hf_config_for(cfg, hf_config)
         log.info("%s: causal LM -> classifier with %d label(s) (LM head dropped, score head "
@@ -80,19 +94,14 @@ def _load_any(path: Path, mesh: Mesh | None, **runtime):
     if is_jaxalign_model(path):
         meta = json.loads((path / MARKER).read_text())
         cfg = ModelConfig.from_hf(meta["hf_config"], **runtime)
-        abstract = functional.abstract_params(cfg)
+        target = functional.abstract_params(cfg)
         if mesh is not None:
-            shardings = functional.param_shardings(cfg, mesh)
-            target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                  abstract, shardings)
-        else:
-            target = abstract
+            target = _sharded(target, functional.param_shardings(cfg, mesh))
         with ocp.StandardCheckpointer() as ckptr:
             params = ckptr.restore(path.absolute() / "params", target)
         return cfg, params, meta["hf_config"], path
-    if (path / "config.yaml").exists() and (path / "checkpoints").is_dir():
-        from jaxalign.train.runs import load_trained  # a training run: its latest checkpoint
-        return load_trained(path, mesh, **runtime)
+    if (path / "checkpoints").is_dir() and (path / "config.yaml").exists():
+        return load_run(path, mesh, **runtime)
     if (path / "config.json").exists():
         cfg, params, hf_config = hf.load(path, mesh, **runtime)
         return cfg, params, hf_config, path
@@ -100,7 +109,97 @@ def _load_any(path: Path, mesh: Mesh | None, **runtime):
                            f"or a jaxalign checkpoint with {MARKER})")
 
 
+def _sharded(abstract, shardings):
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        abstract, shardings)
+
+
 # ----------------------------------------------------------------------------- training runs
+
+RUN_FORMAT = "jaxalign-run"
+RUN_MARKER = "run.json"
+_LORA_FIELDS = {"rank": "lora_rank", "alpha": "lora_alpha", "dropout": "lora_dropout",
+                "targets": "lora_targets"}
+
+
+def describe_run(run_dir: str | Path, *, algorithm: str, cfg: ModelConfig,
+                 hf_config: dict[str, Any], base: str | None, tokenizer_dir: str | Path | None,
+                 policy_path: tuple[str, ...] = ()) -> None:
+    """Writes run.json and model/ (see the module docstring). `cfg`: the trained model
+    (LoRA settings included); `hf_config`: its config.json as `ModelConfig.from_hf` reads it;
+    `base`: the starting model's path; `policy_path`: the model's key path in state.params."""
+    if jax.process_index() != 0:
+        return
+    run_dir = Path(run_dir)
+    (run_dir / "model").mkdir(parents=True, exist_ok=True)
+    hf.copy_side_files(tokenizer_dir, run_dir / "model", hf_config)
+    meta = {"format": RUN_FORMAT, "version": 2, "algorithm": algorithm,
+            "hf_config": hf.hf_config_for(cfg, hf_config),
+            "lora": {k: getattr(cfg, f) for k, f in _LORA_FIELDS.items()},
+            "policy_path": list(policy_path),
+            "base": str(Path(base).expanduser().absolute()) if base is not None else None}
+    (run_dir / RUN_MARKER).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+
+
+def _subtree(tree, path):
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def _nest(path, tree):
+    for key in reversed(path):
+        tree = {key: tree}
+    return tree
+
+
+def _restrict(tree: dict, keys: dict, keep: bool) -> dict:
+    """The part of nested dict `tree` whose leaves are (keep) or are not (not keep) in `keys`."""
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            sub = _restrict(v, keys.get(k) or {}, keep) if (k in keys or not keep) else {}
+            if sub:
+                out[k] = sub
+        elif (k in keys) == keep:
+            out[k] = v
+    return out
+
+
+def load_run(run_dir: Path, mesh: Mesh | None = None, **runtime):
+    """A training run directory -> (cfg, params, hf_config, tokenizer dir), from its latest
+    checkpoint; LoRA runs come back with base weights and adapters (merge to export)."""
+    marker = run_dir / RUN_MARKER
+    meta = json.loads(marker.read_text()) if marker.exists() else {}
+    if meta.get("format") != RUN_FORMAT:
+        raise ModelSourceError(f"{run_dir}: a run directory without a model description "
+                               f"(an older {RUN_MARKER}); rerun its command to write one")
+    lora_cfg = {f: meta["lora"][k] for k, f in _LORA_FIELDS.items()}
+    lora_cfg["lora_targets"] = tuple(lora_cfg["lora_targets"])   # a JSON list
+    cfg = ModelConfig.from_hf(meta["hf_config"], **runtime).replace(**lora_cfg)
+    if mesh is None:
+        mesh = sharding.make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), jax.devices()[:1])
+    target = _sharded(functional.abstract_params(cfg), functional.param_shardings(cfg, mesh))
+    ckpts = TrainCheckpoints(run_dir)
+    step = ckpts.latest_step()
+    if step is None:
+        ckpts.close()
+        raise ModelSourceError(f"{run_dir}: a run directory without checkpoints")
+    policy_path = ("params", *meta["policy_path"])
+    saved = _subtree(ckpts.state_metadata(step), policy_path)
+    trained = ckpts.restore_subtree(step, policy_path, _restrict(target, saved, keep=True))
+    ckpts.close()
+    if _restrict(target, saved, keep=False):  # a LoRA run: the frozen base from its source
+        base = meta["base"]
+        if base is None or not Path(base).exists():
+            raise ModelSourceError(f"{run_dir}: a LoRA run saves only its adapters; its base "
+                                   f"model {base} is needed and does not exist")
+        _, base_params, _, _ = load_model(base, mesh, num_labels=cfg.num_labels or None,
+                                          **runtime)
+        trained = lora.combine(trained, _restrict(base_params, saved, keep=False))
+    log.info("loaded %s run %s at step %d", meta["algorithm"], run_dir, step)
+    return cfg, trained, meta["hf_config"], run_dir / "model"
+
 
 class TrainCheckpoints:
     """Orbax CheckpointManager over `run_dir/checkpoints`: the TrainState (restored straight
@@ -129,6 +228,30 @@ class TrainCheckpoints:
         out = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
         return out["state"], out["meta"]
+
+    def state_metadata(self, step: int):
+        """The saved TrainState's tree (array metadata at the leaves), read from disk."""
+        with ocp.PyTreeCheckpointer() as reader:
+            tree = reader.metadata(self.dir / str(step) / "state").item_metadata
+        return tree.tree if hasattr(tree, "tree") else tree
+
+    def restore_subtree(self, step: int, path: tuple[str, ...], target):
+        """Only the state's subtree at `path`, onto `target`'s ShapeDtypeStructs (orbax
+        partial restore: nothing else is read)."""
+        item = _nest(path, target)
+        args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding,
+                                                           global_shape=a.shape, dtype=a.dtype),
+                            item)
+        # A fresh manager: this one registered StandardSave for 'state', which does not
+        # take a partial PyTreeRestore.
+        reader = ocp.CheckpointManager(self.dir, options=ocp.CheckpointManagerOptions(
+            create=False, enable_async_checkpointing=False))
+        try:
+            out = reader.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+                item=item, restore_args=args, partial_restore=True)))
+        finally:
+            reader.close()
+        return _subtree(out["state"], path)
 
     def close(self) -> None:
         self.manager.close()

@@ -219,6 +219,104 @@ class MeshConfig:
         return (self.data, self.fsdp, self.tensor)
 
 
+# ----------------------------------------------------------------------------- run sections
+# The sections every training recipe shares (model, lora, train, optim, mesh) live here, so
+# that a reader of one YAML file needs this module, the recipe's own config and at most one
+# data config (tests/test_structure.py checks it).
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelSource:
+    """Where the starting weights come from and how to run them."""
+    path: str                      # HF dir, jaxalign checkpoint or training run directory
+    dtype: str = "float32"         # compute dtype
+    param_dtype: str = "float32"
+    scan_layers: bool = False      # unrolled steps ran 2x faster on CPU; scan compiles faster
+    remat: str = "none"
+    attention: str = "auto"        # auto | xla | cudnn (GPU flash attention, bf16)
+
+    def runtime(self) -> dict[str, Any]:
+        return dict(dtype=self.dtype, param_dtype=self.param_dtype, scan_layers=self.scan_layers,
+                    remat=self.remat, attention=self.attention)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LoRAConfig:
+    rank: int = 0                  # 0: full fine-tuning
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] = ("q_proj", "v_proj")
+
+    def apply_to(self, cfg: ModelConfig) -> ModelConfig:
+        return cfg.replace(lora_rank=self.rank, lora_alpha=self.alpha, lora_dropout=self.dropout,
+                           lora_targets=tuple(self.targets))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """The supervised loop (`jaxalign.train.loop.train`)."""
+    steps: int
+    batch_size: int                 # rows per optimizer step, all processes together
+    grad_accum: int = 1             # micro-batches per step (batch_size / grad_accum rows each)
+    seed: int = 0
+    log_every: int = 1
+    eval_every: int = 0             # 0: evaluate only at the end (when there is eval data)
+    eval_batches: int = 0           # 0: the whole eval set
+    save_every: int = 0             # 0: checkpoint only at the end (and on SIGTERM / SIGINT)
+    keep_checkpoints: int = 3
+    max_bad_steps: int = 0          # non-finite steps skipped in a row before the run stops
+    tensorboard: bool = True
+    wandb_project: str | None = None
+    export_hf: bool = False         # write run_dir/hf at the end
+    progress: bool = True
+    # Positions per LM-head chunk in token losses; 0 builds the full (B, T, V) logits.
+    logits_chunk: int = 128
+
+    def __post_init__(self):
+        for key in ("steps", "batch_size", "grad_accum", "log_every", "keep_checkpoints"):
+            _require(getattr(self, key) >= 1, f"train.{key} must be >= 1, got {getattr(self, key)}")
+        for key in ("eval_every", "eval_batches", "save_every", "max_bad_steps", "logits_chunk"):
+            _require(getattr(self, key) >= 0, f"train.{key} must be >= 0, got {getattr(self, key)}")
+        _require(self.batch_size % self.grad_accum == 0,
+                 f"train.batch_size ({self.batch_size}) must be a multiple of "
+                 f"train.grad_accum ({self.grad_accum})")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class OptimConfig:
+    """AdamW and its learning-rate schedule (`jaxalign.train.optim`)."""
+    lr: float = 2e-5
+    schedule: Literal["constant", "linear", "cosine"] = "cosine"
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0          # final lr / peak lr for linear and cosine decay
+    weight_decay: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    max_grad_norm: float | None = 1.0  # None: no clipping
+
+    def __post_init__(self):
+        _require(self.schedule in ("constant", "linear", "cosine"),
+                 f"optim.schedule {self.schedule!r}: expected constant, linear or cosine")
+        _require(self.lr > 0, f"optim.lr must be positive, got {self.lr}")
+        _require(self.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+        _require(0.0 <= self.min_lr_ratio <= 1.0,
+                 f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        _require(self.max_grad_norm is None or self.max_grad_norm > 0,
+                 f"optim.max_grad_norm must be positive or null, got {self.max_grad_norm}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    """The sections of every supervised recipe's YAML; a recipe's config adds `data` and its
+    own options section (sft.py, rm.py, dpo.py)."""
+    out_dir: str
+    model: ModelSource
+    train: TrainConfig
+    optim: OptimConfig = OptimConfig()
+    lora: LoRAConfig = LoRAConfig()
+    mesh: MeshConfig = MeshConfig()
+
+
 # ----------------------------------------------------------------------------- YAML loading
 
 def from_dict(cls, data: Mapping[str, Any] | None, where: str = ""):

@@ -20,7 +20,7 @@ import jax
 log = logging.getLogger(__name__)
 
 
-def _truncate_jsonl(path: Path, last_step: int) -> None:
+def truncate_jsonl(path: Path, last_step: int) -> None:
     """Drops records past `last_step`: a killed run may have logged steps that the
     checkpoint it resumes from does not contain."""
     if not path.exists():
@@ -40,7 +40,7 @@ class MetricsWriter:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         for name in ("metrics.jsonl", "perf.jsonl"):
-            _truncate_jsonl(self.run_dir / name, resume_step)
+            truncate_jsonl(self.run_dir / name, resume_step)
         self._metrics = open(self.run_dir / "metrics.jsonl", "a")
         self._perf = open(self.run_dir / "perf.jsonl", "a")
         if tensorboard:

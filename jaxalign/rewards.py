@@ -1,7 +1,8 @@
-"""Programmatic reward functions for PPO / GRPO demos and tests (`reward.functions`).
+"""Programmatic reward functions for RL demos and tests (`reward.functions`).
 
 Each takes the prompts and the completions (lists of str, completions decoded without
-special tokens) and returns one float per completion:
+special tokens), and by keyword any column of the prompt dataset it names (see
+`jaxalign.train.rl.rewards`), and returns one float per completion:
 
   jaxalign.rewards:digits       share of the completion's non-space characters that are digits:
                                 a dense "answer with a number" signal that even a random tiny
@@ -11,6 +12,8 @@ special tokens) and returns one float per completion:
                                 0.5 when the right number appears in the completion, else 0
   jaxalign.rewards:brevity      1 for an empty completion down to 0 at 32 words or more
                                 (pair it with reward.missing_eos_penalty for "short, and done")
+  jaxalign.rewards:exact_answer a verifiable reward: 1 when the completion's final answer
+                                equals the row's `answer` column, else 0
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from jaxalign.synth.tasks import OPS, exact_match
 
 _EQUATION = re.compile(r"(\d+)\s*([+\-*])\s*(\d+)")
 _NUMBER = re.compile(r"-?\d+")
+_DECIMAL = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 
 
 def digits(prompts: Sequence[str], completions: Sequence[str]) -> list[float]:
@@ -53,3 +57,35 @@ def arithmetic(prompts: Sequence[str], completions: Sequence[str]) -> list[float
 
 def brevity(prompts: Sequence[str], completions: Sequence[str]) -> list[float]:
     return [max(0.0, 1.0 - len(c.split()) / 32.0) for c in completions]
+
+
+def _final_answer(text: str) -> str:
+    """GSM8K's convention: what follows the last '####' (else the whole text), stripped."""
+    return text.rpartition("####")[2].strip()
+
+
+def _as_number(text: str) -> float | None:
+    try:
+        return float(text.replace(",", ""))
+    except ValueError:
+        return None
+
+
+def exact_answer(prompts: Sequence[str], completions: Sequence[str], answer: Sequence,
+                 **kwargs) -> list[float]:
+    """1.0 when the completion's final answer is the `answer` column's, else 0.0.
+
+    The expected answer is the column's text after its last '####' (GSM8K) or all of it. A
+    numeric answer is compared with the last number in the completion (commas dropped, so
+    1,000 = 1000 and 42.0 = 42); any other answer with the completion's final answer,
+    whitespace and case aside."""
+    out = []
+    for c, a in zip(completions, answer):
+        want = _final_answer(str(a))
+        number = _as_number(want)
+        if number is not None:
+            found = _DECIMAL.findall(c)
+            out.append(float(bool(found) and _as_number(found[-1]) == number))
+        else:
+            out.append(float(_final_answer(c).casefold() == want.casefold()))
+    return out

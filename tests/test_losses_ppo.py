@@ -1,4 +1,4 @@
-"""PPO/GRPO pieces against plain-Python loop references and closed forms."""
+"""PPO / GRPO / RLOO pieces against plain-Python loop references, closed forms and TRL."""
 
 import math
 import statistics
@@ -250,3 +250,60 @@ def test_explained_variance():
     v, r, m = jnp.asarray(values), jnp.asarray(returns), jnp.asarray(mask)
     close(ppo.explained_variance(v, r, m), want)
     close(ppo.explained_variance(r, r, m), 1.0)
+
+
+def test_leave_one_out_advantages_match_formula_by_hand():
+    """RLOO (Ahmadian et al. 2024): A_i = r_i - (sum_{j != i} r_j) / (k - 1), per group of k
+    consecutive rows; equivalently k / (k - 1) times r_i minus the group mean."""
+    k, groups = 4, 3
+    r = np.random.default_rng(7).normal(size=k * groups).astype(np.float32)
+    want = []
+    for g in range(groups):
+        rows = r[g * k:(g + 1) * k]
+        for i in range(k):
+            others = [rows[j] for j in range(k) if j != i]
+            want.append(rows[i] - sum(others) / (k - 1))
+    got = ppo.leave_one_out_advantages(jnp.asarray(r), k)
+    close(got, want)
+    close(got, (r.reshape(groups, k) - r.reshape(groups, k).mean(1, keepdims=True)).reshape(-1)
+          * k / (k - 1))
+    with pytest.raises(ValueError, match="group_size=1 >= 2"):
+        ppo.leave_one_out_advantages(jnp.asarray(r), 1)
+    with pytest.raises(ValueError, match="do not split"):
+        ppo.leave_one_out_advantages(jnp.asarray(r), 5)
+
+
+def test_rloo_advantages_match_trl():
+    """The sequence KL penalty and the leave-one-out baseline, against TRL 1.16's
+    RLOOTrainer._generate_and_score_completions (trl/trainer/rloo_trainer.py, lines
+    1664-1690: `per_token_kl = old - ref`, `kl = (per_token_kl * completion_mask).sum(-1)`,
+    `rewards = rewards - self.beta * kl`, then `grouped_sum - grouped_rewards) /
+    (scorable_counts - 1)`), reproduced line by line on the same numbers."""
+    torch = pytest.importorskip("torch")
+    k, groups, N, beta = 4, 2, 5, 0.05
+    rng = np.random.default_rng(3)
+    scores = rng.normal(size=k * groups).astype(np.float32)
+    old = rng.normal(size=(k * groups, N)).astype(np.float32)
+    ref = rng.normal(size=(k * groups, N)).astype(np.float32)
+    mask = (np.arange(N)[None] < rng.integers(1, N + 1, size=(k * groups, 1))).astype(np.float32)
+
+    # --- TRL 1.16, rloo_trainer.py (the inlined lines, unscorable rows aside) ---
+    rewards = torch.tensor(scores)
+    old_per_token_logps, ref_per_token_logps = torch.tensor(old), torch.tensor(ref)
+    completion_mask = torch.tensor(mask)
+    per_token_kl = old_per_token_logps - ref_per_token_logps
+    kl = (per_token_kl * completion_mask).sum(-1)
+    rewards = rewards - beta * kl
+    grouped_rewards = rewards.view(-1, k)
+    scorable_counts = (~torch.isnan(grouped_rewards)).sum(dim=1, keepdim=True)
+    grouped_sum = torch.nansum(grouped_rewards, dim=1, keepdim=True)
+    baselines = (grouped_sum - grouped_rewards) / (scorable_counts - 1)
+    baselines = baselines.view(-1)
+    advantages = rewards - baselines
+    # ---
+
+    kl_BN = ppo.kl_penalty(jnp.asarray(old), jnp.asarray(ref), "k1") * mask
+    adv_BN, ret_BN = ppo.rloo_sequence_advantages(jnp.asarray(scores), mask_BN=jnp.asarray(mask),
+                                                  kl_BN=kl_BN, kl_coef=beta, group_size=k)
+    close(adv_BN, advantages.numpy()[:, None] * mask)
+    assert not np.asarray(ret_BN).any()

@@ -3,7 +3,7 @@ reward under a KL ceiling, exact resume, bad inputs, the roles (LoRA reference, 
 model, separate critic), the curves script.
 
 Compile time dominates: every run with the PPO config below shares one set of compiled
-programs (`rl.compiled` caches them per process), so most tests cost about a second.
+programs (`driver.compiled` caches them per process), so most tests cost about a second.
 """
 
 import json
@@ -20,11 +20,11 @@ import pytest
 from jaxalign.checkpoint import TrainCheckpoints
 from jaxalign.config import ConfigError, apply_overrides, from_dict
 from jaxalign.data.sources import DataError
-from jaxalign.train import rollout as R
 from jaxalign.train.loop import NonFiniteLossError
-from jaxalign.train.ppo import RLConfig
-from jaxalign.train.reward import RewardFunctionError, RewardModelError
-from jaxalign.train.rl import MonitorStop, run_rl
+from jaxalign.train.rl import prompts as RP, rollout as R
+from jaxalign.train.rl.config import RLConfig
+from jaxalign.train.rl.driver import MonitorStop, run_rl
+from jaxalign.train.rl.rewards import RewardFunctionError, RewardModelError
 
 ROOT = Path(__file__).resolve().parents[1]
 ITERATIONS = 16
@@ -65,6 +65,12 @@ def wrong_count(prompts, completions):
 def huge(prompts, completions):            # finite, but the value loss overflows
     out = _digits(prompts, completions)
     return [1e30] * len(out) if _call() >= 2 else out
+
+SEEN = []
+
+def answer_seen(prompts, completions, answer, **kwargs):   # the TRL keyword form
+    SEEN.append((list(prompts), list(answer), sorted(kwargs)))
+    return [0.0] * len(completions)
 '''
 
 
@@ -78,7 +84,8 @@ def tiny(tmp_path_factory):
         for i in range(48):  # chat rows: the assistant turn is dropped, the template renders
             a, b = i % 8 + 2, i // 8 + 3
             f.write(json.dumps({"messages": [{"role": "user", "content": f"What is {a} plus {b}?"},
-                                             {"role": "assistant", "content": f"{a + b}"}]}) + "\n")
+                                             {"role": "assistant", "content": f"{a + b}"}],
+                                "answer": str(a + b)}) + "\n")
     (root / "ppo_test_rewards.py").write_text(REWARDS_MODULE)
     sys.path.insert(0, str(root))
     import ppo_test_rewards
@@ -142,8 +149,8 @@ def test_sampler_logprobs_equal_training_logprobs(tiny):
     tok = load_tokenizer(tiny["model_dir"])
     ids = [tok(t).input_ids for t in ("What is 2 plus 3?", "red", "write a list of three colors")]
     assert len({len(x) for x in ids}) == 3
-    prompts = R.Prompts("inline", [""] * 3, ids)
-    tokens_BP, mask_BP = R.stack_prompts(prompts, [0, 1, 2, 1], tok.pad_token_id, 16)
+    prompts = RP.Prompts("inline", [""] * 3, ids)
+    tokens_BP, mask_BP = RP.stack_prompts(prompts, [0, 1, 2, 1], tok.pad_token_id, 16)
     T = 0.7
     models = R.Models(policy=cfg, ref="copy", value="none")
     sampling = R.Sampling(max_new_tokens=8, temperature=T, top_p=0.9, top_k=0,
@@ -198,6 +205,71 @@ def test_grpo_learns_reward_under_kl_ceiling(tiny):
     print(f"GRPO reward {first:.3f} -> {last:.3f}, KL max {max(r['kl'] for r in rows):.2f}")
     assert "value_loss" not in rows[-1] and rows[-1]["kl_loss"] > 0
     assert rows[-1]["kl_coef"] == 0.04
+
+
+def test_rloo_learns_resumes_exactly_and_passes_columns(tiny, tmp_path):
+    """RLOO, one row of the objectives table, raises the reward on the shared driver (no
+    value model, KL in the reward); a run stopped after 3 iterations and rerun writes the
+    same metrics as the straight run; a keyword reward function gets the `answer` column of
+    each completion's prompt row (and the other columns, here `messages`)."""
+    mod = tiny["rewards"]
+    mod.SEEN.clear()
+    args = ("algorithm=rloo", "rollout.batch_size=4", "rollout.num_generations=4",
+            "ppo.epochs=2", "ppo.kl_coef=0.03", "ppo.kl_target=null", "train.sample_every=0",
+            "reward.weights=[1.0,0.0]",
+            "reward.functions=[jaxalign.rewards:digits,ppo_test_rewards:answer_seen]")
+    out = tiny["root"] / "rloo"
+    run(config(tiny, out, *args))
+    rows = records(out)
+    first, last = _learned(rows, gain=0.15)
+    print(f"RLOO reward {first:.3f} -> {last:.3f}, KL max {max(r['kl'] for r in rows):.2f}")
+    assert "value_loss" not in rows[-1] and "kl_loss" not in rows[-1]
+    assert "explained_variance" not in rows[-1]
+    assert {r["kl_coef"] for r in rows} == {0.03}    # ppo.kl_coef: the KL is in the reward
+    assert len(mod.SEEN) == ITERATIONS
+    for prompts, answers, others in mod.SEEN:
+        assert others == ["messages"] and len(answers) == 16
+        for p, a in zip(prompts, answers):
+            x, y = (int(w) for w in p.rstrip("?").split()[2::2])
+            assert int(a) == x + y
+    resumed = tmp_path / "r"
+    run(config(tiny, resumed, *args, "train.iterations=3"))
+    run(config(tiny, resumed, *args))
+    assert (resumed / "metrics.jsonl").read_text() == (out / "metrics.jsonl").read_text()
+
+
+def test_reward_functions_take_dataset_columns(tiny, tmp_path):
+    """A prompt file with an `answer` column: the verifiable reward `exact_answer` (keyword
+    form) scores each completion against its row's answer; the positional form still works."""
+    from jaxalign.rewards import digits
+    from jaxalign.tokenizer import load_tokenizer
+    from jaxalign.train.rl.config import PromptDataConfig, RewardConfig
+    from jaxalign.train.rl.rewards import Rewarder, call_function
+
+    path = tmp_path / "qa.jsonl"
+    rows = [{"prompt": "What is 2 plus 3?", "answer": "5", "level": 1},
+            {"prompt": "What is 10 plus 7?", "answer": "#### 17", "level": 2},
+            {"prompt": "Capital of France?", "answer": "Paris"}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    prompts = RP.read_prompts(PromptDataConfig(prompts=str(path)),
+                              load_tokenizer(tiny["model_dir"]))
+    assert prompts.columns == {"answer": ["5", "#### 17", "Paris"], "level": [1, 2, None]}
+    idx = [0, 0, 1, 1, 2, 2]
+    completions = ["The answer is 5.", "6", "It is 1 7", "17,000", " paris ", "Lyon"]
+    texts = [prompts.texts[i] for i in idx]
+    rewarder = Rewarder(RewardConfig(functions=("jaxalign.rewards:exact_answer",
+                                                "jaxalign.rewards:digits")))
+    total, parts = rewarder.raw(texts, completions, np.zeros(6), np.ones(6, bool),
+                                prompts.columns_of(idx))
+    exact = np.array([1, 0, 0, 0, 1, 0], np.float64)
+    np.testing.assert_allclose(total, exact + np.array(digits(texts, completions)))
+    assert parts["reward/exact_answer"] == pytest.approx(exact.mean())
+    positional = call_function("lambda", lambda p, c: [len(x) for x in c], texts, completions,
+                               prompts.columns_of(idx))
+    np.testing.assert_array_equal(positional, [len(c) for c in completions])
+    with pytest.raises(RewardFunctionError, match=r"raised TypeError: .*'answer'"):
+        call_function("needs_answer", lambda prompts, completions, answer: [0.0] * 6,
+                      texts, completions, {})
 
 
 def test_exact_resume(tiny, ppo_run, tmp_path):
@@ -258,7 +330,8 @@ def test_reward_sources_weighted_and_eos_penalty():
     """score = sum of weight x source (the model first), minus the missing-EOS penalty; a
     weight list of the wrong length is refused by name."""
     from jaxalign.rewards import brevity, digits
-    from jaxalign.train.reward import Rewarder, RewardConfig
+    from jaxalign.train.rl.config import RewardConfig
+    from jaxalign.train.rl.rewards import Rewarder
     prompts = ["What is 2 plus 3?"] * 3
     completions = ["5", "The answer is 5, I think, or maybe 6", "no digits here"]
     eos = np.array([True, False, True])
@@ -333,6 +406,32 @@ def test_lora_reward_model_and_separate_critic(tiny, tmp_path):
     x = np.arange(3, 19, dtype=np.int32)[None]
     on, off = (np.asarray(functional.apply(mcfg, mparams, x, use_lora=u)[0]) for u in (True, False))
     assert np.abs(on - off).max() > 1e-4                          # the adapters trained
+
+
+def test_ppo_run_loads_policy_only(ppo_run, monkeypatch):
+    """`load_model(run_dir)` reads run.json and restores only the policy subtree: no role
+    builder, reward model, critic or value head is touched (each raises here), and the
+    params equal the checkpoint's state.params['policy'] read whole by orbax."""
+    import orbax.checkpoint as ocp
+    from jaxalign import checkpoint
+    from jaxalign.train import setup
+    from jaxalign.train.rl import roles, rewards
+
+    def boom(*a, **k):
+        raise AssertionError("loading a run dir built a training role")
+    for mod, name in ((roles, "build_roles"), (roles, "_critic"), (roles, "_value_head"),
+                      (rewards, "load_frozen_reward_model"), (setup, "load_policy")):
+        monkeypatch.setattr(mod, name, boom)
+    cfg, params, _, tok_dir = checkpoint.load_model(ppo_run)
+    assert cfg.num_labels == 0 and cfg.lora_rank == 0 and "score" not in params
+    step = TrainCheckpoints(ppo_run).latest_step()
+    with ocp.PyTreeCheckpointer() as reader:
+        saved = reader.restore(ppo_run / "checkpoints" / str(step) / "state")
+    assert set(saved["params"]) == {"policy", "value_head"}
+    assert jax.tree.structure(params) == jax.tree.structure(saved["params"]["policy"])
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(saved["params"]["policy"])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert (Path(tok_dir) / "tokenizer.json").exists()
 
 
 def test_ppo_curves_png(ppo_run, tmp_path):

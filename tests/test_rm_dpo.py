@@ -16,8 +16,9 @@ from jaxalign.data.preference import build_preference_data
 from jaxalign.models import functional, heads
 from jaxalign.train.dpo import DPOConfig, dpo_loss_fn, load_dpo_models, pair_logps, run_dpo
 from jaxalign.train.loop import put_batch
-from jaxalign.train.optim import OptimConfig, make_optimizer
-from jaxalign.train.rm import RMConfig, load_reward_model, rm_loss_fn, run_rm
+from jaxalign.config import OptimConfig
+from jaxalign.train.optim import make_optimizer
+from jaxalign.train.rm import RMConfig, init_reward_model, rm_loss_fn, run_rm
 from jaxalign.train.step import init_state, make_train_step
 
 
@@ -104,24 +105,23 @@ def _one_step(loss_fn, trainable, frozen, batch):
 def test_sharded_step_equals_single_device(prefs, tmp_path, algo):
     if algo == "rm":
         cfg = _config(RMConfig, prefs, tmp_path)
-        load = lambda mesh: (lambda r: (r[0], None, r[1], r[2]))(
-            load_reward_model(cfg.model, cfg.lora, mesh, 0))
-        make_loss = lambda m: rm_loss_fn(m[0], cfg.rm)
+        load = lambda mesh: init_reward_model(cfg.model, cfg.lora, mesh, 0)
+        make_loss = lambda m: rm_loss_fn(m.cfg, cfg.rm)
     else:
         lora = {"lora": {"rank": 4, "alpha": 8.0}} if algo == "dpo_lora" else {}
         cfg = _config(DPOConfig, prefs, tmp_path, lora)
-        load = lambda mesh: load_dpo_models(cfg, mesh)[:4]  # cfg, ref cfg, trainable, frozen
-        make_loss = lambda m: dpo_loss_fn(m[0], cfg.dpo, ref_cfg=m[1])
+        load = lambda mesh: load_dpo_models(cfg, mesh)
+        make_loss = lambda m: dpo_loss_fn(m.cfg, cfg.dpo, ref_cfg=m.extra["ref_cfg"])
     batch = next(build_preference_data(cfg.data, prefs["tok"], batch_size=8).train)
 
     one = sharding.make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), jax.devices()[:1])
     with jax.set_mesh(one):
         m = load(one)
-        ref = _one_step(make_loss(m), m[2], m[3], put_batch(batch, one))
+        ref = _one_step(make_loss(m), m.trainable, m.frozen, put_batch(batch, one))
     mesh = sharding.make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
     with jax.set_mesh(mesh):
         m = load(mesh)
-        got = _one_step(make_loss(m), m[2], m[3], put_batch(batch, mesh))
+        got = _one_step(make_loss(m), m.trainable, m.frozen, put_batch(batch, mesh))
     np.testing.assert_allclose(got["loss"], ref["loss"], rtol=1e-5)
     np.testing.assert_allclose(got["grad_norm"], ref["grad_norm"], rtol=1e-5)
     if algo != "rm":  # policy == reference at the start: DPO's loss is exactly log 2
@@ -158,7 +158,9 @@ def test_dpo_reference_is_never_updated(prefs, tmp_path, lora):
     data = build_preference_data(cfg.data, prefs["tok"], batch_size=16)
     batch = next(iter(data.eval))
     with jax.set_mesh(mesh):
-        model_cfg, ref_cfg, trainable, frozen, frozen_sh, _, _ = load_dpo_models(cfg, mesh)
+        m = load_dpo_models(cfg, mesh)
+        model_cfg, ref_cfg, trainable, frozen = m.cfg, m.extra["ref_cfg"], m.trainable, m.frozen
+        frozen_sh = m.frozen_shardings
         before = jax.tree.map(np.asarray, frozen)
         ref_logps = lambda params: np.asarray(pair_logps(model_cfg, params, batch, average=False,
                                                          chunk=64, use_lora=False))

@@ -19,8 +19,10 @@ from jaxalign.config import ConfigError, MeshConfig, apply_overrides, from_dict,
 from jaxalign.data.config import DataConfig
 from jaxalign.data.pipeline import build_sft_data
 from jaxalign.models import functional
-from jaxalign.train.loop import NonFiniteLossError, Task, TrainConfig, train
-from jaxalign.train.optim import OptimConfig, make_optimizer
+from jaxalign.config import TrainConfig
+from jaxalign.train.loop import NonFiniteLossError, Task, train
+from jaxalign.config import OptimConfig
+from jaxalign.train.optim import make_optimizer
 from jaxalign.train.sft import SFTConfig, sft_loss_fn
 from jaxalign.train.step import init_state, make_train_step
 
@@ -255,3 +257,31 @@ def test_lora_run_exports_merged_and_peft(tiny, tmp_path):
     with torch.no_grad():
         np.testing.assert_allclose(merged(x).logits.numpy(), ours, atol=1e-4)
         np.testing.assert_allclose(adapted(x).logits.numpy(), ours, atol=1e-4)
+
+
+def test_full_finetune_run_loads_without_its_base_folder(tiny, tmp_path):
+    """run.json + model/ make a full fine-tune run dir a model source on its own: with the
+    starting HF folder deleted it loads (only the params, from the latest checkpoint) with
+    the weights the run exported at its end and a working tokenizer."""
+    import shutil
+    from jaxalign.checkpoint import load_model
+    from jaxalign.convert import hf
+    from jaxalign.tokenizer import load_tokenizer
+    from jaxalign.train.sft import run_sft
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny["model_dir"], base)
+    out = tmp_path / "run"
+    cfg = _sft_config(tiny, out, steps=3, batch_size=8, export_hf=True)
+    run_sft(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=str(base))),
+            devices=jax.devices()[:1])
+    shutil.rmtree(base)
+    model_cfg, params, hf_config, tok_dir = load_model(out)
+    assert model_cfg.lora_rank == 0 and hf_config["model_type"] == "llama"
+    _, exported, _ = hf.load(out / "hf", scan_layers=model_cfg.scan_layers)
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(exported)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    moved = [np.abs(np.asarray(a) - np.asarray(b)).max()
+             for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(tiny["params"]))]
+    assert max(moved) > 1e-4                                    # the trained weights
+    assert load_tokenizer(tok_dir).get_vocab() == tiny["tok"].get_vocab()

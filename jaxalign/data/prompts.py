@@ -15,8 +15,8 @@ their end (a leading BOS kept), as training's `prompt_truncation: keep_end`, or 
 (counted and logged), as RL does. `texts` is what reward functions see: the prompt string,
 or the last user turn of a message prompt.
 
-`PromptDataConfig` (RL's data.* keys) and `PromptStream` (RL's resumable prompt order) live
-here too: they are host-side data, not model code.
+Each prompt keeps its row's other columns (`Prompts.columns`): RL hands them to reward
+functions as keyword lists (an `answer` column for a verifiable reward).
 """
 
 from __future__ import annotations
@@ -40,25 +40,6 @@ log = logging.getLogger("jaxalign.data")
 TOO_LONG = ("keep_end", "drop")
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class PromptDataConfig:
-    """prompts         a dataset (path or spec) whose rows hold "prompt" (a string or a message
-                       list), "messages" (a trailing assistant turn is dropped) or HH pairs.
-    chat            render with the tokenizer's chat template + generation prompt.
-    max_prompt_len  longer prompts are dropped (counted and logged), not cut.
-    shuffle, seed   a fresh seeded permutation of the prompts every epoch."""
-    prompts: DatasetSpec | str
-    chat: bool = False
-    max_prompt_len: int = 256
-    shuffle: bool = True
-    seed: int = 0
-
-    def __post_init__(self):
-        object.__setattr__(self, "prompts", DatasetSpec.coerce(self.prompts, "data.prompts"))
-        if self.max_prompt_len < 1:
-            raise ConfigError(f"data.max_prompt_len must be >= 1, got {self.max_prompt_len}")
-
-
 @dataclasses.dataclass
 class Prompts:
     name: str                  # the file, for messages
@@ -66,6 +47,12 @@ class Prompts:
     ids: list[list[int]]       # what the policy sees: rendered and tokenized
     rendered: list[str] = dataclasses.field(default_factory=list)  # the strings tokenized
     rows: list[int] = dataclasses.field(default_factory=list)      # source row of each prompt
+    # Every other column of the rows ("prompt" aside), one value per prompt (None where a
+    # row lacks it): what RL reward functions receive as keyword arguments.
+    columns: dict[str, list] = dataclasses.field(default_factory=dict)
+
+    def columns_of(self, indices) -> dict[str, list]:
+        return {k: [v[i] for i in indices] for k, v in self.columns.items()}
 
 
 def _hh_prompt(row: dict, where: str) -> tuple[tuple[dict, ...], str | None]:
@@ -180,35 +167,7 @@ def load_prompts(spec: DatasetSpec | str, tokenizer, *, chat: bool | None = None
     if not keep:
         raise DataError(f"{source.name}: no usable prompts (all {len(ids)} are longer than "
                         f"data.max_prompt_len={max_prompt_len} tokens)")
+    names = sorted({k for row in source.rows for k in row} - {"prompt"})
+    columns = {k: [source.rows[n].get(k) for n in keep] for k in names}
     return Prompts(source.name, [texts[n] for n in keep], [ids[n].tolist() for n in keep],
-                   [rendered[n] for n in keep], keep)
-
-
-class PromptStream:
-    """Prompt indices, `batch` at a time, in a seeded permutation per epoch; resumable from
-    (epoch, index), which the checkpoint stores. A batch may span two epochs."""
-
-    def __init__(self, n: int, batch: int, *, seed: int, shuffle: bool):
-        self.n, self.batch, self.seed, self.shuffle = n, batch, seed, shuffle
-        self.epoch, self.index = 0, 0
-
-    def _order(self, epoch: int) -> np.ndarray:
-        if not self.shuffle:
-            return np.arange(self.n)
-        return np.random.default_rng([self.seed, epoch]).permutation(self.n)
-
-    def next(self) -> np.ndarray:
-        out: list[int] = []
-        while len(out) < self.batch:
-            take = self._order(self.epoch)[self.index:self.index + self.batch - len(out)]
-            out.extend(int(i) for i in take)
-            self.index += len(take)
-            if self.index >= self.n:
-                self.epoch, self.index = self.epoch + 1, 0
-        return np.asarray(out)
-
-    def state(self) -> dict:
-        return {"epoch": self.epoch, "index": self.index}
-
-    def restore(self, state: dict) -> None:
-        self.epoch, self.index = int(state["epoch"]), int(state["index"])
+                   [rendered[n] for n in keep], keep, columns)

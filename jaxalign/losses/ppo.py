@@ -1,4 +1,5 @@
-"""PPO and GRPO pieces: advantages, clipped losses, KL estimates. Pure functions of arrays.
+"""Policy-gradient pieces (PPO, GRPO, RLOO): advantages, clipped losses, KL estimates. Pure
+functions of arrays.
 
 Token arrays are (B, T) over response tokens; mask_BT is 1 on real tokens and 0 on padding
 (trailing 0s after EOS). Every loss returns (loss, metrics) with metrics['weight'] the
@@ -168,6 +169,51 @@ def group_advantages(rewards_N: jax.Array, group_size: int, *, scale: bool = Tru
     if scale:
         centred_GK = centred_GK / (r_GK.std(axis=1, ddof=1, keepdims=True) + eps)
     return centred_GK.reshape(n)
+
+
+def leave_one_out_advantages(rewards_N: jax.Array, group_size: int) -> jax.Array:
+    """RLOO advantages (Ahmadian et al. 2024, "Back to Basics"): with k = group_size
+    completions per prompt, each reward minus the mean of the other k - 1 rewards of its
+    group, r_i - (sum_j r_j - r_i) / (k - 1). Rows are grouped consecutively, as in
+    `group_advantages`. Equals k / (k - 1) times the reward minus the group mean."""
+    n = rewards_N.shape[0]
+    if group_size < 2 or n % group_size:
+        raise ValueError(f"leave_one_out_advantages: {n} rewards do not split into groups of "
+                         f"group_size={group_size} >= 2")
+    r_GK = rewards_N.astype(jnp.float32).reshape(n // group_size, group_size)
+    baseline_GK = (r_GK.sum(axis=1, keepdims=True) - r_GK) / (group_size - 1)
+    return (r_GK - baseline_GK).reshape(n)
+
+
+# Advantage functions of the RL objectives table (`jaxalign.train.rl.objectives`): one
+# signature, scores_B plus keyword arrays and static settings; each reads what it needs.
+# -> (advantages_BN, returns_BN), both 0 outside mask_BN.
+
+def gae_token_advantages(scores_B, *, mask_BN, values_BN, kl_BN, kl_coef, lengths_B, gamma,
+                         lam, whiten_advantages, **_):
+    """PPO: per-token reward -kl_coef * KL with the score added on the last generated token,
+    GAE over the critic's values, optionally whitened over the rollout's tokens."""
+    B = mask_BN.shape[0]
+    last_B = jnp.maximum(lengths_B - 1, 0)
+    rewards_BN = (-kl_coef * kl_BN).at[jnp.arange(B), last_B].add(scores_B.astype(jnp.float32))
+    adv_BN, ret_BN = gae(rewards_BN, values_BN, mask_BN, gamma=gamma, lam=lam)
+    if whiten_advantages:
+        adv_BN = whiten(adv_BN, mask_BN) * mask_BN
+    return adv_BN, ret_BN
+
+
+def group_sequence_advantages(scores_B, *, mask_BN, group_size, scale_rewards, **_):
+    """GRPO: each score normalised within its prompt's group, on every token; no returns."""
+    adv_B = group_advantages(scores_B, group_size, scale=scale_rewards)
+    return adv_B[:, None] * mask_BN, jnp.zeros_like(mask_BN)
+
+
+def rloo_sequence_advantages(scores_B, *, mask_BN, kl_BN, kl_coef, group_size, **_):
+    """RLOO as TRL 1.16's RLOOTrainer: the sequence KL (sum over its tokens) times kl_coef
+    is taken off the score, then the leave-one-out baseline; every token gets the result."""
+    rewards_B = scores_B.astype(jnp.float32) - kl_coef * (kl_BN * mask_BN).sum(axis=1)
+    adv_B = leave_one_out_advantages(rewards_B, group_size)
+    return adv_B[:, None] * mask_BN, jnp.zeros_like(mask_BN)
 
 
 def adaptive_kl_update(coef: float, current_kl: float, n_steps: int, *, target: float,

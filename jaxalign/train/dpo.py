@@ -11,25 +11,20 @@ are computed in the same jitted step, under `stop_gradient`, on the same 2B rows
 from __future__ import annotations
 
 import dataclasses
-import json
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 
-from jaxalign import checkpoint, sharding
-from jaxalign.config import ConfigError, MeshConfig, ModelConfig
+from jaxalign import checkpoint
+from jaxalign.config import ConfigError, ModelConfig, RunConfig
 from jaxalign.data.config import DataConfig
 from jaxalign.data.preference import build_preference_data
 from jaxalign.losses.preference import DPO_LOSS_TYPES, POLICY_ONLY_LOSS_TYPES, dpo_loss, \
     orpo_loss, sequence_logps, simpo_loss
 from jaxalign.losses.xent import head_logprobs
 from jaxalign.models import functional, lora
-from jaxalign.tokenizer import load_tokenizer
-from jaxalign.train.loop import Task, TrainConfig, train
-from jaxalign.train.optim import OptimConfig
-from jaxalign.train.rm import pair_rows
-from jaxalign.train.sft import LoRAConfig, ModelSource, load_policy, write_run_config
+from jaxalign.train.loop import Task
+from jaxalign.train.setup import Loaded, load_policy, pair_rows, run_recipe, supervised
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -73,19 +68,8 @@ class DPOOptions:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class PreferenceRunConfig:
-    """The sections of every preference objective's run; DPOConfig and KTOConfig add their own."""
-    out_dir: str
-    model: ModelSource
+class DPOConfig(RunConfig):
     data: DataConfig
-    train: TrainConfig
-    optim: OptimConfig = OptimConfig()
-    lora: LoRAConfig = LoRAConfig()
-    mesh: MeshConfig = MeshConfig()
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class DPOConfig(PreferenceRunConfig):
     dpo: DPOOptions = DPOOptions()
 
 
@@ -146,13 +130,14 @@ def policy_only_loss(opts: DPOOptions, sums_B2: jax.Array, batch: dict):
                       pair_mask_B=batch["pair_mask"])
 
 
-def load_dpo_models(cfg: DPOConfig, mesh, section: str = "dpo"):
-    """Policy + reference -> (model cfg, ref cfg or None, trainable, frozen, frozen shardings,
-    hf_config, tokenizer dir). The options are cfg.<section> (`reference`, `uses_reference`):
-    DPO's, or another objective's with a reference model (KTO)."""
+def load_dpo_models(cfg, mesh, section: str = "dpo") -> Loaded:
+    """Policy + reference: frozen = {'base': LoRA base, 'ref': reference params}; extra
+    ['ref_cfg']: the reference's config, or None when it is the policy with adapters off (or
+    when the objective uses none). The options are cfg.<section> (`reference`,
+    `uses_reference`): DPO's, or another objective's with a reference model (KTO)."""
     opts = getattr(cfg, section)
-    model_cfg, trainable, base, base_sh, hf_config, tok_dir = load_policy(
-        cfg.model, cfg.lora, mesh, cfg.train.seed)
+    policy = load_policy(cfg.model, cfg.lora, mesh, cfg.train.seed)
+    model_cfg = policy.cfg
     ref_cfg, ref, ref_sh = None, {}, {}
     if opts.uses_reference and (opts.reference is not None or not model_cfg.lora_rank):
         # A separate frozen reference: the given model, or a copy of the starting policy.
@@ -164,44 +149,27 @@ def load_dpo_models(cfg: DPOConfig, mesh, section: str = "dpo"):
             raise ConfigError(f"{section}.reference {path}: vocab size {ref_cfg.vocab_size} "
                               f"differs from the policy's {model_cfg.vocab_size}")
         ref_sh = functional.param_shardings(ref_cfg, mesh)
-    frozen = {"base": base, "ref": ref}
-    frozen_sh = {"base": base_sh, "ref": ref_sh}
-    return model_cfg, ref_cfg, trainable, frozen, frozen_sh, hf_config, tok_dir
+    return dataclasses.replace(policy, frozen={"base": policy.frozen, "ref": ref},
+                               frozen_shardings={"base": policy.frozen_shardings, "ref": ref_sh},
+                               base=policy.frozen, extra={"ref_cfg": ref_cfg})
+
+
+def preference_task(section: str, build_data, make_loss):
+    """`setup.supervised`'s task for an objective on (pair or unpaired) batches with an
+    optional reference: cfg.<section> holds its options, build_data(data cfg, tokenizer,
+    batch_size=...) its loaders, make_loss(model cfg, options, ref_cfg=..., chunk=...) its loss."""
+    def task(cfg, models: Loaded, tokenizer):
+        data = build_data(cfg.data, tokenizer, batch_size=cfg.train.batch_size,
+                          process_index=jax.process_index(), process_count=jax.process_count())
+        loss_fn = make_loss(models.cfg, getattr(cfg, section), ref_cfg=models.extra["ref_cfg"],
+                            chunk=cfg.train.logits_chunk)
+        return Task(loss_fn=loss_fn, train_data=data.train,
+                    eval_data=(lambda: iter(data.eval)) if data.eval is not None else None,
+                    perplexity=False), {}
+    return task
 
 
 def run_dpo(cfg: DPOConfig, raw_config: dict | None = None, devices=None) -> dict[str, float]:
-    """Runs (or resumes) DPO in cfg.out_dir."""
-    return run_preference(cfg, raw_config, devices, section="dpo",
-                          build_data=build_preference_data, make_loss=dpo_loss_fn)
-
-
-def run_preference(cfg, raw_config: dict | None, devices, *, section: str, build_data,
-                   make_loss) -> dict[str, float]:
-    """The run of an objective on preference batches with an optional reference model:
-    cfg.<section> holds its options, build_data(data cfg, tokenizer, batch_size=...) its
-    loaders, make_loss(model cfg, options, ref_cfg=..., chunk=...) its loss_fn."""
-    run_dir = Path(cfg.out_dir)
-    raw = raw_config if raw_config is not None else json.loads(json.dumps(dataclasses.asdict(cfg)))
-    write_run_config(run_dir, raw, section)
-    mesh = sharding.make_mesh(cfg.mesh, devices)
-    model_cfg, ref_cfg, trainable, frozen, frozen_sh, hf_config, tok_dir = load_dpo_models(
-        cfg, mesh, section)
-    tokenizer = load_tokenizer(tok_dir)
-    data = build_data(cfg.data, tokenizer, batch_size=cfg.train.batch_size,
-                      process_index=jax.process_index(), process_count=jax.process_count())
-    loss_fn = make_loss(model_cfg, getattr(cfg, section), ref_cfg=ref_cfg,
-                        chunk=cfg.train.logits_chunk)
-    task = Task(loss_fn=loss_fn, train_data=data.train,
-                eval_data=(lambda: iter(data.eval)) if data.eval is not None else None,
-                perplexity=False)
-
-    def on_end(state):
-        if cfg.train.export_hf:
-            from jaxalign.convert import hf
-            merged_cfg, merged = lora.merge(model_cfg, lora.combine(state.params, frozen["base"]))
-            hf.save(run_dir / "hf", merged_cfg, merged, hf_config=hf_config, source_dir=tok_dir)
-
-    with jax.set_mesh(mesh):
-        return train(run_dir=run_dir, cfg=cfg.train, optim=cfg.optim, mesh=mesh,
-                     trainable=trainable, frozen=frozen, frozen_shardings=frozen_sh, task=task,
-                     run_config=raw, on_end=on_end)
+    """Runs (or resumes) DPO (or ORPO / SimPO) in cfg.out_dir."""
+    return run_recipe(cfg, raw_config, devices, algorithm="dpo", load=load_dpo_models,
+                      run=supervised(preference_task("dpo", build_preference_data, dpo_loss_fn)))

@@ -11,11 +11,15 @@ from __future__ import annotations
 
 import dataclasses
 
-from jaxalign.config import ConfigError, ModelConfig
+import functools
+
+from jaxalign.config import ConfigError, ModelConfig, RunConfig
+from jaxalign.data.config import DataConfig
 from jaxalign.data.unpaired import build_unpaired_data
 from jaxalign.losses.kto import kto_loss
 from jaxalign.models import lora
-from jaxalign.train.dpo import PreferenceRunConfig, pair_logps, reference_logps, run_preference
+from jaxalign.train.dpo import load_dpo_models, pair_logps, preference_task, reference_logps
+from jaxalign.train.setup import run_recipe, supervised
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -40,7 +44,8 @@ class KTOOptions:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class KTOConfig(PreferenceRunConfig):
+class KTOConfig(RunConfig):
+    data: DataConfig
     kto: KTOOptions = KTOOptions()
 
 
@@ -61,5 +66,6 @@ def kto_loss_fn(cfg: ModelConfig, opts: KTOOptions, *, ref_cfg: ModelConfig | No
 
 def run_kto(cfg: KTOConfig, raw_config: dict | None = None, devices=None) -> dict[str, float]:
     """Runs (or resumes) KTO in cfg.out_dir."""
-    return run_preference(cfg, raw_config, devices, section="kto",
-                          build_data=build_unpaired_data, make_loss=kto_loss_fn)
+    return run_recipe(cfg, raw_config, devices, algorithm="kto",
+                      load=functools.partial(load_dpo_models, section="kto"),
+                      run=supervised(preference_task("kto", build_unpaired_data, kto_loss_fn)))

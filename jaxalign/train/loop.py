@@ -1,4 +1,6 @@
-"""The one training loop, shared by SFT, reward modelling, DPO and PPO.
+"""The one supervised training loop (SFT, reward modelling, DPO) and the mechanics every
+loop shares, the RL driver included: the stop flag, the bad-step guard, the run files and
+start-or-resume from the latest checkpoint.
 
 Plain Python around one jitted step: fetch a batch, step, log, evaluate, checkpoint.
 Resuming is rerunning: the latest checkpoint restores the TrainState and the data
@@ -8,58 +10,29 @@ position, and metrics.jsonl is cut back to that step.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import signal
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Protocol
+from typing import Callable, Iterable, Protocol
 
 import jax
 import numpy as np
+import yaml
 from jax.sharding import Mesh
 
 from jaxalign import runtime
-from jaxalign.checkpoint import TrainCheckpoints
-from jaxalign.config import ConfigError, JaxalignError
+from jaxalign.checkpoint import TrainCheckpoints, describe_run
+from jaxalign.config import ConfigError, JaxalignError, ModelConfig, OptimConfig, TrainConfig
 from jaxalign.metrics import MetricsWriter, Progress
 from jaxalign.sharding import batch_sharding
-from jaxalign.train.optim import OptimConfig, make_optimizer
+from jaxalign.train.optim import make_optimizer
 from jaxalign.train.step import LossFn, TrainState, init_state, jit_train_step, make_eval_step, \
     make_train_step
 
 log = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class TrainConfig:
-    steps: int
-    batch_size: int                 # rows per optimizer step, all processes together
-    grad_accum: int = 1             # micro-batches per step (batch_size / grad_accum rows each)
-    seed: int = 0
-    log_every: int = 1
-    eval_every: int = 0             # 0: evaluate only at the end (when there is eval data)
-    eval_batches: int = 0           # 0: the whole eval set
-    save_every: int = 0             # 0: checkpoint only at the end (and on SIGTERM / SIGINT)
-    keep_checkpoints: int = 3
-    max_bad_steps: int = 0          # non-finite steps skipped in a row before the run stops
-    tensorboard: bool = True
-    wandb_project: str | None = None
-    export_hf: bool = False         # write run_dir/hf at the end
-    progress: bool = True
-    # Positions per LM-head chunk in token losses; 0 builds the full (B, T, V) logits.
-    logits_chunk: int = 128
-
-    def __post_init__(self):
-        for key in ("steps", "batch_size", "grad_accum", "log_every", "keep_checkpoints"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"train.{key} must be >= 1, got {getattr(self, key)}")
-        for key in ("eval_every", "eval_batches", "save_every", "max_bad_steps", "logits_chunk"):
-            if getattr(self, key) < 0:
-                raise ConfigError(f"train.{key} must be >= 0, got {getattr(self, key)}")
-        if self.batch_size % self.grad_accum:
-            raise ConfigError(f"train.batch_size ({self.batch_size}) must be a multiple of "
-                              f"train.grad_accum ({self.grad_accum})")
 
 
 class NonFiniteLossError(JaxalignError):
@@ -98,7 +71,7 @@ def _check_batch_fits(cfg: TrainConfig, mesh: Mesh) -> None:
                           f"cannot be split over data x fsdp = {shards} devices; use a multiple of {shards}")
 
 
-class _StopFlag:
+class StopFlag:
     """SIGTERM / SIGINT ask for a checkpoint and a clean stop after the current step."""
 
     def __init__(self):
@@ -117,6 +90,67 @@ class _StopFlag:
     def __exit__(self, *exc):
         for s, h in self._old.items():
             signal.signal(s, h)
+
+
+class BadStepGuard:
+    """Non-finite steps: the step leaves the params unchanged (`step.py`); up to
+    `max_bad` in a row are skipped with a warning, one more stops the run, naming the last
+    good checkpoint. `unit` names a loop position in messages ('step', 'iteration')."""
+
+    def __init__(self, max_bad: int, ckpt_dir: Path, unit: str = "step"):
+        self.max_bad, self.ckpt_dir, self.unit = max_bad, ckpt_dir, unit
+        self.in_a_row = 0
+        self.skipped = 0      # in total, for callers that report it
+
+    def check(self, metrics: dict, at: int, saved_at: int) -> bool:
+        """True when the step was finite. Raises NonFiniteLossError past the allowance."""
+        if metrics["finite"] > 0:
+            self.in_a_row = 0
+            return True
+        self.in_a_row += 1
+        self.skipped += 1
+        msg = (f"{self.unit} {at}: non-finite loss {metrics['loss']} / grad norm "
+               f"{metrics['grad_norm']}; params left unchanged")
+        if self.in_a_row > self.max_bad:
+            raise NonFiniteLossError(
+                f"{msg}. Stopping: {self.in_a_row} bad step(s) in a row > "
+                f"train.max_bad_steps={self.max_bad}. The last good checkpoint "
+                f"({self.unit} {saved_at}) in {self.ckpt_dir} is intact.")
+        log.warning("%s (skipped, %d in a row)", msg, self.in_a_row)
+        return False
+
+
+def resolved_config(cfg, raw_config: dict | None) -> dict:
+    """The config as written to config.yaml: the YAML as given, or the dataclass as JSON."""
+    if raw_config is not None:
+        return raw_config
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def write_run_files(run_dir: Path, raw: dict, *, algorithm: str, model: ModelConfig,
+                    hf_config: dict, base: str | None, tokenizer_dir, policy_path=()) -> None:
+    """config.yaml (the resolved config) and run.json (what the trained model is, so that
+    `checkpoint.load_model(run_dir)` rebuilds it without knowing the algorithm)."""
+    if jax.process_index() == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    describe_run(run_dir, algorithm=algorithm, cfg=model, hf_config=hf_config, base=base,
+                 tokenizer_dir=tokenizer_dir, policy_path=policy_path)
+
+
+def start_or_resume(run_dir: Path, trainable, optimizer, seed: int, keep: int):
+    """-> (state, its shardings, checkpoints, start step, checkpoint JSON or None). A fresh
+    state (optimizer moments inherit each param's sharding through the jitted init), or the
+    latest checkpoint's restored onto the same shardings."""
+    state = jax.jit(init_state, static_argnums=(1, 2))(trainable, optimizer, seed)
+    state_sh = jax.tree.map(lambda x: x.sharding, state)
+    ckpts = TrainCheckpoints(run_dir, keep=keep)
+    start = ckpts.latest_step() or 0
+    meta = None
+    if start:
+        state, meta = ckpts.restore(start, state, state_sh)
+        log.info("resumed %s at %d", run_dir, start)
+    return state, state_sh, ckpts, start, meta
 
 
 def evaluate(eval_step, params, frozen, batches: Iterable[dict], mesh: Mesh, limit: int = 0,
@@ -143,15 +177,10 @@ def train(*, run_dir: str | Path, cfg: TrainConfig, optim: OptimConfig, mesh: Me
     _check_batch_fits(cfg, mesh)
     runtime.count_compilations()  # perf.jsonl shows any recompilation after warm-up
     optimizer, schedule = make_optimizer(optim, cfg.steps)
-    # Optimizer moments inherit each param's sharding through the jitted init.
-    state = jax.jit(init_state, static_argnums=(1, 2))(trainable, optimizer, cfg.seed)
-    state_sh = jax.tree.map(lambda x: x.sharding, state)
-    ckpts = TrainCheckpoints(run_dir, keep=cfg.keep_checkpoints)
-    start = ckpts.latest_step() or 0
-    if start:
-        state, meta = ckpts.restore(start, state, state_sh)
+    state, state_sh, ckpts, start, meta = start_or_resume(run_dir, trainable, optimizer, cfg.seed,
+                                                          cfg.keep_checkpoints)
+    if meta is not None:
         task.train_data.restore(meta["data"])
-        log.info("resumed %s at step %d", run_dir, start)
 
     step_fn = jit_train_step(make_train_step(task.loss_fn, optimizer, schedule,
                                              grad_accum=cfg.grad_accum),
@@ -161,7 +190,7 @@ def train(*, run_dir: str | Path, cfg: TrainConfig, optim: OptimConfig, mesh: Me
                            wandb_project=cfg.wandb_project, run_config=run_config)
     progress = Progress(cfg.steps, start, enabled=cfg.progress)
     last: dict[str, float] = {}
-    bad_in_a_row, saved_at = 0, start
+    guard, saved_at = BadStepGuard(cfg.max_bad_steps, ckpts.dir), start
 
     def save(step):
         nonlocal saved_at
@@ -169,7 +198,7 @@ def train(*, run_dir: str | Path, cfg: TrainConfig, optim: OptimConfig, mesh: Me
         saved_at = step
 
     try:
-        with _StopFlag() as stop:
+        with StopFlag() as stop:
             for step in range(start + 1, cfg.steps + 1):
                 t0 = time.perf_counter()
                 host_batch = next(task.train_data)
@@ -180,20 +209,8 @@ def train(*, run_dir: str | Path, cfg: TrainConfig, optim: OptimConfig, mesh: Me
                 state, metrics = step_fn(state, frozen, batch)
                 metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 dt = time.perf_counter() - t0
-                finite = metrics.pop("finite") > 0
-                metrics["skipped"] = float(not finite)
-                if not finite:
-                    bad_in_a_row += 1
-                    msg = (f"step {step}: non-finite loss {metrics['loss']} / grad norm "
-                           f"{metrics['grad_norm']}; params left unchanged")
-                    if bad_in_a_row > cfg.max_bad_steps:
-                        raise NonFiniteLossError(
-                            f"{msg}. Stopping: {bad_in_a_row} bad step(s) in a row > "
-                            f"train.max_bad_steps={cfg.max_bad_steps}. The last good checkpoint "
-                            f"(step {saved_at}) in {ckpts.dir} is intact.")
-                    log.warning("%s (skipped, %d in a row)", msg, bad_in_a_row)
-                else:
-                    bad_in_a_row = 0
+                metrics["skipped"] = float(not guard.check(metrics, step, saved_at))
+                metrics.pop("finite")
                 perf = {"step_s": dt, "tokens_per_s": tokens / dt, **runtime.compile_stats()}
                 if eval_step is not None and (
                         (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps):

@@ -2,38 +2,10 @@
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Literal
-
 import jax
 import optax
 
-from jaxalign.config import ConfigError
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class OptimConfig:
-    lr: float = 2e-5
-    schedule: Literal["constant", "linear", "cosine"] = "cosine"
-    warmup_steps: int = 0
-    min_lr_ratio: float = 0.0          # final lr / peak lr for linear and cosine decay
-    weight_decay: float = 0.0
-    b1: float = 0.9
-    b2: float = 0.999
-    eps: float = 1e-8
-    max_grad_norm: float | None = 1.0  # None: no clipping
-
-    def __post_init__(self):
-        if self.schedule not in ("constant", "linear", "cosine"):
-            raise ConfigError(f"optim.schedule {self.schedule!r}: expected constant, linear or cosine")
-        if self.lr <= 0:
-            raise ConfigError(f"optim.lr must be positive, got {self.lr}")
-        if self.warmup_steps < 0:
-            raise ConfigError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
-        if not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise ConfigError(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        if self.max_grad_norm is not None and self.max_grad_norm <= 0:
-            raise ConfigError(f"optim.max_grad_norm must be positive or null, got {self.max_grad_norm}")
+from jaxalign.config import OptimConfig
 
 
 def make_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:

@@ -8,21 +8,17 @@ model. Chosen and rejected responses go through one forward pass as 2B rows.
 from __future__ import annotations
 
 import dataclasses
-import json
-from pathlib import Path
 
 import jax
 
-from jaxalign import checkpoint, sharding
-from jaxalign.config import ConfigError, MeshConfig, ModelConfig
+from jaxalign import checkpoint
+from jaxalign.config import ConfigError, LoRAConfig, ModelConfig, ModelSource, RunConfig
 from jaxalign.data.config import DataConfig
 from jaxalign.data.preference import build_preference_data
 from jaxalign.losses.preference import bradley_terry
 from jaxalign.models import functional, heads, lora
-from jaxalign.tokenizer import load_tokenizer
-from jaxalign.train.loop import Task, TrainConfig, train
-from jaxalign.train.optim import OptimConfig
-from jaxalign.train.sft import LoRAConfig, ModelSource, write_run_config
+from jaxalign.train.loop import Task
+from jaxalign.train.setup import Loaded, pair_rows, run_recipe, supervised
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -36,21 +32,9 @@ class RMOptions:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class RMConfig:
-    out_dir: str
-    model: ModelSource
+class RMConfig(RunConfig):
     data: DataConfig
-    train: TrainConfig
-    optim: OptimConfig = OptimConfig()
-    lora: LoRAConfig = LoRAConfig()
-    mesh: MeshConfig = MeshConfig()
     rm: RMOptions = RMOptions()
-
-
-def pair_rows(batch: dict) -> dict:
-    """(B, 2, T) pair arrays -> (2B, T) rows: chosen of pair b at row 2b, rejected at 2b + 1."""
-    return {k: batch[k].reshape(-1, batch[k].shape[-1])
-            for k in ("tokens", "targets", "loss_mask", "segment_ids", "positions")}
 
 
 def rm_loss_fn(cfg: ModelConfig, opts: RMOptions):
@@ -76,8 +60,8 @@ def split_trainable(cfg: ModelConfig, params):
     return adapters, base
 
 
-def load_reward_model(source: ModelSource, lora_cfg: LoRAConfig, mesh, seed: int):
-    """-> (cfg, trainable, frozen, frozen_shardings, hf_config, tokenizer dir)."""
+def init_reward_model(source: ModelSource, lora_cfg: LoRAConfig, mesh, seed: int) -> Loaded:
+    """The reward model to train: any model source with a (fresh, for a causal LM) score head."""
     cfg, params, hf_config, tok_dir = checkpoint.load_model(source.path, mesh, num_labels=1,
                                                             seed=seed, **source.runtime())
     cfg = lora_cfg.apply_to(cfg)
@@ -85,34 +69,22 @@ def load_reward_model(source: ModelSource, lora_cfg: LoRAConfig, mesh, seed: int
         params = lora.add_adapters(cfg, params, mesh, seed)
     trainable, frozen = split_trainable(cfg, params)
     frozen_sh = split_trainable(cfg, functional.param_shardings(cfg, mesh))[1]
-    return cfg, trainable, frozen, frozen_sh, hf_config, tok_dir
+    return Loaded(cfg, trainable, frozen, frozen_sh, hf_config, tok_dir)
+
+
+def _task(cfg: RMConfig, models: Loaded, tokenizer):
+    data = build_preference_data(cfg.data, tokenizer, batch_size=cfg.train.batch_size,
+                                 process_index=jax.process_index(),
+                                 process_count=jax.process_count())
+    task = Task(loss_fn=rm_loss_fn(models.cfg, cfg.rm), train_data=data.train,
+                eval_data=(lambda: iter(data.eval)) if data.eval is not None else None,
+                perplexity=False)
+    return task, {"pad_token_id": data.pad_id}
 
 
 def run_rm(cfg: RMConfig, raw_config: dict | None = None, devices=None) -> dict[str, float]:
     """Trains (or resumes) a reward model in cfg.out_dir; `train.export_hf` writes
     run_dir/hf as an HF LlamaForSequenceClassification directory."""
-    run_dir = Path(cfg.out_dir)
-    raw = raw_config if raw_config is not None else json.loads(json.dumps(dataclasses.asdict(cfg)))
-    write_run_config(run_dir, raw, "rm")
-    mesh = sharding.make_mesh(cfg.mesh, devices)
-    model_cfg, trainable, frozen, frozen_sh, hf_config, tok_dir = load_reward_model(
-        cfg.model, cfg.lora, mesh, cfg.train.seed)
-    tokenizer = load_tokenizer(tok_dir)
-    data = build_preference_data(cfg.data, tokenizer, batch_size=cfg.train.batch_size,
-                                 process_index=jax.process_index(),
-                                 process_count=jax.process_count())
-    task = Task(loss_fn=rm_loss_fn(model_cfg, cfg.rm), train_data=data.train,
-                eval_data=(lambda: iter(data.eval)) if data.eval is not None else None,
-                perplexity=False)
-
-    def on_end(state):
-        if cfg.train.export_hf:
-            from jaxalign.convert import hf
-            merged_cfg, merged = lora.merge(model_cfg, lora.combine(state.params, frozen))
-            hf.save(run_dir / "hf", merged_cfg, merged, hf_config=hf_config, source_dir=tok_dir,
-                    pad_token_id=data.pad_id)
-
-    with jax.set_mesh(mesh):
-        return train(run_dir=run_dir, cfg=cfg.train, optim=cfg.optim, mesh=mesh,
-                     trainable=trainable, frozen=frozen, frozen_shardings=frozen_sh, task=task,
-                     run_config=raw, on_end=on_end)
+    return run_recipe(cfg, raw_config, devices, algorithm="rm",
+                      load=lambda c, mesh: init_reward_model(c.model, c.lora, mesh, c.train.seed),
+                      run=supervised(_task))

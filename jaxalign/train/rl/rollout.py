@@ -1,8 +1,7 @@
-"""RL rollouts: prompts in; sampled responses and everything computed on them out.
+"""RL rollouts: prompt tokens in; sampled responses and everything computed on them out.
 
-The host side reads a prompt set (`read_prompts`) and walks it in a resumable, seeded order
-(`PromptStream`). The device side is one pure function (`rollout`) that samples from the
-policy's live params with the KV-cache sampler and, in the same jitted program, runs the
+The prompts come from `prompts.py`. The device side is one pure function (`rollout`) that
+samples from the policy's live params with the KV-cache sampler and, in the same jitted program, runs the
 training forward over prompt + response for the quantities PPO / GRPO need: the policy's
 log-probs (recomputed, not the sampler's), the reference's, the values and the reward
 model's score.
@@ -25,26 +24,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxalign.config import ModelConfig
-from jaxalign.data.prompts import PromptDataConfig, Prompts, PromptStream, load_prompts
-from jaxalign.generate import bucket_length, generate
+from jaxalign.generate import generate
 from jaxalign.losses.xent import scan_chunks
 from jaxalign.models import functional, heads, lora
 from jaxalign.precision import matmul_precision
-
-
-# ----------------------------------------------------------------------------- prompts
-
-
-def read_prompts(cfg: PromptDataConfig, tokenizer) -> Prompts:
-    """RL's prompt set: `jaxalign.data.prompts.load_prompts` under the data.* keys, prompts
-    longer than data.max_prompt_len dropped (not cut: a cut prompt is another question)."""
-    return load_prompts(cfg.prompts, tokenizer, chat=cfg.chat, max_prompt_len=cfg.max_prompt_len,
-                        too_long="drop")
-
-
-def prompt_length(prompts: Prompts) -> int:
-    """One padded prompt length for the whole run: one compiled program per shape."""
-    return bucket_length(max(len(x) for x in prompts.ids))
 
 
 # ----------------------------------------------------------------------------- device side
@@ -72,7 +55,8 @@ class Sampling:
     top_k: int
     eos_ids: tuple[int, ...]
     pad_id: int
-    decode_scan_layers: bool | None = None   # None: as the policy config
+    decode_scan_layers: bool | None = None   # the prefill's layer form; None: the policy's
+    decode_dtype: str | None = None          # sampling's compute dtype; None: the policy's
     logits_chunk: int = 128
 
 
@@ -145,8 +129,11 @@ def rollout(models: Models, sampling: Sampling, trainable, frozen, aux, prompt_B
     policy = lora.combine(trainable["policy"], frozen["policy"])
     gen_cfg = models.policy
     if sampling.decode_scan_layers is not None:
-        # Same param layout either way; scanned layers decode faster on CPU (cli.py).
+        # Same param layout either way: a scanned prefill keeps the program small (the decode
+        # steps read per-layer weights either way, see generate.py).
         gen_cfg = gen_cfg.replace(scan_layers=sampling.decode_scan_layers)
+    if sampling.decode_dtype is not None:
+        gen_cfg = gen_cfg.replace(dtype=sampling.decode_dtype)
     out = generate(gen_cfg, policy, prompt_BP, prompt_mask_BP, key,
                    max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
                    top_k=sampling.top_k, top_p=sampling.top_p, eos_ids=sampling.eos_ids,
@@ -173,17 +160,6 @@ def rollout(models: Models, sampling: Sampling, trainable, frozen, aux, prompt_B
             "values_BN": values(models, trainable, frozen, batch, hidden_BND) * mask_BN,
             "rm_score_B": score_B,
             "lengths_B": out["lengths_B"]}
-
-
-def stack_prompts(prompts: Prompts, indices: Sequence[int], pad_id: int, length: int):
-    """Left-padded (tokens, mask) int32 arrays for the given prompt indices."""
-    tokens = np.full((len(indices), length), pad_id, np.int32)
-    mask = np.zeros((len(indices), length), np.int32)
-    for r, i in enumerate(indices):
-        ids = prompts.ids[i]
-        tokens[r, length - len(ids):] = ids
-        mask[r, length - len(ids):] = 1
-    return tokens, mask
 
 
 def has_eos(response_BN: np.ndarray, lengths_B: np.ndarray, eos_ids: Sequence[int]) -> np.ndarray:

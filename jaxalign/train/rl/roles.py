@@ -3,8 +3,9 @@ cost in memory.
 
   policy     the trained model (LoRA: adapters trainable, base frozen)
   reference  LoRA: the policy with its adapters switched off (no memory); else a frozen copy
-  value      PPO: a scalar head on the policy trunk ('shared'), or a separate critic Llama with
-             a score head, from the policy or the reward model ('separate'); GRPO: none
+  value      objectives that need one (PPO): a scalar head on the policy trunk ('shared'), or
+             a separate critic Llama with a score head, from the policy or the reward model
+             ('separate'); none otherwise
   reward     a frozen reward model (aux['reward']) and / or Python functions (host side)
 
 `memory_report` logs (and writes to memory.json) the param bytes of every role and the
@@ -24,9 +25,10 @@ import jax.numpy as jnp
 from jaxalign import checkpoint, sharding
 from jaxalign.models import lora
 from jaxalign.models.llama import score_init_std
-from jaxalign.train import ppo, rollout as R
-from jaxalign.train.reward import load_reward_model
-from jaxalign.train.sft import load_policy
+from jaxalign.train.rl import rollout as R
+from jaxalign.train.rl.config import RLConfig
+from jaxalign.train.rl.rewards import load_frozen_reward_model
+from jaxalign.train.setup import load_policy
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +62,7 @@ def _value_head(d: int, mesh, seed: int) -> dict:
     return {"score": jax.device_put(w, sharding.replicated(mesh))}
 
 
-def _critic(cfg: ppo.RLConfig, mesh, reward):
+def _critic(cfg: RLConfig, mesh, reward):
     """A separate critic: a Llama with a score head from the policy or the reward model. With
     LoRA its trunk trains through its own adapters (and, from the reward model, shares its
     frozen weights); the score head always trains."""
@@ -80,22 +82,23 @@ def _critic(cfg: ppo.RLConfig, mesh, reward):
     return ccfg, adapters, frozen
 
 
-def build_roles(cfg: ppo.RLConfig, mesh, tokenizer_cb) -> tuple[Roles, object]:
+def build_roles(cfg: RLConfig, mesh, tokenizer_cb) -> tuple[Roles, object]:
     """Loads every model the run needs. `tokenizer_cb(tok_dir)` loads the tokenizer and the
     prompts (so bad data fails before the other models load) and returns the tokenizer."""
-    policy_cfg, p_train, p_frozen, _, hf_config, tok_dir = load_policy(
-        cfg.model, cfg.lora, mesh, cfg.train.seed)
-    tokenizer = tokenizer_cb(tok_dir)
+    policy = load_policy(cfg.model, cfg.lora, mesh, cfg.train.seed)
+    policy_cfg, p_train, p_frozen = policy.cfg, policy.trainable, policy.frozen
+    tokenizer = tokenizer_cb(policy.tok_dir)
     aux, trainable, frozen = {}, {"policy": p_train}, {"policy": p_frozen}
     reward = None
     if cfg.reward.model is not None:
-        reward = load_reward_model(cfg.reward.model, mesh, tokenizer, **cfg.model.runtime())
+        reward = load_frozen_reward_model(cfg.reward.model, mesh, tokenizer,
+                                          **cfg.model.runtime())
         aux["reward"] = reward[1]
     ref = "adapters_off" if cfg.lora.rank else "copy"
     if ref == "copy":
         aux["ref"] = _copy(p_train)
     value, critic_cfg = "none", None
-    if cfg.algorithm == "ppo":
+    if cfg.objective.needs_value:
         value = cfg.ppo.value_model
         if value == "shared":
             trainable["value_head"] = _value_head(policy_cfg.hidden_size, mesh, cfg.train.seed + 1)
@@ -111,10 +114,11 @@ def build_roles(cfg: ppo.RLConfig, mesh, tokenizer_cb) -> tuple[Roles, object]:
               + nbytes([x for x in jax.tree.leaves(frozen.get("critic", {}))
                          if id(x) not in shared]),
               "reward_model": nbytes(aux.get("reward", {}))}
-    return Roles(models, trainable, frozen, aux, hf_config, str(tok_dir), sizes), tokenizer
+    return Roles(models, trainable, frozen, aux, policy.hf_config, str(policy.tok_dir),
+                 sizes), tokenizer
 
 
-def memory_report(run_dir: Path, roles: Roles, cfg: ppo.RLConfig, opt_bytes: int,
+def memory_report(run_dir: Path, roles: Roles, cfg: RLConfig, opt_bytes: int,
                    programs: dict) -> dict:
     b = roles.bytes
     ref = ("shared: the policy with LoRA adapters off" if roles.models.ref == "adapters_off"
@@ -142,37 +146,3 @@ def memory_report(run_dir: Path, roles: Roles, cfg: ppo.RLConfig, opt_bytes: int
     if jax.process_index() == 0:
         (run_dir / "memory.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
-
-
-def load_trained_policy(run_dir: str | Path, mesh=None, **runtime):
-    """A PPO / GRPO run directory -> (cfg, policy params, hf_config, tokenizer dir) from its
-    latest checkpoint (LoRA: base + adapters). Rebuilds every role, since the checkpointed
-    trainable tree holds the value head / critic beside the policy."""
-    from jaxalign.checkpoint import ModelSourceError, TrainCheckpoints
-    from jaxalign.config import MeshConfig, from_dict, load_yaml
-    from jaxalign.tokenizer import load_tokenizer
-    from jaxalign.train.optim import make_optimizer
-    from jaxalign.train.step import init_state
-
-    run_dir = Path(run_dir)
-    cfg = from_dict(ppo.RLConfig, load_yaml(str(run_dir / "config.yaml")))
-    if runtime:
-        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **runtime))
-    mesh = mesh if mesh is not None else sharding.make_mesh(MeshConfig(data=1, fsdp=1, tensor=1),
-                                                            jax.devices()[:1])
-    with jax.set_mesh(mesh):
-        roles, _ = build_roles(cfg, mesh, load_tokenizer)
-    ckpts = TrainCheckpoints(run_dir, keep=cfg.train.keep_checkpoints)
-    step = ckpts.latest_step()
-    if step is None:
-        raise ModelSourceError(f"{run_dir}: a run directory without checkpoints")
-    optimizer, _ = make_optimizer(cfg.optim, cfg.total_steps)
-    abstract = jax.eval_shape(lambda p: init_state(p, optimizer, 0), roles.trainable)
-    # Params onto their own shardings; the optimizer state (not needed here) replicated.
-    state_sh = dataclasses.replace(jax.tree.map(lambda _: sharding.replicated(mesh), abstract),
-                                   params=jax.tree.map(lambda x: x.sharding, roles.trainable))
-    state, _ = ckpts.restore(step, abstract, state_sh)
-    ckpts.close()
-    log.info("loaded %s run %s at iteration %d", cfg.algorithm, run_dir, step)
-    return (roles.models.policy, lora.combine(state.params["policy"], roles.frozen["policy"]),
-            roles.hf_config, roles.tok_dir)

@@ -1,10 +1,18 @@
 """RL rewards: a reward model and / or Python reward functions, combined into one score per
 completion, then the missing-EOS penalty, normalisation and clipping.
 
-A reward function is named `module:function`; it receives the prompts and the completions
-(lists of str, the completions decoded without special tokens) and returns one float per
-completion. What it returns is checked: an exception, a NaN / inf or the wrong count stops
-the run with an error naming the function, before anything of that iteration is applied.
+A reward function is named `module:function` and returns one float per completion. Like a
+TRL GRPO reward function it may take keyword arguments: `prompts=` and `completions=`
+(lists of str, the completions decoded without special tokens) and every other column of
+the prompt dataset as a list, one value per completion (`answer=` for a verifiable reward):
+
+    def reward(prompts, completions, answer, **kwargs) -> list[float]
+
+It gets the columns it names, or all of them when it takes **kwargs; a function whose first
+two parameters are not named prompts and completions is called positionally, fn(prompts,
+completions), as before. What it returns is checked: an exception, a NaN / inf or the wrong
+count stops the run with an error naming the function, before anything of that iteration
+is applied.
 
 A reward model is a LlamaForSequenceClassification with num_labels=1 (an HF directory, a
 jaxalign checkpoint or an RM run directory); it scores the policy's token ids at the last
@@ -14,8 +22,8 @@ jitted rollout (`rollout.rollout`); this module only loads and checks it.
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
+import inspect
 import json
 import logging
 import math
@@ -24,11 +32,12 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from jaxalign import checkpoint
 from jaxalign.config import ConfigError, JaxalignError, num_labels_from_hf
+from jaxalign.tokenizer import load_tokenizer
+from jaxalign.train.rl.config import RewardConfig
 
 log = logging.getLogger(__name__)
-
-NORMALIZE = ("none", "batch", "running")
 
 
 class RewardFunctionError(JaxalignError):
@@ -37,40 +46,6 @@ class RewardFunctionError(JaxalignError):
 
 class RewardModelError(JaxalignError):
     """reward.model is not a usable reward model (wrong kind, other tokenizer)."""
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class RewardConfig:
-    """model                reward model directory (or null)
-    functions            'module:function' reward functions (summed with the model's score)
-    weights              one weight per source, the model first (default: all 1)
-    missing_eos_penalty  subtracted from the score of a completion that did not end with EOS
-    normalize            'none', 'batch' (whiten over the rollout) or 'running' (whiten with
-                         running mean / std over all rollouts so far, kept in the checkpoint)
-    clip                 clip the (normalised) score to [-clip, clip]"""
-    model: str | None = None
-    functions: tuple[str, ...] = ()
-    weights: tuple[float, ...] = ()
-    missing_eos_penalty: float | None = None
-    normalize: str = "none"
-    clip: float | None = None
-
-    def __post_init__(self):
-        if isinstance(self.functions, str):
-            object.__setattr__(self, "functions", (self.functions,))
-        if self.model is None and not self.functions:
-            raise ConfigError("reward: give reward.model, reward.functions or both")
-        n = len(self.functions) + (self.model is not None)
-        if self.weights and len(self.weights) != n:
-            raise ConfigError(f"reward.weights has {len(self.weights)} entries for {n} reward "
-                              f"source(s) (the model first, then each function)")
-        for name in self.functions:
-            if not isinstance(name, str) or name.count(":") != 1 or not all(name.split(":")):
-                raise ConfigError(f"reward.functions: {name!r} is not of the form module:function")
-        if self.normalize not in NORMALIZE:
-            raise ConfigError(f"reward.normalize {self.normalize!r}: expected one of {NORMALIZE}")
-        if self.clip is not None and self.clip <= 0:
-            raise ConfigError(f"reward.clip must be positive or null, got {self.clip}")
 
 
 def load_function(name: str) -> Callable:
@@ -84,11 +59,32 @@ def load_function(name: str) -> Callable:
     return fn
 
 
-def call_function(name: str, fn: Callable, prompts: Sequence[str],
-                  completions: Sequence[str]) -> np.ndarray:
-    """fn(prompts, completions) as a float64 array, or RewardFunctionError naming `name`."""
+def call_style(fn: Callable) -> tuple[bool, set[str] | None]:
+    """(called by keyword, the dataset columns it takes: None for all, as it has **kwargs).
+    By keyword when it takes **kwargs or has parameters named prompts and completions;
+    otherwise the old positional form fn(prompts, completions)."""
     try:
-        out = fn(list(prompts), list(completions))
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # a builtin without a signature
+        return False, set()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return True, None
+    if {"prompts", "completions"} <= set(params):
+        return True, set(params) - {"prompts", "completions"}
+    return False, set()
+
+
+def call_function(name: str, fn: Callable, prompts: Sequence[str], completions: Sequence[str],
+                  columns: dict[str, list] | None = None) -> np.ndarray:
+    """The function's scores as a float64 array, or RewardFunctionError naming `name`.
+    `columns`: the prompt dataset's other columns, one value per completion."""
+    by_keyword, takes = call_style(fn)
+    try:
+        if by_keyword:
+            kw = {k: list(v) for k, v in (columns or {}).items() if takes is None or k in takes}
+            out = fn(prompts=list(prompts), completions=list(completions), **kw)
+        else:
+            out = fn(list(prompts), list(completions))
     except Exception as e:  # any failure in user code: one clear error, no half-done iteration
         raise RewardFunctionError(f"reward function {name} raised {type(e).__name__}: {e}") from e
     try:
@@ -128,11 +124,9 @@ def _check_labels(path: str, num_labels: int) -> None:
         f"use reward.functions)")
 
 
-def load_reward_model(path: str, mesh, policy_tokenizer, **runtime):
-    """-> (cfg, params) of a reward model that scores the policy's token ids."""
-    from jaxalign import checkpoint
-    from jaxalign.tokenizer import load_tokenizer
-
+def load_frozen_reward_model(path: str, mesh, policy_tokenizer, **runtime):
+    """-> (cfg, params) of a trained reward model that scores the policy's token ids (the
+    RL reward; `jaxalign.train.rm.init_reward_model` starts one to train)."""
     check_reward_model_dir(path)
     cfg, params, _, tok_dir = checkpoint.load_model(path, mesh, **runtime)
     _check_labels(path, cfg.num_labels)
@@ -181,8 +175,10 @@ class Rewarder:
         self.moments = RunningMoments()
 
     def raw(self, prompts: Sequence[str], completions: Sequence[str], model_scores: np.ndarray,
-            eos: np.ndarray) -> tuple[np.ndarray, dict[str, float]]:
-        """-> (score per completion, per-source means). Raises RewardFunctionError."""
+            eos: np.ndarray, columns: dict[str, list] | None = None
+            ) -> tuple[np.ndarray, dict[str, float]]:
+        """-> (score per completion, per-source means). `columns`: the prompt dataset's other
+        columns, one value per completion. Raises RewardFunctionError."""
         parts: dict[str, float] = {}
         weights = iter(self.weights)
         total = np.zeros(len(completions), np.float64)
@@ -191,7 +187,7 @@ class Rewarder:
             total += next(weights) * s
             parts["reward/model"] = float(s.mean())
         for name, fn in self.functions:
-            s = call_function(name, fn, prompts, completions)
+            s = call_function(name, fn, prompts, completions, columns)
             total += next(weights) * s
             parts[f"reward/{name.split(':')[1]}"] = float(s.mean())
         if self.cfg.missing_eos_penalty is not None:

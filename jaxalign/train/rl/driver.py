@@ -1,17 +1,18 @@
-"""The RL driver shared by PPO and GRPO: rollout -> score -> advantages -> updates.
+"""The RL driver every objective shares: rollout -> score -> advantages -> updates.
 
 One iteration, top to bottom:
   1. the next prompts (`PromptStream`), left-padded to one length, each repeated
      num_generations times;
   2. one jitted rollout: sample from the live policy params, then the training forward for
      the policy / reference log-probs, values and the reward model's score;
-  3. on the host: decode, call the reward functions, EOS penalty, normalise, clip;
-  4. one jitted advantage computation (GAE, or group-normalised for GRPO);
+  3. on the host: decode, call the reward functions (with the prompt rows' other columns),
+     EOS penalty, normalise, clip;
+  4. one jitted advantage computation, the objective's (`objectives.py`);
   5. ppo.epochs passes of ppo.minibatches optimizer steps through the shared
      `make_train_step`, stopping early when an epoch's approx KL exceeds ppo.max_approx_kl;
   6. the KL controller, metrics, samples, monitors, checkpoint.
 
-The roles (policy, reference, value, reward) are loaded by `jaxalign.train.roles`; their
+The roles (policy, reference, value, reward) are loaded by `roles.py`; their
 sizes are logged (and written to memory.json) from param byte counts and the compiled
 programs' memory analysis before the first update.
 
@@ -34,22 +35,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxalign import sharding
-from jaxalign.checkpoint import TrainCheckpoints
+from jaxalign import runtime, sharding
 from jaxalign.config import JaxalignError
 from jaxalign.generate import eos_ids_for
 from jaxalign.losses.ppo import adaptive_kl_update
-from jaxalign.metrics import MetricsWriter, Progress, _truncate_jsonl
+from jaxalign.metrics import MetricsWriter, Progress, truncate_jsonl
 from jaxalign.models import lora
 from jaxalign.tokenizer import load_tokenizer
-from jaxalign.train import ppo, rollout as R
-from jaxalign.train.loop import NonFiniteLossError, _StopFlag, put_batch
+from jaxalign.train.loop import BadStepGuard, StopFlag, put_batch, start_or_resume
 from jaxalign.train.optim import make_optimizer
-from jaxalign.train.reward import Rewarder, RewardFunctionError, RunningMoments, \
+from jaxalign.train.rl import objectives, prompts as RP, rollout as R
+from jaxalign.train.rl.config import RLConfig
+from jaxalign.train.rl.rewards import Rewarder, RewardFunctionError, RunningMoments, \
     check_reward_model_dir
-from jaxalign.train.roles import Roles, build_roles, memory_report, nbytes
-from jaxalign.train.sft import write_run_config
-from jaxalign.train.step import init_state, jit_train_step, make_train_step
+from jaxalign.train.rl.roles import Roles, build_roles, memory_report, nbytes
+from jaxalign.train.setup import export_hf, run_recipe
+from jaxalign.train.step import jit_train_step, make_train_step
 
 log = logging.getLogger(__name__)
 
@@ -97,11 +98,31 @@ def _mean_metrics(records: list[dict]) -> dict:
     return {k: float(np.mean([r[k] for r in records])) for k in keys}
 
 
-def run_rl(cfg: ppo.RLConfig, raw_config: dict | None = None, devices=None) -> dict[str, float]:
-    """Runs (or resumes) PPO / GRPO in cfg.out_dir; returns the last iteration's metrics."""
-    run_dir = Path(cfg.out_dir)
-    raw = raw_config if raw_config is not None else json.loads(json.dumps(dataclasses.asdict(cfg)))
-    mesh = sharding.make_mesh(cfg.mesh, devices)
+@dataclasses.dataclass
+class Loaded:
+    """What `run_recipe` loads for an RL run: the roles, the tokenizer, the prompts and the
+    reward sources; .cfg / .hf_config / .tok_dir describe the policy (run.json)."""
+    roles: Roles
+    tokenizer: object
+    prompts: RP.Prompts
+    rewarder: Rewarder
+
+    @property
+    def cfg(self):
+        return self.roles.models.policy
+
+    @property
+    def hf_config(self) -> dict:
+        return self.roles.hf_config
+
+    @property
+    def tok_dir(self) -> str:
+        return self.roles.tok_dir
+
+
+def load(cfg: RLConfig, mesh) -> Loaded:
+    """Checks what can fail cheaply first (rows over the mesh, reward function names, the
+    reward model's kind, the prompts), then loads every role."""
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     if cfg.rollout.rows % shards or cfg.minibatch_rows % (shards * cfg.train.grad_accum):
         raise JaxalignError(f"{cfg.rollout.rows} rollout rows / minibatches of "
@@ -114,37 +135,47 @@ def run_rl(cfg: ppo.RLConfig, raw_config: dict | None = None, devices=None) -> d
 
     def tokenizer_and_prompts(tok_dir):
         tok = load_tokenizer(tok_dir)
-        holder["prompts"] = R.read_prompts(cfg.data, tok)
+        holder["prompts"] = RP.read_prompts(cfg.data, tok)
         return tok
 
-    with jax.set_mesh(mesh):
-        roles, tokenizer = build_roles(cfg, mesh, tokenizer_and_prompts)
-        write_run_config(run_dir, raw, cfg.algorithm)  # run.json: how to load it back
-        prompts = holder["prompts"]
-        log.info("%s: %d prompts; %s, %d iterations of %d prompts x %d generation(s)",
-                 prompts.name, len(prompts.ids), cfg.algorithm, cfg.train.iterations,
-                 cfg.rollout.batch_size, cfg.rollout.num_generations)
-        return _Run(cfg, run_dir, mesh, roles, tokenizer, prompts, rewarder, raw).run()
+    roles, tokenizer = build_roles(cfg, mesh, tokenizer_and_prompts)
+    prompts = holder["prompts"]
+    log.info("%s: %d prompts; %s, %d iterations of %d prompts x %d generation(s)",
+             prompts.name, len(prompts.ids), cfg.algorithm, cfg.train.iterations,
+             cfg.rollout.batch_size, cfg.rollout.num_generations)
+    return Loaded(roles, tokenizer, prompts, rewarder)
+
+
+def run_rl(cfg: RLConfig, raw_config: dict | None = None, devices=None) -> dict[str, float]:
+    """Runs (or resumes) an RL objective in cfg.out_dir; returns the last iteration's metrics."""
+    return run_recipe(cfg, raw_config, devices, algorithm=cfg.algorithm, load=load,
+                      run=lambda c, loaded, run_dir, mesh, raw: _Run(c, run_dir, mesh, loaded,
+                                                                     raw).run(),
+                      policy_path=("policy",))
 
 
 class _Run:
     """The state of one run; `run` is the loop. A class only to keep the loop body short."""
 
-    def __init__(self, cfg, run_dir, mesh, roles: Roles, tokenizer, prompts, rewarder, raw):
-        self.cfg, self.run_dir, self.mesh, self.roles = cfg, run_dir, mesh, roles
-        self.tokenizer, self.prompts, self.rewarder, self.raw = tokenizer, prompts, rewarder, raw
-        self.eos_ids = eos_ids_for(tokenizer, roles.tok_dir)
+    def __init__(self, cfg, run_dir: Path, mesh, loaded: Loaded, raw: dict):
+        self.cfg, self.run_dir, self.mesh, self.raw = cfg, run_dir, mesh, raw
+        self.roles, self.tokenizer = loaded.roles, loaded.tokenizer
+        self.prompts, self.rewarder = loaded.prompts, loaded.rewarder
+        tokenizer = loaded.tokenizer
+        self.eos_ids = eos_ids_for(tokenizer, loaded.tok_dir)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
-        self.P = R.prompt_length(prompts)
-        self.obj = ppo.Objective.of(cfg)
+        self.P = RP.prompt_length(loaded.prompts)
+        self.obj = objectives.Settings.of(cfg)
         self.sampling = R.Sampling(
             max_new_tokens=cfg.rollout.max_new_tokens, temperature=float(cfg.rollout.temperature),
             top_p=float(cfg.rollout.top_p), top_k=cfg.rollout.top_k, eos_ids=self.eos_ids,
             pad_id=int(self.pad_id), decode_scan_layers=cfg.rollout.decode_scan_layers,
+            decode_dtype=cfg.rollout.decode_dtype,
             logits_chunk=cfg.train.logits_chunk)
-        self.stream = R.PromptStream(len(prompts.ids), cfg.rollout.batch_size,
+        self.stream = RP.PromptStream(len(loaded.prompts.ids), cfg.rollout.batch_size,
                                      seed=cfg.data.seed, shuffle=cfg.data.shuffle)
-        self.kl_coef = cfg.ppo.kl_coef if cfg.algorithm == "ppo" else cfg.grpo.beta
+        # The coefficient of the objective's KL term (traced into the advantages; logged).
+        self.kl_coef = cfg.ppo.kl_coef if cfg.objective.kl_in_reward else cfg.grpo.beta
 
     # -- programs ---------------------------------------------------------------------------
     def _compile(self, state):
@@ -172,18 +203,18 @@ class _Run:
                    "lengths_B": sds((rows,), i32)}
         self.adv_fn = compiled(
             ("advantages", obj),
-            lambda: jax.jit(lambda *a: ppo.advantages(obj, *a)),
+            lambda: jax.jit(lambda *a: objectives.advantages(obj, *a)),
             exp_abs, sds((rows,), f32), sds((), f32, rep))
         optimizer, schedule = make_optimizer(cfg.optim, cfg.total_steps)
         batch_abs = {k: sds((mb, T if k.endswith("_BT") else N), i32 if k in (
             "tokens_BT", "positions_BT", "segment_ids_BT", "response_BN", "mask_BN") else f32)
-            for k in ppo.TRAIN_KEYS}
+            for k in objectives.TRAIN_KEYS}
         state_sh = jax.tree.map(lambda x: x.sharding, state)
         # A constant schedule (after warmup) does not depend on the run's length.
         span = 0 if cfg.optim.schedule == "constant" else cfg.total_steps
         self.step_fn = compiled(
             ("train", loss_models, obj, cfg.optim, span, cfg.train.grad_accum),
-            lambda: jit_train_step(make_train_step(ppo.make_loss_fn(loss_models, obj), optimizer,
+            lambda: jit_train_step(make_train_step(objectives.make_loss_fn(loss_models, obj), optimizer,
                                                    schedule, grad_accum=cfg.train.grad_accum),
                                    state_sh, frozen_sh, bsh),
             _abstract(state), _abstract(roles.frozen), batch_abs)
@@ -194,8 +225,8 @@ class _Run:
         """Rollout + rewards + advantages -> (host batch, metrics, samples). Touches no state
         except the reward moments, and those only after every reward function succeeded."""
         cfg, G = self.cfg, self.cfg.rollout.num_generations
-        idx = np.repeat(self.stream.next(), G)   # GRPO groups: consecutive rows
-        prompt_BP, mask_BP = R.stack_prompts(self.prompts, idx, self.pad_id, self.P)
+        idx = np.repeat(self.stream.next(), G)   # a prompt's group: consecutive rows
+        prompt_BP, mask_BP = RP.stack_prompts(self.prompts, idx, self.pad_id, self.P)
         key = jax.random.fold_in(jax.random.fold_in(state.rng, _ROLLOUT_SALT), it)
         rep = sharding.replicated(self.mesh)
         dev = put_batch({"p": prompt_BP, "m": mask_BP}, self.mesh)
@@ -206,7 +237,8 @@ class _Run:
         lengths, eos = host["lengths_B"], R.has_eos(host["response_BN"], host["lengths_B"], self.eos_ids)
         completions = R.decode(self.tokenizer, host["response_BN"], lengths)
         texts = [self.prompts.texts[i] for i in idx]
-        raw, parts = self.rewarder.raw(texts, completions, host["rm_score_B"], eos)
+        raw, parts = self.rewarder.raw(texts, completions, host["rm_score_B"], eos,
+                                       self.prompts.columns_of(idx))
         scores = self.rewarder.normalise(raw).astype(np.float32)
         adv_in = put_batch({k: host[k] for k in ("mask_BN", "old_logp_BN", "ref_logp_BN",
                                                   "values_BN", "lengths_B")}, self.mesh)
@@ -222,7 +254,7 @@ class _Run:
                    "logprob_gap": float(np.abs(host["sampler_logp_BN"] - host["old_logp_BN"])[mask].max())}
         if "explained_variance" in adv:
             metrics["explained_variance"] = float(adv["explained_variance"])
-        batch = {k: host[k] for k in ppo.TRAIN_KEYS if k in host}
+        batch = {k: host[k] for k in objectives.TRAIN_KEYS if k in host}
         batch.update(advantages_BN=np.asarray(adv["advantages_BN"]),
                      returns_BN=np.asarray(adv["returns_BN"]))
         samples = [{"prompt": texts[r], "completion": completions[r], "reward": float(raw[r]),
@@ -234,7 +266,7 @@ class _Run:
         """ppo.epochs x ppo.minibatches optimizer steps -> (state, averaged step metrics)."""
         cfg = self.cfg
         rng = np.random.default_rng([cfg.train.seed, it])
-        records, epochs = [], 0
+        records, epochs, skipped_before = [], 0, self.guard.skipped
         for epoch in range(cfg.ppo.epochs):
             perm = rng.permutation(cfg.rollout.rows)
             epoch_records = []
@@ -243,7 +275,7 @@ class _Run:
                 state, out = self.step_fn(state, self.roles.frozen,
                                           put_batch({k: v[rows] for k, v in batch.items()}, self.mesh))
                 out = {k: float(v) for k, v in jax.device_get(out).items()}
-                self._check_finite(out, it, saved_at)
+                self.guard.check(out, it, saved_at)
                 epoch_records.append(out)
             records += epoch_records
             epochs += 1
@@ -257,23 +289,8 @@ class _Run:
         metrics.pop("finite", None)
         metrics.pop("weight", None)
         metrics["train_entropy"] = metrics.pop("entropy")
-        metrics.update(epochs=float(epochs), skipped=float(self._skipped))
+        metrics.update(epochs=float(epochs), skipped=float(self.guard.skipped - skipped_before))
         return state, metrics
-
-    def _check_finite(self, out: dict, it: int, saved_at: int) -> None:
-        if out["finite"] > 0:
-            self._bad = 0
-            return
-        self._bad += 1
-        self._skipped += 1
-        msg = (f"iteration {it}: non-finite loss {out['loss']} / grad norm {out['grad_norm']}; "
-               f"params left unchanged")
-        if self._bad > self.cfg.train.max_bad_steps:
-            raise NonFiniteLossError(
-                f"{msg}. Stopping: {self._bad} bad step(s) in a row > train.max_bad_steps="
-                f"{self.cfg.train.max_bad_steps}. The last good checkpoint (iteration {saved_at}) "
-                f"in {self.run_dir / 'checkpoints'} is intact.")
-        log.warning("%s (skipped, %d in a row)", msg, self._bad)
 
     def _monitors(self, metrics: dict, it: int) -> str | None:
         mon = self.cfg.monitor
@@ -293,18 +310,14 @@ class _Run:
     # -- the loop -------------------------------------------------------------------------------
     def run(self) -> dict[str, float]:
         cfg, run_dir = self.cfg, self.run_dir
+        runtime.count_compilations()  # perf.jsonl shows any recompilation after warm-up
         optimizer, _ = make_optimizer(cfg.optim, cfg.total_steps)
-        state = jax.jit(init_state, static_argnums=(1, 2))(self.roles.trainable, optimizer,
-                                                           cfg.train.seed)
-        state_sh = jax.tree.map(lambda x: x.sharding, state)
-        ckpts = TrainCheckpoints(run_dir, keep=cfg.train.keep_checkpoints)
-        start = ckpts.latest_step() or 0
-        if start:
-            state, meta = ckpts.restore(start, state, state_sh)
+        state, _, ckpts, start, meta = start_or_resume(run_dir, self.roles.trainable, optimizer,
+                                                       cfg.train.seed, cfg.train.keep_checkpoints)
+        if meta is not None:
             self.stream.restore(meta["prompts"])
             self.kl_coef = float(meta["kl_coef"])
             self.rewarder.moments = RunningMoments.from_state(meta["reward_moments"])
-            log.info("resumed %s at iteration %d", run_dir, start)
         self.roles.trainable = None  # the state owns (and donates) the trainable params now
         programs = self._compile(state)
         memory_report(run_dir, self.roles, cfg, nbytes(state.opt_state), programs)
@@ -312,9 +325,10 @@ class _Run:
         writer = MetricsWriter(run_dir, resume_step=start, tensorboard=cfg.train.tensorboard,
                                wandb_project=cfg.train.wandb_project, run_config=self.raw)
         if jax.process_index() == 0:
-            _truncate_jsonl(run_dir / "samples.jsonl", start)
+            truncate_jsonl(run_dir / "samples.jsonl", start)
         progress = Progress(cfg.train.iterations, start, enabled=cfg.train.progress)
-        self._bad, saved_at, last = 0, start, {}
+        self.guard = BadStepGuard(cfg.train.max_bad_steps, ckpts.dir, unit="iteration")
+        saved_at, last = start, {}
         meta = self._meta(start)
 
         def save(it, meta):
@@ -323,10 +337,9 @@ class _Run:
             saved_at = it
 
         try:
-            with _StopFlag() as stop:
+            with StopFlag() as stop:
                 for it in range(start + 1, cfg.train.iterations + 1):
                     t0 = time.perf_counter()
-                    self._skipped = 0
                     try:
                         batch, metrics, samples = self._experience(state, it)
                     except RewardFunctionError as e:
@@ -339,13 +352,14 @@ class _Run:
                     t1 = time.perf_counter()
                     state, step_metrics = self._update(state, batch, it, saved_at)
                     metrics.update(step_metrics)
-                    if cfg.algorithm == "ppo" and cfg.ppo.kl_target is not None:
+                    if cfg.objective.kl_in_reward and cfg.ppo.kl_target is not None:
                         self.kl_coef = adaptive_kl_update(
                             self.kl_coef, metrics["kl"], cfg.rollout.rows,
                             target=cfg.ppo.kl_target, horizon=cfg.ppo.kl_horizon)
                     dt = time.perf_counter() - t0
                     perf = {"iteration_s": dt, "rollout_s": t1 - t0, "update_s": dt - (t1 - t0),
-                            "tokens_per_s": metrics["response_length"] * cfg.rollout.rows / dt}
+                            "tokens_per_s": metrics["response_length"] * cfg.rollout.rows / dt,
+                            **runtime.compile_stats()}
                     writer.write(it, metrics, perf)
                     progress.update(it, metrics, perf)
                     last = metrics
@@ -384,9 +398,6 @@ class _Run:
                     f.write(json.dumps({"step": it, **s}, ensure_ascii=False) + "\n")
 
     def _export(self, state) -> None:
-        from jaxalign.convert import hf
-        cfg = self.roles.models.policy
-        merged_cfg, merged = lora.merge(cfg, lora.combine(state.params["policy"],
-                                                          self.roles.frozen["policy"]))
-        hf.save(self.run_dir / "hf", merged_cfg, merged, hf_config=self.roles.hf_config,
-                source_dir=self.roles.tok_dir)
+        export_hf(self.run_dir / "hf", self.roles.models.policy,
+                  lora.combine(state.params["policy"], self.roles.frozen["policy"]),
+                  self.roles.hf_config, self.roles.tok_dir)

@@ -1,0 +1,224 @@
+"""Every key of an RL run's YAML (`jaxalign ppo`), except the shared model / lora / optim /
+mesh sections of `jaxalign.config`.
+
+`algorithm` picks a row of the objectives table (`objectives.OBJECTIVES`); validation reads
+that row's properties (group size, value model), never its name. The `ppo` section holds the
+policy-gradient settings every objective uses (epochs, minibatches, clipping) and the KL
+penalty of objectives that put it in the reward; `grpo` the in-loss KL coefficient and the
+group normalisation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from jaxalign.config import ConfigError, OptimConfig, RunConfig
+from jaxalign.data.config import DatasetSpec
+from jaxalign.train.rl.objectives import OBJECTIVES, Objective
+
+NORMALIZE = ("none", "batch", "running")
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PromptDataConfig:
+    """prompts         a dataset (path or spec) whose rows hold "prompt" (a string or a message
+                       list) or "messages" (a trailing assistant turn is dropped); its other
+                       columns reach the reward functions as keyword arguments.
+    chat            render with the tokenizer's chat template + generation prompt.
+    max_prompt_len  longer prompts are dropped (counted and logged), not cut.
+    shuffle, seed   a fresh seeded permutation of the prompts every epoch."""
+    prompts: DatasetSpec | str
+    chat: bool = False
+    max_prompt_len: int = 256
+    shuffle: bool = True
+    seed: int = 0
+
+    def __post_init__(self):
+        object.__setattr__(self, "prompts", DatasetSpec.coerce(self.prompts, "data.prompts"))
+        _check(self.max_prompt_len >= 1, f"data.max_prompt_len must be >= 1, got {self.max_prompt_len}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RewardConfig:
+    """model                reward model directory (or null)
+    functions            'module:function' reward functions (summed with the model's score)
+    weights              one weight per source, the model first (default: all 1)
+    missing_eos_penalty  subtracted from the score of a completion that did not end with EOS
+    normalize            'none', 'batch' (whiten over the rollout) or 'running' (whiten with
+                         running mean / std over all rollouts so far, kept in the checkpoint)
+    clip                 clip the (normalised) score to [-clip, clip]"""
+    model: str | None = None
+    functions: tuple[str, ...] = ()
+    weights: tuple[float, ...] = ()
+    missing_eos_penalty: float | None = None
+    normalize: str = "none"
+    clip: float | None = None
+
+    def __post_init__(self):
+        if isinstance(self.functions, str):
+            object.__setattr__(self, "functions", (self.functions,))
+        _check(self.model is not None or bool(self.functions),
+               "reward: give reward.model, reward.functions or both")
+        n = len(self.functions) + (self.model is not None)
+        _check(not self.weights or len(self.weights) == n,
+               f"reward.weights has {len(self.weights)} entries for {n} reward "
+               f"source(s) (the model first, then each function)")
+        for name in self.functions:
+            _check(isinstance(name, str) and name.count(":") == 1 and all(name.split(":")),
+                   f"reward.functions: {name!r} is not of the form module:function")
+        _check(self.normalize in NORMALIZE,
+               f"reward.normalize {self.normalize!r}: expected one of {NORMALIZE}")
+        _check(self.clip is None or self.clip > 0,
+               f"reward.clip must be positive or null, got {self.clip}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RolloutConfig:
+    batch_size: int = 16            # prompts per iteration
+    num_generations: int = 1        # completions per prompt (the group of GRPO / RLOO)
+    max_new_tokens: int = 64
+    temperature: float = 1.0        # the policy distribution PPO optimises is softmax(logits / T)
+    top_p: float = 1.0
+    top_k: int = 0
+    decode_scan_layers: bool | None = None  # the prefill's layer form; None: as model.scan_layers
+    # Compute dtype of sampling; None: the policy's. bfloat16 decodes from bf16 copies of the
+    # weights (half the bytes a step reads); the log-probs PPO trains on still come from the
+    # training forward, and `logprob_gap` reports how far the sampler's own ones drift.
+    decode_dtype: str | None = None
+
+    def __post_init__(self):
+        for key in ("batch_size", "num_generations", "max_new_tokens"):
+            _check(getattr(self, key) >= 1, f"rollout.{key} must be >= 1, got {getattr(self, key)}")
+        _check(self.temperature > 0, f"rollout.temperature must be > 0 (sampling), got {self.temperature}")
+        _check(0 < self.top_p <= 1, f"rollout.top_p must be in (0, 1], got {self.top_p}")
+        _check(self.top_k >= 0, f"rollout.top_k must be >= 0, got {self.top_k}")
+        _check(self.decode_dtype in (None, "float32", "bfloat16"),
+               f"rollout.decode_dtype must be float32 or bfloat16, got {self.decode_dtype!r}")
+
+    @property
+    def rows(self) -> int:
+        return self.batch_size * self.num_generations
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PPOAlgoConfig:
+    """The policy-gradient update of every objective; kl_* and the value settings apply to
+    the objectives whose properties ask for them (KL in the reward, a value model)."""
+    epochs: int = 4                 # passes over each rollout
+    minibatches: int = 1            # optimizer steps per pass
+    clip_eps: float = 0.2
+    value_clip_eps: float = 0.2
+    vf_coef: float = 0.1
+    ent_coef: float = 0.0           # entropy bonus
+    gamma: float = 1.0
+    lam: float = 0.95
+    whiten_advantages: bool = True
+    kl_kind: str = "k1"             # per-token KL estimator in the reward: k1 or k3
+    kl_coef: float = 0.05           # fixed, or the adaptive controller's start
+    kl_target: float | None = None  # adaptive KL controller when set (per-sequence KL)
+    kl_horizon: float = 10000.0
+    max_approx_kl: float | None = None  # stop the epochs once an epoch's approx KL exceeds it
+    value_model: str = "shared"     # 'shared' head on the policy trunk or a 'separate' critic
+    critic_init: str = "policy"     # separate critic: from the 'policy' or the 'reward' model
+
+    def __post_init__(self):
+        _check(self.epochs >= 1 and self.minibatches >= 1, "ppo.epochs and ppo.minibatches must be >= 1")
+        _check(self.clip_eps > 0 and self.value_clip_eps > 0, "ppo.clip_eps and ppo.value_clip_eps must be > 0")
+        _check(self.kl_kind in ("k1", "k3"), f"ppo.kl_kind {self.kl_kind!r}: expected k1 or k3")
+        _check(self.kl_coef >= 0, f"ppo.kl_coef must be >= 0, got {self.kl_coef}")
+        _check(self.kl_target is None or self.kl_target > 0, "ppo.kl_target must be positive or null")
+        _check(self.kl_horizon > 0, "ppo.kl_horizon must be positive")
+        _check(self.value_model in ("shared", "separate"),
+               f"ppo.value_model {self.value_model!r}: expected shared or separate")
+        _check(self.critic_init in ("policy", "reward"),
+               f"ppo.critic_init {self.critic_init!r}: expected policy or reward")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GRPOConfig:
+    beta: float = 0.04              # coefficient of the k3 KL term in the loss
+    scale_rewards: bool = True      # divide by the group's std (False: Dr. GRPO, centre only)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MonitorConfig:
+    entropy_floor: float | None = None  # mean per-token entropy (nats) below this ...
+    kl_ceiling: float | None = None     # ... or per-sequence KL above this ...
+    action: str = "warn"                # ... 'warn' or 'stop' (after checkpointing the iteration)
+
+    def __post_init__(self):
+        _check(self.action in ("warn", "stop"), f"monitor.action {self.action!r}: expected warn or stop")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RLTrainConfig:
+    iterations: int                 # rollout -> update cycles
+    seed: int = 0
+    grad_accum: int = 1             # micro-batches per minibatch step
+    save_every: int = 0             # 0: only at the end (and on SIGTERM / SIGINT / errors)
+    keep_checkpoints: int = 3
+    sample_every: int = 10          # write sample completions every N iterations (0: never)
+    num_samples: int = 2
+    max_bad_steps: int = 0          # non-finite steps in a row allowed before the run stops
+    logits_chunk: int = 128         # response positions per LM-head chunk
+    tensorboard: bool = True
+    wandb_project: str | None = None
+    progress: bool = True
+    export_hf: bool = False
+
+    def __post_init__(self):
+        for key in ("iterations", "grad_accum", "keep_checkpoints", "logits_chunk"):
+            _check(getattr(self, key) >= 1, f"train.{key} must be >= 1, got {getattr(self, key)}")
+        for key in ("save_every", "sample_every", "num_samples", "max_bad_steps"):
+            _check(getattr(self, key) >= 0, f"train.{key} must be >= 0, got {getattr(self, key)}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RLConfig(RunConfig):
+    """out_dir, model, lora and mesh as every recipe (`RunConfig`); its own train section."""
+    algorithm: str = "ppo"          # a row of objectives.OBJECTIVES
+    data: PromptDataConfig
+    reward: RewardConfig
+    train: RLTrainConfig
+    optim: OptimConfig = OptimConfig(lr=1e-5)
+    rollout: RolloutConfig = RolloutConfig()
+    ppo: PPOAlgoConfig = PPOAlgoConfig()
+    grpo: GRPOConfig = GRPOConfig()
+    monitor: MonitorConfig = MonitorConfig()
+
+    def __post_init__(self):
+        _check(self.algorithm in OBJECTIVES,
+               f"algorithm {self.algorithm!r}: expected one of {tuple(OBJECTIVES)}")
+        obj, rows = self.objective, self.rollout.rows
+        _check(self.rollout.num_generations >= obj.min_generations,
+               f"algorithm {self.algorithm} needs rollout.num_generations >= "
+               f"{obj.min_generations} (a group to compare within)")
+        _check(rows % self.ppo.minibatches == 0,
+               f"rollout.batch_size x rollout.num_generations = {rows} rows must split into "
+               f"ppo.minibatches = {self.ppo.minibatches}")
+        _check((rows // self.ppo.minibatches) % self.train.grad_accum == 0,
+               f"a minibatch of {rows // self.ppo.minibatches} rows must split into "
+               f"train.grad_accum = {self.train.grad_accum} micro-batches")
+        _check(not (obj.needs_value and self.ppo.value_model == "separate"
+                    and self.ppo.critic_init == "reward" and self.reward.model is None),
+               "ppo.critic_init: reward needs reward.model")
+
+    @property
+    def objective(self) -> Objective:
+        return OBJECTIVES[self.algorithm]
+
+    @property
+    def minibatch_rows(self) -> int:
+        return self.rollout.rows // self.ppo.minibatches
+
+    @property
+    def total_steps(self) -> int:
+        """Optimizer steps if no epoch stops early (what the LR schedule spans)."""
+        return self.train.iterations * self.ppo.epochs * self.ppo.minibatches
+
+

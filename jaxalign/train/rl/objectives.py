@@ -1,0 +1,138 @@
+"""The RL objectives table: each algorithm is one row of properties and pure functions.
+
+The driver, the roles and the config read a row's properties, never its name:
+
+  needs_value      a value head / critic is trained beside the policy (PPO)
+  kl_in_reward     KL(policy || reference) is taken off the reward with coefficient
+                   ppo.kl_coef (adaptive with ppo.kl_target), estimator ppo.kl_kind; False:
+                   grpo.beta x the k3 estimator is added to the loss instead, as TRL's GRPO
+  min_generations  completions per prompt it needs (a group to compare within)
+  advantage_fn     `jaxalign.losses.ppo` advantage function: (scores_B, **arrays and
+                   settings) -> (advantages_BN, returns_BN)
+  policy_loss_fn   the clipped surrogate on the advantages
+
+A new objective is a pure advantage (or loss) function in `jaxalign.losses` and one row here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from jaxalign.losses import ppo as L
+from jaxalign.models import lora
+from jaxalign.train.rl.rollout import Models, policy_forward, values
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    name: str
+    needs_value: bool
+    kl_in_reward: bool
+    min_generations: int
+    advantage_fn: Callable
+    policy_loss_fn: Callable = L.policy_loss
+
+
+OBJECTIVES: dict[str, Objective] = {o.name: o for o in (
+    # GAE over a value head / critic; the KL penalty on every token of the reward.
+    Objective("ppo", needs_value=True, kl_in_reward=True, min_generations=1,
+              advantage_fn=L.gae_token_advantages),
+    # The score normalised within its prompt's group; k3 KL in the loss (TRL's GRPOTrainer).
+    Objective("grpo", needs_value=False, kl_in_reward=False, min_generations=2,
+              advantage_fn=L.group_sequence_advantages),
+    # Leave-one-out baseline over each prompt's group; the sequence KL off the score (TRL's
+    # RLOOTrainer: ppo.kl_coef is its beta, ppo.kl_kind k1 its estimator).
+    Objective("rloo", needs_value=False, kl_in_reward=True, min_generations=2,
+              advantage_fn=L.rloo_sequence_advantages),
+)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """An objective with its static settings: hashable, part of the compile cache key."""
+    objective: Objective
+    temperature: float
+    logits_chunk: int
+    clip_eps: float
+    value_clip_eps: float
+    vf_coef: float
+    ent_coef: float
+    gamma: float
+    lam: float
+    whiten_advantages: bool
+    kl_kind: str
+    kl_loss_coef: float
+    group_size: int
+    scale_rewards: bool
+
+    @classmethod
+    def of(cls, cfg) -> "Settings":
+        """From an `RLConfig`."""
+        obj, p = cfg.objective, cfg.ppo
+        return cls(objective=obj, temperature=float(cfg.rollout.temperature),
+                   logits_chunk=cfg.train.logits_chunk, clip_eps=p.clip_eps,
+                   value_clip_eps=p.value_clip_eps, vf_coef=p.vf_coef, ent_coef=p.ent_coef,
+                   gamma=p.gamma, lam=p.lam, whiten_advantages=p.whiten_advantages,
+                   kl_kind=p.kl_kind if obj.kl_in_reward else "k3", kl_loss_coef=cfg.grpo.beta,
+                   group_size=cfg.rollout.num_generations, scale_rewards=cfg.grpo.scale_rewards)
+
+
+def _masked_mean(x_BN, mask_BN):
+    return (x_BN * mask_BN).sum() / jnp.maximum(mask_BN.sum(), 1.0)
+
+
+def advantages(s: Settings, exp: dict, scores_B: jax.Array, kl_coef: jax.Array) -> dict:
+    """Advantages and returns of a scored rollout, plus the KL figures. Pure; jit with `s`
+    static. `kl_coef` is traced, so the adaptive controller never recompiles."""
+    mask_BN = exp["mask_BN"].astype(jnp.float32)
+    kl_BN = L.kl_penalty(exp["old_logp_BN"], exp["ref_logp_BN"], s.kl_kind) * mask_BN
+    adv_BN, ret_BN = s.objective.advantage_fn(
+        scores_B, mask_BN=mask_BN, values_BN=exp["values_BN"], kl_BN=kl_BN, kl_coef=kl_coef,
+        lengths_B=exp["lengths_B"], gamma=s.gamma, lam=s.lam,
+        whiten_advantages=s.whiten_advantages, group_size=s.group_size,
+        scale_rewards=s.scale_rewards)
+    out = {"kl_B": kl_BN.sum(1), "kl_token": _masked_mean(kl_BN, mask_BN),
+           "advantages_BN": adv_BN, "returns_BN": ret_BN}
+    if s.objective.needs_value:
+        out["explained_variance"] = L.explained_variance(exp["values_BN"], ret_BN, mask_BN)
+    return out
+
+
+TRAIN_KEYS = ("tokens_BT", "positions_BT", "segment_ids_BT", "response_BN", "mask_BN",
+              "old_logp_BN", "ref_logp_BN", "values_BN", "advantages_BN", "returns_BN")
+
+
+def make_loss_fn(models: Models, s: Settings):
+    """loss_fn(trainable, frozen, batch, rng) for the shared train step. Dropout stays off:
+    the ratio must be 1 before the first update (the old log-probs had none)."""
+    obj = s.objective
+
+    def loss_fn(trainable, frozen, batch, rng):
+        del rng
+        policy = lora.combine(trainable["policy"], frozen["policy"])
+        mask_BN = batch["mask_BN"].astype(jnp.float32)
+        logp_BN, ent_BN, hidden_BND = policy_forward(models.policy, policy, batch,
+                                                     temperature=s.temperature,
+                                                     chunk=s.logits_chunk)
+        loss, metrics = obj.policy_loss_fn(logp_BN, batch["old_logp_BN"], batch["advantages_BN"],
+                                           mask_BN, clip_eps=s.clip_eps)
+        entropy = _masked_mean(ent_BN, mask_BN)
+        loss = loss - s.ent_coef * entropy
+        metrics = dict(metrics, entropy=jax.lax.stop_gradient(entropy))
+        if obj.needs_value:
+            v_BN = values(models, trainable, frozen, batch, hidden_BND)
+            vloss, vmetrics = L.value_loss(v_BN, batch["values_BN"], batch["returns_BN"], mask_BN,
+                                           clip_eps=s.value_clip_eps)
+            loss = loss + s.vf_coef * vloss
+            metrics.update(vmetrics)
+        if not obj.kl_in_reward:
+            kl = _masked_mean(L.kl_penalty(logp_BN, batch["ref_logp_BN"], s.kl_kind), mask_BN)
+            loss = loss + s.kl_loss_coef * kl
+            metrics["kl_loss"] = jax.lax.stop_gradient(kl)
+        metrics["weight"] = mask_BN.sum()
+        return loss, metrics
+    return loss_fn

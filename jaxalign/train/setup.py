@@ -1,0 +1,102 @@
+"""What every training recipe does the same way: load the policy (with LoRA), start a run
+directory, export at the end; and `run_recipe`, the skeleton all four recipes share.
+
+A supervised recipe (sft.py, rm.py, dpo.py) is then: a config class, a loss, a `load`
+(the models it trains and holds frozen) and a `task` (its data and loss for the loop).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+
+from jaxalign import checkpoint, sharding
+from jaxalign.config import LoRAConfig, ModelConfig, ModelSource
+from jaxalign.convert import hf
+from jaxalign.models import functional, lora
+from jaxalign.tokenizer import load_tokenizer
+from jaxalign.train.loop import Task, resolved_config, train, write_run_files
+
+
+@dataclasses.dataclass
+class Loaded:
+    """A recipe's models, as the loop takes them."""
+    cfg: ModelConfig               # the trained model (LoRA settings included)
+    trainable: Any
+    frozen: Any
+    frozen_shardings: Any
+    hf_config: dict
+    tok_dir: Path | str
+    base: Any = None               # the trained model's frozen part (LoRA base); None: frozen
+    extra: dict = dataclasses.field(default_factory=dict)   # recipe-specific (DPO: ref_cfg)
+
+
+def load_policy(source: ModelSource, lora_cfg: LoRAConfig, mesh, seed: int) -> Loaded:
+    """The policy from any model source; with LoRA, fresh adapters train and the base is frozen."""
+    cfg, params, hf_config, tok_dir = checkpoint.load_model(source.path, mesh, **source.runtime())
+    cfg = lora_cfg.apply_to(cfg)
+    shardings = functional.param_shardings(cfg, mesh)
+    if cfg.lora_rank:
+        params = lora.add_adapters(cfg, params, mesh, seed)
+        trainable, frozen = lora.split(params)
+        frozen_sh = lora.split(shardings)[1]
+    else:
+        trainable, frozen, frozen_sh = params, {}, {}
+    return Loaded(cfg, trainable, frozen, frozen_sh, hf_config, tok_dir)
+
+
+def pair_rows(batch: dict) -> dict:
+    """(B, 2, T) pair arrays -> (2B, T) rows: chosen of pair b at row 2b, rejected at 2b + 1."""
+    return {k: batch[k].reshape(-1, batch[k].shape[-1])
+            for k in ("tokens", "targets", "loss_mask", "segment_ids", "positions")}
+
+
+def export_hf(out_dir: Path, cfg: ModelConfig, params, hf_config: dict, tok_dir,
+              **save_kw) -> Path:
+    """LoRA merged, then an HF directory that transformers loads."""
+    merged_cfg, merged = lora.merge(cfg, params)
+    return hf.save(out_dir, merged_cfg, merged, hf_config=hf_config, source_dir=tok_dir, **save_kw)
+
+
+def run_recipe(cfg, raw_config: dict | None, devices, *, algorithm: str,
+               load: Callable[[Any, Any], Any], run: Callable[..., dict[str, float]],
+               policy_path: tuple[str, ...] = ()) -> dict[str, float]:
+    """The skeleton of every recipe (sft, rm, dpo, the RL driver): the resolved config, the
+    mesh, the models (loaded under the mesh), the run files that describe the trained model
+    (`checkpoint.describe_run`), then the recipe's loop; returns its last metrics.
+
+    `load(cfg, mesh)` -> the models: anything with .cfg, .hf_config and .tok_dir of the model
+    being trained (`Loaded` for the supervised recipes); `run(cfg, models, run_dir, mesh,
+    raw)` runs or resumes the loop; `policy_path`: the model's key path in the TrainState's
+    params."""
+    run_dir = Path(cfg.out_dir)
+    raw = resolved_config(cfg, raw_config)
+    mesh = sharding.make_mesh(cfg.mesh, devices)
+    with jax.set_mesh(mesh):
+        models = load(cfg, mesh)
+        write_run_files(run_dir, raw, algorithm=algorithm, model=models.cfg,
+                        hf_config=models.hf_config, base=cfg.model.path,
+                        tokenizer_dir=models.tok_dir, policy_path=policy_path)
+        return run(cfg, models, run_dir, mesh, raw)
+
+
+def supervised(task: Callable[[Any, Loaded, Any], tuple[Task, dict]]):
+    """`run_recipe`'s `run` for a supervised recipe: `task(cfg, models, tokenizer)` -> (the
+    loop's Task, keyword arguments of the HF export at the end when train.export_hf)."""
+    def run(cfg, models: Loaded, run_dir: Path, mesh, raw: dict) -> dict[str, float]:
+        the_task, export_kw = task(cfg, models, load_tokenizer(models.tok_dir))
+        base = models.frozen if models.base is None else models.base
+
+        def on_end(state):
+            if cfg.train.export_hf:
+                export_hf(run_dir / "hf", models.cfg, lora.combine(state.params, base),
+                          models.hf_config, models.tok_dir, **export_kw)
+
+        return train(run_dir=run_dir, cfg=cfg.train, optim=cfg.optim, mesh=mesh,
+                     trainable=models.trainable, frozen=models.frozen,
+                     frozen_shardings=models.frozen_shardings, task=the_task, run_config=raw,
+                     on_end=on_end)
+    return run

@@ -1,0 +1,144 @@
+"""The package's shape, read from its source with ast: no import circle (module- and
+function-level imports alike), no private name imported across modules, no module over 500
+lines, no algorithm chosen by comparing its name, and every recipe's YAML keys learnable
+from at most three files."""
+
+import ast
+import dataclasses
+import importlib
+import typing
+from pathlib import Path
+
+import pytest
+
+PKG = Path(__file__).resolve().parents[1] / "jaxalign"
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PKG.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {_module_name(p): p for p in PKG.rglob("*.py")}
+
+
+def _imports(name: str, path: Path):
+    """(imported module, [names]) for every import statement anywhere in the module."""
+    tree = ast.parse(path.read_text())
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                yield alias.name, []
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")
+                anchor = anchor[:len(anchor) - node.level + 1]
+                base = ".".join(anchor + ([base] if base else []))
+            names = [a.name for a in node.names]
+            # `from jaxalign.train import sft` depends on the module sft, not on the package
+            submodules = [n for n in names if f"{base}.{n}" in MODULES]
+            for n in submodules:
+                yield f"{base}.{n}", []
+            if len(submodules) < len(names):
+                yield base, [n for n in names if n not in submodules]
+
+
+def _graph() -> dict[str, set[str]]:
+    """Module -> the package modules it imports. A submodule's implicit import of its parent
+    packages is left out: Python binds a package before running its __init__, so a package
+    that re-exports its submodules is not a circle."""
+    return {name: {mod for mod, _ in _imports(name, path) if mod in MODULES} - {name}
+            for name, path in MODULES.items()}
+
+
+def _find_cycle(graph):
+    state, stack = {}, []
+
+    def visit(node):
+        state[node] = "open"
+        stack.append(node)
+        for dep in sorted(graph[node]):
+            if state.get(dep) == "open":
+                return stack[stack.index(dep):] + [dep]
+            if dep not in state:
+                found = visit(dep)
+                if found:
+                    return found
+        state[node] = "done"
+        stack.pop()
+        return None
+
+    for node in sorted(graph):
+        if node not in state:
+            found = visit(node)
+            if found:
+                return found
+    return None
+
+
+def test_cycle_finder_finds_a_cycle():
+    assert _find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert _find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_no_import_cycle():
+    assert len(MODULES) > 40
+    cycle = _find_cycle(_graph())
+    assert cycle is None, "import circle: " + " -> ".join(cycle)
+
+
+def test_checkpoint_imports_nothing_from_train():
+    deps = _graph()["jaxalign.checkpoint"]
+    assert not [d for d in deps if d.startswith("jaxalign.train")], deps
+
+
+def test_no_private_name_imported_across_modules():
+    bad = [f"{name}: from {mod} import {n}" for name, path in MODULES.items()
+           for mod, names in _imports(name, path) if mod.startswith("jaxalign")
+           for n in names if n.startswith("_")]
+    assert not bad, bad
+
+
+def test_modules_under_500_lines():
+    long = {name: n for name, path in MODULES.items()
+            if (n := len(path.read_text().splitlines())) > 500}
+    assert not long, long
+
+
+def test_no_algorithm_chosen_by_name():
+    """The RL driver, roles and config read an objective's properties, never its name."""
+    bad = []
+    for name, path in MODULES.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Compare) and any(
+                    isinstance(op, (ast.Eq, ast.NotEq)) for op in node.ops) and any(
+                    isinstance(x, ast.Attribute) and x.attr == "algorithm" or
+                    isinstance(x, ast.Name) and x.id == "algorithm"
+                    for x in [node.left, *node.comparators]):
+                bad.append(f"{name}:{node.lineno}")
+    assert not bad, bad
+
+
+def _section_modules(cls, seen=None) -> set[str]:
+    """Modules defining `cls` and every dataclass reachable through its fields."""
+    seen = set() if seen is None else seen
+    if cls in seen:
+        return set()
+    seen.add(cls)
+    out = {cls.__module__}
+    for hint in typing.get_type_hints(cls).values():
+        for t in (hint, *typing.get_args(hint)):
+            if dataclasses.is_dataclass(t):
+                out |= _section_modules(t, seen)
+    return out
+
+
+def test_recipe_configs_span_at_most_three_files():
+    from jaxalign.train.recipes import RECIPES
+    for name, recipe in RECIPES.items():
+        config_cls, run = recipe.load()
+        assert callable(run)
+        files = _section_modules(config_cls)
+        assert len(files) <= 3, (name, sorted(files))
