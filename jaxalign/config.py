@@ -230,13 +230,18 @@ class ModelSource:
     path: str                      # HF dir, jaxalign checkpoint or training run directory
     dtype: str = "float32"         # compute dtype
     param_dtype: str = "float32"
-    scan_layers: bool = False      # unrolled steps ran 2x faster on CPU; scan compiles faster
-    remat: str = "none"
+    # Layer form and rematerialisation of the training forward; None: the measured default of
+    # the backend (`jaxalign.runtime.train_layout`: scanned + full remat on CPU).
+    scan_layers: bool | None = None
+    remat: str | None = None       # none | full | dots
     attention: str = "auto"        # auto | xla | cudnn (GPU flash attention, bf16)
 
     def runtime(self) -> dict[str, Any]:
-        return dict(dtype=self.dtype, param_dtype=self.param_dtype, scan_layers=self.scan_layers,
-                    remat=self.remat, attention=self.attention)
+        from jaxalign.runtime import train_layout
+        scan, remat = train_layout()
+        return dict(dtype=self.dtype, param_dtype=self.param_dtype,
+                    scan_layers=scan if self.scan_layers is None else self.scan_layers,
+                    remat=remat if self.remat is None else self.remat, attention=self.attention)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -20,8 +20,9 @@ def test_policy_only_objective_trains(prefs, tmp_path, loss_type, section):  # n
                   eval_batches=2)
     import jaxalign.sharding as sharding
     mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:1])
-    _, ref_cfg, _, frozen, _, _, _ = load_dpo_models(cfg, mesh)
-    assert ref_cfg is None and frozen["ref"] == {}  # full fine-tune, yet no frozen copy
+    models = load_dpo_models(cfg, mesh)
+    # A full fine-tune, yet no frozen copy of the policy as reference.
+    assert models.extra["ref_cfg"] is None and models.frozen["ref"] == {}
     run_dpo(cfg, devices=jax.devices()[:1])
     rows = [r for r in _metrics(tmp_path / loss_type) if "eval/loss" in r]
     assert [r["step"] for r in rows] == [2, 4, 6, 8]

@@ -42,7 +42,7 @@ def read_run(run_dir: Path, warmup: int, rl: bool) -> dict:
     out = dict(step_s=step_s, first_step_s=times[0], steps_logged=len(times),
                compile_s=perf[0].get("compile_s", None if rl else max(times[0] - step_s, 0.0)),
                cache_hits=perf[0].get("cache_hits"),
-               tokens_per_step=statistics.median(p["tokens_per_s"] * p[key] for p in perf[warmup:]))
+               tokens_per_step=round(statistics.median(p["tokens_per_s"] * p[key] for p in perf[warmup:]), 3))
     if rl:
         timed = metrics[warmup:]
         out.update(rollout_s=statistics.median(p["rollout_s"] for p in perf[warmup:]),
