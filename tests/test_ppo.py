@@ -196,15 +196,20 @@ def test_ppo_learns_reward_under_kl_ceiling(ppo_run):
     assert b["reference"] == b["policy_trainable"] > 0 and b["value"] == 64 * 4
 
 
-def test_grpo_learns_reward_under_kl_ceiling(tiny):
+def test_grpo_learns_reward_under_kl_ceiling_and_resumes_exactly(tiny, tmp_path):
+    args = ("algorithm=grpo", "rollout.batch_size=4", "rollout.num_generations=4",
+            "ppo.epochs=2", "grpo.beta=0.04", "train.sample_every=0")
     out = tiny["root"] / "grpo"
-    run(config(tiny, out, "algorithm=grpo", "rollout.batch_size=4", "rollout.num_generations=4",
-               "ppo.epochs=2", "grpo.beta=0.04", "train.sample_every=0"))
+    run(config(tiny, out, *args))
     rows = records(out)
     first, last = _learned(rows, gain=0.15)
     print(f"GRPO reward {first:.3f} -> {last:.3f}, KL max {max(r['kl'] for r in rows):.2f}")
     assert "value_loss" not in rows[-1] and rows[-1]["kl_loss"] > 0
     assert rows[-1]["kl_coef"] == 0.04
+    resumed = tmp_path / "r"   # stopped after 3 iterations, then the same command again
+    run(config(tiny, resumed, *args, "train.iterations=3"))
+    run(config(tiny, resumed, *args))
+    assert (resumed / "metrics.jsonl").read_text() == (out / "metrics.jsonl").read_text()
 
 
 def test_rloo_learns_resumes_exactly_and_passes_columns(tiny, tmp_path):

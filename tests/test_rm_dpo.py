@@ -147,6 +147,22 @@ def test_dpo_exact_resume_and_learning(prefs, tmp_path):
     assert rows[-1]["eval/rewards/accuracies"] > 0.5
 
 
+@pytest.mark.parametrize("cls, run_fn, section", [
+    (RMConfig, run_rm, None),
+    (DPOConfig, run_dpo, {"dpo": {"loss_type": "orpo", "beta": 0.5}}),
+    (DPOConfig, run_dpo, {"dpo": {"loss_type": "simpo", "beta": 2.0}}),
+], ids=["rm", "orpo", "simpo"])
+def test_exact_resume_of_the_other_supervised_objectives(prefs, tmp_path, cls, run_fn, section):
+    """As for DPO (above) and SFT / KTO (their tests): 4 steps straight == 2 steps, then the same
+    command resumed to 4, byte for byte in metrics.jsonl."""
+    kw = dict(eval_every=2, eval_batches=1, batch_size=8)
+    run_fn(_config(cls, prefs, tmp_path / "a", section, steps=4, **kw), devices=jax.devices()[:1])
+    run_fn(_config(cls, prefs, tmp_path / "b", section, steps=2, **kw), devices=jax.devices()[:1])
+    run_fn(_config(cls, prefs, tmp_path / "b", section, steps=4, **kw), devices=jax.devices()[:1])
+    a = (tmp_path / "a" / "metrics.jsonl").read_text()
+    assert len(a.splitlines()) == 4 and a == (tmp_path / "b" / "metrics.jsonl").read_text()
+
+
 @pytest.mark.parametrize("lora", [False, True])
 def test_dpo_reference_is_never_updated(prefs, tmp_path, lora):
     """Full fine-tuning: the frozen copy is bitwise unchanged after training. LoRA: the

@@ -69,6 +69,37 @@ def _concat(name: str, sets: list[TokenizedSet]) -> TokenizedSet:
     return TokenizedSet.from_pairs(name, [s[j] for s in sets for j in range(len(s))])
 
 
+def load_splits(cfg: DataConfig, load, concat, new_stats, *, unit: str, why_empty):
+    """The train datasets (one per cfg.train spec) and the eval set (cfg.eval, or
+    cfg.eval_fraction held out of each train set), built the same way for every kind of data.
+    `load(spec)` -> (dataset, stats); `concat(name, datasets)`; `new_stats()` collects the
+    per-source stats; `why_empty(stats)` explains a source left with nothing.
+    Returns (train_sets, stats, eval_set or None, eval_stats or None)."""
+    train_sets, stats = [], new_stats()
+    for spec in cfg.train:
+        data, s = load(spec)
+        if len(data) == 0:
+            raise DataError(f"{s.name}: no usable {unit} after filtering ({why_empty(s)})")
+        train_sets.append(data)
+        stats.sources.append(s)
+    eval_set, eval_stats = None, None
+    if cfg.eval:
+        eval_stats, parts = new_stats(), []
+        for spec in cfg.eval:
+            data, s = load(spec)
+            parts.append(data)
+            eval_stats.sources.append(s)
+        eval_set = concat("eval", parts)
+    elif cfg.eval_fraction > 0:
+        held = []
+        for i, data in enumerate(train_sets):
+            train_sets[i], h = hold_out(data, cfg.eval_fraction, cfg.seed, i)
+            held.append(h)
+            log.info("%s: held out %d of %d %s for eval", data.name, len(h), len(data), unit)
+        eval_set = concat("eval", held)
+    return train_sets, stats, eval_set, eval_stats
+
+
 def build_sft_data(cfg: DataConfig, tokenizer, *, batch_size: int, eval_batch_size: int | None = None,
                    process_index: int = 0, process_count: int = 1) -> SFTData:
     """Builds the SFT loaders. `batch_size` is the global batch (rows over all processes);
@@ -77,33 +108,10 @@ def build_sft_data(cfg: DataConfig, tokenizer, *, batch_size: int, eval_batch_si
                       train_on_prompt=cfg.train_on_prompt)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
-    train_sets, stats = [], DataStats()
-    for spec in cfg.train:
-        data, s = load_tokenized(spec, cfg, encoder)
-        if len(data) == 0:
-            raise DataError(f"{s.name}: no usable examples after filtering ({s.rows} rows: "
-                            f"{s.dropped_empty} empty, {s.dropped_too_long} too long, "
-                            f"{s.dropped_no_loss} with no trained token)")
-        train_sets.append(data)
-        stats.sources.append(s)
-
-    eval_set, eval_stats = None, None
-    if cfg.eval:
-        eval_stats = DataStats()
-        parts = []
-        for spec in cfg.eval:
-            data, s = load_tokenized(spec, cfg, encoder)
-            parts.append(data)
-            eval_stats.sources.append(s)
-        eval_set = _concat("eval", parts)
-    elif cfg.eval_fraction > 0:
-        held = []
-        for i, data in enumerate(train_sets):
-            train_sets[i], h = hold_out(data, cfg.eval_fraction, cfg.seed, i)
-            held.append(h)
-            log.info("%s: held out %d of %d examples for eval", data.name, len(h), len(data))
-        eval_set = _concat("eval", held)
-
+    train_sets, stats, eval_set, eval_stats = load_splits(
+        cfg, lambda spec: load_tokenized(spec, cfg, encoder), _concat, DataStats, unit="examples",
+        why_empty=lambda s: (f"{s.rows} rows: {s.dropped_empty} empty, {s.dropped_too_long} too "
+                             f"long, {s.dropped_no_loss} with no trained token"))
     log.info("data:\n%s", stats.summary())
     train = TrainLoader(train_sets, [spec.weight for spec in cfg.train], seq_len=cfg.seq_len,
                         batch_size=batch_size, pack=cfg.pack, pad_id=pad_id, seed=cfg.seed,

@@ -44,7 +44,7 @@ from jaxalign.data.formats import Example
 from jaxalign.data.loader import EvalLoader, TrainLoader
 from jaxalign.data.packing import BATCH_KEYS, empty_batch, write_row
 from jaxalign.data.pairs import Pair, PairStats, PrefStats, normalise_pairs
-from jaxalign.data.pipeline import hold_out, resolve_template
+from jaxalign.data.pipeline import load_splits, resolve_template
 from jaxalign.data.sources import DataError, load_rows
 from jaxalign.data.tokenize import Encoder, TokenizedSet, common_prefix
 
@@ -55,8 +55,19 @@ PREF_BATCH_KEYS = BATCH_KEYS + ("prompt_len", "pair_mask")
 # ----------------------------------------------------------------------------- tokens
 
 
+class ItemSet:
+    """Subsets and concatenation of a tokenized set, through its `from_items` and items."""
+
+    def subset(self, indices: Sequence[int], name: str | None = None):
+        return type(self).from_items(name or self.name, [self[int(i)] for i in indices])
+
+    @classmethod
+    def concat(cls, name: str, sets: Sequence):
+        return cls.from_items(name, [s[j] for s in sets for j in range(len(s))])
+
+
 @dataclasses.dataclass
-class PairSet:
+class PairSet(ItemSet):
     """Tokenized pairs: chosen[i] and rejected[i] (ids, mask as in `TokenizedSet`) share their
     first prompt_len[i] tokens."""
 
@@ -82,12 +93,6 @@ class PairSet:
         """The longer side of each pair: what must fit a row."""
         return np.maximum(self.chosen.lengths, self.rejected.lengths)
 
-    def subset(self, indices: Sequence[int], name: str | None = None) -> "PairSet":
-        return PairSet.from_items(name or self.name, [self[int(i)] for i in indices])
-
-    @classmethod
-    def concat(cls, name: str, sets: Sequence["PairSet"]) -> "PairSet":
-        return cls.from_items(name, [s[j] for s in sets for j in range(len(s))])
 
     def fingerprint(self) -> int:
         crc = zlib.crc32(self.prompt_len.tobytes())
@@ -295,33 +300,10 @@ def build_preference_data(cfg: DataConfig, tokenizer, *, batch_size: int,
     encoder = Encoder(tokenizer, chat_template=resolve_template(cfg.chat_template))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
-    train_sets, stats = [], PrefStats()
-    for spec in cfg.train:
-        data, s = kind.load(spec, cfg, encoder)
-        if len(data) == 0:
-            raise DataError(f"{s.name}: no usable {kind.unit} after filtering ({s.rows} rows; dropped "
-                            + ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in s.dropped().items())
-                            + ")")
-        train_sets.append(data)
-        stats.sources.append(s)
-
-    eval_set, eval_stats = None, None
-    if cfg.eval:
-        eval_stats = PrefStats()
-        parts = []
-        for spec in cfg.eval:
-            data, s = kind.load(spec, cfg, encoder)
-            parts.append(data)
-            eval_stats.sources.append(s)
-        eval_set = kind.concat("eval", parts)
-    elif cfg.eval_fraction > 0:
-        held = []
-        for i, data in enumerate(train_sets):
-            train_sets[i], h = hold_out(data, cfg.eval_fraction, cfg.seed, i)
-            held.append(h)
-            log.info("%s: held out %d of %d %s for eval", data.name, len(h), len(data), kind.unit)
-        eval_set = kind.concat("eval", held)
-
+    train_sets, stats, eval_set, eval_stats = load_splits(
+        cfg, lambda spec: kind.load(spec, cfg, encoder), kind.concat, PrefStats, unit=kind.unit,
+        why_empty=lambda s: f"{s.rows} rows; dropped " + ", ".join(
+            f"{n} {k.replace('_', ' ')}" for k, n in s.dropped().items()))
     log.info("preference data:\n%s", stats.summary())
     train = kind.train_loader(train_sets, [spec.weight for spec in cfg.train], seq_len=cfg.seq_len,
                        batch_size=batch_size, pad_id=pad_id, seed=cfg.seed, shuffle=cfg.shuffle,

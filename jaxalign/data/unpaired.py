@@ -38,7 +38,7 @@ from jaxalign.data.config import DataConfig, DatasetSpec
 from jaxalign.data.loader import EvalLoader, TrainLoader
 from jaxalign.data.packing import BATCH_KEYS, write_row
 from jaxalign.data.pairs import PairStats, normalise_pairs, prompt_messages, response_messages
-from jaxalign.data.preference import (DataKind, PreferenceData, build_preference_data,
+from jaxalign.data.preference import (DataKind, ItemSet, PreferenceData, build_preference_data,
                                       empty_pair_batch, encode_prompted, fit_sides)
 from jaxalign.data.sources import DataError, load_rows
 from jaxalign.data.tokenize import Encoder, TokenizedSet
@@ -78,7 +78,7 @@ CONVERTERS = {"unpaired": _unpaired}
 
 
 @dataclasses.dataclass
-class UnpairedSet:
+class UnpairedSet(ItemSet):
     """Tokenized rows: examples[i] (ids, mask) starts with prompt_len[i] prompt tokens."""
 
     name: str
@@ -103,12 +103,6 @@ class UnpairedSet:
     def lengths(self) -> np.ndarray:
         return self.examples.lengths
 
-    def subset(self, indices: Sequence[int], name: str | None = None) -> "UnpairedSet":
-        return UnpairedSet.from_items(name or self.name, [self[int(i)] for i in indices])
-
-    @classmethod
-    def concat(cls, name: str, sets: Sequence["UnpairedSet"]) -> "UnpairedSet":
-        return cls.from_items(name, [s[j] for s in sets for j in range(len(s))])
 
     def fingerprint(self) -> int:
         crc = zlib.crc32(self.prompt_len.tobytes() + self.label.tobytes())
