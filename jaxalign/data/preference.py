@@ -228,22 +228,32 @@ class PrefLoader(TrainLoader):
         return batch
 
 
-class PrefEvalLoader(EvalLoader):
-    """Every pair once, in order; the last batch is filled with filler pairs (pair_mask 0,
-    segment_ids and loss_mask 0), so every batch has the same shape."""
+class UnpackedEvalLoader(EvalLoader):
+    """Every item once, in order, one item a row (never packed); the last batch is filled with
+    fillers (pair_mask 0, segment_ids and loss_mask 0), so every batch has the same shape.
+    A subclass says how to write a batch: `empty` and `fill(batch, items)`."""
 
-    def __init__(self, dataset: PairSet, *, seq_len: int, batch_size: int, pad_id: int,
+    def __init__(self, dataset, *, seq_len: int, batch_size: int, pad_id: int,
                  process_index: int = 0, process_count: int = 1):
         super().__init__(dataset, seq_len=seq_len, batch_size=batch_size, pack=False, pad_id=pad_id,
                          process_index=process_index, process_count=process_count)
 
     def global_batches(self) -> Iterator[dict[str, np.ndarray]]:
         for b in range(self.num_batches):
-            batch = empty_pair_batch(self.batch_size, self.seq_len, self.pad_id)
-            for r, i in enumerate(range(b * self.batch_size,
-                                        min((b + 1) * self.batch_size, len(self.dataset)))):
-                write_pair(batch, r, self.dataset[i])
+            batch = self.empty(self.batch_size, self.seq_len, self.pad_id)
+            stop = min((b + 1) * self.batch_size, len(self.dataset))
+            self.fill(batch, [self.dataset[i] for i in range(b * self.batch_size, stop)])
             yield batch
+
+
+class PrefEvalLoader(UnpackedEvalLoader):
+    """Every pair once, in order (see `UnpackedEvalLoader`)."""
+    empty = staticmethod(empty_pair_batch)
+
+    @staticmethod
+    def fill(batch, pairs) -> None:
+        for r, pair in enumerate(pairs):
+            write_pair(batch, r, pair)
 
 
 # ----------------------------------------------------------------------------- building

@@ -100,17 +100,18 @@ def prompt_of(row: dict, fmt: str, where: str) -> tuple[tuple[dict, ...], str | 
     return msgs, plain
 
 
+# How a prompt is found in a row of each named format ('prompt': its `prompt` field).
+_PROMPT_FORMAT = {"preference": "prompt", "prompt_completion": "prompt", "unpaired": "prompt"}
+
+
 def _format(row: dict, fmt: str, where: str) -> str:
-    if fmt in ("preference", "prompt_completion", "unpaired"):
-        return "prompt"
     if fmt != "auto":
-        return fmt
+        return _PROMPT_FORMAT.get(fmt, fmt)
     keys = {k for k, v in row.items() if v is not None}
-    if "prompt" in keys:
-        return "prompt"
-    if "messages" in keys:
-        return "chat"
-    if "chosen" in keys or "rejected" in keys:
+    found = [f for field, f in (("prompt", "prompt"), ("messages", "chat")) if field in keys]
+    if found:
+        return found[0]
+    if keys & {"chosen", "rejected"}:
         return detect_pair_format(row, where)
     raise DataError(f"{where}: no 'prompt' or 'messages' field (keys: {sorted(keys)})")
 

@@ -35,11 +35,12 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from jaxalign.data.config import DataConfig, DatasetSpec
-from jaxalign.data.loader import EvalLoader, TrainLoader
+from jaxalign.data.loader import TrainLoader
 from jaxalign.data.packing import BATCH_KEYS, write_row
 from jaxalign.data.pairs import PairStats, normalise_pairs, prompt_messages, response_messages
-from jaxalign.data.preference import (DataKind, ItemSet, PreferenceData, build_preference_data,
-                                      empty_pair_batch, encode_prompted, fit_sides)
+from jaxalign.data.preference import (DataKind, ItemSet, PreferenceData, UnpackedEvalLoader,
+                                      build_preference_data, empty_pair_batch, encode_prompted,
+                                      fit_sides)
 from jaxalign.data.sources import DataError, load_rows
 from jaxalign.data.tokenize import Encoder, TokenizedSet
 
@@ -195,20 +196,10 @@ class UnpairedLoader(TrainLoader):
         return batch
 
 
-class UnpairedEvalLoader(EvalLoader):
-    """Every row once, in order; the last batch is filled with fillers (pair_mask 0)."""
-
-    def __init__(self, dataset: UnpairedSet, *, seq_len: int, batch_size: int, pad_id: int,
-                 process_index: int = 0, process_count: int = 1):
-        super().__init__(dataset, seq_len=seq_len, batch_size=batch_size, pack=False, pad_id=pad_id,
-                         process_index=process_index, process_count=process_count)
-
-    def global_batches(self) -> Iterator[dict[str, np.ndarray]]:
-        for b in range(self.num_batches):
-            batch = empty_unpaired_batch(self.batch_size, self.seq_len, self.pad_id)
-            stop = min((b + 1) * self.batch_size, len(self.dataset))
-            write_unpaired(batch, [self.dataset[i] for i in range(b * self.batch_size, stop)])
-            yield batch
+class UnpairedEvalLoader(UnpackedEvalLoader):
+    """Every row once, in order (see `UnpackedEvalLoader`)."""
+    empty = staticmethod(empty_unpaired_batch)
+    fill = staticmethod(write_unpaired)
 
 
 UNPAIRED = DataKind(load_unpaired, UnpairedSet.concat, UnpairedLoader, UnpairedEvalLoader,
