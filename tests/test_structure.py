@@ -1,7 +1,8 @@
 """The package's shape, read from its source with ast: no import circle (module- and
-function-level imports alike), no private name imported across modules, no module over 500
-lines, no algorithm chosen by comparing its name, and every recipe's YAML keys learnable
-from at most three files."""
+function-level imports alike), the dependency arrow pointing down (the data layer imports no
+model, the losses no model code, the model no file format), no private name imported across
+modules, no module over 500 lines, no algorithm chosen by comparing its name, and every
+recipe's YAML keys learnable from at most three files."""
 
 import ast
 import dataclasses
@@ -87,6 +88,31 @@ def test_no_import_cycle():
     assert len(MODULES) > 40
     cycle = _find_cycle(_graph())
     assert cycle is None, "import circle: " + " -> ".join(cycle)
+
+
+FORBIDDEN = {
+    "data": ("jaxalign.models", "jaxalign.generate", "jaxalign.checkpoint", "jaxalign.train",
+             "jaxalign.synth", "jaxalign.losses", "jaxalign.convert"),
+    "losses": ("jaxalign.models", "jaxalign.train", "jaxalign.data", "jaxalign.checkpoint"),
+    "models": ("jaxalign.convert", "jaxalign.train", "jaxalign.data", "jaxalign.checkpoint"),
+    "synth": ("jaxalign.train",),
+}
+
+
+def test_the_import_reader_sees_function_level_imports(tmp_path):
+    f = tmp_path / "m.py"
+    f.write_text("def g():\n    from jaxalign.generate import _x\n")
+    assert list(_imports("jaxalign.m", f)) == [("jaxalign.generate", ["_x"])]
+
+
+@pytest.mark.parametrize("package", sorted(FORBIDDEN))
+def test_package_imports_point_down(package):
+    inside = f"jaxalign.{package}"
+    bad = [f"{name} imports {mod}" for name, path in MODULES.items()
+           if name == inside or name.startswith(inside + ".")
+           for mod, _ in _imports(name, path)
+           if any(mod == f or mod.startswith(f + ".") for f in FORBIDDEN[package])]
+    assert not bad, "\n".join(bad)
 
 
 def test_checkpoint_imports_nothing_from_train():

@@ -102,7 +102,7 @@ def unstack_layers(cfg: ModelConfig, params: Params, dtype: str | None = None) -
         return params
     out = {k: (v if dtype is None else jax.tree.map(lambda a: a.astype(dtype), v))
            for k, v in params.items() if k != "layers"}
-    out["layers"] = llama.unstack_layers(params["layers"], dtype)
+    out["layers"] = llama.per_layer(params["layers"], dtype)
     return out
 
 

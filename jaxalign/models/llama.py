@@ -454,7 +454,7 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: str | None = N
             "end": jnp.zeros((), jnp.int32)}
 
 
-def unstack_layers(stacked: dict, dtype=None) -> tuple[dict, ...]:
+def per_layer(stacked: dict, dtype=None) -> tuple[dict, ...]:
     """Stacked layer params (leading L axis) -> one tree per layer, optionally cast to `dtype`
     (bfloat16 decoding halves the bytes each decode step reads)."""
     leaves, treedef = jax.tree.flatten(stacked)
