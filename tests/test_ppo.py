@@ -448,7 +448,7 @@ def test_ppo_curves_png(ppo_run, tmp_path):
     assert data[12:16] == b"IHDR"
     width, height = struct.unpack(">II", data[16:24])
     assert width > 100 and height > 100
-    if data.count(b"IDAT") == 1:  # our own writer: RGB rows, each behind a filter byte
+    if data[25] == 2 and data.count(b"IDAT") == 1:  # colour type 2 = RGB; one IDAT: our own writer
         at = data.index(b"IDAT")
         length = struct.unpack(">I", data[at - 4:at])[0]
         raw = zlib.decompress(data[at + 4:at + 4 + length])
