@@ -188,8 +188,13 @@ def main(argv: list[str] | None = None) -> int:
     settings = runtime.configure_jax()
     log.debug("runtime settings: %s", settings)
     initialize_distributed()
+    from jaxalign.train.preempt import Preempted
     try:
         return args.func(args)
+    except Preempted as e:
+        # A scheduler's SIGTERM is not a failure: the checkpoint is written, rerun continues.
+        log.warning("%s; rerun the same command to continue", e)
+        return 0
     except (JaxalignError, FileNotFoundError) as e:
         # Our own errors name the file / tensor / key; a traceback would bury that.
         log.error("%s", e)

@@ -275,8 +275,12 @@ class TrainConfig:
     progress: bool = True
     # Positions per LM-head chunk in token losses; 0 builds the full (B, T, V) logits.
     logits_chunk: int = 128
+    # Memory per device (GiB) the pre-flight plans for; null: what the device / host reports.
+    memory_limit_gb: float | None = None
 
     def __post_init__(self):
+        _require(self.memory_limit_gb is None or self.memory_limit_gb > 0,
+                 f"train.memory_limit_gb must be positive or null, got {self.memory_limit_gb}")
         for key in ("steps", "batch_size", "grad_accum", "log_every", "keep_checkpoints"):
             _require(getattr(self, key) >= 1, f"train.{key} must be >= 1, got {getattr(self, key)}")
         for key in ("eval_every", "eval_batches", "save_every", "max_bad_steps", "logits_chunk"):

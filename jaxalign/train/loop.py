@@ -13,7 +13,6 @@ import dataclasses
 import json
 import logging
 import math
-import signal
 import time
 from pathlib import Path
 from typing import Callable, Iterable, Protocol
@@ -23,12 +22,14 @@ import numpy as np
 import yaml
 from jax.sharding import Mesh
 
-from jaxalign import runtime
+from jaxalign import faults, runtime
 from jaxalign.checkpoint import TrainCheckpoints, describe_run
 from jaxalign.config import ConfigError, JaxalignError, ModelConfig, OptimConfig, TrainConfig
 from jaxalign.metrics import MetricsWriter, Progress
 from jaxalign.sharding import batch_sharding
 from jaxalign.train.optim import make_optimizer
+from jaxalign.train.preempt import Preempted, StopFlag  # noqa: F401  (the loops' shared mechanics)
+from jaxalign.train.preflight import Knobs, check as preflight_check
 from jaxalign.train.step import LossFn, TrainState, init_state, jit_train_step, make_eval_step, \
     make_train_step
 
@@ -69,27 +70,6 @@ def _check_batch_fits(cfg: TrainConfig, mesh: Mesh) -> None:
     if micro % shards:
         raise ConfigError(f"train.batch_size / train.grad_accum = {micro} rows per micro-batch "
                           f"cannot be split over data x fsdp = {shards} devices; use a multiple of {shards}")
-
-
-class StopFlag:
-    """SIGTERM / SIGINT ask for a checkpoint and a clean stop after the current step."""
-
-    def __init__(self):
-        self.signum = None
-        self._old = {}
-
-    def __enter__(self):
-        for s in (signal.SIGTERM, signal.SIGINT):
-            self._old[s] = signal.signal(s, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        self.signum = signum
-        log.warning("received %s: will checkpoint and stop after this step", signal.Signals(signum).name)
-
-    def __exit__(self, *exc):
-        for s, h in self._old.items():
-            signal.signal(s, h)
 
 
 class BadStepGuard:
@@ -144,13 +124,39 @@ def start_or_resume(run_dir: Path, trainable, optimizer, seed: int, keep: int):
     latest checkpoint's restored onto the same shardings."""
     state = jax.jit(init_state, static_argnums=(1, 2))(trainable, optimizer, seed)
     state_sh = jax.tree.map(lambda x: x.sharding, state)
-    ckpts = TrainCheckpoints(run_dir, keep=keep)
+    ckpts = TrainCheckpoints(run_dir, keep=keep, set_aside_incomplete=True)
     start = ckpts.latest_step() or 0
     meta = None
     if start:
         state, meta = ckpts.restore(start, state, state_sh)
         log.info("resumed %s at %d", run_dir, start)
     return state, state_sh, ckpts, start, meta
+
+
+def next_batch(loader: Loader) -> dict[str, np.ndarray]:
+    batch = next(loader)
+    faults.point("batch")
+    return batch
+
+
+def _abstract(tree):
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
+def check_memory(run_dir: Path, mesh: Mesh, step_fn, state, frozen, cfg: TrainConfig,
+                 model: ModelConfig | None) -> dict:
+    """The memory pre-flight of a supervised run (`preflight.check`) on its compiled step.
+    `model`: the trained model's config (for the remat / LoRA suggestions), if known."""
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    micro = cfg.batch_size // cfg.grad_accum
+    knobs = Knobs(remat=model.remat if model else "none", grad_accum=cfg.grad_accum,
+                  can_double_accum=micro % 2 == 0 and (micro // 2) % shards == 0,
+                  lora_rank=model.lora_rank if model else 0, fsdp=mesh.shape["fsdp"],
+                  devices=jax.device_count())
+    return preflight_check(run_dir, mesh, {"train_step": (step_fn, [state, frozen])},
+                           {"params": state.params, "optimizer": (state.opt_state, state.rng,
+                                                                  state.step),
+                            "frozen": frozen}, knobs, cfg.memory_limit_gb)
 
 
 def evaluate(eval_step, params, frozen, batches: Iterable[dict], mesh: Mesh, limit: int = 0,
@@ -171,8 +177,10 @@ def evaluate(eval_step, params, frozen, batches: Iterable[dict], mesh: Mesh, lim
 
 def train(*, run_dir: str | Path, cfg: TrainConfig, optim: OptimConfig, mesh: Mesh,
           trainable, frozen, frozen_shardings, task: Task, run_config: dict | None = None,
-          on_end: Callable[[TrainState], None] | None = None) -> dict[str, float]:
-    """Runs (or resumes) training to `cfg.steps`; returns the last logged metrics."""
+          on_end: Callable[[TrainState], None] | None = None,
+          model: ModelConfig | None = None) -> dict[str, float]:
+    """Runs (or resumes) training to `cfg.steps`; returns the last logged metrics.
+    `model`: the trained model's config, for the memory pre-flight's advice."""
     run_dir = Path(run_dir)
     _check_batch_fits(cfg, mesh)
     runtime.count_compilations()  # perf.jsonl shows any recompilation after warm-up
@@ -182,9 +190,23 @@ def train(*, run_dir: str | Path, cfg: TrainConfig, optim: OptimConfig, mesh: Me
     if meta is not None:
         task.train_data.restore(meta["data"])
 
-    step_fn = jit_train_step(make_train_step(task.loss_fn, optimizer, schedule,
-                                             grad_accum=cfg.grad_accum),
-                             state_sh, frozen_shardings, batch_sharding(mesh))
+    jitted = jit_train_step(make_train_step(task.loss_fn, optimizer, schedule,
+                                            grad_accum=cfg.grad_accum),
+                            state_sh, frozen_shardings, batch_sharding(mesh))
+    # The first batch gives the step's input shapes: the step is compiled ahead of time once,
+    # its memory analysis checked against the devices (preflight), and the same executable runs.
+    first, step_fn = None, None
+    try:
+        if start < cfg.steps:
+            first = next_batch(task.train_data)
+            batch0 = put_batch(first, mesh)
+            if task.prepare is not None:
+                batch0 = task.prepare(batch0)
+            step_fn = jitted.lower(_abstract(state), _abstract(frozen), _abstract(batch0)).compile()
+            check_memory(run_dir, mesh, step_fn, state, frozen, cfg, model)
+    except BaseException:
+        ckpts.close()
+        raise
     eval_step = make_eval_step(task.loss_fn) if task.eval_data is not None else None
     writer = MetricsWriter(run_dir, resume_step=start, tensorboard=cfg.tensorboard,
                            wandb_project=cfg.wandb_project, run_config=run_config)
@@ -200,13 +222,17 @@ def train(*, run_dir: str | Path, cfg: TrainConfig, optim: OptimConfig, mesh: Me
     try:
         with StopFlag() as stop:
             for step in range(start + 1, cfg.steps + 1):
+                if stop.signum is not None and step == start + 1:
+                    raise Preempted(f"stopped by signal before step {step}; nothing new to save")
                 t0 = time.perf_counter()
-                host_batch = next(task.train_data)
+                host_batch, first = (first, None) if first is not None else \
+                    (next_batch(task.train_data), None)
                 tokens = int((host_batch["segment_ids"] > 0).sum()) if "segment_ids" in host_batch else 0
                 batch = put_batch(host_batch, mesh)
                 if task.prepare is not None:
                     batch = task.prepare(batch)
                 state, metrics = step_fn(state, frozen, batch)
+                faults.point("step")
                 metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 dt = time.perf_counter() - t0
                 metrics["skipped"] = float(not guard.check(metrics, step, saved_at))
@@ -225,7 +251,7 @@ def train(*, run_dir: str | Path, cfg: TrainConfig, optim: OptimConfig, mesh: Me
                 if stop.signum is not None:
                     if saved_at != step:
                         save(step)
-                    raise KeyboardInterrupt(f"stopped by signal at step {step}; checkpoint saved")
+                    raise Preempted(f"stopped by signal at step {step}; checkpoint saved")
         if on_end is not None:
             on_end(state)
     finally:

@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxalign import runtime, sharding
+from jaxalign import faults, runtime, sharding
 from jaxalign.config import JaxalignError
 from jaxalign.generate import eos_ids_for
 from jaxalign.losses.ppo import adaptive_kl_update
@@ -43,12 +43,13 @@ from jaxalign.metrics import MetricsWriter, Progress, truncate_jsonl
 from jaxalign.models import lora
 from jaxalign.tokenizer import load_tokenizer
 from jaxalign.train.loop import BadStepGuard, StopFlag, put_batch, start_or_resume
+from jaxalign.train.preempt import Preempted
 from jaxalign.train.optim import make_optimizer
 from jaxalign.train.rl import objectives, prompts as RP, rollout as R
 from jaxalign.train.rl.config import RLConfig
 from jaxalign.train.rl.rewards import Rewarder, RewardFunctionError, RunningMoments, \
     check_reward_model_dir
-from jaxalign.train.rl.roles import Roles, build_roles, memory_report, nbytes
+from jaxalign.train.rl.roles import Roles, build_roles, check_memory, memory_report, nbytes
 from jaxalign.train.setup import export_hf, run_recipe
 from jaxalign.train.step import jit_train_step, make_train_step
 
@@ -154,6 +155,16 @@ def run_rl(cfg: RLConfig, raw_config: dict | None = None, devices=None) -> dict[
                       policy_path=("policy",))
 
 
+def _abandon(it: int, saved_at: int, save, meta: dict) -> None:
+    """SIGTERM during iteration `it`'s rollout: drop it (nothing of it touched the state),
+    checkpoint iteration it - 1 unless it is saved already, and stop."""
+    if saved_at != it - 1 and it > 1:
+        save(it - 1, meta)
+    raise Preempted(f"stopped by signal during the rollout of iteration {it}; iteration "
+                    f"{it - 1} is checkpointed" if it > 1 else
+                    "stopped by signal during the first rollout; nothing to save")
+
+
 class _Run:
     """The state of one run; `run` is the loop. A class only to keep the loop body short."""
 
@@ -226,6 +237,7 @@ class _Run:
         except the reward moments, and those only after every reward function succeeded."""
         cfg, G = self.cfg, self.cfg.rollout.num_generations
         idx = np.repeat(self.stream.next(), G)   # a prompt's group: consecutive rows
+        faults.point("batch")
         prompt_BP, mask_BP = RP.stack_prompts(self.prompts, idx, self.pad_id, self.P)
         key = jax.random.fold_in(jax.random.fold_in(state.rng, _ROLLOUT_SALT), it)
         rep = sharding.replicated(self.mesh)
@@ -233,6 +245,7 @@ class _Run:
         exp = self.rollout_fn(state.params, self.roles.frozen,
                               self.roles.aux, dev["p"], dev["m"],
                               jax.device_put(jnp.asarray(key, jnp.uint32), rep))
+        faults.point("rollout")
         host = {k: np.asarray(v) for k, v in jax.device_get(exp).items()}
         lengths, eos = host["lengths_B"], R.has_eos(host["response_BN"], host["lengths_B"], self.eos_ids)
         completions = R.decode(self.tokenizer, host["response_BN"], lengths)
@@ -274,6 +287,7 @@ class _Run:
                 rows = perm[m * cfg.minibatch_rows:(m + 1) * cfg.minibatch_rows]
                 state, out = self.step_fn(state, self.roles.frozen,
                                           put_batch({k: v[rows] for k, v in batch.items()}, self.mesh))
+                faults.point("step")
                 out = {k: float(v) for k, v in jax.device_get(out).items()}
                 self.guard.check(out, it, saved_at)
                 epoch_records.append(out)
@@ -320,7 +334,8 @@ class _Run:
             self.rewarder.moments = RunningMoments.from_state(meta["reward_moments"])
         self.roles.trainable = None  # the state owns (and donates) the trainable params now
         programs = self._compile(state)
-        memory_report(run_dir, self.roles, cfg, nbytes(state.opt_state), programs)
+        report = memory_report(run_dir, self.roles, cfg, nbytes(state.opt_state), programs)
+        check_memory(run_dir, self.mesh, self.roles, cfg, state, programs, report)
 
         writer = MetricsWriter(run_dir, resume_step=start, tensorboard=cfg.train.tensorboard,
                                wandb_project=cfg.train.wandb_project, run_config=self.raw)
@@ -349,6 +364,8 @@ class _Run:
                         kept = (f"the checkpoint of iteration {it - 1} in {ckpts.dir} is intact"
                                 if it > 1 else "no iteration completed, nothing saved")
                         raise RewardFunctionError(f"iteration {it}: {e}; {kept}") from e
+                    if stop.signum is not None:
+                        _abandon(it, saved_at, save, meta)
                     t1 = time.perf_counter()
                     state, step_metrics = self._update(state, batch, it, saved_at)
                     metrics.update(step_metrics)
@@ -374,8 +391,7 @@ class _Run:
                         raise MonitorStop(f"{tripped}; stopped (monitor.action=stop) with "
                                           f"iteration {it} checkpointed in {ckpts.dir}")
                     if stop.signum is not None:
-                        raise KeyboardInterrupt(f"stopped by signal at iteration {it}; "
-                                                "checkpoint saved")
+                        raise Preempted(f"stopped by signal at iteration {it}; checkpoint saved")
             if cfg.train.export_hf:
                 self._export(state)
         finally:
