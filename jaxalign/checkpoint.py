@@ -243,10 +243,13 @@ class TrainCheckpoints:
             manifest.mark_dir(self.dir)
 
     def _newest_complete(self, set_aside: bool) -> int | None:
-        found = self._scan(set_aside)
-        if set_aside:   # every process waits until process 0 moved what it had to
-            _barrier("jaxalign_checkpoints_scanned")
-        return found
+        if not set_aside:
+            return self._scan(False)
+        # Process 0 moves what is incomplete; the others scan once it is done (not while
+        # directories move under them), and find the same step.
+        found = self._scan(True) if jax.process_index() == 0 else None
+        _barrier("jaxalign_checkpoints_scanned")
+        return found if jax.process_index() == 0 else self._scan(False)
 
     def _scan(self, set_aside: bool) -> int | None:
         strict = manifest.requires_manifests(self.dir)
@@ -258,7 +261,7 @@ class TrainCheckpoints:
                 log.warning("%s: checkpoint %d has no integrity manifest (written before "
                             "jaxalign checked them); trusting orbax's copy", self.dir, step)
                 return step
-            if set_aside and jax.process_index() == 0:
+            if set_aside:
                 dest = _free_name(self.dir.parent / "checkpoints.incomplete" / str(step))
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 path.rename(dest)

@@ -7,6 +7,7 @@ The runs are the harness's tiny configs (`faults.command`), so the tests and the
 exercise the same commands."""
 
 import json
+import re
 import logging
 import os
 import signal
@@ -18,6 +19,7 @@ import pytest
 
 import faults as harness          # scripts/faults.py (conftest puts scripts/ on sys.path)
 from jaxalign import cli, manifest
+from jaxalign import faults as jaxalign_faults
 from jaxalign.checkpoint import TrainCheckpoints, load_model
 
 SIGTERM_BOUND_S = 60.0   # one tiny step / rollout + one checkpoint write, with a loaded CI box
@@ -107,7 +109,7 @@ def test_memory_preflight_refuses_before_any_step(paths, tmp_path, caplog, algo)
     assert len(errors) == 1 and "\n" not in errors[0], errors
     assert "memory pre-flight: the train_step program needs about" in errors[0] or \
         "memory pre-flight: the rollout program needs about" in errors[0]
-    assert "(train.memory_limit_gb=0.002)" in errors[0] and "MiB short" in errors[0]
+    assert "(train.memory_limit_gb=0.002)" in errors[0] and re.search(r"[0-9.]+ [KM]iB short", errors[0])
     assert "refused before the first step. Try " in errors[0]
     report = json.loads((out / "memory.json").read_text())
     pre = report["preflight"]
@@ -166,16 +168,39 @@ def test_sigterm_checkpoints_exits_0_and_rerun_continues(paths, tmp_path, algo):
     assert _steps(out) == list(range(1, total + 1))
 
 
+@pytest.mark.parametrize("algo", ["sft", "grpo"])
+def test_sigterm_before_the_first_step_exits_0_with_nothing_saved(paths, tmp_path, monkeypatch,
+                                                                  caplog, algo):
+    """SIGTERM as the run starts (SFT: as the first batch is fetched, before the step is
+    compiled; GRPO: during the first rollout): the handler installed at load time keeps it,
+    the run stops before its first update, exit 0, nothing written to resume from."""
+    monkeypatch.setenv(jaxalign_faults.ENV, "batch:1:0:TERM")
+    jaxalign_faults.reset()
+    out = tmp_path / algo
+    try:
+        with caplog.at_level(logging.WARNING):
+            assert _cli(algo, out, paths) == 0
+    finally:
+        monkeypatch.delenv(jaxalign_faults.ENV)
+        jaxalign_faults.reset()
+    assert "received SIGTERM" in caplog.text
+    assert ("before step 1; nothing new to save" if algo == "sft" else
+            "during the first rollout; nothing to save") in caplog.text
+    assert _steps(out) == [] and TrainCheckpoints(out).latest_step() is None
+
+
 # ----------------------------------------------------------------------------- harness
 
 def test_fault_harness_small_count(paths, capsys):
-    """scripts/faults.py on PPO: 2 SIGKILLs (the first data batch, then a drawn moment),
-    each rerun ends identical to the uninterrupted run; its comparison does see a change."""
+    """scripts/faults.py on PPO: 2 SIGKILLs (during the first data batch, then, as seed 1
+    draws it, inside a rollout); each rerun ends identical to the uninterrupted run (metrics,
+    samples, final TrainState). Its comparison does see a change."""
     work = paths["model"].parent
     assert harness.main(["--algos", "ppo", "--kills", "2", "--seed", "1",
                          "--work", str(work)]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["faults"]["ppo"]
     assert summary["kills"] == summary["recovered"] == summary["identical"] == 2, summary
+    assert summary["points"][0] == "batch@1" and summary["points"][1].startswith("rollout@")
     ref = work / "reference" / "ppo"
     tampered = work / "tampered"
     subprocess.run(["cp", "-r", str(ref), str(tampered)], check=True)

@@ -222,7 +222,7 @@ def train(*, run_dir: str | Path, cfg: TrainConfig, optim: OptimConfig, mesh: Me
     try:
         with StopFlag() as stop:
             for step in range(start + 1, cfg.steps + 1):
-                if stop.signum is not None and step == start + 1:
+                if step == start + 1 and stop.requested():
                     raise Preempted(f"stopped by signal before step {step}; nothing new to save")
                 t0 = time.perf_counter()
                 host_batch, first = (first, None) if first is not None else \
@@ -248,7 +248,7 @@ def train(*, run_dir: str | Path, cfg: TrainConfig, optim: OptimConfig, mesh: Me
                 last = metrics
                 if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
                     save(step)
-                if stop.signum is not None:
+                if stop.requested():
                     if saved_at != step:
                         save(step)
                     raise Preempted(f"stopped by signal at step {step}; checkpoint saved")

@@ -94,7 +94,9 @@ def device_limit(mesh, limit_gb: float | None, resident: int) -> tuple[int | Non
 
 
 def _fmt(n: float) -> str:
-    return f"{n / GiB:.2f} GiB" if abs(n) >= GiB else f"{n / 2**20:.1f} MiB"
+    if abs(n) >= GiB:
+        return f"{n / GiB:.2f} GiB"
+    return f"{n / 2**20:.1f} MiB" if abs(n) >= 2**20 else f"{n / 2**10:.1f} KiB"
 
 
 def program_stats(exe) -> dict[str, int] | None:
@@ -130,6 +132,14 @@ def check(run_dir: Path, mesh, programs: dict, resident: dict, knobs: Knobs,
     sizes = {k: per_device_bytes(v) for k, v in resident.items()}
     total_resident = per_device_bytes(*resident.values())
     limit, source = device_limit(mesh, limit_gb, total_resident)
+    if jax.process_count() > 1 and limit is not None:
+        # Every process must take the same decision, or the refused one leaves the others
+        # waiting in a collective: the smallest host / device decides.
+        import numpy as np
+        from jax.experimental import multihost_utils
+        # (in MiB as float32: without jax_enable_x64 an int64 would be cut to int32)
+        mib = multihost_utils.process_allgather(np.float32(limit / 2**20))
+        limit = int(float(np.asarray(mib).min()) * 2**20)
     worst, need, per_program = None, 0, {}
     for name, (exe, args) in programs.items():
         stats = program_stats(exe)

@@ -354,6 +354,9 @@ class _Run:
         try:
             with StopFlag() as stop:
                 for it in range(start + 1, cfg.train.iterations + 1):
+                    if it == start + 1 and stop.requested():   # while loading
+                        raise Preempted(f"stopped by signal before iteration {it}; nothing "
+                                        "new to save")
                     t0 = time.perf_counter()
                     try:
                         batch, metrics, samples = self._experience(state, it)
@@ -364,7 +367,7 @@ class _Run:
                         kept = (f"the checkpoint of iteration {it - 1} in {ckpts.dir} is intact"
                                 if it > 1 else "no iteration completed, nothing saved")
                         raise RewardFunctionError(f"iteration {it}: {e}; {kept}") from e
-                    if stop.signum is not None:
+                    if stop.requested():
                         _abandon(it, saved_at, save, meta)
                     t1 = time.perf_counter()
                     state, step_metrics = self._update(state, batch, it, saved_at)
@@ -384,13 +387,14 @@ class _Run:
                         self._write_samples(it, samples)
                     meta = self._meta(it)
                     tripped = self._monitors(metrics, it)
+                    stopping = stop.requested()
                     if (cfg.train.save_every and it % cfg.train.save_every == 0) \
-                            or it == cfg.train.iterations or tripped or stop.signum is not None:
+                            or it == cfg.train.iterations or tripped or stopping:
                         save(it, meta)
                     if tripped:
                         raise MonitorStop(f"{tripped}; stopped (monitor.action=stop) with "
                                           f"iteration {it} checkpointed in {ckpts.dir}")
-                    if stop.signum is not None:
+                    if stopping:
                         raise Preempted(f"stopped by signal at iteration {it}; checkpoint saved")
             if cfg.train.export_hf:
                 self._export(state)
