@@ -77,7 +77,7 @@ def cmd_export(args) -> int:
     else:
         cfg, params = lora.merge(cfg, params)
         out = hf.save(args.out_dir, cfg, params, hf_config=hf_config, source_dir=src,
-                      max_shard_bytes=int(args.max_shard_gb * 2**30))
+                      max_shard_bytes=int(args.max_shard_gb * 2**30), dtype=args.dtype)
     print(out)
     return 0
 
@@ -142,7 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="LoRA runs: write a PEFT adapter (adapter_config.json + "
                         "adapter_model.safetensors) instead of merged weights")
     _add_runtime(p)
-    p.set_defaults(func=cmd_export)
+    # export: --dtype is the dtype of the written tensors; unset keeps the model's own.
+    p.set_defaults(func=cmd_export, dtype=None)
 
     p = sub.add_parser("generate", help="complete one prompt; prints only the completion")
     p.add_argument("model", help="HF directory or jaxalign checkpoint")

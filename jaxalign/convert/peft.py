@@ -12,7 +12,7 @@ import jax
 import numpy as np
 
 from jaxalign.config import ModelConfig
-from jaxalign.convert.safetensors_io import save_file
+from jaxalign.convert.hf import write_tensors
 from jaxalign.models import lora as lora_mod
 
 # our (module, weight) for each HF projection name
@@ -39,7 +39,7 @@ def save_peft(out_dir: str | Path, cfg: ModelConfig, params: dict,
             prefix = f"base_model.model.model.layers.{i}.{HF_MODULE[module]}.{target}"
             tensors[f"{prefix}.lora_A.weight"] = a[i].reshape(-1, cfg.lora_rank).T.copy()
             tensors[f"{prefix}.lora_B.weight"] = b[i].reshape(cfg.lora_rank, -1).T.copy()
-    save_file(tensors, out / "adapter_model.safetensors", {"format": "pt"})
+    write_tensors(tensors, out / "adapter_model.safetensors")
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": cfg.lora_rank,
         "lora_alpha": cfg.lora_alpha, "lora_dropout": cfg.lora_dropout,
