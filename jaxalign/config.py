@@ -227,7 +227,8 @@ class MeshConfig:
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ModelSource:
     """Where the starting weights come from and how to run them."""
-    path: str                      # HF dir, jaxalign checkpoint or training run directory
+    path: str                      # HF dir, jaxalign checkpoint, training run dir or hub id org/name
+    revision: str | None = None    # hub id only: branch, tag or commit (default main)
     dtype: str = "float32"         # compute dtype
     param_dtype: str = "float32"
     # Layer form and rematerialisation of the training forward; None: the measured default of
