@@ -91,7 +91,24 @@ def load_model(path: str | Path, mesh: Mesh | None = None, *, num_labels: int | 
         hf_config = hf.hf_config_for(cfg, hf_config)
         log.info("%s: causal LM -> classifier with %d label(s) (LM head dropped, score head "
                  "initialised)", path, num_labels)
+    if cfg.num_labels > 0 and cfg.pad_token_id is None:
+        cfg, hf_config = _with_tokenizer_pad(cfg, hf_config, src)
     return cfg, params, hf_config, src
+
+
+def _with_tokenizer_pad(cfg: ModelConfig, hf_config: dict[str, Any], tok_dir: Path):
+    """A classifier whose config.json names no pad id scores by its tokenizer's pad (the one
+    the data pipeline pads with; eos when the tokenizer has none), and its config says so,
+    so that training, eval, RL and an HF export all score the same token."""
+    if not (Path(tok_dir) / "tokenizer.json").exists():
+        return cfg, hf_config
+    from jaxalign.tokenizer import load_tokenizer
+    pad = load_tokenizer(tok_dir).pad_token_id
+    if pad is None:
+        return cfg, hf_config
+    log.info("%s: config.json names no pad_token_id; the classifier scores by the tokenizer's "
+             "pad id %d", tok_dir, pad)
+    return cfg.replace(pad_token_id=int(pad)), {**hf_config, "pad_token_id": int(pad)}
 
 
 def _load_any(path: Path, mesh: Mesh | None, **runtime):

@@ -313,9 +313,10 @@ def hf_config_for(cfg: ModelConfig, base: dict[str, Any] | None = None, *,
     """config.json content: the source checkpoint's (kept verbatim) or one built from cfg.
 
     A classifier (num_labels > 0) made from a causal LM gets the classifier's fields on top
-    of its base config: architectures, num_labels, id2label, label2id. `pad_token_id`, when
-    given, is written (transformers' sequence classifier needs one to find the last token
-    of padded rows; `save` insists on it).
+    of its base config: architectures, num_labels, id2label, label2id, and the pad_token_id
+    it scores by (`cfg.pad_token_id`: transformers finds each row's scored token by it, so
+    it must be the one jaxalign used). `pad_token_id`, when given, is written where cfg
+    names none (`save` insists that a classifier has one).
     """
     if base is not None:
         config = dict(base)
@@ -329,7 +330,9 @@ def hf_config_for(cfg: ModelConfig, base: dict[str, Any] | None = None, *,
         config = _config_from_cfg(cfg)
         if cfg.num_labels > 0:
             config.update(_classifier_fields(cfg.num_labels))
-    if pad_token_id is not None:
+    if cfg.num_labels > 0 and cfg.pad_token_id is not None:
+        config["pad_token_id"] = int(cfg.pad_token_id)
+    elif pad_token_id is not None:
         config["pad_token_id"] = int(pad_token_id)
     return config
 
@@ -422,7 +425,9 @@ def save(out_dir: str | Path, cfg: ModelConfig, params: functional.Params, *,
 
 def _require_pad_token(config: dict[str, Any], source_dir: str | Path | None) -> None:
     """transformers' LlamaForSequenceClassification scores the rightmost token != pad_token_id
-    and refuses batches > 1 without one, so an exported classifier must name it."""
+    and refuses batches > 1 without one, so an exported classifier must name it. A model
+    loaded by `checkpoint.load_model` has one already (the config's, else its tokenizer's),
+    the same jaxalign scores by; the fallbacks here serve hand-built params."""
     if config.get("pad_token_id") is None:
         config["pad_token_id"] = _tokenizer_pad_id(source_dir)
     if config["pad_token_id"] is None:
@@ -432,11 +437,6 @@ def _require_pad_token(config: dict[str, Any], source_dir: str | Path | None) ->
             f"{'in ' + str(source_dir) + ' ' if source_dir else ''}defines one: pass "
             "pad_token_id=... to convert.hf.save (e.g. the tokenizer's eos id), or set "
             "pad_token_id in the source config.json")
-    eos = config.get("eos_token_id")
-    if config["pad_token_id"] in (eos if isinstance(eos, list) else [eos]):
-        log.warning("pad_token_id == eos_token_id (%s): transformers scores a row that ends in "
-                    "eos at the token before it (the rightmost token != pad); jaxalign scores "
-                    "the last real token, the eos itself", config["pad_token_id"])
 
 
 def _tokenizer_pad_id(source_dir: str | Path | None) -> int | None:
