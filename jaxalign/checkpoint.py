@@ -167,6 +167,16 @@ def describe_run(run_dir: str | Path, *, algorithm: str, cfg: ModelConfig,
     (run_dir / RUN_MARKER).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
 
 
+def run_base(run_dir: str | Path) -> tuple[str | None, str | None] | None:
+    """A run directory's starting model as run.json records it: (path or hub id, commit of a
+    hub id); None when `run_dir` is no run."""
+    marker = Path(run_dir) / RUN_MARKER
+    if not marker.exists():
+        return None
+    meta = json.loads(marker.read_text())
+    return meta.get("base"), meta.get("base_revision")
+
+
 def _subtree(tree, path):
     for key in path:
         tree = tree[key]

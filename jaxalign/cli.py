@@ -81,7 +81,10 @@ def cmd_export(args) -> int:
     if args.adapter:
         if not cfg.lora_rank:
             raise checkpoint.ModelSourceError(f"{args.model}: --adapter needs a LoRA run")
-        out = save_peft(args.out_dir, cfg, params, base_model_path=str(src))
+        # PEFT loads an adapter onto its base: the run's starting model (a hub id pinned to
+        # its commit, or a directory), not the run's own folder.
+        base, revision = checkpoint.run_base(args.model) or (str(src), None)
+        out = save_peft(args.out_dir, cfg, params, base_model_path=base, revision=revision)
     else:
         cfg, params = lora.merge(cfg, params)
         out = hf.save(args.out_dir, cfg, params, hf_config=hf_config, source_dir=src,

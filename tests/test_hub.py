@@ -108,6 +108,24 @@ def test_only_config_tokenizer_and_safetensors_are_fetched():
     assert kept == set(wanted)
 
 
+def test_reward_model_by_hub_id(offline, tmp_path):
+    """reward.model: an RM exported by jaxalign, found by id; a causal LM id is refused by
+    kind before its weights are read; the pad id it scores by comes along."""
+    from jaxalign.tokenizer import load_tokenizer
+    from jaxalign.train.rl.rewards import RewardModelError, check_reward_model_dir, \
+        load_frozen_reward_model
+    cfg, params, hf_config, tok_dir = checkpoint.load_model(offline["a"], num_labels=1, seed=3)
+    rm_dir = hf.save(tmp_path / "rm", cfg, params, hf_config=hf_config, source_dir=tok_dir)
+    sha = lay_out(rm_dir, offline["cache"], "org/tiny-rm", copy=True).name
+    with pytest.raises(RewardModelError, match="org/tiny: wrong kind of model: a causal LM"):
+        check_reward_model_dir(ID)
+    check_reward_model_dir("org/tiny-rm", sha)
+    got_cfg, got = load_frozen_reward_model("org/tiny-rm", None, load_tokenizer(offline["a"]),
+                                            revision=sha)
+    assert got_cfg.num_labels == 1 and got_cfg.pad_token_id == cfg.pad_token_id is not None
+    assert_same_params(got, params)
+
+
 def test_run_pins_the_commit_of_its_hub_base(offline, tmp_path):
     """A LoRA SFT run from `model.path: org/tiny` records the commit main resolved to; moving
     main afterwards does not change the base its adapters are loaded onto."""
@@ -121,6 +139,10 @@ def test_run_pins_the_commit_of_its_hub_base(offline, tmp_path):
     run_sft(cfg, devices=jax.devices()[:1])
     meta = json.loads((out / "run.json").read_text())
     assert meta["base"] == ID and meta["base_revision"] == env["sha_a"]
+    # A PEFT adapter names the same base, as PEFT reads it (id + revision).
+    assert cli.main(["export", str(out), str(tmp_path / "adapter"), "--adapter"]) == 0
+    adapter = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert (adapter["base_model_name_or_path"], adapter["revision"]) == (ID, env["sha_a"])
 
     refs_main = env["cache"] / "models--org--tiny" / "refs" / "main"
     refs_main.write_text(env["sha_b"])

@@ -23,9 +23,10 @@ HF_MODULE = {"attn": "self_attn", "mlp": "mlp"}
 
 
 def save_peft(out_dir: str | Path, cfg: ModelConfig, params: dict,
-              base_model_path: str | None = None) -> Path:
+              base_model_path: str | None = None, revision: str | None = None) -> Path:
     """adapter_config.json + adapter_model.safetensors that `peft.PeftModel` loads onto
-    the HF base model (nn.Linear layout: lora_A (r, in), lora_B (out, r))."""
+    the HF base model (nn.Linear layout: lora_A (r, in), lora_B (out, r)). `base_model_path`
+    (a directory or hub id) and `revision` (its commit, for a hub id) name that base."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     adapters, _ = lora_mod.split(params)
@@ -45,7 +46,7 @@ def save_peft(out_dir: str | Path, cfg: ModelConfig, params: dict,
         "lora_alpha": cfg.lora_alpha, "lora_dropout": cfg.lora_dropout,
         "target_modules": sorted(cfg.lora_targets), "bias": "none", "fan_in_fan_out": False,
         "use_rslora": False, "init_lora_weights": True, "inference_mode": True,
-        "base_model_name_or_path": base_model_path,
+        "base_model_name_or_path": base_model_path, "revision": revision,
     }
     (out / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return out
