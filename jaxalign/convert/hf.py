@@ -362,6 +362,7 @@ def _config_from_cfg(cfg: ModelConfig) -> dict[str, Any]:
         "max_position_embeddings": cfg.max_position_embeddings,
         "tie_word_embeddings": cfg.tie_word_embeddings, "attention_bias": cfg.attention_bias,
         "mlp_bias": cfg.mlp_bias, "dtype": cfg.param_dtype,
+        **({"pad_token_id": cfg.pad_token_id} if cfg.pad_token_id is not None else {}),
     }
 
 
