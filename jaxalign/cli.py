@@ -1,7 +1,7 @@
 """Command line: parse, then call the library. Logs go to stderr, results to stdout.
 
-  jaxalign convert HF_DIR OUT_DIR
-  jaxalign export MODEL OUT_HF_DIR
+  jaxalign convert HF_DIR_OR_HUB_ID OUT_DIR [--revision R]
+  jaxalign export MODEL OUT_HF_DIR [--revision R]
   jaxalign generate MODEL --prompt TEXT [--chat] [--max-new-tokens N] [--temperature T]
                     [--top-p P] [--top-k K] [--seed S]
   jaxalign sft CONFIG.yaml [key=value ...]
@@ -45,6 +45,12 @@ def _add_runtime(p: argparse.ArgumentParser) -> None:
                    help="compute dtype (default float32)")
 
 
+def _add_revision(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--revision", default=None,
+                   help="hub ids only: branch, tag or commit (default main); honours "
+                        "HF_HUB_CACHE / HF_HOME and HF_HUB_OFFLINE=1")
+
+
 def _mesh(args):
     from jaxalign import sharding
     from jaxalign.config import MeshConfig
@@ -53,11 +59,12 @@ def _mesh(args):
 
 def cmd_convert(args) -> int:
     from jaxalign import checkpoint
-    from jaxalign.convert import hf
+    from jaxalign.convert import hf, hub
 
     t0 = time.perf_counter()
-    cfg, params, hf_config = hf.load(args.hf_dir, _mesh(args))
-    out = checkpoint.save_model(args.out_dir, cfg, params, hf_config, source_dir=args.hf_dir)
+    src = hub.resolve(args.hf_dir, args.revision)
+    cfg, params, hf_config = hf.load(src, _mesh(args))
+    out = checkpoint.save_model(args.out_dir, cfg, params, hf_config, source_dir=src)
     log.info("converted %s -> %s (%.1fM params, %.1fs)", args.hf_dir, out,
              hf.num_params(params) / 1e6, time.perf_counter() - t0)
     print(out)
@@ -70,15 +77,19 @@ def cmd_export(args) -> int:
     from jaxalign.convert.peft import save_peft
     from jaxalign.models import lora
 
-    cfg, params, hf_config, src = checkpoint.load_model(args.model, _mesh(args))
+    cfg, params, hf_config, src = checkpoint.load_model(args.model, _mesh(args),
+                                                        revision=args.revision)
     if args.adapter:
         if not cfg.lora_rank:
             raise checkpoint.ModelSourceError(f"{args.model}: --adapter needs a LoRA run")
-        out = save_peft(args.out_dir, cfg, params, base_model_path=str(src))
+        # PEFT loads an adapter onto its base: the run's starting model (a hub id pinned to
+        # its commit, or a directory), not the run's own folder.
+        base, revision = checkpoint.run_base(args.model) or (str(src), None)
+        out = save_peft(args.out_dir, cfg, params, base_model_path=base, revision=revision)
     else:
         cfg, params = lora.merge(cfg, params)
         out = hf.save(args.out_dir, cfg, params, hf_config=hf_config, source_dir=src,
-                      max_shard_bytes=int(args.max_shard_gb * 2**30))
+                      max_shard_bytes=int(args.max_shard_gb * 2**30), dtype=args.dtype)
     print(out)
     return 0
 
@@ -92,7 +103,7 @@ def cmd_generate(args) -> int:
     # weights either way (generate.py). --dtype bfloat16 decodes from bf16 copies of the
     # weights (half the bytes a step reads).
     cfg, params, _, tok_dir = checkpoint.load_model(args.model, _mesh(args), dtype=args.dtype,
-                                                    scan_layers=True)
+                                                    scan_layers=True, revision=args.revision)
     tokenizer = load_tokenizer(tok_dir)
     t0 = time.perf_counter()
     (completion,) = generate_text(cfg, params, tokenizer, [args.prompt], chat=args.chat,
@@ -138,24 +149,28 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("convert", help="HF checkpoint -> jaxalign checkpoint")
-    p.add_argument("hf_dir")
+    p.add_argument("hf_dir", help="HF directory or hub id org/name")
     p.add_argument("out_dir")
+    _add_revision(p)
     _add_runtime(p)
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("export", help="run dir / jaxalign checkpoint / HF dir -> HF directory")
-    p.add_argument("model")
+    p.add_argument("model", help="run dir, jaxalign checkpoint, HF directory or hub id")
     p.add_argument("out_dir")
+    _add_revision(p)
     p.add_argument("--max-shard-gb", type=float, default=5.0,
                    help="split safetensors above this size, with an index (default 5)")
     p.add_argument("--adapter", action="store_true",
                    help="LoRA runs: write a PEFT adapter (adapter_config.json + "
                         "adapter_model.safetensors) instead of merged weights")
     _add_runtime(p)
-    p.set_defaults(func=cmd_export)
+    # export: --dtype is the dtype of the written tensors; unset keeps the model's own.
+    p.set_defaults(func=cmd_export, dtype=None)
 
     p = sub.add_parser("generate", help="complete one prompt; prints only the completion")
-    p.add_argument("model", help="HF directory or jaxalign checkpoint")
+    p.add_argument("model", help="HF directory, jaxalign checkpoint, run dir or hub id")
+    _add_revision(p)
     p.add_argument("--prompt", required=True)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
     p.add_argument("--max-new-tokens", type=int, default=128)

@@ -128,14 +128,15 @@ def resolved_config(cfg, raw_config: dict | None) -> dict:
 
 
 def write_run_files(run_dir: Path, raw: dict, *, algorithm: str, model: ModelConfig,
-                    hf_config: dict, base: str | None, tokenizer_dir, policy_path=()) -> None:
+                    hf_config: dict, base: str | None, tokenizer_dir, policy_path=(),
+                    base_revision: str | None = None) -> None:
     """config.yaml (the resolved config) and run.json (what the trained model is, so that
     `checkpoint.load_model(run_dir)` rebuilds it without knowing the algorithm)."""
     if jax.process_index() == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     describe_run(run_dir, algorithm=algorithm, cfg=model, hf_config=hf_config, base=base,
-                 tokenizer_dir=tokenizer_dir, policy_path=policy_path)
+                 tokenizer_dir=tokenizer_dir, policy_path=policy_path, base_revision=base_revision)
 
 
 def start_or_resume(run_dir: Path, trainable, optimizer, seed: int, keep: int):
