@@ -9,6 +9,7 @@
   jaxalign dpo CONFIG.yaml [key=value ...]
   jaxalign kto CONFIG.yaml [key=value ...]
   jaxalign ppo CONFIG.yaml [key=value ...]     (algorithm: a row of train/rl/objectives.py)
+  jaxalign plan CONFIG.yaml [key=value ...] --devices N [--meshes M] [--device-memory-gb G]
 """
 
 from __future__ import annotations
@@ -133,6 +134,15 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    from jaxalign.train.plan import run_plan
+    results = run_plan(args.config, args.overrides, devices=args.devices, meshes=args.meshes,
+                       recipe=args.recipe, device_memory_gb=args.device_memory_gb)
+    if args.json:
+        print(json.dumps([r.as_json() for r in results]))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="jaxalign", description="Align Hugging Face Llama models with JAX.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -184,6 +194,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="YAML eval config (see configs/*eval*.yaml)")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.set_defaults(func=cmd_eval)
+    p = sub.add_parser("plan", help="per-mesh memory, compile time and collectives of a run's "
+                                    "train step on N devices, compiled from shapes (no weights)")
+    p.add_argument("config", help="YAML run config of sft / rm / dpo / kto")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.add_argument("--devices", type=int, required=True, help="number of devices to plan for")
+    p.add_argument("--meshes", default=None,
+                   help="meshes to try, e.g. 'fsdp=64;data=4,fsdp=16' (default: every mesh "
+                        "that divides the batch and the KV heads)")
+    p.add_argument("--recipe", default=None, help="sft | rm | dpo | kto (default: from the config)")
+    p.add_argument("--device-memory-gb", type=float, default=None,
+                   help="memory of one device, for the 'fits' column")
+    p.add_argument("--json", action="store_true", help="also print the results as one JSON line")
+    p.set_defaults(func=cmd_plan)
     return parser
 
 
