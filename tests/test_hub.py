@@ -182,3 +182,10 @@ def test_readme_tour_by_hub_id(offline, tmp_path, capsys):
     assert verify_export.main([str(smol_hf), "--reference", ID, "--max-new-tokens", "4"]) == 0
     report = capsys.readouterr().out
     assert f"tensors bitwise equal to {ID}: True" in report and report.rstrip().endswith("OK")
+
+
+def test_plan_reads_the_shape_of_a_hub_id(offline):
+    """`jaxalign plan` needs only config.json; by id it reads the cached snapshot's."""
+    from jaxalign.train.plan import model_config
+    cfg, _, _ = hf.load(offline["b"])
+    assert model_config(ID, "v1") == cfg
