@@ -153,6 +153,12 @@ def test_run_pins_the_commit_of_its_hub_base(offline, tmp_path):
         _, base = lora.split(params)
         _, params_a, _ = hf.load(env["a"], scan_layers=run_cfg.scan_layers)
         assert_same_params(base, _flat_like(params_a, base))
+        # Resuming by rerunning the same config keeps the commit the run started from.
+        run_sft(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=3)),
+                devices=jax.devices()[:1])
+        assert json.loads((out / "run.json").read_text())["base_revision"] == env["sha_a"]
+        _, params, _, _ = checkpoint.load_model(out)
+        assert_same_params(lora.split(params)[1], _flat_like(params_a, base))
     finally:
         refs_main.write_text(env["sha_a"])
 
