@@ -27,7 +27,7 @@ def hub_env(tmp_path_factory):
     from make_tiny_model import make_tiny_model
     root = tmp_path_factory.mktemp("hub")
     a = make_tiny_model(root / "a", seed=0)
-    b = make_tiny_model(root / "b", seed=1)
+    b = make_tiny_model(root / "b", tokenizer_dir=a, seed=1)
     cache = root / "cache"
     sha_a = lay_out(a, cache, ID, ref="main", copy=True).name
     sha_b = lay_out(b, cache, ID, ref="v1", copy=True).name
