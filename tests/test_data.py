@@ -335,7 +335,8 @@ def test_over_long_examples_truncate_and_drop(tok, tmp_path, cache):
     enc = Encoder(tok)
     s = SourceStats("d")
     data = tokenize_examples(examples, enc, seq_len=48, truncation="truncate", stats=s, where=src.where)
-    assert (s.kept, s.truncated, s.dropped_no_loss, s.dropped_too_long) == (2, 1, 1, 0)
+    assert (s.kept, s.truncated, s.dropped_no_loss, s.dropped_too_long) == (2, 2, 1, 0)
+    assert s.truncated_no_loss == 1  # the second cut left no trained token: counted in both
     assert data.lengths.tolist()[1] == 48 and data[1][1][1:].sum() > 0
     assert s.tokens == int(data.lengths.sum())
     assert s.loss_tokens == int(sum(data[i][1][1:].sum() for i in range(2)))
