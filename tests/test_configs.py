@@ -57,3 +57,74 @@ def test_tiny_configs_train_on_every_row(shipped, name, caplog):
     assert total.rows > 0 and total.kept == total.rows, data.stats.summary()
     assert total.truncated == 0, data.stats.summary()
     assert not [r for r in caplog.records if "seq_len" in r.getMessage()]
+
+
+# ---- the config reference (`jaxalign config`, docs/config.md) ----------------------------------
+
+def _expected_keys(cls, prefix=""):
+    """Every field of `cls` and of every config class reachable from it, as a dotted key; an
+    independent walk of the dataclasses (not `reference.keys`)."""
+    import dataclasses
+    import typing
+    out = []
+    for f in dataclasses.fields(cls):
+        out.append(prefix + f.name)
+        hint = typing.get_type_hints(cls)[f.name]
+        args = typing.get_args(hint)
+        if dataclasses.is_dataclass(hint):
+            out += _expected_keys(hint, f"{prefix}{f.name}.")
+        elif typing.get_origin(hint) is tuple and args and dataclasses.is_dataclass(args[0]):
+            out += _expected_keys(args[0], f"{prefix}{f.name}[].")
+        else:
+            for a in args:
+                if dataclasses.is_dataclass(a):
+                    out += _expected_keys(a, f"{prefix}{f.name}.")
+    return out
+
+
+@pytest.mark.parametrize("name", ["sft", "rm", "dpo", "kto", "ppo", "eval"])
+def test_config_output_covers_every_field_of_every_config_class(name, capsys):
+    from jaxalign import cli, reference
+    assert name in reference.CONFIGS
+    assert cli.main(["config", name]) == 0
+    out = capsys.readouterr().out
+    printed = {line.split()[0].rstrip(":") for line in out.splitlines()[2:] if line.strip()}
+    expected = _expected_keys(reference.config_class(name))
+    assert len(expected) > 5 and set(expected) <= printed, set(expected) - printed
+    rows = {k.name: k for k in reference.keys(reference.config_class(name))}
+    assert not [k for k in expected if not rows[k].meaning], "fields without a meaning"
+    assert not [k for k in expected if not rows[k].type]
+
+
+def test_reference_reads_types_defaults_and_section_defaults():
+    from jaxalign import reference
+    rows = {k.name: k for k in reference.keys(reference.config_class("ppo"))}
+    assert (rows["train.iterations"].type, rows["train.iterations"].default) == ("int", "required")
+    assert rows["optim.lr"].default == "1e-05"   # RLConfig's own OptimConfig(lr=1e-5)
+    assert rows["optim.schedule"].type == "constant | linear | cosine"
+    assert rows["ppo.kl_target"].type == "float or null"
+    assert rows["reward.functions"].type == "list of str"
+    assert rows["grpo.scale_rewards"].meaning.startswith("divide by the group's std (False: Dr. GRPO")
+    sft = {k.name: k for k in reference.keys(reference.config_class("sft"))}
+    assert sft["data.train[].path"].default == "required"
+    assert sft["lora.targets"].default == "[q_proj, v_proj]"
+
+
+def test_docs_config_md_is_fresh():
+    from jaxalign import reference
+    current = (ROOT / "docs" / "config.md").read_text()
+    assert current == reference.render_markdown(), (
+        "docs/config.md is stale: run `jaxalign config --markdown > docs/config.md`")
+
+
+def test_missing_required_key_is_one_line_naming_it(tmp_path, capsys):
+    from jaxalign import cli
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("out_dir: x\nmodel: {path: m}\ndata: {train: [a.jsonl]}\ntrain: {batch_size: 8}\n")
+    assert cli.main(["sft", str(cfg)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["jaxalign: error: missing required key 'train.steps'; `jaxalign config` lists "
+                   "every key"], err
+    cfg.write_text("out_dir: x\nmodel: {path: m}\ndata: {train: [a.jsonl]}\n")
+    assert cli.main(["sft", str(cfg)]) == 1
+    assert capsys.readouterr().err.startswith("jaxalign: error: missing required key 'train'")

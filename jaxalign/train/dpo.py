@@ -29,7 +29,8 @@ from jaxalign.train.setup import Loaded, load_policy, pair_rows, run_recipe, sup
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DPOOptions:
-    beta: float = 0.1               # orpo: the odds-ratio weight lambda (TRL's ORPO `beta`)
+    """The pairwise loss: DPO and its variants."""
+    beta: float = 0.1               # reward scale beta of log(pi / pi_ref); orpo: the odds-ratio weight
     loss_type: str = "sigmoid"      # sigmoid | ipo | hinge | robust | orpo | simpo
     simpo_gamma: float = 0.5        # simpo: target reward margin gamma
     label_smoothing: float = 0.0    # cDPO (sigmoid) / robust DPO noise rate

@@ -24,7 +24,8 @@ from jaxalign.train.setup import run_recipe, supervised
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class KTOOptions:
-    beta: float = 0.1
+    """The KTO loss on labelled rows."""
+    beta: float = 0.1                 # scale of the implicit reward beta * log(pi / pi_ref)
     desirable_weight: float = 1.0     # lambda_D: raise it when desirable rows are scarcer
     undesirable_weight: float = 1.0   # lambda_U
     reference: str | None = None      # a different reference model (HF dir / run); None: the start

@@ -23,6 +23,7 @@ from jaxalign.train.setup import Loaded, pair_rows, run_recipe, supervised
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class RMOptions:
+    """The Bradley-Terry loss of reward modelling."""
     center_coef: float = 0.0        # coef * mean((r_c + r_r)^2) keeps rewards near zero
     margin: float = 0.0             # required reward gap: -log sigmoid(r_c - r_r - margin)
 
