@@ -59,11 +59,19 @@ class Labelled:
     row: int = -1
 
 
+# A CSV cell holds text: the words a bool is written as there (sources.read_csv keeps cells
+# as written).
+CSV_BOOLS = {"true": True, "false": False}
+
+
 def _unpaired(row: dict, where: str) -> Labelled:
     label = row.get("label")
+    if isinstance(label, str) and label.strip().lower() in CSV_BOOLS:
+        label = CSV_BOOLS[label.strip().lower()]
     if not isinstance(label, (bool, np.bool_)):
-        raise DataError(f"{where}: field 'label' must be a bool (true = desirable), "
-                        f"got {type(label).__name__}")
+        got = f"{type(label).__name__} {label!r}" if isinstance(label, (str, int, float)) \
+            else type(label).__name__
+        raise DataError(f"{where}: field 'label' must be a bool (true = desirable), got {got}")
     p = prompt_messages(row, where)
     value = row.get("completion")
     if not isinstance(value, (str, list, tuple)):
