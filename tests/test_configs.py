@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import logging
 import os
@@ -57,6 +58,25 @@ def test_tiny_configs_train_on_every_row(shipped, name, caplog):
     assert total.rows > 0 and total.kept == total.rows, data.stats.summary()
     assert total.truncated == 0, data.stats.summary()
     assert not [r for r in caplog.records if "seq_len" in r.getMessage()]
+
+
+@pytest.mark.parametrize("name", ["ppo", "rloo"])
+def test_tiny_rl_configs_keep_every_prompt(shipped, name, tmp_path):
+    from jaxalign.synth.tasks import main as make_tasks
+    from jaxalign.train.rl.config import RLConfig
+    from jaxalign.train.rl.prompts import read_prompts
+    root, tok = shipped
+    line = next(l for l in (ROOT / "configs" / f"tiny_{name}.yaml").read_text().splitlines()
+                if "python -m jaxalign.synth.tasks" in l)
+    args = shlex.split(line.split("jaxalign.synth.tasks", 1)[1])
+    assert make_tasks([str(tmp_path / args[0])] + args[1:]) == 0
+    cfg = from_dict(RLConfig, load_yaml(str(ROOT / "configs" / f"tiny_{name}.yaml")))
+    spec = cfg.data.prompts
+    data = dataclasses.replace(cfg.data, prompts=dataclasses.replace(
+        spec, path=str(tmp_path / spec.path)))
+    prompts = read_prompts(data, tok)
+    rows = (tmp_path / spec.path).read_text().count("\n")
+    assert len(prompts.ids) == rows == 2000
 
 
 # ---- the config reference (`jaxalign config`, docs/config.md) ----------------------------------
