@@ -174,7 +174,14 @@ def cmd_eval(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="jaxalign", description="Align Hugging Face Llama models with JAX.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    # -v also after the command (`jaxalign sft c.yaml -v`); SUPPRESS keeps the subcommand's
+    # default from overwriting a -v given before it.
+    verbose = _Parser(add_help=False)
+    verbose.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                         help="debug logging, and a traceback with any error")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    _add_parser = sub.add_parser
+    sub.add_parser = lambda *a, **kw: _add_parser(*a, parents=[verbose], **kw)
 
     p = sub.add_parser("convert", help="HF checkpoint -> jaxalign checkpoint")
     p.add_argument("hf_dir")

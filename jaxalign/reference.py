@@ -303,7 +303,11 @@ def flag_overrides(cls: type, *, mesh=None, dtype: str | None = None) -> list[st
             raise ValueError(f"--mesh: this command's config has no {key} section")
         out += [f"{key}.{f.name}={getattr(mesh, f.name)}" for f in dataclasses.fields(mesh)]
     if dtype is not None:
-        key = next((k for k in (RUNTIME_FLAGS["--dtype"][0], "dtype") if k in names), None)
+        # model.dtype where there is one, else the config's own compute-dtype key (eval.dtype).
+        candidates = [RUNTIME_FLAGS["--dtype"][0]] + sorted(
+            (k.name for k in keys(cls) if k.name.rpartition(".")[2] == "dtype" and "[]" not in k.name),
+            key=lambda k: k.count("."))
+        key = next((k for k in candidates if k in names), None)
         if key is None:
             raise ValueError("--dtype: this command's config has no dtype key")
         out.append(f"{key}={dtype}")

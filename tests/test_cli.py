@@ -39,9 +39,14 @@ def test_runtime_flags_on_every_command(command):
             cli._config_overrides(args, cls)
         assert e.value.code == 2
         args.mesh = None
-    cfg = from_dict(cls, load_yaml(args.config, cli._config_overrides(args, cls)))
-    dtype = cfg.model.dtype if hasattr(cfg, "model") else cfg.dtype
-    assert dtype == "bfloat16"
+    overrides = cli._config_overrides(args, cls)
+    cfg = from_dict(cls, load_yaml(args.config, overrides))
+    dtype_key = next(o for o in overrides if o.endswith("=bfloat16")).partition("=")[0]
+    assert dtype_key == "model.dtype" or dtype_key.endswith("dtype")
+    node = cfg
+    for part in dtype_key.split("."):
+        node = getattr(node, part)
+    assert node == "bfloat16"
     if args.mesh is not None:
         assert cfg.mesh.shape == (2, -1, 2)
         args.overrides = ["mesh.tensor=1"]
@@ -122,3 +127,9 @@ def test_verbose_adds_the_traceback(tmp_path, capsys):
     assert "Traceback" not in capsys.readouterr().err
     assert cli.main(["-v"] + argv) == 1
     assert "Traceback" in capsys.readouterr().err
+
+
+def test_verbose_before_or_after_the_command():
+    parse = cli.build_parser().parse_args
+    assert parse(["-v", "sft", "c.yaml"]).verbose and parse(["sft", "c.yaml", "-v"]).verbose
+    assert not parse(["sft", "c.yaml"]).verbose
