@@ -74,7 +74,7 @@ def test_training_help_lists_config_sections(capsys):
     (["rm", "C", "train.steps"], "'train.steps' is not of the form key=value"),
     (["ppo", "C", "--bogus"], "unrecognized arguments: --bogus"),
     (["kto"], "the following arguments are required: config"),
-    (["generate", "m"], "the following arguments are required: --prompt"),
+    (["generate", "m"], "--prompt"),  # no prompt given
     (["config"], "give a command name or --markdown"),
     (["config", "nope"], "argument name: invalid choice: 'nope'"),
     (["frobnicate"], "invalid choice: 'frobnicate'"),
@@ -109,7 +109,7 @@ def test_missing_extra_names_the_pip_command(monkeypatch, capsys):
 
 @pytest.mark.parametrize("override, message", [
     ("train=null", "train: expected a section of keys, got null"),
-    ("train.steps=null", "train.steps: null is not allowed here"),
+    ("train.batch_size=null", "train.batch_size: null is not allowed here"),
     ("data.seq_len=many", "data.seq_len: expected a number, got 'many'"),
     ("train.bogus=1", "unknown config key 'train.bogus'"),
     ("model.path=/no/such/model", "/no/such/model"),

@@ -140,11 +140,11 @@ def test_docs_config_md_is_fresh():
 def test_missing_required_key_is_one_line_naming_it(tmp_path, capsys):
     from jaxalign import cli
     cfg = tmp_path / "c.yaml"
-    cfg.write_text("out_dir: x\nmodel: {path: m}\ndata: {train: [a.jsonl]}\ntrain: {batch_size: 8}\n")
+    cfg.write_text("out_dir: x\nmodel: {path: m}\ndata: {train: [a.jsonl]}\ntrain: {steps: 8}\n")
     assert cli.main(["sft", str(cfg)]) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["jaxalign: error: missing required key 'train.steps'; `jaxalign config` lists "
-                   "every key"], err
+    assert err == ["jaxalign: error: missing required key 'train.batch_size'; `jaxalign config` "
+                   "lists every key"], err
     cfg.write_text("out_dir: x\nmodel: {path: m}\ndata: {train: [a.jsonl]}\n")
     assert cli.main(["sft", str(cfg)]) == 1
     assert capsys.readouterr().err.startswith("jaxalign: error: missing required key 'train'")
