@@ -154,9 +154,9 @@ class GRPOConfig:
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class MonitorConfig:
     """Warnings (or a stop) when the policy collapses or drifts."""
-    entropy_floor: float | None = None  # mean per-token entropy (nats) below this ...
-    kl_ceiling: float | None = None     # ... or per-sequence KL above this ...
-    action: str = "warn"                # ... 'warn' or 'stop' (after checkpointing the iteration)
+    entropy_floor: float | None = None  # trips when the mean per-token entropy (nats) is below this
+    kl_ceiling: float | None = None     # trips when the per-sequence KL is above this
+    action: str = "warn"                # on a trip: 'warn' or 'stop' (after checkpointing the iteration)
 
     def __post_init__(self):
         _check(self.action in ("warn", "stop"), f"monitor.action {self.action!r}: expected warn or stop")
