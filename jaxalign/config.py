@@ -7,6 +7,7 @@ with the offending key in the message.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from typing import Any, Literal, Mapping
@@ -245,6 +246,14 @@ class ModelSource:
     remat: str | None = None       # none | full | dots
     attention: str = "auto"        # auto | xla | cudnn (GPU flash attention, bf16)
 
+    def __post_init__(self):
+        # Checked here, so that a bad value is named as the YAML key, not as the model's
+        # config.json that the loader builds the ModelConfig from.
+        for key, allowed in (("dtype", DTYPES), ("param_dtype", DTYPES),
+                             ("remat", (None,) + REMAT_POLICIES), ("attention", ATTENTION_IMPLS)):
+            _require(getattr(self, key) in allowed,
+                     f"model.{key} {getattr(self, key)!r} is not one of {allowed}")
+
     def runtime(self) -> dict[str, Any]:
         from jaxalign.runtime import train_layout
         scan, remat = train_layout()
@@ -344,13 +353,6 @@ def from_dict(cls, data: Mapping[str, Any] | None, where: str = ""):
     if unknown:
         raise ConfigError(f"unknown config key {where + unknown[0]!r}"
                           f" (known under {where or 'top level'}: {', '.join(sorted(fields))})")
-    missing = [f.name for f in dataclasses.fields(cls) if f.name not in data
-               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
-    if missing:
-        raise ConfigError(f"missing required key {where + missing[0]!r}"
-                          + (f" (also missing: {', '.join(where + m for m in missing[1:])})"
-                             if missing[1:] else "")
-                          + f"; `jaxalign config` lists every key")
     kwargs = {}
     hints = typing.get_type_hints(cls)
     for name, value in data.items():
@@ -363,6 +365,13 @@ def from_dict(cls, data: Mapping[str, Any] | None, where: str = ""):
         else:
             value = _coerce(hints.get(name), value, where + name)
         kwargs[name] = value
+    missing = [f.name for f in dataclasses.fields(cls) if f.name not in data
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ConfigError(f"missing required key {where + missing[0]!r}"
+                          + (f" (also missing: {', '.join(where + m for m in missing[1:])})"
+                             if missing[1:] else "")
+                          + f"; `jaxalign config` lists every key")
     return cls(**kwargs)
 
 
@@ -381,6 +390,8 @@ def _coerce(hint, value, key: str):
         return _coerce(options[0], value, key) if len(options) == 1 else value
     if isinstance(value, list):
         value = tuple(value)
+    if origin is tuple and isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        value = (value,)  # a single item written without brackets: `lora.targets: q_proj`
     if origin is tuple and isinstance(value, tuple) and len(args) == 2 and args[1] is Ellipsis:
         return tuple(_coerce(args[0], v, f"{key}[{i}]") for i, v in enumerate(value))
     if hint is float or hint is int:
@@ -392,6 +403,8 @@ def _coerce(hint, value, key: str):
                 pass
         if isinstance(number, bool) or not isinstance(number, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(number):
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
         if hint is float:
             return float(number)
         if float(number) != int(number):
@@ -430,7 +443,10 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             raise ConfigError(f"override {item!r} is not of the form key=value")
         node = data
         parts = key.split(".")
-        for p in parts[:-1]:
+        for i, p in enumerate(parts[:-1]):
+            if not isinstance(node.get(p) or {}, Mapping):
+                raise ConfigError(f"override {item!r}: {'.'.join(parts[:i + 1])} is "
+                                  f"{node[p]!r}, not a section of keys")
             node[p] = dict(node.get(p) or {})
             node = node[p]
         node[parts[-1]] = yaml.safe_load(raw)

@@ -113,6 +113,10 @@ def test_missing_extra_names_the_pip_command(monkeypatch, capsys):
     ("data.seq_len=many", "data.seq_len: expected a number, got 'many'"),
     ("train.bogus=1", "unknown config key 'train.bogus'"),
     ("model.path=/no/such/model", "/no/such/model"),
+    ("model.remat=half", "model.remat 'half' is not one of"),   # named as the key, before loading
+    ("train.batch_size=1e400", "train.batch_size: expected a finite number"),
+    ("model=foo", "model: expected a section of keys, got 'foo'"),
+    ("data.train.path=x", "override 'data.train.path=x': data.train is [{'path': "),
 ])
 def test_bad_input_is_one_line_exit_1(override, message, tmp_path, capsys):
     argv = ["sft", str(ROOT / "configs" / "tiny_sft.yaml"), f"out_dir={tmp_path}", override]

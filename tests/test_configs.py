@@ -148,3 +148,9 @@ def test_missing_required_key_is_one_line_naming_it(tmp_path, capsys):
     cfg.write_text("out_dir: x\nmodel: {path: m}\ndata: {train: [a.jsonl]}\n")
     assert cli.main(["sft", str(cfg)]) == 1
     assert capsys.readouterr().err.startswith("jaxalign: error: missing required key 'train'")
+
+
+def test_a_single_item_may_stand_for_a_list():
+    from jaxalign.config import LoRAConfig
+    assert from_dict(LoRAConfig, {"targets": "q_proj"}).targets == ("q_proj",)
+    assert from_dict(LoRAConfig, {"targets": ["q_proj", "v_proj"]}).targets == ("q_proj", "v_proj")
