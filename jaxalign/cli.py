@@ -46,6 +46,20 @@ class _Parser(argparse.ArgumentParser):
         return super().format_help()
 
 
+def _number(kind: type, rule: str, ok):
+    """An argparse type: a number of `kind` satisfying `ok` (a usage error, exit 2, if not)."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}")
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"{text!r}: must be {rule}")
+        return value
+    parse.__name__ = kind.__name__  # argparse names the type in its own messages
+    return parse
+
+
 def _override(text: str) -> str:
     key, sep, _ = text.partition("=")
     if not sep or not key:
@@ -192,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="run dir / jaxalign checkpoint / HF dir -> HF directory")
     p.add_argument("model")
     p.add_argument("out_dir")
-    p.add_argument("--max-shard-gb", type=float, default=5.0,
+    p.add_argument("--max-shard-gb", type=_number(float, "> 0", lambda x: x > 0), default=5.0,
                    help="split safetensors above this size, with an index (default 5)")
     p.add_argument("--adapter", action="store_true",
                    help="LoRA runs: write a PEFT adapter (adapter_config.json + "
@@ -204,10 +218,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="HF directory or jaxalign checkpoint")
     p.add_argument("--prompt", required=True)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=_number(int, ">= 1", lambda x: x >= 1), default=128)
+    p.add_argument("--temperature", type=_number(float, ">= 0", lambda x: x >= 0), default=0.0,
+                   help="0 = greedy (default)")
+    p.add_argument("--top-p", type=_number(float, "in (0, 1]", lambda x: 0 < x <= 1), default=1.0)
+    p.add_argument("--top-k", type=_number(int, ">= 0 (0: off)", lambda x: x >= 0), default=0)
     p.add_argument("--seed", type=int, default=0)
     _add_runtime(p)
     p.set_defaults(func=cmd_generate)

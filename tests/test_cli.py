@@ -75,6 +75,10 @@ def test_training_help_lists_config_sections(capsys):
     (["ppo", "C", "--bogus"], "unrecognized arguments: --bogus"),
     (["kto"], "the following arguments are required: config"),
     (["generate", "m"], "--prompt"),  # no prompt given
+    (["generate", "m", "--prompt", "hi", "--max-new-tokens", "0"], "--max-new-tokens: '0': must be >= 1"),
+    (["generate", "m", "--prompt", "hi", "--top-p", "2"], "--top-p: '2': must be in (0, 1]"),
+    (["generate", "m", "--prompt", "hi", "--temperature", "hot"], "--temperature: 'hot' is not a number"),
+    (["export", "m", "out", "--max-shard-gb", "0"], "--max-shard-gb: '0': must be > 0"),
     (["config"], "give a command name or --markdown"),
     (["config", "nope"], "argument name: invalid choice: 'nope'"),
     (["frobnicate"], "invalid choice: 'frobnicate'"),
