@@ -236,3 +236,72 @@ def test_generate_from_a_dataset_compiles_once_per_length_bucket(world):
 def test_config_errors_name_the_key(raw, message):
     with pytest.raises(ConfigError, match=message.replace(".", r"\.").replace("(", r"\(")):
         from_raw(raw)
+
+
+# ----------------------------------------------------------------------------- lm-eval (extra)
+
+TASK = """task: tiny_yesno
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}} Answer:"
+doc_to_choice: ["yes", "no"]
+doc_to_target: label
+metric_list:
+  - metric: acc
+"""
+
+
+def _task_file(tmp_path) -> Path:
+    rows = [{"question": f"Is {a} plus {b} equal to {a + b + i % 2}?", "label": i % 2}
+            for i, (a, b) in enumerate([(1, 2), (3, 4), (5, 6), (7, 8), (2, 2), (9, 1)])]
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    task = tmp_path / "tiny_yesno.yaml"
+    task.write_text(TASK.format(data=data))
+    return task
+
+
+def test_lm_eval_without_the_extra_is_one_line(world, tmp_path):
+    try:
+        import lm_eval  # noqa: F401
+        pytest.skip("lm-eval is installed")
+    except ImportError:
+        pass
+    from jaxalign import cli
+    cfg = tmp_path / "eval.yaml"
+    cfg.write_text(f"models: {{policies: {{sft: {world['sft']}}}}}\n"
+                   f"lm_eval: {{task_file: {_task_file(tmp_path)}}}\n")
+    with pytest.raises(Exception, match=r"pip install 'jaxalign\[lmeval\]'"):
+        run_eval(load_config(str(cfg)))
+    assert cli.main(["eval", str(cfg)]) == 1
+
+
+def test_lm_eval_task_score_is_folded_into_the_results(world, tmp_path):
+    """A local multiple-choice task run by the harness on the tiny policy; its accuracy equals
+    the one our own log-probs give (argmax over the choices' continuation log-likelihoods,
+    context and continuation split as the harness' HF model splits them)."""
+    pytest.importorskip("lm_eval")
+    from jaxalign.evaluate import likelihood
+    from jaxalign.evaluate.run import load
+
+    task = _task_file(tmp_path)
+    raw = {"models": {"policies": {"sft": str(world["sft"])}},
+           "lm_eval": {"task_file": str(task), "batch_size": 2}, "out_dir": str(tmp_path / "out")}
+    results = run_eval(from_raw(raw))
+    acc = results["lm_eval/sft/tiny_yesno/acc"]
+
+    m = load("sft", str(world["sft"]), "float32")
+    enc = lambda s: m.tokenizer(s, add_special_tokens=False).input_ids
+    rows = [json.loads(l) for l in (tmp_path / "qa.jsonl").read_text().splitlines()]
+    hits = []
+    for r in rows:
+        ctx = f"{r['question']} Answer:"
+        conts = [enc(ctx + " " + c)[len(enc(ctx)):] for c in ("yes", "no")]
+        lp, _ = likelihood.completion_logps(m.cfg, m.params, [enc(ctx)] * 2, conts,
+                                            batch_size=2, pad_id=0)
+        hits.append(int(np.argmax(lp)) == r["label"])
+    assert acc == pytest.approx(np.mean(hits))

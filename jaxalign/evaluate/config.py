@@ -159,7 +159,8 @@ class EvalConfig:
                  "or lm_eval")
         if self.lm_eval is not None:
             unknown = [p for p in self.lm_eval.policies if p not in m.policies]
-            _require(not unknown, f"lm_eval.policies: {unknown[0]!r} is not in models.policies "
+            if unknown:
+                raise ConfigError(f"lm_eval.policies: {unknown[0]!r} is not in models.policies "
                                   f"({', '.join(m.policies)})")
 
 

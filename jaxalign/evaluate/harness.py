@@ -60,7 +60,7 @@ def run_task(hf_dir: str | Path, task_file: str, task: str | None = None, *, lim
     for key, value in out["results"][name].items():
         metric = key.split(",")[0]  # "acc,none": metric, filter
         if isinstance(value, (int, float)) and not isinstance(value, bool) \
-                and not metric.endswith("_stderr"):
+                and not metric.endswith("_stderr") and metric != "sample_len":
             scores[key.replace(",none", "").replace(",", "/")] = float(value)
     log.info("lm_eval %s on %s: %s", name, hf_dir, scores)
     return scores

@@ -152,6 +152,9 @@ def run_eval(cfg: EvalConfig) -> dict[str, float]:
     if d.pairs and not (cfg.models.reward_model or (ref and len(models) > 1)):
         raise ConfigError("data.pairs: nothing to measure on them; give models.reward_model "
                           "and / or a models.reference to compare policies with")
+    if cfg.lm_eval is not None:  # fail before minutes of evaluation, not after
+        harness.require_lm_eval()
+        harness.task_name(cfg.lm_eval.task_file, cfg.lm_eval.task)
     log.info("models: %s (reference: %s)", ", ".join(f"{k}={v}" for k, v in models.items()), ref)
     names = list(models)
     first = load(names[0], models[names[0]], o.dtype)
