@@ -305,3 +305,9 @@ def test_lm_eval_task_score_is_folded_into_the_results(world, tmp_path):
                                             batch_size=2, pad_id=0)
         hits.append(int(np.argmax(lp)) == r["label"])
     assert acc == pytest.approx(np.mean(hits))
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*eval*.yaml")), ids=lambda p: p.name)
+def test_shipped_eval_configs_load(path):
+    cfg = load_config(str(path))
+    assert cfg.models.policies and cfg.out_dir

@@ -95,19 +95,20 @@ class EvalData:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class EvalOptions:
+    """How the measurements run: batch shapes, sampling, limits."""
     batch_size: int = 8                # rows per forward / generation call (the last is padded)
     seq_len: int = 512                 # pair and held-out rows are cut / padded to this
     max_prompt_len: int | None = None  # longer prompts keep their end (as training does)
     limit: int = 0                     # at most this many pairs / prompts / held-out rows (0: all)
-    max_new_tokens: int = 64
+    max_new_tokens: int = 64           # completion length limit (EOS ends a row sooner)
     temperature: float = 0.0           # 0: greedy completions (KL is then measured on them)
-    top_p: float = 1.0
-    top_k: int = 0
+    top_p: float = 1.0                 # nucleus sampling mass (1: off)
+    top_k: int = 0                     # sample among the k likeliest tokens (0: off)
     samples: int = 16                  # prompts in samples.jsonl (0: all)
-    seed: int = 0
+    seed: int = 0                      # sampling seed (batch k uses seed + k * batch_size)
     beta: float = 0.1                  # scale of the DPO-implied reward (accuracy ignores it)
     rouge_stemmer: bool = False        # rouge-score's Porter stemmer
-    dtype: Literal["float32", "bfloat16"] = "float32"
+    dtype: Literal["float32", "bfloat16"] = "float32"  # compute dtype of every model
 
     def __post_init__(self):
         for key in ("batch_size", "max_new_tokens"):
@@ -130,8 +131,8 @@ class LMEvalConfig:
     task: str | None = None            # default: the file's `task:` name
     policies: tuple[str, ...] = ()     # names in models.policies (default: all of them)
     limit: int | None = None           # examples per task (None: all)
-    num_fewshot: int | None = None
-    batch_size: int = 8
+    num_fewshot: int | None = None     # few-shot examples (None: the task's own setting)
+    batch_size: int = 8                # the harness' batch size
 
     def __post_init__(self):
         _require(isinstance(self.task_file, str) and self.task_file != "",
@@ -146,10 +147,10 @@ class LMEvalConfig:
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class EvalConfig:
     """`jaxalign eval`: sections models, data, eval and (optional) lm_eval."""
-    models: EvalModels
-    data: EvalData = EvalData()
-    eval: EvalOptions = EvalOptions()
-    lm_eval: LMEvalConfig | None = None
+    models: EvalModels                 # the policies, their reference and the reward model
+    data: EvalData = EvalData()        # held-out pairs, prompts and SFT rows
+    eval: EvalOptions = EvalOptions()  # batch shapes, sampling and limits
+    lm_eval: LMEvalConfig | None = None  # an lm-evaluation-harness task (the lmeval extra)
     out_dir: str | None = None         # eval.json, samples.jsonl, generations/ (None: stdout only)
 
     def __post_init__(self):
