@@ -110,26 +110,29 @@ def test_tiny_eval_config_end_to_end(tiny_eval):
     assert 0 <= results["winrate/dpo"] <= 1
     assert "winrate/sft" not in results and "kl/sft/sequence" not in results  # the baseline
 
-    summary = json.loads((out / "eval.json").read_text())
-    assert summary["metrics"] == pytest.approx(results)
-    assert summary["reference"] == "sft"
+    assert json.loads((out / "eval.json").read_text()) == pytest.approx(results)
+    summary = json.loads((out / "eval_summary.json").read_text())
+    assert summary["reference"] == "sft" and set(summary["models"]) == {"sft", "dpo"}
     assert summary["table"]["dpo"]["winrate"] == results["winrate/dpo"]
+    assert summary["table"]["sft"]["ppl/perplexity"] == results["ppl/sft/perplexity"]
     samples = [json.loads(l) for l in (out / "samples.jsonl").read_text().splitlines()]
     assert len(samples) == cfg.eval.samples
-    assert set(samples[0]["completions"]) == set(samples[0]["rewards"]) == {"sft", "dpo"}
+    assert {k for k in samples[0] if "/" in k} == {"completion/sft", "completion/dpo",
+                                                   "reward/sft", "reward/dpo"}
     assert all(s["answer"] for s in samples)
-    gens = [json.loads(l) for l in (out / "generations" / "dpo.jsonl").read_text().splitlines()]
+    gens = [json.loads(l) for l in (out / "generations_dpo.jsonl").read_text().splitlines()]
     assert len(gens) == n
+    assert [g["completion"] for g in gens[:len(samples)]] == [s["completion/dpo"] for s in samples]
 
 
 def test_generation_metrics_match_the_written_completions(tiny_eval):
     """ROUGE-L / exact match / reward in the results are the means over the completions and
-    rewards written to generations/<name>.jsonl, recomputed here with rouge-score itself."""
+    rewards written to generations_<name>.jsonl, recomputed here with rouge-score itself."""
     from rouge_score import rouge_scorer
     _, results, out = tiny_eval
     scorer = rouge_scorer.RougeScorer(["rougeL"])
     for name in ("sft", "dpo"):
-        rows = [json.loads(l) for l in (out / "generations" / f"{name}.jsonl").read_text().splitlines()]
+        rows = [json.loads(l) for l in (out / f"generations_{name}.jsonl").read_text().splitlines()]
         rl = np.mean([scorer.score(r["answer"], r["completion"])["rougeL"].fmeasure for r in rows])
         assert results[f"gen/{name}/rouge_l"] == pytest.approx(rl, abs=1e-9)
         em = np.mean([r["completion"].strip() == r["answer"].strip() for r in rows])

@@ -13,9 +13,9 @@
   lm_eval/<name>/<task>/<metric>   the optional harness task on an HF export of the policy
 
 "Reference" is models.reference (e.g. the SFT policy); comparisons are of every other policy
-against it. out_dir receives eval.json (these metrics flat, a per-model table, the models and
-files), samples.jsonl (prompt, answer, each model's completion and reward) and
-generations/<name>.jsonl (every completion).
+against it. out_dir receives eval.json (these metrics, flat), eval_summary.json (a per-model
+table, the models, the files), samples.jsonl (prompt, answer, each model's completion and
+reward) and generations_<name>.jsonl (every completion); see `_write`.
 """
 
 from __future__ import annotations
@@ -283,31 +283,39 @@ def _hf_dir(name: str, path: str, out_dir: str | None) -> Path:
 
 def _write(out: Path, cfg, models, ref, results, texts, answers, columns, completions,
            rewards, tok, eos) -> None:
+    """eval.json: the flat metrics (what stdout gets); eval_summary.json: the per-model table,
+    models, reference and files; samples.jsonl: one flat row per prompt (prompt, answer,
+    completion/<name>, reward/<name>), for report tables; generations_<name>.jsonl: every
+    completion of one model with its prompt row's columns."""
     out.mkdir(parents=True, exist_ok=True)
-    files = {"generations": {}}
+    files: dict = {"metrics": "eval.json", "generations": {}}
     decoded = {name: [tok.decode(x, skip_special_tokens=True) for x in ids]
                for name, ids in completions.items()}
     for name, ids in completions.items():
         rows = [{"prompt": texts[i], "completion": decoded[name][i], "tokens": len(x),
                  "finished": bool(x) and x[-1] in eos, "answer": answers[i],
                  **({"reward": float(rewards[name][i])} if name in rewards else {}),
-                 **{k: v for k, v in columns[i].items() if k not in ("answer", "completion")}}
+                 **{k: v for k, v in columns[i].items()
+                    if k not in ("prompt", "completion", "answer", "reward")}}
                 for i, x in enumerate(ids)]
-        files["generations"][name] = str(write_jsonl(out / "generations" / f"{name}.jsonl",
-                                                     rows).relative_to(out))
+        path = write_jsonl(out / f"generations_{name}.jsonl", rows)
+        files["generations"][name] = path.name
     if completions:
         n = cfg.eval.samples or len(texts)
-        samples = [{"prompt": texts[i], "answer": answers[i],
-                    "completions": {k: v[i] for k, v in decoded.items()},
-                    **({"rewards": {k: float(v[i]) for k, v in rewards.items()}} if rewards else {})}
-                   for i in range(min(n, len(texts)))]
-        files["samples"] = str(write_jsonl(out / "samples.jsonl", samples).relative_to(out))
+        samples = []
+        for i in range(min(n, len(texts))):
+            row = {"prompt": texts[i], "answer": answers[i]}
+            row.update({f"completion/{k}": v[i] for k, v in decoded.items()})
+            row.update({f"reward/{k}": float(v[i]) for k, v in rewards.items()})
+            samples.append(row)
+        files["samples"] = write_jsonl(out / "samples.jsonl", samples).name
     table: dict[str, dict[str, float]] = {name: {} for name in models}
     for key, value in results.items():
         parts = key.split("/")
         if len(parts) >= 2 and parts[1] in table:
             table[parts[1]]["/".join([parts[0], *parts[2:]])] = value
-    summary = {"metrics": results, "table": table, "models": models, "reference": ref,
+    summary = {"table": table, "models": models, "reference": ref,
                "reward_model": cfg.models.reward_model, "files": files,
                "settings": dataclasses.asdict(cfg.eval)}
-    (out / "eval.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    (out / "eval.json").write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+    (out / "eval_summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
