@@ -180,6 +180,55 @@ def test_perplexity_equals_transformers(world):
     assert ours["perplexity"] == pytest.approx(math.exp(total / count), rel=1e-5)
 
 
+def test_completion_logps_and_kl_equal_transformers(world):
+    """Sum of log p(completion | prompt) under each model, from transformers' logits, for the
+    dpo policy's own sampled completions (temperature 1); KL estimate = their mean difference."""
+    torch = pytest.importorskip("torch")
+    from transformers import AutoModelForCausalLM
+    from jaxalign.evaluate import likelihood
+    from jaxalign.evaluate.generation import read_prompts, sample
+    from jaxalign.evaluate.run import load
+
+    pol, ref = load("dpo", str(world["dpo"]), "float32"), load("sft", str(world["sft"]), "float32")
+    prompts = read_prompts(str(world["tasks"]), pol.tokenizer, chat=True).ids[:5]
+    comps = sample(pol.cfg, pol.params, prompts, batch_size=4, max_new_tokens=6, temperature=1.0,
+                   seed=1, eos_ids=(2,), pad_id=2)
+    ours = {m.name: likelihood.completion_logps(m.cfg, m.params, prompts, comps, batch_size=4,
+                                                pad_id=2)[0] for m in (pol, ref)}
+    for m in (pol, ref):
+        hf_model = AutoModelForCausalLM.from_pretrained(world[m.name], dtype=torch.float32).eval()
+        theirs = []
+        for p, c in zip(prompts, comps):
+            ids = torch.tensor([list(p) + list(c)])
+            with torch.no_grad():
+                logp = torch.log_softmax(hf_model(ids).logits[0].double(), -1)
+            theirs.append(sum(float(logp[len(p) - 1 + t, tok]) for t, tok in enumerate(c)))
+        np.testing.assert_allclose(ours[m.name], theirs, rtol=1e-5, atol=1e-4)
+    assert abs((ours["dpo"] - ours["sft"]).mean()) > 1e-3  # two different models
+
+
+def test_pair_logps_equal_the_dpo_trainers(world):
+    """The DPO-implied reward's log-probs are the ones the DPO trainer optimises."""
+    import jax.numpy as jnp
+    from jaxalign.data.config import DataConfig, DatasetSpec
+    from jaxalign.data.preference import PrefEvalLoader, load_pairs
+    from jaxalign.data.tokenize import Encoder
+    from jaxalign.evaluate import likelihood
+    from jaxalign.evaluate.run import load
+    from jaxalign.train.dpo import pair_logps
+
+    m = load("dpo", str(world["dpo"]), "float32")
+    spec = DatasetSpec(path=str(world["prefs"]))
+    pairs, _ = load_pairs(spec, DataConfig(train=[spec], seq_len=192), Encoder(m.tokenizer))
+    ours = likelihood.pair_logps(m.cfg, m.params, pairs, seq_len=192, batch_size=8, pad_id=2)
+    theirs = np.concatenate([
+        np.asarray(pair_logps(m.cfg, m.params, {k: jnp.asarray(v) for k, v in b.items()},
+                              average=False, chunk=128))[b["pair_mask"] > 0]
+        for b in PrefEvalLoader(pairs, seq_len=192, batch_size=8, pad_id=2)])
+    assert ours.shape == (20, 2)
+    np.testing.assert_allclose(ours, theirs, rtol=1e-6, atol=1e-4)
+
+
 # ----------------------------------------------------------------------------- generate --prompts
 
 def test_generate_prompts_file_to_jsonl(world, tmp_path, capsys):
