@@ -156,6 +156,9 @@ def run_eval(cfg: EvalConfig) -> dict[str, float]:
         harness.require_lm_eval()
         harness.task_name(cfg.lm_eval.task_file, cfg.lm_eval.task)
     log.info("models: %s (reference: %s)", ", ".join(f"{k}={v}" for k, v in models.items()), ref)
+    if ref is None and len(models) > 1:
+        log.warning("models.reference is not set: no win rate, KL or DPO-implied accuracy "
+                    "(name the baseline policy, e.g. reference: sft)")
     names = list(models)
     first = load(names[0], models[names[0]], o.dtype)
     tok, pad = first.tokenizer, pad_id_of(first.tokenizer)
