@@ -363,3 +363,22 @@ def test_lm_eval_task_score_is_folded_into_the_results(world, tmp_path):
 def test_shipped_eval_configs_load(path):
     cfg = load_config(str(path))
     assert cfg.models.policies and cfg.out_dir
+
+
+def test_reference_resolution(tmp_path):
+    """A named policy, a path (named "reference"), or a single run dir's starting model."""
+    from jaxalign.evaluate.run import resolve_models
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("model:\n  path: /models/sft\n")
+    base = {"data": {"prompts": ["p.jsonl"]}}
+    models = lambda m: resolve_models(from_raw({**base, "models": m}))
+    assert models({"policies": str(run)}) == ({"reference": "/models/sft", "policy": str(run)},
+                                              "reference")
+    assert models({"policies": {"dpo": "/hf/dpo"}}) == ({"dpo": "/hf/dpo"}, None)
+    assert models({"policies": {"a": "/x", "b": "/y"}, "reference": "b"}) == (
+        {"b": "/y", "a": "/x"}, "b")
+    assert models({"policies": {"a": "/x"}, "reference": "/base"}) == (
+        {"reference": "/base", "a": "/x"}, "reference")
+    with pytest.raises(ConfigError, match="models.policies.reference: the name is taken"):
+        models({"policies": {"reference": "/x"}, "reference": "/base"})
