@@ -63,7 +63,8 @@ def split_trainable(cfg: ModelConfig, params):
 def init_reward_model(source: ModelSource, lora_cfg: LoRAConfig, mesh, seed: int) -> Loaded:
     """The reward model to train: any model source with a (fresh, for a causal LM) score head."""
     cfg, params, hf_config, tok_dir = checkpoint.load_model(source.path, mesh, num_labels=1,
-                                                            seed=seed, **source.runtime())
+                                                            seed=seed, revision=source.revision,
+                                                            **source.runtime())
     cfg = lora_cfg.apply_to(cfg)
     if cfg.lora_rank:
         params = lora.add_adapters(cfg, params, mesh, seed)

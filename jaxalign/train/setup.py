@@ -36,7 +36,9 @@ class Loaded:
 
 def load_policy(source: ModelSource, lora_cfg: LoRAConfig, mesh, seed: int) -> Loaded:
     """The policy from any model source; with LoRA, fresh adapters train and the base is frozen."""
-    cfg, params, hf_config, tok_dir = checkpoint.load_model(source.path, mesh, **source.runtime())
+    cfg, params, hf_config, tok_dir = checkpoint.load_model(source.path, mesh,
+                                                            revision=source.revision,
+                                                            **source.runtime())
     cfg = lora_cfg.apply_to(cfg)
     shardings = functional.param_shardings(cfg, mesh)
     if cfg.lora_rank:
@@ -79,6 +81,7 @@ def run_recipe(cfg, raw_config: dict | None, devices, *, algorithm: str,
         models = load(cfg, mesh)
         write_run_files(run_dir, raw, algorithm=algorithm, model=models.cfg,
                         hf_config=models.hf_config, base=cfg.model.path,
+                        base_revision=cfg.model.revision,
                         tokenizer_dir=models.tok_dir, policy_path=policy_path)
         return run(cfg, models, run_dir, mesh, raw)
 
