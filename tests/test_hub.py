@@ -27,7 +27,7 @@ def hub_env(tmp_path_factory):
     from make_tiny_model import make_tiny_model
     root = tmp_path_factory.mktemp("hub")
     a = make_tiny_model(root / "a", seed=0)
-    b = make_tiny_model(root / "b", seed=1)
+    b = make_tiny_model(root / "b", tokenizer_dir=a, seed=1)
     cache = root / "cache"
     sha_a = lay_out(a, cache, ID, ref="main", copy=True).name
     sha_b = lay_out(b, cache, ID, ref="v1", copy=True).name
@@ -153,6 +153,12 @@ def test_run_pins_the_commit_of_its_hub_base(offline, tmp_path):
         _, base = lora.split(params)
         _, params_a, _ = hf.load(env["a"], scan_layers=run_cfg.scan_layers)
         assert_same_params(base, _flat_like(params_a, base))
+        # Resuming by rerunning the same config keeps the commit the run started from.
+        run_sft(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=3)),
+                devices=jax.devices()[:1])
+        assert json.loads((out / "run.json").read_text())["base_revision"] == env["sha_a"]
+        _, params, _, _ = checkpoint.load_model(out)
+        assert_same_params(lora.split(params)[1], _flat_like(params_a, base))
     finally:
         refs_main.write_text(env["sha_a"])
 
@@ -182,3 +188,10 @@ def test_readme_tour_by_hub_id(offline, tmp_path, capsys):
     assert verify_export.main([str(smol_hf), "--reference", ID, "--max-new-tokens", "4"]) == 0
     report = capsys.readouterr().out
     assert f"tensors bitwise equal to {ID}: True" in report and report.rstrip().endswith("OK")
+
+
+def test_plan_reads_the_shape_of_a_hub_id(offline):
+    """`jaxalign plan` needs only config.json; by id it reads the cached snapshot's."""
+    from jaxalign.train.plan import model_config
+    cfg, _, _ = hf.load(offline["b"])
+    assert model_config(ID, "v1") == cfg

@@ -139,6 +139,33 @@ def test_pad_equals_eos_scores_as_transformers(tmp_path):
     assert np.abs(got - alone).min() > 1e-2, (got, alone)   # so the rule above is what decides
 
 
+def test_pad_equals_eos_scores_equal_trl_get_reward(tmp_path):
+    """TRL's RL reward (trl.experimental.utils.get_reward: the token before the first pad of
+    the response; mask = ids != pad) on prompt + response rows with pad == eos: left-padded
+    prompts, responses ending in eos then padding, one running out of room, one that is
+    only an eos. Ours, on the same ids with the same mask, scores the same token."""
+    import os
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")   # we pin trl; the API is known
+    from trl.experimental.utils import get_reward
+    model = make_tiny_rm(tmp_path, seed=14, pad_token_id=EOS)
+    cfg, params, _ = hf.load(tmp_path)
+    rng = np.random.default_rng(15)
+    ctx = 6
+    tokens = np.full((B, T), EOS, np.int32)
+    for r, (prompt, response) in enumerate([(6, 10), (4, 5), (2, 3), (5, 1)]):
+        tokens[r, ctx - prompt:ctx] = rng.integers(3, 96, prompt)
+        tokens[r, ctx:ctx + response] = rng.integers(3, 96, response)
+        if ctx + response < T or r == 3:
+            tokens[r, ctx + response - 1] = EOS          # ended by eos, then pad (= eos)
+    with torch.no_grad():
+        _, theirs, idx = get_reward(model, torch.tensor(tokens, dtype=torch.long), EOS, ctx)
+    np.testing.assert_array_equal(idx.numpy(), [15, 9, 7, 5])
+    np.testing.assert_array_equal(heads.scored_token_index(tokens, tokens != EOS, EOS), [15, 9, 7, 5])
+    got = ours(cfg, params, tokens, (tokens != EOS).astype(np.int32))
+    assert np.abs(theirs.numpy()).max() > 0.5, theirs
+    np.testing.assert_allclose(got, theirs.numpy(), atol=FP32_TOL)
+
+
 def test_multi_label_scores_match_transformers(tmp_path):
     model = make_tiny_rm(tmp_path, seed=9, num_labels=3, tie_word_embeddings=True)
     cfg, params, _ = hf.load(tmp_path)

@@ -67,12 +67,13 @@ def is_hub_id(name: str | Path) -> bool:
     return not Path(text).expanduser().exists() and looks_like_id(text)
 
 
-def resolve(name: str | Path, revision: str | None = None) -> Path:
+def resolve(name: str | Path, revision: str | None = None, *, config_only: bool = False) -> Path:
     """A model path or hub id -> the local directory to read.
 
     An existing local path comes back as is (giving it a `revision` is an error: there is
     nothing to pin it to). A hub id is looked up in / fetched into the hub cache; anything
-    else comes back as a path, for the reader to report as missing."""
+    else comes back as a path, for the reader to report as missing. `config_only`: fetch
+    config.json alone (for what needs only the model's shape, e.g. `jaxalign plan`)."""
     text = str(name)
     path = Path(text).expanduser()
     if path.exists():
@@ -82,11 +83,13 @@ def resolve(name: str | Path, revision: str | None = None) -> Path:
         return path
     if not looks_like_id(text):
         return path
-    return _snapshot(text, revision, str(cache_dir()), offline())
+    patterns = ("config.json",) if config_only else ALLOW_PATTERNS
+    return _snapshot(text, revision, str(cache_dir()), offline(), patterns)
 
 
 @functools.lru_cache(maxsize=None)
-def _snapshot(repo_id: str, revision: str | None, cache: str, local_only: bool) -> Path:
+def _snapshot(repo_id: str, revision: str | None, cache: str, local_only: bool,
+              patterns: tuple[str, ...]) -> Path:
     # Cached per process: a run resolves its base several times (load, describe, reference)
     # and each online call would ask the hub again.
     from huggingface_hub import snapshot_download
@@ -96,7 +99,7 @@ def _snapshot(repo_id: str, revision: str | None, cache: str, local_only: bool) 
     where = f"hub model {repo_id} (revision {rev})"
     try:
         out = snapshot_download(repo_id, revision=revision, cache_dir=cache,
-                                local_files_only=local_only, allow_patterns=list(ALLOW_PATTERNS))
+                                local_files_only=local_only, allow_patterns=list(patterns))
     except errors.LocalEntryNotFoundError:
         if local_only:
             raise HubError(f"{where}: not in the hub cache {cache}, and HF_HUB_OFFLINE=1 "

@@ -30,7 +30,7 @@ import numpy as np
 
 from jaxalign import sharding
 from jaxalign.config import ConfigError, MeshConfig, ModelConfig
-from jaxalign.convert import hf
+from jaxalign.convert import hf, hub
 from jaxalign.models import functional, lora
 from jaxalign.train.optim import make_optimizer
 from jaxalign.train.step import init_state, jit_train_step, make_train_step, state_shardings
@@ -41,10 +41,11 @@ COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "coll
 
 # ----------------------------------------------------------------------------- the models
 
-def model_config(path: str, **runtime) -> ModelConfig:
-    """The model's shape from its description alone: an HF dir's config.json, a jaxalign
-    model's jaxalign.json or a run dir's run.json. No weights are read."""
-    p = Path(path).expanduser()
+def model_config(path: str, revision: str | None = None, **runtime) -> ModelConfig:
+    """The model's shape from its description alone: an HF dir's config.json (a hub id's:
+    only that file is fetched), a jaxalign model's jaxalign.json or a run dir's run.json.
+    No weights are read."""
+    p = hub.resolve(path, revision, config_only=True)
     for name, key in (("jaxalign.json", "hf_config"), ("run.json", "hf_config")):
         if (p / name).exists():
             meta = json.loads((p / name).read_text())
@@ -79,7 +80,7 @@ def _params(cfg: ModelConfig, mesh) -> Any:
 
 def _policy(run_cfg, mesh, num_labels: int = 0) -> Abstract:
     """As `setup.load_policy` (and `rm.init_reward_model` for num_labels=1) would build it."""
-    cfg = model_config(run_cfg.model.path, **run_cfg.model.runtime())
+    cfg = model_config(run_cfg.model.path, run_cfg.model.revision, **run_cfg.model.runtime())
     if num_labels and cfg.num_labels != num_labels:
         cfg = cfg.replace(num_labels=num_labels)   # `heads.add_score_head`: LM head -> score
     cfg = run_cfg.lora.apply_to(cfg)
@@ -98,7 +99,9 @@ def _with_reference(run_cfg, mesh, section: str) -> Abstract:
     policy = _policy(run_cfg, mesh)
     ref_cfg, ref = None, {}
     if opts.uses_reference and (opts.reference is not None or not policy.cfg.lora_rank):
-        ref_cfg = model_config(opts.reference or run_cfg.model.path, **run_cfg.model.runtime())
+        ref_cfg = model_config(opts.reference or run_cfg.model.path,
+                               None if opts.reference else run_cfg.model.revision,
+                               **run_cfg.model.runtime())
         ref_cfg = ref_cfg.replace(lora_rank=0)  # a LoRA reference is merged before use
         ref = _params(ref_cfg, mesh)
     return Abstract(policy.cfg, policy.trainable, {"base": policy.frozen, "ref": ref}, ref_cfg)
@@ -340,7 +343,7 @@ def plan(recipe: str, run_cfg, meshes: list[MeshConfig] | None = None,
         raise ConfigError(f"jaxalign plan: recipe {recipe!r} is not one of {sorted(PLANNERS)}")
     n = jax.device_count()
     if meshes is None:
-        cfg = model_config(run_cfg.model.path, **run_cfg.model.runtime())
+        cfg = model_config(run_cfg.model.path, run_cfg.model.revision, **run_cfg.model.runtime())
         meshes = candidate_meshes(n, cfg, run_cfg.train.batch_size, run_cfg.train.grad_accum)
         if not meshes:
             raise ConfigError(f"no data x fsdp x tensor mesh of {n} devices divides train.batch_size"

@@ -15,8 +15,10 @@ count stops the run with an error naming the function, before anything of that i
 is applied.
 
 A reward model is a LlamaForSequenceClassification with num_labels=1 (an HF directory, a
-jaxalign checkpoint or an RM run directory); it scores the policy's token ids at the last
-generated token, so it must share the policy's tokenizer. Its forward runs inside the
+jaxalign checkpoint, an RM run directory or a hub id at reward.revision); it scores the
+policy's token ids at the last generated token that is not its pad id (with pad == eos, the
+token before the eos: transformers' and TRL's choice, `heads.scored_token_index`), so it
+must share the policy's tokenizer. Its forward runs inside the
 jitted rollout (`rollout.rollout`); this module only loads and checks it.
 """
 
