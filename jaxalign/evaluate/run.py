@@ -65,7 +65,11 @@ def load(name: str, path: str, dtype: str) -> Model:
 
 
 def default_reference(policy: str) -> str:
-    """A run directory's starting model (its config's model.path); else the policy itself."""
+    """A run directory's starting model (as its run.json records it, else its config's
+    model.path); else the policy itself."""
+    base = checkpoint.run_base(Path(policy).expanduser())
+    if base and base[0]:
+        return base[0]  # an absolute path or a hub id
     run_cfg = Path(policy).expanduser() / "config.yaml"
     if run_cfg.exists():
         return str(Path(load_yaml(str(run_cfg))["model"]["path"]).expanduser())
