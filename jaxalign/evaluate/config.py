@@ -151,7 +151,8 @@ class EvalConfig:
     data: EvalData = EvalData()        # held-out pairs, prompts and SFT rows
     eval: EvalOptions = EvalOptions()  # batch shapes, sampling and limits
     lm_eval: LMEvalConfig | None = None  # an lm-evaluation-harness task (the lmeval extra)
-    out_dir: str | None = None         # eval.json, samples.jsonl, generations/ (None: stdout only)
+    # eval.json, eval_summary.json, samples.jsonl, generations_<name>.jsonl (None: stdout only)
+    out_dir: str | None = None
 
     def __post_init__(self):
         m, d = self.models, self.data
