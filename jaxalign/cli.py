@@ -44,6 +44,15 @@ def _add_runtime(p: argparse.ArgumentParser) -> None:
                    help="compute dtype (default float32)")
 
 
+def _add_distributed(p: argparse.ArgumentParser) -> None:
+    """Several processes as one run (jaxalign/distributed.py; SLURM / MPI / TPU pods are
+    detected without these)."""
+    p.add_argument("--coordinator", metavar="HOST:PORT", default=None,
+                   help="process 0's address, for a run over several processes / hosts")
+    p.add_argument("--num-processes", type=int, default=None, help="processes in the run")
+    p.add_argument("--process-id", type=int, default=None, help="this process's id, 0-based")
+
+
 def _mesh(args):
     from jaxalign import sharding
     from jaxalign.config import MeshConfig
@@ -125,6 +134,7 @@ def cmd_eval(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="jaxalign", description="Align Hugging Face Llama models with JAX.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    _add_distributed(parser)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("convert", help="HF checkpoint -> jaxalign checkpoint")
@@ -184,11 +194,11 @@ def main(argv: list[str] | None = None) -> int:
     if not args.verbose:  # orbax logs every save/restore phase through absl at INFO
         logging.getLogger("absl").setLevel(logging.WARNING)
     from jaxalign.config import JaxalignError
-    from jaxalign.sharding import initialize_distributed
+    from jaxalign import distributed
     settings = runtime.configure_jax()
     log.debug("runtime settings: %s", settings)
-    initialize_distributed()
     try:
+        distributed.initialize(args.coordinator, args.num_processes, args.process_id)
         return args.func(args)
     except (JaxalignError, FileNotFoundError) as e:
         # Our own errors name the file / tensor / key; a traceback would bury that.

@@ -92,13 +92,13 @@ def worker(coordinator: str, process_id: int, src: str, work: str) -> None:
     import jax
     from jax.sharding import NamedSharding, PartitionSpec as P
 
-    from jaxalign import sharding
+    from jaxalign import distributed, sharding
     from jaxalign.config import MeshConfig
     from jaxalign.convert import hf
     from jaxalign.models import functional
 
     t_import = time.monotonic()
-    sharding.initialize_distributed(coordinator, NUM_PROCESSES, process_id)
+    distributed.initialize(coordinator, NUM_PROCESSES, process_id)
     t_init = time.monotonic()
     assert jax.process_count() == NUM_PROCESSES and jax.local_device_count() == LOCAL_DEVICES
     # fsdp x tensor over the 4 global devices: every weight is split across both processes.
