@@ -23,7 +23,7 @@ import numpy as np
 import yaml
 from jax.sharding import Mesh
 
-from jaxalign import runtime
+from jaxalign import distributed, runtime
 from jaxalign.checkpoint import TrainCheckpoints, describe_run
 from jaxalign.config import ConfigError, JaxalignError, ModelConfig, OptimConfig, TrainConfig
 from jaxalign.metrics import MetricsWriter, Progress
@@ -69,6 +69,8 @@ def _check_batch_fits(cfg: TrainConfig, mesh: Mesh) -> None:
     if micro % shards:
         raise ConfigError(f"train.batch_size / train.grad_accum = {micro} rows per micro-batch "
                           f"cannot be split over data x fsdp = {shards} devices; use a multiple of {shards}")
+    # The loaders give process i rows [i B / P, (i + 1) B / P): its devices must hold those.
+    distributed.check_even_split(mesh, cfg.batch_size, "train.batch_size")
 
 
 class StopFlag:

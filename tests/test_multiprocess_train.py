@@ -1,0 +1,207 @@
+"""Every algorithm on two processes (2 fake CPU devices each, gloo over loopback) writes the
+metrics.jsonl of one process with the same four devices, on the same global batch; a
+checkpoint written by the two-process run resumes in one process and continues as the
+uninterrupted runs do; a launch under SLURM's variables joins by JAX's own detection.
+
+Three launches serve every test (tests/multiproc.py): two processes running all five
+algorithms, then one process running the references and the resumes. This file, run as a
+script, is the worker: it runs a JSON list of jobs in one process, one after another.
+"""
+
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from multiproc import free_port, launch, python, worker_env
+
+TIMEOUT_S = 600
+STEPS, RESUME_AT = 4, 2
+
+COMMON = {"train": {"tensorboard": False, "progress": False}}
+SUPERVISED = {"log_every": 1, "save_every": RESUME_AT}
+RL = {"iterations": STEPS, "save_every": RESUME_AT, "sample_every": 1, "num_samples": 6}
+ROLLOUT = {"max_new_tokens": 6, "temperature": 1.0}
+
+
+def _configs(root: Path) -> dict[str, tuple[str, dict]]:
+    """name -> (recipe, raw config without out_dir). Meshes differ on purpose: weights split
+    across processes (fsdp), tensor-parallel inside a process, pure data parallel."""
+    model = {"path": str(root / "model"), "scan_layers": False}
+    tasks, prefs = root / "tasks", root / "prefs"
+    optim = {"lr": 3e-3, "schedule": "constant", "max_grad_norm": 1.0}
+    prompts = {"prompts": str(tasks / "train.jsonl"), "chat": True, "max_prompt_len": 96}
+    return {
+        "sft": ("sft", {"model": model, "optim": optim, "mesh": {"fsdp": -1},
+                        "data": {"train": [{"path": str(tasks / "train.jsonl")}], "seq_len": 64,
+                                 "pack": False},
+                        "train": {"steps": STEPS, "batch_size": 8, **SUPERVISED}}),
+        "rm": ("rm", {"model": model, "optim": optim, "mesh": {"data": 2, "fsdp": 1, "tensor": 2},
+                      "data": {"train": [{"path": str(prefs / "train.jsonl")}],
+                               "eval": [{"path": str(prefs / "eval.jsonl")}], "seq_len": 96,
+                               "pack": False},
+                      "train": {"steps": STEPS, "batch_size": 4, "eval_every": STEPS,
+                                "eval_batches": 1, **SUPERVISED}}),
+        "dpo": ("dpo", {"model": model, "optim": optim, "mesh": {"data": 2, "fsdp": 2, "tensor": 1},
+                        "data": {"train": [{"path": str(prefs / "train.jsonl")}], "seq_len": 96,
+                                 "pack": False},
+                        "train": {"steps": STEPS, "batch_size": 4, **SUPERVISED}}),
+        "ppo": ("ppo", {"algorithm": "ppo", "model": model, "optim": optim, "data": prompts,
+                        "mesh": {"data": 1, "fsdp": 2, "tensor": 2},
+                        "rollout": {"batch_size": 8, **ROLLOUT},
+                        "reward": {"functions": ["jaxalign.rewards:digits"], "normalize": "running"},
+                        "ppo": {"epochs": 2, "minibatches": 2, "kl_coef": 0.05, "kl_target": 1.0},
+                        "train": RL}),
+        # 3 prompts x 4 completions = 12 rows, 6 per process: the second prompt's group has
+        # two rows on each process.
+        "grpo": ("ppo", {"algorithm": "grpo", "model": model, "optim": optim, "data": prompts,
+                         "mesh": {"data": 2, "fsdp": 1, "tensor": 2},
+                         "rollout": {"batch_size": 3, "num_generations": 4, **ROLLOUT},
+                         "reward": {"functions": ["jaxalign.rewards:digits"]},
+                         "ppo": {"epochs": 2, "minibatches": 2},
+                         "train": RL}),
+    }
+
+
+def _job(name: str, configs: dict, out_dir: Path, **overrides) -> dict:
+    recipe, raw = configs[name]
+    raw = json.loads(json.dumps(raw))
+    raw["out_dir"] = str(out_dir)
+    for section, values in COMMON.items():
+        raw.setdefault(section, {}).update(values)
+    for section, values in overrides.items():
+        raw.setdefault(section, {}).update(values)
+    return {"recipe": recipe, "raw": raw}
+
+
+def _records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _assert_same_metrics(got: Path, want: Path) -> float:
+    a, b = _records(got), _records(want)
+    assert [r["step"] for r in a] == [r["step"] for r in b], (got, want)
+    worst = 0.0
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys(), (x.keys() ^ y.keys())
+        for k in x:
+            assert np.isclose(x[k], y[k], rtol=1e-5, atol=1e-5), (got.name, x["step"], k, x[k], y[k])
+            worst = max(worst, abs(x[k] - y[k]))
+    return worst
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    from make_tiny_model import make_tiny_model
+    from jaxalign.synth import prefs, tasks
+
+    root = tmp_path_factory.mktemp("mp")
+    make_tiny_model(root / "model")
+    tasks.write_splits(root / "tasks", 64, 8)
+    prefs.write_splits(root / "prefs", 32, 8)
+    configs = _configs(root)
+
+    two = [_job(n, configs, root / "two" / n) for n in configs]
+    (root / "two.json").write_text(json.dumps(two))
+    port = free_port()
+    launch([python(__file__, str(root / "two.json")) for _ in range(2)],
+           [worker_env(2, JAXALIGN_COORDINATOR=f"127.0.0.1:{port}", JAXALIGN_NUM_PROCESSES="2",
+                       JAXALIGN_PROCESS_ID=str(i)) for i in range(2)], TIMEOUT_S)
+
+    # The two-process runs' checkpoints of step RESUME_AT, continued by one process.
+    for n in configs:
+        dst = root / "resumed" / n
+        shutil.copytree(root / "two" / n, dst)
+        for step in (dst / "checkpoints").iterdir():
+            if step.name.isdigit() and int(step.name) > RESUME_AT:
+                shutil.rmtree(step)
+    one = [_job(n, configs, root / "one" / n) for n in configs]
+    one += [_job(n, configs, root / "resumed" / n) for n in configs]
+    (root / "one.json").write_text(json.dumps(one))
+    launch([python(__file__, str(root / "one.json"))], [worker_env(4)], TIMEOUT_S)
+    return root
+
+
+@pytest.mark.parametrize("name", ["sft", "rm", "dpo", "ppo", "grpo"])
+def test_two_processes_write_one_process_metrics(runs, name):
+    worst = _assert_same_metrics(runs / "two" / name, runs / "one" / name)
+    print(f"{name}: 2 processes vs 1, max |diff| {worst:.2e}")
+    if name in ("ppo", "grpo"):   # samples gathered from both processes, written once
+        assert (runs / "two" / name / "samples.jsonl").read_text() == \
+            (runs / "one" / name / "samples.jsonl").read_text()
+    assert json.loads((runs / "two" / name / "worker.json").read_text())["process_count"] == 2
+
+
+@pytest.mark.parametrize("name", ["sft", "rm", "dpo", "ppo", "grpo"])
+def test_two_process_checkpoint_resumes_in_one_process(runs, name):
+    _assert_same_metrics(runs / "resumed" / name, runs / "one" / name)
+
+
+def _yaml(path: Path, raw: dict) -> Path:
+    import yaml
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_unsplittable_batch_refused_in_one_line(runs):
+    """`jaxalign --coordinator ... --num-processes 2 --process-id I sft` with a mesh that
+    gives both processes every row (tensor=4 across them): each process prints one error
+    line naming the fix and exits 1 before a step runs."""
+    out = runs / "refused"
+    raw = _job("sft", _configs(runs), out, mesh={"data": 1, "fsdp": 1, "tensor": 4})["raw"]
+    config = _yaml(out.with_suffix(".yaml"), raw)
+    port = free_port()
+    logs = launch([python("-m", "jaxalign.cli", "--coordinator", f"127.0.0.1:{port}",
+                          "--num-processes", "2", "--process-id", str(i), "sft", str(config))
+                   for i in range(2)], [worker_env(2) for _ in range(2)], TIMEOUT_S, returncode=1)
+    for log in logs:
+        errors = [line for line in log.splitlines() if " ERROR " in line]
+        assert len(errors) == 1 and "Traceback" not in log, log[-3000:]
+        assert "does not give each of the 2 processes its own rows" in errors[0], errors
+        assert "make data x fsdp a multiple of 2" in errors[0], errors
+    assert not (out / "metrics.jsonl").exists()
+
+
+def test_slurm_variables_join_two_processes(runs):
+    """`jaxalign sft` under the variables srun sets for 2 tasks on one node: JAX's SLURM
+    detection finds the coordinator (first node of SLURM_STEP_NODELIST, port from the job
+    id), the count and the ids; the run writes the one-process metrics."""
+    port = free_port(65535 - 2 ** 12 + 1, 65535)
+    job_id = str(port - (65535 - 2 ** 12 + 1) + 2 ** 12 * 7)   # port = job id % 4096 + 61440
+    out = runs / "slurm"
+    config = _yaml(out.with_suffix(".yaml"), _job("sft", _configs(runs), out)["raw"])
+    envs = [worker_env(2, SLURM_JOB_ID=job_id, SLURM_STEP_NODELIST="localhost",
+                       SLURM_NTASKS="2", SLURM_PROCID=str(i), SLURM_LOCALID=str(i),
+                       SLURM_STEP_NUM_NODES="1") for i in range(2)]
+    logs = launch([python("-m", "jaxalign.cli", "sft", str(config)) for _ in range(2)], envs,
+                  TIMEOUT_S)
+    assert "joined (slurm)" in logs[0] and "4 global devices" in logs[0], logs[0][-2000:]
+    _assert_same_metrics(out, runs / "one" / "sft")
+
+
+# ----------------------------------------------------------------------------- the worker
+
+def worker(jobs_path: str) -> None:
+    import jax
+    from jaxalign import distributed, runtime
+    from jaxalign.config import from_dict
+    from jaxalign.train.recipes import RECIPES
+
+    runtime.configure_jax()    # as the CLI: the persistent compilation cache serves reruns
+    distributed.initialize()   # from JAXALIGN_COORDINATOR / _NUM_PROCESSES / _PROCESS_ID
+    for job in json.loads(Path(jobs_path).read_text()):
+        config_cls, run_fn = RECIPES[job["recipe"]].load()
+        out = Path(job["raw"]["out_dir"])
+        run_fn(from_dict(config_cls, job["raw"]), job["raw"])
+        if jax.process_index() == 0:
+            (out / "worker.json").write_text(json.dumps({"process_count": jax.process_count()}))
+    if jax.process_count() > 1:
+        jax.distributed.shutdown()
+
+
+if __name__ == "__main__":
+    worker(sys.argv[1])
