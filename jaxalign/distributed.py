@@ -157,3 +157,13 @@ def allgather_json(obj) -> list:
     buf[:len(data)] = data
     every = np.asarray(multihost_utils.process_allgather(buf))
     return [json.loads(bytes(every[p, :sizes[p]]).decode()) for p in range(len(sizes))]
+
+
+def any_process(flag: bool) -> bool:
+    """True on every process when `flag` is true on any. For decisions all processes must
+    take at the same step: a stop signal reaches the processes of a job at different
+    moments, and a checkpoint is written by all of them together."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    from jax.experimental import multihost_utils
+    return bool(np.asarray(multihost_utils.process_allgather(np.int32(bool(flag)))).any())

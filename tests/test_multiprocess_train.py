@@ -11,6 +11,7 @@ script, is the worker: it runs a JSON list of jobs in one process, one after ano
 import json
 import os
 import shutil
+import signal
 import sys
 from pathlib import Path
 
@@ -106,6 +107,11 @@ def runs(tmp_path_factory):
     configs = _configs(root)
 
     two = [_job(n, configs, root / "two" / n) for n in configs]
+    # SIGTERM reaches process 1 only, during iteration RESUME_AT's rewards: both processes
+    # stop after it, together, with its checkpoint (the programs are the PPO run's).
+    stop = _job("ppo", configs, root / "two" / "ppo_sigterm",
+                reward={"functions": ["test_multiprocess_train:digits"]})
+    two.append(dict(stop, expect_stop=True))
     (root / "two.json").write_text(json.dumps(two))
     port = free_port()
     launch([python(__file__, str(root / "two.json")) for _ in range(2)],
@@ -121,6 +127,8 @@ def runs(tmp_path_factory):
                 shutil.rmtree(step)
     one = [_job(n, configs, root / "one" / n) for n in configs]
     one += [_job(n, configs, root / "resumed" / n) for n in configs]
+    one.append(_job("ppo", configs, root / "two" / "ppo_sigterm",
+                    reward={"functions": ["test_multiprocess_train:digits"]}))
     (root / "one.json").write_text(json.dumps(one))
     launch([python(__file__, str(root / "one.json"))], [worker_env(4)], TIMEOUT_S)
     return root
@@ -133,12 +141,35 @@ def test_two_processes_write_one_process_metrics(runs, name):
     if name in ("ppo", "grpo"):   # samples gathered from both processes, written once
         assert (runs / "two" / name / "samples.jsonl").read_text() == \
             (runs / "one" / name / "samples.jsonl").read_text()
-    assert json.loads((runs / "two" / name / "worker.json").read_text())["process_count"] == 2
+    assert json.loads((runs / "two" / name / "worker-2p.json").read_text())["process_count"] == 2
 
 
 @pytest.mark.parametrize("name", ["sft", "rm", "dpo", "ppo", "grpo"])
 def test_two_process_checkpoint_resumes_in_one_process(runs, name):
     _assert_same_metrics(runs / "resumed" / name, runs / "one" / name)
+
+
+def test_sigterm_on_one_process_stops_both_at_one_iteration(runs):
+    """Process 1 alone got SIGTERM in iteration RESUME_AT: both processes stopped at the same
+    point with one checkpoint (a process that went on alone would wait for the other
+    forever); rerun (here in one process) it continues to the uninterrupted run's metrics.
+    Every stop decision goes through `distributed.any_process`."""
+    report = json.loads((runs / "two" / "ppo_sigterm" / "worker-2p.json").read_text())
+    assert report["stopped"].startswith("stopped by signal"), report
+    _assert_same_metrics(runs / "two" / "ppo_sigterm", runs / "one" / "ppo")
+
+
+CALLS = {"n": 0}
+
+
+def digits(prompts, completions):
+    """jaxalign.rewards:digits, which SIGTERMs process 1 (only) at its call RESUME_AT."""
+    import jax
+    from jaxalign.rewards import digits as score
+    CALLS["n"] += 1
+    if jax.process_index() == 1 and CALLS["n"] == RESUME_AT:
+        os.kill(os.getpid(), signal.SIGTERM)
+    return score(prompts, completions)
 
 
 def _yaml(path: Path, raw: dict) -> Path:
@@ -196,9 +227,15 @@ def worker(jobs_path: str) -> None:
     for job in json.loads(Path(jobs_path).read_text()):
         config_cls, run_fn = RECIPES[job["recipe"]].load()
         out = Path(job["raw"]["out_dir"])
-        run_fn(from_dict(config_cls, job["raw"]), job["raw"])
+        report = {"process_count": jax.process_count()}
+        try:
+            run_fn(from_dict(config_cls, job["raw"]), job["raw"])
+        except KeyboardInterrupt as e:
+            if not job.get("expect_stop"):
+                raise
+            report["stopped"] = str(e)
         if jax.process_index() == 0:
-            (out / "worker.json").write_text(json.dumps({"process_count": jax.process_count()}))
+            (out / f"worker-{jax.process_count()}p.json").write_text(json.dumps(report))
     if jax.process_count() > 1:
         jax.distributed.shutdown()
 

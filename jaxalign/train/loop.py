@@ -224,7 +224,8 @@ def train(*, run_dir: str | Path, cfg: TrainConfig, optim: OptimConfig, mesh: Me
                 last = metrics
                 if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
                     save(step)
-                if stop.signum is not None:
+                # Every process stops at the same step (they save together).
+                if distributed.any_process(stop.signum is not None):
                     if saved_at != step:
                         save(step)
                     raise KeyboardInterrupt(f"stopped by signal at step {step}; checkpoint saved")

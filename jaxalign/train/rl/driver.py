@@ -397,13 +397,15 @@ class _Run:
                         self._write_samples(it, samples)
                     meta = self._meta(it)
                     tripped = self._monitors(metrics, it)
+                    # Every process stops at the same iteration (they save together).
+                    stopping = distributed.any_process(stop.signum is not None)
                     if (cfg.train.save_every and it % cfg.train.save_every == 0) \
-                            or it == cfg.train.iterations or tripped or stop.signum is not None:
+                            or it == cfg.train.iterations or tripped or stopping:
                         save(it, meta)
                     if tripped:
                         raise MonitorStop(f"{tripped}; stopped (monitor.action=stop) with "
                                           f"iteration {it} checkpointed in {ckpts.dir}")
-                    if stop.signum is not None:
+                    if stopping:
                         raise KeyboardInterrupt(f"stopped by signal at iteration {it}; "
                                                 "checkpoint saved")
             if cfg.train.export_hf:
