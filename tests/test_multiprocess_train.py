@@ -214,6 +214,47 @@ def test_slurm_variables_join_two_processes(runs):
     _assert_same_metrics(out, runs / "one" / "sft")
 
 
+def test_cluster_detection_and_bad_settings(monkeypatch):
+    """Which environments join (without joining: every case stops before
+    jax.distributed.initialize), and the one-line refusals of incomplete settings."""
+    from jaxalign import distributed
+    from jaxalign.config import ConfigError
+
+    for k in list(os.environ):
+        if k.startswith(("SLURM_", "OMPI_", "TPU_", "JAXALIGN_", "JAX_COORDINATOR",
+                         "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")):
+            monkeypatch.delenv(k)
+    assert distributed.detected_cluster() is None and distributed.initialize() is None
+    slurm = {"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "node[01-02]", "SLURM_NTASKS": "1",
+             "SLURM_PROCID": "0", "SLURM_LOCALID": "0"}
+    for k, v in slurm.items():
+        monkeypatch.setenv(k, v)
+    assert distributed.detected_cluster() is None      # one task: nothing to join
+    monkeypatch.setenv("SLURM_NTASKS", "4")
+    assert distributed.detected_cluster() == "slurm"
+    monkeypatch.setenv("JAXALIGN_DISTRIBUTED", "off")
+    assert distributed.initialize() is None
+    monkeypatch.setenv("JAXALIGN_DISTRIBUTED", "maybe")
+    with pytest.raises(ConfigError, match="JAXALIGN_DISTRIBUTED='maybe': expected auto, on or off"):
+        distributed.initialize()
+    monkeypatch.setenv("JAXALIGN_DISTRIBUTED", "auto")
+    for k in slurm:
+        monkeypatch.delenv(k)
+    monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "w0,w1,w2,w3")
+    assert distributed.detected_cluster() == "tpu"
+    monkeypatch.delenv("TPU_WORKER_HOSTNAMES")
+    monkeypatch.setenv("OMPI_MCA_orte_hnp_uri", "1.0;tcp://10.0.0.1:1")
+    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "2")
+    assert distributed.detected_cluster() == "openmpi"
+    with pytest.raises(ConfigError, match="without the number of processes"):
+        distributed.initialize("127.0.0.1:1")
+    with pytest.raises(ConfigError, match="process id 2 is not in"):
+        distributed.initialize("127.0.0.1:1", 2, 2)
+    monkeypatch.setenv("JAXALIGN_NUM_PROCESSES", "two")
+    with pytest.raises(ConfigError, match="JAXALIGN_NUM_PROCESSES='two': expected an integer"):
+        distributed.initialize("127.0.0.1:1")
+
+
 # ----------------------------------------------------------------------------- the worker
 
 def worker(jobs_path: str) -> None:

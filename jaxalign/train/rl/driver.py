@@ -16,6 +16,13 @@ The roles (policy, reference, value, reward) are loaded by `roles.py`; their
 sizes are logged (and written to memory.json) from param byte counts and the compiled
 programs' memory analysis before the first update.
 
+Several processes (hosts): every process walks the same prompt stream and runs the same
+programs on the global arrays; it samples, decodes and scores only the rows its devices hold
+(`distributed.process_rows`), the per-row host figures are exchanged once per iteration
+(`hosts.py`), advantages see every group whole inside the jitted program, minibatches are
+gathered on the devices, process 0 writes the run's files, and all save checkpoints together.
+The metrics equal one process's on the same global rollout.
+
 Resuming is rerunning: the checkpoint holds the TrainState (params, optimizer, RNG) and, in
 its JSON, the prompt-stream position, the KL coefficient and the running reward moments;
 the rollout key is derived from the state's RNG and the iteration, so a resumed run
