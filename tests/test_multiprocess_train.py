@@ -112,6 +112,10 @@ def runs(tmp_path_factory):
     stop = _job("ppo", configs, root / "two" / "ppo_sigterm",
                 reward={"functions": ["test_multiprocess_train:digits"]})
     two.append(dict(stop, expect_stop=True))
+    # A reward function that raises on process 1 only fails the iteration on both.
+    fail = _job("ppo", configs, root / "two" / "ppo_reward_error",
+                reward={"functions": ["test_multiprocess_train:fails_on_1"]})
+    two.append(dict(fail, expect_error="raised ValueError: process 1 fails"))
     (root / "two.json").write_text(json.dumps(two))
     port = free_port()
     launch([python(__file__, str(root / "two.json")) for _ in range(2)],
@@ -170,6 +174,28 @@ def digits(prompts, completions):
     if jax.process_index() == 1 and CALLS["n"] == RESUME_AT:
         os.kill(os.getpid(), signal.SIGTERM)
     return score(prompts, completions)
+
+
+def fails_on_1(prompts, completions):
+    """Scores like digits, but raises on process 1 at its call RESUME_AT."""
+    import jax
+    from jaxalign.rewards import digits as score
+    CALLS["fails"] = CALLS.get("fails", 0) + 1
+    if jax.process_index() == 1 and CALLS["fails"] == RESUME_AT:
+        raise ValueError("process 1 fails")
+    return score(prompts, completions)
+
+
+def test_reward_error_on_one_process_fails_both(runs):
+    """Process 1's reward function raised in iteration RESUME_AT: both processes stopped with
+    the same one-line error, and iteration RESUME_AT - 1 is checkpointed."""
+    from jaxalign.checkpoint import TrainCheckpoints
+    run = runs / "two" / "ppo_reward_error"
+    report = json.loads((run / "worker-2p.json").read_text())
+    assert report["error"].startswith(f"iteration {RESUME_AT}: reward function "
+                                      "test_multiprocess_train:fails_on_1 raised ValueError: "
+                                      "process 1 fails"), report
+    assert TrainCheckpoints(run).latest_step() == RESUME_AT - 1
 
 
 def _yaml(path: Path, raw: dict) -> Path:
@@ -260,7 +286,7 @@ def test_cluster_detection_and_bad_settings(monkeypatch):
 def worker(jobs_path: str) -> None:
     import jax
     from jaxalign import distributed, runtime
-    from jaxalign.config import from_dict
+    from jaxalign.config import JaxalignError, from_dict
     from jaxalign.train.recipes import RECIPES
 
     runtime.configure_jax()    # as the CLI: the persistent compilation cache serves reruns
@@ -275,6 +301,10 @@ def worker(jobs_path: str) -> None:
             if not job.get("expect_stop"):
                 raise
             report["stopped"] = str(e)
+        except JaxalignError as e:
+            if not job.get("expect_error") or job["expect_error"] not in str(e):
+                raise
+            report["error"] = str(e)
         if jax.process_index() == 0:
             (out / f"worker-{jax.process_count()}p.json").write_text(json.dumps(report))
     if jax.process_count() > 1:
