@@ -41,16 +41,16 @@ class EvalConfig:
     reward_model: str | None = None    # judge for rm/* and winrate/*
     pairs: tuple[DatasetSpec, ...] = ()     # held-out preference pairs
     prompts: tuple[DatasetSpec, ...] = ()   # held-out prompts for the win rate
-    seq_len: int = 512
-    max_prompt_len: int | None = None
+    seq_len: int = 512                 # tokens per scored sequence
+    max_prompt_len: int | None = None  # longer prompts keep their end (None: seq_len only)
     limit: int = 0                     # at most this many pairs / prompts (0: all)
-    batch_size: int = 8
+    batch_size: int = 8                # sequences per forward pass
     beta: float = 0.1                  # scale of the DPO-implied reward (accuracy ignores it)
-    max_new_tokens: int = 64
+    max_new_tokens: int = 64           # completion length limit of the win rate
     temperature: float = 0.0           # 0: greedy completions
-    seed: int = 0
-    dtype: str = "float32"
-    out_dir: str | None = None
+    seed: int = 0                      # sampling seed
+    dtype: str = "float32"             # compute dtype
+    out_dir: str | None = None         # write eval.json here
 
     def __post_init__(self):
         object.__setattr__(self, "pairs", dataset_specs(self.pairs, "pairs") if self.pairs else ())

@@ -216,7 +216,7 @@ def test_unsplittable_batch_refused_in_one_line(runs):
                           "--num-processes", "2", "--process-id", str(i), "sft", str(config))
                    for i in range(2)], [worker_env(2) for _ in range(2)], TIMEOUT_S, returncode=1)
     for log in logs:
-        errors = [line for line in log.splitlines() if " ERROR " in line]
+        errors = [line for line in log.splitlines() if line.startswith("jaxalign: error:")]
         assert len(errors) == 1 and "Traceback" not in log, log[-3000:]
         assert "does not give each of the 2 processes its own rows" in errors[0], errors
         assert "make data x fsdp a multiple of 2" in errors[0], errors

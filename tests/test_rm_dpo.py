@@ -68,21 +68,17 @@ def test_reward_model_learns_and_exports_to_transformers(prefs):
     assert final["eval/margin"] > 2.0, final
     assert "eval/perplexity" not in final
 
-    # The exported reward model, on a right-padded eval batch. transformers pools at the
-    # rightmost token != pad id; drop each row's trailing pad-id tokens (pad == eos here) so
-    # that both sides score the same token.
+    # The exported reward model, on a right-padded eval batch as the pipeline builds it
+    # (pad == eos here): transformers scores the rightmost token != pad id, and so does
+    # jaxalign, in training as here (test_reward_model.py has rows ending in eos).
     cfg_rm, params, _, _ = load_model(out / "hf")
     assert cfg_rm.num_labels == 1
     data = build_preference_data(cfg.data, prefs["tok"], batch_size=8)
     batch = next(iter(data.eval))
     tokens = batch["tokens"].reshape(16, -1)
-    seg = batch["segment_ids"].reshape(16, -1).copy()
+    seg = batch["segment_ids"].reshape(16, -1)
     pad = data.pad_id
-    for r in range(16):
-        n = int(seg[r].sum())
-        while n > 1 and tokens[r, n - 1] == pad:
-            n -= 1
-        seg[r, n:] = 0
+    assert cfg_rm.pad_token_id == pad == prefs["tok"].eos_token_id
     ours = np.asarray(heads.score(cfg_rm, params, tokens, seg))
     model, info = AutoModelForSequenceClassification.from_pretrained(
         out / "hf", dtype=torch.float32, output_loading_info=True)

@@ -26,11 +26,11 @@ from jax.sharding import Mesh
 from jaxalign import distributed, runtime
 from jaxalign.checkpoint import TrainCheckpoints, describe_run
 from jaxalign.config import ConfigError, JaxalignError, ModelConfig, OptimConfig, TrainConfig
-from jaxalign.metrics import MetricsWriter, Progress
-from jaxalign.sharding import batch_sharding
+from jaxalign.metrics import SFT_PROGRESS, MetricsWriter, Progress
+from jaxalign.sharding import batch_sharding, replicated
 from jaxalign.train.optim import make_optimizer
 from jaxalign.train.step import LossFn, TrainState, init_state, jit_train_step, make_eval_step, \
-    make_train_step
+    make_train_step, state_shardings
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,8 @@ class Task:
     prepare: Callable[[dict], dict] | None = None
     # Report eval/perplexity = exp(eval/loss): only meaningful for a token-level NLL.
     perplexity: bool = True
+    # The metrics the progress line shows (jaxalign.metrics: SFT_PROGRESS, DPO_PROGRESS, ...).
+    progress: tuple[str, ...] = SFT_PROGRESS
 
 
 def put_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
@@ -130,22 +132,26 @@ def resolved_config(cfg, raw_config: dict | None) -> dict:
 
 
 def write_run_files(run_dir: Path, raw: dict, *, algorithm: str, model: ModelConfig,
-                    hf_config: dict, base: str | None, tokenizer_dir, policy_path=()) -> None:
+                    hf_config: dict, base: str | None, tokenizer_dir, policy_path=(),
+                    base_revision: str | None = None) -> None:
     """config.yaml (the resolved config) and run.json (what the trained model is, so that
     `checkpoint.load_model(run_dir)` rebuilds it without knowing the algorithm)."""
     if jax.process_index() == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     describe_run(run_dir, algorithm=algorithm, cfg=model, hf_config=hf_config, base=base,
-                 tokenizer_dir=tokenizer_dir, policy_path=policy_path)
+                 tokenizer_dir=tokenizer_dir, policy_path=policy_path, base_revision=base_revision)
 
 
 def start_or_resume(run_dir: Path, trainable, optimizer, seed: int, keep: int):
     """-> (state, its shardings, checkpoints, start step, checkpoint JSON or None). A fresh
-    state (optimizer moments inherit each param's sharding through the jitted init), or the
-    latest checkpoint's restored onto the same shardings."""
-    state = jax.jit(init_state, static_argnums=(1, 2))(trainable, optimizer, seed)
-    state_sh = jax.tree.map(lambda x: x.sharding, state)
+    state (optimizer moments sharded like their params), or the
+    latest checkpoint's restored onto the same shardings (`step.state_shardings`)."""
+    param_sh = jax.tree.map(lambda x: x.sharding, trainable)
+    mesh = jax.tree.leaves(param_sh)[0].mesh
+    state_sh = state_shardings(optimizer, trainable, param_sh, replicated(mesh))
+    state = jax.jit(init_state, static_argnums=(1, 2), out_shardings=state_sh)(trainable, optimizer,
+                                                                              seed)
     ckpts = TrainCheckpoints(run_dir, keep=keep)
     start = ckpts.latest_step() or 0
     meta = None
@@ -190,7 +196,7 @@ def train(*, run_dir: str | Path, cfg: TrainConfig, optim: OptimConfig, mesh: Me
     eval_step = make_eval_step(task.loss_fn) if task.eval_data is not None else None
     writer = MetricsWriter(run_dir, resume_step=start, tensorboard=cfg.tensorboard,
                            wandb_project=cfg.wandb_project, run_config=run_config)
-    progress = Progress(cfg.steps, start, enabled=cfg.progress)
+    progress = Progress(cfg.steps, start, enabled=cfg.progress, fields=task.progress)
     last: dict[str, float] = {}
     guard, saved_at = BadStepGuard(cfg.max_bad_steps, ckpts.dir), start
 

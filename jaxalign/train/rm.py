@@ -16,6 +16,7 @@ from jaxalign.config import ConfigError, LoRAConfig, ModelConfig, ModelSource, R
 from jaxalign.data.config import DataConfig
 from jaxalign.data.preference import build_preference_data
 from jaxalign.losses.preference import bradley_terry
+from jaxalign.metrics import RM_PROGRESS
 from jaxalign.models import functional, heads, lora
 from jaxalign.train.loop import Task
 from jaxalign.train.setup import Loaded, pair_rows, run_recipe, supervised
@@ -23,6 +24,7 @@ from jaxalign.train.setup import Loaded, pair_rows, run_recipe, supervised
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class RMOptions:
+    """The Bradley-Terry loss of reward modelling."""
     center_coef: float = 0.0        # coef * mean((r_c + r_r)^2) keeps rewards near zero
     margin: float = 0.0             # required reward gap: -log sigmoid(r_c - r_r - margin)
 
@@ -63,7 +65,8 @@ def split_trainable(cfg: ModelConfig, params):
 def init_reward_model(source: ModelSource, lora_cfg: LoRAConfig, mesh, seed: int) -> Loaded:
     """The reward model to train: any model source with a (fresh, for a causal LM) score head."""
     cfg, params, hf_config, tok_dir = checkpoint.load_model(source.path, mesh, num_labels=1,
-                                                            seed=seed, **source.runtime())
+                                                            seed=seed, revision=source.revision,
+                                                            **source.runtime())
     cfg = lora_cfg.apply_to(cfg)
     if cfg.lora_rank:
         params = lora.add_adapters(cfg, params, mesh, seed)
@@ -78,7 +81,7 @@ def _task(cfg: RMConfig, models: Loaded, tokenizer):
                                  process_count=jax.process_count())
     task = Task(loss_fn=rm_loss_fn(models.cfg, cfg.rm), train_data=data.train,
                 eval_data=(lambda: iter(data.eval)) if data.eval is not None else None,
-                perplexity=False)
+                perplexity=False, progress=RM_PROGRESS)
     return task, {"pad_token_id": data.pad_id}
 
 

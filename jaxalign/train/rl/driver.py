@@ -46,7 +46,7 @@ from jaxalign import distributed, runtime, sharding
 from jaxalign.config import JaxalignError
 from jaxalign.generate import eos_ids_for
 from jaxalign.losses.ppo import adaptive_kl_update
-from jaxalign.metrics import MetricsWriter, Progress, truncate_jsonl
+from jaxalign.metrics import RL_PROGRESS, MetricsWriter, Progress, truncate_jsonl
 from jaxalign.models import lora
 from jaxalign.tokenizer import load_tokenizer
 from jaxalign.train.loop import BadStepGuard, StopFlag, put_batch, start_or_resume
@@ -138,7 +138,8 @@ def load(cfg: RLConfig, mesh) -> Loaded:
     distributed.process_rows(mesh, cfg.rollout.rows)  # each process's rows: one block
     rewarder = Rewarder(cfg.reward)   # imports the reward functions: a bad name fails here
     if cfg.reward.model is not None:
-        check_reward_model_dir(cfg.reward.model)  # a wrong kind fails before any model loads
+        # a wrong kind (or a hub id not in the cache) fails before any model loads
+        check_reward_model_dir(cfg.reward.model, cfg.reward.revision)
     holder = {}
 
     def tokenizer_and_prompts(tok_dir):
@@ -363,7 +364,8 @@ class _Run:
                                wandb_project=cfg.train.wandb_project, run_config=self.raw)
         if jax.process_index() == 0:
             truncate_jsonl(run_dir / "samples.jsonl", start)
-        progress = Progress(cfg.train.iterations, start, enabled=cfg.train.progress)
+        progress = Progress(cfg.train.iterations, start, enabled=cfg.train.progress,
+                            fields=RL_PROGRESS, unit="iteration")
         self.guard = BadStepGuard(cfg.train.max_bad_steps, ckpts.dir, unit="iteration")
         saved_at, last = start, {}
         meta = self._meta(start)
