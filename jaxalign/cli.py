@@ -115,6 +115,15 @@ def _add_revision(p: argparse.ArgumentParser) -> None:
                         "HF_HUB_CACHE / HF_HOME and HF_HUB_OFFLINE=1")
 
 
+def _add_distributed(p: argparse.ArgumentParser) -> None:
+    """Several processes as one run (jaxalign/distributed.py; SLURM / MPI / TPU pods are
+    detected without these)."""
+    p.add_argument("--coordinator", metavar="HOST:PORT", default=None,
+                   help="process 0's address, for a run over several processes / hosts")
+    p.add_argument("--num-processes", type=int, default=None, help="processes in the run")
+    p.add_argument("--process-id", type=int, default=None, help="this process's id, 0-based")
+
+
 def _mesh(args):
     from jaxalign import sharding
     from jaxalign.config import MeshConfig
@@ -236,6 +245,7 @@ def cmd_plan(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="jaxalign", description="Align Hugging Face Llama models with JAX.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    _add_distributed(parser)
     # -v also after the command (`jaxalign sft c.yaml -v`); SUPPRESS keeps the subcommand's
     # default from overwriting a -v given before it.
     verbose = _Parser(add_help=False)
@@ -360,10 +370,10 @@ def main(argv: list[str] | None = None) -> int:
     from jaxalign.config import JaxalignError
     try:
         if args.func is not cmd_config:  # printing the reference needs no devices
-            from jaxalign.sharding import initialize_distributed
+            from jaxalign import distributed
             settings = runtime.configure_jax()
             log.debug("runtime settings: %s", settings)
-            initialize_distributed()
+            distributed.initialize(args.coordinator, args.num_processes, args.process_id)
         return args.func(args)
     except (JaxalignError, OSError) as e:
         # Our own errors name the file / row / key / tensor; a traceback would bury that.

@@ -23,7 +23,7 @@ import numpy as np
 import yaml
 from jax.sharding import Mesh
 
-from jaxalign import runtime
+from jaxalign import distributed, runtime
 from jaxalign.checkpoint import TrainCheckpoints, describe_run
 from jaxalign.config import ConfigError, JaxalignError, ModelConfig, OptimConfig, TrainConfig
 from jaxalign.metrics import SFT_PROGRESS, MetricsWriter, Progress
@@ -71,6 +71,8 @@ def _check_batch_fits(cfg: TrainConfig, mesh: Mesh) -> None:
     if micro % shards:
         raise ConfigError(f"train.batch_size / train.grad_accum = {micro} rows per micro-batch "
                           f"cannot be split over data x fsdp = {shards} devices; use a multiple of {shards}")
+    # The loaders give process i rows [i B / P, (i + 1) B / P): its devices must hold those.
+    distributed.check_even_split(mesh, cfg.batch_size, "train.batch_size")
 
 
 class StopFlag:
@@ -228,7 +230,8 @@ def train(*, run_dir: str | Path, cfg: TrainConfig, optim: OptimConfig, mesh: Me
                 last = metrics
                 if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
                     save(step)
-                if stop.signum is not None:
+                # Every process stops at the same step (they save together).
+                if distributed.any_process(stop.signum is not None):
                     if saved_at != step:
                         save(step)
                     raise KeyboardInterrupt(f"stopped by signal at step {step}; checkpoint saved")
