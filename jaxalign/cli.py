@@ -9,6 +9,7 @@
   jaxalign dpo CONFIG.yaml [key=value ...]
   jaxalign kto CONFIG.yaml [key=value ...]
   jaxalign ppo CONFIG.yaml [key=value ...]     (algorithm: a row of train/rl/objectives.py)
+  jaxalign prepare CONFIG.yaml [key=value ...] (data stage: dedup, mix, split)
 """
 
 from __future__ import annotations
@@ -122,6 +123,15 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_prepare(args) -> int:
+    from jaxalign.config import from_dict, load_yaml
+    from jaxalign.data.prepare import PrepareConfig, run_prepare
+    raw = load_yaml(args.config, args.overrides)
+    totals = run_prepare(from_dict(PrepareConfig, raw), raw)
+    print(json.dumps({k: int(v) for k, v in totals.items()}))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="jaxalign", description="Align Hugging Face Llama models with JAX.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -163,6 +173,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("overrides", nargs="*", metavar="key=value",
                        help="dotted overrides, e.g. train.steps=10 optim.lr=1e-4")
         p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("prepare", help="data stage: empty / exact / near-duplicate (MinHash) "
+                                       "removal, mixing by weights, train/eval split")
+    p.add_argument("config", help="YAML data config (see configs/*data*.yaml)")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("eval", help="held-out preference accuracy (reward model, DPO-implied "
                                     "reward) and reward-model-judged win rate vs the reference")
