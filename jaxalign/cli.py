@@ -10,6 +10,7 @@
   jaxalign kto CONFIG.yaml [key=value ...]
   jaxalign ppo CONFIG.yaml [key=value ...]     (algorithm: a row of train/rl/objectives.py)
   jaxalign prepare CONFIG.yaml [key=value ...] (data stage: dedup, mix, split)
+  jaxalign report RUN_OR_PIPELINE_DIR [--out DIR]
 """
 
 from __future__ import annotations
@@ -132,6 +133,14 @@ def cmd_prepare(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from jaxalign.report import write_report
+    result = write_report(args.run, args.out)
+    log.info("wrote %s and %d plot(s)", result["report"], len(result["plots"]))
+    print(result["summary"], end="")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="jaxalign", description="Align Hugging Face Llama models with JAX.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -179,6 +188,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="YAML data config (see configs/*data*.yaml)")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("report", help="report.md + PNG plots of a run or pipeline dir "
+                                      "(needs the extra: pip install 'jaxalign[report]')")
+    p.add_argument("run", help="run dir or pipeline dir")
+    p.add_argument("--out", default=None, help="where report.md and the PNGs go (default: RUN)")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("eval", help="held-out preference accuracy (reward model, DPO-implied "
                                     "reward) and reward-model-judged win rate vs the reference")
