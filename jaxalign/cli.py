@@ -11,6 +11,7 @@
   jaxalign ppo CONFIG.yaml [key=value ...]     (algorithm: a row of train/rl/objectives.py)
   jaxalign prepare CONFIG.yaml [key=value ...] (data stage: dedup, mix, split)
   jaxalign report RUN_OR_PIPELINE_DIR [--out DIR]
+  jaxalign pipeline CONFIG.yaml [key=value ...] (data, sft, rm, ppo/dpo/kto, eval, export, report)
 """
 
 from __future__ import annotations
@@ -141,6 +142,13 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_pipeline(args) -> int:
+    from jaxalign.config import from_dict, load_yaml
+    from jaxalign.pipeline import PipelineConfig, run_pipeline
+    run_pipeline(from_dict(PipelineConfig, load_yaml(args.config, args.overrides)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="jaxalign", description="Align Hugging Face Llama models with JAX.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -194,6 +202,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="run dir or pipeline dir")
     p.add_argument("--out", default=None, help="where report.md and the PNGs go (default: RUN)")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("pipeline", help="every stage from one YAML (data, sft, rm, ppo / dpo / "
+                                        "kto, eval, export, report); reruns only what changed")
+    p.add_argument("config", help="YAML pipeline config (see configs/*rlhf*.yaml)")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="dotted overrides, e.g. sft.train.steps=10")
+    p.set_defaults(func=cmd_pipeline)
 
     p = sub.add_parser("eval", help="held-out preference accuracy (reward model, DPO-implied "
                                     "reward) and reward-model-judged win rate vs the reference")

@@ -34,7 +34,8 @@ GROUPS = (
 # The summary table: the first of each row's keys that the run logged.
 HEADLINES = (("loss", ("loss",)), ("eval loss", ("eval/loss",)),
              ("eval accuracy", ("eval/accuracy", "eval/rm_accuracy")),
-             ("reward", ("reward_mean", "reward")), ("KL", ("kl",)), ("entropy", ("entropy",)))
+             ("reward", ("reward_mean", "reward")), ("KL", ("kl",)), ("entropy", ("entropy",)),
+             ("win rate", ("winrate/policy_vs_reference",)))
 
 
 class ReportError(JaxalignError):

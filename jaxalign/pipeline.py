@@ -1,0 +1,326 @@
+"""`jaxalign pipeline CONFIG.yaml [key=value ...]`: data -> sft -> rm -> ppo / dpo / kto ->
+eval -> export -> report from one YAML, each stage an ordinary run dir under `out_dir`.
+
+The YAML has `out_dir` (the pipeline dir), `model` (the starting model), optionally `stages`
+(the order; default: the sections present, in ORDER), and one section per stage holding
+exactly the keys of that stage's own command (`jaxalign prepare | sft | rm | ppo | dpo | kto |
+eval`, and the export and report commands' options) except `out_dir`, which the pipeline sets
+to OUT/STAGE. Outputs are wired by path:
+  - any string containing `{stage}` (e.g. "{data}/sft/train.jsonl", "{rm}") becomes that
+    earlier stage's run dir;
+  - left unset, model.path of sft is `model`; of rm, dpo, kto and ppo the sft run (else
+    `model`); ppo's reward.model the rm run (when there is one and no reward.functions);
+    eval's policy and export's model the last policy stage (ppo, dpo, kto or sft), eval's
+    reward_model the rm run.
+Stage i's fingerprint is a hash of its wired section chained with stage i-1's, kept in
+OUT/pipeline.json. A stage whose fingerprint is recorded as done is skipped; recorded but not
+done (interrupted) is rerun in its dir, which resumes from its latest checkpoint; a changed
+fingerprint (its section or any earlier one changed) clears the dir and reruns it, and so
+every stage after it. The plan is logged before anything runs.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import logging
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+from jaxalign.config import ConfigError, from_dict
+
+log = logging.getLogger(__name__)
+
+ORDER = ("data", "sft", "rm", "ppo", "dpo", "kto", "eval", "export", "report")
+POLICY_STAGES = ("sft", "ppo", "dpo", "kto")     # stages whose run is a policy
+STATE_FILE = "pipeline.json"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ExportConfig:
+    """The export stage: `jaxalign export MODEL OUT` options; the HF dir is OUT/STAGE/hf."""
+    out_dir: str
+    model: str                      # a run dir, checkpoint or HF dir (default: last policy stage)
+    adapter: bool = False           # LoRA runs: a PEFT adapter instead of merged weights
+    max_shard_gb: float = 5.0
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ReportConfig:
+    """The report stage: `jaxalign report PIPELINE_DIR --out OUT/STAGE`."""
+    out_dir: str
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PipelineConfig:
+    """out_dir   the pipeline dir (one run dir per stage inside)
+    model     the starting model (HF dir, checkpoint or run dir)
+    stages    the stage order (default: the sections present, in ORDER)
+    data, sft, rm, ppo, dpo, kto, eval, export, report: each stage's own command config."""
+    out_dir: str
+    model: str
+    stages: tuple[str, ...] = ()
+    data: dict | None = None
+    sft: dict | None = None
+    rm: dict | None = None
+    ppo: dict | None = None
+    dpo: dict | None = None
+    kto: dict | None = None
+    eval: dict | None = None
+    export: dict | None = None
+    report: dict | None = None
+
+    def __post_init__(self):
+        present = tuple(s for s in ORDER if getattr(self, s) is not None)
+        order = tuple(self.stages) or present
+        unknown = [s for s in order if s not in ORDER]
+        if unknown:
+            raise ConfigError(f"stages: unknown stage(s) {unknown}; expected some of {list(ORDER)}")
+        if len(set(order)) != len(order):
+            raise ConfigError(f"stages: a stage is listed twice in {list(order)}")
+        missing = [s for s in order if getattr(self, s) is None]
+        if missing:
+            raise ConfigError(f"stages: {missing} listed without a section of their own "
+                              f"(an empty one is `{missing[0]}: {{}}`)")
+        if not order:
+            raise ConfigError("pipeline: no stage sections (data, sft, rm, ppo, dpo, kto, eval, "
+                              "export, report)")
+        for s in order:
+            if not isinstance(getattr(self, s), dict):
+                raise ConfigError(f"{s}: expected a mapping of the `{s}` command's keys")
+            if "out_dir" in getattr(self, s):
+                raise ConfigError(f"{s}.out_dir: the pipeline sets it ({self.out_dir}/{s}); remove it")
+        object.__setattr__(self, "stages", order)
+
+
+# ----------------------------------------------------------------------------- stage table
+
+def _recipe(name: str):
+    def config_cls():
+        from jaxalign.train.recipes import RECIPES
+        return RECIPES[name].load()[0]
+
+    def run(cfg, raw, devices):
+        from jaxalign.train.recipes import RECIPES
+        return RECIPES[name].load()[1](cfg, raw, devices)
+    return config_cls, run
+
+
+def _data():
+    from jaxalign.data.prepare import PrepareConfig
+    return PrepareConfig
+
+
+def _run_data(cfg, raw, devices):
+    from jaxalign.data.prepare import run_prepare
+    return run_prepare(cfg, raw)
+
+
+def _eval():
+    from jaxalign.evaluate import EvalConfig
+    return EvalConfig
+
+
+def _run_eval(cfg, raw, devices):
+    from jaxalign.evaluate import run_eval
+    _write_config(cfg.out_dir, raw)
+    return run_eval(cfg)
+
+
+def _run_export(cfg: ExportConfig, raw, devices):
+    from jaxalign import checkpoint, sharding
+    from jaxalign.config import MeshConfig
+    from jaxalign.convert.peft import save_peft
+    from jaxalign.train.setup import export_hf
+    _write_config(cfg.out_dir, raw)
+    out = Path(cfg.out_dir) / "hf"
+    model_cfg, params, hf_config, src = checkpoint.load_model(
+        cfg.model, sharding.make_mesh(MeshConfig(), devices))
+    if cfg.adapter:
+        if not model_cfg.lora_rank:
+            raise ConfigError(f"export.adapter: {cfg.model} is not a LoRA run")
+        save_peft(out, model_cfg, params, base_model_path=str(src))
+    else:
+        export_hf(out, model_cfg, params, hf_config, src,
+                  max_shard_bytes=int(cfg.max_shard_gb * 2**30))
+    log.info("exported %s -> %s", cfg.model, out)
+    return {}
+
+
+def _run_report(cfg: ReportConfig, raw, devices):
+    from jaxalign.report import write_report
+    _write_config(cfg.out_dir, raw)
+    result = write_report(Path(cfg.out_dir).parent, cfg.out_dir)
+    print(result["summary"], end="", flush=True)
+    return {}
+
+
+# stage -> (a function returning its config class, its runner(cfg, raw, devices))
+STAGES: dict[str, tuple[Callable[[], type], Callable[..., Any]]] = {
+    "data": (_data, _run_data),
+    **{name: _recipe(name) for name in ("sft", "rm", "ppo", "dpo", "kto")},
+    "eval": (_eval, _run_eval),
+    "export": (lambda: ExportConfig, _run_export),
+    "report": (lambda: ReportConfig, _run_report),
+}
+
+
+def _write_config(out_dir: str, raw: dict) -> None:
+    import yaml
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    (Path(out_dir) / "config.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+
+
+# ----------------------------------------------------------------------------- wiring
+
+_PLACEHOLDER = re.compile(r"\{(\w+)\}")
+
+
+def _substitute(value, dirs: dict[str, str], stage: str, key: str = ""):
+    if isinstance(value, dict):
+        return {k: _substitute(v, dirs, stage, f"{key}{k}.") for k, v in value.items()}
+    if isinstance(value, list):
+        return [_substitute(v, dirs, stage, key) for v in value]
+    if isinstance(value, str):
+        def repl(m):
+            name = m.group(1)
+            if name not in dirs:
+                raise ConfigError(f"{stage}.{key.rstrip('.')}: {{{name}}} names no earlier stage "
+                                  f"(earlier: {sorted(dirs)})")
+            return dirs[name]
+        return _PLACEHOLDER.sub(repl, value)
+    return value
+
+
+def _set_default(section: dict, dotted: str, value) -> None:
+    node = section
+    *parents, last = dotted.split(".")
+    for p in parents:
+        node = node.setdefault(p, {})
+    node.setdefault(last, value)
+
+
+def wire(cfg: PipelineConfig) -> list[tuple[str, dict]]:
+    """Each stage's section with out_dir, the placeholders and the default paths filled in."""
+    root = Path(cfg.out_dir)
+    dirs: dict[str, str] = {}
+    wired = []
+    for stage in cfg.stages:
+        section = _substitute(copy.deepcopy(getattr(cfg, stage)), dirs, stage)
+        policy = next((dirs[s] for s in reversed(list(dirs)) if s in POLICY_STAGES), None)
+        start = dirs.get("sft", cfg.model)
+        if stage == "sft":
+            _set_default(section, "model.path", cfg.model)
+        elif stage in ("rm", "dpo", "kto", "ppo"):
+            _set_default(section, "model.path", start)
+        if stage == "ppo" and "rm" in dirs and not section.get("reward", {}).get("functions"):
+            _set_default(section, "reward.model", dirs["rm"])
+        if stage == "eval":
+            if policy is not None:
+                section.setdefault("policy", policy)
+            if "rm" in dirs:
+                section.setdefault("reward_model", dirs["rm"])
+        if stage == "export":
+            if policy is None and "model" not in section:
+                raise ConfigError("export.model: no policy stage before export to default to")
+            section.setdefault("model", policy)
+        section["out_dir"] = str(root / stage)
+        dirs[stage] = section["out_dir"]
+        wired.append((stage, section))
+    return wired
+
+
+def fingerprints(wired: list[tuple[str, dict]]) -> list[str]:
+    """Stage i's hash covers its wired section and stage i-1's hash."""
+    out, prev = [], ""
+    for stage, section in wired:
+        text = json.dumps({"stage": stage, "after": prev, "config": section}, sort_keys=True)
+        prev = hashlib.sha256(text.encode()).hexdigest()[:16]
+        out.append(prev)
+    return out
+
+
+# ----------------------------------------------------------------------------- running
+
+def _load_state(root: Path) -> dict:
+    path = root / STATE_FILE
+    if not path.exists():
+        return {"stages": {}}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: malformed JSON ({e.msg}); remove it to rerun every stage") from None
+
+
+def _save_state(root: Path, state: dict) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / (STATE_FILE + ".tmp")
+    tmp.write_text(json.dumps(state, indent=1, sort_keys=True) + "\n")
+    tmp.replace(root / STATE_FILE)  # atomic: a kill never leaves half a state file
+
+
+def plan(cfg: PipelineConfig) -> list[dict]:
+    """Per stage: name, dir, hash, the validated config and action: 'skip' (done), 'resume'
+    (interrupted), 'rerun' (changed, or after a changed stage) or 'run' (new)."""
+    wired = wire(cfg)
+    hashes = fingerprints(wired)
+    recorded = _load_state(Path(cfg.out_dir))["stages"]
+    steps, changed_at = [], None
+    for (stage, section), h in zip(wired, hashes):
+        config_cls, _ = STAGES[stage]
+        try:
+            stage_cfg = from_dict(config_cls(), section)
+        except ConfigError as e:
+            raise ConfigError(f"{stage}: {e}") from None
+        rec = recorded.get(stage)
+        if changed_at is not None:
+            action, why = ("rerun" if rec else "run"), f"after {changed_at}"
+        elif rec is None:
+            action, why = "run", "new"
+        elif rec["hash"] != h:
+            action, why = "rerun", "config changed"
+        elif not Path(section["out_dir"]).exists():
+            action, why = "run", "its dir is gone"
+        elif rec.get("done"):
+            action, why = "skip", "done"
+        else:
+            action, why = "resume", "interrupted"
+        if action != "skip" and changed_at is None:
+            changed_at = stage   # everything after it runs again
+        steps.append(dict(stage=stage, dir=section["out_dir"], hash=h, action=action, why=why,
+                          config=stage_cfg, raw=section))
+    return steps
+
+
+def run_pipeline(cfg: PipelineConfig, devices=None,
+                 after_stage: Callable[[str], None] | None = None) -> list[dict]:
+    """Runs the plan; returns it. `after_stage(name)` is called when a stage has finished."""
+    import jax
+    root = Path(cfg.out_dir)
+    steps = plan(cfg)
+    log.info("pipeline %s:\n%s", root, "\n".join(
+        f"  {s['stage']:<7} {s['action']:<6} ({s['why']}) -> {s['dir']}" for s in steps))
+    state = _load_state(root)
+    state["stages"] = {k: v for k, v in state["stages"].items() if k in cfg.stages}
+    state["order"] = list(cfg.stages)
+    for s in steps:
+        if s["action"] == "skip":
+            continue
+        stage = s["stage"]
+        if s["action"] in ("run", "rerun") and Path(s["dir"]).exists() and jax.process_index() == 0:
+            shutil.rmtree(s["dir"])  # a changed config must not resume the old run's checkpoints
+        state["stages"][stage] = {"hash": s["hash"], "done": False}
+        if jax.process_index() == 0:
+            _save_state(root, state)
+        log.info("pipeline: stage %s (%s)", stage, s["dir"])
+        STAGES[stage][1](s["config"], s["raw"], devices)
+        state["stages"][stage]["done"] = True
+        if jax.process_index() == 0:
+            _save_state(root, state)
+        if after_stage is not None:
+            after_stage(stage)
+    return steps
