@@ -2,13 +2,14 @@
 
   jaxalign convert HF_DIR OUT_DIR
   jaxalign export MODEL OUT_HF_DIR
-  jaxalign generate MODEL --prompt TEXT [--chat] [--max-new-tokens N] [--temperature T]
-                    [--top-p P] [--top-k K] [--seed S]
+  jaxalign generate MODEL (--prompt TEXT | --prompts FILE [--out FILE] [--batch-size B])
+                    [--chat] [--max-new-tokens N] [--temperature T] [--top-p P] [--top-k K] [--seed S]
   jaxalign sft CONFIG.yaml [key=value ...]
   jaxalign rm  CONFIG.yaml [key=value ...]
   jaxalign dpo CONFIG.yaml [key=value ...]
   jaxalign kto CONFIG.yaml [key=value ...]
   jaxalign ppo CONFIG.yaml [key=value ...]     (algorithm: a row of train/rl/objectives.py)
+  jaxalign eval CONFIG.yaml [key=value ...]
   jaxalign prepare CONFIG.yaml [key=value ...] (data stage: dedup, mix, split)
   jaxalign report RUN_OR_PIPELINE_DIR [--out DIR]
   jaxalign pipeline CONFIG.yaml [key=value ...] (data, sft, rm, ppo/dpo/kto, eval, export, report)
@@ -90,6 +91,8 @@ def cmd_generate(args) -> int:
     from jaxalign import checkpoint
     from jaxalign.generate import generate_text
 
+    if args.out and not args.prompts:
+        raise SystemExit(_usage("generate", "--out needs --prompts FILE"))
     # Scanned layers keep the prefill one small program; the decode steps read per-layer
     # weights either way (generate.py). --dtype bfloat16 decodes from bf16 copies of the
     # weights (half the bytes a step reads).
@@ -97,12 +100,30 @@ def cmd_generate(args) -> int:
                                                     scan_layers=True)
     tokenizer = load_tokenizer(tok_dir)
     t0 = time.perf_counter()
+    sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                    top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+    if args.prompts:
+        from jaxalign.evaluate.generation import generate_file, write_jsonl
+        rows = generate_file(cfg, params, tokenizer, args.prompts, chat=args.chat,
+                             batch_size=args.batch_size, **sampling)
+        log.info("generated %d completions in %.1fs (compile included)", len(rows),
+                 time.perf_counter() - t0)
+        if args.out:
+            print(write_jsonl(args.out, rows))
+        else:
+            for row in rows:
+                print(json.dumps(row, ensure_ascii=False, default=str))
+        return 0
     (completion,) = generate_text(cfg, params, tokenizer, [args.prompt], chat=args.chat,
-                                  max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                  top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+                                  **sampling)
     log.info("generated in %.1fs (compile included)", time.perf_counter() - t0)
     print(completion)
     return 0
+
+
+def _usage(command: str, message: str) -> int:
+    sys.stderr.write(f"jaxalign {command}: error: {message} (see `jaxalign {command} --help`)\n")
+    return 2
 
 
 def cmd_train(args) -> int:
@@ -171,9 +192,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_runtime(p)
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("generate", help="complete one prompt; prints only the completion")
+    p = sub.add_parser("generate", help="complete one prompt (prints only the completion) or "
+                                        "a file of prompts (JSONL rows)")
     p.add_argument("model", help="HF directory or jaxalign checkpoint")
-    p.add_argument("--prompt", required=True)
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--prompt", help="one prompt; stdout gets only its completion")
+    what.add_argument("--prompts", metavar="FILE",
+                      help="a .txt file (one prompt a line) or a dataset of prompt / messages / "
+                           "pair rows; one JSON row per prompt (prompt, completion, tokens, "
+                           "finished, the row's other columns) to --out or stdout")
+    p.add_argument("--out", metavar="FILE", help="with --prompts: write the JSONL rows here")
+    p.add_argument("--batch-size", type=int, default=8,
+                   help="with --prompts: prompts per sampler call (default 8)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -210,9 +240,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dotted overrides, e.g. sft.train.steps=10")
     p.set_defaults(func=cmd_pipeline)
 
-    p = sub.add_parser("eval", help="held-out preference accuracy (reward model, DPO-implied "
-                                    "reward) and reward-model-judged win rate vs the reference")
-    p.add_argument("config", help="YAML eval config (see configs/*eval*.yaml)")
+    p = sub.add_parser("eval", help="evaluate named policies: perplexity, ROUGE-L / exact match, "
+                                    "reward-model win rate and KL vs the reference, preference "
+                                    "accuracy, samples, optional lm-eval task")
+    p.add_argument("config", help="YAML eval config, sections models, data, eval, lm_eval "
+                                  "(see configs/tiny_eval.yaml)")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.set_defaults(func=cmd_eval)
     return parser

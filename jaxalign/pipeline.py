@@ -10,8 +10,10 @@ to OUT/STAGE. Outputs are wired by path:
     earlier stage's run dir;
   - left unset, model.path of sft is `model`; of rm, dpo, kto and ppo the sft run (else
     `model`); ppo's reward.model the rm run (when there is one and no reward.functions);
-    eval's policy and export's model the last policy stage (ppo, dpo, kto or sft), eval's
-    reward_model the rm run.
+    eval's models.policies every policy stage (sft, ppo, dpo, kto) by name, its
+    models.reference the sft run, its models.reward_model the rm run; export's model the
+    last policy stage.
+A placeholder must be quoted in YAML ("{data}/sft/train.jsonl"): bare, {x} is a mapping.
 Stage i's fingerprint is a hash of its wired section chained with stage i-1's, kept in
 OUT/pipeline.json. A stage whose fingerprint is recorded as done is skipped; recorded but not
 done (interrupted) is rerun in its dir, which resumes from its latest checkpoint; a changed
@@ -100,19 +102,19 @@ class PipelineConfig:
 # ----------------------------------------------------------------------------- stage table
 
 def _recipe(name: str):
-    def config_cls():
+    def build(section):
         from jaxalign.train.recipes import RECIPES
-        return RECIPES[name].load()[0]
+        return from_dict(RECIPES[name].load()[0], section)
 
     def run(cfg, raw, devices):
         from jaxalign.train.recipes import RECIPES
         return RECIPES[name].load()[1](cfg, raw, devices)
-    return config_cls, run
+    return build, run
 
 
-def _data():
+def _build_data(section):
     from jaxalign.data.prepare import PrepareConfig
-    return PrepareConfig
+    return from_dict(PrepareConfig, section)
 
 
 def _run_data(cfg, raw, devices):
@@ -120,9 +122,9 @@ def _run_data(cfg, raw, devices):
     return run_prepare(cfg, raw)
 
 
-def _eval():
-    from jaxalign.evaluate import EvalConfig
-    return EvalConfig
+def _build_eval(section):
+    from jaxalign.evaluate import from_raw
+    return from_raw(section)
 
 
 def _run_eval(cfg, raw, devices):
@@ -159,13 +161,13 @@ def _run_report(cfg: ReportConfig, raw, devices):
     return {}
 
 
-# stage -> (a function returning its config class, its runner(cfg, raw, devices))
-STAGES: dict[str, tuple[Callable[[], type], Callable[..., Any]]] = {
-    "data": (_data, _run_data),
+# stage -> (build(section) -> its validated config, run(cfg, raw, devices))
+STAGES: dict[str, tuple[Callable[[dict], Any], Callable[..., Any]]] = {
+    "data": (_build_data, _run_data),
     **{name: _recipe(name) for name in ("sft", "rm", "ppo", "dpo", "kto")},
-    "eval": (_eval, _run_eval),
-    "export": (lambda: ExportConfig, _run_export),
-    "report": (lambda: ReportConfig, _run_report),
+    "eval": (_build_eval, _run_eval),
+    "export": (lambda section: from_dict(ExportConfig, section), _run_export),
+    "report": (lambda section: from_dict(ReportConfig, section), _run_report),
 }
 
 
@@ -220,10 +222,12 @@ def wire(cfg: PipelineConfig) -> list[tuple[str, dict]]:
         if stage == "ppo" and "rm" in dirs and not section.get("reward", {}).get("functions"):
             _set_default(section, "reward.model", dirs["rm"])
         if stage == "eval":
-            if policy is not None:
-                section.setdefault("policy", policy)
+            models = section.setdefault("models", {})
+            models.setdefault("policies", {s: d for s, d in dirs.items() if s in POLICY_STAGES})
+            if "sft" in dirs and "sft" in models["policies"]:
+                models.setdefault("reference", "sft")
             if "rm" in dirs:
-                section.setdefault("reward_model", dirs["rm"])
+                models.setdefault("reward_model", dirs["rm"])
         if stage == "export":
             if policy is None and "model" not in section:
                 raise ConfigError("export.model: no policy stage before export to default to")
@@ -271,9 +275,9 @@ def plan(cfg: PipelineConfig) -> list[dict]:
     recorded = _load_state(Path(cfg.out_dir))["stages"]
     steps, changed_at = [], None
     for (stage, section), h in zip(wired, hashes):
-        config_cls, _ = STAGES[stage]
+        build, _ = STAGES[stage]
         try:
-            stage_cfg = from_dict(config_cls(), section)
+            stage_cfg = build(section)
         except ConfigError as e:
             raise ConfigError(f"{stage}: {e}") from None
         rec = recorded.get(stage)

@@ -93,8 +93,13 @@ def test_pipeline_runs_resumes_and_reruns_changed_stages(setup, caplog):
     assert load_yaml(str(pipe / "dpo/config.yaml"))["model"]["path"] == str(pipe / "sft")
     assert load_yaml(str(pipe / "ppo/config.yaml"))["reward"]["model"] == str(pipe / "rm")
     results = json.loads((pipe / "eval/eval.json").read_text())
-    assert {"rm/accuracy", "dpo/accuracy", "winrate/policy_vs_reference"} <= set(results), results
-    assert load_yaml(str(pipe / "eval/config.yaml"))["policy"] == str(pipe / "dpo")
+    for name in ("ppo", "dpo"):  # every policy against the sft reference, judged by the rm run
+        assert {f"winrate/{name}", f"kl/{name}/sequence", f"gen/{name}/rouge_l",
+                f"dpo/{name}/accuracy"} <= set(results), sorted(results)
+    assert "rm/accuracy" in results and "ppl/sft/perplexity" in results
+    models = load_yaml(str(pipe / "eval/config.yaml"))["models"]
+    assert models == {"policies": {s: str(pipe / s) for s in ("sft", "ppo", "dpo")},
+                      "reference": "sft", "reward_model": str(pipe / "rm")}
     hf = pipe / "export/hf"
     assert (hf / "config.json").exists() and list(hf.glob("*.safetensors"))
     md = (pipe / "report/report.md").read_text()
