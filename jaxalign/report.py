@@ -21,6 +21,9 @@ from typing import Any
 
 from jaxalign.config import JaxalignError
 
+# Columns of the per-policy eval table (jaxalign eval's eval_summary.json), in this order.
+EVAL_COLUMNS = ("ppl/perplexity", "gen/rouge_l", "gen/exact_match", "gen/reward", "winrate",
+                "kl/sequence", "dpo/accuracy", "dpo/margin", "gen/length")
 # Panel groups: (title, predicate on a metric key). A key goes to its first matching group.
 GROUPS = (
     ("loss", lambda k: k.endswith("loss")),
@@ -117,6 +120,7 @@ def load_run(run: Path) -> dict[str, Any]:
     return dict(path=run, name=run.name, algorithm=algorithm(run), metrics=metrics, perf=perf,
                 samples=_jsonl(run / "samples.jsonl"), memory=_json(run / "memory.json"),
                 eval=_json(run / "eval.json"), wall_s=wall,
+                eval_table=(_json(run / "eval_summary.json") or {}).get("table") or {},
                 stats=(run / "stats.md").read_text() if (run / "stats.md").is_file() else None,
                 generations=sorted(run.glob("*generations*.jsonl")))
 
@@ -224,6 +228,42 @@ def markdown_table(rows: list[list[str]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def eval_rows(table: dict[str, dict]) -> list[list[str]]:
+    """Policies x the EVAL_COLUMNS they have (then any lm_eval scores)."""
+    cols = [c for c in EVAL_COLUMNS if any(c in m for m in table.values())]
+    cols += sorted({k for m in table.values() for k in m if k.startswith("lm_eval/")})
+    rows = [["policy"] + cols]
+    for name, m in table.items():
+        rows.append([name] + ["" if m.get(c) is None else _fmt(m[c]) for c in cols])
+    return rows
+
+
+def plot_eval(run: dict, out: Path) -> Path | None:
+    """Bars: each eval metric per policy."""
+    table = run["eval_table"]
+    cols = [c for c in EVAL_COLUMNS if any(c in m for m in table.values())]
+    if not cols:
+        return None
+    plt = _matplotlib()
+    ncols = min(4, len(cols))
+    nrows = math.ceil(len(cols) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.4 * ncols, 2.8 * nrows), squeeze=False)
+    for ax, c in zip(axes.flat, cols):
+        names = [n for n, m in table.items() if c in m]
+        ax.bar(names, [table[n][c] for n in names], color="tab:blue")
+        ax.set_title(c, fontsize=9)
+        ax.tick_params(axis="x", labelsize=8)
+        ax.grid(alpha=0.3, axis="y")
+    for ax in list(axes.flat)[len(cols):]:
+        ax.axis("off")
+    fig.suptitle(f"{run['name']}: per policy")
+    fig.tight_layout()
+    path = out / f"{run['name']}_policies.png"
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
 def _memory_md(memory: dict) -> str:
     rows = [["part", "MiB"]] + [[k, f"{v / 2**20:.1f}"] for k, v in memory.get("params_bytes", {}).items()]
     md = "Parameter bytes (global):\n\n" + markdown_table(rows)
@@ -239,7 +279,9 @@ def _memory_md(memory: dict) -> str:
 def _samples_md(samples: list[dict], n: int = 4) -> str:
     if not samples:
         return ""
-    keys = [k for k in ("step", "prompt", "completion", "reference", "reward") if k in samples[0]]
+    first = ("step", "prompt", "answer", "reference")
+    keys = [k for k in first if k in samples[0]]
+    keys += [k for k in samples[0] if k not in first and k.startswith(("completion", "reward"))]
     rows = [keys] + [[_fmt(s.get(k, ""))[-160:] if k == "prompt" else _fmt(s.get(k, ""))[:200]
                       for k in keys] for s in samples[-n:]]
     return markdown_table(rows)
@@ -263,7 +305,13 @@ def run_section(r: dict, out: Path, plots: list[Path]) -> str:
             md.append(f"Timing: {len(steps)} logged steps, {sum(steps):.1f} s in all; first "
                       f"{steps[0]:.2f} s (compilation included), then median "
                       f"{sorted(later)[len(later) // 2]:.2f} s.\n")
-    if r["eval"]:
+    if r["eval_table"]:
+        png = plot_eval(r, out)
+        if png is not None:
+            plots.append(png)
+            md.append(f"![{r['name']} per policy]({png.name})\n")
+        md.append("Per policy:\n\n" + markdown_table(eval_rows(r["eval_table"])))
+    elif r["eval"]:
         flat = {k: v for k, v in r["eval"].items() if isinstance(v, (int, float, str))}
         md.append("Evaluation:\n\n" + markdown_table([["metric", "value"]] +
                                                    [[k, _fmt(v)] for k, v in sorted(flat.items())]))
@@ -288,6 +336,9 @@ def write_report(path: str | Path, out: str | Path | None = None) -> dict[str, A
     _matplotlib()  # fail early, with the extra's name, before writing anything
     plots: list[Path] = []
     summary = markdown_table(summary_rows(runs))
+    for r in runs:
+        if r["eval_table"]:
+            summary += f"\n{r['name']}, per policy:\n\n" + markdown_table(eval_rows(r["eval_table"]))
     sections = [run_section(r, out, plots) for r in runs]
     timing = plot_timing(runs, out)
     md = [f"# Report: {path.name}\n", summary]
@@ -297,4 +348,5 @@ def write_report(path: str | Path, out: str | Path | None = None) -> dict[str, A
     md += sections
     report = out / "report.md"
     report.write_text("\n".join(md))
+    (out / "summary.md").write_text(summary)
     return {"report": report, "plots": plots, "summary": summary}

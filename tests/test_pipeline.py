@@ -108,7 +108,9 @@ def test_pipeline_runs_resumes_and_reruns_changed_stages(setup, caplog):
     for s in ("sft", "rm", "ppo", "dpo"):
         png = pipe / "report" / f"{s}_curves.png"
         assert png.read_bytes()[:4] == b"\x89PNG" and f"]({png.name})" in md
-    assert (pipe / "report/timing.png").exists()
+    assert (pipe / "report/timing.png").exists() and (pipe / "report/eval_policies.png").exists()
+    assert "| policy |" in (pipe / "report/summary.md").read_text()
+    _starts_from_merged_lora_run(pipe / "sft")
 
     # a changed dpo section: dpo and what follows rerun, nothing before it
     kept = {s: _mtime(pipe / s / "metrics.jsonl") for s in ("sft", "rm", "ppo")}
@@ -122,6 +124,26 @@ def test_pipeline_runs_resumes_and_reruns_changed_stages(setup, caplog):
     assert _mtime(pipe / "dpo/metrics.jsonl") != old_dpo
     assert load_yaml(str(pipe / "dpo/config.yaml"))["dpo"]["beta"] == 0.2
     assert all(s["action"] == "skip" for s in plan(changed))
+
+
+def _starts_from_merged_lora_run(run):
+    """A stage started from a LoRA run (rm, ppo, dpo from the LoRA sft) computes what that
+    run computes: its adapters folded in, the new (zero) adapters on top, not in their place."""
+    import numpy as np
+    from jaxalign import checkpoint, sharding
+    from jaxalign.config import LoRAConfig, MeshConfig, ModelSource
+    from jaxalign.models import functional, lora
+    from jaxalign.train.setup import load_policy
+    mesh = sharding.make_mesh(MeshConfig(fsdp=1), jax.devices()[:1])
+    cfg, params, _, _ = checkpoint.load_model(run, mesh, scan_layers=False)
+    assert cfg.lora_rank == 8
+    tokens = np.arange(24, dtype=np.int32).reshape(2, 12) % cfg.vocab_size + 3
+    want = functional.apply(cfg, params, tokens)[0]
+    with jax.set_mesh(mesh):
+        p = load_policy(ModelSource(path=str(run), scan_layers=False), LoRAConfig(rank=4), mesh, 0)
+    got = functional.apply(p.cfg, lora.combine(p.trainable, p.frozen), tokens)[0]
+    assert p.cfg.lora_rank == 4
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5)
 
 
 def test_pipeline_config_errors_name_the_stage(setup):
