@@ -63,18 +63,18 @@ class PipelineConfig:
     model     the starting model (HF dir, checkpoint or run dir)
     stages    the stage order (default: the sections present, in ORDER)
     data, sft, rm, ppo, dpo, kto, eval, export, report: each stage's own command config."""
-    out_dir: str
-    model: str
-    stages: tuple[str, ...] = ()
-    data: dict | None = None
-    sft: dict | None = None
-    rm: dict | None = None
-    ppo: dict | None = None
-    dpo: dict | None = None
-    kto: dict | None = None
-    eval: dict | None = None
-    export: dict | None = None
-    report: dict | None = None
+    out_dir: str                    # the pipeline dir: one run dir per stage, pipeline.json
+    model: str                      # the starting model (HF dir, hub id, checkpoint or run dir)
+    stages: tuple[str, ...] = ()    # the order (default: the sections present, in ORDER)
+    data: dict | None = None        # `jaxalign prepare` keys (PrepareConfig)
+    sft: dict | None = None         # `jaxalign sft` keys
+    rm: dict | None = None          # `jaxalign rm` keys
+    ppo: dict | None = None         # `jaxalign ppo` keys (any algorithm: ppo, grpo, rloo)
+    dpo: dict | None = None         # `jaxalign dpo` keys (any loss_type: orpo, simpo, ...)
+    kto: dict | None = None         # `jaxalign kto` keys
+    eval: dict | None = None        # `jaxalign eval` keys (models, data, eval, lm_eval)
+    export: dict | None = None      # ExportConfig keys: model, adapter, max_shard_gb
+    report: dict | None = None      # ReportConfig keys (none but out_dir, which is set)
 
     def __post_init__(self):
         present = tuple(s for s in ORDER if getattr(self, s) is not None)

@@ -155,3 +155,16 @@ def test_pipeline_config_errors_name_the_stage(setup):
         plan(config(setup, "rm.data.train=['{dpo}/x.jsonl']"))
     with pytest.raises(ConfigError, match="stages: unknown stage"):
         config(setup, "stages=[data, sfx]")
+
+
+def test_cli_pipeline_bad_input_is_one_line(setup, tmp_path, caplog):
+    from jaxalign import cli
+    with pytest.raises(SystemExit) as e:
+        cli.main(["pipeline"])
+    assert e.value.code == 2
+    root, model = setup
+    args = ["pipeline", str(ROOT / "configs" / "tiny_pipeline.yaml"), f"out_dir={tmp_path / 'p'}",
+            f"model={model}", "sft.train.stepz=3"]
+    assert cli.main(args) == 1
+    assert "sft: unknown config key 'train.stepz'" in caplog.text
+    assert not (tmp_path / "p").exists()  # nothing ran: every section is checked first

@@ -67,9 +67,9 @@ class SetConfig:
     """One output set: its sources (path strings or specs with path / weight / split /
     max_examples / name), the columns compared for duplicates (default: all), and its own
     eval fraction (default: the config's)."""
-    sources: tuple[DatasetSpec, ...]
-    text_fields: tuple[str, ...] = ()
-    eval_fraction: float | None = None
+    sources: tuple[DatasetSpec, ...]         # paths or {path, weight, split, max_examples, name}
+    text_fields: tuple[str, ...] = ()         # columns compared for duplicates (empty: every column)
+    eval_fraction: float | None = None        # held out of each source (null: the config's)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -79,11 +79,11 @@ class PrepareConfig:
     dedup          DedupConfig
     eval_fraction  rows of each source held out for eval (seeded), before weighting
     seed           seeds the eval split, the fractional weights and the shuffle"""
-    out_dir: str
-    sets: Mapping[str, Any]
+    out_dir: str                    # SET/train.jsonl, SET/eval.jsonl, stats.json, stats.md
+    sets: Mapping[str, Any]         # name -> SetConfig
     dedup: DedupConfig = DedupConfig()
-    eval_fraction: float = 0.0
-    seed: int = 0
+    eval_fraction: float = 0.0      # rows of each source held out for eval, before weighting
+    seed: int = 0                   # seeds the eval split, fractional weights and the shuffle
 
     def __post_init__(self):
         _require(isinstance(self.sets, Mapping) and len(self.sets) > 0,
