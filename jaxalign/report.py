@@ -87,7 +87,8 @@ def find_runs(path: Path) -> list[Path]:
         raise ReportError(f"{path}: not a directory")
     if is_run(path):
         return [path]
-    order = (_json(path / "pipeline.json") or {}).get("stages", {})
+    state = _json(path / "pipeline.json") or {}
+    order = state.get("order") or list(state.get("stages", {}))
     subdirs = [p for p in sorted(path.iterdir()) if p.is_dir() and is_run(p)]
     subdirs.sort(key=lambda p: list(order).index(p.name) if p.name in order else len(order))
     if not subdirs:
@@ -119,7 +120,7 @@ def load_run(run: Path) -> dict[str, Any]:
     wall = sum(r.get("step_s", r.get("iteration_s", 0.0)) for r in perf)
     return dict(path=run, name=run.name, algorithm=algorithm(run), metrics=metrics, perf=perf,
                 samples=_jsonl(run / "samples.jsonl"), memory=_json(run / "memory.json"),
-                eval=_json(run / "eval.json"), wall_s=wall,
+                eval=_json(run / "eval.json"), wall_s=wall, stats_json=_json(run / "stats.json"),
                 eval_table=(_json(run / "eval_summary.json") or {}).get("table") or {},
                 stats=(run / "stats.md").read_text() if (run / "stats.md").is_file() else None,
                 generations=sorted(run.glob("*generations*.jsonl")))
@@ -206,11 +207,14 @@ def _last(metrics: list[dict], key: str):
 
 
 def summary_rows(runs: list[dict]) -> list[list[str]]:
-    header = ["stage", "algorithm", "steps"] + [h for h, _ in HEADLINES] + ["time (s)"]
+    header = ["stage", "algorithm", "steps / rows"] + [h for h, _ in HEADLINES] + ["time (s)"]
     rows = [header]
     for r in runs:
         m = r["metrics"]
-        cells = [r["name"], r["algorithm"], str(m[-1]["step"]) if m else ""]
+        steps = str(m[-1]["step"]) if m else ""
+        if r["stats_json"]:  # the data stage: rows it kept for training
+            steps = f"{sum(c.get('train', 0) for c in r['stats_json'])} rows"
+        cells = [r["name"], r["algorithm"], steps]
         for _, keys in HEADLINES:
             v = next((x for x in (_last(m, k) for k in keys) if x is not None), None)
             if v is None and r["eval"]:

@@ -444,7 +444,7 @@ def test_ppo_report(ppo_run, tmp_path, capsys, caplog, monkeypatch):
     from jaxalign.report import grouped, write_report
     assert cli.main(["report", str(ppo_run), "--out", str(tmp_path)]) == 0
     summary = capsys.readouterr().out
-    assert summary.startswith("| stage | algorithm | steps |") and "| ppo |" in summary
+    assert summary.startswith("| stage | algorithm | steps / rows |") and "| ppo |" in summary
     md = (tmp_path / "report.md").read_text()
     png = tmp_path / f"{ppo_run.name}_curves.png"
     assert f"]({png.name})" in md
