@@ -9,7 +9,9 @@ A jaxalign model directory (`jaxalign convert`) holds:
 A training run directory describes itself (`describe_run`, called by every algorithm when
 it starts):
   run.json           {"format": "jaxalign-run", "version": 2, "algorithm", "hf_config",
-                      "lora": {rank, alpha, dropout, targets}, "policy_path", "base"}
+                      "lora": {rank, alpha, dropout, targets}, "policy_path", "base",
+                      "base_revision"}  (base: an absolute path, or a hub id pinned to the
+                      commit hash it resolved to)
   model/             the tokenizer files and generation_config.json of the starting model
   checkpoints/       orbax TrainStates; the model's trained params sit in state.params at
                      `policy_path` (PPO: ["policy"], beside the value head / critic)
@@ -17,7 +19,8 @@ it starts):
 state, no value head, no reward model or critic is built) and imports nothing from
 `jaxalign.train`. A full fine-tune needs nothing else: its checkpoint holds every weight.
 A LoRA run saves only what trained (adapters, and a fresh score head); like a PEFT adapter
-it reads its frozen base weights from `base`, which must still exist.
+it reads its frozen base weights from `base`, which must still exist (a hub base: in the
+hub cache or on the hub, at `base_revision`).
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from jax.sharding import Mesh
 
 from jaxalign import sharding
 from jaxalign.config import JaxalignError, MeshConfig, ModelConfig
-from jaxalign.convert import hf
+from jaxalign.convert import hf, hub
 from jaxalign.models import functional, heads, lora
 
 log = logging.getLogger(__name__)
@@ -66,11 +69,12 @@ def is_jaxalign_model(path: str | Path) -> bool:
 
 
 def load_model(path: str | Path, mesh: Mesh | None = None, *, num_labels: int | None = None,
-               seed: int = 0, **runtime):
+               seed: int = 0, revision: str | None = None, **runtime):
     """Any model source -> (cfg, params, hf_config, dir holding the tokenizer files).
 
-    Sources: an HF directory, a jaxalign model checkpoint, or a training run directory
-    (latest checkpoint; LoRA runs come back with adapters, see `lora.merge`).
+    Sources: an HF directory, a jaxalign model checkpoint, a training run directory
+    (latest checkpoint; LoRA runs come back with adapters, see `lora.merge`), or a hub id
+    `org/name` at `revision` (`convert.hub`: from the hub cache, fetched when online).
 
     `num_labels` asks for a classifier / reward model: a source that is one already must
     have that many labels; a causal LM gets its LM head dropped and a fresh score head
@@ -78,7 +82,7 @@ def load_model(path: str | Path, mesh: Mesh | None = None, *, num_labels: int | 
     classifier's (`hf.hf_config_for`).
     `runtime` overrides how the model runs (dtype, scan_layers, remat), never its shape.
     """
-    cfg, params, hf_config, src = _load_any(Path(path).expanduser(), mesh, **runtime)
+    cfg, params, hf_config, src = _load_any(hub.resolve(path, revision), mesh, **runtime)
     if num_labels is not None and num_labels != cfg.num_labels:
         if cfg.num_labels > 0:
             raise ModelSourceError(f"{path}: is a classifier with {cfg.num_labels} label(s), "
@@ -87,7 +91,24 @@ def load_model(path: str | Path, mesh: Mesh | None = None, *, num_labels: int | 
         hf_config = hf.hf_config_for(cfg, hf_config)
         log.info("%s: causal LM -> classifier with %d label(s) (LM head dropped, score head "
                  "initialised)", path, num_labels)
+    if cfg.num_labels > 0 and cfg.pad_token_id is None:
+        cfg, hf_config = _with_tokenizer_pad(cfg, hf_config, src)
     return cfg, params, hf_config, src
+
+
+def _with_tokenizer_pad(cfg: ModelConfig, hf_config: dict[str, Any], tok_dir: Path):
+    """A classifier whose config.json names no pad id scores by its tokenizer's pad (the one
+    the data pipeline pads with; eos when the tokenizer has none), and its config says so,
+    so that training, eval, RL and an HF export all score the same token."""
+    if not (Path(tok_dir) / "tokenizer.json").exists():
+        return cfg, hf_config
+    from jaxalign.tokenizer import load_tokenizer
+    pad = load_tokenizer(tok_dir).pad_token_id
+    if pad is None:
+        return cfg, hf_config
+    log.info("%s: config.json names no pad_token_id; the classifier scores by the tokenizer's "
+             "pad id %d", tok_dir, pad)
+    return cfg.replace(pad_token_id=int(pad)), {**hf_config, "pad_token_id": int(pad)}
 
 
 def _load_any(path: Path, mesh: Mesh | None, **runtime):
@@ -124,10 +145,12 @@ _LORA_FIELDS = {"rank": "lora_rank", "alpha": "lora_alpha", "dropout": "lora_dro
 
 def describe_run(run_dir: str | Path, *, algorithm: str, cfg: ModelConfig,
                  hf_config: dict[str, Any], base: str | None, tokenizer_dir: str | Path | None,
-                 policy_path: tuple[str, ...] = ()) -> None:
+                 policy_path: tuple[str, ...] = (), base_revision: str | None = None) -> None:
     """Writes run.json and model/ (see the module docstring). `cfg`: the trained model
     (LoRA settings included); `hf_config`: its config.json as `ModelConfig.from_hf` reads it;
-    `base`: the starting model's path; `policy_path`: the model's key path in state.params."""
+    `base`: the starting model's path or hub id (at `base_revision`: a hub id is recorded
+    with the commit hash it resolves to, so a later load reads the same weights);
+    `policy_path`: the model's key path in state.params."""
     if jax.process_index() != 0:
         return
     run_dir = Path(run_dir)
@@ -136,9 +159,22 @@ def describe_run(run_dir: str | Path, *, algorithm: str, cfg: ModelConfig,
     meta = {"format": RUN_FORMAT, "version": 2, "algorithm": algorithm,
             "hf_config": hf.hf_config_for(cfg, hf_config),
             "lora": {k: getattr(cfg, f) for k, f in _LORA_FIELDS.items()},
-            "policy_path": list(policy_path),
-            "base": str(Path(base).expanduser().absolute()) if base is not None else None}
+            "policy_path": list(policy_path), "base": None, "base_revision": None}
+    if base is not None and hub.is_hub_id(base):
+        meta.update(base=str(base), base_revision=hub.commit_of(base, base_revision))
+    elif base is not None:
+        meta["base"] = str(Path(base).expanduser().absolute())
     (run_dir / RUN_MARKER).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+
+
+def run_base(run_dir: str | Path) -> tuple[str | None, str | None] | None:
+    """A run directory's starting model as run.json records it: (path or hub id, commit of a
+    hub id); None when `run_dir` is no run."""
+    marker = Path(run_dir) / RUN_MARKER
+    if not marker.exists():
+        return None
+    meta = json.loads(marker.read_text())
+    return meta.get("base"), meta.get("base_revision")
 
 
 def _subtree(tree, path):
@@ -190,12 +226,12 @@ def load_run(run_dir: Path, mesh: Mesh | None = None, **runtime):
     trained = ckpts.restore_subtree(step, policy_path, _restrict(target, saved, keep=True))
     ckpts.close()
     if _restrict(target, saved, keep=False):  # a LoRA run: the frozen base from its source
-        base = meta["base"]
-        if base is None or not Path(base).exists():
+        base, revision = meta["base"], meta.get("base_revision")
+        if base is None or not (Path(base).exists() or hub.is_hub_id(base)):
             raise ModelSourceError(f"{run_dir}: a LoRA run saves only its adapters; its base "
                                    f"model {base} is needed and does not exist")
         _, base_params, _, _ = load_model(base, mesh, num_labels=cfg.num_labels or None,
-                                          **runtime)
+                                          revision=revision, **runtime)
         trained = lora.combine(trained, _restrict(base_params, saved, keep=False))
     log.info("loaded %s run %s at step %d", meta["algorithm"], run_dir, step)
     return cfg, trained, meta["hf_config"], run_dir / "model"

@@ -1,7 +1,7 @@
 """Command line: parse, then call the library. Logs go to stderr, results to stdout.
 
-  jaxalign convert HF_DIR OUT_DIR
-  jaxalign export MODEL OUT_HF_DIR
+  jaxalign convert HF_DIR_OR_HUB_ID OUT_DIR [--revision R]
+  jaxalign export MODEL OUT_HF_DIR [--revision R]
   jaxalign generate MODEL (--prompt TEXT | --prompts FILE [--out FILE] [--batch-size B])
                     [--chat] [--max-new-tokens N] [--temperature T] [--top-p P] [--top-k K] [--seed S]
   jaxalign sft CONFIG.yaml [key=value ...]
@@ -10,6 +10,7 @@
   jaxalign kto CONFIG.yaml [key=value ...]
   jaxalign ppo CONFIG.yaml [key=value ...]     (algorithm: a row of train/rl/objectives.py)
   jaxalign eval CONFIG.yaml [key=value ...]
+  jaxalign plan CONFIG.yaml [key=value ...] --devices N [--meshes M] [--device-memory-gb G]
   jaxalign prepare CONFIG.yaml [key=value ...] (data stage: dedup, mix, split)
   jaxalign report RUN_OR_PIPELINE_DIR [--out DIR]
   jaxalign pipeline CONFIG.yaml [key=value ...] (data, sft, rm, ppo/dpo/kto, eval, export, report)
@@ -48,6 +49,12 @@ def _add_runtime(p: argparse.ArgumentParser) -> None:
                    help="compute dtype (default float32)")
 
 
+def _add_revision(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--revision", default=None,
+                   help="hub ids only: branch, tag or commit (default main); honours "
+                        "HF_HUB_CACHE / HF_HOME and HF_HUB_OFFLINE=1")
+
+
 def _mesh(args):
     from jaxalign import sharding
     from jaxalign.config import MeshConfig
@@ -56,11 +63,12 @@ def _mesh(args):
 
 def cmd_convert(args) -> int:
     from jaxalign import checkpoint
-    from jaxalign.convert import hf
+    from jaxalign.convert import hf, hub
 
     t0 = time.perf_counter()
-    cfg, params, hf_config = hf.load(args.hf_dir, _mesh(args))
-    out = checkpoint.save_model(args.out_dir, cfg, params, hf_config, source_dir=args.hf_dir)
+    src = hub.resolve(args.hf_dir, args.revision)
+    cfg, params, hf_config = hf.load(src, _mesh(args))
+    out = checkpoint.save_model(args.out_dir, cfg, params, hf_config, source_dir=src)
     log.info("converted %s -> %s (%.1fM params, %.1fs)", args.hf_dir, out,
              hf.num_params(params) / 1e6, time.perf_counter() - t0)
     print(out)
@@ -73,15 +81,19 @@ def cmd_export(args) -> int:
     from jaxalign.convert.peft import save_peft
     from jaxalign.models import lora
 
-    cfg, params, hf_config, src = checkpoint.load_model(args.model, _mesh(args))
+    cfg, params, hf_config, src = checkpoint.load_model(args.model, _mesh(args),
+                                                        revision=args.revision)
     if args.adapter:
         if not cfg.lora_rank:
             raise checkpoint.ModelSourceError(f"{args.model}: --adapter needs a LoRA run")
-        out = save_peft(args.out_dir, cfg, params, base_model_path=str(src))
+        # PEFT loads an adapter onto its base: the run's starting model (a hub id pinned to
+        # its commit, or a directory), not the run's own folder.
+        base, revision = checkpoint.run_base(args.model) or (str(src), None)
+        out = save_peft(args.out_dir, cfg, params, base_model_path=base, revision=revision)
     else:
         cfg, params = lora.merge(cfg, params)
         out = hf.save(args.out_dir, cfg, params, hf_config=hf_config, source_dir=src,
-                      max_shard_bytes=int(args.max_shard_gb * 2**30))
+                      max_shard_bytes=int(args.max_shard_gb * 2**30), dtype=args.dtype)
     print(out)
     return 0
 
@@ -97,7 +109,7 @@ def cmd_generate(args) -> int:
     # weights either way (generate.py). --dtype bfloat16 decodes from bf16 copies of the
     # weights (half the bytes a step reads).
     cfg, params, _, tok_dir = checkpoint.load_model(args.model, _mesh(args), dtype=args.dtype,
-                                                    scan_layers=True)
+                                                    scan_layers=True, revision=args.revision)
     tokenizer = load_tokenizer(tok_dir)
     t0 = time.perf_counter()
     sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
@@ -170,31 +182,44 @@ def cmd_pipeline(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    from jaxalign.train.plan import run_plan
+    results = run_plan(args.config, args.overrides, devices=args.devices, meshes=args.meshes,
+                       recipe=args.recipe, device_memory_gb=args.device_memory_gb)
+    if args.json:
+        print(json.dumps([r.as_json() for r in results]))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="jaxalign", description="Align Hugging Face Llama models with JAX.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("convert", help="HF checkpoint -> jaxalign checkpoint")
-    p.add_argument("hf_dir")
+    p.add_argument("hf_dir", help="HF directory or hub id org/name")
     p.add_argument("out_dir")
+    _add_revision(p)
     _add_runtime(p)
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("export", help="run dir / jaxalign checkpoint / HF dir -> HF directory")
-    p.add_argument("model")
+    p.add_argument("model", help="run dir, jaxalign checkpoint, HF directory or hub id")
     p.add_argument("out_dir")
+    _add_revision(p)
     p.add_argument("--max-shard-gb", type=float, default=5.0,
                    help="split safetensors above this size, with an index (default 5)")
     p.add_argument("--adapter", action="store_true",
                    help="LoRA runs: write a PEFT adapter (adapter_config.json + "
                         "adapter_model.safetensors) instead of merged weights")
     _add_runtime(p)
-    p.set_defaults(func=cmd_export)
+    # export: --dtype is the dtype of the written tensors; unset keeps the model's own.
+    p.set_defaults(func=cmd_export, dtype=None)
 
     p = sub.add_parser("generate", help="complete one prompt (prints only the completion) or "
                                         "a file of prompts (JSONL rows)")
-    p.add_argument("model", help="HF directory or jaxalign checkpoint")
+    p.add_argument("model", help="HF directory, jaxalign checkpoint, run dir or hub id")
+    _add_revision(p)
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--prompt", help="one prompt; stdout gets only its completion")
     what.add_argument("--prompts", metavar="FILE",
@@ -247,6 +272,19 @@ def build_parser() -> argparse.ArgumentParser:
                                   "(see configs/tiny_eval.yaml)")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.set_defaults(func=cmd_eval)
+    p = sub.add_parser("plan", help="per-mesh memory, compile time and collectives of a run's "
+                                    "train step on N devices, compiled from shapes (no weights)")
+    p.add_argument("config", help="YAML run config of sft / rm / dpo / kto")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.add_argument("--devices", type=int, required=True, help="number of devices to plan for")
+    p.add_argument("--meshes", default=None,
+                   help="meshes to try, e.g. 'fsdp=64;data=4,fsdp=16' (default: every mesh "
+                        "that divides the batch and the KV heads)")
+    p.add_argument("--recipe", default=None, help="sft | rm | dpo | kto (default: from the config)")
+    p.add_argument("--device-memory-gb", type=float, default=None,
+                   help="memory of one device, for the 'fits' column")
+    p.add_argument("--json", action="store_true", help="also print the results as one JSON line")
+    p.set_defaults(func=cmd_plan)
     return parser
 
 

@@ -64,8 +64,13 @@ class ModelConfig:
     mlp_bias: bool = False
     # 0: causal LM (LM head or tied embedding). > 0: a sequence classifier as in HF
     # LlamaForSequenceClassification, i.e. a `score` (hidden -> num_labels, no bias) read at the
-    # last real token and no LM head; 1 = the scalar head of reward and value models.
+    # rightmost token that is not `pad_token_id`, and no LM head; 1 = the scalar head of reward
+    # and value models.
     num_labels: int = 0
+    # config.json's pad_token_id. A classifier scores each row at its rightmost real token
+    # whose id is not this one: transformers' rule, so an exported reward model gives the
+    # same scores there (heads.scored_token_index).
+    pad_token_id: int | None = None
 
     param_dtype: Literal["float32", "bfloat16"] = "float32"
     dtype: Literal["float32", "bfloat16"] = "float32"
@@ -171,8 +176,16 @@ class ModelConfig:
             attention_bias=bool(hf.get("attention_bias", False)),
             mlp_bias=bool(hf.get("mlp_bias", False)),
             num_labels=num_labels,
+            pad_token_id=_pad_id(hf.get("pad_token_id")),
             **runtime,
         )
+
+
+def _pad_id(value) -> int | None:
+    # Some configs write a list (several eos ids do); transformers compares with one id.
+    if isinstance(value, (list, tuple)):
+        value = value[0] if value else None
+    return None if value is None else int(value)
 
 
 def num_labels_from_hf(hf: Mapping[str, Any]) -> int:
@@ -227,7 +240,8 @@ class MeshConfig:
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ModelSource:
     """Where the starting weights come from and how to run them."""
-    path: str                      # HF dir, jaxalign checkpoint or training run directory
+    path: str                      # HF dir, jaxalign checkpoint, training run dir or hub id org/name
+    revision: str | None = None    # hub id only: branch, tag or commit (default main)
     dtype: str = "float32"         # compute dtype
     param_dtype: str = "float32"
     # Layer form and rematerialisation of the training forward; None: the measured default of

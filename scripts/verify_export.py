@@ -1,6 +1,6 @@
 """Checks an exported HF directory against transformers (and optionally against its source).
 
-  python scripts/verify_export.py EXPORTED_HF_DIR [--reference ORIGINAL_HF_DIR]
+  python scripts/verify_export.py EXPORTED_HF_DIR [--reference ORIGINAL_HF_DIR_OR_HUB_ID]
 
 1. transformers loads EXPORTED with no missing / unexpected keys;
 2. jaxalign's logits on EXPORTED equal transformers' (fp32) on a few prompts;
@@ -20,18 +20,19 @@ PROMPTS = ["What is the capital of France?", "Name three primary colors.",
            "Write a haiku about autumn leaves."]
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("exported")
-    ap.add_argument("--reference", default=None)
+    ap.add_argument("--reference", default=None, help="HF directory or hub id (jaxalign's "
+                    "resolution: hub cache, HF_HUB_OFFLINE)")
     ap.add_argument("--max-new-tokens", type=int, default=24)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
 
     import jax
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from jaxalign.convert import hf
+    from jaxalign.convert import hf, hub
     from jaxalign.models import functional
 
     failures = []
@@ -60,7 +61,8 @@ def main() -> int:
         failures.append(f"logits differ by {diff:.2e}")
 
     if args.reference:
-        reference = AutoModelForCausalLM.from_pretrained(args.reference, dtype=torch.float32)
+        reference = AutoModelForCausalLM.from_pretrained(hub.resolve(args.reference),
+                                                         dtype=torch.float32)
         a, b = model.state_dict(), reference.state_dict()
         same = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
         print(f"tensors bitwise equal to {args.reference}: {same}")

@@ -20,7 +20,6 @@ from jaxalign import sharding
 from jaxalign.config import ConfigError, MeshConfig, ModelConfig
 from jaxalign.convert import hf
 from jaxalign.convert.hf import CheckpointError
-from jaxalign.convert.safetensors_io import SafetensorsFile, save_file
 from jaxalign.models import functional
 
 SIDE_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -160,6 +159,38 @@ def test_sharded_export_loads_in_transformers(tmp_path, tied):
     jax.tree.map(np.testing.assert_array_equal, params, params2)
 
 
+def test_export_dtype_bfloat16_writes_bf16(tmp_path):
+    """`jaxalign export --dtype bfloat16`: bf16 tensors (each the fp32 weight rounded as torch
+    rounds it), config.json saying so, and transformers' logits on them within bf16 round-off
+    of ours on the fp32 model (and within the fp32 contract of ours on the same bf16 file)."""
+    from jaxalign import cli
+    src, out = tmp_path / "src", tmp_path / "out"
+    make_source(src, seed=6, tie_word_embeddings=False, attention_bias=True)
+    assert cli.main(["export", str(src), str(out), "--dtype", "bfloat16"]) == 0
+
+    fp32, bf16 = read_tensors(src), read_tensors(out)
+    assert sorted(fp32) == sorted(bf16)
+    for k in fp32:
+        assert bf16[k].dtype == torch.bfloat16, f"{k}: written as {bf16[k].dtype}"
+        assert torch.equal(bf16[k], fp32[k].to(torch.bfloat16)), f"{k}: not the rounded weight"
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+
+    from transformers import AutoModelForCausalLM
+    assert AutoModelForCausalLM.from_pretrained(out).dtype == torch.bfloat16  # its own dtype
+    theirs = logits(AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()).numpy()
+    apply = jax.jit(lambda c, p: functional.apply(c, p, TOKENS.numpy())[0], static_argnums=0)
+    cfg, params, _ = hf.load(src)
+    ours = np.asarray(apply(cfg, params))
+    scale = float(np.abs(ours).max())
+    err = float(np.abs(theirs - ours).max())
+    # bf16 keeps 8 significant bits (relative round-off 2^-9 per weight); through two layers
+    # the logits move by a few of those relative to their scale, never by more than 2^-5.
+    assert 1e-4 * scale < err < 2**-5 * scale, (err, scale)
+    cfg16, params16, _ = hf.load(out)   # read back as fp32 params: the same numbers
+    ours16 = np.asarray(apply(cfg16, params16))
+    assert float(np.abs(theirs - ours16).max()) < 1e-4 * scale
+
+
 @pytest.mark.parametrize("overrides", [
     dict(tie_word_embeddings=False, attention_bias=True, mlp_bias=True, head_dim=24,
          num_key_value_heads=1,
@@ -245,12 +276,15 @@ def broken_copy(base_dir, tmp_path, edit_config=None):
     return dst
 
 
+def numpy_tensors(file):
+    with safe_open(str(file), framework="numpy") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
 def edit_tensors(path, edit):
-    f = SafetensorsFile(path / "model.safetensors")
-    tensors = {k: f.get(k) for k in f.keys()}
-    f.close()
+    tensors = numpy_tensors(path / "model.safetensors")
     edit(tensors)
-    save_file(tensors, path / "model.safetensors")
+    hf.write_tensors(tensors, path / "model.safetensors")
 
 
 def refused(path, *fragments):
@@ -349,9 +383,7 @@ def test_tied_checkpoint_with_stored_head(tmp_path):
     uses the stored head, so we accept it only when it equals the embedding."""
     src = tmp_path / "src"
     make_source(src, seed=2, tie_word_embeddings=True, tokenizer=False)
-    f = SafetensorsFile(src / "model.safetensors")
-    embed = f.get("model.embed_tokens.weight")
-    f.close()
+    embed = numpy_tensors(src / "model.safetensors")["model.embed_tokens.weight"]
     edit_tensors(src, lambda t: t.update({"lm_head.weight": embed.copy()}))
     cfg, params, _ = hf.load(src)
     assert cfg.tie_word_embeddings and "lm_head" not in params

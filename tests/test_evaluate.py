@@ -249,6 +249,12 @@ def test_generate_prompts_file_to_jsonl(world, tmp_path, capsys):
     capsys.readouterr()
     assert cli.main(["generate", str(world["sft"]), "--prompt", "yes", "--max-new-tokens", "6"]) == 0
     assert capsys.readouterr().out.rstrip("\n") == rows[2]["completion"]
+    # Without --out the rows go to stdout, one JSON object a line.
+    assert cli.main(argv[:-6] + ["--batch-size", "2", "--max-new-tokens", "6"]) == 0
+    assert [json.loads(l) for l in capsys.readouterr().out.splitlines()] == rows
+    with pytest.raises(SystemExit) as e:  # --out without --prompts: a usage error
+        cli.main(["generate", str(world["sft"]), "--prompt", "hi", "--out", str(out)])
+    assert e.value.code == 2 and "--out needs --prompts" in capsys.readouterr().err
 
 
 def test_generate_from_a_dataset_compiles_once_per_length_bucket(world):
@@ -363,3 +369,34 @@ def test_lm_eval_task_score_is_folded_into_the_results(world, tmp_path):
 def test_shipped_eval_configs_load(path):
     cfg = load_config(str(path))
     assert cfg.models.policies and cfg.out_dir
+
+
+def test_reference_resolution(tmp_path):
+    """A named policy, a path (named "reference"), or a single run dir's starting model."""
+    from jaxalign.evaluate.run import resolve_models
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("model:\n  path: /models/sft\n")
+    base = {"data": {"prompts": ["p.jsonl"]}}
+    models = lambda m: resolve_models(from_raw({**base, "models": m}))
+    assert models({"policies": str(run)}) == ({"reference": "/models/sft", "policy": str(run)},
+                                              "reference")
+    assert models({"policies": {"dpo": "/hf/dpo"}}) == ({"dpo": "/hf/dpo"}, None)
+    assert models({"policies": {"a": "/x", "b": "/y"}, "reference": "b"}) == (
+        {"b": "/y", "a": "/x"}, "b")
+    assert models({"policies": {"a": "/x"}, "reference": "/base"}) == (
+        {"reference": "/base", "a": "/x"}, "reference")
+    with pytest.raises(ConfigError, match="models.policies.reference: the name is taken"):
+        models({"policies": {"reference": "/x"}, "reference": "/base"})
+
+
+def test_reference_answers_by_column():
+    from jaxalign.data.prompts import Prompts
+    from jaxalign.evaluate.run import reference_answers
+    msgs = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a1"}]
+    p = Prompts("f.jsonl", ["q", "q"], [[1], [1]], columns={"messages": [msgs, None],
+                                                           "gold": ["g", 3]})
+    assert reference_answers(p, None) == ["a1", None]  # the last assistant turn
+    assert reference_answers(p, "gold") == ["g", None]  # not a string: no answer
+    with pytest.raises(ConfigError, match="data.answer_field: f.jsonl has no column 'answer'"):
+        reference_answers(p, "answer")

@@ -7,6 +7,7 @@ and every test uses the same (B, T).
 """
 
 import json
+import logging
 import shutil
 
 import numpy as np
@@ -121,24 +122,48 @@ def test_scores_match_transformers_left_and_right_padding(rm_dir):
     assert_rows_close(got, ref, FP32_TOL, "ours vs transformers")
 
 
-def test_pad_equals_eos_scores_the_last_real_token(tmp_path):
-    """With pad == eos, transformers' rule (rightmost token != pad id) scores a row that
-    ends in eos at the token before it. Ours takes the last real token by the mask: the
-    score transformers gives the same sequence alone, unpadded and with no pad id."""
+def test_pad_equals_eos_scores_as_transformers(tmp_path):
+    """pad == eos and rows ending in eos, left and right padding in one batch: ours equals
+    transformers' padded answer (the rightmost token != pad id, i.e. the token before the
+    final eos), not the score of the sequence alone with its eos as the last token."""
     model = make_tiny_rm(tmp_path, seed=8, pad_token_id=EOS)
     cfg, params, _ = hf.load(tmp_path)
+    assert cfg.pad_token_id == EOS
     tokens, mask = padded_batch(seed=1, pad=EOS, last=EOS)
     got = ours(cfg, params, tokens, mask)
+    assert_rows_close(got, hf_scores(model, tokens, mask)[:, 0], FP32_TOL, "ours vs transformers")
 
     model.config.pad_token_id = None    # batch of one, no pad id: transformers takes index -1
     alone = np.array([hf_scores(model, tokens[r:r + 1, mask[r] > 0], mask[r:r + 1, mask[r] > 0])[0, 0]
                       for r in range(B)])
-    model.config.pad_token_id = EOS
-    assert_rows_close(got, alone, FP32_TOL, "ours vs transformers on each sequence alone")
+    assert np.abs(got - alone).min() > 1e-2, (got, alone)   # so the rule above is what decides
 
-    # transformers' own padded answer is the penultimate token's: it differs from the above.
-    theirs = hf_scores(model, tokens, mask)[:, 0]
-    assert np.abs(theirs - alone).min() > 1e-2, (theirs, alone)
+
+def test_pad_equals_eos_scores_equal_trl_get_reward(tmp_path):
+    """TRL's RL reward (trl.experimental.utils.get_reward: the token before the first pad of
+    the response; mask = ids != pad) on prompt + response rows with pad == eos: left-padded
+    prompts, responses ending in eos then padding, one running out of room, one that is
+    only an eos. Ours, on the same ids with the same mask, scores the same token."""
+    import os
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")   # we pin trl; the API is known
+    from trl.experimental.utils import get_reward
+    model = make_tiny_rm(tmp_path, seed=14, pad_token_id=EOS)
+    cfg, params, _ = hf.load(tmp_path)
+    rng = np.random.default_rng(15)
+    ctx = 6
+    tokens = np.full((B, T), EOS, np.int32)
+    for r, (prompt, response) in enumerate([(6, 10), (4, 5), (2, 3), (5, 1)]):
+        tokens[r, ctx - prompt:ctx] = rng.integers(3, 96, prompt)
+        tokens[r, ctx:ctx + response] = rng.integers(3, 96, response)
+        if ctx + response < T or r == 3:
+            tokens[r, ctx + response - 1] = EOS          # ended by eos, then pad (= eos)
+    with torch.no_grad():
+        _, theirs, idx = get_reward(model, torch.tensor(tokens, dtype=torch.long), EOS, ctx)
+    np.testing.assert_array_equal(idx.numpy(), [15, 9, 7, 5])
+    np.testing.assert_array_equal(heads.scored_token_index(tokens, tokens != EOS, EOS), [15, 9, 7, 5])
+    got = ours(cfg, params, tokens, (tokens != EOS).astype(np.int32))
+    assert np.abs(theirs.numpy()).max() > 0.5, theirs
+    np.testing.assert_allclose(got, theirs.numpy(), atol=FP32_TOL)
 
 
 def test_multi_label_scores_match_transformers(tmp_path):
@@ -151,10 +176,17 @@ def test_multi_label_scores_match_transformers(tmp_path):
     assert_rows_close(got, hf_scores(model, tokens, mask), FP32_TOL, "3 labels")
 
 
-def test_last_token_index():
+def test_scored_token_index():
+    """The rightmost real token whose id is not the pad id (2 here); 0 when there is none."""
     seg = np.array([[0, 0, 1, 1, 1], [1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 1, 2, 2, 0],
-                    [0, 0, 0, 0, 0]])
-    np.testing.assert_array_equal(heads.last_token_index(seg), [4, 2, 4, 3, 0])
+                    [0, 0, 0, 0, 0], [1, 1, 1, 1, 0]])
+    tok = np.array([[2, 2, 5, 6, 2], [5, 2, 7, 2, 2], [5, 6, 7, 8, 9], [5, 6, 7, 8, 2],
+                    [2, 2, 2, 2, 2], [2, 2, 2, 2, 9]])
+    np.testing.assert_array_equal(heads.scored_token_index(tok, seg, 2), [3, 2, 4, 3, 0, 0])
+    np.testing.assert_array_equal(heads.scored_token_index(tok, seg, None), [4, 2, 4, 3, 0, 3])
+    # transformers' own rule on the same rows (padding filled with the pad id)
+    ids = np.where(seg > 0, tok, 2)
+    np.testing.assert_array_equal((np.arange(5) * (ids != 2)).argmax(-1), [3, 2, 4, 3, 0, 0])
 
 
 def test_classifier_has_no_vocab_logits(rm_dir):
@@ -218,6 +250,43 @@ def test_causal_lm_to_rm_export_loads_in_transformers(tmp_path):
     cfg2, params2, _ = hf.load(out)
     assert cfg2 == cfg
     jax.tree.map(np.testing.assert_array_equal, params, params2)
+
+
+def one_sided_batch(side, seed):
+    """pad == eos, every row padded on one side: rows ending in eos, one with an eos inside."""
+    rng = np.random.default_rng(seed)
+    tokens = np.full((B, T), EOS, np.int32)
+    mask = np.zeros((B, T), np.int32)
+    for r, n in enumerate([11, 9, T, 4]):
+        real = rng.integers(3, 96, n)
+        if r in (0, 1):
+            real[-1] = EOS
+        if r == 2:
+            real[5] = EOS
+        span = slice(T - n, T) if side == "left" else slice(0, n)
+        tokens[r, span], mask[r, span] = real, 1
+    return tokens, mask
+
+
+def test_exported_rm_with_pad_equal_to_eos_scores_as_in_transformers(tmp_path, caplog):
+    """A causal LM whose pad id is its eos (SmolLM2's config) made a reward model by
+    jaxalign and exported: LlamaForSequenceClassification gives our scores on left- and on
+    right-padded batches, and the export has nothing to warn about."""
+    src = tmp_path / "src"
+    make_tiny_hf(src, seed=11, pad_token_id=EOS)
+    cfg, params, hf_config, _ = checkpoint.load_model(src, num_labels=1, seed=12)
+    assert cfg.pad_token_id == EOS
+    params = dict(params, score=params["score"] * 10)     # scores of order 1: 1e-4 means something
+    caplog.set_level(logging.WARNING, logger="jaxalign")
+    out = hf.save(tmp_path / "out", cfg, params, hf_config=hf_config)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+    model = hf_load_rm(out)
+    assert model.config.pad_token_id == EOS == model.config.eos_token_id
+    for side in ("left", "right"):
+        tokens, mask = one_sided_batch(side, seed=13)
+        ref = hf_scores(model, tokens, mask)[:, 0]
+        assert np.abs(ref).max() > 1.0, ref
+        assert_rows_close(ours(cfg, params, tokens, mask), ref, FP32_TOL, f"{side}-padded")
 
 
 def test_export_without_source_config(rm_dir, tmp_path):

@@ -68,21 +68,17 @@ def test_reward_model_learns_and_exports_to_transformers(prefs):
     assert final["eval/margin"] > 2.0, final
     assert "eval/perplexity" not in final
 
-    # The exported reward model, on a right-padded eval batch. transformers pools at the
-    # rightmost token != pad id; drop each row's trailing pad-id tokens (pad == eos here) so
-    # that both sides score the same token.
+    # The exported reward model, on a right-padded eval batch as the pipeline builds it
+    # (pad == eos here): transformers scores the rightmost token != pad id, and so does
+    # jaxalign, in training as here (test_reward_model.py has rows ending in eos).
     cfg_rm, params, _, _ = load_model(out / "hf")
     assert cfg_rm.num_labels == 1
     data = build_preference_data(cfg.data, prefs["tok"], batch_size=8)
     batch = next(iter(data.eval))
     tokens = batch["tokens"].reshape(16, -1)
-    seg = batch["segment_ids"].reshape(16, -1).copy()
+    seg = batch["segment_ids"].reshape(16, -1)
     pad = data.pad_id
-    for r in range(16):
-        n = int(seg[r].sum())
-        while n > 1 and tokens[r, n - 1] == pad:
-            n -= 1
-        seg[r, n:] = 0
+    assert cfg_rm.pad_token_id == pad == prefs["tok"].eos_token_id
     ours = np.asarray(heads.score(cfg_rm, params, tokens, seg))
     model, info = AutoModelForSequenceClassification.from_pretrained(
         out / "hf", dtype=torch.float32, output_loading_info=True)
@@ -213,31 +209,36 @@ def test_dpo_options_are_validated():
 
 def test_eval_accuracy_and_win_rate(prefs):
     """`jaxalign eval` on the runs above: its preference accuracies are the runs' own held-out
-    figures; a policy judged against itself ties every prompt (win rate 0.5, DPO accuracy 0)."""
+    figures; a policy judged against itself ties every prompt (win rate 0.5, DPO accuracy 0,
+    KL 0)."""
     from jaxalign import cli
-    from jaxalign.evaluate import EvalConfig, run_eval
+    from jaxalign.evaluate import from_raw, run_eval
     rm_run, dpo_run = prefs["root"] / "rm", prefs["root"] / "dpo"
     if not (rm_run / "hf").exists() or not (dpo_run / "checkpoints").exists():
         pytest.skip("needs the reward-model and DPO runs of the tests above")
-    common = dict(pairs=[{"path": str(prefs["eval"])}], prompts=[{"path": str(prefs["eval"])}],
-                  seq_len=192, limit=32, batch_size=16, max_new_tokens=8)
-    got = run_eval(from_dict(EvalConfig, dict(common, policy=str(dpo_run),
-                                              reward_model=str(rm_run))))
+    data = {"pairs": [{"path": str(prefs["eval"])}], "prompts": [{"path": str(prefs["eval"])}]}
+    opts = {"seq_len": 192, "limit": 32, "batch_size": 16, "max_new_tokens": 8}
+    # One policy that is a run dir: its reference is the model the run started from.
+    got = run_eval(from_raw({"models": {"policies": {"dpo": str(dpo_run)},
+                                        "reward_model": str(rm_run)},
+                             "data": data, "eval": opts}))
     dpo_rows = _metrics(dpo_run)
     rm_rows = _metrics(rm_run)
-    assert got["dpo/pairs"] == 32 and got["winrate/prompts"] == 32
-    assert got["dpo/accuracy"] == pytest.approx(dpo_rows[-1]["eval/rewards/accuracies"], abs=1e-6)
-    assert got["dpo/margin"] == pytest.approx(dpo_rows[-1]["eval/rewards/margins"], rel=1e-4)
+    assert got["dpo/dpo/pairs"] == 32 and got["gen/dpo/prompts"] == 32
+    assert got["dpo/dpo/accuracy"] == pytest.approx(dpo_rows[-1]["eval/rewards/accuracies"], abs=1e-6)
+    assert got["dpo/dpo/margin"] == pytest.approx(dpo_rows[-1]["eval/rewards/margins"], rel=1e-4)
     assert got["rm/accuracy"] >= 0.95 and rm_rows[-1]["eval/accuracy"] >= 0.95
-    assert 0.0 <= got["winrate/policy_vs_reference"] <= 1.0
+    assert 0.0 <= got["winrate/dpo"] <= 1.0
 
     out = prefs["root"] / "eval_self"
     cfg_path = prefs["root"] / "eval.yaml"
     import yaml
-    cfg_path.write_text(yaml.safe_dump(dict(common, policy=str(prefs["model_dir"]),
-                                            reward_model=str(rm_run / "hf"), out_dir=str(out))))
+    cfg_path.write_text(yaml.safe_dump({
+        "models": {"policies": {"base": str(prefs["model_dir"])},
+                   "reference": str(prefs["model_dir"]), "reward_model": str(rm_run / "hf")},
+        "data": data, "eval": opts, "out_dir": str(out)}))
     assert cli.main(["eval", str(cfg_path)]) == 0
     self_eval = json.loads((out / "eval.json").read_text())
-    assert self_eval["winrate/policy_vs_reference"] == 0.5
-    assert self_eval["dpo/accuracy"] == 0.0 and self_eval["dpo/margin"] == 0.0
+    assert self_eval["winrate/base"] == 0.5 and self_eval["kl/base/sequence"] == 0.0
+    assert self_eval["dpo/base/accuracy"] == 0.0 and self_eval["dpo/base/margin"] == 0.0
     assert self_eval["rm/accuracy"] == got["rm/accuracy"]  # run dir and its HF export agree

@@ -14,6 +14,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import shutil
 from pathlib import Path
 from typing import Any, Callable
@@ -21,9 +22,10 @@ from typing import Any, Callable
 import jax
 import numpy as np
 from jax.sharding import Mesh
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save_file
 
 from jaxalign.config import CLASSIFIER_ARCH, JaxalignError, ModelConfig, num_labels_from_hf
-from jaxalign.convert.safetensors_io import SafetensorsFile, dtype_name, save_file
 from jaxalign.models import functional
 
 log = logging.getLogger(__name__)
@@ -120,13 +122,48 @@ def _set(tree: dict, path: tuple[str, ...], value) -> None:
 
 # ----------------------------------------------------------------------------- reading
 
+class TensorFile:
+    """One safetensors file opened by the `safetensors` package (numpy framework: bf16 comes
+    back as ml_dtypes.bfloat16). Only the header is read on opening; `get` reads one tensor."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        try:
+            self._file = safe_open(str(self.path), framework="numpy")
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{self.path}: not a readable safetensors file ({e})") from None
+
+    def keys(self) -> list[str]:
+        return list(self._file.keys())
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._file.get_slice(key).get_shape())
+
+    def get(self, key: str) -> np.ndarray:
+        try:
+            return self._file.get_tensor(key)
+        except (SafetensorError, TypeError, ValueError) as e:  # e.g. a dtype numpy cannot hold
+            raise CheckpointError(f"{self.path}: tensor {key!r} cannot be read ({e})") from None
+
+    def close(self) -> None:
+        self._file.__exit__(None, None, None)
+
+
+def write_tensors(tensors: dict[str, np.ndarray], path: Path) -> None:
+    """One safetensors file, written beside and renamed, so a reader never sees half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp),
+              metadata={"format": "pt"})   # transformers reads "pt" files
+    os.replace(tmp, path)
+
+
 @dataclasses.dataclass
 class HFCheckpoint:
     """An HF Llama directory, opened: its config and where each tensor lives."""
     path: Path
     hf_config: dict[str, Any]
     cfg: ModelConfig
-    files: dict[str, SafetensorsFile]   # tensor key -> file holding it
+    files: dict[str, TensorFile]   # tensor key -> file holding it
 
     def close(self) -> None:
         for f in set(self.files.values()):
@@ -162,7 +199,7 @@ def open_hf(path: str | Path, **runtime) -> HFCheckpoint:
         for name in sorted(set(weight_map.values())):
             if not (path / name).exists():
                 raise CheckpointError(f"{path / name}: shard listed in {index.name} does not exist")
-            opened[name] = SafetensorsFile(path / name)
+            opened[name] = TensorFile(path / name)
         held = {name: set(f.keys()) for name, f in opened.items()}
         for key, name in weight_map.items():
             if key not in held[name]:
@@ -170,7 +207,7 @@ def open_hf(path: str | Path, **runtime) -> HFCheckpoint:
                                       "which does not hold it")
         files = {k: opened[v] for k, v in weight_map.items()}
     elif (path / "model.safetensors").exists():
-        f = SafetensorsFile(path / "model.safetensors")
+        f = TensorFile(path / "model.safetensors")
         files = {k: f for k in f.keys()}
     else:
         raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json "
@@ -276,9 +313,10 @@ def hf_config_for(cfg: ModelConfig, base: dict[str, Any] | None = None, *,
     """config.json content: the source checkpoint's (kept verbatim) or one built from cfg.
 
     A classifier (num_labels > 0) made from a causal LM gets the classifier's fields on top
-    of its base config: architectures, num_labels, id2label, label2id. `pad_token_id`, when
-    given, is written (transformers' sequence classifier needs one to find the last token
-    of padded rows; `save` insists on it).
+    of its base config: architectures, num_labels, id2label, label2id, and the pad_token_id
+    it scores by (`cfg.pad_token_id`: transformers finds each row's scored token by it, so
+    it must be the one jaxalign used). `pad_token_id`, when given, is written where cfg
+    names none (`save` insists that a classifier has one).
     """
     if base is not None:
         config = dict(base)
@@ -292,7 +330,9 @@ def hf_config_for(cfg: ModelConfig, base: dict[str, Any] | None = None, *,
         config = _config_from_cfg(cfg)
         if cfg.num_labels > 0:
             config.update(_classifier_fields(cfg.num_labels))
-    if pad_token_id is not None:
+    if cfg.num_labels > 0 and cfg.pad_token_id is not None:
+        config["pad_token_id"] = int(cfg.pad_token_id)
+    elif pad_token_id is not None:
         config["pad_token_id"] = int(pad_token_id)
     return config
 
@@ -322,17 +362,20 @@ def _config_from_cfg(cfg: ModelConfig) -> dict[str, Any]:
         "max_position_embeddings": cfg.max_position_embeddings,
         "tie_word_embeddings": cfg.tie_word_embeddings, "attention_bias": cfg.attention_bias,
         "mlp_bias": cfg.mlp_bias, "dtype": cfg.param_dtype,
+        **({"pad_token_id": cfg.pad_token_id} if cfg.pad_token_id is not None else {}),
     }
 
 
 def save(out_dir: str | Path, cfg: ModelConfig, params: functional.Params, *,
          hf_config: dict[str, Any] | None = None, source_dir: str | Path | None = None,
-         max_shard_bytes: int = 5 * 2**30, pad_token_id: int | None = None) -> Path:
+         max_shard_bytes: int = 5 * 2**30, pad_token_id: int | None = None,
+         dtype: str | None = None) -> Path:
     """Writes an HF directory that `AutoModelForCausalLM.from_pretrained` loads
     (`AutoModelForSequenceClassification` for a classifier / reward model, num_labels > 0).
 
-    Tensors are written in the dtype named by the config (`dtype` / `torch_dtype`), so an
-    fp32 or bf16 checkpoint comes back in its own precision. Tokenizer files, chat
+    Tensors are written in `dtype` ("float32" / "bfloat16") when given, which config.json then
+    names; else in the dtype named by the config (`dtype` / `torch_dtype`), so an fp32 or
+    bf16 checkpoint comes back in its own precision. Tokenizer files, chat
     template and generation_config.json are copied from `source_dir` when given.
     A classifier needs `pad_token_id` in its config: the argument, else the config's, else
     the pad token of the tokenizer in `source_dir`; with none of them, nothing is written.
@@ -342,6 +385,11 @@ def save(out_dir: str | Path, cfg: ModelConfig, params: functional.Params, *,
     config = hf_config_for(cfg, hf_config, pad_token_id=pad_token_id)
     if cfg.num_labels > 0:
         _require_pad_token(config, source_dir)
+    if dtype is not None:
+        # transformers 5 reads `dtype`, 4.x `torch_dtype`: a source's stale one must not stay.
+        config["dtype"] = dtype
+        if "torch_dtype" in config:
+            config["torch_dtype"] = dtype
     dtype_str = config.get("dtype") or config.get("torch_dtype") or cfg.param_dtype
     dtype = np.dtype(jax.numpy.dtype(dtype_str))
     writer = jax.process_index() == 0
@@ -359,12 +407,12 @@ def save(out_dir: str | Path, cfg: ModelConfig, params: functional.Params, *,
         return out
 
     if len(shards) == 1:
-        save_file(shards[0], out / "model.safetensors", {"format": "pt"})
+        write_tensors(shards[0], out / "model.safetensors")
     else:
         weight_map, total = {}, 0
         for n, shard in enumerate(shards, 1):
             name = f"model-{n:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, out / name, {"format": "pt"})
+            write_tensors(shard, out / name)
             weight_map.update({k: name for k in shard})
             total += sum(a.nbytes for a in shard.values())
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
@@ -372,13 +420,15 @@ def save(out_dir: str | Path, cfg: ModelConfig, params: functional.Params, *,
     # transformers' own layout: indent 2, sorted keys.
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     copy_side_files(source_dir, out, config)
-    log.info("wrote %s (%d tensor file(s), %s)", out, len(shards), dtype_name(dtype))
+    log.info("wrote %s (%d tensor file(s), %s)", out, len(shards), dtype)
     return out
 
 
 def _require_pad_token(config: dict[str, Any], source_dir: str | Path | None) -> None:
     """transformers' LlamaForSequenceClassification scores the rightmost token != pad_token_id
-    and refuses batches > 1 without one, so an exported classifier must name it."""
+    and refuses batches > 1 without one, so an exported classifier must name it. A model
+    loaded by `checkpoint.load_model` has one already (the config's, else its tokenizer's),
+    the same jaxalign scores by; the fallbacks here serve hand-built params."""
     if config.get("pad_token_id") is None:
         config["pad_token_id"] = _tokenizer_pad_id(source_dir)
     if config["pad_token_id"] is None:
@@ -388,11 +438,6 @@ def _require_pad_token(config: dict[str, Any], source_dir: str | Path | None) ->
             f"{'in ' + str(source_dir) + ' ' if source_dir else ''}defines one: pass "
             "pad_token_id=... to convert.hf.save (e.g. the tokenizer's eos id), or set "
             "pad_token_id in the source config.json")
-    eos = config.get("eos_token_id")
-    if config["pad_token_id"] in (eos if isinstance(eos, list) else [eos]):
-        log.warning("pad_token_id == eos_token_id (%s): transformers scores a row that ends in "
-                    "eos at the token before it (the rightmost token != pad); jaxalign scores "
-                    "the last real token, the eos itself", config["pad_token_id"])
 
 
 def _tokenizer_pad_id(source_dir: str | Path | None) -> int | None:

@@ -12,7 +12,7 @@ import jax
 import numpy as np
 
 from jaxalign.config import ModelConfig
-from jaxalign.convert.safetensors_io import save_file
+from jaxalign.convert.hf import write_tensors
 from jaxalign.models import lora as lora_mod
 
 # our (module, weight) for each HF projection name
@@ -23,9 +23,10 @@ HF_MODULE = {"attn": "self_attn", "mlp": "mlp"}
 
 
 def save_peft(out_dir: str | Path, cfg: ModelConfig, params: dict,
-              base_model_path: str | None = None) -> Path:
+              base_model_path: str | None = None, revision: str | None = None) -> Path:
     """adapter_config.json + adapter_model.safetensors that `peft.PeftModel` loads onto
-    the HF base model (nn.Linear layout: lora_A (r, in), lora_B (out, r))."""
+    the HF base model (nn.Linear layout: lora_A (r, in), lora_B (out, r)). `base_model_path`
+    (a directory or hub id) and `revision` (its commit, for a hub id) name that base."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     adapters, _ = lora_mod.split(params)
@@ -39,13 +40,13 @@ def save_peft(out_dir: str | Path, cfg: ModelConfig, params: dict,
             prefix = f"base_model.model.model.layers.{i}.{HF_MODULE[module]}.{target}"
             tensors[f"{prefix}.lora_A.weight"] = a[i].reshape(-1, cfg.lora_rank).T.copy()
             tensors[f"{prefix}.lora_B.weight"] = b[i].reshape(cfg.lora_rank, -1).T.copy()
-    save_file(tensors, out / "adapter_model.safetensors", {"format": "pt"})
+    write_tensors(tensors, out / "adapter_model.safetensors")
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": cfg.lora_rank,
         "lora_alpha": cfg.lora_alpha, "lora_dropout": cfg.lora_dropout,
         "target_modules": sorted(cfg.lora_targets), "bias": "none", "fan_in_fan_out": False,
         "use_rslora": False, "init_lora_weights": True, "inference_mode": True,
-        "base_model_name_or_path": base_model_path,
+        "base_model_name_or_path": base_model_path, "revision": revision,
     }
     (out / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return out

@@ -99,7 +99,7 @@ class EvalOptions:
     batch_size: int = 8                # rows per forward / generation call (the last is padded)
     seq_len: int = 512                 # pair and held-out rows are cut / padded to this
     max_prompt_len: int | None = None  # longer prompts keep their end (as training does)
-    limit: int = 0                     # at most this many pairs / prompts / held-out rows (0: all)
+    limit: int = 0                     # at most this many pairs, prompts, held-out rows per file (0: all)
     max_new_tokens: int = 64           # completion length limit (EOS ends a row sooner)
     temperature: float = 0.0           # 0: greedy completions (KL is then measured on them)
     top_p: float = 1.0                 # nucleus sampling mass (1: off)

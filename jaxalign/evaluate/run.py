@@ -31,6 +31,7 @@ import numpy as np
 from jaxalign import checkpoint
 from jaxalign.config import ConfigError, load_yaml
 from jaxalign.data.config import DataConfig
+from jaxalign.data.pipeline import resolve_template
 from jaxalign.data.preference import PairSet, load_pairs
 from jaxalign.data.tokenize import Encoder
 from jaxalign.evaluate import harness, likelihood, text_metrics
@@ -65,7 +66,11 @@ def load(name: str, path: str, dtype: str) -> Model:
 
 
 def default_reference(policy: str) -> str:
-    """A run directory's starting model (its config's model.path); else the policy itself."""
+    """A run directory's starting model (as its run.json records it, else its config's
+    model.path); else the policy itself."""
+    base = checkpoint.run_base(Path(policy).expanduser())
+    if base and base[0]:
+        return base[0]  # an absolute path or a hub id
     run_cfg = Path(policy).expanduser() / "config.yaml"
     if run_cfg.exists():
         return str(Path(load_yaml(str(run_cfg))["model"]["path"]).expanduser())
@@ -127,7 +132,7 @@ def _load_pairs(cfg: EvalConfig, tok) -> PairSet:
     data_cfg = DataConfig(train=cfg.data.pairs, seq_len=cfg.eval.seq_len, pack=False,
                           max_prompt_len=cfg.eval.max_prompt_len, cache_dir=cfg.data.cache_dir,
                           chat_template=cfg.data.chat_template)
-    encoder = Encoder(tok)
+    encoder = Encoder(tok, chat_template=resolve_template(cfg.data.chat_template))
     data = PairSet.concat("pairs", [load_pairs(s, data_cfg, encoder)[0] for s in cfg.data.pairs])
     return data.subset(range(min(len(data), cfg.eval.limit))) if cfg.eval.limit else data
 
@@ -156,6 +161,9 @@ def run_eval(cfg: EvalConfig) -> dict[str, float]:
         harness.require_lm_eval()
         harness.task_name(cfg.lm_eval.task_file, cfg.lm_eval.task)
     log.info("models: %s (reference: %s)", ", ".join(f"{k}={v}" for k, v in models.items()), ref)
+    if ref is None and len(models) > 1:
+        log.warning("models.reference is not set: no win rate, KL or DPO-implied accuracy "
+                    "(name the baseline policy, e.g. reference: sft)")
     names = list(models)
     first = load(names[0], models[names[0]], o.dtype)
     tok, pad = first.tokenizer, pad_id_of(first.tokenizer)
@@ -192,7 +200,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, float]:
             for k, v in likelihood.perplexity(m.cfg, m.params, heldout, seq_len=o.seq_len,
                                               batch_size=o.batch_size, pad_id=pad).items():
                 results[f"ppl/{name}/{k}"] = v
-        if pairs is not None and ref is not None:
+        if pairs is not None and ref is not None and len(names) > 1:
             lp = likelihood.pair_logps(m.cfg, m.params, pairs, seq_len=o.seq_len,
                                        batch_size=o.batch_size, pad_id=pad)
             if name == ref:

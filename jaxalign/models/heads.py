@@ -3,7 +3,9 @@
 A classifier is the same Llama with `cfg.num_labels > 0`: its params hold `score`
 (D, num_labels) in place of `lm_head` (HF LlamaForSequenceClassification's `score.weight`,
 transposed), and it computes no vocab logits. A sequence's score is the head applied to
-the final hidden state of its last real token.
+the final hidden state of its rightmost real token whose id is not `cfg.pad_token_id`
+(`scored_token_index`: transformers' rule, so that an exported reward model scores the
+same token there).
 
 Shape suffixes as in llama.py, plus L = num_labels.
 """
@@ -21,17 +23,26 @@ from jaxalign.models.llama import matmul_precision, score_init_std
 Params = functional.Params
 
 
-def last_token_index(segment_ids_BT: jax.Array) -> jax.Array:
-    """Index of each row's last real token (the last position with segment id > 0).
+def scored_token_index(tokens_BT: jax.Array, segment_ids_BT: jax.Array,
+                       pad_token_id: int | None) -> jax.Array:
+    """Index of the token a classifier scores: each row's rightmost real token (segment id
+    > 0) whose id is not `pad_token_id`.
 
-    Decided by the mask, not by token ids, so it is right under left padding, right
-    padding and pad == eos alike (transformers' rule, "the rightmost token != pad id",
-    takes the token before a final eos when pad == eos). A row without real tokens gives 0.
-    One sequence per row: on a packed row this is the last token of its last segment.
+    On inputs padded with the pad id this is exactly transformers' rule in
+    LlamaForSequenceClassification ("the rightmost token != pad_token_id", left or right
+    padding), which TRL's reward trainer inherits; TRL's RL `get_reward` (the token before
+    the first pad of the response) picks the same one. So with pad == eos a row ending in
+    eos is scored at the token before its eos(s), in training, eval and RL alike. The mask
+    keeps padding filled with any other id out too. A row with no such token gives 0, as
+    in transformers; with no pad id (transformers then takes the last position, batches of
+    one only) it is the last real token.
     """
-    T = segment_ids_BT.shape[1]
-    idx_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), segment_ids_BT.shape)
-    return jnp.max(jnp.where(segment_ids_BT > 0, idx_BT, 0), axis=1)
+    keep_BT = segment_ids_BT > 0
+    if pad_token_id is not None:
+        keep_BT = keep_BT & (tokens_BT != pad_token_id)
+    T = tokens_BT.shape[1]
+    idx_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), tokens_BT.shape)
+    return jnp.max(jnp.where(keep_BT, idx_BT, 0), axis=1)
 
 
 def project(params: Params, hidden_xD: jax.Array) -> jax.Array:
@@ -50,7 +61,8 @@ def score(cfg: ModelConfig, params: Params, tokens_BT: jax.Array, segment_ids_BT
     (rewards), (B, L) otherwise. Pure; jit it with `cfg` static.
 
     segment_ids_BT: > 0 at real tokens, 0 at padding (either side); one sequence per row.
-    positions default to 0, 1, ... from each row's first real token.
+    positions default to 0, 1, ... from each row's first real token. The scored token:
+    `scored_token_index` with `cfg.pad_token_id`.
     """
     if cfg.num_labels == 0:
         raise ConfigError("score() needs a model with a score head (model.num_labels > 0); "
@@ -58,7 +70,7 @@ def score(cfg: ModelConfig, params: Params, tokens_BT: jax.Array, segment_ids_BT
     _, hidden_BTD, _ = functional.apply(cfg, params, tokens_BT, positions_BT=positions_BT,
                                         segment_ids_BT=segment_ids_BT, return_logits=False,
                                         dropout_key=dropout_key, use_lora=use_lora)
-    idx_B = last_token_index(segment_ids_BT)
+    idx_B = scored_token_index(tokens_BT, segment_ids_BT, cfg.pad_token_id)
     last_BD = jnp.take_along_axis(hidden_BTD, idx_B[:, None, None], axis=1)[:, 0]
     scores_BL = project(params, last_BD)
     return scores_BL[:, 0] if cfg.num_labels == 1 else scores_BL

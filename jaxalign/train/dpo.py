@@ -142,7 +142,9 @@ def load_dpo_models(cfg, mesh, section: str = "dpo") -> Loaded:
     if opts.uses_reference and (opts.reference is not None or not model_cfg.lora_rank):
         # A separate frozen reference: the given model, or a copy of the starting policy.
         path = opts.reference or cfg.model.path
-        ref_cfg, ref, _, _ = checkpoint.load_model(path, mesh, **cfg.model.runtime())
+        revision = None if opts.reference else cfg.model.revision
+        ref_cfg, ref, _, _ = checkpoint.load_model(path, mesh, revision=revision,
+                                                   **cfg.model.runtime())
         if ref_cfg.lora_rank:
             ref_cfg, ref = lora.merge(ref_cfg, ref)
         if ref_cfg.vocab_size != model_cfg.vocab_size:

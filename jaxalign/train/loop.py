@@ -27,10 +27,10 @@ from jaxalign import runtime
 from jaxalign.checkpoint import TrainCheckpoints, describe_run
 from jaxalign.config import ConfigError, JaxalignError, ModelConfig, OptimConfig, TrainConfig
 from jaxalign.metrics import MetricsWriter, Progress
-from jaxalign.sharding import batch_sharding
+from jaxalign.sharding import batch_sharding, replicated
 from jaxalign.train.optim import make_optimizer
 from jaxalign.train.step import LossFn, TrainState, init_state, jit_train_step, make_eval_step, \
-    make_train_step
+    make_train_step, state_shardings
 
 log = logging.getLogger(__name__)
 
@@ -128,22 +128,26 @@ def resolved_config(cfg, raw_config: dict | None) -> dict:
 
 
 def write_run_files(run_dir: Path, raw: dict, *, algorithm: str, model: ModelConfig,
-                    hf_config: dict, base: str | None, tokenizer_dir, policy_path=()) -> None:
+                    hf_config: dict, base: str | None, tokenizer_dir, policy_path=(),
+                    base_revision: str | None = None) -> None:
     """config.yaml (the resolved config) and run.json (what the trained model is, so that
     `checkpoint.load_model(run_dir)` rebuilds it without knowing the algorithm)."""
     if jax.process_index() == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     describe_run(run_dir, algorithm=algorithm, cfg=model, hf_config=hf_config, base=base,
-                 tokenizer_dir=tokenizer_dir, policy_path=policy_path)
+                 tokenizer_dir=tokenizer_dir, policy_path=policy_path, base_revision=base_revision)
 
 
 def start_or_resume(run_dir: Path, trainable, optimizer, seed: int, keep: int):
     """-> (state, its shardings, checkpoints, start step, checkpoint JSON or None). A fresh
-    state (optimizer moments inherit each param's sharding through the jitted init), or the
-    latest checkpoint's restored onto the same shardings."""
-    state = jax.jit(init_state, static_argnums=(1, 2))(trainable, optimizer, seed)
-    state_sh = jax.tree.map(lambda x: x.sharding, state)
+    state (optimizer moments sharded like their params), or the
+    latest checkpoint's restored onto the same shardings (`step.state_shardings`)."""
+    param_sh = jax.tree.map(lambda x: x.sharding, trainable)
+    mesh = jax.tree.leaves(param_sh)[0].mesh
+    state_sh = state_shardings(optimizer, trainable, param_sh, replicated(mesh))
+    state = jax.jit(init_state, static_argnums=(1, 2), out_shardings=state_sh)(trainable, optimizer,
+                                                                              seed)
     ckpts = TrainCheckpoints(run_dir, keep=keep)
     start = ckpts.latest_step() or 0
     meta = None

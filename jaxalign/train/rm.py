@@ -62,7 +62,7 @@ def split_trainable(cfg: ModelConfig, params):
 def init_reward_model(source: ModelSource, lora_cfg: LoRAConfig, mesh, seed: int) -> Loaded:
     """The reward model to train: any model source with a (fresh, for a causal LM) score head."""
     cfg, params, hf_config, tok_dir = load_start(source.path, mesh, num_labels=1, seed=seed,
-                                                 **source.runtime())
+                                                 revision=source.revision, **source.runtime())
     cfg = lora_cfg.apply_to(cfg)
     if cfg.lora_rank:
         params = lora.add_adapters(cfg, params, mesh, seed)

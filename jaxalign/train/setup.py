@@ -8,6 +8,7 @@ A supervised recipe (sft.py, rm.py, dpo.py) is then: a config class, a loss, a `
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 from typing import Any, Callable
 
@@ -19,6 +20,8 @@ from jaxalign.convert import hf
 from jaxalign.models import functional, lora
 from jaxalign.tokenizer import load_tokenizer
 from jaxalign.train.loop import Task, resolved_config, train, write_run_files
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -48,7 +51,8 @@ def load_start(path: str, mesh, **kw):
 
 def load_policy(source: ModelSource, lora_cfg: LoRAConfig, mesh, seed: int) -> Loaded:
     """The policy from any model source; with LoRA, fresh adapters train and the base is frozen."""
-    cfg, params, hf_config, tok_dir = load_start(source.path, mesh, **source.runtime())
+    cfg, params, hf_config, tok_dir = load_start(source.path, mesh, revision=source.revision,
+                                                 **source.runtime())
     cfg = lora_cfg.apply_to(cfg)
     shardings = functional.param_shardings(cfg, mesh)
     if cfg.lora_rank:
@@ -85,14 +89,29 @@ def run_recipe(cfg, raw_config: dict | None, devices, *, algorithm: str,
     raw)` runs or resumes the loop; `policy_path`: the model's key path in the TrainState's
     params."""
     run_dir = Path(cfg.out_dir)
+    cfg = pin_hub_base(cfg, run_dir)
     raw = resolved_config(cfg, raw_config)
     mesh = sharding.make_mesh(cfg.mesh, devices)
     with jax.set_mesh(mesh):
         models = load(cfg, mesh)
         write_run_files(run_dir, raw, algorithm=algorithm, model=models.cfg,
                         hf_config=models.hf_config, base=cfg.model.path,
+                        base_revision=cfg.model.revision,
                         tokenizer_dir=models.tok_dir, policy_path=policy_path)
         return run(cfg, models, run_dir, mesh, raw)
+
+
+def pin_hub_base(cfg, run_dir: Path):
+    """A rerun (resume) of a run that started from a hub id at no fixed revision keeps the
+    commit it started from (run.json), even if the branch has moved since: a LoRA run's
+    frozen base, and the reference copied from it, must not change under its adapters."""
+    recorded = checkpoint.run_base(run_dir)
+    if (recorded is None or cfg.model.revision is not None or not recorded[1]
+            or recorded[0] != cfg.model.path):
+        return cfg
+    log.info("%s: resuming from hub model %s at the commit the run started from, %s",
+             run_dir, cfg.model.path, recorded[1])
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, revision=recorded[1]))
 
 
 def supervised(task: Callable[[Any, Loaded, Any], tuple[Task, dict]]):

@@ -33,6 +33,22 @@ def init_state(params, optimizer: optax.GradientTransformation, seed: int) -> Tr
                       opt_state=optimizer.init(params), rng=jax.random.PRNGKey(seed))
 
 
+def state_shardings(optimizer: optax.GradientTransformation, params, param_shardings,
+                    replicated) -> TrainState:
+    """Shardings of the TrainState for `params` (arrays or ShapeDtypeStructs): every
+    per-parameter leaf of the optimizer state (Adam's moments) takes its parameter's sharding,
+    everything else (step, counts, rng) is replicated.
+
+    Stated explicitly because the moments are `zeros_like(params)`: with no data dependence on
+    the params, a jitted `init` without out_shardings leaves them replicated on every device
+    (three full copies of the model per device under fsdp instead of three shards)."""
+    opt_abstract = jax.eval_shape(optimizer.init, params)
+    opt_sh = optax.tree_map_params(optimizer, lambda _, sh: sh, opt_abstract, param_shardings,
+                                   transform_non_params=lambda _: replicated,
+                                   is_leaf=lambda x: isinstance(x, optax.MaskedNode))
+    return TrainState(step=replicated, params=param_shardings, opt_state=opt_sh, rng=replicated)
+
+
 def micro_batches(batch: dict, grad_accum: int) -> dict:
     """(B, ...) -> (A, B/A, ...). Micro-batch k takes rows k, k+A, k+2A, ... so that every
     data-parallel shard contributes to every micro-batch (no device idles)."""

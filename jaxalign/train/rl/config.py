@@ -45,7 +45,8 @@ class PromptDataConfig:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class RewardConfig:
-    """model                reward model directory (or null)
+    """model                reward model: directory, run directory or hub id org/name (or null)
+    revision             hub id only: branch, tag or commit of reward.model (default main)
     functions            'module:function' reward functions (summed with the model's score)
     weights              one weight per source, the model first (default: all 1)
     missing_eos_penalty  subtracted from the score of a completion that did not end with EOS
@@ -53,6 +54,7 @@ class RewardConfig:
                          running mean / std over all rollouts so far, kept in the checkpoint)
     clip                 clip the (normalised) score to [-clip, clip]"""
     model: str | None = None
+    revision: str | None = None
     functions: tuple[str, ...] = ()
     weights: tuple[float, ...] = ()
     missing_eos_penalty: float | None = None

@@ -130,7 +130,8 @@ def load(cfg: RLConfig, mesh) -> Loaded:
                             f"data x fsdp = {shards} devices")
     rewarder = Rewarder(cfg.reward)   # imports the reward functions: a bad name fails here
     if cfg.reward.model is not None:
-        check_reward_model_dir(cfg.reward.model)  # a wrong kind fails before any model loads
+        # a wrong kind (or a hub id not in the cache) fails before any model loads
+        check_reward_model_dir(cfg.reward.model, cfg.reward.revision)
     holder = {}
 
     def tokenizer_and_prompts(tok_dir):

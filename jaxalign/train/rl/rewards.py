@@ -15,8 +15,10 @@ count stops the run with an error naming the function, before anything of that i
 is applied.
 
 A reward model is a LlamaForSequenceClassification with num_labels=1 (an HF directory, a
-jaxalign checkpoint or an RM run directory); it scores the policy's token ids at the last
-generated token, so it must share the policy's tokenizer. Its forward runs inside the
+jaxalign checkpoint, an RM run directory or a hub id at reward.revision); it scores the
+policy's token ids at the last generated token that is not its pad id (with pad == eos, the
+token before the eos: transformers' and TRL's choice, `heads.scored_token_index`), so it
+must share the policy's tokenizer. Its forward runs inside the
 jitted rollout (`rollout.rollout`); this module only loads and checks it.
 """
 
@@ -34,6 +36,7 @@ import numpy as np
 
 from jaxalign import checkpoint
 from jaxalign.config import ConfigError, JaxalignError, num_labels_from_hf
+from jaxalign.convert import hub
 from jaxalign.tokenizer import load_tokenizer
 from jaxalign.train.rl.config import RewardConfig
 
@@ -103,9 +106,9 @@ def call_function(name: str, fn: Callable, prompts: Sequence[str], completions: 
     return np.asarray(values, np.float64)
 
 
-def check_reward_model_dir(path: str) -> None:
+def check_reward_model_dir(path: str, revision: str | None = None) -> None:
     """Refuses an HF causal LM (or a multi-label classifier) before its weights are read."""
-    config = Path(path).expanduser() / "config.json"
+    config = hub.resolve(path, revision) / "config.json"
     if config.is_file():
         try:
             n = num_labels_from_hf(json.loads(config.read_text()))
@@ -124,11 +127,13 @@ def _check_labels(path: str, num_labels: int) -> None:
         f"use reward.functions)")
 
 
-def load_frozen_reward_model(path: str, mesh, policy_tokenizer, **runtime):
+def load_frozen_reward_model(path: str, mesh, policy_tokenizer, revision: str | None = None,
+                             **runtime):
     """-> (cfg, params) of a trained reward model that scores the policy's token ids (the
-    RL reward; `jaxalign.train.rm.init_reward_model` starts one to train)."""
-    check_reward_model_dir(path)
-    cfg, params, _, tok_dir = checkpoint.load_model(path, mesh, **runtime)
+    RL reward; `jaxalign.train.rm.init_reward_model` starts one to train). `path`: a
+    directory or a hub id at `revision`."""
+    check_reward_model_dir(path, revision)
+    cfg, params, _, tok_dir = checkpoint.load_model(path, mesh, revision=revision, **runtime)
     _check_labels(path, cfg.num_labels)
     if (Path(tok_dir) / "tokenizer.json").exists():
         if load_tokenizer(tok_dir).get_vocab() != policy_tokenizer.get_vocab():

@@ -72,7 +72,8 @@ def _critic(cfg: RLConfig, mesh, reward):
         base = base if cfg.lora.rank else _copy(base)
     else:
         ccfg, base, _, _ = load_start(cfg.model.path, mesh, num_labels=1,
-                                      seed=cfg.train.seed + 2, **runtime)
+                                      seed=cfg.train.seed + 2, revision=cfg.model.revision,
+                                      **runtime)
     if not cfg.lora.rank:
         return ccfg, base, {}
     ccfg = cfg.lora.apply_to(ccfg)
@@ -92,7 +93,7 @@ def build_roles(cfg: RLConfig, mesh, tokenizer_cb) -> tuple[Roles, object]:
     reward = None
     if cfg.reward.model is not None:
         reward = load_frozen_reward_model(cfg.reward.model, mesh, tokenizer,
-                                          **cfg.model.runtime())
+                                          revision=cfg.reward.revision, **cfg.model.runtime())
         aux["reward"] = reward[1]
     ref = "adapters_off" if cfg.lora.rank else "copy"
     if ref == "copy":
