@@ -14,6 +14,11 @@
   jaxalign prepare CONFIG.yaml [key=value ...] (data stage: dedup, mix, split)
   jaxalign report RUN_OR_PIPELINE_DIR [--out DIR]
   jaxalign pipeline CONFIG.yaml [key=value ...] (data, sft, rm, ppo/dpo/kto, eval, export, report)
+  jaxalign config NAME | --markdown            every key of a command's config
+
+Every command takes --mesh and --dtype (jaxalign.reference.RUNTIME_FLAGS: on the YAML-driven
+commands they set config keys). Exit codes: 0 done, 1 bad input (one line naming the file,
+row, key or tensor; a traceback only with --verbose), 2 bad usage.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 import time
 
@@ -28,25 +34,82 @@ log = logging.getLogger("jaxalign")
 
 
 class _Parser(argparse.ArgumentParser):
+    config_name: str | None = None  # a YAML-driven command: --help lists its config sections
+
     def error(self, message):  # one line, exit 2 (the CLI contract)
         sys.stderr.write(f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
         sys.exit(2)
 
+    def format_help(self):
+        if self.config_name is not None and self.epilog is None:
+            # Built only when asked for: it imports the config classes (and with them JAX).
+            from jaxalign import reference
+            rows = reference.sections(self.config_name)
+            width = max(len(k) for k, _ in rows)
+            self.epilog = "config sections (`jaxalign config %s` lists every key):\n%s" % (
+                self.config_name, "\n".join(f"  {k:<{width}}  {m}" for k, m in rows))
+        return super().format_help()
+
+
+def _number(kind: type, rule: str, ok):
+    """An argparse type: a number of `kind` satisfying `ok` (a usage error, exit 2, if not)."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}")
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"{text!r}: must be {rule}")
+        return value
+    parse.__name__ = kind.__name__  # argparse names the type in its own messages
+    return parse
+
+
+def _override(text: str) -> str:
+    key, sep, _ = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"{text!r} is not of the form key=value")
+    return text
+
 
 def _mesh_arg(text: str):
-    from jaxalign.config import MeshConfig
+    import dataclasses
+    from jaxalign.config import ConfigError, MeshConfig
+    axes = [f.name for f in dataclasses.fields(MeshConfig)]
+    sizes = {}
+    for part in text.split(","):
+        axis, sep, size = (s.strip() for s in part.partition("="))
+        if not sep or axis not in axes or not size.lstrip("-").isdigit():
+            raise argparse.ArgumentTypeError(
+                f"{part.strip()!r} in {text!r}: want AXIS=SIZE with AXIS one of {', '.join(axes)}, "
+                f"e.g. --mesh data=1,fsdp=-1,tensor=1")
+        sizes[axis] = int(size)
     try:
-        sizes = dict(part.split("=") for part in text.split(","))
-        return MeshConfig(**{k.strip(): int(v) for k, v in sizes.items()})
-    except (ValueError, TypeError) as e:
-        raise argparse.ArgumentTypeError(f"bad --mesh {text!r} (want e.g. data=1,fsdp=-1,tensor=1): {e}")
+        return MeshConfig(**sizes)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def _add_runtime(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--mesh", type=_mesh_arg, default=None,
-                   help="device mesh, e.g. data=1,fsdp=-1,tensor=1 (default: all devices on fsdp)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
-                   help="compute dtype (default float32)")
+def _add_runtime(p: argparse.ArgumentParser, configured: bool = False) -> None:
+    """--mesh and --dtype. `configured`: a YAML-driven command, where they set config keys
+    (jaxalign.reference.RUNTIME_FLAGS) and default to the config's values."""
+    from jaxalign.reference import RUNTIME_FLAGS
+    for flag, kw in (("--mesh", dict(type=_mesh_arg)),
+                     ("--dtype", dict(choices=("float32", "bfloat16")))):
+        key, meaning = RUNTIME_FLAGS[flag]
+        where = f" (sets {key})" if configured else ""
+        p.add_argument(flag, default=None if configured or flag == "--mesh" else "float32",
+                       help=meaning.replace("%", "%%") + where, **kw)
+
+
+def _config_overrides(args, config_cls) -> list[str]:
+    """--mesh / --dtype as key=value overrides, before the user's own."""
+    from jaxalign import reference
+    try:
+        flags = reference.flag_overrides(config_cls, mesh=args.mesh, dtype=args.dtype)
+    except ValueError as e:
+        args.parser.error(str(e))
+    return flags + list(args.overrides)
 
 
 def _add_revision(p: argparse.ArgumentParser) -> None:
@@ -144,7 +207,7 @@ def cmd_train(args) -> int:
     from jaxalign.train.recipes import RECIPES
 
     config_cls, run_fn = RECIPES[args.command].load()
-    raw = load_yaml(args.config, args.overrides)
+    raw = load_yaml(args.config, _config_overrides(args, config_cls))
     cfg = from_dict(config_cls, raw)
     metrics = run_fn(cfg, raw)
     print(json.dumps({k: round(v, 6) for k, v in metrics.items()}))
@@ -152,8 +215,8 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from jaxalign.evaluate import load_config, run_eval
-    results = run_eval(load_config(args.config, args.overrides))
+    from jaxalign.evaluate import EvalConfig, load_config, run_eval
+    results = run_eval(load_config(args.config, _config_overrides(args, EvalConfig)))
     print(json.dumps({k: round(v, 6) for k, v in results.items()}))
     return 0
 
@@ -177,14 +240,24 @@ def cmd_report(args) -> int:
 
 def cmd_pipeline(args) -> int:
     from jaxalign.config import from_dict, load_yaml
-    from jaxalign.pipeline import PipelineConfig, run_pipeline
-    run_pipeline(from_dict(PipelineConfig, load_yaml(args.config, args.overrides)))
+    from jaxalign.pipeline import PipelineConfig, run_pipeline, runtime_overrides
+    overrides = list(args.overrides)
+    if args.mesh is not None or args.dtype is not None:  # onto every stage that has the key
+        overrides = runtime_overrides(load_yaml(args.config, overrides), args.mesh,
+                                      args.dtype) + overrides
+    run_pipeline(from_dict(PipelineConfig, load_yaml(args.config, overrides)))
     return 0
 
 
 def cmd_plan(args) -> int:
     from jaxalign.train.plan import run_plan
-    results = run_plan(args.config, args.overrides, devices=args.devices, meshes=args.meshes,
+    overrides = ([f"model.dtype={args.dtype}"] if args.dtype else []) + list(args.overrides)
+    meshes = args.meshes
+    if args.mesh is not None:
+        fixed = math.prod(n for n in args.mesh.shape if n != -1)
+        sizes = [args.devices // fixed if n == -1 else n for n in args.mesh.shape]
+        meshes = ",".join(f"{axis}={n}" for axis, n in zip(("data", "fsdp", "tensor"), sizes))
+    results = run_plan(args.config, overrides, devices=args.devices, meshes=meshes,
                        recipe=args.recipe, device_memory_gb=args.device_memory_gb)
     if args.json:
         print(json.dumps([r.as_json() for r in results]))
@@ -194,7 +267,14 @@ def cmd_plan(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="jaxalign", description="Align Hugging Face Llama models with JAX.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    # -v also after the command (`jaxalign sft c.yaml -v`); SUPPRESS keeps the subcommand's
+    # default from overwriting a -v given before it.
+    verbose = _Parser(add_help=False)
+    verbose.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                         help="debug logging, and a traceback with any error")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    _add_parser = sub.add_parser
+    sub.add_parser = lambda *a, **kw: _add_parser(*a, parents=[verbose], **kw)
 
     p = sub.add_parser("convert", help="HF checkpoint -> jaxalign checkpoint")
     p.add_argument("hf_dir", help="HF directory or hub id org/name")
@@ -207,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="run dir, jaxalign checkpoint, HF directory or hub id")
     p.add_argument("out_dir")
     _add_revision(p)
-    p.add_argument("--max-shard-gb", type=float, default=5.0,
+    p.add_argument("--max-shard-gb", type=_number(float, "> 0", lambda x: x > 0), default=5.0,
                    help="split safetensors above this size, with an index (default 5)")
     p.add_argument("--adapter", action="store_true",
                    help="LoRA runs: write a PEFT adapter (adapter_config.json + "
@@ -230,52 +310,55 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8,
                    help="with --prompts: prompts per sampler call (default 8)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=_number(int, ">= 1", lambda x: x >= 1), default=128)
+    p.add_argument("--temperature", type=_number(float, ">= 0", lambda x: x >= 0), default=0.0,
+                   help="0 = greedy (default)")
+    p.add_argument("--top-p", type=_number(float, "in (0, 1]", lambda x: 0 < x <= 1), default=1.0)
+    p.add_argument("--top-k", type=_number(int, ">= 0 (0: off)", lambda x: x >= 0), default=0)
     p.add_argument("--seed", type=int, default=0)
     _add_runtime(p)
     p.set_defaults(func=cmd_generate)
 
     from jaxalign.train.recipes import RECIPES  # strings only: no JAX import here
     for name, recipe in RECIPES.items():
-        p = sub.add_parser(name, help=f"{recipe.help} (rerun on the same out_dir resumes)")
-        p.add_argument("config", help="YAML run config (see configs/)")
-        p.add_argument("overrides", nargs="*", metavar="key=value",
-                       help="dotted overrides, e.g. train.steps=10 optim.lr=1e-4")
+        p = sub.add_parser(name, help=f"{recipe.help} (rerun on the same out_dir resumes)",
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        _add_configured(p, name, "YAML run config (see configs/)")
         p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("prepare", help="data stage: empty / exact / near-duplicate (MinHash) "
                                        "removal, mixing by weights, train/eval split")
     p.add_argument("config", help="YAML data config (see configs/*data*.yaml)")
-    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.add_argument("overrides", nargs="*", metavar="key=value", type=_override)
+    _add_runtime(p)
     p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("report", help="report.md + PNG plots of a run or pipeline dir "
                                       "(needs the extra: pip install 'jaxalign[report]')")
     p.add_argument("run", help="run dir or pipeline dir")
     p.add_argument("--out", default=None, help="where report.md and the PNGs go (default: RUN)")
+    _add_runtime(p)
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("pipeline", help="every stage from one YAML (data, sft, rm, ppo / dpo / "
                                         "kto, eval, export, report); reruns only what changed")
     p.add_argument("config", help="YAML pipeline config (see configs/*rlhf*.yaml)")
     p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="dotted overrides, e.g. sft.train.steps=10")
-    p.set_defaults(func=cmd_pipeline)
+                   help="dotted overrides, e.g. sft.train.steps=10", type=_override)
+    _add_runtime(p, configured=True)  # --mesh / --dtype: each stage's own keys
+    p.set_defaults(func=cmd_pipeline, parser=p)
 
     p = sub.add_parser("eval", help="evaluate named policies: perplexity, ROUGE-L / exact match, "
                                     "reward-model win rate and KL vs the reference, preference "
-                                    "accuracy, samples, optional lm-eval task")
-    p.add_argument("config", help="YAML eval config, sections models, data, eval, lm_eval "
-                                  "(see configs/tiny_eval.yaml)")
-    p.add_argument("overrides", nargs="*", metavar="key=value")
+                                    "accuracy, samples, optional lm-eval task",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_configured(p, "eval", "YAML eval config, sections models, data, eval, lm_eval "
+                               "(see configs/tiny_eval.yaml)")
     p.set_defaults(func=cmd_eval)
     p = sub.add_parser("plan", help="per-mesh memory, compile time and collectives of a run's "
                                     "train step on N devices, compiled from shapes (no weights)")
     p.add_argument("config", help="YAML run config of sft / rm / dpo / kto")
-    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.add_argument("overrides", nargs="*", metavar="key=value", type=_override)
     p.add_argument("--devices", type=int, required=True, help="number of devices to plan for")
     p.add_argument("--meshes", default=None,
                    help="meshes to try, e.g. 'fsdp=64;data=4,fsdp=16' (default: every mesh "
@@ -284,8 +367,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device-memory-gb", type=float, default=None,
                    help="memory of one device, for the 'fits' column")
     p.add_argument("--json", action="store_true", help="also print the results as one JSON line")
+    # --mesh: plan that one mesh (an axis of -1 takes the devices left); --dtype: model.dtype.
+    _add_runtime(p, configured=True)
     p.set_defaults(func=cmd_plan)
+
+    from jaxalign.reference import CONFIGS
+    p = sub.add_parser("config", help="print every key of a command's config: type, default, "
+                                      "meaning")
+    p.add_argument("name", nargs="?", choices=list(CONFIGS))
+    p.add_argument("--markdown", action="store_true",
+                   help="every command's keys as markdown (what docs/config.md holds)")
+    p.set_defaults(func=cmd_config, parser=p)
     return parser
+
+
+def _add_configured(p: _Parser, name: str, what: str) -> None:
+    p.config_name = name
+    p.add_argument("config", help=what)
+    p.add_argument("overrides", nargs="*", metavar="key=value", type=_override,
+                   help="dotted overrides, e.g. train.steps=10 optim.lr=1e-4")
+    _add_runtime(p, configured=True)
+    p.set_defaults(parser=p)
+
+
+def cmd_config(args) -> int:
+    from jaxalign import reference
+    if args.markdown == (args.name is not None):
+        args.parser.error("give a command name or --markdown")
+    print(reference.render_markdown() if args.markdown else reference.render_text(args.name),
+          end="")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -300,16 +411,25 @@ def main(argv: list[str] | None = None) -> int:
     if not args.verbose:  # orbax logs every save/restore phase through absl at INFO
         logging.getLogger("absl").setLevel(logging.WARNING)
     from jaxalign.config import JaxalignError
-    from jaxalign.sharding import initialize_distributed
-    settings = runtime.configure_jax()
-    log.debug("runtime settings: %s", settings)
-    initialize_distributed()
     try:
+        if args.func is not cmd_config:  # printing the reference needs no devices
+            from jaxalign.sharding import initialize_distributed
+            settings = runtime.configure_jax()
+            log.debug("runtime settings: %s", settings)
+            initialize_distributed()
         return args.func(args)
-    except (JaxalignError, FileNotFoundError) as e:
-        # Our own errors name the file / tensor / key; a traceback would bury that.
-        log.error("%s", e)
+    except (JaxalignError, OSError) as e:
+        # Our own errors name the file / row / key / tensor; a traceback would bury that.
+        # OSError: a path the user gave that cannot be read or written.
+        if args.verbose:
+            import traceback
+            traceback.print_exc(file=sys.stderr)
+        sys.stderr.write(f"jaxalign: error: {_one_line(e)}\n")
         return 1
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ with the offending key in the message.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from typing import Any, Literal, Mapping
@@ -34,6 +35,15 @@ class ConfigError(JaxalignError):
 def _require(cond: bool, msg: str) -> None:
     if not cond:
         raise ConfigError(msg)
+
+
+def require_extra(module: str, extra: str, setting: str) -> None:
+    """An optional dependency asked for by `setting` (e.g. "train.wandb_project=x"): refused
+    at config time, naming the extra that installs it, instead of an ImportError mid-run."""
+    import importlib.util
+    if importlib.util.find_spec(module) is None:
+        raise ConfigError(f"{setting} needs the {module} package, which is not installed: "
+                          f"pip install 'jaxalign[{extra}]'")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -214,9 +224,9 @@ def num_labels_from_hf(hf: Mapping[str, Any]) -> int:
 class MeshConfig:
     """Device mesh shape. One axis may be -1: it takes whatever devices are left."""
 
-    data: int = 1
-    fsdp: int = -1
-    tensor: int = 1
+    data: int = 1                  # data-parallel replicas (batch split, params replicated)
+    fsdp: int = -1                 # batch and parameters split (fully sharded data parallel)
+    tensor: int = 1                # attention heads and MLP columns split (tensor parallel)
 
     def __post_init__(self):
         sizes = self.shape
@@ -243,12 +253,20 @@ class ModelSource:
     path: str                      # HF dir, jaxalign checkpoint, training run dir or hub id org/name
     revision: str | None = None    # hub id only: branch, tag or commit (default main)
     dtype: str = "float32"         # compute dtype
-    param_dtype: str = "float32"
+    param_dtype: str = "float32"   # dtype the parameters (and optimizer moments) are kept in
     # Layer form and rematerialisation of the training forward; None: the measured default of
     # the backend (`jaxalign.runtime.train_layout`: scanned + full remat on CPU).
     scan_layers: bool | None = None
     remat: str | None = None       # none | full | dots
     attention: str = "auto"        # auto | xla | cudnn (GPU flash attention, bf16)
+
+    def __post_init__(self):
+        # Checked here, so that a bad value is named as the YAML key, not as the model's
+        # config.json that the loader builds the ModelConfig from.
+        for key, allowed in (("dtype", DTYPES), ("param_dtype", DTYPES),
+                             ("remat", (None,) + REMAT_POLICIES), ("attention", ATTENTION_IMPLS)):
+            _require(getattr(self, key) in allowed,
+                     f"model.{key} {getattr(self, key)!r} is not one of {allowed}")
 
     def runtime(self) -> dict[str, Any]:
         from jaxalign.runtime import train_layout
@@ -260,10 +278,11 @@ class ModelSource:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class LoRAConfig:
+    """Low-rank adapters on chosen projections; the base weights stay frozen."""
     rank: int = 0                  # 0: full fine-tuning
-    alpha: float = 16.0
-    dropout: float = 0.0
-    targets: tuple[str, ...] = ("q_proj", "v_proj")
+    alpha: float = 16.0            # adapter scale = alpha / rank
+    dropout: float = 0.0           # dropout on the adapter input
+    targets: tuple[str, ...] = ("q_proj", "v_proj")   # HF projection names that get adapters
 
     def apply_to(self, cfg: ModelConfig) -> ModelConfig:
         return cfg.replace(lora_rank=self.rank, lora_alpha=self.alpha, lora_dropout=self.dropout,
@@ -275,21 +294,21 @@ class TrainConfig:
     """The supervised loop (`jaxalign.train.loop.train`). Its length is `steps` optimizer
     steps or `epochs` passes over the training examples (all datasets together; fractional
     allowed), exactly one of the two; the loop turns epochs into steps from the data."""
-    steps: int | None = None
-    epochs: float | None = None
+    steps: int | None = None        # optimizer steps of the run (or give epochs)
+    epochs: float | None = None     # passes over the training examples (or give steps)
     batch_size: int                 # rows per optimizer step, all processes together
     grad_accum: int = 1             # micro-batches per step (batch_size / grad_accum rows each)
-    seed: int = 0
-    log_every: int = 1
+    seed: int = 0                   # parameter init (score head, LoRA), dropout
+    log_every: int = 1              # metrics.jsonl gets every N-th step (and the last)
     eval_every: int = 0             # 0: evaluate only at the end (when there is eval data)
     eval_batches: int = 0           # 0: the whole eval set
     save_every: int = 0             # 0: checkpoint only at the end (and on SIGTERM / SIGINT)
-    keep_checkpoints: int = 3
+    keep_checkpoints: int = 3       # the newest N checkpoints are kept
     max_bad_steps: int = 0          # non-finite steps skipped in a row before the run stops
-    tensorboard: bool = True
-    wandb_project: str | None = None
+    tensorboard: bool = True        # TensorBoard event files in run_dir/tensorboard
+    wandb_project: str | None = None  # log to this Weights & Biases project (pip install 'jaxalign[wandb]')
     export_hf: bool = False         # write run_dir/hf at the end
-    progress: bool = True
+    progress: bool = True           # the progress line on stderr (README: "What runs print")
     # Positions per LM-head chunk in token losses; 0 builds the full (B, T, V) logits.
     logits_chunk: int = 128
 
@@ -306,19 +325,21 @@ class TrainConfig:
         _require(self.batch_size % self.grad_accum == 0,
                  f"train.batch_size ({self.batch_size}) must be a multiple of "
                  f"train.grad_accum ({self.grad_accum})")
+        if self.wandb_project:
+            require_extra("wandb", "wandb", f"train.wandb_project={self.wandb_project}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class OptimConfig:
     """AdamW and its learning-rate schedule (`jaxalign.train.optim`)."""
-    lr: float = 2e-5
-    schedule: Literal["constant", "linear", "cosine"] = "cosine"
-    warmup_steps: int = 0
+    lr: float = 2e-5                   # peak learning rate
+    schedule: Literal["constant", "linear", "cosine"] = "cosine"   # decay after the warmup
+    warmup_steps: int = 0              # linear warmup from 0 to lr
     min_lr_ratio: float = 0.0          # final lr / peak lr for linear and cosine decay
-    weight_decay: float = 0.0
-    b1: float = 0.9
-    b2: float = 0.999
-    eps: float = 1e-8
+    weight_decay: float = 0.0          # AdamW decoupled weight decay
+    b1: float = 0.9                    # Adam first-moment decay
+    b2: float = 0.999                  # Adam second-moment decay
+    eps: float = 1e-8                  # Adam denominator epsilon
     max_grad_norm: float | None = 1.0  # None: no clipping
 
     def __post_init__(self):
@@ -336,7 +357,7 @@ class OptimConfig:
 class RunConfig:
     """The sections of every supervised recipe's YAML; a recipe's config adds `data` and its
     own options section (sft.py, rm.py, dpo.py)."""
-    out_dir: str
+    out_dir: str                   # the run directory; rerunning on it resumes
     model: ModelSource
     train: TrainConfig
     optim: OptimConfig = OptimConfig()
@@ -360,13 +381,20 @@ def from_dict(cls, data: Mapping[str, Any] | None, where: str = ""):
         sub = _dataclass_type(cls, name)
         if sub is not None and isinstance(value, Mapping):
             value = from_dict(sub, value, f"{where}{name}.")
+        elif sub is not None and hints.get(name) is sub:
+            raise ConfigError(f"{where}{name}: expected a section of keys, got "
+                              f"{'null' if value is None else repr(value)}")
         else:
             value = _coerce(hints.get(name), value, where + name)
         kwargs[name] = value
-    try:
-        return cls(**kwargs)
-    except TypeError as e:  # a required key is missing
-        raise ConfigError(f"{where or 'config'}: {e}") from None
+    missing = [f.name for f in dataclasses.fields(cls) if f.name not in data
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ConfigError(f"missing required key {where + missing[0]!r}"
+                          + (f" (also missing: {', '.join(where + m for m in missing[1:])})"
+                             if missing[1:] else "")
+                          + f"; `jaxalign config` lists every key")
+    return cls(**kwargs)
 
 
 def _coerce(hint, value, key: str):
@@ -376,12 +404,16 @@ def _coerce(hint, value, key: str):
     that parses as a number. bool is never taken for a number. Lists become tuples."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if value is None:
+        if hint in (int, float, bool, str) or origin in (tuple, Literal):
+            raise ConfigError(f"{key}: null is not allowed here")
         return None
     if origin in (typing.Union, types.UnionType):
         options = [a for a in args if a is not type(None)]
         return _coerce(options[0], value, key) if len(options) == 1 else value
     if isinstance(value, list):
         value = tuple(value)
+    if origin is tuple and isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        value = (value,)  # a single item written without brackets: `lora.targets: q_proj`
     if origin is tuple and isinstance(value, tuple) and len(args) == 2 and args[1] is Ellipsis:
         return tuple(_coerce(args[0], v, f"{key}[{i}]") for i, v in enumerate(value))
     if hint is float or hint is int:
@@ -393,6 +425,8 @@ def _coerce(hint, value, key: str):
                 pass
         if isinstance(number, bool) or not isinstance(number, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(number):
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
         if hint is float:
             return float(number)
         if float(number) != int(number):
@@ -400,6 +434,11 @@ def _coerce(hint, value, key: str):
         return int(number)
     if hint is bool and not isinstance(value, bool):
         raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if hint is str and not isinstance(value, str):
+        # YAML reads `wandb_project: 2024` as a number; a list or mapping is a mistake.
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)
     return value
 
 
@@ -426,7 +465,10 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             raise ConfigError(f"override {item!r} is not of the form key=value")
         node = data
         parts = key.split(".")
-        for p in parts[:-1]:
+        for i, p in enumerate(parts[:-1]):
+            if not isinstance(node.get(p) or {}, Mapping):
+                raise ConfigError(f"override {item!r}: {'.'.join(parts[:i + 1])} is "
+                                  f"{node[p]!r}, not a section of keys")
             node[p] = dict(node.get(p) or {})
             node = node[p]
         node[parts[-1]] = yaml.safe_load(raw)

@@ -79,39 +79,79 @@ class MetricsWriter:
             self._wandb.finish()
 
 
+# What the progress line shows for each kind of run: metric (or perf) keys, in order. Each
+# recipe hands its own to the loop (`Task.progress`); eval/ versions are shown when present.
+SFT_PROGRESS = ("loss", "token_accuracy", "tokens_per_s")
+RM_PROGRESS = ("loss", "accuracy", "margin")
+DPO_PROGRESS = ("loss", "rewards/accuracies", "rewards/margins")
+KTO_PROGRESS = ("loss", "rewards/accuracies", "rewards/margins", "kl")
+RL_PROGRESS = ("reward_mean", "kl", "entropy", "response_length")
+LABELS = {"token_accuracy": "acc", "tokens_per_s": "tok/s", "accuracy": "acc",
+          "rewards/accuracies": "acc", "rewards/margins": "margin", "reward_mean": "reward",
+          "response_length": "len"}
+
+
+def progress_text(fields, metrics: Mapping[str, float], perf: Mapping[str, float]) -> str:
+    """`loss 0.6931 acc 0.5 margin 0 | eval loss ...` for the given keys (those present)."""
+    def show(key, value):
+        return f"{LABELS.get(key, key)} {value:.0f}" if key == "tokens_per_s" \
+            else f"{LABELS.get(key, key)} {value:.4g}"
+    parts = [show(k, v) for k in fields
+             if (v := metrics.get(k, perf.get(k))) is not None]
+    evals = [show(k, metrics[f"eval/{k}"]) for k in fields if f"eval/{k}" in metrics]
+    return " ".join(parts) + (" | eval " + " ".join(evals) if evals else "")
+
+
 class Progress:
     """One refreshing status line on stderr (rich), or, when stderr is not a terminal, a log
-    line at most every `log_seconds` (and at the last step)."""
+    line at most every `log_seconds` (and after the first and the last step).
 
-    def __init__(self, total: int, start: int, enabled: bool = True, log_seconds: float = 10.0):
-        self.total, self.start = total, start
+    `fields`: the metric keys that matter for the algorithm (SFT_PROGRESS, ...). The ETA
+    counts only the steps after the first: the first one compiles the programs, and on a
+    short run its time would dominate the estimate."""
+
+    def __init__(self, total: int, start: int, enabled: bool = True, log_seconds: float = 10.0,
+                 fields=SFT_PROGRESS, unit: str = "step"):
+        self.total, self.start, self.fields, self.unit = total, start, tuple(fields), unit
         self.enabled = enabled and jax.process_index() == 0
         self._t0 = self._last_log = time.perf_counter()
+        self._t_first = None  # when the first step (compilation included) ended
         self._log_seconds = log_seconds
         self._bar = None
         if self.enabled and sys.stderr.isatty():
             from rich.console import Console
             from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, \
-                TextColumn, TimeRemainingColumn
-            self._bar = RichProgress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-                                     TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
+                TextColumn
+            self._bar = RichProgress(TextColumn(f"[bold]{unit}"), BarColumn(), MofNCompleteColumn(),
+                                     TextColumn("{task.fields[info]}"),
                                      console=Console(stderr=True), transient=False)
-            self._task = self._bar.add_task("train", total=total, completed=start, info="")
+            self._task = self._bar.add_task(unit, total=total, completed=start, info="")
             self._bar.start()
+
+    def eta(self, step: int, now: float | None = None) -> float | None:
+        """Seconds left, from the mean time of the steps after the first; None until then."""
+        now = time.perf_counter() if now is None else now
+        timed = step - self.start - 1
+        if self._t_first is None or timed < 1:
+            return None
+        return (now - self._t_first) / timed * (self.total - step)
 
     def update(self, step: int, metrics: Mapping[str, float], perf: Mapping[str, float]) -> None:
         if not self.enabled:
             return
-        done = step - self.start
-        eta = (time.perf_counter() - self._t0) / max(done, 1) * (self.total - step)
-        info = " ".join(f"{k} {v:.4g}" for k, v in metrics.items()
-                        if k in ("loss", "eval/loss", "lr", "grad_norm"))
-        info += f" tok/s {perf.get('tokens_per_s', 0):.0f}"
+        now = time.perf_counter()
+        first = self._t_first is None
+        if first:
+            self._t_first = now
+        eta = self.eta(step, now)
+        info = progress_text(self.fields, metrics, perf)
+        info += (f" eta {eta:.0f}s" if eta is not None
+                 else f" (first {self.unit} took {now - self._t0:.1f}s; eta from the next)")
         if self._bar is not None:
             self._bar.update(self._task, completed=step, info=info)
-        elif step == self.total or time.perf_counter() - self._last_log >= self._log_seconds:
-            self._last_log = time.perf_counter()
-            log.info("step %d/%d %s eta %.0fs", step, self.total, info, eta)
+        elif first or step == self.total or now - self._last_log >= self._log_seconds:
+            self._last_log = now
+            log.info("%s %d/%d %s", self.unit, step, self.total, info)
 
     def close(self) -> None:
         if self._bar is not None:

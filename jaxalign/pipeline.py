@@ -248,6 +248,22 @@ def fingerprints(wired: list[tuple[str, dict]]) -> list[str]:
     return out
 
 
+def runtime_overrides(raw: dict, mesh, dtype: str | None) -> list[str]:
+    """`--mesh` / `--dtype` of `jaxalign pipeline` as overrides of every stage section that
+    has the key (the training stages' mesh.* and model.dtype, eval's eval.dtype)."""
+    from jaxalign import reference
+    out = []
+    for stage in ("sft", "rm", "ppo", "dpo", "kto", "eval"):
+        if raw.get(stage) is None:
+            continue
+        config_cls = reference.config_class(stage)
+        names = {k.name for k in reference.keys(config_cls)}
+        stage_mesh = mesh if "mesh.data" in names else None
+        out += [f"{stage}.{o}" for o in reference.flag_overrides(config_cls, mesh=stage_mesh,
+                                                                   dtype=dtype)]
+    return out
+
+
 # ----------------------------------------------------------------------------- running
 
 def _load_state(root: Path) -> dict:

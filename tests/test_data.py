@@ -335,7 +335,8 @@ def test_over_long_examples_truncate_and_drop(tok, tmp_path, cache):
     enc = Encoder(tok)
     s = SourceStats("d")
     data = tokenize_examples(examples, enc, seq_len=48, truncation="truncate", stats=s, where=src.where)
-    assert (s.kept, s.truncated, s.dropped_no_loss, s.dropped_too_long) == (2, 1, 1, 0)
+    assert (s.kept, s.truncated, s.dropped_no_loss, s.dropped_too_long) == (2, 2, 1, 0)
+    assert s.truncated_no_loss == 1  # the second cut left no trained token: counted in both
     assert data.lengths.tolist()[1] == 48 and data[1][1][1:].sum() > 0
     assert s.tokens == int(data.lengths.sum())
     assert s.loss_tokens == int(sum(data[i][1][1:].sum() for i in range(2)))
@@ -404,3 +405,69 @@ def test_hub_name_without_network_is_a_data_error():
     with pytest.raises(DataError,
                        match="someone/no-such-set: not a local path, and loading it from the hub failed"):
         load_rows("someone/no-such-set")
+
+
+# ---- a wrong-typed field is reported at its own row ------------------------------------------------
+# `datasets` decodes a column to one type before our check sees it, so a number in the fourth row of
+# a string column was blamed on row 0; local .jsonl / .json / .csv files are read as written.
+
+ALPACA = [{"instruction": f"q{i}", "output": f"a{i}"} for i in range(5)]
+
+
+def test_wrong_type_in_jsonl_is_reported_at_its_row(tmp_path):
+    rows = [dict(r) for r in ALPACA]
+    rows[3]["output"] = 42
+    p = tmp_path / "d.jsonl"
+    lines = [json.dumps(r) for r in rows]
+    p.write_text("\n".join(lines[:2] + [""] + lines[2:]) + "\n")  # a blank line 3
+    with pytest.raises(DataError, match=rf"^{p}: row 3 \(line 5\): field 'output' must be a string, got int$"):
+        normalise(load_rows(str(p)))
+
+
+def test_wrong_type_in_json_array_is_reported_at_its_row(tmp_path):
+    rows = [dict(r) for r in ALPACA]
+    rows[3]["output"] = ["not", "a", "string"]
+    p = tmp_path / "d.json"
+    text = json.dumps(rows, indent=2)
+    p.write_text(text)
+    starts = [n for n, t in enumerate(text.splitlines(), start=1) if t == "  {"]  # each object's
+    assert load_rows(str(p)).lines == starts and len(starts) == 5
+    line = starts[3]
+    with pytest.raises(DataError, match=rf"^{p}: row 3 \(line {line}\): field 'output' must be a string, got list$"):
+        normalise(load_rows(str(p)))
+
+
+def test_wrong_type_in_csv_is_reported_at_its_row(tmp_path):
+    from jaxalign.data.pairs import normalise_pairs
+    from jaxalign.data.unpaired import CONVERTERS
+    p = tmp_path / "d.csv"
+    p.write_text('prompt,completion,label\n'
+                 'p0,c0,true\n'
+                 'p1,"two\nlines",False\n'        # a quoted cell spans lines 3-4
+                 'p2,c2,true\n'
+                 'p3,c3,maybe\n'
+                 'p4,c4,false\n')
+    src = load_rows(str(p))
+    assert src.lines == [2, 3, 5, 6, 7] and src.rows[1]["completion"] == "two\nlines"
+    with pytest.raises(DataError, match=rf"^{p}: row 3 \(line 6\): field 'label' must be a bool "
+                                        rf"\(true = desirable\), got str 'maybe'$"):
+        normalise_pairs(src, "unpaired", converters=CONVERTERS)
+    # Cells are strings as written: a number in a text column is its text, not a type error.
+    q = tmp_path / "n.csv"
+    q.write_text("prompt,completion\nWhat is 6 times 7?,42\nAnd 2 plus 2?,four\n")
+    examples, _, _ = normalise(load_rows(str(q)))
+    assert [e.messages[1]["content"] for e in examples] == ["42", "four"]
+
+
+def test_malformed_csv_and_json_array_name_the_line(tmp_path):
+    p = tmp_path / "d.csv"
+    p.write_text("prompt,completion\na,b\nc,d,e\n")
+    with pytest.raises(DataError, match=rf"^{p}: line 3: 3 cells, the header has 2$"):
+        load_rows(str(p))
+    q = tmp_path / "d.json"
+    q.write_text('[\n{"text": "a"}\n{"text": "b"}\n]\n')
+    with pytest.raises(DataError, match=rf"^{q}: line 3: malformed JSON \(expected ',' or '\]'"):
+        load_rows(str(q))
+    q.write_text('[\n{"text": "a"},\n')
+    with pytest.raises(DataError, match=rf"^{q}: "):
+        load_rows(str(q))

@@ -2,7 +2,9 @@
 log-probs; unpaired data (TRL's format) with its mismatched KL rows; `jaxalign kto` trains the
 tiny model and resumes identically."""
 
+import logging
 import math
+import re
 import types
 from collections import defaultdict
 
@@ -208,8 +210,9 @@ def test_kto_trains_and_resumes_exactly(unpaired, tmp_path):
     assert rows[-1]["eval/loss"] < rows[2]["eval/loss"] < 0.5
 
 
-def test_kto_cli_and_config(unpaired, tmp_path):
-    """configs/tiny_kto.yaml parses; `jaxalign kto` runs it and prints the final metrics."""
+def test_kto_cli_and_config(unpaired, tmp_path, caplog):
+    """configs/tiny_kto.yaml parses; `jaxalign kto` runs it, shows KTO's progress line and
+    prints the final metrics."""
     import json
     from pathlib import Path
     from jaxalign import cli
@@ -219,9 +222,12 @@ def test_kto_cli_and_config(unpaired, tmp_path):
     overrides = [f"out_dir={tmp_path}", f"model.path={unpaired['model_dir']}",
                  f"data.train=[{{path: {unpaired['train']}}}]",
                  f"data.eval=[{{path: {unpaired['eval']}}}]", "train.steps=2", "train.batch_size=8",
-                 "train.eval_every=0", "train.eval_batches=1", "train.progress=false",
-                 "train.tensorboard=false"]
-    assert cli.main(["kto", str(path)] + overrides) == 0
+                 "train.eval_every=0", "train.eval_batches=1", "train.tensorboard=false"]
+    with caplog.at_level(logging.INFO, logger="jaxalign.metrics"):
+        assert cli.main(["kto", str(path)] + overrides) == 0
+    shown = [r.getMessage() for r in caplog.records if r.name == "jaxalign.metrics"]
+    assert re.fullmatch(r"step 2/2 loss \S+ acc \S+ margin \S+ kl \S+ \| eval loss .* eta 0s",
+                        shown[-1]), shown
     assert json.loads((tmp_path / "run.json").read_text())["algorithm"] == "kto"
     from jaxalign.checkpoint import load_model
     cfg, _, _, _ = load_model(tmp_path)  # a KTO run dir is a model source, like a DPO one

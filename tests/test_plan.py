@@ -145,11 +145,12 @@ def test_candidate_meshes_and_flags():
 
 def test_cli_plans_an_8b_llama_on_64_fake_devices():
     """The README's table: full SFT of Llama 3 8B's shape on fsdp=64, from its config.json
-    alone, in a fresh process (the device count is fixed when JAX starts)."""
+    alone, in a fresh process (the device count is fixed when JAX starts); `--mesh fsdp=-1`
+    plans the one mesh with every device on fsdp."""
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     out = subprocess.run([sys.executable, "-m", "jaxalign.cli", "plan",
                           str(ROOT / "configs" / "plan_llama8b.yaml"), "--devices", "64",
-                          "--meshes", "fsdp=64", "--device-memory-gb", "80", "--json"],
+                          "--mesh", "fsdp=-1", "--device-memory-gb", "80", "--json"],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     lines = out.stdout.strip().splitlines()

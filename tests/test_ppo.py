@@ -183,6 +183,8 @@ def test_ppo_learns_reward_under_kl_ceiling(ppo_run):
     for key in ("reward_std", "entropy", "clipfrac", "approx_kl", "value_loss",
                 "explained_variance", "response_length", "eos_rate", "kl_coef", "epochs"):
         assert key in rows[-1], key
+    from jaxalign.metrics import RL_PROGRESS
+    assert set(RL_PROGRESS) <= set(rows[-1])  # what the progress line shows exists
     assert len({r["kl_coef"] for r in rows}) > 1                 # the adaptive controller moves
     samples = [json.loads(l) for l in (ppo_run / "samples.jsonl").read_text().splitlines()]
     assert [s["step"] for s in samples] == [4, 4, 8, 8, 12, 12, 16, 16]
@@ -437,7 +439,7 @@ def test_ppo_run_loads_policy_only(ppo_run, monkeypatch):
     assert (Path(tok_dir) / "tokenizer.json").exists()
 
 
-def test_ppo_report(ppo_run, tmp_path, capsys, caplog, monkeypatch):
+def test_ppo_report(ppo_run, tmp_path, capsys, monkeypatch):
     """`jaxalign report` on the PPO run: report.md, its plot (a real PNG with the reward, KL and
     entropy panels), the memory report, samples and the summary table on stdout."""
     from jaxalign import cli
@@ -461,7 +463,7 @@ def test_ppo_report(ppo_run, tmp_path, capsys, caplog, monkeypatch):
     assert f"| reward_mean | {last['reward_mean']:.4g} |" in md
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # the extra missing: one line naming it
     assert cli.main(["report", str(ppo_run), "--out", str(tmp_path / "x")]) == 1
-    assert "pip install 'jaxalign[report]'" in caplog.text
+    assert "pip install 'jaxalign[report]'" in capsys.readouterr().err
 
 
 def test_cli_ppo(tiny, tmp_path, capsys):

@@ -373,7 +373,7 @@ def test_over_long_pairs_truncate_the_response_end_or_drop():
             {"prompt": "a very long prompt indeed", "chosen": "x", "rejected": "y"},
             {"prompt": "q", "chosen": "ok", "rejected": "no"}]
     data, stats = encode(tok, rows, seq_len=10)
-    assert (stats.kept, stats.truncated, stats.dropped_no_loss) == (2, 1, 1)
+    assert (stats.kept, stats.truncated, stats.dropped_no_loss, stats.truncated_no_loss) == (2, 2, 1, 1)
     batch = one_batch(data, tok.pad_token_id, seq_len=10)
     assert tok.decode(batch["tokens"][0, 0].tolist()) == "<s>qa long l"    # response end cut, no EOS
     assert trained(tok, batch, 0, 0) == "a long l" and trained(tok, batch, 0, 1) == "no</s>"

@@ -34,13 +34,13 @@ class DatasetSpec:
     `name` is the hub configuration name (`load_dataset(path, name)`), if any.
     """
 
-    path: str
+    path: str                # a .jsonl / .json / .csv / .parquet / .arrow file, a folder or a hub name
     format: Literal["auto", "alpaca", "dolly", "chat", "sharegpt", "prompt_completion", "text",
-                    "preference", "hh_rlhf"] = "auto"
-    weight: float = 1.0
-    split: str = "train"
-    max_examples: int | None = None
-    name: str | None = None
+                    "preference", "hh_rlhf"] = "auto"   # row layout; auto: from the first row's keys
+    weight: float = 1.0      # mixing weight among the training datasets
+    split: str = "train"     # the split of a folder or hub dataset
+    max_examples: int | None = None   # keep the first N rows (before shuffling)
+    name: str | None = None  # hub configuration name (load_dataset(path, name))
 
     def validate(self, key: str) -> None:
         _require(isinstance(self.path, str) and self.path != "",

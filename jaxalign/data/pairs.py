@@ -27,7 +27,7 @@ from typing import Any, Callable, Sequence
 
 from jaxalign.data.formats import EmptyField, get_field, parse_messages
 from jaxalign.data.sources import DataError, Source
-from jaxalign.data.tokenize import DataStats
+from jaxalign.data.tokenize import DataStats, truncated_detail
 
 log = logging.getLogger("jaxalign.data")
 
@@ -192,9 +192,10 @@ class PairStats:
     dropped_identical: int = 0    # chosen == rejected (on_identical='drop'), also after truncation
     prompt_truncated: int = 0     # prompt > max_prompt_len, cut from the left (keep_end)
     dropped_long_prompt: int = 0  # prompt > max_prompt_len with prompt_truncation='drop'
-    truncated: int = 0            # a side > seq_len, response end cut (truncation='truncate')
+    truncated: int = 0            # a side > seq_len, response end cut (kept or not)
     dropped_too_long: int = 0     # a side > seq_len with truncation='drop'
     dropped_no_loss: int = 0      # a side with no response token left after truncation
+    truncated_no_loss: int = 0    # of `truncated`, those dropped because the cut left no target
     kept: int = 0
     tokens: int = 0               # both sides of the kept pairs
     loss_tokens: int = 0
@@ -214,7 +215,7 @@ class PrefStats(DataStats):
             dropped = ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in s.dropped().items())
             return (f"{s.name}: {s.rows} rows -> {s.kept} pairs, {s.tokens} tokens "
                     f"({s.loss_tokens} trained); dropped {dropped}; prompt truncated "
-                    f"{s.prompt_truncated}, response truncated {s.truncated}")
+                    f"{s.prompt_truncated}, response truncated {s.truncated}{truncated_detail(s)}")
         return "\n".join(line(s) for s in self.sources + [self.total()])
 
 

@@ -16,7 +16,8 @@ from jaxalign.data.config import DataConfig, DatasetSpec
 from jaxalign.data.formats import normalise
 from jaxalign.data.loader import EvalLoader, TrainLoader
 from jaxalign.data.sources import DataError, load_rows
-from jaxalign.data.tokenize import DataStats, Encoder, SourceStats, TokenizedSet, tokenize_examples
+from jaxalign.data.tokenize import DataStats, Encoder, SourceStats, TokenizedSet, length_warning, \
+    tokenize_examples
 
 log = logging.getLogger("jaxalign.data")
 
@@ -47,10 +48,9 @@ def load_tokenized(spec: DatasetSpec, cfg: DataConfig, encoder: Encoder) -> tupl
     stats = SourceStats(source.name, format=fmt, rows=len(source.rows), dropped_empty=dropped)
     data = tokenize_examples(examples, encoder, seq_len=cfg.seq_len, truncation=cfg.truncation,
                              stats=stats, where=source.where)
-    if stats.truncated or stats.dropped_too_long or stats.dropped_no_loss:
-        log.warning("%s: %d example(s) longer than seq_len %d were %s; %d had no trained token left",
-                    source.name, stats.truncated + stats.dropped_too_long, cfg.seq_len,
-                    "truncated" if cfg.truncation == "truncate" else "dropped", stats.dropped_no_loss)
+    warning = length_warning(stats, cfg.seq_len, cfg.truncation, "example(s)", "trained")
+    if warning:
+        log.warning("%s", warning)
     return data, stats
 
 

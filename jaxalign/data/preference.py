@@ -46,7 +46,7 @@ from jaxalign.data.packing import BATCH_KEYS, empty_batch, write_row
 from jaxalign.data.pairs import Pair, PairStats, PrefStats, normalise_pairs
 from jaxalign.data.pipeline import load_splits, resolve_template
 from jaxalign.data.sources import DataError, load_rows
-from jaxalign.data.tokenize import Encoder, TokenizedSet, common_prefix
+from jaxalign.data.tokenize import Encoder, TokenizedSet, common_prefix, length_warning
 
 log = logging.getLogger("jaxalign.data")
 
@@ -159,6 +159,28 @@ def fit_sides(sides: list, p: int, cfg: DataConfig, bos: int | None):
     return None, sides, p, events
 
 
+def count_fit(stats: PairStats, reason: str | None, events: list[str]) -> bool:
+    """Counts what `fit_sides` did to one item (its cuts even when it is then dropped, so
+    that 'truncated' means every item cut to seq_len); True when the item is kept."""
+    for e in events:
+        setattr(stats, e, getattr(stats, e) + 1)
+    if reason is None:
+        return True
+    setattr(stats, f"dropped_{reason}", getattr(stats, f"dropped_{reason}") + 1)
+    stats.truncated_no_loss += reason == "no_loss" and "truncated" in events
+    return False
+
+
+def log_length_warnings(stats: PairStats, cfg: DataConfig, unit: str) -> None:
+    if stats.prompt_truncated or stats.dropped_long_prompt:
+        log.warning("%s: %d prompt(s) longer than max_prompt_len %s were %s", stats.name,
+                    stats.prompt_truncated + stats.dropped_long_prompt, cfg.max_prompt_len,
+                    "cut from the left" if cfg.prompt_truncation == "keep_end" else "dropped")
+    warning = length_warning(stats, cfg.seq_len, cfg.truncation, unit, "response")
+    if warning:
+        log.warning("%s", warning)
+
+
 def tokenize_pairs(pairs: Sequence[Pair], encoder: Encoder, cfg: DataConfig, stats: PairStats,
                    where: Callable[[int], str]) -> PairSet:
     """Encodes, applies cfg's length / identity policies and counts into `stats`."""
@@ -172,11 +194,8 @@ def tokenize_pairs(pairs: Sequence[Pair], encoder: Encoder, cfg: DataConfig, sta
         if reason == "identical" and cfg.on_identical == "error":
             raise DataError(f"{where(pair.row)}: chosen and rejected are identical after truncation "
                             f"to {cfg.seq_len} tokens (set data.on_identical: drop to skip such rows)")
-        if reason is not None:
-            setattr(stats, f"dropped_{reason}", getattr(stats, f"dropped_{reason}") + 1)
+        if not count_fit(stats, reason, events):
             continue
-        for e in events:
-            setattr(stats, e, getattr(stats, e) + 1)
         stats.tokens += len(c[0]) + len(r[0])
         stats.loss_tokens += int(c[1][1:].sum() + r[1][1:].sum())
         kept.append((c, r, p))
@@ -284,14 +303,7 @@ def load_pairs(spec: DatasetSpec, cfg: DataConfig, encoder: Encoder) -> tuple[Pa
     pairs, stats = normalise_pairs(source, spec.format, on_empty=cfg.on_empty,
                                    on_identical=cfg.on_identical)
     data = tokenize_pairs(pairs, encoder, cfg, stats, source.where)
-    if stats.prompt_truncated or stats.dropped_long_prompt:
-        log.warning("%s: %d prompt(s) longer than max_prompt_len %s were %s", source.name,
-                    stats.prompt_truncated + stats.dropped_long_prompt, cfg.max_prompt_len,
-                    "cut from the left" if cfg.prompt_truncation == "keep_end" else "dropped")
-    if stats.truncated or stats.dropped_too_long or stats.dropped_no_loss:
-        log.warning("%s: %d pair(s) longer than seq_len %d were %s; %d had no response token left",
-                    source.name, stats.truncated + stats.dropped_too_long, cfg.seq_len,
-                    "truncated" if cfg.truncation == "truncate" else "dropped", stats.dropped_no_loss)
+    log_length_warnings(stats, cfg, "pair(s)")
     return data, stats
 
 

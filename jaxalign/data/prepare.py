@@ -35,7 +35,7 @@ import numpy as np
 
 from jaxalign.config import ConfigError, from_dict
 from jaxalign.data.config import DatasetSpec, dataset_specs
-from jaxalign.data.sources import DataError, check_json_lines
+from jaxalign.data.sources import DataError
 
 log = logging.getLogger(__name__)
 
@@ -137,10 +137,12 @@ def iter_rows(spec: DatasetSpec) -> Iterator[tuple[str, dict]]:
                     if not raw.strip():
                         continue
                     try:
-                        yield f"{path}: line {line_no}", json.loads(raw)
-                    except (json.JSONDecodeError, UnicodeDecodeError):
-                        check_json_lines(path)  # raises naming the line and the problem
-                        raise
+                        row = json.loads(raw)
+                    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                        detail = (f"{e.msg} at column {e.colno}"
+                                  if isinstance(e, json.JSONDecodeError) else str(e))
+                        raise DataError(f"{path}: line {line_no}: malformed JSON ({detail})") from None
+                    yield f"{path}: line {line_no}", row
         elif path.is_file() and suffix == ".parquet":
             import pyarrow.parquet as pq
             i = 0

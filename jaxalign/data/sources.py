@@ -1,10 +1,12 @@
-"""Reading a dataset spec into a list of plain dict rows, through HF `datasets`.
+"""Reading a dataset spec into a list of plain dict rows.
 
-Local files (.json, .jsonl, .csv, .parquet, .arrow), a `save_to_disk` folder, a folder of
-data files, or a hub name passed straight to `load_dataset`. Errors name the path, and for
-JSON lines the line number: `datasets` reports only a row index that skips blank lines,
-so .jsonl (and line-delimited .json) files are checked line by line first (one `json.loads`
-per line, nothing kept), which also gives every row its line number for later errors.
+Local .jsonl, .json and .csv files are read here, row by row as written: `datasets` would
+decode each column to one type first, so a number in the fourth row of a string column
+turned the whole column into something else and the error blamed row 0. Reading them
+ourselves keeps every value as the file has it (CSV cells are strings; an empty cell is
+null, as `datasets` reads it) and gives every row its line number for errors.
+.parquet / .arrow files (typed columns already), `save_to_disk` folders, folders of data
+files and hub names go through HF `datasets`.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from pathlib import Path
 
 from jaxalign.config import JaxalignError
@@ -47,12 +50,16 @@ def _looks_local(path: str) -> bool:
             or p.suffix.lower() in BUILDERS or path.count("/") > 1)
 
 
-def check_json_lines(path: Path) -> list[int]:
-    """Validates a JSON-lines file; returns the 1-based line number of every non-blank line.
+def _object(obj, path: Path, line: int) -> dict:
+    if not isinstance(obj, dict):
+        raise DataError(f"{path}: line {line}: expected a JSON object, got {type(obj).__name__}")
+    return obj
 
-    Raises DataError naming the file and line of the first line that is not a JSON object.
-    """
-    lines = []
+
+def read_json_lines(path: Path) -> tuple[list[dict], list[int]]:
+    """Rows of a JSON-lines file and the 1-based line of each (blank lines skipped).
+    Raises DataError naming the file and line of the first line that is not a JSON object."""
+    rows, lines = [], []
     with open(path, "rb") as f:
         for n, raw in enumerate(f, start=1):
             if not raw.strip():
@@ -62,25 +69,71 @@ def check_json_lines(path: Path) -> list[int]:
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 detail = f"{e.msg} at column {e.colno}" if isinstance(e, json.JSONDecodeError) else str(e)
                 raise DataError(f"{path}: line {n}: malformed JSON ({detail})") from None
-            if not isinstance(obj, dict):
-                raise DataError(f"{path}: line {n}: expected a JSON object, "
-                                f"got {type(obj).__name__}")
+            rows.append(_object(obj, path, n))
             lines.append(n)
-    return lines
+    return rows, lines
 
 
-def _check_json_file(path: Path) -> list[int] | None:
-    """A .json file is a JSON array / object (validated whole) or JSON lines."""
-    with open(path, "rb") as f:
-        head = f.read(4096).lstrip()
-    if head.startswith(b"["):
+def read_json_array(path: Path, text: str) -> tuple[list[dict], list[int]]:
+    """Rows of a JSON array of objects, each with the line its object starts on."""
+    decoder, rows, lines = json.JSONDecoder(), [], []
+    skip = re.compile(r"\s*")
+    i = skip.match(text, text.index("[") + 1).end()
+    try:
+        if text[i] != "]":
+            while True:
+                line = text.count("\n", 0, i) + 1
+                obj, i = decoder.raw_decode(text, i)
+                rows.append(_object(obj, path, line))
+                lines.append(line)
+                i = skip.match(text, i).end()
+                if text[i] == "]":
+                    break
+                if text[i] != ",":
+                    raise json.JSONDecodeError("expected ',' or ']'", text, i)
+                i = skip.match(text, i + 1).end()
+        if text[i + 1:].strip():
+            raise json.JSONDecodeError("extra data after the array", text, i + 1)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: line {e.lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+    except IndexError:
+        raise DataError(f"{path}: malformed JSON (the array is not closed)") from None
+    return rows, lines
+
+
+def read_csv(path: Path) -> tuple[list[dict], list[int]]:
+    """Rows of a CSV file with a header line; cells stay strings, an empty cell is null."""
+    import csv
+    rows, lines = [], []
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        start = 2  # the line after the header
         try:
-            with open(path, "rb") as f:
-                json.load(f)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}: line {e.lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
-        return None
-    return check_json_lines(path)
+            for row in reader:
+                if None in row:
+                    raise DataError(f"{path}: line {start}: {len(reader.fieldnames) + len(row[None])} "
+                                    f"cells, the header has {len(reader.fieldnames)}")
+                rows.append({k: (v if v != "" else None) for k, v in row.items()})
+                lines.append(start)
+                start = reader.line_num + 1
+        except csv.Error as e:
+            raise DataError(f"{path}: line {reader.line_num}: malformed CSV ({e})") from None
+    return rows, lines
+
+
+def read_local_file(path: Path) -> tuple[list[dict], list[int]]:
+    """(rows as written, line of each row) of a .jsonl / .json / .csv file."""
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".csv":
+            return read_csv(path)
+        if suffix == ".json":
+            text = path.read_text(encoding="utf-8")
+            if text.lstrip().startswith("["):
+                return read_json_array(path, text)
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    return read_json_lines(path)  # .jsonl, or a .json file holding JSON lines
 
 
 def _to_rows(ds, spec: DatasetSpec, name: str) -> list[dict]:
@@ -101,26 +154,34 @@ def _to_rows(ds, spec: DatasetSpec, name: str) -> list[dict]:
 
 def load_rows(spec: DatasetSpec | str, *, cache_dir: str | None = None) -> Source:
     """Loads one split of a dataset spec as a list of python dict rows."""
-    import datasets
-
     if isinstance(spec, str):
         spec = DatasetSpec(path=spec)
-    datasets.disable_progress_bars()
     path = Path(os.path.expanduser(spec.path))
-    name = str(path) if _looks_local(spec.path) else spec.path
+    local = _looks_local(spec.path)
+    if local and not path.exists():
+        raise DataError(f"{path}: dataset path does not exist")
+    suffix = path.suffix.lower()
+    if local and path.is_file() and suffix not in BUILDERS:
+        raise DataError(f"{path}: unsupported file type {suffix!r}; expected one of {sorted(BUILDERS)}")
+    if local and path.is_file() and suffix in (".jsonl", ".json", ".csv"):
+        # A local file has a single split, whatever `spec.split` says; the spec's split only
+        # selects among a folder's splits.
+        rows, lines = read_local_file(path)
+        if not rows:
+            raise DataError(f"{path}: file has no rows")
+        n = spec.max_examples
+        return Source(str(path), rows[:n] if n else rows, lines[:n] if n else lines)
 
-    if not _looks_local(spec.path):
+    import datasets
+    datasets.disable_progress_bars()
+    if not local:
         try:
             ds = datasets.load_dataset(spec.path, spec.name, split=spec.split, cache_dir=cache_dir)
         except Exception as e:  # network, unknown repo, bad split: all one error for the user
             raise DataError(f"{spec.path}: not a local path, and loading it from the hub failed: "
                             f"{type(e).__name__}: {e}") from e
-        return Source(name, _to_rows(ds, spec, name))
-
-    if not path.exists():
-        raise DataError(f"{path}: dataset path does not exist")
-
-    lines = None
+        return Source(spec.path, _to_rows(ds, spec, spec.path))
+    name = str(path)
     try:
         if path.is_dir():
             if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
@@ -128,28 +189,13 @@ def load_rows(spec: DatasetSpec | str, *, cache_dir: str | None = None) -> Sourc
             else:  # a folder of data files (or a dataset script / repo layout)
                 ds = datasets.load_dataset(str(path), spec.name, split=spec.split, cache_dir=cache_dir)
         else:
-            suffix = path.suffix.lower()
-            if suffix not in BUILDERS:
-                raise DataError(f"{path}: unsupported file type {suffix!r}; "
-                                f"expected one of {sorted(BUILDERS)}")
-            if suffix == ".jsonl":
-                lines = check_json_lines(path)
-            elif suffix == ".json":
-                lines = _check_json_file(path)
-            if lines is not None and not lines:
-                raise DataError(f"{path}: file has no rows")
-            # A local file has a single split, which `datasets` calls 'train' whatever
-            # `spec.split` says; the spec's split only selects among a folder's splits.
             ds = datasets.load_dataset(BUILDERS[suffix], data_files=str(path), split="train",
                                        cache_dir=cache_dir)
     except DataError:
         raise
     except Exception as e:
         raise DataError(f"{path}: could not be read: {type(e).__name__}: {e}") from e
-
     rows = _to_rows(ds, spec, name)
-    if lines is not None and len(lines) != len(rows) and spec.max_examples is None:
-        lines = None  # `datasets` did not map lines to rows one to one; do not report wrong lines
     if not rows:
         raise DataError(f"{path}: dataset has no rows")
-    return Source(name, rows, lines)
+    return Source(name, rows)

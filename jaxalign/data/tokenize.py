@@ -83,9 +83,10 @@ class SourceStats:
     format: str = ""
     rows: int = 0               # rows read
     dropped_empty: int = 0      # empty completion / assistant message / text (on_empty='drop')
-    truncated: int = 0          # longer than seq_len, cut to seq_len and kept
+    truncated: int = 0          # longer than seq_len and cut to seq_len (kept or not)
     dropped_too_long: int = 0   # longer than seq_len with truncation='drop'
     dropped_no_loss: int = 0    # no trained token left (e.g. the completion was cut off)
+    truncated_no_loss: int = 0  # of `truncated`, those dropped because the cut left no target
     kept: int = 0
     tokens: int = 0             # tokens of the kept examples
     loss_tokens: int = 0        # trained targets of the kept examples
@@ -113,8 +114,29 @@ class DataStats:
             return (f"{s.name}: {s.rows} rows -> {s.kept} examples, {s.tokens} tokens "
                     f"({s.loss_tokens} trained); dropped {s.dropped_empty} empty, "
                     f"{s.dropped_too_long} too long, {s.dropped_no_loss} with no trained token; "
-                    f"truncated {s.truncated}")
+                    f"truncated {s.truncated}{truncated_detail(s)}")
         return "\n".join(line(s) for s in self.sources + [self.total()])
+
+
+def truncated_detail(s) -> str:
+    return f" ({s.truncated_no_loss} of them then dropped)" if s.truncated_no_loss else ""
+
+
+def length_warning(s, seq_len: int, truncation: str, unit: str, target: str) -> str | None:
+    """The one warning line about over-long items of a source, or None when there were none.
+    Truncated items whose cut left no trained token are counted both as truncated and as
+    dropped, so the figures add up to what the summary shows."""
+    if truncation == "drop":
+        if not s.dropped_too_long:
+            return None
+        return f"{s.name}: {s.dropped_too_long} {unit} longer than seq_len {seq_len} were dropped"
+    if not s.truncated:
+        return None
+    msg = f"{s.name}: {s.truncated} {unit} longer than seq_len {seq_len} were truncated"
+    if s.truncated_no_loss:
+        msg += (f"; {s.truncated_no_loss} of them had no {target} token left and were dropped "
+                f"(raise data.seq_len to keep them)")
+    return msg
 
 
 def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
@@ -250,10 +272,11 @@ def tokenize_examples(examples: Sequence[Example], encoder: Encoder, *, seq_len:
             truncated = True
         else:
             truncated = False
+        stats.truncated += truncated
         if not mask[1:].any():  # the first token is never a target
             stats.dropped_no_loss += 1
+            stats.truncated_no_loss += truncated
             continue
-        stats.truncated += truncated
         stats.tokens += len(ids)
         stats.loss_tokens += int(mask[1:].sum())
         kept.append((ids, mask))

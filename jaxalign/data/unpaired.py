@@ -40,7 +40,7 @@ from jaxalign.data.packing import BATCH_KEYS, write_row
 from jaxalign.data.pairs import PairStats, normalise_pairs, prompt_messages, response_messages
 from jaxalign.data.preference import (DataKind, ItemSet, PreferenceData, UnpackedEvalLoader,
                                       build_preference_data, empty_pair_batch, encode_prompted,
-                                      fit_sides)
+                                      count_fit, fit_sides, log_length_warnings)
 from jaxalign.data.sources import DataError, load_rows
 from jaxalign.data.tokenize import Encoder, TokenizedSet
 
@@ -59,11 +59,19 @@ class Labelled:
     row: int = -1
 
 
+# A CSV cell holds text: the words a bool is written as there (sources.read_csv keeps cells
+# as written).
+CSV_BOOLS = {"true": True, "false": False}
+
+
 def _unpaired(row: dict, where: str) -> Labelled:
     label = row.get("label")
+    if isinstance(label, str) and label.strip().lower() in CSV_BOOLS:
+        label = CSV_BOOLS[label.strip().lower()]
     if not isinstance(label, (bool, np.bool_)):
-        raise DataError(f"{where}: field 'label' must be a bool (true = desirable), "
-                        f"got {type(label).__name__}")
+        got = f"{type(label).__name__} {label!r}" if isinstance(label, (str, int, float)) \
+            else type(label).__name__
+        raise DataError(f"{where}: field 'label' must be a bool (true = desirable), got {got}")
     p = prompt_messages(row, where)
     value = row.get("completion")
     if not isinstance(value, (str, list, tuple)):
@@ -118,11 +126,8 @@ def tokenize_unpaired(rows: Sequence[Labelled], encoder: Encoder, cfg: DataConfi
     kept = []
     for r, (sides, p) in zip(rows, encode_prompted(items, encoder, where)):
         reason, ((ids, mask),), p, events = fit_sides(sides, p, cfg, bos)
-        if reason is not None:
-            setattr(stats, f"dropped_{reason}", getattr(stats, f"dropped_{reason}") + 1)
+        if not count_fit(stats, reason, events):
             continue
-        for e in events:
-            setattr(stats, e, getattr(stats, e) + 1)
         stats.tokens += len(ids)
         stats.loss_tokens += int(mask[1:].sum())
         kept.append((ids, mask, p, r.label))
@@ -136,7 +141,9 @@ def load_unpaired(spec: DatasetSpec, cfg: DataConfig, encoder: Encoder
     source = load_rows(spec, cache_dir=cfg.cache_dir)
     rows, stats = normalise_pairs(source, spec.format, on_empty=cfg.on_empty,
                                   converters=CONVERTERS)
-    return tokenize_unpaired(rows, encoder, cfg, stats, source.where), stats
+    data = tokenize_unpaired(rows, encoder, cfg, stats, source.where)
+    log_length_warnings(stats, cfg, "row(s)")
+    return data, stats
 
 
 # ----------------------------------------------------------------------------- batches

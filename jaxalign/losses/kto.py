@@ -28,7 +28,8 @@ def kto_loss(policy_B: jax.Array, ref_B: jax.Array, policy_kl_B: jax.Array, ref_
 
     Metrics follow TRL's names: kl (the reference point z_ref), rewards/chosen and
     rewards/rejected (mean beta * r over desirable / undesirable rows), rewards/margins
-    (their difference), logps/chosen, logps/rejected; each a mean within the batch, which the
+    (their difference), logps/chosen, logps/rejected; and rewards/accuracies (the rows on
+    their label's side of z_ref); each a mean within the batch, which the
     loop then averages over batches by metrics['weight'] (the rows), as for every loss.
     """
     if not beta > 0:
@@ -59,6 +60,10 @@ def kto_loss(policy_B: jax.Array, ref_B: jax.Array, policy_kl_B: jax.Array, ref_
         "rewards/chosen": per_good(reward_B),
         "rewards/rejected": per_bad(reward_B),
         "rewards/margins": per_good(reward_B) - per_bad(reward_B),
+        # A row on its label's side of the reference point: the value sigmoid(beta (r - z))
+        # above one half for a desirable row, below for an undesirable one.
+        "rewards/accuracies": (good_B * (logratio_B > kl) + bad_B * (logratio_B < kl)).sum()
+        / jnp.maximum(n, 1.0),
         "logps/chosen": per_good(jax.lax.stop_gradient(pol)),
         "logps/rejected": per_bad(jax.lax.stop_gradient(pol)),
         "weight": n,

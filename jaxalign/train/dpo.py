@@ -22,6 +22,7 @@ from jaxalign.data.preference import build_preference_data
 from jaxalign.losses.preference import DPO_LOSS_TYPES, POLICY_ONLY_LOSS_TYPES, dpo_loss, \
     orpo_loss, sequence_logps, simpo_loss
 from jaxalign.losses.xent import head_logprobs
+from jaxalign.metrics import DPO_PROGRESS
 from jaxalign.models import functional, lora
 from jaxalign.train.loop import Task
 from jaxalign.train.setup import Loaded, load_policy, pair_rows, run_recipe, supervised
@@ -29,7 +30,8 @@ from jaxalign.train.setup import Loaded, load_policy, pair_rows, run_recipe, sup
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DPOOptions:
-    beta: float = 0.1               # orpo: the odds-ratio weight lambda (TRL's ORPO `beta`)
+    """The pairwise loss: DPO and its variants."""
+    beta: float = 0.1               # reward scale beta of log(pi / pi_ref); orpo: the odds-ratio weight
     loss_type: str = "sigmoid"      # sigmoid | ipo | hinge | robust | orpo | simpo
     simpo_gamma: float = 0.5        # simpo: target reward margin gamma
     label_smoothing: float = 0.0    # cDPO (sigmoid) / robust DPO noise rate
@@ -156,10 +158,11 @@ def load_dpo_models(cfg, mesh, section: str = "dpo") -> Loaded:
                                base=policy.frozen, extra={"ref_cfg": ref_cfg})
 
 
-def preference_task(section: str, build_data, make_loss):
+def preference_task(section: str, build_data, make_loss, progress=DPO_PROGRESS):
     """`setup.supervised`'s task for an objective on (pair or unpaired) batches with an
     optional reference: cfg.<section> holds its options, build_data(data cfg, tokenizer,
-    batch_size=...) its loaders, make_loss(model cfg, options, ref_cfg=..., chunk=...) its loss."""
+    batch_size=...) its loaders, make_loss(model cfg, options, ref_cfg=..., chunk=...) its loss,
+    `progress` the metrics its progress line shows."""
     def task(cfg, models: Loaded, tokenizer):
         data = build_data(cfg.data, tokenizer, batch_size=cfg.train.batch_size,
                           process_index=jax.process_index(), process_count=jax.process_count())
@@ -167,7 +170,7 @@ def preference_task(section: str, build_data, make_loss):
                             chunk=cfg.train.logits_chunk)
         return Task(loss_fn=loss_fn, train_data=data.train,
                     eval_data=(lambda: iter(data.eval)) if data.eval is not None else None,
-                    perplexity=False), {}
+                    perplexity=False, progress=progress), {}
     return task
 
 

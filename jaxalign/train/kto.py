@@ -17,6 +17,7 @@ from jaxalign.config import ConfigError, ModelConfig, RunConfig
 from jaxalign.data.config import DataConfig
 from jaxalign.data.unpaired import build_unpaired_data
 from jaxalign.losses.kto import kto_loss
+from jaxalign.metrics import KTO_PROGRESS
 from jaxalign.models import lora
 from jaxalign.train.dpo import load_dpo_models, pair_logps, preference_task, reference_logps
 from jaxalign.train.setup import run_recipe, supervised
@@ -24,7 +25,8 @@ from jaxalign.train.setup import run_recipe, supervised
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class KTOOptions:
-    beta: float = 0.1
+    """The KTO loss on labelled rows."""
+    beta: float = 0.1                 # scale of the implicit reward beta * log(pi / pi_ref)
     desirable_weight: float = 1.0     # lambda_D: raise it when desirable rows are scarcer
     undesirable_weight: float = 1.0   # lambda_U
     reference: str | None = None      # a different reference model (HF dir / run); None: the start
@@ -68,4 +70,5 @@ def run_kto(cfg: KTOConfig, raw_config: dict | None = None, devices=None) -> dic
     """Runs (or resumes) KTO in cfg.out_dir."""
     return run_recipe(cfg, raw_config, devices, algorithm="kto",
                       load=functools.partial(load_dpo_models, section="kto"),
-                      run=supervised(preference_task("kto", build_unpaired_data, kto_loss_fn)))
+                      run=supervised(preference_task("kto", build_unpaired_data, kto_loss_fn,
+                                                     progress=KTO_PROGRESS)))

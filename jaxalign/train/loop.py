@@ -26,7 +26,7 @@ from jax.sharding import Mesh
 from jaxalign import runtime
 from jaxalign.checkpoint import TrainCheckpoints, describe_run
 from jaxalign.config import ConfigError, JaxalignError, ModelConfig, OptimConfig, TrainConfig
-from jaxalign.metrics import MetricsWriter, Progress
+from jaxalign.metrics import SFT_PROGRESS, MetricsWriter, Progress
 from jaxalign.sharding import batch_sharding, replicated
 from jaxalign.train.optim import make_optimizer
 from jaxalign.train.step import LossFn, TrainState, init_state, jit_train_step, make_eval_step, \
@@ -55,6 +55,8 @@ class Task:
     prepare: Callable[[dict], dict] | None = None
     # Report eval/perplexity = exp(eval/loss): only meaningful for a token-level NLL.
     perplexity: bool = True
+    # The metrics the progress line shows (jaxalign.metrics: SFT_PROGRESS, DPO_PROGRESS, ...).
+    progress: tuple[str, ...] = SFT_PROGRESS
 
 
 def put_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
@@ -205,7 +207,7 @@ def train(*, run_dir: str | Path, cfg: TrainConfig, optim: OptimConfig, mesh: Me
     eval_step = make_eval_step(task.loss_fn) if task.eval_data is not None else None
     writer = MetricsWriter(run_dir, resume_step=start, tensorboard=cfg.tensorboard,
                            wandb_project=cfg.wandb_project, run_config=run_config)
-    progress = Progress(cfg.steps, start, enabled=cfg.progress)
+    progress = Progress(cfg.steps, start, enabled=cfg.progress, fields=task.progress)
     last: dict[str, float] = {}
     guard, saved_at = BadStepGuard(cfg.max_bad_steps, ckpts.dir), start
 

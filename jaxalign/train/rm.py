@@ -15,6 +15,7 @@ from jaxalign.config import ConfigError, LoRAConfig, ModelConfig, ModelSource, R
 from jaxalign.data.config import DataConfig
 from jaxalign.data.preference import build_preference_data
 from jaxalign.losses.preference import bradley_terry
+from jaxalign.metrics import RM_PROGRESS
 from jaxalign.models import functional, heads, lora
 from jaxalign.train.loop import Task
 from jaxalign.train.setup import Loaded, load_start, pair_rows, run_recipe, supervised
@@ -22,6 +23,7 @@ from jaxalign.train.setup import Loaded, load_start, pair_rows, run_recipe, supe
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class RMOptions:
+    """The Bradley-Terry loss of reward modelling."""
     center_coef: float = 0.0        # coef * mean((r_c + r_r)^2) keeps rewards near zero
     margin: float = 0.0             # required reward gap: -log sigmoid(r_c - r_r - margin)
 
@@ -77,7 +79,7 @@ def _task(cfg: RMConfig, models: Loaded, tokenizer):
                                  process_count=jax.process_count())
     task = Task(loss_fn=rm_loss_fn(models.cfg, cfg.rm), train_data=data.train,
                 eval_data=(lambda: iter(data.eval)) if data.eval is not None else None,
-                perplexity=False)
+                perplexity=False, progress=RM_PROGRESS)
     return task, {"pad_token_id": data.pad_id}
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from jaxalign.config import ConfigError, OptimConfig, RunConfig
+from jaxalign.config import ConfigError, OptimConfig, RunConfig, require_extra
 from jaxalign.data.config import DatasetSpec
 from jaxalign.train.rl.objectives import OBJECTIVES, Objective
 
@@ -26,7 +26,9 @@ def _check(cond: bool, msg: str) -> None:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class PromptDataConfig:
-    """prompts         a dataset (path or spec) whose rows hold "prompt" (a string or a message
+    """The prompts the policy completes.
+
+    prompts         a dataset (path or spec) whose rows hold "prompt" (a string or a message
                        list) or "messages" (a trailing assistant turn is dropped); its other
                        columns reach the reward functions as keyword arguments.
     chat            render with the tokenizer's chat template + generation prompt.
@@ -45,7 +47,9 @@ class PromptDataConfig:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class RewardConfig:
-    """model                reward model: directory, run directory or hub id org/name (or null)
+    """How a completion is scored: a reward model, reward functions or both.
+
+    model                reward model: directory, run directory or hub id org/name (or null)
     revision             hub id only: branch, tag or commit of reward.model (default main)
     functions            'module:function' reward functions (summed with the model's score)
     weights              one weight per source, the model first (default: all 1)
@@ -81,12 +85,13 @@ class RewardConfig:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class RolloutConfig:
+    """Sampling the completions of one iteration."""
     batch_size: int = 16            # prompts per iteration
     num_generations: int = 1        # completions per prompt (the group of GRPO / RLOO)
-    max_new_tokens: int = 64
+    max_new_tokens: int = 64        # completion length limit
     temperature: float = 1.0        # the policy distribution PPO optimises is softmax(logits / T)
-    top_p: float = 1.0
-    top_k: int = 0
+    top_p: float = 1.0              # nucleus sampling (1: off)
+    top_k: int = 0                  # sample among the k likeliest tokens (0: off)
     decode_scan_layers: bool | None = None  # the prefill's layer form; None: as model.scan_layers
     # Compute dtype of sampling; None: the policy's. bfloat16 decodes from bf16 copies of the
     # weights (half the bytes a step reads); the log-probs PPO trains on still come from the
@@ -113,17 +118,17 @@ class PPOAlgoConfig:
     the objectives whose properties ask for them (KL in the reward, a value model)."""
     epochs: int = 4                 # passes over each rollout
     minibatches: int = 1            # optimizer steps per pass
-    clip_eps: float = 0.2
-    value_clip_eps: float = 0.2
-    vf_coef: float = 0.1
+    clip_eps: float = 0.2           # policy ratio clipped to [1 - eps, 1 + eps]
+    value_clip_eps: float = 0.2     # value prediction kept within eps of the rollout's
+    vf_coef: float = 0.1            # weight of the value loss (value-model objectives)
     ent_coef: float = 0.0           # entropy bonus
-    gamma: float = 1.0
-    lam: float = 0.95
-    whiten_advantages: bool = True
+    gamma: float = 1.0              # discount of GAE
+    lam: float = 0.95               # lambda of GAE
+    whiten_advantages: bool = True  # advantages to zero mean, unit std per rollout
     kl_kind: str = "k1"             # per-token KL estimator in the reward: k1 or k3
     kl_coef: float = 0.05           # fixed, or the adaptive controller's start
     kl_target: float | None = None  # adaptive KL controller when set (per-sequence KL)
-    kl_horizon: float = 10000.0
+    kl_horizon: float = 10000.0     # adaptive controller's horizon (steps), as in TRL / Ziegler et al.
     max_approx_kl: float | None = None  # stop the epochs once an epoch's approx KL exceeds it
     value_model: str = "shared"     # 'shared' head on the policy trunk or a 'separate' critic
     critic_init: str = "policy"     # separate critic: from the 'policy' or the 'reward' model
@@ -143,15 +148,17 @@ class PPOAlgoConfig:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class GRPOConfig:
+    """GRPO's in-loss KL and group normalisation."""
     beta: float = 0.04              # coefficient of the k3 KL term in the loss
     scale_rewards: bool = True      # divide by the group's std (False: Dr. GRPO, centre only)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class MonitorConfig:
-    entropy_floor: float | None = None  # mean per-token entropy (nats) below this ...
-    kl_ceiling: float | None = None     # ... or per-sequence KL above this ...
-    action: str = "warn"                # ... 'warn' or 'stop' (after checkpointing the iteration)
+    """Warnings (or a stop) when the policy collapses or drifts."""
+    entropy_floor: float | None = None  # trips when the mean per-token entropy (nats) is below this
+    kl_ceiling: float | None = None     # trips when the per-sequence KL is above this
+    action: str = "warn"                # on a trip: 'warn' or 'stop' (after checkpointing the iteration)
 
     def __post_init__(self):
         _check(self.action in ("warn", "stop"), f"monitor.action {self.action!r}: expected warn or stop")
@@ -159,25 +166,28 @@ class MonitorConfig:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class RLTrainConfig:
+    """The RL driver's loop (`jaxalign.train.rl.driver`)."""
     iterations: int                 # rollout -> update cycles
-    seed: int = 0
+    seed: int = 0                   # sampling, parameter init, prompt order
     grad_accum: int = 1             # micro-batches per minibatch step
     save_every: int = 0             # 0: only at the end (and on SIGTERM / SIGINT / errors)
-    keep_checkpoints: int = 3
+    keep_checkpoints: int = 3       # the newest N checkpoints are kept
     sample_every: int = 10          # write sample completions every N iterations (0: never)
-    num_samples: int = 2
+    num_samples: int = 2            # completions written each time
     max_bad_steps: int = 0          # non-finite steps in a row allowed before the run stops
     logits_chunk: int = 128         # response positions per LM-head chunk
-    tensorboard: bool = True
-    wandb_project: str | None = None
-    progress: bool = True
-    export_hf: bool = False
+    tensorboard: bool = True        # TensorBoard event files in run_dir/tensorboard
+    wandb_project: str | None = None  # log to this Weights & Biases project (pip install 'jaxalign[wandb]')
+    progress: bool = True           # the progress line on stderr (README: "What runs print")
+    export_hf: bool = False         # write run_dir/hf (the policy) at the end
 
     def __post_init__(self):
         for key in ("iterations", "grad_accum", "keep_checkpoints", "logits_chunk"):
             _check(getattr(self, key) >= 1, f"train.{key} must be >= 1, got {getattr(self, key)}")
         for key in ("save_every", "sample_every", "num_samples", "max_bad_steps"):
             _check(getattr(self, key) >= 0, f"train.{key} must be >= 0, got {getattr(self, key)}")
+        if self.wandb_project:
+            require_extra("wandb", "wandb", f"train.wandb_project={self.wandb_project}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -39,7 +39,7 @@ from jaxalign import runtime, sharding
 from jaxalign.config import JaxalignError
 from jaxalign.generate import eos_ids_for
 from jaxalign.losses.ppo import adaptive_kl_update
-from jaxalign.metrics import MetricsWriter, Progress, truncate_jsonl
+from jaxalign.metrics import RL_PROGRESS, MetricsWriter, Progress, truncate_jsonl
 from jaxalign.models import lora
 from jaxalign.tokenizer import load_tokenizer
 from jaxalign.train.loop import BadStepGuard, StopFlag, put_batch, start_or_resume
@@ -327,7 +327,8 @@ class _Run:
                                wandb_project=cfg.train.wandb_project, run_config=self.raw)
         if jax.process_index() == 0:
             truncate_jsonl(run_dir / "samples.jsonl", start)
-        progress = Progress(cfg.train.iterations, start, enabled=cfg.train.progress)
+        progress = Progress(cfg.train.iterations, start, enabled=cfg.train.progress,
+                            fields=RL_PROGRESS, unit="iteration")
         self.guard = BadStepGuard(cfg.train.max_bad_steps, ckpts.dir, unit="iteration")
         saved_at, last = start, {}
         meta = self._meta(start)
