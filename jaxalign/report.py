@@ -89,7 +89,8 @@ def find_runs(path: Path) -> list[Path]:
         return [path]
     state = _json(path / "pipeline.json") or {}
     order = state.get("order") or list(state.get("stages", {}))
-    subdirs = [p for p in sorted(path.iterdir()) if p.is_dir() and is_run(p)]
+    subdirs = [p for p in sorted(path.iterdir()) if p.is_dir() and is_run(p)
+               and (not order or p.name in order)]  # a stage dropped from the config: not shown
     subdirs.sort(key=lambda p: list(order).index(p.name) if p.name in order else len(order))
     if not subdirs:
         raise ReportError(f"{path}: no run files (metrics.jsonl, eval.json, stats.json) here "
