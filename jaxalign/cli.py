@@ -245,7 +245,10 @@ def cmd_pipeline(args) -> int:
     if args.mesh is not None or args.dtype is not None:  # onto every stage that has the key
         overrides = runtime_overrides(load_yaml(args.config, overrides), args.mesh,
                                       args.dtype) + overrides
-    run_pipeline(from_dict(PipelineConfig, load_yaml(args.config, overrides)))
+    try:
+        run_pipeline(from_dict(PipelineConfig, load_yaml(args.config, overrides)))
+    except KeyboardInterrupt:  # SIGINT / SIGTERM: the stage checkpointed; the log says how to resume
+        return 130
     return 0
 
 

@@ -337,7 +337,12 @@ def run_pipeline(cfg: PipelineConfig, devices=None,
         if jax.process_index() == 0:
             _save_state(root, state)
         log.info("pipeline: stage %s (%s)", stage, s["dir"])
-        STAGES[stage][1](s["config"], s["raw"], devices)
+        try:
+            STAGES[stage][1](s["config"], s["raw"], devices)
+        except KeyboardInterrupt:
+            log.error("pipeline: stage %s interrupted; the same command resumes it (finished "
+                      "stages are not rerun)", stage)
+            raise
         state["stages"][stage]["done"] = True
         if jax.process_index() == 0:
             _save_state(root, state)
