@@ -182,3 +182,17 @@ def test_runtime_flags_reach_every_stage(setup):
     steps = {s["stage"]: s["config"] for s in plan(cfg)}
     assert steps["dpo"].model.dtype == "bfloat16" and steps["rm"].mesh.data == 2
     assert steps["eval"].eval.dtype == "bfloat16"
+
+
+def test_kto_and_grpo_stages_are_wired_like_the_others(setup):
+    """Any recipe is a stage: kto (unpaired rows) and ppo's other algorithms start from the sft
+    run, and eval compares every policy stage."""
+    cfg = config(setup, "kto.data.train=['{data}/prefs/train.jsonl']", "kto.train.steps=2",
+                 "kto.train.batch_size=8", "ppo.algorithm=grpo", "ppo.rollout.num_generations=2")
+    steps = {s["stage"]: s for s in plan(cfg)}
+    pipe = Path(cfg.out_dir)
+    assert list(steps) == ["data", "sft", "rm", "ppo", "dpo", "kto", "eval", "export", "report"]
+    assert steps["kto"]["config"].model.path == str(pipe / "sft")
+    assert steps["ppo"]["config"].algorithm == "grpo"
+    assert set(steps["eval"]["config"].models.policies) == {"sft", "ppo", "dpo", "kto"}
+    assert steps["export"]["config"].model == str(pipe / "kto")
