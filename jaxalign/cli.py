@@ -10,7 +10,9 @@
   jaxalign kto CONFIG.yaml [key=value ...]
   jaxalign ppo CONFIG.yaml [key=value ...]     (algorithm: a row of train/rl/objectives.py)
   jaxalign plan CONFIG.yaml [key=value ...] --devices N [--meshes M] [--device-memory-gb G]
-  jaxalign eval CONFIG.yaml [key=value ...]
+  jaxalign prepare CONFIG.yaml [key=value ...] (data stage: dedup, mix, split)
+  jaxalign report RUN_OR_PIPELINE_DIR [--out DIR]
+  jaxalign pipeline CONFIG.yaml [key=value ...] (data, sft, rm, ppo/dpo/kto, eval, export, report)
   jaxalign config NAME | --markdown            every key of a command's config
 
 Every command takes --mesh and --dtype (jaxalign.reference.RUNTIME_FLAGS: on the YAML-driven
@@ -227,6 +229,37 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_prepare(args) -> int:
+    from jaxalign.config import from_dict, load_yaml
+    from jaxalign.data.prepare import PrepareConfig, run_prepare
+    raw = load_yaml(args.config, args.overrides)
+    totals = run_prepare(from_dict(PrepareConfig, raw), raw)
+    print(json.dumps({k: int(v) for k, v in totals.items()}))
+    return 0
+
+
+def cmd_report(args) -> int:
+    from jaxalign.report import write_report
+    result = write_report(args.run, args.out)
+    log.info("wrote %s and %d plot(s)", result["report"], len(result["plots"]))
+    print(result["summary"], end="")
+    return 0
+
+
+def cmd_pipeline(args) -> int:
+    from jaxalign.config import from_dict, load_yaml
+    from jaxalign.pipeline import PipelineConfig, run_pipeline, runtime_overrides
+    overrides = list(args.overrides)
+    if args.mesh is not None or args.dtype is not None:  # onto every stage that has the key
+        overrides = runtime_overrides(load_yaml(args.config, overrides), args.mesh,
+                                      args.dtype) + overrides
+    try:
+        run_pipeline(from_dict(PipelineConfig, load_yaml(args.config, overrides)))
+    except KeyboardInterrupt:  # SIGINT / SIGTERM: the stage checkpointed; the log says how to resume
+        return 130
+    return 0
+
+
 def cmd_plan(args) -> int:
     from jaxalign.train.plan import run_plan
     overrides = ([f"model.dtype={args.dtype}"] if args.dtype else []) + list(args.overrides)
@@ -304,6 +337,28 @@ def build_parser() -> argparse.ArgumentParser:
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         _add_configured(p, name, "YAML run config (see configs/)")
         p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("prepare", help="data stage: empty / exact / near-duplicate (MinHash) "
+                                       "removal, mixing by weights, train/eval split")
+    p.add_argument("config", help="YAML data config (see configs/*data*.yaml)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", type=_override)
+    _add_runtime(p)
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("report", help="report.md + PNG plots of a run or pipeline dir "
+                                      "(needs the extra: pip install 'jaxalign[report]')")
+    p.add_argument("run", help="run dir or pipeline dir")
+    p.add_argument("--out", default=None, help="where report.md and the PNGs go (default: RUN)")
+    _add_runtime(p)
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("pipeline", help="every stage from one YAML (data, sft, rm, ppo / dpo / "
+                                        "kto, eval, export, report); reruns only what changed")
+    p.add_argument("config", help="YAML pipeline config (see configs/*rlhf*.yaml)")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="dotted overrides, e.g. sft.train.steps=10", type=_override)
+    _add_runtime(p, configured=True)  # --mesh / --dtype: each stage's own keys
+    p.set_defaults(func=cmd_pipeline, parser=p)
 
     p = sub.add_parser("eval", help="evaluate named policies: perplexity, ROUGE-L / exact match, "
                                     "reward-model win rate and KL vs the reference, preference "

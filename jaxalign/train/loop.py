@@ -161,6 +161,17 @@ def start_or_resume(run_dir: Path, trainable, optimizer, seed: int, keep: int):
     return state, state_sh, ckpts, start, meta
 
 
+def total_steps(cfg: TrainConfig, loader) -> int:
+    """train.steps, or the steps that make train.epochs over the loader's data."""
+    if cfg.steps is not None:
+        return cfg.steps
+    if not hasattr(loader, "steps_for_epochs"):
+        raise ConfigError("train.epochs needs a training set of known size; give train.steps")
+    steps = loader.steps_for_epochs(cfg.epochs)
+    log.info("train.epochs=%g: %d steps of %d rows", cfg.epochs, steps, cfg.batch_size)
+    return steps
+
+
 def evaluate(eval_step, params, frozen, batches: Iterable[dict], mesh: Mesh, limit: int = 0,
              perplexity: bool = True) -> dict:
     sums: dict[str, float] = {}
@@ -180,9 +191,11 @@ def evaluate(eval_step, params, frozen, batches: Iterable[dict], mesh: Mesh, lim
 def train(*, run_dir: str | Path, cfg: TrainConfig, optim: OptimConfig, mesh: Mesh,
           trainable, frozen, frozen_shardings, task: Task, run_config: dict | None = None,
           on_end: Callable[[TrainState], None] | None = None) -> dict[str, float]:
-    """Runs (or resumes) training to `cfg.steps`; returns the last logged metrics."""
+    """Runs (or resumes) training to `cfg.steps` (or `cfg.epochs` turned into steps);
+    returns the last logged metrics."""
     run_dir = Path(run_dir)
     _check_batch_fits(cfg, mesh)
+    cfg = dataclasses.replace(cfg, steps=total_steps(cfg, task.train_data), epochs=None)
     runtime.count_compilations()  # perf.jsonl shows any recompilation after warm-up
     optimizer, schedule = make_optimizer(optim, cfg.steps)
     state, state_sh, ckpts, start, meta = start_or_resume(run_dir, trainable, optimizer, cfg.seed,
