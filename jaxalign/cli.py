@@ -2,15 +2,17 @@
 
   jaxalign convert HF_DIR_OR_HUB_ID OUT_DIR [--revision R]
   jaxalign export MODEL OUT_HF_DIR [--revision R]
-  jaxalign generate MODEL --prompt TEXT [--chat] [--max-new-tokens N] [--temperature T]
-                    [--top-p P] [--top-k K] [--seed S]
+  jaxalign generate MODEL (--prompt TEXT | --prompts FILE [--out FILE] [--batch-size B])
+                    [--chat] [--max-new-tokens N] [--temperature T] [--top-p P] [--top-k K] [--seed S]
   jaxalign sft CONFIG.yaml [key=value ...]
   jaxalign rm  CONFIG.yaml [key=value ...]
   jaxalign dpo CONFIG.yaml [key=value ...]
   jaxalign kto CONFIG.yaml [key=value ...]
   jaxalign ppo CONFIG.yaml [key=value ...]     (algorithm: a row of train/rl/objectives.py)
   jaxalign plan CONFIG.yaml [key=value ...] --devices N [--meshes M] [--device-memory-gb G]
-  jaxalign eval CONFIG.yaml [key=value ...]
+  jaxalign prepare CONFIG.yaml [key=value ...] (data stage: dedup, mix, split)
+  jaxalign report RUN_OR_PIPELINE_DIR [--out DIR]
+  jaxalign pipeline CONFIG.yaml [key=value ...] (data, sft, rm, ppo/dpo/kto, eval, export, report)
   jaxalign config NAME | --markdown            every key of a command's config
 
 Every command takes --mesh and --dtype (jaxalign.reference.RUNTIME_FLAGS: on the YAML-driven
@@ -115,6 +117,15 @@ def _add_revision(p: argparse.ArgumentParser) -> None:
                         "HF_HUB_CACHE / HF_HOME and HF_HUB_OFFLINE=1")
 
 
+def _add_distributed(p: argparse.ArgumentParser) -> None:
+    """Several processes as one run (jaxalign/distributed.py; SLURM / MPI / TPU pods are
+    detected without these)."""
+    p.add_argument("--coordinator", metavar="HOST:PORT", default=None,
+                   help="process 0's address, for a run over several processes / hosts")
+    p.add_argument("--num-processes", type=int, default=None, help="processes in the run")
+    p.add_argument("--process-id", type=int, default=None, help="this process's id, 0-based")
+
+
 def _mesh(args):
     from jaxalign import sharding
     from jaxalign.config import MeshConfig
@@ -163,6 +174,8 @@ def cmd_generate(args) -> int:
     from jaxalign import checkpoint
     from jaxalign.generate import generate_text
 
+    if args.out and not args.prompts:
+        raise SystemExit(_usage("generate", "--out needs --prompts FILE"))
     # Scanned layers keep the prefill one small program; the decode steps read per-layer
     # weights either way (generate.py). --dtype bfloat16 decodes from bf16 copies of the
     # weights (half the bytes a step reads).
@@ -170,12 +183,30 @@ def cmd_generate(args) -> int:
                                                     scan_layers=True, revision=args.revision)
     tokenizer = load_tokenizer(tok_dir)
     t0 = time.perf_counter()
+    sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                    top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+    if args.prompts:
+        from jaxalign.evaluate.generation import generate_file, write_jsonl
+        rows = generate_file(cfg, params, tokenizer, args.prompts, chat=args.chat,
+                             batch_size=args.batch_size, **sampling)
+        log.info("generated %d completions in %.1fs (compile included)", len(rows),
+                 time.perf_counter() - t0)
+        if args.out:
+            print(write_jsonl(args.out, rows))
+        else:
+            for row in rows:
+                print(json.dumps(row, ensure_ascii=False, default=str))
+        return 0
     (completion,) = generate_text(cfg, params, tokenizer, [args.prompt], chat=args.chat,
-                                  max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                  top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+                                  **sampling)
     log.info("generated in %.1fs (compile included)", time.perf_counter() - t0)
     print(completion)
     return 0
+
+
+def _usage(command: str, message: str) -> int:
+    sys.stderr.write(f"jaxalign {command}: error: {message} (see `jaxalign {command} --help`)\n")
+    return 2
 
 
 def cmd_train(args) -> int:
@@ -198,6 +229,37 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_prepare(args) -> int:
+    from jaxalign.config import from_dict, load_yaml
+    from jaxalign.data.prepare import PrepareConfig, run_prepare
+    raw = load_yaml(args.config, args.overrides)
+    totals = run_prepare(from_dict(PrepareConfig, raw), raw)
+    print(json.dumps({k: int(v) for k, v in totals.items()}))
+    return 0
+
+
+def cmd_report(args) -> int:
+    from jaxalign.report import write_report
+    result = write_report(args.run, args.out)
+    log.info("wrote %s and %d plot(s)", result["report"], len(result["plots"]))
+    print(result["summary"], end="")
+    return 0
+
+
+def cmd_pipeline(args) -> int:
+    from jaxalign.config import from_dict, load_yaml
+    from jaxalign.pipeline import PipelineConfig, run_pipeline, runtime_overrides
+    overrides = list(args.overrides)
+    if args.mesh is not None or args.dtype is not None:  # onto every stage that has the key
+        overrides = runtime_overrides(load_yaml(args.config, overrides), args.mesh,
+                                      args.dtype) + overrides
+    try:
+        run_pipeline(from_dict(PipelineConfig, load_yaml(args.config, overrides)))
+    except KeyboardInterrupt:  # SIGINT / SIGTERM: the stage checkpointed; the log says how to resume
+        return 130
+    return 0
+
+
 def cmd_plan(args) -> int:
     from jaxalign.train.plan import run_plan
     overrides = ([f"model.dtype={args.dtype}"] if args.dtype else []) + list(args.overrides)
@@ -216,6 +278,7 @@ def cmd_plan(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="jaxalign", description="Align Hugging Face Llama models with JAX.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    _add_distributed(parser)
     # -v also after the command (`jaxalign sft c.yaml -v`); SUPPRESS keeps the subcommand's
     # default from overwriting a -v given before it.
     verbose = _Parser(add_help=False)
@@ -245,10 +308,19 @@ def build_parser() -> argparse.ArgumentParser:
     # export: --dtype is the dtype of the written tensors; unset keeps the model's own.
     p.set_defaults(func=cmd_export, dtype=None)
 
-    p = sub.add_parser("generate", help="complete one prompt; prints only the completion")
+    p = sub.add_parser("generate", help="complete one prompt (prints only the completion) or "
+                                        "a file of prompts (JSONL rows)")
     p.add_argument("model", help="HF directory, jaxalign checkpoint, run dir or hub id")
     _add_revision(p)
-    p.add_argument("--prompt", required=True)
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--prompt", help="one prompt; stdout gets only its completion")
+    what.add_argument("--prompts", metavar="FILE",
+                      help="a .txt file (one prompt a line) or a dataset of prompt / messages / "
+                           "pair rows; one JSON row per prompt (prompt, completion, tokens, "
+                           "finished, the row's other columns) to --out or stdout")
+    p.add_argument("--out", metavar="FILE", help="with --prompts: write the JSONL rows here")
+    p.add_argument("--batch-size", type=_number(int, ">= 1", lambda x: x >= 1), default=8,
+                   help="with --prompts: prompts per sampler call (default 8)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
     p.add_argument("--max-new-tokens", type=_number(int, ">= 1", lambda x: x >= 1), default=128)
     p.add_argument("--temperature", type=_number(float, ">= 0", lambda x: x >= 0), default=0.0,
@@ -266,10 +338,34 @@ def build_parser() -> argparse.ArgumentParser:
         _add_configured(p, name, "YAML run config (see configs/)")
         p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("eval", help="held-out preference accuracy (reward model, DPO-implied "
-                                    "reward) and reward-model-judged win rate vs the reference",
+    p = sub.add_parser("prepare", help="data stage: empty / exact / near-duplicate (MinHash) "
+                                       "removal, mixing by weights, train/eval split")
+    p.add_argument("config", help="YAML data config (see configs/*data*.yaml)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", type=_override)
+    _add_runtime(p)
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("report", help="report.md + PNG plots of a run or pipeline dir "
+                                      "(needs the extra: pip install 'jaxalign[report]')")
+    p.add_argument("run", help="run dir or pipeline dir")
+    p.add_argument("--out", default=None, help="where report.md and the PNGs go (default: RUN)")
+    _add_runtime(p)
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("pipeline", help="every stage from one YAML (data, sft, rm, ppo / dpo / "
+                                        "kto, eval, export, report); reruns only what changed")
+    p.add_argument("config", help="YAML pipeline config (see configs/*rlhf*.yaml)")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="dotted overrides, e.g. sft.train.steps=10", type=_override)
+    _add_runtime(p, configured=True)  # --mesh / --dtype: each stage's own keys
+    p.set_defaults(func=cmd_pipeline, parser=p)
+
+    p = sub.add_parser("eval", help="evaluate named policies: perplexity, ROUGE-L / exact match, "
+                                    "reward-model win rate and KL vs the reference, preference "
+                                    "accuracy, samples, optional lm-eval task",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    _add_configured(p, "eval", "YAML eval config (see configs/*eval*.yaml)")
+    _add_configured(p, "eval", "YAML eval config, sections models, data, eval, lm_eval "
+                               "(see configs/tiny_eval.yaml)")
     p.set_defaults(func=cmd_eval)
     p = sub.add_parser("plan", help="per-mesh memory, compile time and collectives of a run's "
                                     "train step on N devices, compiled from shapes (no weights)")
@@ -330,10 +426,10 @@ def main(argv: list[str] | None = None) -> int:
     from jaxalign.train.preempt import Preempted
     try:
         if args.func is not cmd_config:  # printing the reference needs no devices
-            from jaxalign.sharding import initialize_distributed
+            from jaxalign import distributed
             settings = runtime.configure_jax()
             log.debug("runtime settings: %s", settings)
-            initialize_distributed()
+            distributed.initialize(args.coordinator, args.num_processes, args.process_id)
         return args.func(args)
     except Preempted as e:
         # A scheduler's SIGTERM is not a failure: the checkpoint is written, rerun continues.

@@ -291,8 +291,11 @@ class LoRAConfig:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class TrainConfig:
-    """The supervised loop (`jaxalign.train.loop.train`)."""
-    steps: int                      # optimizer steps of the run
+    """The supervised loop (`jaxalign.train.loop.train`). Its length is `steps` optimizer
+    steps or `epochs` passes over the training examples (all datasets together; fractional
+    allowed), exactly one of the two; the loop turns epochs into steps from the data."""
+    steps: int | None = None        # optimizer steps of the run (or give epochs)
+    epochs: float | None = None     # passes over the training examples (or give steps)
     batch_size: int                 # rows per optimizer step, all processes together
     grad_accum: int = 1             # micro-batches per step (batch_size / grad_accum rows each)
     seed: int = 0                   # parameter init (score head, LoRA), dropout
@@ -314,7 +317,12 @@ class TrainConfig:
     def __post_init__(self):
         _require(self.memory_limit_gb is None or self.memory_limit_gb > 0,
                  f"train.memory_limit_gb must be positive or null, got {self.memory_limit_gb}")
-        for key in ("steps", "batch_size", "grad_accum", "log_every", "keep_checkpoints"):
+        _require((self.steps is None) != (self.epochs is None),
+                 "train: give exactly one of train.steps and train.epochs, got "
+                 f"steps={self.steps} epochs={self.epochs}")
+        _require(self.epochs is None or self.epochs > 0, f"train.epochs must be > 0, got {self.epochs}")
+        _require(self.steps is None or self.steps >= 1, f"train.steps must be >= 1, got {self.steps}")
+        for key in ("batch_size", "grad_accum", "log_every", "keep_checkpoints"):
             _require(getattr(self, key) >= 1, f"train.{key} must be >= 1, got {getattr(self, key)}")
         for key in ("eval_every", "eval_batches", "save_every", "max_bad_steps", "logits_chunk"):
             _require(getattr(self, key) >= 0, f"train.{key} must be >= 0, got {getattr(self, key)}")

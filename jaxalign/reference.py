@@ -32,6 +32,8 @@ from jaxalign.train.recipes import RECIPES
 CONFIGS: dict[str, str] = {
     **{name: recipe.config for name, recipe in RECIPES.items()},
     "eval": "jaxalign.evaluate:EvalConfig",
+    "prepare": "jaxalign.data.prepare:PrepareConfig",
+    "pipeline": "jaxalign.pipeline:PipelineConfig",
 }
 
 # The runtime flags every command takes, and the config keys they set on the YAML-driven
@@ -273,8 +275,19 @@ def render_markdown() -> str:
     return "\n".join(out) + "\n"
 
 
+# Commands whose runtime flags do not map onto keys of their own config.
+FLAG_NOTES: dict[str, str] = {
+    "PipelineConfig": "`--mesh` and `--dtype` set each stage's own mesh and dtype keys, in every "
+                      "stage that has them.",
+    "PrepareConfig": "`--mesh` and `--dtype` are accepted and change nothing: the data stage "
+                     "runs no model.",
+}
+
+
 def flags_text(cls: type) -> str:
     """Which keys the runtime flags set on this config (or that they are refused)."""
+    if cls.__name__ in FLAG_NOTES:
+        return FLAG_NOTES[cls.__name__]
     parts = []
     for flag, kw in (("--mesh", {"mesh": _ExampleMesh()}), ("--dtype", {"dtype": "bfloat16"})):
         try:

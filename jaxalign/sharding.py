@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from typing import Any, Sequence
 
 import jax
@@ -121,23 +120,6 @@ def batch_sharding(mesh: Mesh, ndim: int = 2, shape: Sequence[int] | None = None
     if shape is None:
         return NamedSharding(mesh, P(("data", "fsdp")))
     return named(names, shape, mesh)
-
-
-def initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,
-                           process_id: int | None = None) -> None:
-    """Starts JAX's multi-controller runtime when asked to (explicitly or by environment).
-
-    On CPU the collectives go over gloo, which must be chosen before the backend starts.
-    """
-    coordinator = coordinator or os.environ.get("JAXALIGN_COORDINATOR")
-    if coordinator is None:
-        return
-    num_processes = num_processes or int(os.environ["JAXALIGN_NUM_PROCESSES"])
-    process_id = process_id if process_id is not None else int(os.environ["JAXALIGN_PROCESS_ID"])
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator, num_processes=num_processes, process_id=process_id)
-    log.info("process %d/%d joined %s; %d global devices", process_id, num_processes,
-             coordinator, jax.device_count())
 
 
 def put_global(host_array: np.ndarray, sharding: NamedSharding) -> jax.Array:

@@ -235,3 +235,29 @@ class CharTokenizer:
 
     def __call__(self, texts, add_special_tokens=True, **kw):
         return {"input_ids": [[ord(c) for c in t] for t in texts]}
+
+
+@pytest.mark.parametrize("pack", [False, True])
+def test_steps_for_epochs_consume_the_epochs(sets, pack):
+    """train.epochs -> steps: after that many batches the stream has taken at least `epochs`
+    passes over all examples, and one batch fewer had not."""
+    total = sum(len(s) for s in sets)
+    for epochs in (1, 2.5):
+        ld = loader(sets, pack=pack)
+        steps = ld.steps_for_epochs(epochs)
+        assert ld.stream.counter == 0  # counting does not move the loader
+        for _ in range(steps - 1):
+            next(ld)
+        assert ld.stream.counter < epochs * total
+        next(ld)
+        assert ld.stream.counter >= epochs * total
+        if not pack:
+            assert steps == -(-int(epochs * total) // ld.batch_size)
+
+
+def test_train_config_steps_or_epochs():
+    from jaxalign.config import ConfigError, TrainConfig
+    assert TrainConfig(epochs=3, batch_size=4).steps is None
+    for kw in ({}, {"steps": 2, "epochs": 1.0}):
+        with pytest.raises(ConfigError, match="exactly one of train.steps and train.epochs"):
+            TrainConfig(batch_size=4, **kw)

@@ -6,17 +6,15 @@ The test itself is the launcher; this same file, run as a script, is the worker.
 """
 
 import json
-import os
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
-import pytest
 
-TIMEOUT_S = 120
+from multiproc import free_port, launch, python, worker_env
+
+TIMEOUT_S = 300   # generous: the CI machine may be shared
 NUM_PROCESSES = 2
 LOCAL_DEVICES = 2
 B, T = 4, 12
@@ -29,15 +27,6 @@ def _batch():
     seg[3, 8:] = 0
     tokens = np.where(seg > 0, rng.integers(3, 96, (B, T)), 0).astype(np.int32)
     return tokens, seg
-
-
-def _free_port():
-    try:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.bind(("127.0.0.1", 0))
-            return s.getsockname()[1]
-    except OSError as e:
-        pytest.skip(f"cannot bind a local TCP port for the coordinator: {e}")
 
 
 def test_two_processes_match_single_process(tmp_path):
@@ -54,29 +43,11 @@ def test_two_processes_match_single_process(tmp_path):
         params, tokens, seg))
     np.save(tmp_path / "reference.npy", ref)
 
-    port = _free_port()
-    env = dict(os.environ)
+    port = free_port()
     # Each worker sees two fake devices (not the eight of this pytest process).
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={LOCAL_DEVICES}"
-    env["JAX_PLATFORMS"] = "cpu"
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent), env.get("PYTHONPATH", "")])
-    procs = [subprocess.Popen(
-        [sys.executable, __file__, f"127.0.0.1:{port}", str(i), str(src), str(tmp_path)],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for i in range(NUM_PROCESSES)]
-    deadline = time.monotonic() + TIMEOUT_S
-    outputs = []
-    try:
-        for p in procs:
-            out, _ = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
-            outputs.append(out)
-    except subprocess.TimeoutExpired:
-        for p in procs:
-            p.kill()
-        logs = [p.communicate()[0] for p in procs]
-        pytest.fail(f"workers did not finish in {TIMEOUT_S} s:\n" + "\n----\n".join(l[-3000:] for l in logs))
-    for i, (p, out) in enumerate(zip(procs, outputs)):
-        assert p.returncode == 0, f"worker {i} exited {p.returncode}:\n{out[-4000:]}"
+    launch([python(__file__, f"127.0.0.1:{port}", str(i), str(src), str(tmp_path))
+            for i in range(NUM_PROCESSES)],
+           [worker_env(LOCAL_DEVICES) for _ in range(NUM_PROCESSES)], TIMEOUT_S)
 
     report = json.loads((tmp_path / "result.json").read_text())
     assert report["global_devices"] == NUM_PROCESSES * LOCAL_DEVICES
@@ -92,13 +63,13 @@ def worker(coordinator: str, process_id: int, src: str, work: str) -> None:
     import jax
     from jax.sharding import NamedSharding, PartitionSpec as P
 
-    from jaxalign import sharding
+    from jaxalign import distributed, sharding
     from jaxalign.config import MeshConfig
     from jaxalign.convert import hf
     from jaxalign.models import functional
 
     t_import = time.monotonic()
-    sharding.initialize_distributed(coordinator, NUM_PROCESSES, process_id)
+    distributed.initialize(coordinator, NUM_PROCESSES, process_id)
     t_init = time.monotonic()
     assert jax.process_count() == NUM_PROCESSES and jax.local_device_count() == LOCAL_DEVICES
     # fsdp x tensor over the 4 global devices: every weight is split across both processes.

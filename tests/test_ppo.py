@@ -1,6 +1,6 @@
 """PPO / GRPO on a tiny random Llama: sampler vs trainer log-probs, learning a programmatic
 reward under a KL ceiling, exact resume, bad inputs, the roles (LoRA reference, reward
-model, separate critic), the curves script.
+model, separate critic), the run report.
 
 Compile time dominates: every run with the PPO config below shares one set of compiled
 programs (`driver.compiled` caches them per process), so most tests cost about a second.
@@ -8,9 +8,7 @@ programs (`driver.compiled` caches them per process), so most tests cost about a
 
 import json
 import struct
-import subprocess
 import sys
-import zlib
 from pathlib import Path
 
 import jax
@@ -443,20 +441,31 @@ def test_ppo_run_loads_policy_only(ppo_run, monkeypatch):
     assert (Path(tok_dir) / "tokenizer.json").exists()
 
 
-def test_ppo_curves_png(ppo_run, tmp_path):
-    png = tmp_path / "curves.png"
-    subprocess.run([sys.executable, str(ROOT / "scripts" / "ppo_curves.py"), str(ppo_run), str(png)],
-                   check=True, capture_output=True)
+def test_ppo_report(ppo_run, tmp_path, capsys, monkeypatch):
+    """`jaxalign report` on the PPO run: report.md, its plot (a real PNG with the reward, KL and
+    entropy panels), the memory report, samples and the summary table on stdout."""
+    from jaxalign import cli
+    from jaxalign.report import grouped, write_report
+    assert cli.main(["report", str(ppo_run), "--out", str(tmp_path)]) == 0
+    summary = capsys.readouterr().out
+    assert summary.startswith("| stage | algorithm | steps / rows |") and "| ppo |" in summary
+    md = (tmp_path / "report.md").read_text()
+    png = tmp_path / f"{ppo_run.name}_curves.png"
+    assert f"]({png.name})" in md
     data = png.read_bytes()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    assert data[12:16] == b"IHDR"
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
     width, height = struct.unpack(">II", data[16:24])
-    assert width > 100 and height > 100
-    if data[25] == 2 and data.count(b"IDAT") == 1:  # colour type 2 = RGB; one IDAT: our own writer
-        at = data.index(b"IDAT")
-        length = struct.unpack(">I", data[at - 4:at])[0]
-        raw = zlib.decompress(data[at + 4:at + 4 + length])
-        assert len(raw) == height * (1 + 3 * width)
+    assert width > 300 and height > 200
+    groups = grouped(records(ppo_run))
+    assert {"reward", "KL", "entropy", "loss"} <= set(groups), groups
+    assert "reward_mean" in groups["reward"] and "kl" in groups["KL"]
+    assert "Memory report" in md and "peak_estimate" in md
+    assert "Samples" in md and "completion" in md
+    last = records(ppo_run)[-1]
+    assert f"| reward_mean | {last['reward_mean']:.4g} |" in md
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # the extra missing: one line naming it
+    assert cli.main(["report", str(ppo_run), "--out", str(tmp_path / "x")]) == 1
+    assert "pip install 'jaxalign[report]'" in capsys.readouterr().err
 
 
 def test_cli_ppo(tiny, tmp_path, capsys):

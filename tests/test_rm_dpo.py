@@ -209,31 +209,36 @@ def test_dpo_options_are_validated():
 
 def test_eval_accuracy_and_win_rate(prefs):
     """`jaxalign eval` on the runs above: its preference accuracies are the runs' own held-out
-    figures; a policy judged against itself ties every prompt (win rate 0.5, DPO accuracy 0)."""
+    figures; a policy judged against itself ties every prompt (win rate 0.5, DPO accuracy 0,
+    KL 0)."""
     from jaxalign import cli
-    from jaxalign.evaluate import EvalConfig, run_eval
+    from jaxalign.evaluate import from_raw, run_eval
     rm_run, dpo_run = prefs["root"] / "rm", prefs["root"] / "dpo"
     if not (rm_run / "hf").exists() or not (dpo_run / "checkpoints").exists():
         pytest.skip("needs the reward-model and DPO runs of the tests above")
-    common = dict(pairs=[{"path": str(prefs["eval"])}], prompts=[{"path": str(prefs["eval"])}],
-                  seq_len=192, limit=32, batch_size=16, max_new_tokens=8)
-    got = run_eval(from_dict(EvalConfig, dict(common, policy=str(dpo_run),
-                                              reward_model=str(rm_run))))
+    data = {"pairs": [{"path": str(prefs["eval"])}], "prompts": [{"path": str(prefs["eval"])}]}
+    opts = {"seq_len": 192, "limit": 32, "batch_size": 16, "max_new_tokens": 8}
+    # One policy that is a run dir: its reference is the model the run started from.
+    got = run_eval(from_raw({"models": {"policies": {"dpo": str(dpo_run)},
+                                        "reward_model": str(rm_run)},
+                             "data": data, "eval": opts}))
     dpo_rows = _metrics(dpo_run)
     rm_rows = _metrics(rm_run)
-    assert got["dpo/pairs"] == 32 and got["winrate/prompts"] == 32
-    assert got["dpo/accuracy"] == pytest.approx(dpo_rows[-1]["eval/rewards/accuracies"], abs=1e-6)
-    assert got["dpo/margin"] == pytest.approx(dpo_rows[-1]["eval/rewards/margins"], rel=1e-4)
+    assert got["dpo/dpo/pairs"] == 32 and got["gen/dpo/prompts"] == 32
+    assert got["dpo/dpo/accuracy"] == pytest.approx(dpo_rows[-1]["eval/rewards/accuracies"], abs=1e-6)
+    assert got["dpo/dpo/margin"] == pytest.approx(dpo_rows[-1]["eval/rewards/margins"], rel=1e-4)
     assert got["rm/accuracy"] >= 0.95 and rm_rows[-1]["eval/accuracy"] >= 0.95
-    assert 0.0 <= got["winrate/policy_vs_reference"] <= 1.0
+    assert 0.0 <= got["winrate/dpo"] <= 1.0
 
     out = prefs["root"] / "eval_self"
     cfg_path = prefs["root"] / "eval.yaml"
     import yaml
-    cfg_path.write_text(yaml.safe_dump(dict(common, policy=str(prefs["model_dir"]),
-                                            reward_model=str(rm_run / "hf"), out_dir=str(out))))
+    cfg_path.write_text(yaml.safe_dump({
+        "models": {"policies": {"base": str(prefs["model_dir"])},
+                   "reference": str(prefs["model_dir"]), "reward_model": str(rm_run / "hf")},
+        "data": data, "eval": opts, "out_dir": str(out)}))
     assert cli.main(["eval", str(cfg_path)]) == 0
     self_eval = json.loads((out / "eval.json").read_text())
-    assert self_eval["winrate/policy_vs_reference"] == 0.5
-    assert self_eval["dpo/accuracy"] == 0.0 and self_eval["dpo/margin"] == 0.0
+    assert self_eval["winrate/base"] == 0.5 and self_eval["kl/base/sequence"] == 0.0
+    assert self_eval["dpo/base/accuracy"] == 0.0 and self_eval["dpo/base/margin"] == 0.0
     assert self_eval["rm/accuracy"] == got["rm/accuracy"]  # run dir and its HF export agree

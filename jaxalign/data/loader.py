@@ -131,6 +131,24 @@ class TrainLoader:
     def __next__(self) -> dict[str, np.ndarray]:
         return process_slice(self.next_global(), self.process_index, self.process_count)
 
+    def steps_for_epochs(self, epochs: float) -> int:
+        """Batches that take `epochs` passes over all training examples (the datasets
+        together, whatever their weights), counted from the start. Packed rows hold a varying
+        number of examples, so they are counted by packing a pass (no arrays are built)."""
+        target = math.ceil(epochs * sum(self.stream.sizes))
+        if not self.pack:
+            return max(1, math.ceil(target / self.batch_size))
+        saved = self.stream.state()
+        self.stream.restore({"counter": 0, "cursors": [[0, 0] for _ in self.stream.sizes]})
+        rows = 0
+        try:
+            while self.stream.counter < target:
+                self._next_row()
+                rows += 1
+        finally:
+            self.stream.restore(saved)
+        return max(1, math.ceil(rows / self.batch_size))
+
     @property
     def epochs(self) -> list[float]:
         """Fractional epochs consumed per dataset (for logging)."""

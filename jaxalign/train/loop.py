@@ -22,7 +22,7 @@ import numpy as np
 import yaml
 from jax.sharding import Mesh
 
-from jaxalign import faults, runtime
+from jaxalign import distributed, faults, runtime
 from jaxalign.checkpoint import TrainCheckpoints, describe_run
 from jaxalign.config import ConfigError, JaxalignError, ModelConfig, OptimConfig, TrainConfig
 from jaxalign.metrics import SFT_PROGRESS, MetricsWriter, Progress
@@ -72,6 +72,8 @@ def _check_batch_fits(cfg: TrainConfig, mesh: Mesh) -> None:
     if micro % shards:
         raise ConfigError(f"train.batch_size / train.grad_accum = {micro} rows per micro-batch "
                           f"cannot be split over data x fsdp = {shards} devices; use a multiple of {shards}")
+    # The loaders give process i rows [i B / P, (i + 1) B / P): its devices must hold those.
+    distributed.check_even_split(mesh, cfg.batch_size, "train.batch_size")
 
 
 class BadStepGuard:
@@ -165,6 +167,17 @@ def check_memory(run_dir: Path, mesh: Mesh, step_fn, state, frozen, cfg: TrainCo
                             "frozen": frozen}, knobs, cfg.memory_limit_gb)
 
 
+def total_steps(cfg: TrainConfig, loader) -> int:
+    """train.steps, or the steps that make train.epochs over the loader's data."""
+    if cfg.steps is not None:
+        return cfg.steps
+    if not hasattr(loader, "steps_for_epochs"):
+        raise ConfigError("train.epochs needs a training set of known size; give train.steps")
+    steps = loader.steps_for_epochs(cfg.epochs)
+    log.info("train.epochs=%g: %d steps of %d rows", cfg.epochs, steps, cfg.batch_size)
+    return steps
+
+
 def evaluate(eval_step, params, frozen, batches: Iterable[dict], mesh: Mesh, limit: int = 0,
              perplexity: bool = True) -> dict:
     sums: dict[str, float] = {}
@@ -185,10 +198,12 @@ def train(*, run_dir: str | Path, cfg: TrainConfig, optim: OptimConfig, mesh: Me
           trainable, frozen, frozen_shardings, task: Task, run_config: dict | None = None,
           on_end: Callable[[TrainState], None] | None = None,
           model: ModelConfig | None = None) -> dict[str, float]:
-    """Runs (or resumes) training to `cfg.steps`; returns the last logged metrics.
-    `model`: the trained model's config, for the memory pre-flight's advice."""
+    """Runs (or resumes) training to `cfg.steps` (or `cfg.epochs` turned into steps);
+    returns the last logged metrics. `model`: the trained model's config, for the memory
+    pre-flight's advice."""
     run_dir = Path(run_dir)
     _check_batch_fits(cfg, mesh)
+    cfg = dataclasses.replace(cfg, steps=total_steps(cfg, task.train_data), epochs=None)
     runtime.count_compilations()  # perf.jsonl shows any recompilation after warm-up
     optimizer, schedule = make_optimizer(optim, cfg.steps)
     state, state_sh, ckpts, start, meta = start_or_resume(run_dir, trainable, optimizer, cfg.seed,

@@ -53,13 +53,8 @@ class StopFlag:
         """Whether to stop now. With several processes, any process's signal stops all of
         them at the same step (a checkpoint is written by all together, so a process that
         stopped alone would leave the others waiting in the next collective)."""
-        mine = type(self).signum is not None
-        import jax
-        if jax.process_count() == 1:
-            return mine
-        import numpy as np
-        from jax.experimental import multihost_utils
-        return bool(np.asarray(multihost_utils.process_allgather(np.int32(mine))).any())
+        from jaxalign import distributed
+        return distributed.any_process(type(self).signum is not None)
 
     def __exit__(self, *exc):
         cls = type(self)

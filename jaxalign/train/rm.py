@@ -11,7 +11,6 @@ import dataclasses
 
 import jax
 
-from jaxalign import checkpoint
 from jaxalign.config import ConfigError, LoRAConfig, ModelConfig, ModelSource, RunConfig
 from jaxalign.data.config import DataConfig
 from jaxalign.data.preference import build_preference_data
@@ -19,7 +18,7 @@ from jaxalign.losses.preference import bradley_terry
 from jaxalign.metrics import RM_PROGRESS
 from jaxalign.models import functional, heads, lora
 from jaxalign.train.loop import Task
-from jaxalign.train.setup import Loaded, pair_rows, run_recipe, supervised
+from jaxalign.train.setup import Loaded, load_start, pair_rows, run_recipe, supervised
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -64,9 +63,8 @@ def split_trainable(cfg: ModelConfig, params):
 
 def init_reward_model(source: ModelSource, lora_cfg: LoRAConfig, mesh, seed: int) -> Loaded:
     """The reward model to train: any model source with a (fresh, for a causal LM) score head."""
-    cfg, params, hf_config, tok_dir = checkpoint.load_model(source.path, mesh, num_labels=1,
-                                                            seed=seed, revision=source.revision,
-                                                            **source.runtime())
+    cfg, params, hf_config, tok_dir = load_start(source.path, mesh, num_labels=1, seed=seed,
+                                                 revision=source.revision, **source.runtime())
     cfg = lora_cfg.apply_to(cfg)
     if cfg.lora_rank:
         params = lora.add_adapters(cfg, params, mesh, seed)

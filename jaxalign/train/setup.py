@@ -38,11 +38,22 @@ class Loaded:
     extra: dict = dataclasses.field(default_factory=dict)   # recipe-specific (DPO: ref_cfg)
 
 
+def load_start(path: str, mesh, **kw):
+    """The model a run starts from: any model source, a LoRA run's adapters folded into its
+    weights (kept as adapters, a new LoRA would replace them and lose what they learned; e.g.
+    a reward model or PPO started from a LoRA SFT run). Same return as `load_model`."""
+    cfg, params, hf_config, tok_dir = checkpoint.load_model(path, mesh, **kw)
+    if cfg.lora_rank:
+        cfg, params = lora.merge(cfg, params)
+        if mesh is not None:
+            params = jax.device_put(params, functional.param_shardings(cfg, mesh))
+    return cfg, params, hf_config, tok_dir
+
+
 def load_policy(source: ModelSource, lora_cfg: LoRAConfig, mesh, seed: int) -> Loaded:
     """The policy from any model source; with LoRA, fresh adapters train and the base is frozen."""
-    cfg, params, hf_config, tok_dir = checkpoint.load_model(source.path, mesh,
-                                                            revision=source.revision,
-                                                            **source.runtime())
+    cfg, params, hf_config, tok_dir = load_start(source.path, mesh, revision=source.revision,
+                                                 **source.runtime())
     cfg = lora_cfg.apply_to(cfg)
     shardings = functional.param_shardings(cfg, mesh)
     if cfg.lora_rank:

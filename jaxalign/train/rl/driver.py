@@ -16,6 +16,13 @@ The roles (policy, reference, value, reward) are loaded by `roles.py`; their
 sizes are logged (and written to memory.json) from param byte counts and the compiled
 programs' memory analysis before the first update.
 
+Several processes (hosts): every process walks the same prompt stream and runs the same
+programs on the global arrays; it samples, decodes and scores only the rows its devices hold
+(`distributed.process_rows`), the per-row host figures are exchanged once per iteration
+(`hosts.py`), advantages see every group whole inside the jitted program, minibatches are
+gathered on the devices, process 0 writes the run's files, and all save checkpoints together.
+The metrics equal one process's on the same global rollout.
+
 Resuming is rerunning: the checkpoint holds the TrainState (params, optimizer, RNG) and, in
 its JSON, the prompt-stream position, the KL coefficient and the running reward moments;
 the rollout key is derived from the state's RNG and the iteration, so a resumed run
@@ -35,7 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxalign import faults, runtime, sharding
+from jaxalign import distributed, faults, runtime, sharding
 from jaxalign.config import JaxalignError
 from jaxalign.generate import eos_ids_for
 from jaxalign.losses.ppo import adaptive_kl_update
@@ -45,7 +52,7 @@ from jaxalign.tokenizer import load_tokenizer
 from jaxalign.train.loop import BadStepGuard, StopFlag, put_batch, start_or_resume
 from jaxalign.train.preempt import Preempted
 from jaxalign.train.optim import make_optimizer
-from jaxalign.train.rl import objectives, prompts as RP, rollout as R
+from jaxalign.train.rl import hosts, objectives, prompts as RP, rollout as R
 from jaxalign.train.rl.config import RLConfig
 from jaxalign.train.rl.rewards import Rewarder, RewardFunctionError, RunningMoments, \
     check_reward_model_dir
@@ -129,6 +136,7 @@ def load(cfg: RLConfig, mesh) -> Loaded:
         raise JaxalignError(f"{cfg.rollout.rows} rollout rows / minibatches of "
                             f"{cfg.minibatch_rows} rows (x train.grad_accum) must split over "
                             f"data x fsdp = {shards} devices")
+    distributed.process_rows(mesh, cfg.rollout.rows)  # each process's rows: one block
     rewarder = Rewarder(cfg.reward)   # imports the reward functions: a bad name fails here
     if cfg.reward.model is not None:
         # a wrong kind (or a hub id not in the cache) fails before any model loads
@@ -177,6 +185,8 @@ class _Run:
         self.eos_ids = eos_ids_for(tokenizer, loaded.tok_dir)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
         self.P = RP.prompt_length(loaded.prompts)
+        # The rollout rows this process samples, decodes and scores (all with one process).
+        self.rows = distributed.process_rows(mesh, cfg.rollout.rows)
         self.obj = objectives.Settings.of(cfg)
         self.sampling = R.Sampling(
             max_new_tokens=cfg.rollout.max_new_tokens, temperature=float(cfg.rollout.temperature),
@@ -207,7 +217,8 @@ class _Run:
         self.rollout_fn = compiled(
             ("rollout", models, sampling),
             lambda: jax.jit(lambda *a: R.rollout(models, sampling, *a),
-                            in_shardings=(train_sh, frozen_sh, aux_sh, bsh, bsh, rep)),
+                            in_shardings=(train_sh, frozen_sh, aux_sh, bsh, bsh, rep),
+                            out_shardings=bsh),
             _abstract(state.params), _abstract(roles.frozen), _abstract(roles.aux),
             sds((rows, self.P), i32), sds((rows, self.P), i32), sds((2,), jnp.uint32, rep))
         exp_abs = {"mask_BN": sds((rows, N), i32), "old_logp_BN": sds((rows, N), f32),
@@ -215,12 +226,20 @@ class _Run:
                    "lengths_B": sds((rows,), i32)}
         self.adv_fn = compiled(
             ("advantages", obj),
-            lambda: jax.jit(lambda *a: objectives.advantages(obj, *a)),
+            lambda: jax.jit(lambda *a: objectives.advantages(obj, *a),
+                            out_shardings=self._adv_shardings(bsh, rep)),
             exp_abs, sds((rows,), f32), sds((), f32, rep))
         optimizer, schedule = make_optimizer(cfg.optim, cfg.total_steps)
-        batch_abs = {k: sds((mb, T if k.endswith("_BT") else N), i32 if k in (
-            "tokens_BT", "positions_BT", "segment_ids_BT", "response_BN", "mask_BN") else f32)
-            for k in objectives.TRAIN_KEYS}
+        def batch_abs(n):
+            return {k: sds((n, T if k.endswith("_BT") else N), i32 if k in (
+                "tokens_BT", "positions_BT", "segment_ids_BT", "response_BN", "mask_BN") else f32)
+                for k in objectives.TRAIN_KEYS}
+        # A minibatch is gathered on the devices from the global rollout: any rows, whichever
+        # process sampled them, exactly as one process would pick them.
+        self.take_fn = compiled(
+            ("take",), lambda: jax.jit(lambda b, r: jax.tree.map(lambda x: x[r], b),
+                                       out_shardings=bsh),
+            batch_abs(rows), sds((mb,), i32, rep))
         state_sh = jax.tree.map(lambda x: x.sharding, state)
         # A constant schedule (after warmup) does not depend on the run's length.
         span = 0 if cfg.optim.schedule == "constant" else cfg.total_steps
@@ -229,17 +248,28 @@ class _Run:
             lambda: jit_train_step(make_train_step(objectives.make_loss_fn(loss_models, obj), optimizer,
                                                    schedule, grad_accum=cfg.train.grad_accum),
                                    state_sh, frozen_sh, bsh),
-            _abstract(state), _abstract(roles.frozen), batch_abs)
+            _abstract(state), _abstract(roles.frozen), batch_abs(mb))
         return {"rollout": self.rollout_fn, "advantages": self.adv_fn, "train_step": self.step_fn}
 
     # -- one iteration ------------------------------------------------------------------------
+    def _adv_shardings(self, bsh, rep) -> dict:
+        out = {"kl": rep, "kl_token": rep, "advantages_BN": bsh, "returns_BN": bsh}
+        if self.obj.objective.needs_value:
+            out["explained_variance"] = rep
+        return out
+
     def _experience(self, state, it: int):
-        """Rollout + rewards + advantages -> (host batch, metrics, samples). Touches no state
-        except the reward moments, and those only after every reward function succeeded."""
+        """Rollout + rewards + advantages -> (device batch, metrics, samples). Touches no state
+        except the reward moments, and those only after every reward function succeeded.
+
+        Every process walks the same prompt stream; it samples, decodes and scores only its
+        rows of the rollout (`self.rows`), then the per-row figures are exchanged
+        (`hosts.exchange`) so that every process normalises and reports the whole rollout."""
         cfg, G = self.cfg, self.cfg.rollout.num_generations
         idx = np.repeat(self.stream.next(), G)   # a prompt's group: consecutive rows
         faults.point("batch")
-        prompt_BP, mask_BP = RP.stack_prompts(self.prompts, idx, self.pad_id, self.P)
+        mine = idx[self.rows]
+        prompt_BP, mask_BP = RP.stack_prompts(self.prompts, mine, self.pad_id, self.P)
         key = jax.random.fold_in(jax.random.fold_in(state.rng, _ROLLOUT_SALT), it)
         rep = sharding.replicated(self.mesh)
         dev = put_batch({"p": prompt_BP, "m": mask_BP}, self.mesh)
@@ -247,33 +277,40 @@ class _Run:
                               self.roles.aux, dev["p"], dev["m"],
                               jax.device_put(jnp.asarray(key, jnp.uint32), rep))
         faults.point("rollout")
-        host = {k: np.asarray(v) for k, v in jax.device_get(exp).items()}
+        host = {k: distributed.local_rows(exp[k], self.rows) for k in hosts.HOST_KEYS}
         lengths, eos = host["lengths_B"], R.has_eos(host["response_BN"], host["lengths_B"], self.eos_ids)
         completions = R.decode(self.tokenizer, host["response_BN"], lengths)
-        texts = [self.prompts.texts[i] for i in idx]
-        raw, parts = self.rewarder.raw(texts, completions, host["rm_score_B"], eos,
-                                       self.prompts.columns_of(idx))
-        scores = self.rewarder.normalise(raw).astype(np.float32)
-        adv_in = put_batch({k: host[k] for k in ("mask_BN", "old_logp_BN", "ref_logp_BN",
-                                                  "values_BN", "lengths_B")}, self.mesh)
-        adv = jax.device_get(self.adv_fn(adv_in, put_batch({"s": scores}, self.mesh)["s"],
-                                         jax.device_put(jnp.float32(self.kl_coef), rep)))
-        mask = host["mask_BN"].astype(bool)
-        metrics = {"reward_mean": float(raw.mean()), "reward_std": float(raw.std()),
-                   "score_mean": float(scores.mean()), **parts,
-                   "kl": float(np.mean(adv["kl_B"])), "kl_token": float(adv["kl_token"]),
-                   "kl_coef": float(self.kl_coef),
-                   "entropy": float(host["entropy_BN"][mask].mean()),
-                   "response_length": float(lengths.mean()), "eos_rate": float(eos.mean()),
-                   "logprob_gap": float(np.abs(host["sampler_logp_BN"] - host["old_logp_BN"])[mask].max())}
+        texts = [self.prompts.texts[i] for i in mine]
+        figures, error = None, None
+        try:
+            raw, parts = self.rewarder.raw_rows(texts, completions, host["rm_score_B"], eos,
+                                                self.prompts.columns_of(mine))
+            figures = hosts.row_figures(host, eos, raw, parts)
+        except RewardFunctionError as e:
+            error = str(e)
+        first = range(self.rows.start, min(self.rows.stop, cfg.train.num_samples))
+        shown = [{"row": r, "prompt": texts[r - self.rows.start],
+                  "completion": completions[r - self.rows.start]} for r in first]
+        g, extras, error = hosts.exchange(self.rows, len(idx), figures, shown, error)
+        if error is not None:
+            raise RewardFunctionError(error)
+        scores = self.rewarder.normalise(g["raw"]).astype(np.float32)
+        adv_in = {k: exp[k] for k in ("mask_BN", "old_logp_BN", "ref_logp_BN", "values_BN",
+                                      "lengths_B")}
+        adv = self.adv_fn(adv_in, put_batch({"s": scores[self.rows]}, self.mesh)["s"],
+                          jax.device_put(jnp.float32(self.kl_coef), rep))
+        metrics = {**hosts.rollout_metrics(g), "score_mean": float(scores.mean()),
+                   "kl": float(adv["kl"]), "kl_token": float(adv["kl_token"]),
+                   "kl_coef": float(self.kl_coef)}
         if "explained_variance" in adv:
             metrics["explained_variance"] = float(adv["explained_variance"])
-        batch = {k: host[k] for k in objectives.TRAIN_KEYS if k in host}
-        batch.update(advantages_BN=np.asarray(adv["advantages_BN"]),
-                     returns_BN=np.asarray(adv["returns_BN"]))
-        samples = [{"prompt": texts[r], "completion": completions[r], "reward": float(raw[r]),
-                    "length": int(lengths[r]), "eos": bool(eos[r])}
-                   for r in range(min(cfg.train.num_samples, len(idx)))]
+        batch = {k: exp[k] for k in objectives.TRAIN_KEYS if k in exp}
+        batch.update(advantages_BN=adv["advantages_BN"], returns_BN=adv["returns_BN"])
+        samples = [{"prompt": s["prompt"], "completion": s["completion"],
+                    "reward": float(g["raw"][s["row"]]), "length": int(g["lengths"][s["row"]]),
+                    "eos": bool(g["eos"][s["row"]])}
+                   for s in sorted({s["row"]: s for x in extras for s in x}.values(),
+                                   key=lambda s: s["row"])]
         return batch, metrics, samples
 
     def _update(self, state, batch: dict, it: int, saved_at: int):
@@ -286,8 +323,8 @@ class _Run:
             epoch_records = []
             for m in range(cfg.ppo.minibatches):
                 rows = perm[m * cfg.minibatch_rows:(m + 1) * cfg.minibatch_rows]
-                state, out = self.step_fn(state, self.roles.frozen,
-                                          put_batch({k: v[rows] for k, v in batch.items()}, self.mesh))
+                picked = sharding.put_global(rows.astype(np.int32), sharding.replicated(self.mesh))
+                state, out = self.step_fn(state, self.roles.frozen, self.take_fn(batch, picked))
                 faults.point("step")
                 out = {k: float(v) for k, v in jax.device_get(out).items()}
                 self.guard.check(out, it, saved_at)
@@ -411,10 +448,10 @@ class _Run:
                 "kl_coef": self.kl_coef, "reward_moments": self.rewarder.moments.state()}
 
     def _write_samples(self, it: int, samples: list[dict]) -> None:
-        for s in samples:
-            log.info("sample @%d reward %.3f: %r -> %r", it, s["reward"], s["prompt"][-80:],
-                     s["completion"][:200])
-        if jax.process_index() == 0:
+        if jax.process_index() == 0:   # every process holds the same samples: one writes
+            for s in samples:
+                log.info("sample @%d reward %.3f: %r -> %r", it, s["reward"], s["prompt"][-80:],
+                         s["completion"][:200])
             with open(self.run_dir / "samples.jsonl", "a") as f:
                 for s in samples:
                     f.write(json.dumps({"step": it, **s}, ensure_ascii=False) + "\n")

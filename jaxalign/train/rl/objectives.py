@@ -95,7 +95,7 @@ def advantages(s: Settings, exp: dict, scores_B: jax.Array, kl_coef: jax.Array) 
         lengths_B=exp["lengths_B"], gamma=s.gamma, lam=s.lam,
         whiten_advantages=s.whiten_advantages, group_size=s.group_size,
         scale_rewards=s.scale_rewards)
-    out = {"kl_B": kl_BN.sum(1), "kl_token": _masked_mean(kl_BN, mask_BN),
+    out = {"kl": kl_BN.sum(1).mean(), "kl_token": _masked_mean(kl_BN, mask_BN),
            "advantages_BN": adv_BN, "returns_BN": ret_BN}
     if s.objective.needs_value:
         out["explained_variance"] = L.explained_variance(exp["values_BN"], ret_BN, mask_BN)

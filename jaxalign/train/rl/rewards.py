@@ -184,17 +184,25 @@ class Rewarder:
             ) -> tuple[np.ndarray, dict[str, float]]:
         """-> (score per completion, per-source means). `columns`: the prompt dataset's other
         columns, one value per completion. Raises RewardFunctionError."""
-        parts: dict[str, float] = {}
+        total, parts = self.raw_rows(prompts, completions, model_scores, eos, columns)
+        return total, {k: float(v.mean()) for k, v in parts.items()}
+
+    def raw_rows(self, prompts: Sequence[str], completions: Sequence[str],
+                 model_scores: np.ndarray, eos: np.ndarray, columns: dict[str, list] | None = None
+                 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """As `raw`, with each source's score per completion instead of its mean (the RL
+        driver averages them over every process's rows)."""
+        parts: dict[str, np.ndarray] = {}
         weights = iter(self.weights)
         total = np.zeros(len(completions), np.float64)
         if self.cfg.model is not None:
             s = np.asarray(model_scores, np.float64)
             total += next(weights) * s
-            parts["reward/model"] = float(s.mean())
+            parts["reward/model"] = s
         for name, fn in self.functions:
             s = call_function(name, fn, prompts, completions, columns)
             total += next(weights) * s
-            parts[f"reward/{name.split(':')[1]}"] = float(s.mean())
+            parts[f"reward/{name.split(':')[1]}"] = s
         if self.cfg.missing_eos_penalty is not None:
             total = total - self.cfg.missing_eos_penalty * (~eos)
         return total, parts

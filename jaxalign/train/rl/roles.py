@@ -22,14 +22,14 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from jaxalign import checkpoint, sharding
+from jaxalign import sharding
 from jaxalign.models import lora
 from jaxalign.models.llama import score_init_std
 from jaxalign.train import preflight
 from jaxalign.train.rl import rollout as R
 from jaxalign.train.rl.config import RLConfig
 from jaxalign.train.rl.rewards import load_frozen_reward_model
-from jaxalign.train.setup import load_policy
+from jaxalign.train.setup import load_policy, load_start
 
 log = logging.getLogger(__name__)
 
@@ -72,9 +72,9 @@ def _critic(cfg: RLConfig, mesh, reward):
         ccfg, base = reward
         base = base if cfg.lora.rank else _copy(base)
     else:
-        ccfg, base, _, _ = checkpoint.load_model(cfg.model.path, mesh, num_labels=1,
-                                                 seed=cfg.train.seed + 2,
-                                                 revision=cfg.model.revision, **runtime)
+        ccfg, base, _, _ = load_start(cfg.model.path, mesh, num_labels=1,
+                                      seed=cfg.train.seed + 2, revision=cfg.model.revision,
+                                      **runtime)
     if not cfg.lora.rank:
         return ccfg, base, {}
     ccfg = cfg.lora.apply_to(ccfg)

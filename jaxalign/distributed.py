@@ -1,0 +1,169 @@
+"""Several processes (hosts) as one run: joining JAX's multi-controller runtime, and the few
+host-side exchanges a training loop needs beyond the jitted programs' own collectives.
+
+Joining (`initialize`, called by the CLI before anything touches a device), first match wins:
+  1. explicit: `--coordinator HOST:PORT --num-processes N --process-id I` on the command
+     line, or the environment JAXALIGN_COORDINATOR / JAXALIGN_NUM_PROCESSES /
+     JAXALIGN_PROCESS_ID, or JAX's own JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /
+     JAX_PROCESS_ID;
+  2. a cluster JAX detects by itself, when it says there are several processes: SLURM
+     (SLURM_NTASKS > 1 inside an srun step), Open MPI (OMPI_COMM_WORLD_SIZE > 1), a TPU pod
+     slice whose worker list names several hosts (TPU_WORKER_HOSTNAMES /
+     TPU_PROCESS_ADDRESSES);
+  3. JAXALIGN_DISTRIBUTED=on asks for JAX's detection anywhere (a Cloud TPU pod VM, whose
+     workers are listed only in the metadata server); JAXALIGN_DISTRIBUTED=off never joins.
+Otherwise the run is one process. On CPU the cross-process collectives go over gloo, which
+must be chosen before the backend starts; on GPU / TPU that setting is not read.
+
+Every process runs the same Python loop on the same global batch description; each owns the
+rows its devices hold (`process_rows`), reads them back (`local_rows`) and exchanges small
+host values with the others (`allgather_json`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import jax
+import numpy as np
+
+from jaxalign.config import ConfigError
+from jaxalign.sharding import MeshError, batch_sharding
+
+log = logging.getLogger(__name__)
+
+ENV_MODE = "JAXALIGN_DISTRIBUTED"     # auto (default) | on | off
+
+
+def _env_int(*names: str) -> int | None:
+    for name in names:
+        value = os.environ.get(name)
+        if value not in (None, ""):
+            try:
+                return int(value)
+            except ValueError:
+                raise ConfigError(f"{name}={value!r}: expected an integer") from None
+    return None
+
+
+def detected_cluster() -> str | None:
+    """The multi-process cluster this process runs in, as JAX would detect it, or None when
+    there is none or it has a single process (then joining is pointless)."""
+    env = os.environ
+    if "SLURM_JOB_ID" in env and "SLURM_STEP_NODELIST" in env and (_env_int("SLURM_NTASKS") or 1) > 1:
+        return "slurm"
+    if "OMPI_MCA_orte_hnp_uri" in env and (_env_int("OMPI_COMM_WORLD_SIZE") or 1) > 1:
+        return "openmpi"
+    hosts = env.get("TPU_PROCESS_ADDRESSES") or env.get("TPU_WORKER_HOSTNAMES") or ""
+    if len([h for h in hosts.split(",") if h.strip()]) > 1:
+        return "tpu"
+    return None
+
+
+def initialize(coordinator: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None) -> str | None:
+    """Joins the multi-controller runtime when asked to (see the module doc); returns how
+    ('explicit', a cluster name, 'auto') or None for a single-process run."""
+    mode = os.environ.get(ENV_MODE, "auto").strip().lower()
+    if mode not in ("auto", "on", "off"):
+        raise ConfigError(f"{ENV_MODE}={mode!r}: expected auto, on or off")
+    if mode == "off":
+        return None
+    coordinator = (coordinator or os.environ.get("JAXALIGN_COORDINATOR")
+                   or os.environ.get("JAX_COORDINATOR_ADDRESS"))
+    if num_processes is None:
+        num_processes = _env_int("JAXALIGN_NUM_PROCESSES", "JAX_NUM_PROCESSES")
+    if process_id is None:
+        process_id = _env_int("JAXALIGN_PROCESS_ID", "JAX_PROCESS_ID")
+    how = "explicit" if coordinator else (detected_cluster() or ("auto" if mode == "on" else None))
+    if how is None:
+        return None
+    if how == "explicit" and (num_processes is None or process_id is None):
+        raise ConfigError(f"coordinator {coordinator} given without the number of processes and "
+                          "this process's id (--num-processes / --process-id, or "
+                          "JAXALIGN_NUM_PROCESSES / JAXALIGN_PROCESS_ID)")
+    if num_processes is not None and process_id is not None and not 0 <= process_id < num_processes:
+        raise ConfigError(f"process id {process_id} is not in [0, {num_processes})")
+    # CPU collectives across processes (read when the CPU backend starts; harmless elsewhere).
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # Whatever was not given explicitly, JAX fills in from the cluster it detects.
+    jax.distributed.initialize(coordinator, num_processes=num_processes, process_id=process_id)
+    log.info("process %d/%d joined (%s); %d local / %d global devices", jax.process_index(),
+             jax.process_count(), how, jax.local_device_count(), jax.device_count())
+    return how
+
+
+# ----------------------------------------------------------------------------- rows
+
+def process_rows(mesh, rows: int) -> slice:
+    """The rows of a `rows`-long batch-sharded array (`sharding.batch_sharding`) that this
+    process's devices hold, as one slice; an error naming the mesh when they are not one
+    contiguous block (a device order that interleaves processes)."""
+    spans = sorted({(idx[0].start or 0, rows if idx[0].stop is None else idx[0].stop)
+                    for idx in batch_sharding(mesh).addressable_devices_indices_map((rows,)).values()})
+    lo, hi = spans[0]
+    for a, b in spans[1:]:
+        if a > hi:
+            raise MeshError(f"mesh {dict(mesh.shape)}: process {jax.process_index()}'s devices "
+                            f"hold rows that are not one block ({spans}); order the devices by "
+                            "process")
+        hi = max(hi, b)
+    return slice(lo, hi)
+
+
+def check_even_split(mesh, rows: int, what: str) -> slice:
+    """This process's rows, which must be the even split [i*rows/P, (i+1)*rows/P) that the
+    per-process data loaders produce; one line naming `what` and the fix otherwise."""
+    n, i = jax.process_count(), jax.process_index()
+    if rows % n:
+        raise ConfigError(f"{what} = {rows} rows cannot be split over {n} processes; use a "
+                          f"multiple of {n}")
+    mine = process_rows(mesh, rows)
+    per = rows // n
+    if (mine.start, mine.stop) != (i * per, (i + 1) * per):
+        shards = mesh.shape["data"] * mesh.shape["fsdp"]
+        raise ConfigError(f"mesh data x fsdp = {shards} does not give each of the {n} processes "
+                          f"its own rows of {what} (process {i} holds rows "
+                          f"{mine.start}:{mine.stop}); make data x fsdp a multiple of {n}")
+    return mine
+
+
+def local_rows(x: jax.Array, rows: slice) -> np.ndarray:
+    """Rows `rows` of a batch-sharded global array, read from this process's own shards."""
+    if x.is_fully_addressable:
+        return np.asarray(x)[rows]
+    out = np.empty((rows.stop - rows.start,) + x.shape[1:], x.dtype)
+    for shard in x.addressable_shards:
+        r = shard.index[0]
+        a, b = (r.start or 0), (x.shape[0] if r.stop is None else r.stop)
+        if a >= rows.start and b <= rows.stop:
+            out[(slice(a - rows.start, b - rows.start),) + tuple(shard.index[1:])] = np.asarray(shard.data)
+    return out
+
+
+def allgather_json(obj) -> list:
+    """Every process's `obj` (anything JSON holds; floats round-trip exactly), in process
+    order. One process: [obj] without any collective."""
+    if jax.process_count() == 1:
+        return [obj]
+    from jax.experimental import multihost_utils
+    data = np.frombuffer(json.dumps(obj).encode(), np.uint8)
+    sizes = np.asarray(multihost_utils.process_allgather(np.int32(len(data)))).reshape(-1)
+    # Padded to a power of two (>= 4 KiB): a handful of shapes, so a handful of compiles.
+    size = max(4096, 1 << int(sizes.max() - 1).bit_length())
+    buf = np.zeros(size, np.uint8)
+    buf[:len(data)] = data
+    every = np.asarray(multihost_utils.process_allgather(buf))
+    return [json.loads(bytes(every[p, :sizes[p]]).decode()) for p in range(len(sizes))]
+
+
+def any_process(flag: bool) -> bool:
+    """True on every process when `flag` is true on any. For decisions all processes must
+    take at the same step: a stop signal reaches the processes of a job at different
+    moments, and a checkpoint is written by all of them together."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    from jax.experimental import multihost_utils
+    return bool(np.asarray(multihost_utils.process_allgather(np.int32(bool(flag)))).any())

@@ -1,0 +1,351 @@
+"""`jaxalign pipeline CONFIG.yaml [key=value ...]`: data -> sft -> rm -> ppo / dpo / kto ->
+eval -> export -> report from one YAML, each stage an ordinary run dir under `out_dir`.
+
+The YAML has `out_dir` (the pipeline dir), `model` (the starting model), optionally `stages`
+(the order; default: the sections present, in ORDER), and one section per stage holding
+exactly the keys of that stage's own command (`jaxalign prepare | sft | rm | ppo | dpo | kto |
+eval`, and the export and report commands' options) except `out_dir`, which the pipeline sets
+to OUT/STAGE. Outputs are wired by path:
+  - any string containing `{stage}` (e.g. "{data}/sft/train.jsonl", "{rm}") becomes that
+    earlier stage's run dir;
+  - left unset, model.path of sft is `model`; of rm, dpo, kto and ppo the sft run (else
+    `model`); ppo's reward.model the rm run (when there is one and no reward.functions);
+    eval's models.policies every policy stage (sft, ppo, dpo, kto) by name, its
+    models.reference the sft run, its models.reward_model the rm run; export's model the
+    last policy stage.
+A placeholder must be quoted in YAML ("{data}/sft/train.jsonl"): bare, {x} is a mapping.
+Stage i's fingerprint is a hash of its wired section chained with stage i-1's, kept in
+OUT/pipeline.json. A stage whose fingerprint is recorded as done is skipped; recorded but not
+done (interrupted) is rerun in its dir, which resumes from its latest checkpoint; a changed
+fingerprint (its section or any earlier one changed) clears the dir and reruns it, and so
+every stage after it. The plan is logged before anything runs.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import logging
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+from jaxalign.config import ConfigError, from_dict
+
+log = logging.getLogger(__name__)
+
+ORDER = ("data", "sft", "rm", "ppo", "dpo", "kto", "eval", "export", "report")
+POLICY_STAGES = ("sft", "ppo", "dpo", "kto")     # stages whose run is a policy
+STATE_FILE = "pipeline.json"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ExportConfig:
+    """The export stage: `jaxalign export MODEL OUT` options; the HF dir is OUT/STAGE/hf."""
+    out_dir: str
+    model: str                      # a run dir, checkpoint or HF dir (default: last policy stage)
+    adapter: bool = False           # LoRA runs: a PEFT adapter instead of merged weights
+    max_shard_gb: float = 5.0
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ReportConfig:
+    """The report stage: `jaxalign report PIPELINE_DIR --out OUT/STAGE`."""
+    out_dir: str
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PipelineConfig:
+    """out_dir   the pipeline dir (one run dir per stage inside)
+    model     the starting model (HF dir, checkpoint or run dir)
+    stages    the stage order (default: the sections present, in ORDER)
+    data, sft, rm, ppo, dpo, kto, eval, export, report: each stage's own command config."""
+    out_dir: str                    # the pipeline dir: one run dir per stage, pipeline.json
+    model: str                      # the starting model (HF dir, hub id, checkpoint or run dir)
+    stages: tuple[str, ...] = ()    # the order (default: the sections present, in ORDER)
+    data: dict | None = None        # `jaxalign prepare` keys (PrepareConfig)
+    sft: dict | None = None         # `jaxalign sft` keys
+    rm: dict | None = None          # `jaxalign rm` keys
+    ppo: dict | None = None         # `jaxalign ppo` keys (any algorithm: ppo, grpo, rloo)
+    dpo: dict | None = None         # `jaxalign dpo` keys (any loss_type: orpo, simpo, ...)
+    kto: dict | None = None         # `jaxalign kto` keys
+    eval: dict | None = None        # `jaxalign eval` keys (models, data, eval, lm_eval)
+    export: dict | None = None      # ExportConfig keys: model, adapter, max_shard_gb
+    report: dict | None = None      # ReportConfig keys (none but out_dir, which is set)
+
+    def __post_init__(self):
+        present = tuple(s for s in ORDER if getattr(self, s) is not None)
+        order = tuple(self.stages) or present
+        unknown = [s for s in order if s not in ORDER]
+        if unknown:
+            raise ConfigError(f"stages: unknown stage(s) {unknown}; expected some of {list(ORDER)}")
+        if len(set(order)) != len(order):
+            raise ConfigError(f"stages: a stage is listed twice in {list(order)}")
+        missing = [s for s in order if getattr(self, s) is None]
+        if missing:
+            raise ConfigError(f"stages: {missing} listed without a section of their own "
+                              f"(an empty one is `{missing[0]}: {{}}`)")
+        if not order:
+            raise ConfigError("pipeline: no stage sections (data, sft, rm, ppo, dpo, kto, eval, "
+                              "export, report)")
+        for s in order:
+            if not isinstance(getattr(self, s), dict):
+                raise ConfigError(f"{s}: expected a mapping of the `{s}` command's keys")
+            if "out_dir" in getattr(self, s):
+                raise ConfigError(f"{s}.out_dir: the pipeline sets it ({self.out_dir}/{s}); remove it")
+        object.__setattr__(self, "stages", order)
+
+
+# ----------------------------------------------------------------------------- stage table
+
+def _recipe(name: str):
+    def build(section):
+        from jaxalign.train.recipes import RECIPES
+        return from_dict(RECIPES[name].load()[0], section)
+
+    def run(cfg, raw, devices):
+        from jaxalign.train.recipes import RECIPES
+        return RECIPES[name].load()[1](cfg, raw, devices)
+    return build, run
+
+
+def _build_data(section):
+    from jaxalign.data.prepare import PrepareConfig
+    return from_dict(PrepareConfig, section)
+
+
+def _run_data(cfg, raw, devices):
+    from jaxalign.data.prepare import run_prepare
+    return run_prepare(cfg, raw)
+
+
+def _build_eval(section):
+    from jaxalign.evaluate import from_raw
+    return from_raw(section)
+
+
+def _run_eval(cfg, raw, devices):
+    from jaxalign.evaluate import run_eval
+    _write_config(cfg.out_dir, raw)
+    return run_eval(cfg)
+
+
+def _run_export(cfg: ExportConfig, raw, devices):
+    from jaxalign import checkpoint, sharding
+    from jaxalign.config import MeshConfig
+    from jaxalign.convert.peft import save_peft
+    from jaxalign.train.setup import export_hf
+    _write_config(cfg.out_dir, raw)
+    out = Path(cfg.out_dir) / "hf"
+    model_cfg, params, hf_config, src = checkpoint.load_model(
+        cfg.model, sharding.make_mesh(MeshConfig(), devices))
+    if cfg.adapter:
+        if not model_cfg.lora_rank:
+            raise ConfigError(f"export.adapter: {cfg.model} is not a LoRA run")
+        save_peft(out, model_cfg, params, base_model_path=str(src))
+    else:
+        export_hf(out, model_cfg, params, hf_config, src,
+                  max_shard_bytes=int(cfg.max_shard_gb * 2**30))
+    log.info("exported %s -> %s", cfg.model, out)
+    return {}
+
+
+def _run_report(cfg: ReportConfig, raw, devices):
+    from jaxalign.report import write_report
+    _write_config(cfg.out_dir, raw)
+    result = write_report(Path(cfg.out_dir).parent, cfg.out_dir)
+    print(result["summary"], end="", flush=True)
+    return {}
+
+
+# stage -> (build(section) -> its validated config, run(cfg, raw, devices))
+STAGES: dict[str, tuple[Callable[[dict], Any], Callable[..., Any]]] = {
+    "data": (_build_data, _run_data),
+    **{name: _recipe(name) for name in ("sft", "rm", "ppo", "dpo", "kto")},
+    "eval": (_build_eval, _run_eval),
+    "export": (lambda section: from_dict(ExportConfig, section), _run_export),
+    "report": (lambda section: from_dict(ReportConfig, section), _run_report),
+}
+
+
+def _write_config(out_dir: str, raw: dict) -> None:
+    import yaml
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    (Path(out_dir) / "config.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+
+
+# ----------------------------------------------------------------------------- wiring
+
+_PLACEHOLDER = re.compile(r"\{(\w+)\}")
+
+
+def _substitute(value, dirs: dict[str, str], stage: str, key: str = ""):
+    if isinstance(value, dict):
+        return {k: _substitute(v, dirs, stage, f"{key}{k}.") for k, v in value.items()}
+    if isinstance(value, list):
+        return [_substitute(v, dirs, stage, key) for v in value]
+    if isinstance(value, str):
+        def repl(m):
+            name = m.group(1)
+            if name not in dirs:
+                raise ConfigError(f"{stage}.{key.rstrip('.')}: {{{name}}} names no earlier stage "
+                                  f"(earlier: {sorted(dirs)})")
+            return dirs[name]
+        return _PLACEHOLDER.sub(repl, value)
+    return value
+
+
+def _set_default(section: dict, dotted: str, value) -> None:
+    node = section
+    *parents, last = dotted.split(".")
+    for p in parents:
+        node = node.setdefault(p, {})
+    node.setdefault(last, value)
+
+
+def wire(cfg: PipelineConfig) -> list[tuple[str, dict]]:
+    """Each stage's section with out_dir, the placeholders and the default paths filled in."""
+    root = Path(cfg.out_dir)
+    dirs: dict[str, str] = {}
+    wired = []
+    for stage in cfg.stages:
+        section = _substitute(copy.deepcopy(getattr(cfg, stage)), dirs, stage)
+        policy = next((dirs[s] for s in reversed(list(dirs)) if s in POLICY_STAGES), None)
+        start = dirs.get("sft", cfg.model)
+        if stage == "sft":
+            _set_default(section, "model.path", cfg.model)
+        elif stage in ("rm", "dpo", "kto", "ppo"):
+            _set_default(section, "model.path", start)
+        if stage == "ppo" and "rm" in dirs and not section.get("reward", {}).get("functions"):
+            _set_default(section, "reward.model", dirs["rm"])
+        if stage == "eval":
+            models = section.setdefault("models", {})
+            models.setdefault("policies", {s: d for s, d in dirs.items() if s in POLICY_STAGES})
+            if "sft" in dirs and "sft" in models["policies"]:
+                models.setdefault("reference", "sft")
+            if "rm" in dirs:
+                models.setdefault("reward_model", dirs["rm"])
+        if stage == "export":
+            if policy is None and "model" not in section:
+                raise ConfigError("export.model: no policy stage before export to default to")
+            section.setdefault("model", policy)
+        section["out_dir"] = str(root / stage)
+        dirs[stage] = section["out_dir"]
+        wired.append((stage, section))
+    return wired
+
+
+def fingerprints(wired: list[tuple[str, dict]]) -> list[str]:
+    """Stage i's hash covers its wired section and stage i-1's hash."""
+    out, prev = [], ""
+    for stage, section in wired:
+        text = json.dumps({"stage": stage, "after": prev, "config": section}, sort_keys=True)
+        prev = hashlib.sha256(text.encode()).hexdigest()[:16]
+        out.append(prev)
+    return out
+
+
+def runtime_overrides(raw: dict, mesh, dtype: str | None) -> list[str]:
+    """`--mesh` / `--dtype` of `jaxalign pipeline` as overrides of every stage section that
+    has the key (the training stages' mesh.* and model.dtype, eval's eval.dtype)."""
+    from jaxalign import reference
+    out = []
+    for stage in ("sft", "rm", "ppo", "dpo", "kto", "eval"):
+        if raw.get(stage) is None:
+            continue
+        config_cls = reference.config_class(stage)
+        names = {k.name for k in reference.keys(config_cls)}
+        stage_mesh = mesh if "mesh.data" in names else None
+        out += [f"{stage}.{o}" for o in reference.flag_overrides(config_cls, mesh=stage_mesh,
+                                                                   dtype=dtype)]
+    return out
+
+
+# ----------------------------------------------------------------------------- running
+
+def _load_state(root: Path) -> dict:
+    path = root / STATE_FILE
+    if not path.exists():
+        return {"stages": {}}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: malformed JSON ({e.msg}); remove it to rerun every stage") from None
+
+
+def _save_state(root: Path, state: dict) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / (STATE_FILE + ".tmp")
+    tmp.write_text(json.dumps(state, indent=1, sort_keys=True) + "\n")
+    tmp.replace(root / STATE_FILE)  # atomic: a kill never leaves half a state file
+
+
+def plan(cfg: PipelineConfig) -> list[dict]:
+    """Per stage: name, dir, hash, the validated config and action: 'skip' (done), 'resume'
+    (interrupted), 'rerun' (changed, or after a changed stage) or 'run' (new)."""
+    wired = wire(cfg)
+    hashes = fingerprints(wired)
+    recorded = _load_state(Path(cfg.out_dir))["stages"]
+    steps, changed_at = [], None
+    for (stage, section), h in zip(wired, hashes):
+        build, _ = STAGES[stage]
+        try:
+            stage_cfg = build(section)
+        except ConfigError as e:
+            raise ConfigError(f"{stage}: {e}") from None
+        rec = recorded.get(stage)
+        if changed_at is not None:
+            action, why = ("rerun" if rec else "run"), f"after {changed_at}"
+        elif rec is None:
+            action, why = "run", "new"
+        elif rec["hash"] != h:
+            action, why = "rerun", "config changed"
+        elif not Path(section["out_dir"]).exists():
+            action, why = "run", "its dir is gone"
+        elif rec.get("done"):
+            action, why = "skip", "done"
+        else:
+            action, why = "resume", "interrupted"
+        if action != "skip" and changed_at is None:
+            changed_at = stage   # everything after it runs again
+        steps.append(dict(stage=stage, dir=section["out_dir"], hash=h, action=action, why=why,
+                          config=stage_cfg, raw=section))
+    return steps
+
+
+def run_pipeline(cfg: PipelineConfig, devices=None,
+                 after_stage: Callable[[str], None] | None = None) -> list[dict]:
+    """Runs the plan; returns it. `after_stage(name)` is called when a stage has finished."""
+    import jax
+    root = Path(cfg.out_dir)
+    steps = plan(cfg)
+    log.info("pipeline %s:\n%s", root, "\n".join(
+        f"  {s['stage']:<7} {s['action']:<6} ({s['why']}) -> {s['dir']}" for s in steps))
+    state = _load_state(root)
+    state["stages"] = {k: v for k, v in state["stages"].items() if k in cfg.stages}
+    state["order"] = list(cfg.stages)
+    for s in steps:
+        if s["action"] == "skip":
+            continue
+        stage = s["stage"]
+        if s["action"] in ("run", "rerun") and Path(s["dir"]).exists() and jax.process_index() == 0:
+            shutil.rmtree(s["dir"])  # a changed config must not resume the old run's checkpoints
+        state["stages"][stage] = {"hash": s["hash"], "done": False}
+        if jax.process_index() == 0:
+            _save_state(root, state)
+        log.info("pipeline: stage %s (%s)", stage, s["dir"])
+        try:
+            STAGES[stage][1](s["config"], s["raw"], devices)
+        except KeyboardInterrupt:
+            log.error("pipeline: stage %s interrupted; the same command resumes it (finished "
+                      "stages are not rerun)", stage)
+            raise
+        state["stages"][stage]["done"] = True
+        if jax.process_index() == 0:
+            _save_state(root, state)
+        if after_stage is not None:
+            after_stage(stage)
+    return steps

@@ -1,0 +1,68 @@
+"""A rollout's rows across processes (hosts): each process decodes and scores only the rows
+its devices hold; the per-row figures the rest of the iteration needs on the host (raw
+scores, lengths, EOS flags, entropy sums, samples) are then exchanged once, so that every
+process holds the same global arrays and computes the same normalisation, metrics and
+samples as a single process would on the whole rollout.
+
+Only host values cross here (a few floats per row); the advantages and the updates run on
+the global device arrays inside the jitted programs, where a GRPO / RLOO group whose rows
+sit on two processes is reduced by XLA's own collectives.
+
+A reward function that fails on one process fails the iteration on every process (the
+error travels with the figures), so no process waits for a peer that has stopped.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from jaxalign import distributed
+
+# Rollout outputs each process reads back for its own rows.
+HOST_KEYS = ("response_BN", "lengths_B", "mask_BN", "entropy_BN", "sampler_logp_BN",
+             "old_logp_BN", "rm_score_B")
+
+
+def row_figures(host: dict, eos: np.ndarray, raw: np.ndarray, parts: dict) -> dict:
+    """This process's per-row figures: `host` its rows of the rollout (HOST_KEYS), `raw` and
+    `parts` (source -> per-row score) from the rewarder, `eos` the EOS flags."""
+    mask = host["mask_BN"].astype(bool)
+    gap = np.where(mask, np.abs(host["sampler_logp_BN"] - host["old_logp_BN"]), 0.0)
+    return {"raw": raw, "lengths": host["lengths_B"], "eos": eos,
+            "entropy_sum": np.where(mask, host["entropy_BN"], 0.0).sum(1, dtype=np.float64),
+            "tokens": mask.sum(1), "logprob_gap": gap.max(1),
+            **{f"part:{k}": v for k, v in parts.items()}}
+
+
+def exchange(rows: slice, total: int, figures: dict | None, extra: dict | None = None,
+             error: str | None = None) -> tuple[dict[str, np.ndarray], list[dict], str | None]:
+    """Every process's per-row `figures` placed at its rows of a `total`-row rollout, the
+    `extra` objects of every process (process order), and the first error any process had.
+    Rows that several processes hold (a batch replicated across them) come from the first."""
+    mine = {"rows": [rows.start, rows.stop], "error": error, "extra": extra,
+            "figures": None if figures is None else
+            {k: np.asarray(v).tolist() for k, v in figures.items()}}
+    every = distributed.allgather_json(mine)
+    errors = [p["error"] for p in every if p["error"]]
+    if errors:
+        return {}, [], errors[0]
+    out: dict[str, np.ndarray] = {}
+    for p in reversed(every):   # the lowest process writes last: its copy wins
+        a, b = p["rows"]
+        for k, v in p["figures"].items():
+            v = np.asarray(v)
+            if k not in out:
+                out[k] = np.zeros((total,) + v.shape[1:], v.dtype)
+            out[k][a:b] = v
+    return out, [p["extra"] for p in every], None
+
+
+def rollout_metrics(g: dict[str, np.ndarray]) -> dict[str, float]:
+    """The rollout's host metrics from the global per-row figures."""
+    tokens = max(float(g["tokens"].sum()), 1.0)
+    out = {"reward_mean": float(g["raw"].mean()), "reward_std": float(g["raw"].std()),
+           "entropy": float(g["entropy_sum"].sum() / tokens),
+           "response_length": float(g["lengths"].mean()), "eos_rate": float(g["eos"].mean()),
+           "logprob_gap": float(g["logprob_gap"].max())}
+    out.update({k[len("part:"):]: float(v.mean()) for k, v in g.items() if k.startswith("part:")})
+    return out

