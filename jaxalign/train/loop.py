@@ -128,8 +128,10 @@ def start_or_resume(run_dir: Path, trainable, optimizer, seed: int, keep: int):
     state (optimizer moments sharded like their params), or the
     latest checkpoint's restored onto the same shardings (`step.state_shardings`)."""
     param_sh = jax.tree.map(lambda x: x.sharding, trainable)
-    mesh = jax.tree.leaves(param_sh)[0].mesh
-    state_sh = state_shardings(optimizer, trainable, param_sh, replicated(mesh))
+    first = jax.tree.leaves(param_sh)[0]
+    # Params placed without a mesh (one device, e.g. straight from hf.load): scalars go there too.
+    rep = replicated(first.mesh) if hasattr(first, "mesh") else first
+    state_sh = state_shardings(optimizer, trainable, param_sh, rep)
     state = jax.jit(init_state, static_argnums=(1, 2), out_shardings=state_sh)(trainable, optimizer,
                                                                               seed)
     ckpts = TrainCheckpoints(run_dir, keep=keep, set_aside_incomplete=True)
