@@ -34,7 +34,7 @@ import jax
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh
 
-from jaxalign import sharding
+from jaxalign import faults, manifest, sharding
 from jaxalign.config import JaxalignError, MeshConfig, ModelConfig
 from jaxalign.convert import hf, hub
 from jaxalign.models import functional, heads, lora
@@ -128,6 +128,28 @@ def _load_any(path: Path, mesh: Mesh | None, **runtime):
         return cfg, params, hf_config, path
     raise ModelSourceError(f"{path}: not a model (expected an HF directory with config.json, "
                            f"or a jaxalign checkpoint with {MARKER})")
+
+
+def _step_dirs(ckpt_dir: Path):
+    """(step, path) of every step directory orbax finalised (temporary ones are not ints)."""
+    if not ckpt_dir.is_dir():
+        return
+    for p in ckpt_dir.iterdir():
+        if p.is_dir() and p.name.isdigit():
+            yield int(p.name), p
+
+
+def _free_name(path: Path) -> Path:
+    n, out = 1, path
+    while out.exists():
+        out, n = path.with_name(f"{path.name}-{n}"), n + 1
+    return out
+
+
+def _barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)
 
 
 def _sharded(abstract, shardings):
@@ -239,21 +261,67 @@ def load_run(run_dir: Path, mesh: Mesh | None = None, **runtime):
 
 class TrainCheckpoints:
     """Orbax CheckpointManager over `run_dir/checkpoints`: the TrainState (restored straight
-    onto its shardings) plus JSON metadata (data-loader position, controller state...)."""
+    onto its shardings) plus JSON metadata (data-loader position, controller state...).
 
-    def __init__(self, run_dir: str | Path, keep: int = 3):
+    Every step gets an integrity manifest once orbax finished it (`jaxalign.manifest`);
+    `latest_step` is the newest *complete* step: a newer one that is half written, truncated
+    or corrupted is skipped with a warning and, with `set_aside_incomplete` (a run that will
+    write on), moved to `run_dir/checkpoints.incomplete/` so that orbax never sees it."""
+
+    def __init__(self, run_dir: str | Path, keep: int = 3, *, set_aside_incomplete: bool = False):
         self.dir = Path(run_dir).absolute() / "checkpoints"
+        fresh = not any(_step_dirs(self.dir))
+        self._latest = self._newest_complete(set_aside_incomplete)
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                                enable_async_checkpointing=False)
         self.manager = ocp.CheckpointManager(self.dir, options=options)
+        if fresh and jax.process_index() == 0:
+            manifest.mark_dir(self.dir)
+
+    def _newest_complete(self, set_aside: bool) -> int | None:
+        if not set_aside:
+            return self._scan(False)
+        # Process 0 moves what is incomplete; the others scan once it is done (not while
+        # directories move under them), and find the same step.
+        found = self._scan(True) if jax.process_index() == 0 else None
+        _barrier("jaxalign_checkpoints_scanned")
+        return found if jax.process_index() == 0 else self._scan(False)
+
+    def _scan(self, set_aside: bool) -> int | None:
+        strict = manifest.requires_manifests(self.dir)
+        for step, path in sorted(_step_dirs(self.dir), reverse=True):
+            problem = manifest.problem(path)
+            if problem is None:
+                return step
+            if not strict and not (path / manifest.MANIFEST).exists():
+                log.warning("%s: checkpoint %d has no integrity manifest (written before "
+                            "jaxalign checked them); trusting orbax's copy", self.dir, step)
+                return step
+            if set_aside:
+                dest = _free_name(self.dir.parent / "checkpoints.incomplete" / str(step))
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                path.rename(dest)
+                log.warning("%s: skipping checkpoint %d: %s; moved to %s, using the last "
+                            "complete one", self.dir, step, problem, dest)
+            else:
+                log.warning("%s: skipping checkpoint %d: %s; using the last complete one",
+                            self.dir, step, problem)
+        return None
 
     def latest_step(self) -> int | None:
-        return self.manager.latest_step()
+        return self._latest
 
     def save(self, step: int, state, meta: dict[str, Any]) -> None:
+        faults.point("checkpoint")
         self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                          meta=ocp.args.JsonSave(meta)), force=True)
         self.manager.wait_until_finished()
+        faults.point("manifest")
+        # Written last: a step is complete exactly when its manifest exists and matches.
+        if jax.process_index() == 0:
+            manifest.write(self.dir / str(step))
+        _barrier(f"jaxalign_manifest_{step}")
+        self._latest = step
 
     def restore(self, step: int, abstract_state, shardings=None):
         """-> (state, meta). `abstract_state`: ShapeDtypeStructs (or arrays) of the state."""

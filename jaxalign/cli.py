@@ -423,6 +423,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.verbose:  # orbax logs every save/restore phase through absl at INFO
         logging.getLogger("absl").setLevel(logging.WARNING)
     from jaxalign.config import JaxalignError
+    from jaxalign.train.preempt import Preempted
     try:
         if args.func is not cmd_config:  # printing the reference needs no devices
             from jaxalign import distributed
@@ -430,6 +431,10 @@ def main(argv: list[str] | None = None) -> int:
             log.debug("runtime settings: %s", settings)
             distributed.initialize(args.coordinator, args.num_processes, args.process_id)
         return args.func(args)
+    except Preempted as e:
+        # A scheduler's SIGTERM is not a failure: the checkpoint is written, rerun continues.
+        log.warning("%s; rerun the same command to continue", e)
+        return 0
     except (JaxalignError, OSError) as e:
         # Our own errors name the file / row / key / tensor; a traceback would bury that.
         # OSError: a path the user gave that cannot be read or written.

@@ -311,8 +311,12 @@ class TrainConfig:
     progress: bool = True           # the progress line on stderr (README: "What runs print")
     # Positions per LM-head chunk in token losses; 0 builds the full (B, T, V) logits.
     logits_chunk: int = 128
+    # Memory per device (GiB) the pre-flight plans for; null: what the device / host reports.
+    memory_limit_gb: float | None = None
 
     def __post_init__(self):
+        _require(self.memory_limit_gb is None or self.memory_limit_gb > 0,
+                 f"train.memory_limit_gb must be positive or null, got {self.memory_limit_gb}")
         _require((self.steps is None) != (self.epochs is None),
                  "train: give exactly one of train.steps and train.epochs, got "
                  f"steps={self.steps} epochs={self.epochs}")

@@ -108,7 +108,8 @@ def runs(tmp_path_factory):
 
     two = [_job(n, configs, root / "two" / n) for n in configs]
     # SIGTERM reaches process 1 only, during iteration RESUME_AT's rewards: both processes
-    # stop after it, together, with its checkpoint (the programs are the PPO run's).
+    # drop that rollout and stop together, with the last finished iteration checkpointed
+    # (the programs are the PPO run's).
     stop = _job("ppo", configs, root / "two" / "ppo_sigterm",
                 reward={"functions": ["test_multiprocess_train:digits"]})
     two.append(dict(stop, expect_stop=True))

@@ -19,7 +19,8 @@ CALLS = {"n": 0, "armed": False}
 
 def interrupt_once(prompts, completions):
     """A reward function that sends this process SIGINT once, at its 4th call when armed: the
-    RL driver then checkpoints that iteration and stops, as on Ctrl-C."""
+    RL driver then drops iteration 4's rollout, keeps iteration 3's checkpoint and stops, as
+    on Ctrl-C."""
     CALLS["n"] += 1
     if CALLS["armed"] and CALLS["n"] == 4:
         CALLS["armed"] = False
@@ -67,18 +68,18 @@ def test_pipeline_runs_resumes_and_reruns_changed_stages(setup, caplog):
     assert {k: v["done"] for k, v in state.items()} == {"data": True, "sft": True, "rm": True,
                                                         "ppo": False}
     ppo_first = [json.loads(l)["step"] for l in (pipe / "ppo/metrics.jsonl").read_text().splitlines()]
-    assert ppo_first == [1, 2, 3, 4]
+    assert ppo_first == [1, 2, 3]
     before = {s: _mtime(pipe / s / f) for s, f in
               (("data", "stats.json"), ("sft", "metrics.jsonl"), ("rm", "metrics.jsonl"))}
 
-    # rerun: finished stages skipped, ppo resumed from its checkpoint at iteration 4
+    # rerun: finished stages skipped, ppo resumed from its checkpoint at iteration 3
     caplog.clear()
     with caplog.at_level("INFO"):
         steps = run_pipeline(cfg, devices)
     assert [(s["stage"], s["action"]) for s in steps] == [
         ("data", "skip"), ("sft", "skip"), ("rm", "skip"), ("ppo", "resume"), ("dpo", "run"),
         ("eval", "run"), ("export", "run"), ("report", "run")]
-    assert "resumed" in caplog.text and "at 4" in caplog.text
+    assert "resumed" in caplog.text and "at 3" in caplog.text
     assert before == {s: _mtime(pipe / s / f) for s, f in
                       (("data", "stats.json"), ("sft", "metrics.jsonl"), ("rm", "metrics.jsonl"))}
     ppo_steps = [json.loads(l)["step"] for l in (pipe / "ppo/metrics.jsonl").read_text().splitlines()]

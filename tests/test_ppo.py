@@ -19,6 +19,7 @@ from jaxalign.checkpoint import TrainCheckpoints
 from jaxalign.config import ConfigError, apply_overrides, from_dict
 from jaxalign.data.sources import DataError
 from jaxalign.train.loop import NonFiniteLossError
+from jaxalign.train.preempt import Preempted
 from jaxalign.train.rl import prompts as RP, rollout as R
 from jaxalign.train.rl.config import RLConfig
 from jaxalign.train.rl.driver import MonitorStop, run_rl
@@ -278,17 +279,18 @@ def test_reward_functions_take_dataset_columns(tiny, tmp_path):
 
 
 def test_exact_resume(tiny, ppo_run, tmp_path):
-    """16 iterations straight == stopped (SIGTERM) at 6 + a stray record past the checkpoint +
-    rerun: identical metrics.jsonl and samples.jsonl (rollout RNG, prompt position, adaptive
-    KL coefficient all restored)."""
+    """16 iterations straight == stopped (SIGTERM during iteration 6's rollout: abandoned,
+    iteration 5 saved) + a stray record past the checkpoint + rerun: identical metrics.jsonl
+    and samples.jsonl (rollout RNG, prompt position, adaptive KL coefficient all restored)."""
     mod = tiny["rewards"]
     mod.CALLS["n"], mod.STOP_AT["n"] = 0, 6
     cfg = config(tiny, tmp_path / "r", "reward.functions=[ppo_test_rewards:digits]")
-    with pytest.raises(KeyboardInterrupt, match="iteration 6"):
+    with pytest.raises(Preempted, match="rollout of iteration 6; iteration 5 is checkpointed"):
         run(cfg)
-    assert TrainCheckpoints(tmp_path / "r").latest_step() == 6
-    with open(tmp_path / "r" / "metrics.jsonl", "a") as f:  # as if killed after logging 7
-        f.write(json.dumps({"step": 7, "reward_mean": 123.0}) + "\n")
+    assert TrainCheckpoints(tmp_path / "r").latest_step() == 5
+    assert [r["step"] for r in records(tmp_path / "r")] == [1, 2, 3, 4, 5]
+    with open(tmp_path / "r" / "metrics.jsonl", "a") as f:  # as if killed after logging 6
+        f.write(json.dumps({"step": 6, "reward_mean": 123.0}) + "\n")
     mod.STOP_AT["n"] = None
     run(cfg)
     for name in ("metrics.jsonl", "samples.jsonl"):

@@ -13,7 +13,6 @@ import dataclasses
 import json
 import logging
 import math
-import signal
 import time
 from pathlib import Path
 from typing import Callable, Iterable, Protocol
@@ -23,12 +22,14 @@ import numpy as np
 import yaml
 from jax.sharding import Mesh
 
-from jaxalign import distributed, runtime
+from jaxalign import distributed, faults, runtime
 from jaxalign.checkpoint import TrainCheckpoints, describe_run
 from jaxalign.config import ConfigError, JaxalignError, ModelConfig, OptimConfig, TrainConfig
 from jaxalign.metrics import SFT_PROGRESS, MetricsWriter, Progress
 from jaxalign.sharding import batch_sharding, replicated
 from jaxalign.train.optim import make_optimizer
+from jaxalign.train.preempt import Preempted, StopFlag  # noqa: F401  (the loops' shared mechanics)
+from jaxalign.train.preflight import Knobs, check as preflight_check
 from jaxalign.train.step import LossFn, TrainState, init_state, jit_train_step, make_eval_step, \
     make_train_step, state_shardings
 
@@ -73,27 +74,6 @@ def _check_batch_fits(cfg: TrainConfig, mesh: Mesh) -> None:
                           f"cannot be split over data x fsdp = {shards} devices; use a multiple of {shards}")
     # The loaders give process i rows [i B / P, (i + 1) B / P): its devices must hold those.
     distributed.check_even_split(mesh, cfg.batch_size, "train.batch_size")
-
-
-class StopFlag:
-    """SIGTERM / SIGINT ask for a checkpoint and a clean stop after the current step."""
-
-    def __init__(self):
-        self.signum = None
-        self._old = {}
-
-    def __enter__(self):
-        for s in (signal.SIGTERM, signal.SIGINT):
-            self._old[s] = signal.signal(s, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        self.signum = signum
-        log.warning("received %s: will checkpoint and stop after this step", signal.Signals(signum).name)
-
-    def __exit__(self, *exc):
-        for s, h in self._old.items():
-            signal.signal(s, h)
 
 
 class BadStepGuard:
@@ -148,17 +128,45 @@ def start_or_resume(run_dir: Path, trainable, optimizer, seed: int, keep: int):
     state (optimizer moments sharded like their params), or the
     latest checkpoint's restored onto the same shardings (`step.state_shardings`)."""
     param_sh = jax.tree.map(lambda x: x.sharding, trainable)
-    mesh = jax.tree.leaves(param_sh)[0].mesh
-    state_sh = state_shardings(optimizer, trainable, param_sh, replicated(mesh))
+    first = jax.tree.leaves(param_sh)[0]
+    # Params placed without a mesh (one device, e.g. straight from hf.load): scalars go there too.
+    rep = replicated(first.mesh) if hasattr(first, "mesh") else first
+    state_sh = state_shardings(optimizer, trainable, param_sh, rep)
     state = jax.jit(init_state, static_argnums=(1, 2), out_shardings=state_sh)(trainable, optimizer,
                                                                               seed)
-    ckpts = TrainCheckpoints(run_dir, keep=keep)
+    ckpts = TrainCheckpoints(run_dir, keep=keep, set_aside_incomplete=True)
     start = ckpts.latest_step() or 0
     meta = None
     if start:
         state, meta = ckpts.restore(start, state, state_sh)
         log.info("resumed %s at %d", run_dir, start)
     return state, state_sh, ckpts, start, meta
+
+
+def next_batch(loader: Loader) -> dict[str, np.ndarray]:
+    batch = next(loader)
+    faults.point("batch")
+    return batch
+
+
+def _abstract(tree):
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
+def check_memory(run_dir: Path, mesh: Mesh, step_fn, state, frozen, cfg: TrainConfig,
+                 model: ModelConfig | None) -> dict:
+    """The memory pre-flight of a supervised run (`preflight.check`) on its compiled step.
+    `model`: the trained model's config (for the remat / LoRA suggestions), if known."""
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    micro = cfg.batch_size // cfg.grad_accum
+    knobs = Knobs(remat=model.remat if model else "none", grad_accum=cfg.grad_accum,
+                  can_double_accum=micro % 2 == 0 and (micro // 2) % shards == 0,
+                  lora_rank=model.lora_rank if model else 0, fsdp=mesh.shape["fsdp"],
+                  devices=jax.device_count())
+    return preflight_check(run_dir, mesh, {"train_step": (step_fn, [state, frozen])},
+                           {"params": state.params, "optimizer": (state.opt_state, state.rng,
+                                                                  state.step),
+                            "frozen": frozen}, knobs, cfg.memory_limit_gb)
 
 
 def total_steps(cfg: TrainConfig, loader) -> int:
@@ -190,9 +198,11 @@ def evaluate(eval_step, params, frozen, batches: Iterable[dict], mesh: Mesh, lim
 
 def train(*, run_dir: str | Path, cfg: TrainConfig, optim: OptimConfig, mesh: Mesh,
           trainable, frozen, frozen_shardings, task: Task, run_config: dict | None = None,
-          on_end: Callable[[TrainState], None] | None = None) -> dict[str, float]:
+          on_end: Callable[[TrainState], None] | None = None,
+          model: ModelConfig | None = None) -> dict[str, float]:
     """Runs (or resumes) training to `cfg.steps` (or `cfg.epochs` turned into steps);
-    returns the last logged metrics."""
+    returns the last logged metrics. `model`: the trained model's config, for the memory
+    pre-flight's advice."""
     run_dir = Path(run_dir)
     _check_batch_fits(cfg, mesh)
     cfg = dataclasses.replace(cfg, steps=total_steps(cfg, task.train_data), epochs=None)
@@ -203,9 +213,23 @@ def train(*, run_dir: str | Path, cfg: TrainConfig, optim: OptimConfig, mesh: Me
     if meta is not None:
         task.train_data.restore(meta["data"])
 
-    step_fn = jit_train_step(make_train_step(task.loss_fn, optimizer, schedule,
-                                             grad_accum=cfg.grad_accum),
-                             state_sh, frozen_shardings, batch_sharding(mesh))
+    jitted = jit_train_step(make_train_step(task.loss_fn, optimizer, schedule,
+                                            grad_accum=cfg.grad_accum),
+                            state_sh, frozen_shardings, batch_sharding(mesh))
+    # The first batch gives the step's input shapes: the step is compiled ahead of time once,
+    # its memory analysis checked against the devices (preflight), and the same executable runs.
+    first, step_fn = None, None
+    try:
+        if start < cfg.steps:
+            first = next_batch(task.train_data)
+            batch0 = put_batch(first, mesh)
+            if task.prepare is not None:
+                batch0 = task.prepare(batch0)
+            step_fn = jitted.lower(_abstract(state), _abstract(frozen), _abstract(batch0)).compile()
+            check_memory(run_dir, mesh, step_fn, state, frozen, cfg, model)
+    except BaseException:
+        ckpts.close()
+        raise
     eval_step = make_eval_step(task.loss_fn) if task.eval_data is not None else None
     writer = MetricsWriter(run_dir, resume_step=start, tensorboard=cfg.tensorboard,
                            wandb_project=cfg.wandb_project, run_config=run_config)
@@ -221,13 +245,17 @@ def train(*, run_dir: str | Path, cfg: TrainConfig, optim: OptimConfig, mesh: Me
     try:
         with StopFlag() as stop:
             for step in range(start + 1, cfg.steps + 1):
+                if step == start + 1 and stop.requested():
+                    raise Preempted(f"stopped by signal before step {step}; nothing new to save")
                 t0 = time.perf_counter()
-                host_batch = next(task.train_data)
+                host_batch, first = (first, None) if first is not None else \
+                    (next_batch(task.train_data), None)
                 tokens = int((host_batch["segment_ids"] > 0).sum()) if "segment_ids" in host_batch else 0
                 batch = put_batch(host_batch, mesh)
                 if task.prepare is not None:
                     batch = task.prepare(batch)
                 state, metrics = step_fn(state, frozen, batch)
+                faults.point("step")
                 metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 dt = time.perf_counter() - t0
                 metrics["skipped"] = float(not guard.check(metrics, step, saved_at))
@@ -243,11 +271,10 @@ def train(*, run_dir: str | Path, cfg: TrainConfig, optim: OptimConfig, mesh: Me
                 last = metrics
                 if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
                     save(step)
-                # Every process stops at the same step (they save together).
-                if distributed.any_process(stop.signum is not None):
+                if stop.requested():
                     if saved_at != step:
                         save(step)
-                    raise KeyboardInterrupt(f"stopped by signal at step {step}; checkpoint saved")
+                    raise Preempted(f"stopped by signal at step {step}; checkpoint saved")
         if on_end is not None:
             on_end(state)
     finally:

@@ -19,6 +19,7 @@ from jaxalign.config import LoRAConfig, ModelConfig, ModelSource
 from jaxalign.convert import hf
 from jaxalign.models import functional, lora
 from jaxalign.tokenizer import load_tokenizer
+from jaxalign.train.preempt import StopFlag
 from jaxalign.train.loop import Task, resolved_config, train, write_run_files
 
 log = logging.getLogger(__name__)
@@ -92,7 +93,8 @@ def run_recipe(cfg, raw_config: dict | None, devices, *, algorithm: str,
     cfg = pin_hub_base(cfg, run_dir)
     raw = resolved_config(cfg, raw_config)
     mesh = sharding.make_mesh(cfg.mesh, devices)
-    with jax.set_mesh(mesh):
+    # SIGTERM while loading or compiling is kept for the loop (it stops before its first step).
+    with StopFlag(), jax.set_mesh(mesh):
         models = load(cfg, mesh)
         write_run_files(run_dir, raw, algorithm=algorithm, model=models.cfg,
                         hf_config=models.hf_config, base=cfg.model.path,
@@ -129,5 +131,5 @@ def supervised(task: Callable[[Any, Loaded, Any], tuple[Task, dict]]):
         return train(run_dir=run_dir, cfg=cfg.train, optim=cfg.optim, mesh=mesh,
                      trainable=models.trainable, frozen=models.frozen,
                      frozen_shardings=models.frozen_shardings, task=the_task, run_config=raw,
-                     on_end=on_end)
+                     on_end=on_end, model=models.cfg)
     return run

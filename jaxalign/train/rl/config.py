@@ -180,8 +180,12 @@ class RLTrainConfig:
     wandb_project: str | None = None  # log to this Weights & Biases project (pip install 'jaxalign[wandb]')
     progress: bool = True           # the progress line on stderr (README: "What runs print")
     export_hf: bool = False         # write run_dir/hf (the policy) at the end
+    # Memory per device (GiB) the pre-flight plans for; null: what the device / host reports.
+    memory_limit_gb: float | None = None
 
     def __post_init__(self):
+        _check(self.memory_limit_gb is None or self.memory_limit_gb > 0,
+               f"train.memory_limit_gb must be positive or null, got {self.memory_limit_gb}")
         for key in ("iterations", "grad_accum", "keep_checkpoints", "logits_chunk"):
             _check(getattr(self, key) >= 1, f"train.{key} must be >= 1, got {getattr(self, key)}")
         for key in ("save_every", "sample_every", "num_samples", "max_bad_steps"):

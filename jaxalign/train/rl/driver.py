@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxalign import distributed, runtime, sharding
+from jaxalign import distributed, faults, runtime, sharding
 from jaxalign.config import JaxalignError
 from jaxalign.generate import eos_ids_for
 from jaxalign.losses.ppo import adaptive_kl_update
@@ -50,12 +50,13 @@ from jaxalign.metrics import RL_PROGRESS, MetricsWriter, Progress, truncate_json
 from jaxalign.models import lora
 from jaxalign.tokenizer import load_tokenizer
 from jaxalign.train.loop import BadStepGuard, StopFlag, put_batch, start_or_resume
+from jaxalign.train.preempt import Preempted
 from jaxalign.train.optim import make_optimizer
 from jaxalign.train.rl import hosts, objectives, prompts as RP, rollout as R
 from jaxalign.train.rl.config import RLConfig
 from jaxalign.train.rl.rewards import Rewarder, RewardFunctionError, RunningMoments, \
     check_reward_model_dir
-from jaxalign.train.rl.roles import Roles, build_roles, memory_report, nbytes
+from jaxalign.train.rl.roles import Roles, build_roles, check_memory, memory_report, nbytes
 from jaxalign.train.setup import export_hf, run_recipe
 from jaxalign.train.step import jit_train_step, make_train_step
 
@@ -163,6 +164,16 @@ def run_rl(cfg: RLConfig, raw_config: dict | None = None, devices=None) -> dict[
                       policy_path=("policy",))
 
 
+def _abandon(it: int, saved_at: int, save, meta: dict) -> None:
+    """SIGTERM during iteration `it`'s rollout: drop it (nothing of it touched the state),
+    checkpoint iteration it - 1 unless it is saved already, and stop."""
+    if saved_at != it - 1 and it > 1:
+        save(it - 1, meta)
+    raise Preempted(f"stopped by signal during the rollout of iteration {it}; iteration "
+                    f"{it - 1} is checkpointed" if it > 1 else
+                    "stopped by signal during the first rollout; nothing to save")
+
+
 class _Run:
     """The state of one run; `run` is the loop. A class only to keep the loop body short."""
 
@@ -256,6 +267,7 @@ class _Run:
         (`hosts.exchange`) so that every process normalises and reports the whole rollout."""
         cfg, G = self.cfg, self.cfg.rollout.num_generations
         idx = np.repeat(self.stream.next(), G)   # a prompt's group: consecutive rows
+        faults.point("batch")
         mine = idx[self.rows]
         prompt_BP, mask_BP = RP.stack_prompts(self.prompts, mine, self.pad_id, self.P)
         key = jax.random.fold_in(jax.random.fold_in(state.rng, _ROLLOUT_SALT), it)
@@ -264,6 +276,7 @@ class _Run:
         exp = self.rollout_fn(state.params, self.roles.frozen,
                               self.roles.aux, dev["p"], dev["m"],
                               jax.device_put(jnp.asarray(key, jnp.uint32), rep))
+        faults.point("rollout")
         host = {k: distributed.local_rows(exp[k], self.rows) for k in hosts.HOST_KEYS}
         lengths, eos = host["lengths_B"], R.has_eos(host["response_BN"], host["lengths_B"], self.eos_ids)
         completions = R.decode(self.tokenizer, host["response_BN"], lengths)
@@ -312,6 +325,7 @@ class _Run:
                 rows = perm[m * cfg.minibatch_rows:(m + 1) * cfg.minibatch_rows]
                 picked = sharding.put_global(rows.astype(np.int32), sharding.replicated(self.mesh))
                 state, out = self.step_fn(state, self.roles.frozen, self.take_fn(batch, picked))
+                faults.point("step")
                 out = {k: float(v) for k, v in jax.device_get(out).items()}
                 self.guard.check(out, it, saved_at)
                 epoch_records.append(out)
@@ -358,7 +372,8 @@ class _Run:
             self.rewarder.moments = RunningMoments.from_state(meta["reward_moments"])
         self.roles.trainable = None  # the state owns (and donates) the trainable params now
         programs = self._compile(state)
-        memory_report(run_dir, self.roles, cfg, nbytes(state.opt_state), programs)
+        report = memory_report(run_dir, self.roles, cfg, nbytes(state.opt_state), programs)
+        check_memory(run_dir, self.mesh, self.roles, cfg, state, programs, report)
 
         writer = MetricsWriter(run_dir, resume_step=start, tensorboard=cfg.train.tensorboard,
                                wandb_project=cfg.train.wandb_project, run_config=self.raw)
@@ -378,6 +393,9 @@ class _Run:
         try:
             with StopFlag() as stop:
                 for it in range(start + 1, cfg.train.iterations + 1):
+                    if it == start + 1 and stop.requested():   # while loading
+                        raise Preempted(f"stopped by signal before iteration {it}; nothing "
+                                        "new to save")
                     t0 = time.perf_counter()
                     try:
                         batch, metrics, samples = self._experience(state, it)
@@ -388,6 +406,8 @@ class _Run:
                         kept = (f"the checkpoint of iteration {it - 1} in {ckpts.dir} is intact"
                                 if it > 1 else "no iteration completed, nothing saved")
                         raise RewardFunctionError(f"iteration {it}: {e}; {kept}") from e
+                    if stop.requested():
+                        _abandon(it, saved_at, save, meta)
                     t1 = time.perf_counter()
                     state, step_metrics = self._update(state, batch, it, saved_at)
                     metrics.update(step_metrics)
@@ -406,8 +426,7 @@ class _Run:
                         self._write_samples(it, samples)
                     meta = self._meta(it)
                     tripped = self._monitors(metrics, it)
-                    # Every process stops at the same iteration (they save together).
-                    stopping = distributed.any_process(stop.signum is not None)
+                    stopping = stop.requested()
                     if (cfg.train.save_every and it % cfg.train.save_every == 0) \
                             or it == cfg.train.iterations or tripped or stopping:
                         save(it, meta)
@@ -415,8 +434,7 @@ class _Run:
                         raise MonitorStop(f"{tripped}; stopped (monitor.action=stop) with "
                                           f"iteration {it} checkpointed in {ckpts.dir}")
                     if stopping:
-                        raise KeyboardInterrupt(f"stopped by signal at iteration {it}; "
-                                                "checkpoint saved")
+                        raise Preempted(f"stopped by signal at iteration {it}; checkpoint saved")
             if cfg.train.export_hf:
                 self._export(state)
         finally:

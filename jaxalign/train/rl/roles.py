@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from jaxalign import sharding
 from jaxalign.models import lora
 from jaxalign.models.llama import score_init_std
+from jaxalign.train import preflight
 from jaxalign.train.rl import rollout as R
 from jaxalign.train.rl.config import RLConfig
 from jaxalign.train.rl.rewards import load_frozen_reward_model
@@ -147,3 +148,22 @@ def memory_report(run_dir: Path, roles: Roles, cfg: RLConfig, opt_bytes: int,
     if jax.process_index() == 0:
         (run_dir / "memory.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
+
+
+def check_memory(run_dir: Path, mesh, roles: Roles, cfg: RLConfig, state, programs: dict,
+                 report: dict) -> dict:
+    """The memory pre-flight (`preflight.check`) over every role's compiled programs: the
+    rollout holds the policy, frozen and auxiliary (reference, reward) params; the train step
+    the state and the frozen params; all of them stay resident throughout."""
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    micro = cfg.minibatch_rows // cfg.train.grad_accum
+    knobs = preflight.Knobs(remat=roles.models.policy.remat, grad_accum=cfg.train.grad_accum,
+                            can_double_accum=micro % 2 == 0 and (micro // 2) % shards == 0,
+                            lora_rank=cfg.lora.rank, fsdp=mesh.shape["fsdp"],
+                            devices=jax.device_count())
+    args = {"rollout": [state.params, roles.frozen, roles.aux], "advantages": [],
+            "train_step": [state, roles.frozen]}
+    return preflight.check(
+        run_dir, mesh, {name: (exe, args.get(name, [])) for name, exe in programs.items()},
+        {"params": state.params, "optimizer": (state.opt_state, state.rng, state.step),
+         "frozen": roles.frozen, "aux": roles.aux}, knobs, cfg.train.memory_limit_gb, report)

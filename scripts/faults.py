@@ -1,0 +1,241 @@
+"""Fault-injection harness: kill real training runs at random moments, rerun them, and check
+that they end exactly where an uninterrupted run ends.
+
+  python scripts/faults.py [--algos sft,rm,dpo,kto,ppo,grpo] [--kills N] [--seed S]
+                           [--work DIR] [--jobs J]
+
+Per algorithm: one uninterrupted reference run of a tiny config, then N trials. A trial
+starts a fresh run (`python -m jaxalign.cli ...`, a real process) that is SIGKILLed at a
+random moment, reruns the same command to the end, and compares its metrics.jsonl (and
+samples.jsonl for RL) byte for byte and its final checkpoint's TrainState (params, optimizer
+moments, step, RNG) bit for bit with the reference. The moments, drawn in turn:
+
+  batch       right after a data batch / the prompts are fetched (batch 1: the first one)
+  step        while an optimizer step runs (dispatched, not finished)
+  checkpoint  0-50 ms into a checkpoint write (orbax files being written)
+  manifest    orbax files written, integrity manifest not yet (a half-written checkpoint)
+  rollout     while an RL rollout runs
+  timed       SIGKILL from outside after a random delay within the reference run's length
+
+The in-process ones use jaxalign's fault points (`jaxalign/faults.py`, env JAXALIGN_FAULT)
+with a random occurrence number. Prints a table (kills, recovered, identical) and one JSON
+line; exits 1 unless every trial that was killed recovered identically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SUPERVISED = ("sft", "rm", "dpo", "kto")
+ALGOS = (*SUPERVISED, "ppo", "grpo")
+STEPS, SAVE_EVERY = 12, 3          # supervised steps / RL iterations: 8, saved every 2
+RL_ITERS, RL_SAVE, RL_STEPS_PER_IT = 8, 2, 4
+
+
+def prepare(work: Path) -> dict[str, Path]:
+    """The tiny model and the synthetic data sets every run reads (made once per work dir)."""
+    work.mkdir(parents=True, exist_ok=True)
+    paths = {"model": work / "model", "tasks": work / "tasks", "prefs": work / "prefs",
+             "unpaired": work / "prefs_unpaired"}
+    if not (paths["model"] / "config.json").exists():
+        sys.path.insert(0, str(ROOT / "scripts"))
+        from make_tiny_model import make_tiny_model
+        make_tiny_model(paths["model"])
+    py = [sys.executable, "-m"]
+    env = child_env()
+    for key, mod, extra in (("tasks", "jaxalign.synth.tasks", ["--train", "300", "--eval", "40"]),
+                            ("prefs", "jaxalign.synth.prefs", ["--train", "256", "--eval", "32"]),
+                            ("unpaired", "jaxalign.synth.prefs",
+                             ["--train", "256", "--eval", "32", "--unpaired"])):
+        if not (paths[key] / "train.jsonl").exists():
+            subprocess.run([*py, mod, str(paths[key]), *extra], check=True, env=env,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return paths
+
+
+def child_env(**extra) -> dict[str, str]:
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    env.pop("JAXALIGN_FAULT", None)
+    env.update(extra)
+    return env
+
+
+def command(algo: str, out_dir: Path, paths: dict[str, Path], *extra: str) -> list[str]:
+    """The CLI command of a tiny run of `algo` writing to `out_dir`."""
+    common = [f"out_dir={out_dir}", f"model.path={paths['model']}", "train.tensorboard=false",
+              "train.progress=false"]
+    if algo in SUPERVISED:
+        data = {"sft": "tasks", "rm": "prefs", "dpo": "prefs", "kto": "unpaired"}[algo]
+        over = [f"data.train=[{{path: {paths[data] / 'train.jsonl'}}}]",
+                f"train.steps={STEPS}", f"train.save_every={SAVE_EVERY}", "train.log_every=1",
+                "train.export_hf=false"]
+        if algo != "sft":
+            over += [f"data.eval=[{{path: {paths[data] / 'eval.jsonl'}}}]", "train.eval_every=6",
+                     "train.batch_size=8"]
+        cmd = [algo, str(ROOT / "configs" / f"tiny_{algo}.yaml")]
+    else:
+        over = [f"data.prompts={paths['tasks'] / 'train.jsonl'}", f"train.iterations={RL_ITERS}",
+                f"train.save_every={RL_SAVE}", "train.sample_every=2", "ppo.epochs=2",
+                "ppo.minibatches=2"]
+        if algo == "grpo":
+            over += ["algorithm=grpo", "rollout.batch_size=4", "rollout.num_generations=4"]
+        cmd = ["ppo", str(ROOT / "configs" / "tiny_ppo.yaml")]
+    return [sys.executable, "-m", "jaxalign.cli", *cmd, *common, *over, *extra]
+
+
+def points(algo: str) -> list[tuple[str, int]]:
+    """(fault point, how many times a whole run reaches it) for `algo`."""
+    if algo in SUPERVISED:
+        return [("batch", STEPS), ("step", STEPS), ("checkpoint", STEPS // SAVE_EVERY),
+                ("manifest", STEPS // SAVE_EVERY), ("timed", 0)]
+    return [("batch", RL_ITERS), ("rollout", RL_ITERS), ("step", RL_ITERS * RL_STEPS_PER_IT),
+            ("checkpoint", RL_ITERS // RL_SAVE), ("manifest", RL_ITERS // RL_SAVE), ("timed", 0)]
+
+
+def final_state(run_dir: Path) -> dict:
+    """The newest complete checkpoint's TrainState as flat {path: numpy array}."""
+    import jax
+    import numpy as np
+    import orbax.checkpoint as ocp
+    from jaxalign.checkpoint import TrainCheckpoints
+
+    ckpts = TrainCheckpoints(run_dir)
+    step = ckpts.latest_step()
+    ckpts.close()
+    with ocp.PyTreeCheckpointer() as reader:
+        tree = reader.restore(Path(run_dir).absolute() / "checkpoints" / str(step) / "state")
+    return {jax.tree_util.keystr(p): np.asarray(x)
+            for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]} | {"<step>": step}
+
+
+def same_run(a: Path, b: Path) -> tuple[bool, str]:
+    """(identical, why not): metrics.jsonl / samples.jsonl bytes and the final TrainState."""
+    import numpy as np
+    for name in ("metrics.jsonl", "samples.jsonl"):
+        fa, fb = a / name, b / name
+        if fa.exists() != fb.exists() or (fa.exists() and fa.read_bytes() != fb.read_bytes()):
+            return False, f"{name} differs"
+    sa, sb = final_state(a), final_state(b)
+    if sa.keys() != sb.keys():
+        return False, "the final checkpoints hold different trees"
+    for k in sa:
+        if not np.array_equal(sa[k], sb[k]):
+            return False, f"final state {k} differs"
+    return True, ""
+
+
+def run_to_end(cmd, env, timeout=900) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def trial(algo: str, k: int, point: str, n: int, delay: float, paths, work: Path) -> dict:
+    out = work / "trials" / f"{algo}-{k}"
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = command(algo, out, paths)
+    t0 = time.time()
+    if point == "timed":
+        p = subprocess.Popen(cmd, env=child_env(), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+        try:
+            p.wait(timeout=delay)
+        except subprocess.TimeoutExpired:
+            p.send_signal(signal.SIGKILL)
+        err = p.communicate()[1]
+        rc = p.returncode
+    else:
+        fault = f"{point}:{n}:{delay:.3f}:KILL"
+        r = run_to_end(cmd, child_env(JAXALIGN_FAULT=fault))
+        rc, err = r.returncode, r.stderr
+    killed = rc == -signal.SIGKILL
+    result = {"algo": algo, "point": point, "n": n, "delay": round(delay, 3), "killed": killed,
+              "kill_rc": rc, "kill_s": round(time.time() - t0, 1)}
+    if not killed and rc != 0:
+        result.update(recovered=False, identical=False, why=err[-500:])
+        return result
+    r = run_to_end(cmd, child_env())
+    result["recovered"] = r.returncode == 0
+    result["skipped_incomplete"] = "skipping checkpoint" in r.stderr
+    if not result["recovered"]:
+        result.update(identical=False, why=r.stderr[-500:])
+        return result
+    same, why = same_run(work / "reference" / algo, out)
+    result.update(identical=same, why=why)
+    return result
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--algos", default=",".join(ALGOS))
+    ap.add_argument("--kills", type=int, default=3, help="kills per algorithm (default 3)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--work", type=Path, default=ROOT / "runs" / "faults")
+    ap.add_argument("--jobs", type=int, default=1, help="trials run side by side")
+    args = ap.parse_args(argv)
+    algos = [a for a in args.algos.split(",") if a]
+    bad = [a for a in algos if a not in ALGOS]
+    if bad or args.kills < 0:
+        ap.error(f"unknown algorithm(s) {bad}; expected some of {','.join(ALGOS)}"
+                 if bad else "--kills must be >= 0")
+    paths = prepare(args.work)
+    rng = random.Random(args.seed)
+    durations, jobs = {}, []
+    for algo in algos:
+        ref = args.work / "reference" / algo
+        shutil.rmtree(ref, ignore_errors=True)
+        t0 = time.time()
+        r = run_to_end(command(algo, ref, paths), child_env())
+        if r.returncode != 0:
+            print(f"{algo}: the reference run failed:\n{r.stderr[-2000:]}", file=sys.stderr)
+            return 1
+        durations[algo] = time.time() - t0
+        kinds = rng.sample(points(algo), len(points(algo)))  # every kind in turn, random order
+        for k in range(args.kills):
+            # The first trial dies on the first data batch; the others cycle through the kinds.
+            point, hits = kinds[(k - 1) % len(kinds)] if k else ("batch", 1)
+            n = rng.randint(1, hits) if hits else 0
+            if point == "timed":
+                delay = rng.uniform(0.3, 1.0) * durations[algo]
+            elif point == "checkpoint":
+                delay = rng.uniform(0.0, 0.05)
+            else:
+                delay = 0.0
+            jobs.append((algo, k, point, n, delay))
+    with concurrent.futures.ThreadPoolExecutor(max(1, args.jobs)) as pool:
+        results = list(pool.map(lambda j: trial(*j, paths, args.work), jobs))
+    summary = {}
+    print(f"{'algorithm':<10}{'kills':>7}{'recovered':>11}{'identical':>11}  points")
+    for algo in algos:
+        rs = [r for r in results if r["algo"] == algo]
+        killed = [r for r in rs if r["killed"]]
+        row = {"trials": len(rs), "kills": len(killed),
+               "recovered": sum(r["recovered"] for r in killed),
+               "identical": sum(r["identical"] for r in killed),
+               "skipped_incomplete": sum(r.get("skipped_incomplete", False) for r in killed),
+               "not_killed_but_identical": sum(r["identical"] for r in rs if not r["killed"]),
+               "points": [f"{r['point']}@{r['n']}" for r in killed]}
+        summary[algo] = row
+        print(f"{algo:<10}{row['kills']:>7}{row['recovered']:>11}{row['identical']:>11}  "
+              f"{' '.join(row['points'])}")
+    for r in results:
+        if r["killed"] and not r["identical"] or not r["killed"] and r["kill_rc"] != 0:
+            print(f"FAILED {r['algo']} {r['point']}@{r['n']}: {r.get('why', '')}", file=sys.stderr)
+    print(json.dumps({"faults": summary, "seed": args.seed, "kills_per_algorithm": args.kills}))
+    ok = all(s["identical"] == s["kills"] for s in summary.values()) and \
+        all(r["killed"] or r["kill_rc"] == 0 for r in results)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,213 @@
+"""Fault tolerance: checkpoint integrity (a half-written or corrupted newest step is skipped,
+never restored), preemption (SIGTERM -> checkpoint, exit 0, rerun continues) for every
+algorithm through the real CLI, the memory pre-flight refusal, and the fault-injection
+harness (scripts/faults.py) with a small count.
+
+The runs are the harness's tiny configs (`faults.command`), so the tests and the harness
+exercise the same commands."""
+
+import json
+import re
+import logging
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+import faults as harness          # scripts/faults.py (conftest puts scripts/ on sys.path)
+from jaxalign import cli, manifest
+from jaxalign import faults as jaxalign_faults
+from jaxalign.checkpoint import TrainCheckpoints, load_model
+
+SIGTERM_BOUND_S = 60.0   # one tiny step / rollout + one checkpoint write, with a loaded CI box
+
+
+@pytest.fixture(scope="module")
+def paths(tmp_path_factory):
+    return harness.prepare(tmp_path_factory.mktemp("faults"))
+
+
+def _steps(run_dir: Path) -> list[int]:
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(line)["step"] for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def _cli(algo, out, paths, *extra) -> int:
+    """The harness's command, in this process (8 fake devices: the sharded path)."""
+    return cli.main(harness.command(algo, out, paths, *extra)[3:])
+
+
+# ----------------------------------------------------------------------------- integrity
+
+def test_manifest_names_what_is_wrong(tmp_path):
+    step = tmp_path / "7"
+    (step / "state" / "d").mkdir(parents=True)
+    (step / "state" / "d" / "blob").write_bytes(bytes(range(256)) * 40)
+    (step / "meta").mkdir()
+    (step / "meta" / "metadata").write_text('{"step": 7}')
+    assert manifest.problem(step) == "no integrity manifest (its write did not finish)"
+    manifest.write(step)
+    assert manifest.problem(step) is None
+    blob = step / "state" / "d" / "blob"
+    data = bytearray(blob.read_bytes())
+    data[5000] ^= 1                                   # same size, one bit flipped
+    blob.write_bytes(bytes(data))
+    assert manifest.problem(step) == "state/d/blob fails its CRC-32 check (corrupted)"
+    blob.write_bytes(bytes(data[:4096]))              # truncated
+    assert manifest.problem(step) == ("state/d/blob has 4096 bytes, the manifest says 10240 "
+                                      "(truncated)")
+    blob.unlink()
+    assert manifest.problem(step) == "state/d/blob is missing"
+
+
+def _biggest_file(step_dir: Path) -> Path:
+    return max((p for p in step_dir.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+
+
+def test_incomplete_newest_checkpoint_is_skipped_never_restored(paths, tmp_path, caplog):
+    """SFT saved at 3 and 6. Step 6 corrupted (a flipped byte, same size): `load_model`
+    restores 3, not 6. Step 6 then truncated: the rerun skips it with a warning, sets it
+    aside, resumes at 3 and ends exactly as an uninterrupted 9-step run. A step whose
+    manifest never got written (killed after orbax finished) is skipped the same way."""
+    straight, run = tmp_path / "straight", tmp_path / "run"
+    assert _cli("sft", straight, paths, "train.steps=9") == 0
+    assert _cli("sft", run, paths, "train.steps=6") == 0
+    step6 = run / "checkpoints" / "6"
+    blob = _biggest_file(step6 / "state")
+    data = bytearray(blob.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    blob.write_bytes(bytes(data))
+    with caplog.at_level(logging.WARNING):
+        cfg, params, _, _ = load_model(run)
+    assert "skipping checkpoint 6" in caplog.text and "CRC-32" in caplog.text
+    assert TrainCheckpoints(run).latest_step() == 3
+    blob.write_bytes(bytes(data[:len(data) // 3]))
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        assert _cli("sft", run, paths, "train.steps=9") == 0
+    assert "skipping checkpoint 6" in caplog.text and "(truncated)" in caplog.text
+    assert "resumed" in caplog.text and f"{run} at 3" in caplog.text
+    assert (run / "checkpoints.incomplete" / "6").is_dir()
+    assert (run / "metrics.jsonl").read_text() == (straight / "metrics.jsonl").read_text()
+    assert harness.same_run(straight, run) == (True, "")
+    # No manifest at the newest step: skipped too.
+    (run / "checkpoints" / "9" / manifest.MANIFEST).unlink()
+    assert TrainCheckpoints(run).latest_step() == 6
+
+
+# ----------------------------------------------------------------------------- pre-flight
+
+@pytest.mark.parametrize("algo", ["sft", "ppo"])
+def test_memory_preflight_refuses_before_any_step(paths, tmp_path, capsys, algo):
+    out = tmp_path / algo
+    capsys.readouterr()
+    assert _cli(algo, out, paths, "train.memory_limit_gb=0.002") == 1
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("jaxalign: error:")]
+    assert len(errors) == 1 and "Traceback" not in err, err[-3000:]
+    assert "memory pre-flight: the train_step program needs about" in errors[0] or \
+        "memory pre-flight: the rollout program needs about" in errors[0]
+    assert "(train.memory_limit_gb=0.002)" in errors[0] and re.search(r"[0-9.]+ [KM]iB short", errors[0])
+    assert "refused before the first step. Try " in errors[0]
+    report = json.loads((out / "memory.json").read_text())
+    pre = report["preflight"]
+    assert pre["fits"] is False and pre["limit_per_device"] == int(0.002 * 2**30)
+    assert pre["need_per_device"] > pre["limit_per_device"]
+    assert pre["resident_per_device"]["params"] > 0 and pre["resident_per_device"]["optimizer"] > 0
+    assert not _steps(out) and TrainCheckpoints(out).latest_step() is None
+    if algo == "ppo":   # every role's program is in the report
+        assert {"rollout", "advantages", "train_step"} <= set(report["programs"])
+
+
+# ----------------------------------------------------------------------------- preemption
+
+def _wait_for_steps(p, run_dir: Path, n: int, timeout=600.0):
+    deadline = time.time() + timeout
+    while len(_steps(run_dir)) < n:
+        assert p.poll() is None, p.communicate()[1][-3000:]
+        assert time.time() < deadline, "the run did not log in time"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("algo", harness.ALGOS)
+def test_sigterm_checkpoints_exits_0_and_rerun_continues(paths, tmp_path, algo):
+    """SIGTERM from outside once a step is logged (PPO: delivered while iteration 3's rollout
+    runs, via the `rollout` fault point) -> a checkpoint of the last finished step, exit 0
+    within SIGTERM_BOUND_S; rerunning the command continues to the end."""
+    out = tmp_path / algo
+    supervised = algo in harness.SUPERVISED
+    total = 6 if supervised else 4        # shorter than the harness's runs: CI time
+    cmd = harness.command(algo, out, paths,
+                          f"train.steps={total}" if supervised else f"train.iterations={total}")
+    env = harness.child_env(JAXALIGN_FAULT="rollout:3:0:TERM") if algo == "ppo" else \
+        harness.child_env()
+    p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if algo == "ppo":
+        _wait_for_steps(p, out, 2)
+        t0 = time.time()
+    else:
+        _wait_for_steps(p, out, 1)
+        t0 = time.time()
+        p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=600)
+    elapsed = time.time() - t0
+    assert p.returncode == 0, err[-3000:]
+    assert elapsed < SIGTERM_BOUND_S, elapsed
+    assert "received SIGTERM" in err and "rerun the same command to continue" in err
+    logged = _steps(out)
+    saved = TrainCheckpoints(out).latest_step()
+    if algo == "ppo":
+        assert "rollout of iteration 3; iteration 2 is checkpointed" in err
+        assert saved == 2 and logged == [1, 2]
+    else:
+        assert saved is not None and saved == logged[-1] < total, (saved, logged)
+    r = subprocess.run(cmd, env=harness.child_env(), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"at {saved}" in r.stderr
+    assert _steps(out) == list(range(1, total + 1))
+
+
+@pytest.mark.parametrize("algo", ["sft", "grpo"])
+def test_sigterm_before_the_first_step_exits_0_with_nothing_saved(paths, tmp_path, monkeypatch,
+                                                                  caplog, algo):
+    """SIGTERM as the run starts (SFT: as the first batch is fetched, before the step is
+    compiled; GRPO: during the first rollout): the handler installed at load time keeps it,
+    the run stops before its first update, exit 0, nothing written to resume from."""
+    monkeypatch.setenv(jaxalign_faults.ENV, "batch:1:0:TERM")
+    jaxalign_faults.reset()
+    out = tmp_path / algo
+    try:
+        with caplog.at_level(logging.WARNING):
+            assert _cli(algo, out, paths) == 0
+    finally:
+        monkeypatch.delenv(jaxalign_faults.ENV)
+        jaxalign_faults.reset()
+    assert "received SIGTERM" in caplog.text
+    assert ("before step 1; nothing new to save" if algo == "sft" else
+            "during the first rollout; nothing to save") in caplog.text
+    assert _steps(out) == [] and TrainCheckpoints(out).latest_step() is None
+
+
+# ----------------------------------------------------------------------------- harness
+
+def test_fault_harness_small_count(paths, capsys):
+    """scripts/faults.py on PPO: 2 SIGKILLs (during the first data batch, then, as seed 1
+    draws it, inside a rollout); each rerun ends identical to the uninterrupted run (metrics,
+    samples, final TrainState). Its comparison does see a change."""
+    work = paths["model"].parent
+    assert harness.main(["--algos", "ppo", "--kills", "2", "--seed", "1",
+                         "--work", str(work)]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["faults"]["ppo"]
+    assert summary["kills"] == summary["recovered"] == summary["identical"] == 2, summary
+    assert summary["points"][0] == "batch@1" and summary["points"][1].startswith("rollout@")
+    ref = work / "reference" / "ppo"
+    tampered = work / "tampered"
+    subprocess.run(["cp", "-r", str(ref), str(tampered)], check=True)
+    lines = (tampered / "metrics.jsonl").read_text().splitlines()
+    row = json.loads(lines[-1])
+    row["reward_mean"] += 1e-6
+    (tampered / "metrics.jsonl").write_text("\n".join(lines[:-1] + [json.dumps(row)]) + "\n")
+    assert harness.same_run(ref, tampered) == (False, "metrics.jsonl differs")
