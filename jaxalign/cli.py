@@ -253,10 +253,9 @@ def cmd_pipeline(args) -> int:
     if args.mesh is not None or args.dtype is not None:  # onto every stage that has the key
         overrides = runtime_overrides(load_yaml(args.config, overrides), args.mesh,
                                       args.dtype) + overrides
-    try:
-        run_pipeline(from_dict(PipelineConfig, load_yaml(args.config, overrides)))
-    except KeyboardInterrupt:  # SIGINT / SIGTERM: the stage checkpointed; the log says how to resume
-        return 130
+    # A stage stopped by SIGTERM / SIGINT raises Preempted after its checkpoint: main() exits 0
+    # as for any training command, and rerunning the pipeline resumes that stage.
+    run_pipeline(from_dict(PipelineConfig, load_yaml(args.config, overrides)))
     return 0
 
 
