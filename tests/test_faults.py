@@ -122,6 +122,25 @@ def test_memory_preflight_refuses_before_any_step(paths, tmp_path, capsys, algo)
         assert {"rollout", "advantages", "train_step"} <= set(report["programs"])
 
 
+@pytest.mark.parametrize("algo", ["sft", "ppo"])
+def test_memory_preflight_refuses_before_compiling(paths, tmp_path, capsys, algo):
+    """A run whose params and optimizer state alone exceed the device is refused from their
+    shapes, before any program of the run is compiled (memory.json holds no program)."""
+    out = tmp_path / algo
+    capsys.readouterr()
+    assert _cli(algo, out, paths, "train.memory_limit_gb=0.0001") == 1
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("jaxalign: error:")]
+    assert len(errors) == 1 and "Traceback" not in err, err[-3000:]
+    assert "the run's resident arrays alone need" in errors[0]
+    assert "refused before compiling. Try " in errors[0] and re.search(r"[0-9.]+ [KM]iB short", errors[0])
+    report = json.loads((out / "memory.json").read_text())
+    pre = report["preflight"]
+    assert pre["fits"] is False and "programs" not in report
+    assert pre["limit_per_device"] < pre["need_per_device"] <= sum(pre["resident_per_device"].values())
+    assert not _steps(out) and TrainCheckpoints(out).latest_step() is None
+
+
 # ----------------------------------------------------------------------------- preemption
 
 def _wait_for_steps(p, run_dir: Path, n: int, timeout=600.0):

@@ -29,7 +29,8 @@ from jaxalign.metrics import SFT_PROGRESS, MetricsWriter, Progress
 from jaxalign.sharding import batch_sharding, replicated
 from jaxalign.train.optim import make_optimizer
 from jaxalign.train.preempt import Preempted, StopFlag  # noqa: F401  (the loops' shared mechanics)
-from jaxalign.train.preflight import Knobs, check as preflight_check
+from jaxalign.train import preflight
+from jaxalign.train.preflight import Knobs
 from jaxalign.train.step import LossFn, TrainState, init_state, jit_train_step, make_eval_step, \
     make_train_step, state_shardings
 
@@ -154,8 +155,9 @@ def _abstract(tree):
 
 
 def check_memory(run_dir: Path, mesh: Mesh, step_fn, state, frozen, cfg: TrainConfig,
-                 model: ModelConfig | None) -> dict:
-    """The memory pre-flight of a supervised run (`preflight.check`) on its compiled step.
+                 model: ModelConfig | None) -> dict | None:
+    """The memory pre-flight of a supervised run (`preflight.check`) on its compiled step;
+    step_fn None: the part that needs no compile (`preflight.check_resident`).
     `model`: the trained model's config (for the remat / LoRA suggestions), if known."""
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     micro = cfg.batch_size // cfg.grad_accum
@@ -163,10 +165,12 @@ def check_memory(run_dir: Path, mesh: Mesh, step_fn, state, frozen, cfg: TrainCo
                   can_double_accum=micro % 2 == 0 and (micro // 2) % shards == 0,
                   lora_rank=model.lora_rank if model else 0, fsdp=mesh.shape["fsdp"],
                   devices=jax.device_count())
-    return preflight_check(run_dir, mesh, {"train_step": (step_fn, [state, frozen])},
-                           {"params": state.params, "optimizer": (state.opt_state, state.rng,
-                                                                  state.step),
-                            "frozen": frozen}, knobs, cfg.memory_limit_gb)
+    resident = {"params": state.params, "optimizer": (state.opt_state, state.rng, state.step),
+                "frozen": frozen}
+    if step_fn is None:  # not compiled yet: the resident arrays alone
+        return preflight.check_resident(run_dir, mesh, resident, knobs, cfg.memory_limit_gb)
+    return preflight.check(run_dir, mesh, {"train_step": (step_fn, [state, frozen])}, resident,
+                           knobs, cfg.memory_limit_gb)
 
 
 def total_steps(cfg: TrainConfig, loader) -> int:
@@ -225,6 +229,7 @@ def train(*, run_dir: str | Path, cfg: TrainConfig, optim: OptimConfig, mesh: Me
             batch0 = put_batch(first, mesh)
             if task.prepare is not None:
                 batch0 = task.prepare(batch0)
+            check_memory(run_dir, mesh, None, state, frozen, cfg, model)   # before compiling
             step_fn = jitted.lower(_abstract(state), _abstract(frozen), _abstract(batch0)).compile()
             check_memory(run_dir, mesh, step_fn, state, frozen, cfg, model)
     except BaseException:

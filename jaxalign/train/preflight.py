@@ -121,6 +121,45 @@ def _suggestions(knobs: Knobs, activations: int, weights: int) -> list[str]:
     return out or ["more devices or a device with more memory"]
 
 
+def _agreed_limit(mesh, limit_gb: float | None, resident: int) -> tuple[int | None, str]:
+    limit, source = device_limit(mesh, limit_gb, resident)
+    if jax.process_count() > 1 and limit is not None:
+        # Every process must take the same decision, or the refused one leaves the others
+        # waiting in a collective: the smallest host / device decides.
+        import numpy as np
+        from jax.experimental import multihost_utils
+        # (in MiB as float32: without jax_enable_x64 an int64 would be cut to int32)
+        mib = multihost_utils.process_allgather(np.float32(limit / 2**20))
+        limit = int(float(np.asarray(mib).min()) * 2**20)
+    return limit, source
+
+
+def check_resident(run_dir: Path, mesh, resident: dict, knobs: Knobs,
+                   limit_gb: float | None) -> None:
+    """The part of the pre-flight that needs no compiled program, run before compiling: the
+    arrays that live for the whole run (params, optimizer state, frozen models) are known from
+    their shapes and shardings. When they alone exceed the device, the run is refused here,
+    without spending the compile; otherwise `check` follows on the compiled programs."""
+    sizes = {k: per_device_bytes(v) for k, v in resident.items()}
+    total = per_device_bytes(*resident.values())
+    limit, source = _agreed_limit(mesh, limit_gb, total)
+    if limit is None or total <= limit:
+        return
+    report = {"preflight": {"resident_per_device": sizes, "need_per_device": total,
+                            "worst_program": None, "limit_per_device": limit,
+                            "limit_source": source, "fits": False,
+                            "refused": "before compiling: the resident arrays alone"}}
+    if jax.process_index() == 0:
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        (Path(run_dir) / "memory.json").write_text(json.dumps(report, indent=2) + "\n")
+    parts = ", ".join(f"{k} {_fmt(v)}" for k, v in sizes.items() if v)
+    tips = _suggestions(dataclasses.replace(knobs, remat="full", can_double_accum=False), 0, total)
+    raise MemoryPreflightError(
+        f"memory pre-flight: the run's resident arrays alone need {_fmt(total)} per device "
+        f"({parts}) and {_fmt(limit)} are there ({source}): {_fmt(total - limit)} short; "
+        f"refused before compiling. Try {' or '.join(tips)} (see {Path(run_dir) / 'memory.json'})")
+
+
 def check(run_dir: Path, mesh, programs: dict, resident: dict, knobs: Knobs,
           limit_gb: float | None, report: dict | None = None) -> dict:
     """Compares and writes memory.json; raises MemoryPreflightError if the run cannot fit.
@@ -131,15 +170,7 @@ def check(run_dir: Path, mesh, programs: dict, resident: dict, knobs: Knobs,
     report = dict(report or {})
     sizes = {k: per_device_bytes(v) for k, v in resident.items()}
     total_resident = per_device_bytes(*resident.values())
-    limit, source = device_limit(mesh, limit_gb, total_resident)
-    if jax.process_count() > 1 and limit is not None:
-        # Every process must take the same decision, or the refused one leaves the others
-        # waiting in a collective: the smallest host / device decides.
-        import numpy as np
-        from jax.experimental import multihost_utils
-        # (in MiB as float32: without jax_enable_x64 an int64 would be cut to int32)
-        mib = multihost_utils.process_allgather(np.float32(limit / 2**20))
-        limit = int(float(np.asarray(mib).min()) * 2**20)
+    limit, source = _agreed_limit(mesh, limit_gb, total_resident)
     worst, need, per_program = None, 0, {}
     for name, (exe, args) in programs.items():
         stats = program_stats(exe)

@@ -371,6 +371,7 @@ class _Run:
             self.kl_coef = float(meta["kl_coef"])
             self.rewarder.moments = RunningMoments.from_state(meta["reward_moments"])
         self.roles.trainable = None  # the state owns (and donates) the trainable params now
+        check_memory(run_dir, self.mesh, self.roles, cfg, state, None, None)  # before compiling
         programs = self._compile(state)
         report = memory_report(run_dir, self.roles, cfg, nbytes(state.opt_state), programs)
         check_memory(run_dir, self.mesh, self.roles, cfg, state, programs, report)

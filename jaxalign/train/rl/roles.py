@@ -150,9 +150,10 @@ def memory_report(run_dir: Path, roles: Roles, cfg: RLConfig, opt_bytes: int,
     return report
 
 
-def check_memory(run_dir: Path, mesh, roles: Roles, cfg: RLConfig, state, programs: dict,
-                 report: dict) -> dict:
-    """The memory pre-flight (`preflight.check`) over every role's compiled programs: the
+def check_memory(run_dir: Path, mesh, roles: Roles, cfg: RLConfig, state, programs: dict | None,
+                 report: dict | None) -> dict | None:
+    """The memory pre-flight (`preflight.check`) over every role's compiled programs (None:
+    `preflight.check_resident`, before anything is compiled): the
     rollout holds the policy, frozen and auxiliary (reference, reward) params; the train step
     the state and the frozen params; all of them stay resident throughout."""
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -161,9 +162,12 @@ def check_memory(run_dir: Path, mesh, roles: Roles, cfg: RLConfig, state, progra
                             can_double_accum=micro % 2 == 0 and (micro // 2) % shards == 0,
                             lora_rank=cfg.lora.rank, fsdp=mesh.shape["fsdp"],
                             devices=jax.device_count())
+    resident = {"params": state.params, "optimizer": (state.opt_state, state.rng, state.step),
+                "frozen": roles.frozen, "aux": roles.aux}
+    if programs is None:  # before compiling: the resident arrays alone
+        return preflight.check_resident(run_dir, mesh, resident, knobs, cfg.train.memory_limit_gb)
     args = {"rollout": [state.params, roles.frozen, roles.aux], "advantages": [],
             "train_step": [state, roles.frozen]}
     return preflight.check(
         run_dir, mesh, {name: (exe, args.get(name, [])) for name, exe in programs.items()},
-        {"params": state.params, "optimizer": (state.opt_state, state.rng, state.step),
-         "frozen": roles.frozen, "aux": roles.aux}, knobs, cfg.train.memory_limit_gb, report)
+        resident, knobs, cfg.train.memory_limit_gb, report)
