@@ -167,11 +167,17 @@ def plot_run(run: dict, out: Path) -> Path | None:
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    for ax in list(axes.flat)[len(panels):]:
+    return _save(plt, fig, list(axes.flat)[len(panels):], f"{run['name']} ({run['algorithm']})",
+                 out / f"{run['name']}_curves.png")
+
+
+def _save(plt, fig, unused_axes, title: str | None, path: Path) -> Path:
+    """Hides the grid's unused panels, titles, lays out, writes the PNG, frees the figure."""
+    for ax in unused_axes:
         ax.axis("off")
-    fig.suptitle(f"{run['name']} ({run['algorithm']})")
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
-    path = out / f"{run['name']}_curves.png"
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
@@ -187,11 +193,7 @@ def plot_timing(runs: list[dict], out: Path) -> Path | None:
     ax.invert_yaxis()
     ax.set_xlabel("seconds in steps (perf.jsonl)")
     ax.set_title("time per stage")
-    fig.tight_layout()
-    path = out / "timing.png"
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, [], None, out / "timing.png")
 
 
 def _fmt(v) -> str:
@@ -259,14 +261,8 @@ def plot_eval(run: dict, out: Path) -> Path | None:
         ax.set_title(c, fontsize=9)
         ax.tick_params(axis="x", labelsize=8)
         ax.grid(alpha=0.3, axis="y")
-    for ax in list(axes.flat)[len(cols):]:
-        ax.axis("off")
-    fig.suptitle(f"{run['name']}: per policy")
-    fig.tight_layout()
-    path = out / f"{run['name']}_policies.png"
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, list(axes.flat)[len(cols):], f"{run['name']}: per policy",
+                 out / f"{run['name']}_policies.png")
 
 
 def _memory_md(memory: dict) -> str:

@@ -26,13 +26,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 import jax
-import numpy as np
 
 from jaxalign import sharding
 from jaxalign.config import ConfigError, MeshConfig, ModelConfig
 from jaxalign.convert import hf, hub
 from jaxalign.models import functional, lora
 from jaxalign.train.optim import make_optimizer
+from jaxalign.train.preflight import per_device_bytes
 from jaxalign.train.step import init_state, jit_train_step, make_train_step, state_shardings
 
 GiB, MiB = 2**30, 2**20
@@ -282,15 +282,6 @@ class MeshPlan:
         return d
 
 
-def _device_bytes(tree) -> int:
-    """Bytes one device holds of a tree of sharded ShapeDtypeStructs (the largest share)."""
-    total = 0
-    for x in jax.tree.leaves(tree):
-        shape = x.sharding.shard_shape(x.shape) if x.sharding is not None else x.shape
-        total += math.prod(shape) * np.dtype(x.dtype).itemsize
-    return total
-
-
 def plan_mesh(recipe: str, run_cfg, mesh_cfg: MeshConfig, devices=None) -> MeshPlan:
     """Lowers and compiles the recipe's train step for one mesh, from shapes only."""
     planner = PLANNERS[recipe]
@@ -317,8 +308,8 @@ def plan_mesh(recipe: str, run_cfg, mesh_cfg: MeshConfig, devices=None) -> MeshP
     peak = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
             + mem.temp_size_in_bytes)
     return MeshPlan(mesh=mesh_cfg,
-                    params_bytes=_device_bytes(models.trainable) + _device_bytes(models.frozen),
-                    optimizer_bytes=_device_bytes(state.opt_state),
+                    params_bytes=per_device_bytes(models.trainable, models.frozen),
+                    optimizer_bytes=per_device_bytes(state.opt_state),
                     argument_bytes=mem.argument_size_in_bytes, temp_bytes=mem.temp_size_in_bytes,
                     peak_bytes=peak, compile_s=compile_s,
                     collectives=collective_bytes(compiled.as_text()))
