@@ -150,8 +150,10 @@ def next_batch(loader: Loader) -> dict[str, np.ndarray]:
     return batch
 
 
-def _abstract(tree):
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+def abstract(tree, sh=None):
+    """ShapeDtypeStructs with each leaf's sharding (or `sh` for all): what AOT lowering takes."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                       sharding=sh or x.sharding), tree)
 
 
 def check_memory(run_dir: Path, mesh: Mesh, step_fn, state, frozen, cfg: TrainConfig,
@@ -230,7 +232,7 @@ def train(*, run_dir: str | Path, cfg: TrainConfig, optim: OptimConfig, mesh: Me
             if task.prepare is not None:
                 batch0 = task.prepare(batch0)
             check_memory(run_dir, mesh, None, state, frozen, cfg, model)   # before compiling
-            step_fn = jitted.lower(_abstract(state), _abstract(frozen), _abstract(batch0)).compile()
+            step_fn = jitted.lower(abstract(state), abstract(frozen), abstract(batch0)).compile()
             check_memory(run_dir, mesh, step_fn, state, frozen, cfg, model)
     except BaseException:
         ckpts.close()

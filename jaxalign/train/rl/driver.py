@@ -49,7 +49,7 @@ from jaxalign.losses.ppo import adaptive_kl_update
 from jaxalign.metrics import RL_PROGRESS, MetricsWriter, Progress, truncate_jsonl
 from jaxalign.models import lora
 from jaxalign.tokenizer import load_tokenizer
-from jaxalign.train.loop import BadStepGuard, StopFlag, put_batch, start_or_resume
+from jaxalign.train.loop import BadStepGuard, StopFlag, abstract, put_batch, start_or_resume
 from jaxalign.train.preempt import Preempted
 from jaxalign.train.optim import make_optimizer
 from jaxalign.train.rl import hosts, objectives, prompts as RP, rollout as R
@@ -91,12 +91,6 @@ def compiled(key, make_jitted, *abstract_args):
         while len(_EXECUTABLES) > 16:
             _EXECUTABLES.popitem(last=False)
     return _EXECUTABLES[sig]
-
-
-def _abstract(tree, sh=None):
-    """ShapeDtypeStructs with each leaf's sharding (or `sh` for all)."""
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
-                                                       sharding=sh or x.sharding), tree)
 
 
 # ----------------------------------------------------------------------------- driver
@@ -219,7 +213,7 @@ class _Run:
             lambda: jax.jit(lambda *a: R.rollout(models, sampling, *a),
                             in_shardings=(train_sh, frozen_sh, aux_sh, bsh, bsh, rep),
                             out_shardings=bsh),
-            _abstract(state.params), _abstract(roles.frozen), _abstract(roles.aux),
+            abstract(state.params), abstract(roles.frozen), abstract(roles.aux),
             sds((rows, self.P), i32), sds((rows, self.P), i32), sds((2,), jnp.uint32, rep))
         exp_abs = {"mask_BN": sds((rows, N), i32), "old_logp_BN": sds((rows, N), f32),
                    "ref_logp_BN": sds((rows, N), f32), "values_BN": sds((rows, N), f32),
@@ -248,7 +242,7 @@ class _Run:
             lambda: jit_train_step(make_train_step(objectives.make_loss_fn(loss_models, obj), optimizer,
                                                    schedule, grad_accum=cfg.train.grad_accum),
                                    state_sh, frozen_sh, bsh),
-            _abstract(state), _abstract(roles.frozen), batch_abs(mb))
+            abstract(state), abstract(roles.frozen), batch_abs(mb))
         return {"rollout": self.rollout_fn, "advantages": self.adv_fn, "train_step": self.step_fn}
 
     # -- one iteration ------------------------------------------------------------------------
