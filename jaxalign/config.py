@@ -14,7 +14,7 @@ from typing import Any, Literal, Mapping
 
 ROPE_TYPES = ("default", "linear", "llama3")
 DTYPES = ("float32", "bfloat16")
-REMAT_POLICIES = ("none", "full", "dots")
+REMAT_POLICIES = ("none", "full", "dots", "attn")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # HF architectures we read; anything else with model_type 'llama' (e.g. LlamaForTokenClassification,
@@ -87,7 +87,12 @@ class ModelConfig:
     # Scanned layers compile in constant time; unrolled layers ran a train step 2x faster
     # on a 2-core CPU (DESIGN.md section 5). Same parameter layout either way.
     scan_layers: bool = True
-    remat: Literal["none", "full", "dots"] = "none"
+    # What the backward pass recomputes instead of keeping (jax.checkpoint per layer): "none"
+    # keeps everything; "full" keeps only each layer's input; "dots" keeps the projection
+    # outputs (q, k, v, o, gate, up, down) and recomputes norms, attention and activations;
+    # "attn" keeps the attention probabilities and output too, so only the elementwise
+    # work is recomputed.
+    remat: Literal["none", "full", "dots", "attn"] = "none"
     # Attention kernel of the training / scoring forward (the KV-cache decode always uses XLA):
     # "xla" materialises the (T, S) scores; "cudnn" is cuDNN's fused flash attention (GPU,
     # bf16 compute only); "auto" picks cudnn where it applies, else xla.
@@ -255,9 +260,10 @@ class ModelSource:
     dtype: str = "float32"         # compute dtype
     param_dtype: str = "float32"   # dtype the parameters (and optimizer moments) are kept in
     # Layer form and rematerialisation of the training forward; None: the measured default of
-    # the backend (`jaxalign.runtime.train_layout`: scanned + full remat on CPU).
+    # the backend (`jaxalign.runtime.train_layout`: scanned layers keeping projections and
+    # attention, remat "attn", on CPU). remat "full" recomputes the most (least memory).
     scan_layers: bool | None = None
-    remat: str | None = None       # none | full | dots
+    remat: str | None = None       # none | full | dots | attn
     attention: str = "auto"        # auto | xla | cudnn (GPU flash attention, bf16)
 
     def __post_init__(self):

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from conftest import make_tiny_hf
 from jaxalign.config import ConfigError
 from jaxalign.convert import hf
-from jaxalign.models import functional
+from jaxalign.models import functional, llama
 from jaxalign.models.llama import rope_inv_freq
 
 FP32_TOL = 1e-4  # the model-fidelity contract
@@ -193,6 +193,38 @@ def test_default_positions_restart_per_segment():
     np.testing.assert_array_equal(pos, [[0, 1, 0, 1, 2, 0, 1, 0], [0, 1, 2, 3, 0, 1, 2, 3]])
 
 
+def test_blocked_causal_attention_long_rows(gqa, monkeypatch):
+    """Rows of 160 tokens run the causal attention in query blocks (64, 64, 32), each
+    against the keys up to its own end: logits equal transformers' on every real token with
+    left padding, right padding and packed segments, and loss and gradients equal those of
+    one unblocked attention over the whole row."""
+    cfg, params, model = gqa
+    TL = 160
+    rng = np.random.default_rng(8)
+    mask = np.ones((3, TL), np.int32)
+    mask[0, :37] = 0                       # left padding across the first block boundary
+    mask[1, 101:] = 0                      # right padding
+    seg = mask.copy()
+    seg[2, 70:] = 2                        # row 2: two packed segments, the second from 70
+    tokens = np.where(mask > 0, rng.integers(3, cfg.vocab_size, (3, TL)), 0).astype(np.int32)
+    assert TL >= 2 * llama._MIN_QUERY_BLOCK, "rows too short to be split into query blocks"
+
+    blocked = ours(cfg, params, tokens, seg)
+    reference = hf_logits(model, tokens[:2], mask[:2])
+    assert max_diff_at(blocked[:2], reference, mask[:2]) <= FP32_TOL
+    for a, b in ((0, 70), (70, TL)):       # each packed segment alone, from position 0
+        alone = hf_logits(model, tokens[2:3, a:b], mask[2:3, a:b])
+        assert float(np.abs(blocked[2, a:b] - alone[0]).max()) <= FP32_TOL
+
+    (loss, _), grads = _loss_and_grad(cfg, params, tokens, seg)
+    monkeypatch.setattr(llama, "_MIN_QUERY_BLOCK", TL)   # one block: the plain attention
+    unblocked = jax.jit(jax.value_and_grad(_loss_impl, argnums=1, has_aux=True), static_argnums=0,
+                        compiler_options={"xla_backend_optimization_level": 0})  # a fresh trace
+    (ref_loss, _), ref_grads = unblocked(cfg, params, tokens, seg)
+    chex.assert_trees_all_close(loss, ref_loss, rtol=1e-6, atol=1e-6)
+    chex.assert_trees_all_close(grads, ref_grads, rtol=1e-5, atol=1e-6)
+
+
 # ----------------------------------------------------------------------------- remat
 
 def _loss_impl(cfg, params, tokens_BT, segment_ids_BT):
@@ -220,8 +252,9 @@ def no_remat_grads(gqa):
 
 
 # Both policies under scan; the unrolled loop differs only in prevent_cse, checked once.
-@pytest.mark.parametrize("remat,scan_layers", [("full", True), ("dots", True), ("full", False)],
-                         ids=["full-scan", "dots-scan", "full-unrolled"])
+@pytest.mark.parametrize("remat,scan_layers", [("full", True), ("dots", True), ("attn", True),
+                                                ("full", False)],
+                         ids=["full-scan", "dots-scan", "attn-scan", "full-unrolled"])
 def test_remat_matches_no_remat(gqa, no_remat_grads, remat, scan_layers):
     cfg, params, _ = gqa
     tokens, mask = padded_batch(seed=5)

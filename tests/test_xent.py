@@ -5,12 +5,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxalign.losses import xent
 from jaxalign.losses.xent import head_logprobs, head_masked_xent, masked_xent, token_logprobs
 
 
+@pytest.mark.parametrize("keep_probs", [True, False], ids=["keep-softmax", "recompute-logits"])
 @pytest.mark.parametrize("head_is_VD", [True, False])
 @pytest.mark.parametrize("chunk", [4, 5, 64])  # divides T, does not, larger than T
-def test_chunked_equals_full(head_is_VD, chunk):
+def test_chunked_equals_full(head_is_VD, chunk, keep_probs, monkeypatch):
+    """Both backward passes of the chunked head: reusing the forward's softmax (custom VJP)
+    and recomputing each chunk's logits (remat), against autodiff of the full logits."""
+    monkeypatch.setattr(xent, "KEEP_PROBS_BYTES", 1 << 30 if keep_probs else 0)
     B, T, D, V = 3, 12, 16, 40
     k = jax.random.split(jax.random.PRNGKey(0), 4)
     hidden = jax.random.normal(k[0], (B, T, D))

@@ -8,8 +8,11 @@ gradient) is the largest activation of a small model's train step.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxalign.precision import matmul_precision
 from jaxalign.sharding import constrain
@@ -23,13 +26,17 @@ def token_logprobs(logits_BTV: jax.Array, targets_BT: jax.Array) -> jax.Array:
     return picked_BT - lse_BT
 
 
-def _chunk_stats(hidden_BCD, head, targets_BC, head_is_VD: bool):
-    """(log p(target), target is the argmax, entropy) for one chunk of positions."""
+def _chunk_logits(hidden_BCD, head, head_is_VD: bool):
     w = head.astype(hidden_BCD.dtype)
     eq = "bcd,vd->bcv" if head_is_VD else "bcd,dv->bcv"
     logits_BCV = jnp.einsum(eq, hidden_BCD, w, precision=matmul_precision(w.dtype),
                             preferred_element_type=jnp.float32)
-    logits_BCV = constrain(logits_BCV, ("batch", None, "vocab"))
+    return constrain(logits_BCV, ("batch", None, "vocab"))
+
+
+def _chunk_stats(hidden_BCD, head, targets_BC, head_is_VD: bool):
+    """(log p(target), target is the argmax) for one chunk of positions."""
+    logits_BCV = _chunk_logits(hidden_BCD, head, head_is_VD)
     lse_BC = jax.nn.logsumexp(logits_BCV, axis=-1)
     picked_BC = jnp.take_along_axis(logits_BCV, targets_BC[..., None], axis=-1)[..., 0]
     # Ties count as correct, as a plain argmax comparison would for the first maximum.
@@ -37,11 +44,63 @@ def _chunk_stats(hidden_BCD, head, targets_BC, head_is_VD: bool):
     return picked_BC - lse_BC, correct_BC
 
 
-def scan_chunks(hidden_BTD: jax.Array, targets_BT: jax.Array, chunk: int, stats_fn):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _chunk_stats_keep_probs(hidden_BCD, head, targets_BC, head_is_VD: bool):
+    """`_chunk_stats` whose backward pass reuses the forward's softmax instead of computing
+    the chunk's logits again: the gradient of log p(target) w.r.t. the logits is
+    onehot(target) - softmax, so the backward costs the two matmuls of the head's gradients
+    and no third one (and no second exp over the vocabulary), for (B, C, V) fp32 of memory."""
+    return _chunk_stats(hidden_BCD, head, targets_BC, head_is_VD)
+
+
+def _keep_probs_fwd(hidden_BCD, head, targets_BC, head_is_VD):
+    logits_BCV = _chunk_logits(hidden_BCD, head, head_is_VD)
+    lse_BC = jax.nn.logsumexp(logits_BCV, axis=-1)
+    picked_BC = jnp.take_along_axis(logits_BCV, targets_BC[..., None], axis=-1)[..., 0]
+    correct_BC = picked_BC >= jnp.max(logits_BCV, axis=-1)
+    probs_BCV = jnp.exp(logits_BCV - lse_BC[..., None])
+    return (picked_BC - lse_BC, correct_BC), (hidden_BCD, head, targets_BC, probs_BCV)
+
+
+def _keep_probs_bwd(head_is_VD, res, cts):
+    hidden_BCD, head, targets_BC, probs_BCV = res
+    g_BC = cts[0]
+    V = probs_BCV.shape[-1]
+    onehot_BCV = jax.nn.one_hot(targets_BC, V, dtype=jnp.float32)
+    dlogits_BCV = constrain(g_BC[..., None] * (onehot_BCV - probs_BCV), ("batch", None, "vocab"))
+    dt = hidden_BCD.dtype
+    w = head.astype(dt)
+    kw = dict(precision=matmul_precision(dt), preferred_element_type=jnp.float32)
+    d = dlogits_BCV.astype(dt)
+    # The head's gradient as h^T d, (D, V) with the tokens contracted: the other order made
+    # XLA's CPU backend transpose the whole (tokens, V) block first.
+    dw_DV = jnp.einsum("bcd,bcv->dv", hidden_BCD, d, **kw)
+    if head_is_VD:
+        dh_BCD = jnp.einsum("bcv,vd->bcd", d, w, **kw)
+        dw = dw_DV.T
+    else:
+        dh_BCD = jnp.einsum("bcv,dv->bcd", d, w, **kw)
+        dw = dw_DV
+    targets_ct = np.zeros(targets_BC.shape, jax.dtypes.float0)
+    return dh_BCD.astype(dt), dw.astype(head.dtype), targets_ct
+
+
+_chunk_stats_keep_probs.defvjp(_keep_probs_fwd, _keep_probs_bwd)
+
+# Largest softmax (B, T, V fp32) the head losses keep for their backward pass instead of
+# recomputing the logits (`_chunk_stats_keep_probs`): SmolLM2's 8 x 256 step keeps 384 MiB
+# and saves one of its four LM-head matmuls (0.6 s of a 12 s CPU step); bigger batches fall
+# back to recomputing, whose peak holds one chunk.
+KEEP_PROBS_BYTES = 1 << 30
+
+
+def scan_chunks(hidden_BTD: jax.Array, targets_BT: jax.Array, chunk: int, stats_fn,
+                remat: bool = True):
     """Applies `stats_fn(hidden_BCD, targets_BC) -> tuple of (B, C) arrays` to the sequence
     `chunk` positions at a time and returns the tuple as (B, T) arrays. Each chunk runs under
     `jax.checkpoint`: its (B, chunk, V) logits are rematerialised in the backward pass instead
-    of stored, so peak memory holds one such block instead of (B, T, V)."""
+    of stored, so peak memory holds one such block instead of (B, T, V). `remat=False` when
+    `stats_fn` keeps what its backward needs itself (a custom VJP)."""
     B, T, D = hidden_BTD.shape
     chunk = max(1, min(chunk or T, T))
     n = -(-T // chunk)
@@ -53,9 +112,11 @@ def scan_chunks(hidden_BTD: jax.Array, targets_BT: jax.Array, chunk: int, stats_
     h_nBCD = hidden_BTD.reshape(B, n, chunk, D).swapaxes(0, 1)
     t_nBC = targets_BT.reshape(B, n, chunk).swapaxes(0, 1)
 
-    @jax.checkpoint
     def body(_, xs):
         return None, stats_fn(*xs)
+
+    if remat:
+        body = jax.checkpoint(body)
 
     _, outs = jax.lax.scan(body, None, (h_nBCD, t_nBC))
     return tuple(x.swapaxes(0, 1).reshape(B, n * chunk)[:, :T] for x in outs)
@@ -65,9 +126,16 @@ def head_logprobs(hidden_BTD: jax.Array, head: jax.Array, targets_BT: jax.Array,
                   head_is_VD: bool, chunk: int = 128) -> tuple[jax.Array, jax.Array]:
     """log p(target_t) (fp32) and whether the target is the argmax, for every position,
     from the final hidden states and the LM-head weight ((V, D) when tied to the embedding,
-    else (D, V)), `chunk` positions at a time (`scan_chunks`), at the cost of one more head
-    matmul in the backward pass.
+    else (D, V)), `chunk` positions at a time (`scan_chunks`). The backward pass reuses the
+    forward's softmax when the whole (B, T, V) of it fits in `KEEP_PROBS_BYTES`, else it
+    computes each chunk's logits again (one more head matmul).
     """
+    B, T, _ = hidden_BTD.shape
+    V = head.shape[0] if head_is_VD else head.shape[1]
+    if B * T * V * 4 <= KEEP_PROBS_BYTES:
+        return scan_chunks(hidden_BTD, targets_BT, chunk,
+                           lambda h, t: _chunk_stats_keep_probs(h, head, t, head_is_VD),
+                           remat=False)
     return scan_chunks(hidden_BTD, targets_BT, chunk,
                        lambda h, t: _chunk_stats(h, head, t, head_is_VD))
 

@@ -108,7 +108,7 @@ def program_stats(exe) -> dict[str, int] | None:
 
 def _suggestions(knobs: Knobs, activations: int, weights: int) -> list[str]:
     act, wts = [], []
-    if knobs.remat == "none":
+    if knobs.remat != "full":
         act.append("model.remat=full")
     if knobs.can_double_accum:
         act.append(f"train.grad_accum={2 * knobs.grad_accum}")
