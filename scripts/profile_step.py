@@ -1,5 +1,10 @@
-"""Where an SFT step's time goes on the CPU: thread-time per XLA op kind, and how long one,
-both or neither of the backend's threads were busy.
+"""Where an SFT step's time goes on the CPU: thread-time per XLA op kind, and how many cores
+the process kept busy (CPU time / wall time of the traced step).
+
+The traced events cover the ops the executor ran on each thread; the work a matmul hands to
+the other thread of the pool carries no event of its own, so "busy" from the events alone
+undercounts: an earlier version of this script read "one thread busy 7.3 s of 11.0" from the
+events while the process used 1.9 cores throughout (docs/bench/README.md).
 
   python scripts/profile_step.py [--model HF_DIR] [--batch 8] [--seq 256] [--remat full]
                                  [--scan-layers true] [--lora-rank 0]
@@ -100,17 +105,19 @@ def main(argv=None) -> int:
             jax.block_until_ready(metrics)
         trace = tempfile.mkdtemp(prefix="jaxalign-profile-")
         jax.profiler.start_trace(trace)
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         state, metrics = step(state, policy.frozen, batch)
         jax.block_until_ready(metrics)
-        wall = time.perf_counter() - t0
+        wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
         jax.profiler.stop_trace()
     kinds, counts, busy = busy_profile(trace)
     cfg = policy.cfg
     print(f"SFT step {B} x {T}, scan_layers={cfg.scan_layers}, remat={cfg.remat}, "
           f"lora_rank={cfg.lora_rank}: wall {wall:.2f} s")
-    print(f"op thread-time {sum(kinds.values()) / 1e9:.2f} s; one thread busy {busy[1] / 1e9:.2f} s, "
-          f"two or more {busy[2] / 1e9:.2f} s, none {busy[0] / 1e9:.2f} s")
+    print(f"process CPU time {cpu:.2f} s = {cpu / wall:.2f} cores busy on average")
+    print(f"op thread-time {sum(kinds.values()) / 1e9:.2f} s (events only; see the module doc): "
+          f"one thread in an op {busy[1] / 1e9:.2f} s, two or more {busy[2] / 1e9:.2f} s, "
+          f"none {busy[0] / 1e9:.2f} s")
     for kind, ns in kinds.most_common(12):
         print(f"  {ns / 1e9:7.2f} s  {counts[kind]:6d}  {kind}")
     return 0
