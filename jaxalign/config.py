@@ -87,11 +87,9 @@ class ModelConfig:
     # Scanned layers compile in constant time; unrolled layers ran a train step 2x faster
     # on a 2-core CPU (DESIGN.md section 5). Same parameter layout either way.
     scan_layers: bool = True
-    # What the backward pass recomputes instead of keeping (jax.checkpoint per layer): "none"
-    # keeps everything; "full" keeps only each layer's input; "dots" keeps the projection
-    # outputs (q, k, v, o, gate, up, down) and recomputes norms, attention and activations;
-    # "attn" keeps the attention probabilities and output too, so only the elementwise
-    # work is recomputed.
+    # What the backward recomputes (jax.checkpoint per layer): "none" nothing; "full" all but
+    # each layer's input; "dots" keeps the projections' outputs; "attn" keeps the attention's
+    # too, recomputing only elementwise work.
     remat: Literal["none", "full", "dots", "attn"] = "none"
     # Attention kernel of the training / scoring forward (the KV-cache decode always uses XLA):
     # "xla" materialises the (T, S) scores; "cudnn" is cuDNN's fused flash attention (GPU,

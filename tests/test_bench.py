@@ -44,3 +44,21 @@ def test_bench_sft_json(bench_sft):
     assert ours["compile_s"] > 0 and ours["ratio"] > 0
     assert ours["tokens_per_step"] == 2 * 32  # full rows: nothing padded
     assert ours["loss1"] == pytest.approx(theirs["loss1"], rel=1e-4)
+
+
+def test_bench_table_matches_the_committed_outputs():
+    """The README's speed table is `scripts/bench_table.py` over the committed outputs: each
+    row's speed is theirs' step time / ours from the JSON line, and the README holds the rows."""
+    outputs = sorted((ROOT / "docs" / "bench").glob("2026-12-05_cpu_*.txt"))
+    assert len(outputs) == 8, [p.name for p in outputs]
+    table = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_table.py"),
+                            *map(str, outputs)], capture_output=True, text=True, check=True).stdout
+    readme = (ROOT / "README.md").read_text()
+    for path in outputs:
+        doc = json.loads(path.read_text().splitlines()[-1])
+        for row in doc["rows"]:
+            if row["side"] == "ours" and row.get("ratio"):
+                assert f"| {row['ratio']:.2f}x |" in table, (path.name, row["ratio"])
+    for line in table.splitlines():
+        if line.startswith("| ") and "---" not in line:
+            assert line in readme, f"README speed table is stale: {line}"

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from conftest import make_tiny_hf
 from jaxalign.config import ConfigError
 from jaxalign.convert import hf
-from jaxalign.models import functional, llama
+from jaxalign.models import attention, functional, llama
 from jaxalign.models.llama import rope_inv_freq
 
 FP32_TOL = 1e-4  # the model-fidelity contract
@@ -207,7 +207,7 @@ def test_blocked_causal_attention_long_rows(gqa, monkeypatch):
     seg = mask.copy()
     seg[2, 70:] = 2                        # row 2: two packed segments, the second from 70
     tokens = np.where(mask > 0, rng.integers(3, cfg.vocab_size, (3, TL)), 0).astype(np.int32)
-    assert TL >= 2 * llama._MIN_QUERY_BLOCK, "rows too short to be split into query blocks"
+    assert TL >= 2 * attention._MIN_QUERY_BLOCK, "rows too short to be split into query blocks"
 
     blocked = ours(cfg, params, tokens, seg)
     reference = hf_logits(model, tokens[:2], mask[:2])
@@ -217,7 +217,7 @@ def test_blocked_causal_attention_long_rows(gqa, monkeypatch):
         assert float(np.abs(blocked[2, a:b] - alone[0]).max()) <= FP32_TOL
 
     (loss, _), grads = _loss_and_grad(cfg, params, tokens, seg)
-    monkeypatch.setattr(llama, "_MIN_QUERY_BLOCK", TL)   # one block: the plain attention
+    monkeypatch.setattr(attention, "_MIN_QUERY_BLOCK", TL)   # one block: the plain attention
     unblocked = jax.jit(jax.value_and_grad(_loss_impl, argnums=1, has_aux=True), static_argnums=0,
                         compiler_options={"xla_backend_optimization_level": 0})  # a fresh trace
     (ref_loss, _), ref_grads = unblocked(cfg, params, tokens, seg)

@@ -29,7 +29,7 @@ MODELS = {
 }
 # Sharded and single-device forwards differ only in summation order (fsdp splits the
 # contractions over `embed`): ~1e-6 relative. Both models keep logits near 6. Measured with
-# the written-out attention (`llama.causal_attention`): 1.22e-5 gqa (5.1e-6 with the former
+# the written-out attention (`attention.causal_attention`): 1.22e-5 gqa (5.1e-6 with the former
 # autodiff form); for scale, the single-device forward of the same gqa model is 7.2e-6 from
 # transformers' on these rows, and the two attention forms differ by 4.3e-6 on one device.
 SHARDED_TOL = 2e-5

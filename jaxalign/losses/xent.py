@@ -34,14 +34,18 @@ def _chunk_logits(hidden_BCD, head, head_is_VD: bool):
     return constrain(logits_BCV, ("batch", None, "vocab"))
 
 
-def _chunk_stats(hidden_BCD, head, targets_BC, head_is_VD: bool):
-    """(log p(target), target is the argmax) for one chunk of positions."""
-    logits_BCV = _chunk_logits(hidden_BCD, head, head_is_VD)
+def _logits_stats(logits_BCV, targets_BC):
+    """(log p(target), target is the argmax, logsumexp) of a chunk's logits."""
     lse_BC = jax.nn.logsumexp(logits_BCV, axis=-1)
     picked_BC = jnp.take_along_axis(logits_BCV, targets_BC[..., None], axis=-1)[..., 0]
     # Ties count as correct, as a plain argmax comparison would for the first maximum.
     correct_BC = picked_BC >= jnp.max(logits_BCV, axis=-1)
-    return picked_BC - lse_BC, correct_BC
+    return picked_BC - lse_BC, correct_BC, lse_BC
+
+
+def _chunk_stats(hidden_BCD, head, targets_BC, head_is_VD: bool):
+    """(log p(target), target is the argmax) for one chunk of positions."""
+    return _logits_stats(_chunk_logits(hidden_BCD, head, head_is_VD), targets_BC)[:2]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -55,11 +59,9 @@ def _chunk_stats_keep_probs(hidden_BCD, head, targets_BC, head_is_VD: bool):
 
 def _keep_probs_fwd(hidden_BCD, head, targets_BC, head_is_VD):
     logits_BCV = _chunk_logits(hidden_BCD, head, head_is_VD)
-    lse_BC = jax.nn.logsumexp(logits_BCV, axis=-1)
-    picked_BC = jnp.take_along_axis(logits_BCV, targets_BC[..., None], axis=-1)[..., 0]
-    correct_BC = picked_BC >= jnp.max(logits_BCV, axis=-1)
+    logp_BC, correct_BC, lse_BC = _logits_stats(logits_BCV, targets_BC)
     probs_BCV = jnp.exp(logits_BCV - lse_BC[..., None])
-    return (picked_BC - lse_BC, correct_BC), (hidden_BCD, head, targets_BC, probs_BCV)
+    return (logp_BC, correct_BC), (hidden_BCD, head, targets_BC, probs_BCV)
 
 
 def _keep_probs_bwd(head_is_VD, res, cts):
