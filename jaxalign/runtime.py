@@ -165,9 +165,6 @@ def configure_jax() -> dict[str, str]:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
     chosen["compile_cache"] = str(cache) if cache is not None else "off"
-    scan, remat = train_layout()
-    # The training forward's default layout here (a config's model.scan_layers / remat win).
-    chosen["train_layout"] = f"{'scanned' if scan else 'unrolled'} layers, remat {remat}"
     return chosen
 
 

@@ -96,10 +96,9 @@ def _attention_vjp_bwd(blocks, dt, saved, dout_BTNH):
     G = N // K
     kw = dict(precision=matmul_precision(dt), preferred_element_type=jnp.float32)
     do_BKRH = _rows(dout_BTNH.astype(dt), K)
-    # rowsum(dout * out) = sum_s p ds-part: the softmax backward's per-row term.
+    # The softmax backward's per-row term sum_s p * dp equals rowsum(dout * out).
     d_BKR1 = jnp.sum(do_BKRH.astype(jnp.float32) * o_BKRH.astype(jnp.float32), -1, keepdims=True)
     dq, dk_BKSH, dv_BKSH = [], None, None
-
     S = k_BKSH.shape[2]
 
     def add(acc, x_BKeH, e):   # a block's key gradient, over keys [0, e), into the (S) sum

@@ -55,6 +55,9 @@ def load_policy(source: ModelSource, lora_cfg: LoRAConfig, mesh, seed: int) -> L
     cfg, params, hf_config, tok_dir = load_start(source.path, mesh, revision=source.revision,
                                                  **source.runtime())
     cfg = lora_cfg.apply_to(cfg)
+    # What model.scan_layers / model.remat resolved to (unset: the backend's measured default).
+    log.info("training layout: %s layers, remat %s", "scanned" if cfg.scan_layers else "unrolled",
+             cfg.remat)
     shardings = functional.param_shardings(cfg, mesh)
     if cfg.lora_rank:
         params = lora.add_adapters(cfg, params, mesh, seed)
