@@ -100,18 +100,25 @@ def test_incomplete_newest_checkpoint_is_skipped_never_restored(paths, tmp_path,
 
 # ----------------------------------------------------------------------------- pre-flight
 
-@pytest.mark.parametrize("algo", ["sft", "ppo"])
-def test_memory_preflight_refuses_before_any_step(paths, tmp_path, capsys, algo):
-    out = tmp_path / algo
+def _refusal(algo, out, paths, capsys, limit_gb: float) -> str:
+    """Runs `algo` under train.memory_limit_gb=limit_gb; it must exit 1 with one error line
+    and no traceback. Returns that line."""
     capsys.readouterr()
-    assert _cli(algo, out, paths, "train.memory_limit_gb=0.002") == 1
+    assert _cli(algo, out, paths, f"train.memory_limit_gb={limit_gb}") == 1
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if line.startswith("jaxalign: error:")]
     assert len(errors) == 1 and "Traceback" not in err, err[-3000:]
-    assert "memory pre-flight: the train_step program needs about" in errors[0] or \
-        "memory pre-flight: the rollout program needs about" in errors[0]
-    assert "(train.memory_limit_gb=0.002)" in errors[0] and re.search(r"[0-9.]+ [KM]iB short", errors[0])
-    assert "refused before the first step. Try " in errors[0]
+    return errors[0]
+
+
+@pytest.mark.parametrize("algo", ["sft", "ppo"])
+def test_memory_preflight_refuses_before_any_step(paths, tmp_path, capsys, algo):
+    out = tmp_path / algo
+    error = _refusal(algo, out, paths, capsys, 0.002)
+    assert "memory pre-flight: the train_step program needs about" in error or \
+        "memory pre-flight: the rollout program needs about" in error
+    assert "(train.memory_limit_gb=0.002)" in error and re.search(r"[0-9.]+ [KM]iB short", error)
+    assert "refused before the first step. Try " in error
     report = json.loads((out / "memory.json").read_text())
     pre = report["preflight"]
     assert pre["fits"] is False and pre["limit_per_device"] == int(0.002 * 2**30)
@@ -127,13 +134,9 @@ def test_memory_preflight_refuses_before_compiling(paths, tmp_path, capsys, algo
     """A run whose params and optimizer state alone exceed the device is refused from their
     shapes, before any program of the run is compiled (memory.json holds no program)."""
     out = tmp_path / algo
-    capsys.readouterr()
-    assert _cli(algo, out, paths, "train.memory_limit_gb=0.0001") == 1
-    err = capsys.readouterr().err
-    errors = [line for line in err.splitlines() if line.startswith("jaxalign: error:")]
-    assert len(errors) == 1 and "Traceback" not in err, err[-3000:]
-    assert "the run's resident arrays alone need" in errors[0]
-    assert "refused before compiling. Try " in errors[0] and re.search(r"[0-9.]+ [KM]iB short", errors[0])
+    error = _refusal(algo, out, paths, capsys, 0.0001)
+    assert "the run's resident arrays alone need" in error
+    assert "refused before compiling. Try " in error and re.search(r"[0-9.]+ [KM]iB short", error)
     report = json.loads((out / "memory.json").read_text())
     pre = report["preflight"]
     assert pre["fits"] is False and "programs" not in report
