@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +36,7 @@ import jax
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh
 
-from jaxalign import faults, manifest, sharding
+from jaxalign import faults, manifest, rundir, sharding
 from jaxalign.config import JaxalignError, MeshConfig, ModelConfig
 from jaxalign.convert import hf, hub
 from jaxalign.models import functional, heads, lora
@@ -51,15 +53,17 @@ class ModelSourceError(JaxalignError):
 
 def save_model(out_dir: str | Path, cfg: ModelConfig, params: functional.Params,
                hf_config: dict[str, Any] | None, source_dir: str | Path | None = None) -> Path:
-    out = Path(out_dir).absolute()
-    out.mkdir(parents=True, exist_ok=True)
-    with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(out / "params", params, force=True)
-    if jax.process_index() == 0:
-        meta = {"format": MODEL_FORMAT, "version": 1,
-                "hf_config": hf.hf_config_for(cfg, hf_config)}
-        hf.copy_side_files(source_dir, out, meta["hf_config"])
-        (out / MARKER).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    """A jaxalign model directory (module docstring). `out_dir` is replaced whole, and
+    refused when it holds files jaxalign did not write (`rundir.replacing`)."""
+    out = Path(out_dir).expanduser().absolute()
+    with rundir.replacing(out, "jaxalign model", sources=[source_dir]) as tmp:
+        with ocp.StandardCheckpointer() as ckptr:
+            ckptr.save(tmp / "params", params, force=True)
+        if jax.process_index() == 0:
+            meta = {"format": MODEL_FORMAT, "version": 1,
+                    "hf_config": hf.hf_config_for(cfg, hf_config)}
+            hf.copy_side_files(source_dir, tmp, meta["hf_config"])
+            (tmp / MARKER).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     return out
 
 
@@ -161,7 +165,7 @@ def _sharded(abstract, shardings):
 
 RUN_FORMAT = "jaxalign-run"
 RUN_MARKER = "run.json"
-_LORA_FIELDS = {"rank": "lora_rank", "alpha": "lora_alpha", "dropout": "lora_dropout",
+LORA_FIELDS = {"rank": "lora_rank", "alpha": "lora_alpha", "dropout": "lora_dropout",
                 "targets": "lora_targets"}
 
 
@@ -180,23 +184,52 @@ def describe_run(run_dir: str | Path, *, algorithm: str, cfg: ModelConfig,
     hf.copy_side_files(tokenizer_dir, run_dir / "model", hf_config)
     meta = {"format": RUN_FORMAT, "version": 2, "algorithm": algorithm,
             "hf_config": hf.hf_config_for(cfg, hf_config),
-            "lora": {k: getattr(cfg, f) for k, f in _LORA_FIELDS.items()},
+            "lora": {k: getattr(cfg, f) for k, f in LORA_FIELDS.items()},
             "policy_path": list(policy_path), "base": None, "base_revision": None}
     if base is not None and hub.is_hub_id(base):
         meta.update(base=str(base), base_revision=hub.commit_of(base, base_revision))
     elif base is not None:
         meta["base"] = str(Path(base).expanduser().absolute())
-    (run_dir / RUN_MARKER).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        meta["base_fingerprint"] = fingerprint(base)
+    rundir.write_atomic(run_dir / RUN_MARKER, json.dumps(meta, indent=2, sort_keys=True) + "\n")
+
+
+def fingerprint(path: str | Path) -> str | None:
+    """What identifies the model in directory `path` cheaply, without reading its weights:
+    the bytes of its descriptions (config.json, jaxalign.json, run.json, the safetensors
+    index), the name and size of every top-level weight file, and a run's newest step.
+    None for a hub id (pinned by its commit instead)."""
+    import hashlib
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        return None
+    h = hashlib.sha256()
+    for p in sorted(path.iterdir()):
+        if p.name in ("config.json", MARKER, RUN_MARKER, "model.safetensors.index.json"):
+            h.update(p.name.encode() + b"\0" + p.read_bytes() + b"\0")
+        elif p.suffix in (".safetensors", ".bin") and p.is_file():
+            h.update(f"{p.name}\0{p.stat().st_size}\0".encode())
+    steps = [s for s, _ in _step_dirs(path / "checkpoints")]
+    if steps:
+        h.update(f"step {max(steps)}".encode())
+    return h.hexdigest()[:16]
+
+
+def read_run(run_dir: str | Path) -> dict | None:
+    """run.json of `run_dir`, or None when it is missing, empty or torn."""
+    meta = rundir.read_json(Path(run_dir) / RUN_MARKER)
+    return meta if meta is not None and meta.get("format") == RUN_FORMAT else None
+
+
+def has_checkpoints(run_dir: str | Path) -> bool:
+    return any(_step_dirs(Path(run_dir) / "checkpoints"))
 
 
 def run_base(run_dir: str | Path) -> tuple[str | None, str | None] | None:
     """A run directory's starting model as run.json records it: (path or hub id, commit of a
-    hub id); None when `run_dir` is no run."""
-    marker = Path(run_dir) / RUN_MARKER
-    if not marker.exists():
-        return None
-    meta = json.loads(marker.read_text())
-    return meta.get("base"), meta.get("base_revision")
+    hub id); None when `run_dir` is no run (or its run.json is unreadable)."""
+    meta = read_run(run_dir)
+    return None if meta is None else (meta.get("base"), meta.get("base_revision"))
 
 
 def _subtree(tree, path):
@@ -227,12 +260,12 @@ def _restrict(tree: dict, keys: dict, keep: bool) -> dict:
 def load_run(run_dir: Path, mesh: Mesh | None = None, **runtime):
     """A training run directory -> (cfg, params, hf_config, tokenizer dir), from its latest
     checkpoint; LoRA runs come back with base weights and adapters (merge to export)."""
-    marker = run_dir / RUN_MARKER
-    meta = json.loads(marker.read_text()) if marker.exists() else {}
-    if meta.get("format") != RUN_FORMAT:
-        raise ModelSourceError(f"{run_dir}: a run directory without a model description "
-                               f"(an older {RUN_MARKER}); rerun its command to write one")
-    lora_cfg = {f: meta["lora"][k] for k, f in _LORA_FIELDS.items()}
+    meta = read_run(run_dir)
+    if meta is None:
+        raise ModelSourceError(f"{run_dir}: a run directory without a readable model "
+                               f"description ({RUN_MARKER} missing, empty, torn or of an older "
+                               f"version); rerun its training command (it resumes and writes one)")
+    lora_cfg = {f: meta["lora"][k] for k, f in LORA_FIELDS.items()}
     lora_cfg["lora_targets"] = tuple(lora_cfg["lora_targets"])   # a JSON list
     cfg = ModelConfig.from_hf(meta["hf_config"], **runtime).replace(**lora_cfg)
     if mesh is None:
@@ -270,9 +303,14 @@ class TrainCheckpoints:
 
     def __init__(self, run_dir: str | Path, keep: int = 3, *, set_aside_incomplete: bool = False):
         self.dir = Path(run_dir).absolute() / "checkpoints"
+        self.keep = keep
+        self.saved_t = time.monotonic()     # for time-based saves (train.save_every_minutes)
         fresh = not any(_step_dirs(self.dir))
         self._latest = self._newest_complete(set_aside_incomplete)
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+        # max_to_keep=None: orbax would delete the previous step inside save(), before this
+        # step's manifest exists; a kill there would leave no complete checkpoint. We delete
+        # old steps ourselves, after the manifest (`_retire`).
+        options = ocp.CheckpointManagerOptions(max_to_keep=None, create=True,
                                                enable_async_checkpointing=False)
         self.manager = ocp.CheckpointManager(self.dir, options=options)
         if fresh and jax.process_index() == 0:
@@ -289,23 +327,28 @@ class TrainCheckpoints:
 
     def _scan(self, set_aside: bool) -> int | None:
         strict = manifest.requires_manifests(self.dir)
+        skipped = False
         for step, path in sorted(_step_dirs(self.dir), reverse=True):
             problem = manifest.problem(path)
             if problem is None:
+                if skipped:
+                    log.warning("%s: using checkpoint %d, the newest complete one", self.dir, step)
                 return step
             if not strict and not (path / manifest.MANIFEST).exists():
                 log.warning("%s: checkpoint %d has no integrity manifest (written before "
                             "jaxalign checked them); trusting orbax's copy", self.dir, step)
                 return step
+            skipped = True
             if set_aside:
                 dest = _free_name(self.dir.parent / "checkpoints.incomplete" / str(step))
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 path.rename(dest)
-                log.warning("%s: skipping checkpoint %d: %s; moved to %s, using the last "
-                            "complete one", self.dir, step, problem, dest)
+                log.warning("%s: skipping checkpoint %d: %s; moved to %s", self.dir, step,
+                            problem, dest)
             else:
-                log.warning("%s: skipping checkpoint %d: %s; using the last complete one",
-                            self.dir, step, problem)
+                log.warning("%s: skipping checkpoint %d: %s", self.dir, step, problem)
+        if skipped:
+            log.warning("%s: no complete checkpoint left; the run starts from step 0", self.dir)
         return None
 
     def latest_step(self) -> int | None:
@@ -313,15 +356,55 @@ class TrainCheckpoints:
 
     def save(self, step: int, state, meta: dict[str, Any]) -> None:
         faults.point("checkpoint")
-        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                         meta=ocp.args.JsonSave(meta)), force=True)
-        self.manager.wait_until_finished()
-        faults.point("manifest")
-        # Written last: a step is complete exactly when its manifest exists and matches.
-        if jax.process_index() == 0:
-            manifest.write(self.dir / str(step))
+        try:
+            self.manager.save(step, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+            self.manager.wait_until_finished()
+            faults.point("manifest")
+            # Written last: a step is complete exactly when its manifest exists and matches.
+            if jax.process_index() == 0:
+                manifest.write(self.dir / str(step))
+        except Exception as e:
+            if not rundir.disk_full(e):
+                raise
+            self._drop_partial(step)
+            kept = (f"checkpoint {self._latest} is intact" if self._latest
+                    else "no earlier checkpoint exists")
+            raise rundir.DiskFullError(
+                f"{self.dir}: writing checkpoint {step} failed, the disk is full ({e}); {kept}; "
+                f"free space and rerun the same command to resume") from None
         _barrier(f"jaxalign_manifest_{step}")
         self._latest = step
+        self.saved_t = time.monotonic()
+        self._retire()
+
+    def due(self, minutes: float) -> bool:
+        """Whether `minutes` of training passed since the last save (0: never due). Several
+        processes take process 0's clock: they must all save at the same step."""
+        if minutes <= 0:
+            return False
+        late = time.monotonic() - self.saved_t >= minutes * 60
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            late = bool(multihost_utils.broadcast_one_to_all(int(late)))
+        return late
+
+    def _retire(self) -> None:
+        """Deletes the oldest steps beyond `keep`, now that the newest is complete."""
+        steps = sorted(self.manager.all_steps())
+        for old in steps[:-self.keep]:
+            self.manager.delete(old)
+
+    def _drop_partial(self, step: int) -> None:
+        """A step whose write ran out of space: what orbax left of it (its temporary
+        directory, or a step without manifest) goes, to give the space back; the earlier
+        steps stay."""
+        if jax.process_index() != 0:
+            return
+        for p in self.dir.iterdir():
+            if p.name == str(step) or p.name.startswith(f"{step}.orbax-checkpoint-tmp"):
+                shutil.rmtree(p, ignore_errors=True)
+        self.manager.reload()
 
     def restore(self, step: int, abstract_state, shardings=None):
         """-> (state, meta). `abstract_state`: ShapeDtypeStructs (or arrays) of the state."""

@@ -17,7 +17,8 @@
 
 Every command takes --mesh and --dtype (jaxalign.reference.RUNTIME_FLAGS: on the YAML-driven
 commands they set config keys). Exit codes: 0 done, 1 bad input (one line naming the file,
-row, key or tensor; a traceback only with --verbose), 2 bad usage.
+row, key or tensor; a traceback only with --verbose), 2 bad usage, 3 preempted (SIGTERM /
+SIGINT: checkpoint saved, rerunning the same command continues).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import sys
 import time
 
 log = logging.getLogger("jaxalign")
+EXIT_PREEMPTED = 3   # stopped by SIGTERM / SIGINT with its checkpoint saved; rerun continues
 
 
 class _Parser(argparse.ArgumentParser):
@@ -253,8 +255,8 @@ def cmd_pipeline(args) -> int:
     if args.mesh is not None or args.dtype is not None:  # onto every stage that has the key
         overrides = runtime_overrides(load_yaml(args.config, overrides), args.mesh,
                                       args.dtype) + overrides
-    # A stage stopped by SIGTERM / SIGINT raises Preempted after its checkpoint: main() exits 0
-    # as for any training command, and rerunning the pipeline resumes that stage.
+    # A stage stopped by SIGTERM / SIGINT raises Preempted after its checkpoint: main() exits
+    # EXIT_PREEMPTED as for any training command, and rerunning the pipeline resumes that stage.
     run_pipeline(from_dict(PipelineConfig, load_yaml(args.config, overrides)))
     return 0
 
@@ -432,8 +434,10 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except Preempted as e:
         # A scheduler's SIGTERM is not a failure: the checkpoint is written, rerun continues.
+        # Not success either: a chain (`jaxalign sft ... && jaxalign export ...`, rlhf.sh)
+        # must not go on to use an unfinished run, hence its own status.
         log.warning("%s; rerun the same command to continue", e)
-        return 0
+        return EXIT_PREEMPTED
     except (JaxalignError, OSError) as e:
         # Our own errors name the file / row / key / tensor; a traceback would bury that.
         # OSError: a path the user gave that cannot be read or written.

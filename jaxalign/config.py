@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import types
 import typing
 from typing import Any, Literal, Mapping
@@ -306,7 +307,8 @@ class TrainConfig:
     log_every: int = 1              # metrics.jsonl gets every N-th step (and the last)
     eval_every: int = 0             # 0: evaluate only at the end (when there is eval data)
     eval_batches: int = 0           # 0: the whole eval set
-    save_every: int = 0             # 0: checkpoint only at the end (and on SIGTERM / SIGINT)
+    save_every: int = 0             # checkpoint every N steps (0: off); always at the end, on SIGTERM
+    save_every_minutes: float = 30.0  # also after N minutes without a checkpoint (0: off)
     keep_checkpoints: int = 3       # the newest N checkpoints are kept
     max_bad_steps: int = 0          # non-finite steps skipped in a row before the run stops
     tensorboard: bool = True        # TensorBoard event files in run_dir/tensorboard
@@ -328,7 +330,7 @@ class TrainConfig:
         _require(self.steps is None or self.steps >= 1, f"train.steps must be >= 1, got {self.steps}")
         for key in ("batch_size", "grad_accum", "log_every", "keep_checkpoints"):
             _require(getattr(self, key) >= 1, f"train.{key} must be >= 1, got {getattr(self, key)}")
-        for key in ("eval_every", "eval_batches", "save_every", "max_bad_steps", "logits_chunk"):
+        for key in ("eval_every", "eval_batches", "save_every", "save_every_minutes", "max_bad_steps", "logits_chunk"):
             _require(getattr(self, key) >= 0, f"train.{key} must be >= 0, got {getattr(self, key)}")
         _require(self.batch_size % self.grad_accum == 0,
                  f"train.batch_size ({self.batch_size}) must be a multiple of "
@@ -394,6 +396,8 @@ def from_dict(cls, data: Mapping[str, Any] | None, where: str = ""):
                               f"{'null' if value is None else repr(value)}")
         else:
             value = _coerce(hints.get(name), value, where + name)
+        if name == "out_dir" and isinstance(value, str):   # `out_dir: ~/runs/x` is the home's
+            value = os.path.expanduser(value)
         kwargs[name] = value
     missing = [f.name for f in dataclasses.fields(cls) if f.name not in data
                and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
@@ -456,10 +460,6 @@ def _dataclass_type(cls, name: str):
         if dataclasses.is_dataclass(candidate):
             return candidate
     return None
-
-
-def to_dict(cfg) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

@@ -22,12 +22,24 @@ log = logging.getLogger(__name__)
 
 def truncate_jsonl(path: Path, last_step: int) -> None:
     """Drops records past `last_step`: a killed run may have logged steps that the
-    checkpoint it resumes from does not contain."""
+    checkpoint it resumes from does not contain. A torn record (a kill or a full disk in the
+    middle of a line) is dropped with a warning. Rewritten atomically: a kill here leaves
+    the old file or the new one."""
     if not path.exists():
         return
-    keep = [line for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line)["step"] <= last_step]
-    path.write_text("".join(line + "\n" for line in keep))
+    from jaxalign.rundir import write_atomic
+    keep = []
+    for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            step = json.loads(line)["step"]
+        except (ValueError, KeyError, TypeError):
+            log.warning("%s:%d: dropping a torn record (%r)", path, n, line[:80])
+            continue
+        if step <= last_step:
+            keep.append(line)
+    write_atomic(path, "".join(line + "\n" for line in keep))
 
 
 class MetricsWriter:

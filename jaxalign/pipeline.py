@@ -33,6 +33,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable
 
+from jaxalign import rundir
 from jaxalign.config import ConfigError, from_dict
 
 log = logging.getLogger(__name__)
@@ -238,11 +239,33 @@ def wire(cfg: PipelineConfig) -> list[tuple[str, dict]]:
     return wired
 
 
+# Keys that cannot change a stage's result, left out of its hash: what is displayed or logged
+# (progress line, log cadence, TensorBoard, wandb), when checkpoints are written (a resumed
+# run ends bit-identical to an uninterrupted one: tests/test_faults.py) and the mesh (a run
+# restores onto any mesh; a different mesh changes only the order of float sums, i.e.
+# rounding). model.dtype / eval.dtype (`--dtype`) change results and stay in the hash.
+UNHASHED = ("train.progress", "train.log_every", "train.tensorboard", "train.wandb_project",
+            "train.save_every", "train.save_every_minutes", "train.keep_checkpoints", "mesh")
+
+
+def _hashed(section: dict) -> dict:
+    out = copy.deepcopy(section)
+    for dotted in UNHASHED:
+        *parents, last = dotted.split(".")
+        node = out
+        for p in parents:
+            node = node.get(p) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(last, None)
+    return out
+
+
 def fingerprints(wired: list[tuple[str, dict]]) -> list[str]:
-    """Stage i's hash covers its wired section and stage i-1's hash."""
+    """Stage i's hash covers its wired section (less UNHASHED) and stage i-1's hash."""
     out, prev = [], ""
     for stage, section in wired:
-        text = json.dumps({"stage": stage, "after": prev, "config": section}, sort_keys=True)
+        text = json.dumps({"stage": stage, "after": prev, "config": _hashed(section)},
+                          sort_keys=True)
         prev = hashlib.sha256(text.encode()).hexdigest()[:16]
         out.append(prev)
     return out
@@ -278,9 +301,8 @@ def _load_state(root: Path) -> dict:
 
 def _save_state(root: Path, state: dict) -> None:
     root.mkdir(parents=True, exist_ok=True)
-    tmp = root / (STATE_FILE + ".tmp")
-    tmp.write_text(json.dumps(state, indent=1, sort_keys=True) + "\n")
-    tmp.replace(root / STATE_FILE)  # atomic: a kill never leaves half a state file
+    # atomic: a kill or a full disk never leaves half a state file
+    rundir.write_atomic(root / STATE_FILE, json.dumps(state, indent=1, sort_keys=True) + "\n")
 
 
 def plan(cfg: PipelineConfig) -> list[dict]:
@@ -318,23 +340,43 @@ def plan(cfg: PipelineConfig) -> list[dict]:
 
 def run_pipeline(cfg: PipelineConfig, devices=None,
                  after_stage: Callable[[str], None] | None = None) -> list[dict]:
-    """Runs the plan; returns it. `after_stage(name)` is called when a stage has finished."""
-    import jax
+    """Runs the plan; returns it. `after_stage(name)` is called when a stage has finished.
+    The pipeline dir is locked while it runs (`rundir.locked`)."""
     root = Path(cfg.out_dir)
+    rundir.check_apart(root, cfg.model, "model")
     steps = plan(cfg)
     log.info("pipeline %s:\n%s", root, "\n".join(
         f"  {s['stage']:<7} {s['action']:<6} ({s['why']}) -> {s['dir']}" for s in steps))
     state = _load_state(root)
+    # A dir the pipeline has not recorded and jaxalign did not write is the user's: refused
+    # before any stage runs, never deleted.
+    for s in steps:
+        if s["action"] == "run" and s["stage"] not in state["stages"]:
+            rundir.refuse_foreign(s["dir"], f"pipeline stage {s['stage']}")
+    with rundir.locked(root):
+        return _run_steps(cfg, root, steps, state, devices, after_stage)
+
+
+def _run_steps(cfg, root, steps, state, devices, after_stage):
+    import jax
+    writer = jax.process_index() == 0
     state["stages"] = {k: v for k, v in state["stages"].items() if k in cfg.stages}
     state["order"] = list(cfg.stages)
-    for s in steps:
+    for i, s in enumerate(steps):
         if s["action"] == "skip":
             continue
         stage = s["stage"]
-        if s["action"] in ("run", "rerun") and Path(s["dir"]).exists() and jax.process_index() == 0:
+        if s["action"] in ("run", "rerun") and Path(s["dir"]).exists() and writer:
             shutil.rmtree(s["dir"])  # a changed config must not resume the old run's checkpoints
+        if writer:
+            rundir.mark(s["dir"], "pipeline stage")
         state["stages"][stage] = {"hash": s["hash"], "done": False}
-        if jax.process_index() == 0:
+        # Later stages read this one's output: until they run again, none of them is done
+        # (a stop here must not leave an earlier run's export or report marked finished).
+        for later in steps[i + 1:]:
+            if later["stage"] in state["stages"]:
+                state["stages"][later["stage"]]["done"] = False
+        if writer:
             _save_state(root, state)
         log.info("pipeline: stage %s (%s)", stage, s["dir"])
         try:

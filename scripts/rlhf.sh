@@ -12,7 +12,13 @@ SMOL=$($PY scripts/fetch_smollm2.py)
 OUT=runs/smollm2_rlhf
 $PY -m jaxalign.synth.tasks data/tasks --train 2000 --eval 200 --seed 0 >/dev/null
 $PY -m jaxalign.synth.prefs data/prefs --train 512 --eval 128 --seed 0 >/dev/null
-.venv/bin/jaxalign pipeline configs/smollm2_rlhf.yaml "out_dir=$OUT" "model=$SMOL" "$@" >/dev/null
+rc=0
+.venv/bin/jaxalign pipeline configs/smollm2_rlhf.yaml "out_dir=$OUT" "model=$SMOL" "$@" >/dev/null || rc=$?
+if [ "$rc" -ne 0 ]; then
+  # 3: preempted (checkpoint saved): the export and report below would be an earlier run's.
+  [ "$rc" -eq 3 ] && echo "pipeline stopped by a signal; rerun this script to continue" >&2
+  exit "$rc"
+fi
 echo "== exported model ($OUT/export/hf) in transformers"
 $PY scripts/verify_export.py "$OUT/export/hf"
 echo "== report: $OUT/report/report.md"

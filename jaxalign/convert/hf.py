@@ -25,6 +25,7 @@ from jax.sharding import Mesh
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
+from jaxalign import rundir
 from jaxalign.config import CLASSIFIER_ARCH, JaxalignError, ModelConfig, num_labels_from_hf
 from jaxalign.models import functional
 
@@ -380,6 +381,8 @@ def save(out_dir: str | Path, cfg: ModelConfig, params: functional.Params, *,
     A classifier needs `pad_token_id` in its config: the argument, else the config's, else
     the pad token of the tokenizer in `source_dir`; with none of them, nothing is written.
     Only process 0 writes; all processes must call this (the gather is collective).
+    `out_dir` is replaced whole (`rundir.replacing`): refused when it holds files jaxalign
+    did not write or overlaps `source_dir`.
     """
     out = Path(out_dir)
     config = hf_config_for(cfg, hf_config, pad_token_id=pad_token_id)
@@ -392,9 +395,16 @@ def save(out_dir: str | Path, cfg: ModelConfig, params: functional.Params, *,
             config["torch_dtype"] = dtype
     dtype_str = config.get("dtype") or config.get("torch_dtype") or cfg.param_dtype
     dtype = np.dtype(jax.numpy.dtype(dtype_str))
-    writer = jax.process_index() == 0
-    if writer:
-        out.mkdir(parents=True, exist_ok=True)
+    with rundir.replacing(out, "model export", sources=[source_dir]) as tmp:
+        if _write_hf(tmp, cfg, params, config, dtype, max_shard_bytes, source_dir):
+            log.info("wrote %s (%s)", out, dtype)
+    return out
+
+
+def _write_hf(out: Path, cfg: ModelConfig, params, config: dict, dtype, max_shard_bytes: int,
+              source_dir) -> bool:
+    """The tensors (gathered on every process), config.json and side files into `out`
+    (process 0 only: True when it wrote)."""
     shards: list[dict[str, np.ndarray]] = [{}]
     size = 0
     for key, arr in hf_tensors(cfg, params, dtype):
@@ -403,9 +413,8 @@ def save(out_dir: str | Path, cfg: ModelConfig, params: functional.Params, *,
             size = 0
         shards[-1][key] = arr
         size += arr.nbytes
-    if not writer:
-        return out
-
+    if jax.process_index() != 0:
+        return False
     if len(shards) == 1:
         write_tensors(shards[0], out / "model.safetensors")
     else:
@@ -420,8 +429,7 @@ def save(out_dir: str | Path, cfg: ModelConfig, params: functional.Params, *,
     # transformers' own layout: indent 2, sorted keys.
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     copy_side_files(source_dir, out, config)
-    log.info("wrote %s (%d tensor file(s), %s)", out, len(shards), dtype)
-    return out
+    return True
 
 
 def _require_pad_token(config: dict[str, Any], source_dir: str | Path | None) -> None:

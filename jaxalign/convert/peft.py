@@ -11,6 +11,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from jaxalign import rundir
 from jaxalign.config import ModelConfig
 from jaxalign.convert.hf import write_tensors
 from jaxalign.models import lora as lora_mod
@@ -28,7 +29,13 @@ def save_peft(out_dir: str | Path, cfg: ModelConfig, params: dict,
     the HF base model (nn.Linear layout: lora_A (r, in), lora_B (out, r)). `base_model_path`
     (a directory or hub id) and `revision` (its commit, for a hub id) name that base."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    with rundir.replacing(out, "PEFT adapter export", sources=[base_model_path]) as tmp:
+        if jax.process_index() == 0:
+            _write_peft(tmp, cfg, params, base_model_path, revision)
+    return out
+
+
+def _write_peft(out: Path, cfg: ModelConfig, params: dict, base_model_path, revision) -> None:
     adapters, _ = lora_mod.split(params)
     tensors: dict[str, np.ndarray] = {}
     for target in cfg.lora_targets:
@@ -49,4 +56,3 @@ def save_peft(out_dir: str | Path, cfg: ModelConfig, params: dict,
         "base_model_name_or_path": base_model_path, "revision": revision,
     }
     (out / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    return out

@@ -35,6 +35,7 @@ from typing import Any, Iterator, Mapping
 
 import numpy as np
 
+from jaxalign import rundir
 from jaxalign.config import ConfigError, from_dict
 from jaxalign.data.config import DatasetSpec, dataset_specs
 from jaxalign.data.sources import DataError
@@ -93,8 +94,11 @@ class PrepareConfig:
                  "sets: give at least one named set, e.g. sets: {sft: {sources: [FILE]}}")
         sets = {}
         for name, value in self.sets.items():
-            _require(re.fullmatch(r"[A-Za-z0-9_.-]+", str(name)) is not None,
-                     f"sets.{name}: a set name must be a plain file name")
+            # It names a folder under out_dir: `..` or `a/b` would write outside it.
+            _require(re.fullmatch(r"[A-Za-z0-9_.-]+", str(name)) is not None
+                     and str(name).strip(".") != "",
+                     f"sets.{name}: a set name must be a plain file name (letters, digits, "
+                     f"_ . -; not . or ..)")
             if isinstance(value, SetConfig):
                 sets[name] = value
                 continue
@@ -352,8 +356,7 @@ def table(counts: list[SourceCount]) -> str:
 def run_prepare(cfg: PrepareConfig, raw_config: dict | None = None) -> dict[str, float]:
     """Runs the data stage into cfg.out_dir; returns totals. Rerunning rewrites the outputs."""
     import yaml
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = rundir.claim(cfg.out_dir, "data stage")
     raw = raw_config if raw_config is not None else json.loads(json.dumps(dataclasses.asdict(cfg)))
     (out / "config.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     counts = []

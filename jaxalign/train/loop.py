@@ -26,6 +26,7 @@ from jaxalign import distributed, faults, runtime
 from jaxalign.checkpoint import TrainCheckpoints, describe_run
 from jaxalign.config import ConfigError, JaxalignError, ModelConfig, OptimConfig, TrainConfig
 from jaxalign.metrics import SFT_PROGRESS, MetricsWriter, Progress
+from jaxalign.rundir import write_atomic
 from jaxalign.sharding import batch_sharding, replicated
 from jaxalign.train.optim import make_optimizer
 from jaxalign.train.preempt import Preempted, StopFlag  # noqa: F401  (the loops' shared mechanics)
@@ -119,7 +120,7 @@ def write_run_files(run_dir: Path, raw: dict, *, algorithm: str, model: ModelCon
     `checkpoint.load_model(run_dir)` rebuilds it without knowing the algorithm)."""
     if jax.process_index() == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+        write_atomic(run_dir / "config.yaml", yaml.safe_dump(raw, sort_keys=False))
     describe_run(run_dir, algorithm=algorithm, cfg=model, hf_config=hf_config, base=base,
                  tokenizer_dir=tokenizer_dir, policy_path=policy_path, base_revision=base_revision)
 
@@ -276,7 +277,8 @@ def train(*, run_dir: str | Path, cfg: TrainConfig, optim: OptimConfig, mesh: Me
                     writer.write(step, metrics, perf)
                 progress.update(step, metrics, perf)
                 last = metrics
-                if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
+                if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps \
+                        or ckpts.due(cfg.save_every_minutes):
                     save(step)
                 if stop.requested():
                     if saved_at != step:

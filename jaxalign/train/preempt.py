@@ -1,5 +1,5 @@
 """Preemption: SIGTERM (what schedulers and spot / preemptible VMs send before they kill)
-and SIGINT ask a run to checkpoint and stop; the command then exits 0, and rerunning it
+and SIGINT ask a run to checkpoint and stop; the command then exits 3, and rerunning it
 continues from that checkpoint.
 
 The handlers are installed when a recipe starts loading (`run_recipe`), so a signal that
@@ -21,8 +21,9 @@ SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 class Preempted(KeyboardInterrupt):
-    """The run stopped on SIGTERM / SIGINT after saving what it had; not a failure (the CLI
-    exits 0). A KeyboardInterrupt, so that code which lets Ctrl-C through lets this through."""
+    """The run stopped on SIGTERM / SIGINT after saving what it had; not a failure, not done
+    (the CLI exits 3, `cli.EXIT_PREEMPTED`). A KeyboardInterrupt, so that code which lets
+    Ctrl-C through lets this through."""
 
 
 class StopFlag:

@@ -14,9 +14,9 @@ from typing import Any, Callable
 
 import jax
 
-from jaxalign import checkpoint, sharding
-from jaxalign.config import LoRAConfig, ModelConfig, ModelSource
-from jaxalign.convert import hf
+from jaxalign import checkpoint, rundir, sharding
+from jaxalign.config import ConfigError, LoRAConfig, ModelConfig, ModelSource
+from jaxalign.convert import hf, hub
 from jaxalign.models import functional, lora
 from jaxalign.tokenizer import load_tokenizer
 from jaxalign.train.preempt import StopFlag
@@ -92,18 +92,54 @@ def run_recipe(cfg, raw_config: dict | None, devices, *, algorithm: str,
     being trained (`Loaded` for the supervised recipes); `run(cfg, models, run_dir, mesh,
     raw)` runs or resumes the loop; `policy_path`: the model's key path in the TrainState's
     params."""
-    run_dir = Path(cfg.out_dir)
-    cfg = pin_hub_base(cfg, run_dir)
-    raw = resolved_config(cfg, raw_config)
-    mesh = sharding.make_mesh(cfg.mesh, devices)
-    # SIGTERM while loading or compiling is kept for the loop (it stops before its first step).
-    with StopFlag(), jax.set_mesh(mesh):
-        models = load(cfg, mesh)
-        write_run_files(run_dir, raw, algorithm=algorithm, model=models.cfg,
-                        hf_config=models.hf_config, base=cfg.model.path,
-                        base_revision=cfg.model.revision,
-                        tokenizer_dir=models.tok_dir, policy_path=policy_path)
-        return run(cfg, models, run_dir, mesh, raw)
+    run_dir = Path(cfg.out_dir).expanduser()
+    rundir.check_apart(run_dir, cfg.model.path, "model.path")
+    rundir.claim(run_dir, "run")
+    # The lock is held until the run ends: a second command on this directory is refused
+    # instead of resuming from under the first one.
+    with rundir.locked(run_dir):
+        cfg = pin_hub_base(cfg, run_dir)
+        check_rerun(run_dir, recipe=algorithm, base=cfg.model.path)
+        raw = resolved_config(cfg, raw_config)
+        mesh = sharding.make_mesh(cfg.mesh, devices)
+        # SIGTERM while loading or compiling is kept for the loop (it stops before its first step).
+        with StopFlag(), jax.set_mesh(mesh):
+            models = load(cfg, mesh)
+            check_rerun(run_dir, lora=models.cfg)
+            write_run_files(run_dir, raw, algorithm=algorithm, model=models.cfg,
+                            hf_config=models.hf_config, base=cfg.model.path,
+                            base_revision=cfg.model.revision,
+                            tokenizer_dir=models.tok_dir, policy_path=policy_path)
+            return run(cfg, models, run_dir, mesh, raw)
+
+
+def check_rerun(run_dir: Path, *, recipe: str | None = None, base: str | None = None,
+                lora: ModelConfig | None = None) -> None:
+    """A rerun on a run directory with checkpoints continues that run, so it must be the
+    same run: the same algorithm, the same starting model (path and fingerprint: its
+    config.json, weight files, a run's newest step) and the same LoRA settings. Anything else
+    is one ConfigError naming the key, raised before run.json or config.yaml is rewritten."""
+    meta = checkpoint.read_run(run_dir)
+    if meta is None or not checkpoint.has_checkpoints(run_dir):
+        return
+    fix = f"use another out_dir, or restore the earlier value to resume {run_dir}"
+    if recipe is not None and meta["algorithm"] != recipe:
+        raise ConfigError(f"{run_dir}: a {meta['algorithm']} run, not {recipe}; {fix}")
+    if base is not None and not hub.is_hub_id(base):
+        path = str(Path(base).expanduser().absolute())
+        if meta.get("base") != path:
+            raise ConfigError(f"model.path: {run_dir} was started from {meta.get('base')}, "
+                              f"not {path}; {fix}")
+        if meta.get("base_fingerprint") not in (None, checkpoint.fingerprint(path)):
+            raise ConfigError(f"model.path: {path} changed since {run_dir} started from it "
+                              f"(its config.json, weight files or newest step differ); {fix}")
+    if lora is not None:
+        for key, field in checkpoint.LORA_FIELDS.items():
+            was, now = meta["lora"].get(key), getattr(lora, field)
+            if (list(was) if isinstance(was, (list, tuple)) else was) != \
+                    (list(now) if isinstance(now, (list, tuple)) else now):
+                raise ConfigError(f"lora.{key}: {run_dir} was trained with {was}, not {now}; "
+                                  f"{fix}")
 
 
 def pin_hub_base(cfg, run_dir: Path):

@@ -170,7 +170,8 @@ class RLTrainConfig:
     iterations: int                 # rollout -> update cycles
     seed: int = 0                   # sampling, parameter init, prompt order
     grad_accum: int = 1             # micro-batches per minibatch step
-    save_every: int = 0             # 0: only at the end (and on SIGTERM / SIGINT / errors)
+    save_every: int = 0             # checkpoint every N iterations (0: off); always at the end, on SIGTERM
+    save_every_minutes: float = 30.0  # also after N minutes without a checkpoint (0: off)
     keep_checkpoints: int = 3       # the newest N checkpoints are kept
     sample_every: int = 10          # write sample completions every N iterations (0: never)
     num_samples: int = 2            # completions written each time
@@ -188,7 +189,7 @@ class RLTrainConfig:
                f"train.memory_limit_gb must be positive or null, got {self.memory_limit_gb}")
         for key in ("iterations", "grad_accum", "keep_checkpoints", "logits_chunk"):
             _check(getattr(self, key) >= 1, f"train.{key} must be >= 1, got {getattr(self, key)}")
-        for key in ("save_every", "sample_every", "num_samples", "max_bad_steps"):
+        for key in ("save_every", "save_every_minutes", "sample_every", "num_samples", "max_bad_steps"):
             _check(getattr(self, key) >= 0, f"train.{key} must be >= 0, got {getattr(self, key)}")
         if self.wandb_project:
             require_extra("wandb", "wandb", f"train.wandb_project={self.wandb_project}")

@@ -423,6 +423,7 @@ class _Run:
                     tripped = self._monitors(metrics, it)
                     stopping = stop.requested()
                     if (cfg.train.save_every and it % cfg.train.save_every == 0) \
+                            or ckpts.due(cfg.train.save_every_minutes) \
                             or it == cfg.train.iterations or tripped or stopping:
                         save(it, meta)
                     if tripped:
