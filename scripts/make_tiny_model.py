@@ -48,13 +48,16 @@ def make_tiny_model(out: str | Path, tokenizer_dir: str | Path | None = None, *,
     from jaxalign.models import functional
     from jaxalign.tokenizer import load_tokenizer
 
+    import tempfile
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     if tokenizer_dir is None:
-        tok = make_tiny_tokenizer(out)
-        tokenizer_dir = out
-    else:
-        tok = load_tokenizer(tokenizer_dir)
+        # Beside `out`, not in it: hf.save replaces its output directory whole.
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+            make_tiny_tokenizer(tmp)
+            return make_tiny_model(out, tmp, layers=layers, hidden=hidden, heads=heads,
+                                   kv_heads=kv_heads, seed=seed)
+    tok = load_tokenizer(tokenizer_dir)
     vocab = -(-len(tok) // 64) * 64  # round up: spare rows are harmless, shapes stay tidy
     cfg = ModelConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
                       num_layers=layers, num_heads=heads, num_kv_heads=kv_heads,
