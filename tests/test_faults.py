@@ -1,5 +1,5 @@
 """Fault tolerance: checkpoint integrity (a half-written or corrupted newest step is skipped,
-never restored), preemption (SIGTERM -> checkpoint, exit 0, rerun continues) for every
+never restored), preemption (SIGTERM -> checkpoint, exit 3, rerun continues) for every
 algorithm through the real CLI, the memory pre-flight refusal, and the fault-injection
 harness (scripts/faults.py) with a small count.
 
@@ -155,9 +155,10 @@ def _wait_for_steps(p, run_dir: Path, n: int, timeout=600.0):
 
 
 @pytest.mark.parametrize("algo", harness.ALGOS)
-def test_sigterm_checkpoints_exits_0_and_rerun_continues(paths, tmp_path, algo):
+def test_sigterm_checkpoints_exits_3_and_rerun_continues(paths, tmp_path, algo):
     """SIGTERM from outside once a step is logged (PPO: delivered while iteration 3's rollout
-    runs, via the `rollout` fault point) -> a checkpoint of the last finished step, exit 0
+    runs, via the `rollout` fault point) -> a checkpoint of the last finished step, exit 3
+    (cli.EXIT_PREEMPTED: not done, so a chain stops)
     within SIGTERM_BOUND_S; rerunning the command continues to the end."""
     out = tmp_path / algo
     supervised = algo in harness.SUPERVISED
@@ -176,7 +177,7 @@ def test_sigterm_checkpoints_exits_0_and_rerun_continues(paths, tmp_path, algo):
         p.send_signal(signal.SIGTERM)
     _, err = p.communicate(timeout=600)
     elapsed = time.time() - t0
-    assert p.returncode == 0, err[-3000:]
+    assert p.returncode == cli.EXIT_PREEMPTED == 3, err[-3000:]
     assert elapsed < SIGTERM_BOUND_S, elapsed
     assert "received SIGTERM" in err and "rerun the same command to continue" in err
     logged = _steps(out)
@@ -193,17 +194,17 @@ def test_sigterm_checkpoints_exits_0_and_rerun_continues(paths, tmp_path, algo):
 
 
 @pytest.mark.parametrize("algo", ["sft", "grpo"])
-def test_sigterm_before_the_first_step_exits_0_with_nothing_saved(paths, tmp_path, monkeypatch,
+def test_sigterm_before_the_first_step_exits_3_with_nothing_saved(paths, tmp_path, monkeypatch,
                                                                   caplog, algo):
     """SIGTERM as the run starts (SFT: as the first batch is fetched, before the step is
     compiled; GRPO: during the first rollout): the handler installed at load time keeps it,
-    the run stops before its first update, exit 0, nothing written to resume from."""
+    the run stops before its first update, exit 3, nothing written to resume from."""
     monkeypatch.setenv(jaxalign_faults.ENV, "batch:1:0:TERM")
     jaxalign_faults.reset()
     out = tmp_path / algo
     try:
         with caplog.at_level(logging.WARNING):
-            assert _cli(algo, out, paths) == 0
+            assert _cli(algo, out, paths) == cli.EXIT_PREEMPTED
     finally:
         monkeypatch.delenv(jaxalign_faults.ENV)
         jaxalign_faults.reset()
