@@ -357,22 +357,23 @@ class TrainCheckpoints:
     def save(self, step: int, state, meta: dict[str, Any]) -> None:
         faults.point("checkpoint")
         try:
-            self.manager.save(step, args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
-            self.manager.wait_until_finished()
+            with rundir.quiet_writer_threads():
+                self.manager.save(step, args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+                self.manager.wait_until_finished()
             faults.point("manifest")
             # Written last: a step is complete exactly when its manifest exists and matches.
             if jax.process_index() == 0:
                 manifest.write(self.dir / str(step))
         except Exception as e:
-            if not rundir.disk_full(e):
+            if not (why := rundir.disk_full(e)):
                 raise
             self._drop_partial(step)
             kept = (f"checkpoint {self._latest} is intact" if self._latest
                     else "no earlier checkpoint exists")
             raise rundir.DiskFullError(
-                f"{self.dir}: writing checkpoint {step} failed, the disk is full ({e}); {kept}; "
-                f"free space and rerun the same command to resume") from None
+                f"{self.dir}: writing checkpoint {step} failed: {why}; {kept}; free space and "
+                f"rerun the same command to resume") from None
         _barrier(f"jaxalign_manifest_{step}")
         self._latest = step
         self.saved_t = time.monotonic()

@@ -423,9 +423,6 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
     if not args.verbose:  # orbax logs every save/restore phase through absl at INFO
         logging.getLogger("absl").setLevel(logging.WARNING)
-        # A failed orbax write (a full disk) also leaves one asyncio "Task exception was never
-        # retrieved" traceback per file; the error itself reaches us and is reported once.
-        logging.getLogger("asyncio").setLevel(logging.CRITICAL)
     from jaxalign.config import JaxalignError
     from jaxalign.train.preempt import Preempted
     try:

@@ -172,15 +172,39 @@ def locked(path: str | Path):
 
 # ----------------------------------------------------------------------------- exports
 
-def disk_full(e: BaseException) -> bool:
-    """Whether `e` (or what caused it) is a full disk or a file-size limit."""
+_FULL = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+         errno.EFBIG: "file too large (a file size limit)"}
+
+
+def disk_full(e: BaseException) -> str | None:
+    """Why `e` (or what caused it) is a full disk or a file-size limit; None if it is not.
+    Orbax / tensorstore report it as a ValueError carrying the OS message."""
     while e is not None:
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-            return True
-        if "No space left on device" in str(e) or "File too large" in str(e):
-            return True
+        if isinstance(e, OSError) and e.errno in _FULL:
+            return _FULL[e.errno]
+        for why in _FULL.values():
+            if why.split(" (")[0] in str(e).lower():
+                return why
         e = e.__cause__ or e.__context__
-    return False
+    return None
+
+
+@contextlib.contextmanager
+def quiet_writer_threads():
+    """Orbax's writer threads log each failed file with a traceback (absl ERROR) before the
+    error reaches the caller, which reports it once; kept unless debug logging is on."""
+    import logging
+    names = ("absl", "asyncio")
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    if not logging.getLogger("jaxalign").isEnabledFor(logging.DEBUG):
+        for lg in loggers:
+            lg.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
 @contextlib.contextmanager
@@ -208,9 +232,9 @@ def replacing(out: str | Path, kind: str, *, sources=()):
     except BaseException as e:
         if writer:
             shutil.rmtree(tmp, ignore_errors=True)
-        if disk_full(e):
-            raise DiskFullError(f"{out}: writing the {kind} failed, the disk is full ({e}); "
-                                f"nothing was replaced; free space and run it again") from None
+        if why := disk_full(e):
+            raise DiskFullError(f"{out}: writing the {kind} failed: {why}; nothing was "
+                                f"replaced; free space and run it again") from None
         raise
     if not writer:
         return

@@ -20,6 +20,19 @@ moments, step, RNG) bit for bit with the reference. The moments, drawn in turn:
 The in-process ones use jaxalign's fault points (`jaxalign/faults.py`, env JAXALIGN_FAULT)
 with a random occurrence number. Prints a table (kills, recovered, identical) and one JSON
 line; exits 1 unless every trial that was killed recovered identically.
+
+  python scripts/faults.py --safety [--work DIR]
+
+runs the data-safety cases instead (SFT, tiny), each checked against an uninterrupted run:
+  retention   keep_checkpoints=1, SIGKILL after orbax wrote the new step and before its
+              manifest: the previous step must still be there and the rerun resume from it
+  concurrent  a second run on the same out_dir while the first runs: refused (exit 1, one
+              line naming the holder's pid); the first ends identical to the reference
+  disk_full   the run dir on a small file system this script makes (a tmpfs mount, else an
+              ext4 image on a loop device; both need root), filled before the second save:
+              exit 1, one line naming the path, the previous checkpoint intact; with space
+              freed the rerun ends identical to the reference. Without root it falls back to
+              RLIMIT_FSIZE (the writes past the limit fail with EFBIG) and says so.
 """
 
 from __future__ import annotations
@@ -183,6 +196,150 @@ def trial(algo: str, k: int, point: str, n: int, delay: float, paths, work: Path
     return result
 
 
+# ----------------------------------------------------------------------------- data safety
+
+def _one_error_line(stderr: str) -> str | None:
+    lines = [l for l in stderr.splitlines() if l.startswith("jaxalign: error: ")]
+    return lines[0] if len(lines) == 1 and "Traceback" not in stderr else None
+
+
+def _steps_saved(run: Path) -> list[int]:
+    return sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
+
+
+def safety_retention(paths, work: Path, ref: Path) -> dict:
+    run = work / "safety" / "retention"
+    extra = ("train.keep_checkpoints=1",)
+    r = run_to_end(command("sft", run, paths, *extra),
+                   child_env(JAXALIGN_FAULT="manifest:2:0:KILL"))
+    kept = _steps_saved(run)
+    r2 = run_to_end(command("sft", run, paths, *extra), child_env())
+    same, why = same_run(ref, run) if r2.returncode == 0 else (False, r2.stderr[-500:])
+    ok = (r.returncode == -signal.SIGKILL and kept == [SAVE_EVERY, 2 * SAVE_EVERY]
+          and f"at {SAVE_EVERY}" in r2.stderr and same and _steps_saved(run) == [STEPS])
+    return {"case": "retention", "ok": ok, "kill_rc": r.returncode, "steps_on_disk": kept,
+            "resumed_at": SAVE_EVERY if f"at {SAVE_EVERY}" in r2.stderr else None,
+            "identical": same, "why": why}
+
+
+def safety_concurrent(paths, work: Path, ref: Path) -> dict:
+    run = work / "safety" / "concurrent"
+    # The first run stops itself (SIGSTOP) after its 5th step, so that the second surely
+    # meets it mid-run however slow the machine; SIGCONT lets it finish afterwards.
+    first = subprocess.Popen(command("sft", run, paths),
+                             env=child_env(JAXALIGN_FAULT="batch:6:0:STOP"),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 600
+    while first.poll() is None and time.time() < deadline and \
+            Path(f"/proc/{first.pid}/stat").read_text().split(") ")[1][0] != "T":
+        time.sleep(0.05)
+    second = run_to_end(command("sft", run, paths), child_env())
+    running = first.poll() is None
+    first.send_signal(signal.SIGCONT)
+    first_err = first.communicate(timeout=900)[1]
+    line = _one_error_line(second.stderr)
+    same, why = same_run(ref, run) if first.returncode == 0 else (False, first_err[-500:])
+    ok = (running and second.returncode == 1 and line is not None
+          and f"pid {first.pid}" in line and same)
+    return {"case": "concurrent", "ok": ok, "first_running_during_second": running,
+            "second_rc": second.returncode, "second_error": line, "first_rc": first.returncode,
+            "identical": same, "why": why}
+
+
+def _small_fs(mnt: Path, size_mb: int):
+    """Mounts a size_mb file system at `mnt`: (how, undo) or (None, reason)."""
+    mnt.mkdir(parents=True, exist_ok=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mb}m", "tmpfs", str(mnt)],
+                       capture_output=True, text=True)
+    if r.returncode == 0:
+        return "tmpfs", lambda: subprocess.run(["umount", "-l", str(mnt)], check=False)
+    image = mnt.with_suffix(".img")
+    steps = [["truncate", "-s", f"{size_mb}M", str(image)],
+             ["mkfs.ext4", "-q", "-F", str(image)],
+             ["mount", "-o", "loop", str(image), str(mnt)]]
+    for cmd in steps:
+        r2 = subprocess.run(cmd, capture_output=True, text=True)
+        if r2.returncode != 0:
+            return None, f"tmpfs: {r.stderr.strip()}; ext4 image: {r2.stderr.strip()}"
+    return "ext4 loop image", lambda: subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def _fill(mnt: Path, leave: int) -> Path:
+    filler = mnt / "filler"
+    with open(filler, "wb") as f:
+        f.write(b"\0" * max(0, shutil.disk_usage(mnt).free - leave))
+    return filler
+
+
+def safety_disk_full(paths, work: Path, ref: Path) -> dict:
+    mnt = work / "safety" / "smallfs"
+    how, undo = _small_fs(mnt, 16)
+    if how is None:
+        return safety_disk_full_rlimit(paths, work, ref, reason=undo)
+    try:
+        run = mnt / "run"
+        first = run_to_end(command("sft", run, paths, f"train.steps={SAVE_EVERY}"), child_env())
+        filler = _fill(mnt, 200_000)        # less than one checkpoint of the tiny model
+        full = run_to_end(command("sft", run, paths), child_env())
+        line = _one_error_line(full.stderr)
+        kept = _steps_saved(run)
+        filler.unlink()
+        r = run_to_end(command("sft", run, paths), child_env())
+        same, why = same_run(ref, run) if r.returncode == 0 else (False, r.stderr[-500:])
+        ok = (first.returncode == 0 and full.returncode == 1 and line is not None
+              and "no space left on device" in line and str(run / "checkpoints") in line
+              and kept == [SAVE_EVERY] and same)
+        return {"case": "disk_full", "ok": ok, "filesystem": how, "full_rc": full.returncode,
+                "full_error": line, "steps_on_disk_after": kept, "identical": same, "why": why}
+    finally:
+        undo()
+
+
+def safety_disk_full_rlimit(paths, work: Path, ref: Path, reason: str) -> dict:
+    print(f"disk_full: no small file system could be mounted ({reason}); falling back to "
+          f"RLIMIT_FSIZE (writes past 300 KB fail with EFBIG)", file=sys.stderr)
+    import resource
+    run = work / "safety" / "disk_full_rlimit"
+    shutil.rmtree(run, ignore_errors=True)
+
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (300_000, 300_000))
+    first = run_to_end(command("sft", run, paths, f"train.steps={SAVE_EVERY}"), child_env())
+    full = subprocess.run(command("sft", run, paths), env=child_env(), capture_output=True,
+                          text=True, timeout=900, preexec_fn=limit)
+    line = _one_error_line(full.stderr)
+    kept = _steps_saved(run)
+    r = run_to_end(command("sft", run, paths), child_env())
+    same, why = same_run(ref, run) if r.returncode == 0 else (False, r.stderr[-500:])
+    ok = first.returncode == 0 and full.returncode == 1 and line is not None and \
+        kept == [SAVE_EVERY] and same
+    return {"case": "disk_full", "ok": ok, "filesystem": "RLIMIT_FSIZE (fallback)",
+            "full_rc": full.returncode, "full_error": line, "steps_on_disk_after": kept,
+            "identical": same, "why": why}
+
+
+def main_safety(work: Path) -> int:
+    paths = prepare(work)
+    ref = work / "reference" / "sft"
+    shutil.rmtree(ref, ignore_errors=True)
+    shutil.rmtree(work / "safety", ignore_errors=True)
+    r = run_to_end(command("sft", ref, paths), child_env())
+    if r.returncode != 0:
+        print(f"sft: the reference run failed:\n{r.stderr[-2000:]}", file=sys.stderr)
+        return 1
+    results = [case(paths, work, ref) for case in
+               (safety_retention, safety_concurrent, safety_disk_full)]
+    print(f"{'case':<12}{'ok':>4}  detail")
+    for res in results:
+        detail = {k: v for k, v in res.items() if k not in ("case", "ok", "why")}
+        print(f"{res['case']:<12}{'yes' if res['ok'] else 'NO':>4}  {json.dumps(detail)}")
+        if not res["ok"]:
+            print(f"FAILED {res['case']}: {res.get('why', '')}", file=sys.stderr)
+    print(json.dumps({"safety": results}))
+    return 0 if all(res["ok"] for res in results) else 1
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--algos", default=",".join(ALGOS))
@@ -190,7 +347,12 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "faults")
     ap.add_argument("--jobs", type=int, default=1, help="trials run side by side")
+    ap.add_argument("--safety", action="store_true",
+                    help="run the data-safety cases (retention window, concurrent run, full "
+                         "disk) instead of the random kills")
     args = ap.parse_args(argv)
+    if args.safety:
+        return main_safety(args.work)
     algos = [a for a in args.algos.split(",") if a]
     bad = [a for a in algos if a not in ALGOS]
     if bad or args.kills < 0:
