@@ -332,6 +332,9 @@ def write_report(path: str | Path, out: str | Path | None = None) -> dict[str, A
     {'report': path, 'plots': [...], 'summary': markdown table}."""
     path = Path(path)
     runs = [load_run(p) for p in find_runs(path)]
+    if out is not None and Path(out).resolve() != path.resolve():
+        from jaxalign import rundir
+        out = rundir.claim(out, "report")     # never over someone else's report.md
     out = Path(out) if out is not None else path
     out.mkdir(parents=True, exist_ok=True)
     _matplotlib()  # fail early, with the extra's name, before writing anything

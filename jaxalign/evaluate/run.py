@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxalign import checkpoint
+from jaxalign import checkpoint, rundir
 from jaxalign.config import ConfigError, load_yaml
 from jaxalign.data.config import DataConfig
 from jaxalign.data.pipeline import resolve_template
@@ -152,6 +152,8 @@ def _same_tokenizer(a: Model, b: Model, what: str) -> None:
 def run_eval(cfg: EvalConfig) -> dict[str, float]:
     """Runs the evaluation; returns the flat metrics and, with out_dir, writes its files."""
     t0 = time.perf_counter()
+    if cfg.out_dir:   # refused before minutes of evaluation if it is someone else's directory
+        rundir.claim(cfg.out_dir, "eval")
     o, d = cfg.eval, cfg.data
     models, ref = resolve_models(cfg)
     if d.pairs and not (cfg.models.reward_model or (ref and len(models) > 1)):
