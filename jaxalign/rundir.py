@@ -24,6 +24,7 @@ import fcntl
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import jax
@@ -189,6 +190,25 @@ def disk_full(e: BaseException) -> str | None:
     return None
 
 
+def _closed_loop(value) -> bool:
+    return isinstance(value, RuntimeError) and str(value) == "Event loop is closed"
+
+
+def drop_closed_loop_noise() -> None:
+    """After a failed orbax write, tensorstore's callbacks into orbax's closed event loop each
+    print a `RuntimeError: Event loop is closed` traceback (as an unraisable exception) while
+    the command reports the real error; those are dropped, anything else is printed as before."""
+    previous = sys.unraisablehook
+    if getattr(previous, "jaxalign_drops_closed_loop", False):
+        return
+
+    def hook(unraisable):
+        if not _closed_loop(unraisable.exc_value):
+            previous(unraisable)
+    hook.jaxalign_drops_closed_loop = True
+    sys.unraisablehook = hook
+
+
 @contextlib.contextmanager
 def quiet_writer_threads():
     """Orbax's writer threads log each failed file with a traceback (absl ERROR) before the
@@ -198,6 +218,7 @@ def quiet_writer_threads():
     loggers = [logging.getLogger(n) for n in names]
     levels = [lg.level for lg in loggers]
     if not logging.getLogger("jaxalign").isEnabledFor(logging.DEBUG):
+        drop_closed_loop_noise()       # they come from tensorstore's threads, mid-save
         for lg in loggers:
             lg.setLevel(logging.CRITICAL)
     try:
