@@ -90,6 +90,8 @@ def is_owned(path: str | Path) -> bool:
             return True
         if name == "run.json" and (path / name).is_file() and (path / "checkpoints").is_dir():
             return True    # a torn run.json (issue: empty after a kill) in a real run dir
+    if path.name == "hf" and path.parent != path and is_owned(path.parent):
+        return True        # a run's or an export stage's own hf/ (written before markers)
     return (path / "checkpoints" / "jaxalign_checkpoints.json").is_file()
 
 

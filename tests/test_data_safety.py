@@ -391,3 +391,23 @@ def test_a_full_disk_during_an_export_keeps_the_earlier_export(paths, small_fs, 
     assert str(out) in line and "no space left on device" in line
     assert _tree(out) == before and sorted(p.name for p in small_fs.iterdir()) == ["filler", "hf"]
     filler.unlink()
+
+
+def test_ownership_reads_older_jaxalign_dirs(tmp_path):
+    """Runs and exports written before the markers stay jaxalign's (resumable, re-exportable);
+    a directory that merely looks similar is not."""
+    run = tmp_path / "old_run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "run.json").write_text(json.dumps({"format": "jaxalign-run"}))
+    (run / "hf").mkdir()
+    (run / "hf" / "config.json").write_text("{}")
+    assert rundir.is_owned(run) and rundir.is_owned(run / "hf")
+    (run / "run.json").write_text("")                       # torn by a kill: still a run
+    assert rundir.is_owned(run)
+    user = tmp_path / "user"
+    (user / "hf").mkdir(parents=True)
+    (user / "hf" / "config.json").write_text("{}")
+    (user / "run.json").write_text(json.dumps({"format": "something else"}))
+    assert not rundir.is_owned(user) and not rundir.is_owned(user / "hf")
+    with pytest.raises(rundir.ForeignDirError, match=str(user / "hf")):
+        rundir.claim(user / "hf", "run")
