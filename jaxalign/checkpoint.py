@@ -205,7 +205,11 @@ def fingerprint(path: str | Path) -> str | None:
         return None
     h = hashlib.sha256()
     for p in sorted(path.iterdir()):
-        if p.name in ("config.json", MARKER, RUN_MARKER, "model.safetensors.index.json"):
+        if p.name == RUN_MARKER:      # what the run trains, not how run.json is laid out
+            meta = read_run(path) or {}
+            what = {k: meta.get(k) for k in ("algorithm", "hf_config", "lora", "policy_path")}
+            h.update(json.dumps(what, sort_keys=True).encode() + b"\0")
+        elif p.name in ("config.json", MARKER, "model.safetensors.index.json"):
             h.update(p.name.encode() + b"\0" + p.read_bytes() + b"\0")
         elif p.suffix in (".safetensors", ".bin") and p.is_file():
             h.update(f"{p.name}\0{p.stat().st_size}\0".encode())
