@@ -286,6 +286,9 @@ def safety_disk_full(paths, work: Path, ref: Path) -> dict:
         filler.unlink()
         r = run_to_end(command("sft", run, paths), child_env())
         same, why = same_run(ref, run) if r.returncode == 0 else (False, r.stderr[-500:])
+        if line is None:
+            why = "not one error line:\n" + "\n".join(
+                l for l in full.stderr.splitlines() if " INFO " not in l)[-1500:]
         ok = (first.returncode == 0 and full.returncode == 1 and line is not None
               and "no space left on device" in line and str(run / "checkpoints") in line
               and kept == [SAVE_EVERY] and same)
