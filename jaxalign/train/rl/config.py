@@ -17,6 +17,7 @@ from jaxalign.data.config import DatasetSpec
 from jaxalign.train.rl.objectives import OBJECTIVES, Objective
 
 NORMALIZE = ("none", "batch", "running")
+CONVENTIONS = ("auto", "trl", "jaxalign")
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -56,7 +57,12 @@ class RewardConfig:
     missing_eos_penalty  subtracted from the score of a completion that did not end with EOS
     normalize            'none', 'batch' (whiten over the rollout) or 'running' (whiten with
                          running mean / std over all rollouts so far, kept in the checkpoint)
-    clip                 clip the (normalised) score to [-clip, clip]"""
+    clip                 clip the (normalised) score to [-clip, clip]
+    convention           how reward functions are called: 'auto' (TRL's for a function from
+                         a trl module or naming completion_ids / trainer_state / log_extra /
+                         log_metric, else jaxalign's), 'trl' (as TRL's GRPOTrainer: message
+                         lists on conversational data, completion_ids, trainer_state) or
+                         'jaxalign' (prompt / completion strings, the columns it names)"""
     model: str | None = None
     revision: str | None = None
     functions: tuple[str, ...] = ()
@@ -64,8 +70,11 @@ class RewardConfig:
     missing_eos_penalty: float | None = None
     normalize: str = "none"
     clip: float | None = None
+    convention: str = "auto"
 
     def __post_init__(self):
+        _check(self.convention in CONVENTIONS,
+               f"reward.convention {self.convention!r}: expected one of {CONVENTIONS}")
         if isinstance(self.functions, str):
             object.__setattr__(self, "functions", (self.functions,))
         _check(self.model is not None or bool(self.functions),

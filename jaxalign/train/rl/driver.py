@@ -55,7 +55,7 @@ from jaxalign.train.optim import make_optimizer
 from jaxalign.train.rl import hosts, objectives, prompts as RP, rollout as R
 from jaxalign.train.rl.config import RLConfig
 from jaxalign.train.rl.rewards import Rewarder, RewardFunctionError, RunningMoments, \
-    check_reward_model_dir
+    TrainerState, TRLInputs, check_reward_model_dir
 from jaxalign.train.rl.roles import Roles, build_roles, check_memory, memory_report, nbytes
 from jaxalign.train.setup import export_hf, run_recipe
 from jaxalign.train.step import jit_train_step, make_train_step
@@ -277,8 +277,11 @@ class _Run:
         texts = [self.prompts.texts[i] for i in mine]
         figures, error = None, None
         try:
+            trl = TRLInputs([self.prompts.trl[i] for i in mine] if self.prompts.trl else [],
+                            R.completion_ids(host["response_BN"], lengths),
+                            TrainerState(it - 1, cfg.train.iterations))
             raw, parts = self.rewarder.raw_rows(texts, completions, host["rm_score_B"], eos,
-                                                self.prompts.columns_of(mine))
+                                                self.prompts.columns_of(mine), trl=trl)
             figures = hosts.row_figures(host, eos, raw, parts)
         except RewardFunctionError as e:
             error = str(e)
@@ -288,7 +291,7 @@ class _Run:
         g, extras, error = hosts.exchange(self.rows, len(idx), figures, shown, error)
         if error is not None:
             raise RewardFunctionError(error)
-        scores = self.rewarder.normalise(g["raw"]).astype(np.float32)
+        scores = self.rewarder.normalise(g["raw"], group=G).astype(np.float32)
         adv_in = {k: exp[k] for k in ("mask_BN", "old_logp_BN", "ref_logp_BN", "values_BN",
                                       "lengths_B")}
         adv = self.adv_fn(adv_in, put_batch({"s": scores[self.rows]}, self.mesh)["s"],

@@ -169,6 +169,10 @@ def has_eos(response_BN: np.ndarray, lengths_B: np.ndarray, eos_ids: Sequence[in
 
 
 def decode(tokenizer, response_BN: np.ndarray, lengths_B: np.ndarray) -> list[str]:
-    return tokenizer.batch_decode([row[:n].tolist() for row, n in zip(response_BN, lengths_B)],
-                                  skip_special_tokens=True)
+    return tokenizer.batch_decode(completion_ids(response_BN, lengths_B), skip_special_tokens=True)
 
+
+
+def completion_ids(response_BN: np.ndarray, lengths_B: np.ndarray) -> list[list[int]]:
+    """Each response's sampled token ids, EOS included (TRL's `completion_ids`)."""
+    return [row[:n].tolist() for row, n in zip(response_BN, lengths_B)]
