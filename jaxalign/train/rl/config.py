@@ -34,15 +34,24 @@ class PromptDataConfig:
                        columns reach the reward functions as keyword arguments.
     chat            render with the tokenizer's chat template + generation prompt.
     max_prompt_len  longer prompts are dropped (counted and logged), not cut.
-    shuffle, seed   a fresh seeded permutation of the prompts every epoch."""
+    shuffle, seed   a fresh seeded permutation of the prompts every epoch.
+    eval_prompts    held-out prompts (same row formats) that train.eval_every scores the
+                       policy on; their reference answers (answer_field, else a column
+                       answer / reference / completion) give exact match and ROUGE-L.
+    answer_field    the eval prompts' column holding the reference answer."""
     prompts: DatasetSpec | str
     chat: bool = False
     max_prompt_len: int = 256
     shuffle: bool = True
     seed: int = 0
+    eval_prompts: DatasetSpec | str | None = None
+    answer_field: str | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "prompts", DatasetSpec.coerce(self.prompts, "data.prompts"))
+        if self.eval_prompts is not None:
+            object.__setattr__(self, "eval_prompts",
+                               DatasetSpec.coerce(self.eval_prompts, "data.eval_prompts"))
         _check(self.max_prompt_len >= 1, f"data.max_prompt_len must be >= 1, got {self.max_prompt_len}")
 
 
@@ -191,8 +200,30 @@ class RLTrainConfig:
     export_hf: bool = False         # write run_dir/hf (the policy) at the end
     # Memory per device (GiB) the pre-flight plans for; null: what the device / host reports.
     memory_limit_gb: float | None = None
+    # Held-out evaluation (`heldout.py`): every N iterations sample data.eval_prompts (0: never)
+    eval_every: int = 0
+    eval_temperature: float = 0.0   # 0: greedy; else sampled at this temperature (own RNG)
+    # Keep the policy of the best evaluation in run_dir/best by this eval metric (e.g.
+    # eval/exact_match, eval/reward, eval/reward/<function>); null: keep none
+    best_metric: str | None = None
+    best_mode: str = "max"          # 'max' or 'min': which direction of best_metric is better
+    # Stop (checkpointed, exit 0) after N evaluations without a new best (0: never)
+    early_stop_patience: int = 0
 
     def __post_init__(self):
+        _check(self.eval_every >= 0, f"train.eval_every must be >= 0, got {self.eval_every}")
+        _check(self.eval_temperature >= 0,
+               f"train.eval_temperature must be >= 0, got {self.eval_temperature}")
+        _check(self.best_mode in ("max", "min"),
+               f"train.best_mode {self.best_mode!r}: expected max or min")
+        _check(self.early_stop_patience >= 0,
+               f"train.early_stop_patience must be >= 0, got {self.early_stop_patience}")
+        _check(self.best_metric is None or self.eval_every > 0,
+               "train.best_metric needs train.eval_every > 0 (and data.eval_prompts)")
+        _check(not self.early_stop_patience or self.best_metric is not None,
+               "train.early_stop_patience needs train.best_metric (what must improve)")
+        if self.best_metric is not None and not self.best_metric.startswith("eval/"):
+            object.__setattr__(self, "best_metric", f"eval/{self.best_metric}")
         _check(self.memory_limit_gb is None or self.memory_limit_gb > 0,
                f"train.memory_limit_gb must be positive or null, got {self.memory_limit_gb}")
         for key in ("iterations", "grad_accum", "keep_checkpoints", "logits_chunk"):
@@ -229,6 +260,8 @@ class RLConfig(RunConfig):
         _check((rows // self.ppo.minibatches) % self.train.grad_accum == 0,
                f"a minibatch of {rows // self.ppo.minibatches} rows must split into "
                f"train.grad_accum = {self.train.grad_accum} micro-batches")
+        _check(not self.train.eval_every or self.data.eval_prompts is not None,
+               "train.eval_every needs data.eval_prompts (the held-out prompts)")
         _check(not (obj.needs_value and self.ppo.value_model == "separate"
                     and self.ppo.critic_init == "reward" and self.reward.model is None),
                "ppo.critic_init: reward needs reward.model")
