@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxalign import distributed, sharding
-from jaxalign.checkpoint import RUN_MARKER, TrainCheckpoints, _step_dirs
+from jaxalign.checkpoint import RUN_MARKER, TrainCheckpoints
 from jaxalign.config import JaxalignError
 from jaxalign.data.prompts import Prompts, load_prompts
 from jaxalign.evaluate import text_metrics
@@ -225,8 +225,9 @@ class HeldOut:
         if jax.process_index() == 0:
             # A run resumed from an earlier checkpoint may find bests from its first life past
             # this iteration: they are replaced (a deterministic replay finds them again).
-            for step, path in list(_step_dirs(best / "checkpoints")):
-                if step >= it:
+            steps = best / "checkpoints"
+            for path in list(steps.iterdir()) if steps.is_dir() else []:
+                if path.is_dir() and path.name.isdigit() and int(path.name) >= it:
                     shutil.rmtree(path)
             best.mkdir(parents=True, exist_ok=True)
             for name in (RUN_MARKER, "config.yaml"):   # what makes a directory a run
