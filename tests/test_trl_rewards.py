@@ -151,25 +151,29 @@ def test_none_is_skipped_in_the_weighted_sum_as_trl(env):
 
 
 def test_trl_shaped_function_inside_a_grpo_run(env, tmp_path):
-    """Two GRPO iterations with a TRL-shaped reward and an async one: the function gets the
-    message-list prompts of the rows sampled, completions as assistant messages whose text is
-    the decoded completion_ids, the solution column, and the step; the run logs both means."""
+    """Two GRPO iterations with a TRL-shaped reward and an async one, and a held-out
+    evaluation after the second: the function gets the message-list prompts of the rows
+    sampled, completions as assistant messages whose text is the decoded completion_ids, the
+    solution column, and the step; the run logs both means, in training and in eval/."""
     tok = load_tokenizer(env["model_dir"])
+    heldout = tmp_path.parent / f"{tmp_path.name}_heldout.jsonl"
+    heldout.write_text("".join(l + "\n" for l in env["prompts"].read_text().splitlines()[-4:]))
     raw = {"out_dir": str(tmp_path), "algorithm": "grpo",
            "model": {"path": str(env["model_dir"]), "scan_layers": False},
-           "data": {"prompts": str(env["prompts"]), "chat": True, "max_prompt_len": 64},
+           "data": {"prompts": str(env["prompts"]), "chat": True, "max_prompt_len": 64,
+                    "eval_prompts": str(heldout)},
            "rollout": {"batch_size": 4, "num_generations": 2, "max_new_tokens": 6},
            "reward": {"functions": ["trl_shaped_rewards:shaped", "trl_shaped_rewards:judge"],
                       "convention": "trl"},
            "ppo": {"epochs": 1, "minibatches": 1},
            "train": {"iterations": 2, "sample_every": 0, "tensorboard": False,
-                     "progress": False},
+                     "progress": False, "eval_every": 2},
            "optim": {"lr": 1e-3, "schedule": "constant"},
            "mesh": {"data": 1, "fsdp": -1, "tensor": 1}}
     seen = env["module"].SEEN
     seen.clear()
     run_rl(from_dict(RLConfig, apply_overrides(raw, [])), devices=jax.devices()[:1])
-    assert [s["step"] for s in seen] == [0, 1] and seen[0]["max_steps"] == 2
+    assert [s["step"] for s in seen] == [0, 1, 2] and seen[0]["max_steps"] == 2  # 2: eval
     for s in seen:
         assert len(s["completions"]) == 8
         for p, c, ids in zip(s["prompts"], s["completions"], s["completion_ids"]):
@@ -179,3 +183,8 @@ def test_trl_shaped_function_inside_a_grpo_run(env, tmp_path):
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert all(np.isfinite(r["reward_mean"]) for r in rows)
     assert {"reward/shaped", "reward/judge"} <= set(rows[0])
+    assert "eval/reward" not in rows[0]
+    assert {"eval/reward", "eval/reward/shaped", "eval/reward/judge"} <= set(rows[1])
+    written = (tmp_path / "eval_samples.jsonl").read_text().splitlines()
+    assert [json.loads(l)["prompt"] for l in written] == [
+        f"What is {i % 4 + 1} plus {i // 4 + 2}?" for i in range(12, 16)]
