@@ -123,6 +123,7 @@ def load_run(run: Path) -> dict[str, Any]:
                 samples=_jsonl(run / "samples.jsonl"), memory=_json(run / "memory.json"),
                 eval=_json(run / "eval.json"), wall_s=wall, stats_json=_json(run / "stats.json"),
                 eval_table=(_json(run / "eval_summary.json") or {}).get("table") or {},
+                eval_diffs=(_json(run / "eval_summary.json") or {}).get("differences") or [],
                 stats=(run / "stats.md").read_text() if (run / "stats.md").is_file() else None,
                 generations=sorted(run.glob("*generations*.jsonl")))
 
@@ -235,34 +236,83 @@ def markdown_table(rows: list[list[str]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _interval(m: dict, c: str) -> tuple[float, float] | None:
+    low, high = m.get(f"{c}/ci_low"), m.get(f"{c}/ci_high")
+    if isinstance(low, (int, float)) and isinstance(high, (int, float)) \
+            and math.isfinite(low) and math.isfinite(high):
+        return low, high
+    return None
+
+
+def _with_ci(m: dict, c: str) -> str:
+    if m.get(c) is None:
+        return ""
+    ci = _interval(m, c)
+    return _fmt(m[c]) + (f" [{_fmt(ci[0])}, {_fmt(ci[1])}]" if ci else "")
+
+
 def eval_rows(table: dict[str, dict]) -> list[list[str]]:
-    """Policies x the EVAL_COLUMNS they have (then any lm_eval scores)."""
+    """Policies x the EVAL_COLUMNS they have (then any lm_eval scores), each mean with its
+    bootstrap interval [low, high] where eval wrote one."""
     cols = [c for c in EVAL_COLUMNS if any(c in m for m in table.values())]
     cols += sorted({k for m in table.values() for k in m if k.startswith("lm_eval/")})
     rows = [["policy"] + cols]
     for name, m in table.items():
-        rows.append([name] + ["" if m.get(c) is None else _fmt(m[c]) for c in cols])
+        rows.append([name] + [_with_ci(m, c) for c in cols])
     return rows
 
 
+def diff_rows(diffs: list[dict]) -> list[list[str]]:
+    """The paired differences: a - b on the same prompts, with the interval."""
+    rows = [["a - b", "metric", "difference", "interval", "prompts"]]
+    for d in diffs:
+        ci = "" if d["ci_low"] is None or not math.isfinite(d["ci_low"]) else \
+            f"[{_fmt(d['ci_low'])}, {_fmt(d['ci_high'])}]"
+        rows.append([f"{d['a']} - {d['b']}", d["metric"], _fmt(d["diff"]), ci, str(d["n"])])
+    return rows
+
+
+def _bars(ax, names: list[str], values: list[float], cis: list) -> None:
+    """Bars with error bars from the intervals (where given)."""
+    if any(ci is not None for ci in cis):
+        lo = [v - ci[0] if ci else 0.0 for v, ci in zip(values, cis)]
+        hi = [ci[1] - v if ci else 0.0 for v, ci in zip(values, cis)]
+        ax.bar(names, values, color="tab:blue", yerr=[lo, hi], capsize=4, ecolor="black")
+    else:
+        ax.bar(names, values, color="tab:blue")
+
+
 def plot_eval(run: dict, out: Path) -> Path | None:
-    """Bars: each eval metric per policy."""
-    table = run["eval_table"]
+    """Bars: each eval metric per policy, error bars its bootstrap interval; then a panel per
+    paired-difference metric (a - b, with its interval)."""
+    table, diffs = run["eval_table"], run.get("eval_diffs") or []
     cols = [c for c in EVAL_COLUMNS if any(c in m for m in table.values())]
-    if not cols:
+    metrics = sorted({d["metric"] for d in diffs})
+    if not cols and not metrics:
         return None
     plt = _matplotlib()
-    ncols = min(4, len(cols))
-    nrows = math.ceil(len(cols) / ncols)
+    n = len(cols) + len(metrics)
+    ncols = min(4, n)
+    nrows = math.ceil(n / ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(3.4 * ncols, 2.8 * nrows), squeeze=False)
-    for ax, c in zip(axes.flat, cols):
-        names = [n for n, m in table.items() if c in m]
-        ax.bar(names, [table[n][c] for n in names], color="tab:blue")
+    flat = list(axes.flat)
+    for ax, c in zip(flat, cols):
+        names = [k for k, m in table.items() if c in m]
+        _bars(ax, names, [table[k][c] for k in names], [_interval(table[k], c) for k in names])
         ax.set_title(c, fontsize=9)
+    for ax, metric in zip(flat[len(cols):], metrics):
+        rows = [d for d in diffs if d["metric"] == metric]
+        cis = [(d["ci_low"], d["ci_high"]) if d["ci_low"] is not None
+               and math.isfinite(d["ci_low"]) else None for d in rows]
+        _bars(ax, [f"{d['a']} - {d['b']}" for d in rows], [d["diff"] for d in rows], cis)
+        ax.axhline(0.0, color="grey", lw=0.8)
+        ax.set_title(f"difference: {metric}", fontsize=9)
+    for ax in flat[:n]:
         ax.tick_params(axis="x", labelsize=8)
         ax.grid(alpha=0.3, axis="y")
-    return _save(plt, fig, list(axes.flat)[len(cols):], f"{run['name']}: per policy",
-                 out / f"{run['name']}_policies.png")
+    has_ci = bool(diffs) or any(_interval(m, c) for m in table.values() for c in cols)
+    title = f"{run['name']}: per policy" + (" (error bars: bootstrap intervals)" if has_ci else "")
+    return _save(plt, fig, flat[n:], title, out / f"{run['name']}_policies.png")
 
 
 def _memory_md(memory: dict) -> str:
@@ -311,7 +361,11 @@ def run_section(r: dict, out: Path, plots: list[Path]) -> str:
         if png is not None:
             plots.append(png)
             md.append(f"![{r['name']} per policy]({png.name})\n")
-        md.append("Per policy:\n\n" + markdown_table(eval_rows(r["eval_table"])))
+        md.append("Per policy (mean [bootstrap interval]):\n\n"
+                  + markdown_table(eval_rows(r["eval_table"])))
+        if r.get("eval_diffs"):
+            md.append("Paired differences (same prompts):\n\n"
+                      + markdown_table(diff_rows(r["eval_diffs"])))
     elif r["eval"]:
         flat = {k: v for k, v in r["eval"].items() if isinstance(v, (int, float, str))}
         md.append("Evaluation:\n\n" + markdown_table([["metric", "value"]] +
@@ -343,6 +397,8 @@ def write_report(path: str | Path, out: str | Path | None = None) -> dict[str, A
     for r in runs:
         if r["eval_table"]:
             summary += f"\n{r['name']}, per policy:\n\n" + markdown_table(eval_rows(r["eval_table"]))
+            if r.get("eval_diffs"):
+                summary += "\nPaired differences:\n\n" + markdown_table(diff_rows(r["eval_diffs"]))
     sections = [run_section(r, out, plots) for r in runs]
     timing = plot_timing(runs, out)
     md = [f"# Report: {path.name}\n", summary]

@@ -400,3 +400,42 @@ def test_reference_answers_by_column():
     assert reference_answers(p, "gold") == ["g", None]  # not a string: no answer
     with pytest.raises(ConfigError, match="data.answer_field: f.jsonl has no column 'answer'"):
         reference_answers(p, "answer")
+
+
+def test_intervals_written_and_drawn(tiny_eval, tmp_path):
+    """Every mean over prompts has its bootstrap interval (recomputed here from the written
+    completions), every policy pair its paired difference; the report draws both."""
+    from jaxalign.evaluate.intervals import bootstrap_ci, paired_ci
+    from jaxalign.report import write_report
+    cfg, results, out = tiny_eval
+    kw = dict(resamples=cfg.eval.bootstrap, confidence=cfg.eval.confidence, seed=cfg.eval.seed)
+    rows = {n: [json.loads(l) for l in (out / f"generations_{n}.jsonl").read_text().splitlines()]
+            for n in ("sft", "dpo")}
+    for name in ("sft", "dpo"):
+        rewards = [r["reward"] for r in rows[name]]
+        want = bootstrap_ci(rewards, **kw)
+        assert (results[f"gen/{name}/reward/ci_low"], results[f"gen/{name}/reward/ci_high"]) \
+            == pytest.approx(want)
+        for key in ("gen/{}/length", "gen/{}/exact_match", "gen/{}/rouge_l", "ppl/{}/perplexity"):
+            key = key.format(name)
+            if key.startswith("ppl/"):   # not a mean over prompts: no interval
+                assert f"{key}/ci_low" not in results
+                continue
+            assert results[f"{key}/ci_low"] <= results[key] <= results[f"{key}/ci_high"], key
+    for key in ("winrate/dpo", "kl/dpo/sequence", "rm/accuracy", "dpo/dpo/margin"):
+        assert results[f"{key}/ci_low"] <= results[key] <= results[f"{key}/ci_high"], key
+    diff, low, high = paired_ci([r["reward"] for r in rows["dpo"]],
+                                [r["reward"] for r in rows["sft"]], **kw)
+    assert results["diff/dpo/sft/gen/reward"] == pytest.approx(diff)
+    assert (results["diff/dpo/sft/gen/reward/ci_low"],
+            results["diff/dpo/sft/gen/reward/ci_high"]) == pytest.approx((low, high))
+    summary = json.loads((out / "eval_summary.json").read_text())
+    metrics = {d["metric"] for d in summary["differences"]}
+    assert {"gen/reward", "gen/length", "gen/exact_match", "gen/rouge_l"} <= metrics
+    pytest.importorskip("matplotlib")
+    rep = write_report(out, tmp_path / "report")
+    md = rep["report"].read_text()
+    reward = results["gen/dpo/reward"]
+    assert f"[{results['gen/dpo/reward/ci_low']:.4g}, {results['gen/dpo/reward/ci_high']:.4g}]" in md
+    assert "Paired differences" in md and "dpo - sft" in md and f"{reward:.4g}" in md
+    assert any(p.name.endswith("_policies.png") for p in rep["plots"])

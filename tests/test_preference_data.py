@@ -248,7 +248,7 @@ def test_batch_layout_shapes_and_dtypes(tok, tmp_path, cache):
         "tokens": ((4, 2, 48), "int32"), "targets": ((4, 2, 48), "int32"),
         "loss_mask": ((4, 2, 48), "float32"), "segment_ids": ((4, 2, 48), "int32"),
         "positions": ((4, 2, 48), "int32"), "prompt_len": ((4,), "int32"),
-        "pair_mask": ((4,), "float32")}
+        "pair_mask": ((4,), "float32"), "margin": ((4,), "float32")}
     assert (batch["pair_mask"] == 1).all() and data.pad_id == tok.pad_token_id
     check_pair_rows(batch, data.pad_id)
     # Flattening the pair axis gives SFT-shaped rows, chosen and rejected interleaved.
@@ -295,7 +295,7 @@ def test_eval_loader_all_pairs_in_order_with_filler_pairs(tok, tmp_path, cache):
     assert (filler["prompt_len"] == 0).all() and (filler["tokens"] == data.pad_id).all()
     chosen = [trained(tok, bt, r, 0) for bt in batches for r in range(4) if bt["pair_mask"][r]]
     held = [data.eval.dataset[i] for i in range(5)]
-    assert chosen == [tok.decode(c[0][c[1] == 1].tolist()) for c, _, _ in held]  # in order
+    assert chosen == [tok.decode(c[0][c[1] == 1].tolist()) for c, *_ in held]  # in order
     halves = [build_preference_data(cfg, tok, batch_size=2, eval_batch_size=4, process_index=i,
                                     process_count=2).eval for i in range(2)]
     for g, x, y in zip(batches, *halves):

@@ -132,3 +132,48 @@ def test_streams_rows_instead_of_holding_them(tmp_path):
     tracemalloc.stop()
     assert peak < as_dicts / 3, (peak, as_dicts)
     assert sum(1 for _ in open(tmp_path / "o/a/train.jsonl")) == 18000
+
+
+def _one_word_copies(n_docs, seed=7):
+    """n_docs distinct 200-word documents, then each with one word replaced: with 5-word
+    shingles that is J = 191 / 201 = 0.950 (checked per pair with plain sets)."""
+    rng = random.Random(seed)
+    originals = [_doc(rng, 200) for _ in range(n_docs)]
+    rows = [{"text": t, "id": i} for i, t in enumerate(originals)]
+    for i, t in enumerate(originals):
+        words = t.split()
+        words[rng.randrange(5, 195)] = f"edit{rng.randrange(10**9)}"   # away from the ends
+        copy = " ".join(words)
+        assert 0.949 <= _true_jaccard(t, copy, 5) <= 0.951
+        rows.append({"text": copy, "id": n_docs + i})
+    return rows
+
+
+def test_near_duplicates_at_jaccard_095_removed_at_99_percent(tmp_path):
+    """400 planted pairs at J = 0.95 with dedup.threshold 0.9: >= 99% of the copies removed,
+    every distinct document kept, stats.md counting candidates and verified removals. Bands
+    tuned for the threshold itself (candidate_threshold 0.9) miss many: the test can fail."""
+    n = 400
+    rows = _one_word_copies(n)
+    _write(tmp_path / "a.jsonl", rows)
+
+    def prepare(out, **dedup):
+        cfg = from_dict(PrepareConfig, {
+            "out_dir": str(tmp_path / out), "dedup": {"threshold": 0.9, **dedup},
+            "sets": {"docs": {"sources": [str(tmp_path / "a.jsonl")], "text_fields": ["text"]}}})
+        totals = run_prepare(cfg)
+        kept = {json.loads(l)["id"] for l in
+                (tmp_path / out / "docs/train.jsonl").read_text().splitlines()}
+        return totals, kept
+
+    totals, kept = prepare("out")
+    removed = n - len(kept & set(range(n, 2 * n)))
+    assert removed / n >= 0.99, removed
+    assert set(range(n)) <= kept                       # every distinct document kept
+    assert totals["near_duplicate"] == removed
+    assert totals["near_candidates"] >= removed
+    md = (tmp_path / "out/stats.md").read_text()
+    assert "near_candidates" in md and "near_duplicate" in md
+    narrow, kept_narrow = prepare("narrow", candidate_threshold=0.9)
+    assert narrow["near_duplicate"] / n < 0.95, narrow   # LSH at the threshold misses pairs
+    assert set(range(n)) <= kept_narrow

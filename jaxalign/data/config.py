@@ -13,7 +13,8 @@ from typing import Any, Literal, Mapping, Sequence
 from jaxalign.config import ConfigError
 
 FORMATS = ("auto", "alpaca", "dolly", "chat", "sharegpt", "prompt_completion", "text",
-           "preference", "hh_rlhf")  # the last two: preference data (jaxalign.data.preference)
+           "preference", "hh_rlhf",  # preference pairs (jaxalign.data.preference)
+           "unpaired")               # KTO's labelled rows (jaxalign.data.unpaired)
 TRUNCATION = ("truncate", "drop")
 ON_EMPTY = ("drop", "error")
 PROMPT_TRUNCATION = ("keep_end", "drop")
@@ -36,7 +37,7 @@ class DatasetSpec:
 
     path: str                # a .jsonl / .json / .csv / .parquet / .arrow file, a folder or a hub name
     format: Literal["auto", "alpaca", "dolly", "chat", "sharegpt", "prompt_completion", "text",
-                    "preference", "hh_rlhf"] = "auto"   # row layout; auto: from the first row's keys
+                    "preference", "hh_rlhf", "unpaired"] = "auto"   # row layout; auto: from the first row's keys
     weight: float = 1.0      # mixing weight among the training datasets
     split: str = "train"     # the split of a folder or hub dataset
     max_examples: int | None = None   # keep the first N rows (before shuffling)

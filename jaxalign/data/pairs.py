@@ -48,6 +48,7 @@ class Pair:
     rejected: tuple[dict, ...]
     plain: tuple[str, str, str] | None = None
     row: int = -1
+    margin: float = 0.0   # the row's `margin` column (reward models; TRL's RewardTrainer)
 
 
 class Identical(Exception):
@@ -219,6 +220,23 @@ class PrefStats(DataStats):
         return "\n".join(line(s) for s in self.sources + [self.total()])
 
 
+def row_margin(row: dict, where: str) -> float:
+    """A pair's `margin` column (absent or null: 0): a finite number, or a CSV cell holding one."""
+    value = row.get("margin")
+    if value is None:
+        return 0.0
+    try:
+        if isinstance(value, bool):
+            raise ValueError
+        margin = float(value)
+    except (TypeError, ValueError):
+        raise DataError(f"{where}: field 'margin' must be a number, got "
+                        f"{type(value).__name__} {value!r}") from None
+    if margin != margin or margin in (float("inf"), float("-inf")):
+        raise DataError(f"{where}: field 'margin' must be finite, got {margin}")
+    return margin
+
+
 def normalise_pairs(source: Source, fmt: str = "auto", *, on_empty: str = "drop",
                     on_identical: str = "drop", converters: dict | None = None
                     ) -> tuple[list[Pair], PairStats]:
@@ -248,6 +266,8 @@ def normalise_pairs(source: Source, fmt: str = "auto", *, on_empty: str = "drop"
             setattr(stats, f"dropped_{reason}", getattr(stats, f"dropped_{reason}") + 1)
             first.setdefault(reason, str(e))
             continue
+        if isinstance(pair, Pair):
+            pair = dataclasses.replace(pair, margin=row_margin(row, source.where(i)))
         pairs.append(dataclasses.replace(pair, row=i))
     for reason, msg in first.items():
         log.warning("%s: dropped %d pair(s) (%s), the first: %s", source.name,

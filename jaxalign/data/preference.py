@@ -27,6 +27,8 @@ pass as 2B rows (`x.reshape(2 * B, T)`):
                                             response token (EOS / end of turn included)
   prompt_len                                (B,) int32, prompt tokens shared by both rows
   pair_mask                                 (B,) float32, 1 for a real pair, 0 for an eval filler
+  margin                                    (B,) float32, the rows' `margin` column (0 without
+                                            one): reward models subtract it inside the sigmoid
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ from jaxalign.data.tokenize import Encoder, TokenizedSet, common_prefix, length_
 
 log = logging.getLogger("jaxalign.data")
 
-PREF_BATCH_KEYS = BATCH_KEYS + ("prompt_len", "pair_mask")
+PREF_BATCH_KEYS = BATCH_KEYS + ("prompt_len", "pair_mask", "margin")
 
 # ----------------------------------------------------------------------------- tokens
 
@@ -69,24 +71,31 @@ class ItemSet:
 @dataclasses.dataclass
 class PairSet(ItemSet):
     """Tokenized pairs: chosen[i] and rejected[i] (ids, mask as in `TokenizedSet`) share their
-    first prompt_len[i] tokens."""
+    first prompt_len[i] tokens; margin[i] is the row's `margin` column (0 without one). An
+    item is (chosen, rejected, prompt_len, margin); from_items also takes 3-tuples."""
 
     name: str
     chosen: TokenizedSet
     rejected: TokenizedSet
     prompt_len: np.ndarray  # (n,) int32
+    margin: np.ndarray | None = None  # (n,) float32
+
+    def __post_init__(self):
+        if self.margin is None:
+            self.margin = np.zeros(len(self.prompt_len), np.float32)
 
     @classmethod
     def from_items(cls, name: str, items: Sequence[tuple]) -> "PairSet":
-        return cls(name, TokenizedSet.from_pairs(name, [c for c, _, _ in items]),
-                   TokenizedSet.from_pairs(name, [r for _, r, _ in items]),
-                   np.array([p for _, _, p in items], np.int32))
+        return cls(name, TokenizedSet.from_pairs(name, [x[0] for x in items]),
+                   TokenizedSet.from_pairs(name, [x[1] for x in items]),
+                   np.array([x[2] for x in items], np.int32),
+                   np.array([x[3] if len(x) > 3 else 0.0 for x in items], np.float32))
 
     def __len__(self) -> int:
         return len(self.prompt_len)
 
     def __getitem__(self, i: int):
-        return self.chosen[i], self.rejected[i], int(self.prompt_len[i])
+        return self.chosen[i], self.rejected[i], int(self.prompt_len[i]), float(self.margin[i])
 
     @property
     def lengths(self) -> np.ndarray:
@@ -96,6 +105,8 @@ class PairSet(ItemSet):
 
     def fingerprint(self) -> int:
         crc = zlib.crc32(self.prompt_len.tobytes())
+        if self.margin.any():   # margins join the fingerprint only where a dataset has them
+            crc = zlib.crc32(self.margin.tobytes(), crc)
         for part in (self.chosen, self.rejected):
             crc = zlib.crc32(part.fingerprint().to_bytes(4, "little"), crc)
         return crc
@@ -198,7 +209,7 @@ def tokenize_pairs(pairs: Sequence[Pair], encoder: Encoder, cfg: DataConfig, sta
             continue
         stats.tokens += len(c[0]) + len(r[0])
         stats.loss_tokens += int(c[1][1:].sum() + r[1][1:].sum())
-        kept.append((c, r, p))
+        kept.append((c, r, p, pair.margin))
     stats.kept += len(kept)
     return PairSet.from_items(stats.name, kept)
 
@@ -212,17 +223,20 @@ def empty_pair_batch(batch_size: int, seq_len: int, pad_id: int) -> dict[str, np
              for k, v in empty_batch(2 * batch_size, seq_len, pad_id).items()}
     batch["prompt_len"] = np.zeros(batch_size, np.int32)
     batch["pair_mask"] = np.zeros(batch_size, np.float32)
+    batch["margin"] = np.zeros(batch_size, np.float32)
     return batch
 
 
 def write_pair(batch: dict[str, np.ndarray], r: int, pair: tuple) -> None:
-    """Writes (chosen, rejected, prompt_len) into pair r; each side is one SFT row (`write_row`)."""
-    chosen, rejected, p = pair
+    """Writes (chosen, rejected, prompt_len[, margin]) into pair r; each side is one SFT row
+    (`write_row`)."""
+    chosen, rejected, p = pair[:3]
     rows = {k: batch[k][r] for k in BATCH_KEYS}  # (2, T) views into the batch
     write_row(rows, 0, [chosen])
     write_row(rows, 1, [rejected])
     batch["prompt_len"][r] = p
     batch["pair_mask"][r] = 1.0
+    batch["margin"][r] = pair[3] if len(pair) > 3 else 0.0
 
 
 class PrefLoader(TrainLoader):

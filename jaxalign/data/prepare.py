@@ -5,10 +5,16 @@ sources, in order (an earlier source wins a duplicate):
   empty           rows whose compared text (`text_fields`, default every column) is blank;
   exact_duplicate rows whose whitespace-normalised text equals an earlier row's (a 16-byte
                   digest per kept row is all that is held);
-  near_duplicate  rows whose estimated Jaccard similarity of word n-gram shingles
-                  (`dedup.shingle_size` words) with an earlier kept row is >= `dedup.threshold`:
-                  MinHash LSH (datasketch) finds the candidates, and the candidate's MinHash
-                  signature confirms the estimate, so LSH's banding does not by itself decide.
+  near_duplicate  rows whose Jaccard similarity of word n-gram shingles (`dedup.shingle_size`
+                  words) with an earlier kept row is >= `dedup.threshold`. MinHash LSH
+                  (datasketch) proposes candidates generously: its bands are tuned for
+                  `dedup.candidate_threshold` (default threshold - 0.2), because bands tuned
+                  for the threshold itself miss a fifth of the pairs at J = 0.95 (128
+                  permutations: 5 bands of 25 rows). A candidate whose MinHash estimate is
+                  within 0.1 of the threshold is then verified exactly, its kept row read back
+                  from the scratch file, so neither banding nor the estimate's noise decides.
+                  stats.md counts the rows that had candidates (`near_candidates`) beside the
+                  verified removals.
 Kept rows go to a scratch file as they come, with only their byte offsets held; then each
 source's kept rows are split (seeded) into eval (`eval_fraction`) and train, the train rows
 weighted (`weight` = copies of each row: 0.5 a seeded half, 2 every row twice) and shuffled
@@ -31,7 +37,7 @@ import logging
 import re
 from array import array
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 
@@ -56,6 +62,9 @@ class DedupConfig:
     exact: bool = True              # drop exact duplicates (after whitespace normalisation)
     near: bool = True               # drop near duplicates (MinHash LSH)
     threshold: float = 0.9          # Jaccard similarity at or above which a row is a near duplicate
+    # LSH bands are tuned for this lower similarity, so that pairs near the threshold become
+    # candidates (each verified exactly); null: threshold - 0.2 (at least 0.05)
+    candidate_threshold: float | None = None
     shingle_size: int = 5           # words per shingle
     num_perm: int = 128             # MinHash permutations (estimate std ~ sqrt(J(1-J)/num_perm))
     lowercase: bool = True          # compare case-insensitively
@@ -64,6 +73,15 @@ class DedupConfig:
         _require(0 < self.threshold <= 1, f"dedup.threshold must be in (0, 1], got {self.threshold}")
         _require(self.shingle_size >= 1, f"dedup.shingle_size must be >= 1, got {self.shingle_size}")
         _require(self.num_perm >= 16, f"dedup.num_perm must be >= 16, got {self.num_perm}")
+        _require(self.candidate_threshold is None or 0 < self.candidate_threshold <= self.threshold,
+                 f"dedup.candidate_threshold must be in (0, dedup.threshold], got "
+                 f"{self.candidate_threshold}")
+
+    @property
+    def lsh_threshold(self) -> float:
+        if self.candidate_threshold is not None:
+            return self.candidate_threshold
+        return min(self.threshold, max(self.threshold - 0.2, 0.05))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -226,18 +244,43 @@ def jaccard(a: set, b: set) -> float:
 
 class Deduper:
     """Exact and near-duplicate filter over a stream of texts; `check(text)` -> a reason in
-    REASONS or None (kept, and remembered for later rows)."""
+    REASONS or None (kept, and remembered for later rows). `text_of(k)` returns the text of
+    the k-th kept row (the k-th None returned), for the exact check of near candidates."""
 
-    def __init__(self, cfg: DedupConfig, seed: int = 1):
+    # A candidate whose estimated Jaccard is this far below the threshold is not read back:
+    # at 128 permutations the estimate's std is <= 0.03 for J >= 0.8, so a pair at the
+    # threshold falls this far with odds ~1e-4, and below it the exact check decides.
+    SLACK = 0.1
+
+    def __init__(self, cfg: DedupConfig, seed: int = 1, text_of: Callable[[int], str] | None = None):
         from datasketch import MinHash, MinHashLSH  # well-kept library; imported only when used
-        self.cfg, self._minhash = cfg, MinHash
+        self.cfg, self._minhash, self.text_of = cfg, MinHash, text_of
         self.seen: set[bytes] = set()
-        self.lsh = MinHashLSH(threshold=cfg.threshold, num_perm=cfg.num_perm) if cfg.near else None
+        self.lsh = MinHashLSH(threshold=cfg.lsh_threshold, num_perm=cfg.num_perm) if cfg.near else None
         # Kept rows' signatures, low 32 bits of each hash value (a false match has odds 2**-32
         # per value), in blocks of BLOCK rows: 4 * num_perm bytes a row, no per-row object.
         self.blocks: list[np.ndarray] = []
-        self.n = 0
+        self.keys: array = array("q")   # the kept-row number of each signature
+        self.n, self.kept, self.candidates = 0, 0, 0
         self.seed = seed
+
+    def _near(self, compared: str, sh: set, m) -> bool:
+        sig = m.hashvalues.astype(np.uint32)  # the low 32 bits
+        found = self.lsh.query(m)
+        self.candidates += bool(found)
+        for key in found:
+            estimate = float(np.mean(self.blocks[key // BLOCK][key % BLOCK] == sig))
+            if estimate < self.cfg.threshold - self.SLACK:
+                continue
+            if self.text_of is None:      # no way to read the row back: the estimate decides
+                if estimate >= self.cfg.threshold:
+                    return True
+                continue
+            other = self.text_of(self.keys[key])
+            other = other.lower() if self.cfg.lowercase else other
+            if jaccard(sh, shingles(other, self.cfg.shingle_size)) >= self.cfg.threshold:
+                return True
+        return False
 
     def check(self, text: str) -> str | None:
         if not text:
@@ -251,18 +294,16 @@ class Deduper:
             if sh:
                 m = self._minhash(num_perm=self.cfg.num_perm, seed=self.seed)
                 m.update_batch(list(sh))
-                sig = m.hashvalues.astype(np.uint32)  # the low 32 bits
-                for key in self.lsh.query(m):
-                    # LSH banding only proposes candidates; the signatures estimate J itself.
-                    kept = self.blocks[key // BLOCK][key % BLOCK]
-                    if np.mean(kept == sig) >= self.cfg.threshold:
-                        return "near_duplicate"
+                if self._near(compared, sh, m):
+                    return "near_duplicate"
                 if self.n % BLOCK == 0:
                     self.blocks.append(np.zeros((BLOCK, self.cfg.num_perm), np.uint32))
-                self.blocks[-1][self.n % BLOCK] = sig
+                self.blocks[-1][self.n % BLOCK] = m.hashvalues.astype(np.uint32)
+                self.keys.append(self.kept)
                 self.lsh.insert(self.n, m)
                 self.n += 1
         self.seen.add(digest)
+        self.kept += 1
         return None
 
 
@@ -275,6 +316,7 @@ class SourceCount:
     read: int = 0
     empty: int = 0
     exact_duplicate: int = 0
+    near_candidates: int = 0  # rows LSH proposed an earlier kept row for (then verified)
     near_duplicate: int = 0
     kept: int = 0
     eval: int = 0
@@ -290,17 +332,26 @@ def _weighted(idx: np.ndarray, weight: float, rng) -> np.ndarray:
 
 def _prepare_set(name: str, s: SetConfig, cfg: PrepareConfig, out: Path) -> list[SourceCount]:
     out.mkdir(parents=True, exist_ok=True)
-    dedup = Deduper(cfg.dedup, seed=cfg.seed + 1)
     scratch = out / "kept.scratch.jsonl"
     offsets, owner = array("q"), array("i")
     counts = []
-    with open(scratch, "wb") as f:
+    with open(scratch, "w+b") as f:
+        def text_of(k: int) -> str:   # a kept row read back (near candidates only)
+            end = f.tell()
+            f.seek(offsets[k])
+            row = json.loads(f.readline())
+            f.seek(end)
+            return row_text(row, s.text_fields)
+
+        dedup = Deduper(cfg.dedup, seed=cfg.seed + 1, text_of=text_of)
         for si, spec in enumerate(s.sources):
             c = SourceCount(name, spec.path, weight=spec.weight)
             counts.append(c)
             for where, row in iter_rows(spec):
                 c.read += 1
+                before = dedup.candidates
                 reason = dedup.check(row_text(row, s.text_fields))
+                c.near_candidates += dedup.candidates - before
                 if reason is not None:
                     setattr(c, reason, getattr(c, reason) + 1)
                     continue
@@ -339,7 +390,8 @@ def _prepare_set(name: str, s: SetConfig, cfg: PrepareConfig, out: Path) -> list
     return counts
 
 
-COLUMNS = ("read", "empty", "exact_duplicate", "near_duplicate", "kept", "eval", "train")
+COLUMNS = ("read", "empty", "exact_duplicate", "near_candidates", "near_duplicate", "kept", "eval",
+           "train")
 
 
 def table(counts: list[SourceCount]) -> str:

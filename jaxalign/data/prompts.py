@@ -50,6 +50,9 @@ class Prompts:
     # Every other column of the rows ("prompt" aside), one value per prompt (None where a
     # row lacks it): what RL reward functions receive as keyword arguments.
     columns: dict[str, list] = dataclasses.field(default_factory=dict)
+    # Each prompt as TRL's reward functions receive it: the string, or the message list
+    # (conversational data); empty when the reader did not record them.
+    trl: list = dataclasses.field(default_factory=list)
 
     def columns_of(self, indices) -> dict[str, list]:
         return {k: [v[i] for i in indices] for k, v in self.columns.items()}
@@ -138,7 +141,7 @@ def load_prompts(spec: DatasetSpec | str, tokenizer, *, chat: bool | None = None
     if chat and encoder.template is None:
         raise DataError(f"{source.name}: data.chat is true but the tokenizer has no chat template")
     fmt = _format(source.rows[0], spec.format, source.where(0))
-    texts, rendered = [], []
+    texts, rendered, trl = [], [], []
     for i, row in enumerate(source.rows):
         where = source.where(i)
         msgs, plain = prompt_of(row, _format(row, fmt, where), where)
@@ -150,6 +153,7 @@ def load_prompts(spec: DatasetSpec | str, tokenizer, *, chat: bool | None = None
             raise DataError(f"{where}: a message-list prompt needs a chat template (data.chat: "
                             f"true, or a tokenizer / chat_template with one)")
         texts.append(_last_user(msgs, plain))
+        trl.append(plain if plain is not None else [dict(m) for m in msgs])
     ids = encoder.token_ids(rendered, special=not templated)
     bos = getattr(tokenizer, "bos_token_id", None)
     keep = []
@@ -171,4 +175,4 @@ def load_prompts(spec: DatasetSpec | str, tokenizer, *, chat: bool | None = None
     names = sorted({k for row in source.rows for k in row} - {"prompt"})
     columns = {k: [source.rows[n].get(k) for n in keep] for k in names}
     return Prompts(source.name, [texts[n] for n in keep], [ids[n].tolist() for n in keep],
-                   [rendered[n] for n in keep], keep, columns)
+                   [rendered[n] for n in keep], keep, columns, [trl[n] for n in keep])

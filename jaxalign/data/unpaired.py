@@ -6,6 +6,14 @@ named `format: unpaired`):
   unpaired  {prompt, completion, label}: prompt and completion each a string or a list of
             messages (as for `preference` pairs); label a bool, true = desirable.
 
+Paired preference data (`preference` {prompt, chosen, rejected} or `hh_rlhf` {chosen,
+rejected}, detected from a first row without `label`, or named) is unpaired as TRL 1.16's
+`unpair_preference_dataset` does it: every pair gives a desirable row (its chosen response)
+and an undesirable one (its rejected response) with the same prompt, in TRL's order (its
+batched map over blocks of 1000 source rows: the block's chosen rows, then its rejected
+rows). The pairs pass the preference formats' own row policies first (empty responses,
+identical sides: data.on_empty, data.on_identical), counted in the source's stats.
+
 Rows are parsed, tokenized (chat template, response-only mask) and length-checked by the
 preference pipeline (`jaxalign.data.pairs.prompt_messages`, `jaxalign.data.preference`'s
 `encode_prompted` and `fit_sides`), under the same data.* policies and counts.
@@ -37,7 +45,8 @@ import numpy as np
 from jaxalign.data.config import DataConfig, DatasetSpec
 from jaxalign.data.loader import TrainLoader
 from jaxalign.data.packing import BATCH_KEYS, write_row
-from jaxalign.data.pairs import PairStats, normalise_pairs, prompt_messages, response_messages
+from jaxalign.data.pairs import (PAIR_FORMATS, Pair, PairStats, detect_pair_format,
+                                 normalise_pairs, prompt_messages, response_messages)
 from jaxalign.data.preference import (DataKind, ItemSet, PreferenceData, UnpackedEvalLoader,
                                       build_preference_data, empty_pair_batch, encode_prompted,
                                       count_fit, fit_sides, log_length_warnings)
@@ -84,6 +93,36 @@ def _unpaired(row: dict, where: str) -> Labelled:
 
 
 CONVERTERS = {"unpaired": _unpaired}
+
+# TRL's `unpair_preference_dataset` maps in batches of datasets' default 1000 rows; each
+# batch lists its chosen rows, then its rejected rows.
+TRL_MAP_BATCH = 1000
+
+
+def unpair(pairs: Sequence[Pair], block: int = TRL_MAP_BATCH) -> list[Labelled]:
+    """Preference pairs -> labelled rows, in TRL's order (see the module docstring)."""
+    out: list[Labelled] = []
+    blocks: dict[int, list[Pair]] = {}
+    for p in pairs:
+        blocks.setdefault(p.row // block, []).append(p)
+    for _, chunk in sorted(blocks.items()):
+        for side, label in ((1, True), (2, False)):
+            for p in chunk:
+                plain = (p.plain[0], p.plain[side]) if p.plain is not None else None
+                out.append(Labelled(p.prompt, (p.chosen, p.rejected)[side - 1], label, plain,
+                                    p.row))
+    return out
+
+
+def unpaired_format(row: dict, fmt: str, name: str) -> str:
+    """`fmt`, or for auto: unpaired when the first row has a label, a pair format when it
+    has chosen / rejected, else unpaired (whose converter names the missing field)."""
+    if fmt != "auto":
+        return fmt
+    keys = {k for k, v in row.items() if v is not None}
+    if "label" not in keys and keys & {"chosen", "rejected"}:
+        return detect_pair_format(row, name)
+    return "unpaired"
 
 
 @dataclasses.dataclass
@@ -139,8 +178,16 @@ def load_unpaired(spec: DatasetSpec, cfg: DataConfig, encoder: Encoder
                   ) -> tuple[UnpairedSet, PairStats]:
     """Reads, normalises and tokenizes one unpaired dataset under cfg's policies."""
     source = load_rows(spec, cache_dir=cfg.cache_dir)
-    rows, stats = normalise_pairs(source, spec.format, on_empty=cfg.on_empty,
-                                  converters=CONVERTERS)
+    if not source.rows:
+        raise DataError(f"{source.name}: dataset has no rows")
+    fmt = unpaired_format(source.rows[0], spec.format, source.name)
+    if fmt in PAIR_FORMATS:   # paired preference data: unpaired as TRL does
+        pairs, stats = normalise_pairs(source, fmt, on_empty=cfg.on_empty,
+                                       on_identical=cfg.on_identical)
+        rows = unpair(pairs)
+        stats.format = f"{fmt} -> unpaired"
+    else:
+        rows, stats = normalise_pairs(source, fmt, on_empty=cfg.on_empty, converters=CONVERTERS)
     data = tokenize_unpaired(rows, encoder, cfg, stats, source.where)
     log_length_warnings(stats, cfg, "row(s)")
     return data, stats
@@ -151,6 +198,7 @@ def load_unpaired(spec: DatasetSpec, cfg: DataConfig, encoder: Encoder
 
 def empty_unpaired_batch(batch_size: int, seq_len: int, pad_id: int) -> dict[str, np.ndarray]:
     batch = empty_pair_batch(batch_size, seq_len, pad_id)
+    del batch["margin"]   # a reward models' column; KTO rows have none
     batch["label"] = np.zeros(batch_size, np.float32)
     return batch
 

@@ -109,6 +109,8 @@ class EvalOptions:
     beta: float = 0.1                  # scale of the DPO-implied reward (accuracy ignores it)
     rouge_stemmer: bool = False        # rouge-score's Porter stemmer
     dtype: Literal["float32", "bfloat16"] = "float32"  # compute dtype of every model
+    bootstrap: int = 1000              # percentile-bootstrap resamples of each interval (0: none)
+    confidence: float = 0.95           # the intervals' confidence level
 
     def __post_init__(self):
         for key in ("batch_size", "max_new_tokens"):
@@ -121,6 +123,8 @@ class EvalOptions:
         _require(self.temperature >= 0, f"eval.temperature must be >= 0, got {self.temperature}")
         _require(0 < self.top_p <= 1, f"eval.top_p must be in (0, 1], got {self.top_p}")
         _require(self.beta > 0, f"eval.beta must be positive, got {self.beta}")
+        _require(self.bootstrap >= 0, f"eval.bootstrap must be >= 0, got {self.bootstrap}")
+        _require(0 < self.confidence < 1, f"eval.confidence must be in (0, 1), got {self.confidence}")
         _require(self.dtype in DTYPES, f"eval.dtype must be one of {DTYPES}, got {self.dtype!r}")
 
 

@@ -11,6 +11,11 @@
                     (greedy completions give the same statistic, not an unbiased KL);
                     per sequence (mean over prompts) and per token
   lm_eval/<name>/<task>/<metric>   the optional harness task on an HF export of the policy
+  <key>/ci_low, <key>/ci_high      the percentile bootstrap interval (eval.confidence,
+                    eval.bootstrap resamples; `intervals.py`) of every metric above that is a
+                    mean over prompts or pairs (not perplexity, per-token KL, lm_eval)
+  diff/<a>/<b>/gen/<metric>[/ci_low|/ci_high]   policy a minus policy b on the same prompts
+                    (every pair, later minus earlier: policy - reference), paired bootstrap
 
 "Reference" is models.reference (e.g. the SFT policy); comparisons are of every other policy
 against it. out_dir receives eval.json (these metrics, flat), eval_summary.json (a per-model
@@ -34,7 +39,7 @@ from jaxalign.data.config import DataConfig
 from jaxalign.data.pipeline import resolve_template
 from jaxalign.data.preference import PairSet, load_pairs
 from jaxalign.data.tokenize import Encoder
-from jaxalign.evaluate import harness, likelihood, text_metrics
+from jaxalign.evaluate import harness, intervals, likelihood, text_metrics
 from jaxalign.evaluate.config import REFERENCE, EvalConfig
 from jaxalign.evaluate.generation import (completion_rows, pad_id_of, read_prompts, sample,
                                           write_jsonl)
@@ -137,7 +142,9 @@ def _load_pairs(cfg: EvalConfig, tok) -> PairSet:
     return data.subset(range(min(len(data), cfg.eval.limit))) if cfg.eval.limit else data
 
 
-def _accuracy(prefix: str, diff: np.ndarray, chosen: np.ndarray, rejected: np.ndarray) -> dict:
+def _accuracy(prefix: str, diff: np.ndarray, chosen: np.ndarray, rejected: np.ndarray,
+              per_item: dict) -> dict:
+    per_item.update({f"{prefix}/accuracy": (diff > 0).astype(np.float64), f"{prefix}/margin": diff})
     return {f"{prefix}/accuracy": float((diff > 0).mean()), f"{prefix}/margin": float(diff.mean()),
             f"{prefix}/chosen": float(chosen.mean()), f"{prefix}/rejected": float(rejected.mean()),
             f"{prefix}/pairs": float(len(diff))}
@@ -176,6 +183,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, float]:
         _same_tokenizer(first, rm, "models.reward_model")
 
     results: dict[str, float] = {}
+    per_item: dict[str, np.ndarray] = {}   # metric -> its value per prompt / pair (intervals)
     texts, prompt_ids, answers, columns = _load_prompts(cfg, tok) if d.prompts else ([], [], [], [])
     pairs = _load_pairs(cfg, tok) if d.pairs else None
     heldout = likelihood.heldout_sets(d.heldout, tok, seq_len=o.seq_len,
@@ -188,7 +196,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, float]:
     if rm is not None and pairs is not None:
         r = likelihood.pair_scores(rm.cfg, rm.params, pairs, seq_len=o.seq_len,
                                    batch_size=o.batch_size, pad_id=pad)
-        results.update(_accuracy("rm", r[:, 0] - r[:, 1], r[:, 0], r[:, 1]))
+        results.update(_accuracy("rm", r[:, 0] - r[:, 1], r[:, 0], r[:, 1], per_item))
 
     completions: dict[str, list[list[int]]] = {}
     rewards: dict[str, np.ndarray] = {}
@@ -210,20 +218,22 @@ def run_eval(cfg: EvalConfig) -> dict[str, float]:
             else:
                 reward = o.beta * (lp - ref_pairs)
                 results.update(_accuracy(f"dpo/{name}", reward[:, 0] - reward[:, 1],
-                                         reward[:, 0], reward[:, 1]))
+                                         reward[:, 0], reward[:, 1], per_item))
         if prompt_ids:
             ids = sample(m.cfg, m.params, prompt_ids, batch_size=o.batch_size,
                          max_new_tokens=o.max_new_tokens, temperature=o.temperature,
                          top_p=o.top_p, top_k=o.top_k, seed=o.seed, eos_ids=eos, pad_id=pad)
             completions[name] = ids
-            results.update(_generation_metrics(name, ids, tok, answers, with_answer, eos, o))
+            results.update(_generation_metrics(name, ids, tok, answers, with_answer, eos, o,
+                                               per_item))
             if rm is not None:
                 rewards[name] = likelihood.rewards(rm.cfg, rm.params, prompt_ids, ids,
                                                    batch_size=o.batch_size, pad_id=pad)
                 results[f"gen/{name}/reward"] = float(rewards[name].mean())
+                per_item[f"gen/{name}/reward"] = np.asarray(rewards[name], np.float64)
             if ref_model is not None:
                 results.update(_comparisons(name, m, ref_model, prompt_ids, ids, rewards,
-                                            ref, o.batch_size, pad))
+                                            ref, o.batch_size, pad, per_item))
         if name == ref:
             ref_model = m
         log.info("evaluated %s in %.1fs", name, time.perf_counter() - t1)
@@ -237,29 +247,44 @@ def run_eval(cfg: EvalConfig) -> dict[str, float]:
                                          num_fewshot=le.num_fewshot,
                                          batch_size=le.batch_size).items():
                 results[f"lm_eval/{name}/{task}/{k}"] = v
+    diffs = []
+    if o.bootstrap:
+        kw = dict(resamples=o.bootstrap, confidence=o.confidence, seed=o.seed)
+        results.update(intervals.with_intervals(per_item, **kw))
+        diffs = intervals.differences({k: v for k, v in per_item.items() if k.startswith("gen/")},
+                                      names, **kw)
+        for d in diffs:
+            key = f"diff/{d['a']}/{d['b']}/{d['metric']}"
+            results.update({key: d["diff"], f"{key}/ci_low": d["ci_low"],
+                            f"{key}/ci_high": d["ci_high"]})
     if cfg.out_dir:
         _write(Path(cfg.out_dir), cfg, models, ref, results, texts, answers, columns,
-               completions, rewards, tok, eos)
+               completions, rewards, tok, eos, diffs)
     log.info("eval done in %.1fs", time.perf_counter() - t0)
     return results
 
 
-def _generation_metrics(name, ids, tok, answers, with_answer, eos, o) -> dict[str, float]:
-    out = {f"gen/{name}/prompts": float(len(ids)),
-           f"gen/{name}/length": float(np.mean([len(x) for x in ids])),
-           f"gen/{name}/finished": float(np.mean([bool(x) and x[-1] in eos for x in ids]))}
+def _generation_metrics(name, ids, tok, answers, with_answer, eos, o,
+                        per_item: dict) -> dict[str, float]:
+    """The means, and each prompt's value into `per_item` (the intervals' input)."""
+    values = {f"gen/{name}/length": [len(x) for x in ids],
+              f"gen/{name}/finished": [bool(x) and x[-1] in eos for x in ids]}
     if with_answer:
         preds = [tok.decode(ids[i], skip_special_tokens=True) for i in with_answer]
         refs = [answers[i] for i in with_answer]
-        out[f"gen/{name}/rouge_l"] = text_metrics.mean(
-            text_metrics.rouge_l(preds, refs, use_stemmer=o.rouge_stemmer))
-        out[f"gen/{name}/exact_match"] = text_metrics.mean(text_metrics.exact_match(preds, refs))
-        out[f"gen/{name}/answers"] = float(len(refs))
+        values[f"gen/{name}/rouge_l"] = text_metrics.rouge_l(preds, refs,
+                                                            use_stemmer=o.rouge_stemmer)
+        values[f"gen/{name}/exact_match"] = text_metrics.exact_match(preds, refs)
+    per_item.update({k: np.asarray(v, np.float64) for k, v in values.items()})
+    out = {f"gen/{name}/prompts": float(len(ids))}
+    out.update({k: text_metrics.mean(v) for k, v in values.items()})
+    if with_answer:
+        out[f"gen/{name}/answers"] = float(len(with_answer))
     return out
 
 
 def _comparisons(name, m: Model, ref_model: Model, prompt_ids, ids, rewards, ref, batch_size,
-                 pad) -> dict[str, float]:
+                 pad, per_item: dict) -> dict[str, float]:
     out = {}
     lp_pol, n = likelihood.completion_logps(m.cfg, m.params, prompt_ids, ids,
                                             batch_size=batch_size, pad_id=pad)
@@ -267,10 +292,13 @@ def _comparisons(name, m: Model, ref_model: Model, prompt_ids, ids, rewards, ref
                                             batch_size=batch_size, pad_id=pad)
     kl = lp_pol - lp_ref
     out[f"kl/{name}/sequence"] = float(kl.mean())
+    per_item[f"kl/{name}/sequence"] = np.asarray(kl, np.float64)
     out[f"kl/{name}/per_token"] = float(kl.sum() / max(float(n.sum()), 1.0))
     if name in rewards and ref in rewards:
         r_pol, r_ref = rewards[name], rewards[ref]
-        out[f"winrate/{name}"] = float(((r_pol > r_ref) + 0.5 * (r_pol == r_ref)).mean())
+        wins = (r_pol > r_ref) + 0.5 * (r_pol == r_ref)
+        out[f"winrate/{name}"] = float(wins.mean())
+        per_item[f"winrate/{name}"] = wins.astype(np.float64)
     return out
 
 
@@ -292,9 +320,10 @@ def _hf_dir(name: str, path: str, out_dir: str | None) -> Path:
 
 
 def _write(out: Path, cfg, models, ref, results, texts, answers, columns, completions,
-           rewards, tok, eos) -> None:
-    """eval.json: the flat metrics (what stdout gets); eval_summary.json: the per-model table,
-    models, reference and files; samples.jsonl: one flat row per prompt (prompt, answer,
+           rewards, tok, eos, diffs=()) -> None:
+    """eval.json: the flat metrics (what stdout gets); eval_summary.json: the per-model table
+    (each mean with its <metric>/ci_low and /ci_high), the paired differences, models,
+    reference and files; samples.jsonl: one flat row per prompt (prompt, answer,
     completion/<name>, reward/<name>), for report tables; generations_<name>.jsonl: every
     completion of one model with its prompt row's columns."""
     out.mkdir(parents=True, exist_ok=True)
@@ -322,9 +351,9 @@ def _write(out: Path, cfg, models, ref, results, texts, answers, columns, comple
     table: dict[str, dict[str, float]] = {name: {} for name in models}
     for key, value in results.items():
         parts = key.split("/")
-        if len(parts) >= 2 and parts[1] in table:
+        if len(parts) >= 2 and parts[1] in table and parts[0] != "diff":
             table[parts[1]]["/".join([parts[0], *parts[2:]])] = value
-    summary = {"table": table, "models": models, "reference": ref,
+    summary = {"table": table, "differences": list(diffs), "models": models, "reference": ref,
                "reward_model": cfg.models.reward_model, "files": files,
                "settings": dataclasses.asdict(cfg.eval)}
     (out / "eval.json").write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")

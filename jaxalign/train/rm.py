@@ -25,7 +25,9 @@ from jaxalign.train.setup import Loaded, load_start, pair_rows, run_recipe, supe
 class RMOptions:
     """The Bradley-Terry loss of reward modelling."""
     center_coef: float = 0.0        # coef * mean((r_c + r_r)^2) keeps rewards near zero
-    margin: float = 0.0             # required reward gap: -log sigmoid(r_c - r_r - margin)
+    # Required reward gap: -log sigmoid(r_c - r_r - margin), added to each pair's own `margin`
+    # column where the data has one (TRL's RewardTrainer subtracts that column likewise).
+    margin: float = 0.0
 
     def __post_init__(self):
         if self.center_coef < 0:
@@ -44,8 +46,9 @@ def rm_loss_fn(cfg: ModelConfig, opts: RMOptions):
         rows = pair_rows(batch)
         r_B2 = heads.score(cfg, params, rows["tokens"], rows["segment_ids"], rows["positions"],
                            dropout_key=rng).reshape(-1, 2)
-        margin_B = None
-        if opts.margin:
+        # The rows' margin column (zeros without one) plus the configured constant.
+        margin_B = batch["margin"] + opts.margin if "margin" in batch else None
+        if margin_B is None and opts.margin:
             margin_B = jax.numpy.full(r_B2.shape[:1], opts.margin, jax.numpy.float32)
         return bradley_terry(r_B2[:, 0], r_B2[:, 1], margin_B=margin_B,
                              center_coef=opts.center_coef, pair_mask_B=batch["pair_mask"])

@@ -17,6 +17,7 @@ from jaxalign.data.config import DatasetSpec
 from jaxalign.train.rl.objectives import OBJECTIVES, Objective
 
 NORMALIZE = ("none", "batch", "running")
+CONVENTIONS = ("auto", "trl", "jaxalign")
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -33,15 +34,24 @@ class PromptDataConfig:
                        columns reach the reward functions as keyword arguments.
     chat            render with the tokenizer's chat template + generation prompt.
     max_prompt_len  longer prompts are dropped (counted and logged), not cut.
-    shuffle, seed   a fresh seeded permutation of the prompts every epoch."""
+    shuffle, seed   a fresh seeded permutation of the prompts every epoch.
+    eval_prompts    held-out prompts (same row formats) that train.eval_every scores the
+                       policy on; their reference answers (answer_field, else a column
+                       answer / reference / completion) give exact match and ROUGE-L.
+    answer_field    the eval prompts' column holding the reference answer."""
     prompts: DatasetSpec | str
     chat: bool = False
     max_prompt_len: int = 256
     shuffle: bool = True
     seed: int = 0
+    eval_prompts: DatasetSpec | str | None = None
+    answer_field: str | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "prompts", DatasetSpec.coerce(self.prompts, "data.prompts"))
+        if self.eval_prompts is not None:
+            object.__setattr__(self, "eval_prompts",
+                               DatasetSpec.coerce(self.eval_prompts, "data.eval_prompts"))
         _check(self.max_prompt_len >= 1, f"data.max_prompt_len must be >= 1, got {self.max_prompt_len}")
 
 
@@ -56,7 +66,12 @@ class RewardConfig:
     missing_eos_penalty  subtracted from the score of a completion that did not end with EOS
     normalize            'none', 'batch' (whiten over the rollout) or 'running' (whiten with
                          running mean / std over all rollouts so far, kept in the checkpoint)
-    clip                 clip the (normalised) score to [-clip, clip]"""
+    clip                 clip the (normalised) score to [-clip, clip]
+    convention           how reward functions are called: 'auto' (TRL's for a function from
+                         a trl module or naming completion_ids / trainer_state / log_extra /
+                         log_metric, else jaxalign's), 'trl' (as TRL's GRPOTrainer: message
+                         lists on conversational data, completion_ids, trainer_state) or
+                         'jaxalign' (prompt / completion strings, the columns it names)"""
     model: str | None = None
     revision: str | None = None
     functions: tuple[str, ...] = ()
@@ -64,8 +79,11 @@ class RewardConfig:
     missing_eos_penalty: float | None = None
     normalize: str = "none"
     clip: float | None = None
+    convention: str = "auto"
 
     def __post_init__(self):
+        _check(self.convention in CONVENTIONS,
+               f"reward.convention {self.convention!r}: expected one of {CONVENTIONS}")
         if isinstance(self.functions, str):
             object.__setattr__(self, "functions", (self.functions,))
         _check(self.model is not None or bool(self.functions),
@@ -183,8 +201,30 @@ class RLTrainConfig:
     export_hf: bool = False         # write run_dir/hf (the policy) at the end
     # Memory per device (GiB) the pre-flight plans for; null: what the device / host reports.
     memory_limit_gb: float | None = None
+    # Held-out evaluation (`heldout.py`): every N iterations sample data.eval_prompts (0: never)
+    eval_every: int = 0
+    eval_temperature: float = 0.0   # 0: greedy; else sampled at this temperature (own RNG)
+    # Keep the policy of the best evaluation in run_dir/best by this eval metric (e.g.
+    # eval/exact_match, eval/reward, eval/reward/<function>); null: keep none
+    best_metric: str | None = None
+    best_mode: str = "max"          # 'max' or 'min': which direction of best_metric is better
+    # Stop (checkpointed, exit 0) after N evaluations without a new best (0: never)
+    early_stop_patience: int = 0
 
     def __post_init__(self):
+        _check(self.eval_every >= 0, f"train.eval_every must be >= 0, got {self.eval_every}")
+        _check(self.eval_temperature >= 0,
+               f"train.eval_temperature must be >= 0, got {self.eval_temperature}")
+        _check(self.best_mode in ("max", "min"),
+               f"train.best_mode {self.best_mode!r}: expected max or min")
+        _check(self.early_stop_patience >= 0,
+               f"train.early_stop_patience must be >= 0, got {self.early_stop_patience}")
+        _check(self.best_metric is None or self.eval_every > 0,
+               "train.best_metric needs train.eval_every > 0 (and data.eval_prompts)")
+        _check(not self.early_stop_patience or self.best_metric is not None,
+               "train.early_stop_patience needs train.best_metric (what must improve)")
+        if self.best_metric is not None and not self.best_metric.startswith("eval/"):
+            object.__setattr__(self, "best_metric", f"eval/{self.best_metric}")
         _check(self.memory_limit_gb is None or self.memory_limit_gb > 0,
                f"train.memory_limit_gb must be positive or null, got {self.memory_limit_gb}")
         for key in ("iterations", "grad_accum", "keep_checkpoints", "logits_chunk"):
@@ -221,6 +261,8 @@ class RLConfig(RunConfig):
         _check((rows // self.ppo.minibatches) % self.train.grad_accum == 0,
                f"a minibatch of {rows // self.ppo.minibatches} rows must split into "
                f"train.grad_accum = {self.train.grad_accum} micro-batches")
+        _check(not self.train.eval_every or self.data.eval_prompts is not None,
+               "train.eval_every needs data.eval_prompts (the held-out prompts)")
         _check(not (obj.needs_value and self.ppo.value_model == "separate"
                     and self.ppo.critic_init == "reward" and self.reward.model is None),
                "ppo.critic_init: reward needs reward.model")

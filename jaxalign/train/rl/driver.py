@@ -52,10 +52,10 @@ from jaxalign.tokenizer import load_tokenizer
 from jaxalign.train.loop import BadStepGuard, StopFlag, abstract, put_batch, start_or_resume
 from jaxalign.train.preempt import Preempted
 from jaxalign.train.optim import make_optimizer
-from jaxalign.train.rl import hosts, objectives, prompts as RP, rollout as R
+from jaxalign.train.rl import heldout as H, hosts, objectives, prompts as RP, rollout as R
 from jaxalign.train.rl.config import RLConfig
 from jaxalign.train.rl.rewards import Rewarder, RewardFunctionError, RunningMoments, \
-    check_reward_model_dir
+    TrainerState, TRLInputs, check_reward_model_dir
 from jaxalign.train.rl.roles import Roles, build_roles, check_memory, memory_report, nbytes
 from jaxalign.train.setup import export_hf, run_recipe
 from jaxalign.train.step import jit_train_step, make_train_step
@@ -108,6 +108,7 @@ class Loaded:
     tokenizer: object
     prompts: RP.Prompts
     rewarder: Rewarder
+    eval_prompts: RP.Prompts | None = None   # data.eval_prompts (held-out evaluation)
 
     @property
     def cfg(self):
@@ -140,6 +141,8 @@ def load(cfg: RLConfig, mesh) -> Loaded:
     def tokenizer_and_prompts(tok_dir):
         tok = load_tokenizer(tok_dir)
         holder["prompts"] = RP.read_prompts(cfg.data, tok)
+        if cfg.data.eval_prompts is not None:
+            holder["eval"] = H.read_eval_prompts(cfg, tok)
         return tok
 
     roles, tokenizer = build_roles(cfg, mesh, tokenizer_and_prompts)
@@ -147,7 +150,7 @@ def load(cfg: RLConfig, mesh) -> Loaded:
     log.info("%s: %d prompts; %s, %d iterations of %d prompts x %d generation(s)",
              prompts.name, len(prompts.ids), cfg.algorithm, cfg.train.iterations,
              cfg.rollout.batch_size, cfg.rollout.num_generations)
-    return Loaded(roles, tokenizer, prompts, rewarder)
+    return Loaded(roles, tokenizer, prompts, rewarder, holder.get("eval"))
 
 
 def run_rl(cfg: RLConfig, raw_config: dict | None = None, devices=None) -> dict[str, float]:
@@ -192,6 +195,10 @@ class _Run:
                                      seed=cfg.data.seed, shuffle=cfg.data.shuffle)
         # The coefficient of the objective's KL term (traced into the advantages; logged).
         self.kl_coef = cfg.ppo.kl_coef if cfg.objective.kl_in_reward else cfg.grpo.beta
+        self.heldout = None
+        if loaded.eval_prompts is not None and cfg.train.eval_every:
+            self.heldout = H.HeldOut(cfg, run_dir, mesh, loaded.roles, tokenizer, loaded.rewarder,
+                                     self.sampling, self.rows, loaded.eval_prompts)
 
     # -- programs ---------------------------------------------------------------------------
     def _compile(self, state):
@@ -243,7 +250,11 @@ class _Run:
                                                    schedule, grad_accum=cfg.train.grad_accum),
                                    state_sh, frozen_sh, bsh),
             abstract(state), abstract(roles.frozen), batch_abs(mb))
-        return {"rollout": self.rollout_fn, "advantages": self.adv_fn, "train_step": self.step_fn}
+        programs = {"rollout": self.rollout_fn, "advantages": self.adv_fn,
+                    "train_step": self.step_fn}
+        if self.heldout is not None:
+            programs["heldout"] = self.heldout.compile(state, compiled)
+        return programs
 
     # -- one iteration ------------------------------------------------------------------------
     def _adv_shardings(self, bsh, rep) -> dict:
@@ -277,8 +288,11 @@ class _Run:
         texts = [self.prompts.texts[i] for i in mine]
         figures, error = None, None
         try:
+            trl = TRLInputs([self.prompts.trl[i] for i in mine] if self.prompts.trl else [],
+                            R.completion_ids(host["response_BN"], lengths),
+                            TrainerState(it - 1, cfg.train.iterations))
             raw, parts = self.rewarder.raw_rows(texts, completions, host["rm_score_B"], eos,
-                                                self.prompts.columns_of(mine))
+                                                self.prompts.columns_of(mine), trl=trl)
             figures = hosts.row_figures(host, eos, raw, parts)
         except RewardFunctionError as e:
             error = str(e)
@@ -288,7 +302,7 @@ class _Run:
         g, extras, error = hosts.exchange(self.rows, len(idx), figures, shown, error)
         if error is not None:
             raise RewardFunctionError(error)
-        scores = self.rewarder.normalise(g["raw"]).astype(np.float32)
+        scores = self.rewarder.normalise(g["raw"], group=G).astype(np.float32)
         adv_in = {k: exp[k] for k in ("mask_BN", "old_logp_BN", "ref_logp_BN", "values_BN",
                                       "lengths_B")}
         adv = self.adv_fn(adv_in, put_batch({"s": scores[self.rows]}, self.mesh)["s"],
@@ -364,6 +378,8 @@ class _Run:
             self.stream.restore(meta["prompts"])
             self.kl_coef = float(meta["kl_coef"])
             self.rewarder.moments = RunningMoments.from_state(meta["reward_moments"])
+            if self.heldout is not None:
+                self.heldout.tracker.restore(meta.get("heldout"))
         self.roles.trainable = None  # the state owns (and donates) the trainable params now
         check_memory(run_dir, self.mesh, self.roles, cfg, state, None, None)  # before compiling
         programs = self._compile(state)
@@ -374,6 +390,12 @@ class _Run:
                                wandb_project=cfg.train.wandb_project, run_config=self.raw)
         if jax.process_index() == 0:
             truncate_jsonl(run_dir / "samples.jsonl", start)
+            truncate_jsonl(run_dir / "eval_samples.jsonl", start)
+        last_it = cfg.train.iterations
+        if self.heldout is not None and self.heldout.tracker.stopped:
+            log.info("%s stopped early at iteration %d (train.early_stop_patience); nothing "
+                     "left to run", run_dir, start)
+            last_it = start
         progress = Progress(cfg.train.iterations, start, enabled=cfg.train.progress,
                             fields=RL_PROGRESS, unit="iteration")
         self.guard = BadStepGuard(cfg.train.max_bad_steps, ckpts.dir, unit="iteration")
@@ -387,7 +409,7 @@ class _Run:
 
         try:
             with StopFlag() as stop:
-                for it in range(start + 1, cfg.train.iterations + 1):
+                for it in range(start + 1, last_it + 1):
                     if it == start + 1 and stop.requested():   # while loading
                         raise Preempted(f"stopped by signal before iteration {it}; nothing "
                                         "new to save")
@@ -414,6 +436,7 @@ class _Run:
                     perf = {"iteration_s": dt, "rollout_s": t1 - t0, "update_s": dt - (t1 - t0),
                             "tokens_per_s": metrics["response_length"] * cfg.rollout.rows / dt,
                             **runtime.compile_stats()}
+                    early = self._evaluate(state, it, metrics, perf)
                     writer.write(it, metrics, perf)
                     progress.update(it, metrics, perf)
                     last = metrics
@@ -424,13 +447,15 @@ class _Run:
                     stopping = stop.requested()
                     if (cfg.train.save_every and it % cfg.train.save_every == 0) \
                             or ckpts.due(cfg.train.save_every_minutes) \
-                            or it == cfg.train.iterations or tripped or stopping:
+                            or it == cfg.train.iterations or tripped or stopping or early:
                         save(it, meta)
                     if tripped:
                         raise MonitorStop(f"{tripped}; stopped (monitor.action=stop) with "
                                           f"iteration {it} checkpointed in {ckpts.dir}")
                     if stopping:
                         raise Preempted(f"stopped by signal at iteration {it}; checkpoint saved")
+                    if early:
+                        break
             if cfg.train.export_hf:
                 self._export(state)
         finally:
@@ -440,8 +465,22 @@ class _Run:
         return last
 
     def _meta(self, it: int) -> dict:
-        return {"iteration": it, "step": it, "prompts": self.stream.state(),
+        meta = {"iteration": it, "step": it, "prompts": self.stream.state(),
                 "kl_coef": self.kl_coef, "reward_moments": self.rewarder.moments.state()}
+        if self.heldout is not None:
+            meta["heldout"] = self.heldout.tracker.state()
+        return meta
+
+    def _evaluate(self, state, it: int, metrics: dict, perf: dict) -> bool:
+        """The held-out evaluation when due (`heldout.py`): eval/ metrics into `metrics`,
+        its time into `perf`; True when train.early_stop_patience says stop."""
+        if self.heldout is None or not self.heldout.due(it):
+            return False
+        t0 = time.perf_counter()
+        metrics.update(self.heldout.evaluate(state, it, int(self.pad_id)))
+        self.heldout.track(state, it, metrics)
+        perf["eval_s"] = time.perf_counter() - t0
+        return self.heldout.tracker.stopped
 
     def _write_samples(self, it: int, samples: list[dict]) -> None:
         if jax.process_index() == 0:   # every process holds the same samples: one writes

@@ -60,9 +60,13 @@ def exchange(rows: slice, total: int, figures: dict | None, extra: dict | None =
 def rollout_metrics(g: dict[str, np.ndarray]) -> dict[str, float]:
     """The rollout's host metrics from the global per-row figures."""
     tokens = max(float(g["tokens"].sum()), 1.0)
-    out = {"reward_mean": float(g["raw"].mean()), "reward_std": float(g["raw"].std()),
+    raw = g["raw"][~np.isnan(g["raw"])]   # NaN: a completion no reward source scored
+    out = {"reward_mean": float(raw.mean()) if raw.size else float("nan"),
+           "reward_std": float(raw.std()) if raw.size else float("nan"),
            "entropy": float(g["entropy_sum"].sum() / tokens),
            "response_length": float(g["lengths"].mean()), "eos_rate": float(g["eos"].mean()),
            "logprob_gap": float(g["logprob_gap"].max())}
-    out.update({k[len("part:"):]: float(v.mean()) for k, v in g.items() if k.startswith("part:")})
+    # a source's mean over the completions it scored (its None: NaN, left out, as TRL's nanmean)
+    out.update({k[len("part:"):]: float(np.nanmean(v)) if (~np.isnan(v)).any() else float("nan")
+                for k, v in g.items() if k.startswith("part:")})
     return out

@@ -14,6 +14,17 @@ completions), as before. What it returns is checked: an exception, a NaN / inf o
 count stops the run with an error naming the function, before anything of that iteration
 is applied.
 
+TRL's convention (`reward.convention: trl`, or `auto` for a function defined in a `trl`
+module or naming one of TRL's own arguments): the function is called exactly as TRL 1.16's
+GRPOTrainer._calculate_rewards calls it, `fn(prompts=, completions=, completion_ids=,
+**columns, trainer_state=, log_extra=, log_metric=)`: on conversational data (prompts given
+as message lists) `prompts` are the message lists and each completion is
+[{"role": "assistant", "content": text}], else both are strings; `completion_ids` the
+sampled token ids (EOS included); an async function is awaited. In either convention `None`
+means "not applicable": it becomes NaN and is skipped in the weighted sum (TRL's nansum);
+a completion that every source skips takes its group's mean score (so GRPO / RLOO give it
+no advantage, as TRL zeroes it), or the rollout's mean when its whole group is skipped.
+
 A reward model is a LlamaForSequenceClassification with num_labels=1 (an HF directory, a
 jaxalign checkpoint, an RM run directory or a hub id at reward.revision); it scores the
 policy's token ids at the last generated token that is not its pad id (with pad == eos, the
@@ -24,6 +35,8 @@ jitted rollout (`rollout.rollout`); this module only loads and checks it.
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import importlib
 import inspect
 import json
@@ -62,6 +75,38 @@ def load_function(name: str) -> Callable:
     return fn
 
 
+# Arguments only TRL's reward functions take: naming one says the function is written for TRL.
+TRL_ARGUMENTS = frozenset({"completion_ids", "trainer_state", "log_extra", "log_metric"})
+
+
+@dataclasses.dataclass
+class TrainerState:
+    """What a TRL reward function reads from `trainer_state` for reward shaping over
+    training (transformers' TrainerState field names)."""
+    global_step: int = 0
+    max_steps: int = 0
+
+
+@dataclasses.dataclass
+class TRLInputs:
+    """The per-completion inputs only TRL's convention passes: `prompts` as TRL sees them (a
+    string or a message list), the sampled ids, and the trainer state."""
+    prompts: list
+    completion_ids: list
+    state: TrainerState = dataclasses.field(default_factory=TrainerState)
+
+
+def is_trl_style(fn: Callable, convention: str = "auto") -> bool:
+    if convention != "auto":
+        return convention == "trl"
+    if (getattr(fn, "__module__", "") or "").split(".")[0] == "trl":
+        return True
+    try:
+        return bool(TRL_ARGUMENTS & set(inspect.signature(fn).parameters))
+    except (TypeError, ValueError):
+        return False
+
+
 def call_style(fn: Callable) -> tuple[bool, set[str] | None]:
     """(called by keyword, the dataset columns it takes: None for all, as it has **kwargs).
     By keyword when it takes **kwargs or has parameters named prompts and completions;
@@ -77,33 +122,64 @@ def call_style(fn: Callable) -> tuple[bool, set[str] | None]:
     return False, set()
 
 
+def _trl_kwargs(name: str, prompts: Sequence[str], completions: Sequence[str],
+                columns: dict[str, list] | None, trl: TRLInputs | None) -> dict:
+    """TRL's call: conversational when the prompts are message lists (TRL's
+    `is_conversational`), completions then wrapped as one assistant message each."""
+    trl_prompts = list(trl.prompts) if trl is not None and trl.prompts else list(prompts)
+    chat = bool(trl_prompts) and isinstance(trl_prompts[0], (list, tuple))
+    short = name.split(":")[-1]
+    return {"prompts": trl_prompts,
+            "completions": [[{"role": "assistant", "content": c}] for c in completions]
+            if chat else list(completions),
+            "completion_ids": [list(map(int, x)) for x in trl.completion_ids] if trl else None,
+            **{k: list(v) for k, v in (columns or {}).items()},
+            "trainer_state": trl.state if trl else TrainerState(),
+            "log_extra": lambda column, values: log.debug("%s: %s = %r", short, column, values),
+            "log_metric": lambda key, value: log.debug("%s: %s = %r", short, key, value)}
+
+
 def call_function(name: str, fn: Callable, prompts: Sequence[str], completions: Sequence[str],
-                  columns: dict[str, list] | None = None) -> np.ndarray:
-    """The function's scores as a float64 array, or RewardFunctionError naming `name`.
-    `columns`: the prompt dataset's other columns, one value per completion."""
-    by_keyword, takes = call_style(fn)
+                  columns: dict[str, list] | None = None, *, convention: str = "auto",
+                  trl: TRLInputs | None = None) -> np.ndarray:
+    """The function's scores as a float64 array (NaN where it returned None: not
+    applicable), or RewardFunctionError naming `name`. `columns`: the prompt dataset's other
+    columns, one value per completion; `trl`: what TRL's convention adds."""
     try:
-        if by_keyword:
-            kw = {k: list(v) for k, v in (columns or {}).items() if takes is None or k in takes}
-            out = fn(prompts=list(prompts), completions=list(completions), **kw)
+        if is_trl_style(fn, convention):
+            out = fn(**_trl_kwargs(name, prompts, completions, columns, trl))
         else:
-            out = fn(list(prompts), list(completions))
+            by_keyword, takes = call_style(fn)
+            if by_keyword:
+                kw = {k: list(v) for k, v in (columns or {}).items()
+                      if takes is None or k in takes}
+                out = fn(prompts=list(prompts), completions=list(completions), **kw)
+            else:
+                out = fn(list(prompts), list(completions))
+        if inspect.isawaitable(out):   # an async reward function (an LLM judge, a sandbox)
+            out = asyncio.run(_await(out))
     except Exception as e:  # any failure in user code: one clear error, no half-done iteration
         raise RewardFunctionError(f"reward function {name} raised {type(e).__name__}: {e}") from e
     try:
-        values = [float(v) for v in out]
+        out = list(out)
+        values = [math.nan if v is None else float(v) for v in out]
+        skipped = {i for i, v in enumerate(out) if v is None}
     except (TypeError, ValueError) as e:
-        raise RewardFunctionError(f"reward function {name} must return one float per completion; "
-                                  f"got {type(out).__name__} ({e})") from None
+        raise RewardFunctionError(f"reward function {name} must return one float (or None) per "
+                                  f"completion; got {type(out).__name__} ({e})") from None
     if len(values) != len(completions):
         raise RewardFunctionError(f"reward function {name} returned {len(values)} value(s) for "
                                   f"{len(completions)} completion(s)")
-    bad = [i for i, v in enumerate(values) if not math.isfinite(v)]
+    bad = [i for i, v in enumerate(values) if not math.isfinite(v) and i not in skipped]
     if bad:
         i = bad[0]
         raise RewardFunctionError(f"reward function {name} returned {values[i]} for completion {i} "
                                   f"({len(bad)} non-finite value(s)); completion: {completions[i]!r}")
     return np.asarray(values, np.float64)
+
+
+async def _await(awaitable):
+    return await awaitable
 
 
 def check_reward_model_dir(path: str, revision: str | None = None) -> None:
@@ -180,36 +256,45 @@ class Rewarder:
         self.moments = RunningMoments()
 
     def raw(self, prompts: Sequence[str], completions: Sequence[str], model_scores: np.ndarray,
-            eos: np.ndarray, columns: dict[str, list] | None = None
-            ) -> tuple[np.ndarray, dict[str, float]]:
-        """-> (score per completion, per-source means). `columns`: the prompt dataset's other
-        columns, one value per completion. Raises RewardFunctionError."""
-        total, parts = self.raw_rows(prompts, completions, model_scores, eos, columns)
-        return total, {k: float(v.mean()) for k, v in parts.items()}
+            eos: np.ndarray, columns: dict[str, list] | None = None, *,
+            trl: TRLInputs | None = None) -> tuple[np.ndarray, dict[str, float]]:
+        """-> (score per completion, per-source means over the completions it scored).
+        `columns`: the prompt dataset's other columns, one value per completion; `trl`:
+        what TRL's convention adds. Raises RewardFunctionError."""
+        total, parts = self.raw_rows(prompts, completions, model_scores, eos, columns, trl=trl)
+        return total, {k: nanmean(v) for k, v in parts.items()}
 
     def raw_rows(self, prompts: Sequence[str], completions: Sequence[str],
-                 model_scores: np.ndarray, eos: np.ndarray, columns: dict[str, list] | None = None
+                 model_scores: np.ndarray, eos: np.ndarray, columns: dict[str, list] | None = None,
+                 *, trl: TRLInputs | None = None
                  ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """As `raw`, with each source's score per completion instead of its mean (the RL
-        driver averages them over every process's rows)."""
+        driver averages them over every process's rows). A source's NaN (its None) is left
+        out of the weighted sum; a row no source scored is NaN."""
         parts: dict[str, np.ndarray] = {}
         weights = iter(self.weights)
         total = np.zeros(len(completions), np.float64)
+        scored = np.zeros(len(completions), bool)
         if self.cfg.model is not None:
             s = np.asarray(model_scores, np.float64)
             total += next(weights) * s
+            scored |= True
             parts["reward/model"] = s
         for name, fn in self.functions:
-            s = call_function(name, fn, prompts, completions, columns)
-            total += next(weights) * s
+            s = call_function(name, fn, prompts, completions, columns,
+                              convention=self.cfg.convention, trl=trl)
+            total += np.where(np.isnan(s), 0.0, next(weights) * s)   # TRL's nansum
+            scored |= ~np.isnan(s)
             parts[f"reward/{name.split(':')[1]}"] = s
         if self.cfg.missing_eos_penalty is not None:
             total = total - self.cfg.missing_eos_penalty * (~eos)
-        return total, parts
+        return np.where(scored, total, np.nan), parts
 
-    def normalise(self, scores: np.ndarray) -> np.ndarray:
-        """Normalise and clip; updates the running moments (call once per rollout)."""
-        x = np.asarray(scores, np.float64)
+    def normalise(self, scores: np.ndarray, group: int = 1) -> np.ndarray:
+        """Normalise and clip; updates the running moments (call once per rollout). A row no
+        source scored (NaN) first takes the mean of its group's (`group` consecutive rows)
+        scored rows, or the rollout's when the group has none (0 when nothing was scored)."""
+        x = fill_unscored(np.asarray(scores, np.float64), group)
         if self.cfg.normalize == "batch":
             x = (x - x.mean()) / (x.std() + 1e-8)
         elif self.cfg.normalize == "running":
@@ -218,3 +303,27 @@ class Rewarder:
         if self.cfg.clip is not None:
             x = np.clip(x, -self.cfg.clip, self.cfg.clip)
         return x
+
+
+def nanmean(x) -> float:
+    """The mean over the values that are not NaN (NaN when there are none), quietly."""
+    x = np.asarray(x, np.float64)
+    ok = ~np.isnan(x)
+    return float(x[ok].mean()) if ok.any() else math.nan
+
+
+def fill_unscored(x: np.ndarray, group: int = 1) -> np.ndarray:
+    """NaN rows -> their group's mean of the scored rows, else the rollout's, else 0."""
+    nan = np.isnan(x)
+    if not nan.any():
+        return x
+    rollout = nanmean(x)
+    out = x.copy()
+    for g in range(0, len(x), max(group, 1)):
+        block = x[g:g + group]
+        fill = nanmean(block)
+        fill = fill if math.isfinite(fill) else (rollout if math.isfinite(rollout) else 0.0)
+        out[g:g + group] = np.where(np.isnan(block), fill, block)
+    log.warning("%d of %d completions had no applicable reward (every source returned None); "
+                "scored at their group's mean", int(nan.sum()), len(x))
+    return out

@@ -121,12 +121,7 @@ def values(models: Models, trainable, frozen, batch: dict, policy_hidden_BND) ->
     return jnp.zeros(batch["response_BN"].shape, jnp.float32)
 
 
-def rollout(models: Models, sampling: Sampling, trainable, frozen, aux, prompt_BP, prompt_mask_BP,
-            key) -> dict[str, jax.Array]:
-    """Sample, then score every response with one forward per role. Pure; jit it with
-    `models` and `sampling` static. `aux`: {'ref': params} when models.ref == 'copy',
-    {'reward': params} with a reward model."""
-    policy = lora.combine(trainable["policy"], frozen["policy"])
+def _sample(models: Models, sampling: Sampling, policy, prompt_BP, prompt_mask_BP, key) -> dict:
     gen_cfg = models.policy
     if sampling.decode_scan_layers is not None:
         # Same param layout either way: a scanned prefill keeps the program small (the decode
@@ -134,10 +129,19 @@ def rollout(models: Models, sampling: Sampling, trainable, frozen, aux, prompt_B
         gen_cfg = gen_cfg.replace(scan_layers=sampling.decode_scan_layers)
     if sampling.decode_dtype is not None:
         gen_cfg = gen_cfg.replace(dtype=sampling.decode_dtype)
-    out = generate(gen_cfg, policy, prompt_BP, prompt_mask_BP, key,
-                   max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
-                   top_k=sampling.top_k, top_p=sampling.top_p, eos_ids=sampling.eos_ids,
-                   pad_id=sampling.pad_id)
+    return generate(gen_cfg, policy, prompt_BP, prompt_mask_BP, key,
+                    max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
+                    top_k=sampling.top_k, top_p=sampling.top_p, eos_ids=sampling.eos_ids,
+                    pad_id=sampling.pad_id)
+
+
+def rollout(models: Models, sampling: Sampling, trainable, frozen, aux, prompt_BP, prompt_mask_BP,
+            key) -> dict[str, jax.Array]:
+    """Sample, then score every response with one forward per role. Pure; jit it with
+    `models` and `sampling` static. `aux`: {'ref': params} when models.ref == 'copy',
+    {'reward': params} with a reward model."""
+    policy = lora.combine(trainable["policy"], frozen["policy"])
+    out = _sample(models, sampling, policy, prompt_BP, prompt_mask_BP, key)
     batch = sequence(prompt_BP, prompt_mask_BP, out["tokens_BN"], out["mask_BN"])
     batch["response_BN"], batch["mask_BN"] = out["tokens_BN"], out["mask_BN"]
     kw = dict(temperature=sampling.temperature, chunk=sampling.logits_chunk)
@@ -162,6 +166,22 @@ def rollout(models: Models, sampling: Sampling, trainable, frozen, aux, prompt_B
             "lengths_B": out["lengths_B"]}
 
 
+def sample_and_score(models: Models, sampling: Sampling, trainable, frozen, aux, prompt_BP,
+                     prompt_mask_BP, key) -> dict[str, jax.Array]:
+    """The held-out evaluation's program: sample (greedy at temperature 0) from the live
+    policy, and the reward model's score of each completion; no log-probs, values or
+    reference (nothing trains on these rows). Pure; jit it with `models`, `sampling` static."""
+    policy = lora.combine(trainable["policy"], frozen["policy"])
+    out = _sample(models, sampling, policy, prompt_BP, prompt_mask_BP, key)
+    if models.reward is not None:
+        batch = sequence(prompt_BP, prompt_mask_BP, out["tokens_BN"], out["mask_BN"])
+        score_B = heads.score(models.reward, aux["reward"], batch["tokens_BT"],
+                              batch["segment_ids_BT"], batch["positions_BT"])
+    else:
+        score_B = jnp.zeros(prompt_BP.shape[:1], jnp.float32)
+    return {"response_BN": out["tokens_BN"], "lengths_B": out["lengths_B"], "rm_score_B": score_B}
+
+
 def has_eos(response_BN: np.ndarray, lengths_B: np.ndarray, eos_ids: Sequence[int]) -> np.ndarray:
     """Whether each response ended with an EOS (rather than running out of tokens)."""
     last = response_BN[np.arange(len(lengths_B)), np.maximum(lengths_B - 1, 0)]
@@ -169,6 +189,10 @@ def has_eos(response_BN: np.ndarray, lengths_B: np.ndarray, eos_ids: Sequence[in
 
 
 def decode(tokenizer, response_BN: np.ndarray, lengths_B: np.ndarray) -> list[str]:
-    return tokenizer.batch_decode([row[:n].tolist() for row, n in zip(response_BN, lengths_B)],
-                                  skip_special_tokens=True)
+    return tokenizer.batch_decode(completion_ids(response_BN, lengths_B), skip_special_tokens=True)
 
+
+
+def completion_ids(response_BN: np.ndarray, lengths_B: np.ndarray) -> list[list[int]]:
+    """Each response's sampled token ids, EOS included (TRL's `completion_ids`)."""
+    return [row[:n].tolist() for row, n in zip(response_BN, lengths_B)]
