@@ -370,7 +370,8 @@ def build_parser() -> argparse.ArgumentParser:
                                     "train step on N devices, compiled from shapes (no weights)")
     p.add_argument("config", help="YAML run config of sft / rm / dpo / kto")
     p.add_argument("overrides", nargs="*", metavar="key=value", type=_override)
-    p.add_argument("--devices", type=int, required=True, help="number of devices to plan for")
+    p.add_argument("--devices", type=_number(int, ">= 1", lambda x: x >= 1), required=True,
+                   help="number of devices to plan for")
     p.add_argument("--meshes", default=None,
                    help="meshes to try, e.g. 'fsdp=64;data=4,fsdp=16' (default: every mesh "
                         "that divides the batch and the KV heads)")

@@ -354,6 +354,13 @@ class OptimConfig:
         _require(self.schedule in ("constant", "linear", "cosine"),
                  f"optim.schedule {self.schedule!r}: expected constant, linear or cosine")
         _require(self.lr > 0, f"optim.lr must be positive, got {self.lr}")
+        # Adam divides by (1 - b^t) and by sqrt(nu) + eps: b2 = 1 or eps = 0 makes every
+        # parameter NaN after the first step while the loss and grad norm stay finite.
+        for key in ("b1", "b2"):
+            _require(0.0 <= getattr(self, key) < 1.0,
+                     f"optim.{key} must be in [0, 1), got {getattr(self, key)}")
+        _require(self.eps > 0, f"optim.eps must be positive, got {self.eps}")
+        _require(self.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {self.weight_decay}")
         _require(self.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
         _require(0.0 <= self.min_lr_ratio <= 1.0,
                  f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
@@ -491,7 +498,10 @@ def load_yaml(path: str, overrides: list[str] = (), cls=None):
     if not p.exists():
         raise ConfigError(f"config file {path} does not exist")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}: {e.object[e.start:e.start + 1]!r}); "
+                          "save the config as UTF-8") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: invalid YAML ({e})") from None
     if not isinstance(data, dict):

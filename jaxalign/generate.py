@@ -192,6 +192,10 @@ def eos_ids_for(tokenizer, model_dir: str | Path | None = None) -> tuple[int, ..
 def encode_prompts(tokenizer, prompts: Sequence[str], *, chat: bool) -> list[list[int]]:
     if not chat:
         return [tokenizer(p).input_ids for p in prompts]
+    if not getattr(tokenizer, "chat_template", None):
+        raise JaxalignError(f"--chat: the tokenizer of {getattr(tokenizer, 'name_or_path', 'this model')} "
+                            "has no chat template (tokenizer_config.json chat_template or "
+                            "chat_template.jinja); drop --chat to complete the raw prompt")
     # The template already spells out its special tokens; adding BOS again would double it
     # (this is what apply_chat_template(tokenize=True) does too).
     texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,

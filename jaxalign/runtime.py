@@ -88,7 +88,11 @@ def reexec_with_allocator(argv: list[str]) -> None:
         return
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, "-m", "jaxalign.cli", *argv], env)
+    # -P (Python >= 3.11, which jaxalign requires): `python -m` would otherwise put the working
+    # directory first on sys.path, so an argparse.py (or json.py, ...) where the user typed
+    # `jaxalign` would run in place of the standard library; the console script never had it
+    # there, so imports (reward functions included) resolve the same with and without this.
+    os.execve(sys.executable, [sys.executable, "-P", "-m", "jaxalign.cli", *argv], env)
 
 
 def allocator_in_use() -> str:
