@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -301,6 +302,8 @@ class TrainCheckpoints:
                 dest = _free_name(self.dir.parent / "checkpoints.incomplete" / str(step))
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 path.rename(dest)
+                os.utime(dest)            # its mtime now says when it was set aside
+                trim_set_aside(dest.parent)
                 log.warning("%s: skipping checkpoint %d: %s; moved to %s, using the last "
                             "complete one", self.dir, step, problem, dest)
             else:
@@ -359,3 +362,16 @@ class TrainCheckpoints:
 
     def close(self) -> None:
         self.manager.close()
+
+
+KEEP_SET_ASIDE = 3   # checkpoints.incomplete/ keeps the newest N set-aside steps (for a post-mortem)
+
+
+def trim_set_aside(folder: Path, keep: int = KEEP_SET_ASIDE) -> None:
+    """Deletes all but the `keep` newest entries of checkpoints.incomplete/, so that a run
+    killed again and again does not fill the disk with broken copies."""
+    import shutil
+    entries = sorted(folder.iterdir(), key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in entries[keep:]:
+        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
+        log.info("%s: deleted the set-aside %s (keeping the newest %d)", folder, old.name, keep)

@@ -35,6 +35,20 @@ from jaxalign.sharding import MeshError, batch_sharding
 log = logging.getLogger(__name__)
 
 ENV_MODE = "JAXALIGN_DISTRIBUTED"     # auto (default) | on | off
+ENV_INIT_TIMEOUT = "JAXALIGN_INIT_TIMEOUT"            # s to wait for every process to join
+ENV_HEARTBEAT_TIMEOUT = "JAXALIGN_HEARTBEAT_TIMEOUT"  # s without a heartbeat: process lost
+ENV_BIND = "JAXALIGN_COORDINATOR_BIND"                # HOST:PORT the coordinator listens on
+
+
+class DistributedError(ConfigError):
+    """A process could not join the run, or the processes do not run the same thing."""
+
+
+def _env_seconds(name: str, default: int) -> int:
+    value = _env_int(name)
+    if value is not None and value < 1:
+        raise ConfigError(f"{name}={value}: expected a number of seconds >= 1")
+    return default if value is None else value
 
 
 def _env_int(*names: str) -> int | None:
@@ -89,7 +103,24 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     # CPU collectives across processes (read when the CPU backend starts; harmless elsewhere).
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     # Whatever was not given explicitly, JAX fills in from the cluster it detects.
-    jax.distributed.initialize(coordinator, num_processes=num_processes, process_id=process_id)
+    kw = {"initialization_timeout": _env_seconds(ENV_INIT_TIMEOUT, 120),
+          "heartbeat_timeout_seconds": _env_seconds(ENV_HEARTBEAT_TIMEOUT, 30)}
+    bind = os.environ.get(ENV_BIND) or (coordinator if how == "explicit" else None)
+    if bind:
+        # JAX's default binds the coordinator on every interface ([::]:PORT). Bind where the
+        # others connect instead: loopback for a single-host run (127.0.0.1:PORT), the
+        # address given for a multi-host one (JAXALIGN_COORDINATOR_BIND overrides).
+        kw["coordinator_bind_address"] = bind
+    try:
+        jax.distributed.initialize(coordinator, num_processes=num_processes,
+                                   process_id=process_id, **kw)
+    except Exception as e:  # jaxlib raises its own XlaRuntimeError; keep one line of it
+        if isinstance(e, ConfigError):
+            raise
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise DistributedError(
+            f"process {process_id} could not join the run at coordinator {coordinator or how} "
+            f"within {kw['initialization_timeout']} s ({ENV_INIT_TIMEOUT}): {first}") from None
     log.info("process %d/%d joined (%s); %d local / %d global devices", jax.process_index(),
              jax.process_count(), how, jax.local_device_count(), jax.device_count())
     return how
