@@ -223,6 +223,16 @@ def num_labels_from_hf(hf: Mapping[str, Any]) -> int:
     return n
 
 
+def check_positions(cfg: ModelConfig, length: int, what: str) -> None:
+    """A sequence of `length` tokens (`what` names the keys that make it) must fit the
+    model's position range: past max_position_embeddings RoPE runs on positions the model
+    never saw (and a llama3-scaled model's frequencies were fitted up to it), which trains
+    or generates silently wrong."""
+    _require(length <= cfg.max_position_embeddings,
+             f"{what} = {length} tokens exceeds the model's max_position_embeddings "
+             f"({cfg.max_position_embeddings}, config.json); lower it")
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class MeshConfig:
     """Device mesh shape. One axis may be -1: it takes whatever devices are left."""

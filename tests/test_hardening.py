@@ -218,3 +218,47 @@ def test_reward_function_from_a_file_path(tmp_path):
     assert load_function(f"{f}:score")([], ["a", "b"]) == [1.0, 1.0]
     with pytest.raises(ConfigError, match="cannot load"):
         load_function(f"{tmp_path / 'missing.py'}:score")
+
+
+# ----------------------------------------------------------------------------- 11: positions
+
+def _short_model(paths, tmp_path, max_pos: int) -> Path:
+    import shutil
+    model = tmp_path / "short_model"
+    shutil.copytree(paths["model"], model)
+    hf = json.loads((model / "config.json").read_text())
+    hf["max_position_embeddings"] = max_pos
+    (model / "config.json").write_text(json.dumps(hf))
+    return model
+
+
+def test_sequence_lengths_beyond_the_models_positions(paths, tmp_path, capsys):
+    """A model trained for 64 positions: training with data.seq_len 128, generating 8 prompt
+    + 100 new tokens and an RL rollout of prompt + 80 new tokens are each refused in one
+    line naming the keys; within range the same commands run."""
+    model = _short_model(paths, tmp_path, 64)
+    assert _cli("sft", tmp_path / "sft", paths, f"model.path={model}", "data.seq_len=128") == 1
+    line = _one_error_line(capsys.readouterr().err)
+    assert "data.seq_len = 128 tokens exceeds the model's max_position_embeddings (64" in line
+    assert not (tmp_path / "sft" / "checkpoints").exists()
+
+    assert cli.main(["generate", str(model), "--prompt", "a b c", "--max-new-tokens", "100"]) == 1
+    line = _one_error_line(capsys.readouterr().err)
+    assert "max_new_tokens (100)" in line and "max_position_embeddings (64" in line
+    assert cli.main(["generate", str(model), "--prompt", "a b c", "--max-new-tokens", "4"]) == 0
+
+    assert _cli("ppo", tmp_path / "ppo", paths, f"model.path={model}",
+                "rollout.max_new_tokens=80", "train.iterations=1") == 1
+    line = _one_error_line(capsys.readouterr().err)
+    assert "rollout.max_new_tokens" in line and "max_position_embeddings (64" in line
+
+
+def test_plan_refuses_seq_len_beyond_positions(paths, tmp_path, capsys):
+    from jaxalign.config import ConfigError, from_dict, load_yaml
+    from jaxalign.train import plan
+    from jaxalign.train.sft import SFTConfig
+    model = _short_model(paths, tmp_path, 64)
+    raw = load_yaml(str(ROOT / "configs" / "tiny_sft.yaml"),
+                    [f"model.path={model}", "data.seq_len=256"])
+    with pytest.raises(ConfigError, match=r"data.seq_len = 256 tokens exceeds"):
+        plan.plan("sft", from_dict(SFTConfig, raw))

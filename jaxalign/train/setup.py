@@ -15,7 +15,7 @@ from typing import Any, Callable
 import jax
 
 from jaxalign import checkpoint, sharding
-from jaxalign.config import LoRAConfig, ModelConfig, ModelSource
+from jaxalign.config import LoRAConfig, ModelConfig, ModelSource, check_positions
 from jaxalign.convert import hf
 from jaxalign.models import functional, lora
 from jaxalign.tokenizer import load_tokenizer
@@ -99,11 +99,20 @@ def run_recipe(cfg, raw_config: dict | None, devices, *, algorithm: str,
     # SIGTERM while loading or compiling is kept for the loop (it stops before its first step).
     with StopFlag(), jax.set_mesh(mesh):
         models = load(cfg, mesh)
+        check_seq_len(cfg, models.cfg)
         write_run_files(run_dir, raw, algorithm=algorithm, model=models.cfg,
                         hf_config=models.hf_config, base=cfg.model.path,
                         base_revision=cfg.model.revision,
                         tokenizer_dir=models.tok_dir, policy_path=policy_path)
         return run(cfg, models, run_dir, mesh, raw)
+
+
+def check_seq_len(cfg, model_cfg: ModelConfig) -> None:
+    """data.seq_len of a supervised run against the model's position range (the RL driver
+    checks its prompts + rollout.max_new_tokens once the prompts are read)."""
+    seq_len = getattr(getattr(cfg, "data", None), "seq_len", None)
+    if seq_len is not None:
+        check_positions(model_cfg, seq_len, "data.seq_len")
 
 
 def pin_hub_base(cfg, run_dir: Path):

@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxalign import distributed, faults, runtime, sharding
-from jaxalign.config import JaxalignError
+from jaxalign.config import JaxalignError, check_positions
 from jaxalign.generate import eos_ids_for
 from jaxalign.losses.ppo import adaptive_kl_update
 from jaxalign.metrics import RL_PROGRESS, MetricsWriter, Progress, truncate_jsonl
@@ -183,6 +183,10 @@ class _Run:
         self.eos_ids = eos_ids_for(tokenizer, loaded.tok_dir)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
         self.P = RP.prompt_length(loaded.prompts)
+        # Left-padded: the longest prompt's positions, then the generated ones.
+        check_positions(loaded.cfg, max(len(x) for x in loaded.prompts.ids)
+                        + cfg.rollout.max_new_tokens,
+                        "the longest prompt (data.max_prompt_len) + rollout.max_new_tokens")
         # The rollout rows this process samples, decodes and scores (all with one process).
         self.rows = distributed.process_rows(mesh, cfg.rollout.rows)
         self.obj = objectives.Settings.of(cfg)
