@@ -197,7 +197,10 @@ def run_base(run_dir: str | Path) -> tuple[str | None, str | None] | None:
     if not marker.exists():
         return None
     meta = json.loads(marker.read_text())
-    return meta.get("base"), meta.get("base_revision")
+    base, revision = meta.get("base"), meta.get("base_revision")
+    if base and revision and not base.startswith(hub.HUB_PREFIX) and not Path(base).is_absolute():
+        base = hub.HUB_PREFIX + base   # run.json before hub ids were written hf://org/name
+    return base, revision
 
 
 def _subtree(tree, path):
@@ -249,7 +252,7 @@ def load_run(run_dir: Path, mesh: Mesh | None = None, **runtime):
     trained = ckpts.restore_subtree(step, policy_path, _restrict(target, saved, keep=True))
     ckpts.close()
     if _restrict(target, saved, keep=False):  # a LoRA run: the frozen base from its source
-        base, revision = meta["base"], meta.get("base_revision")
+        base, revision = run_base(run_dir)
         if base is None or not (Path(base).exists() or hub.is_hub_id(base)):
             raise ModelSourceError(f"{run_dir}: a LoRA run saves only its adapters; its base "
                                    f"model {base} is needed and does not exist")

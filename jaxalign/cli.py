@@ -288,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser = lambda *a, **kw: _add_parser(*a, parents=[verbose], **kw)
 
     p = sub.add_parser("convert", help="HF checkpoint -> jaxalign checkpoint")
-    p.add_argument("hf_dir", help="HF directory or hub id org/name")
+    p.add_argument("hf_dir", help="HF directory or hub model hf://org/name")
     p.add_argument("out_dir")
     _add_revision(p)
     _add_runtime(p)

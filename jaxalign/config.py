@@ -263,7 +263,7 @@ class MeshConfig:
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ModelSource:
     """Where the starting weights come from and how to run them."""
-    path: str                      # HF dir, jaxalign checkpoint, training run dir or hub id org/name
+    path: str                      # HF dir, jaxalign checkpoint, training run dir or hf://org/name
     revision: str | None = None    # hub id only: branch, tag or commit (default main)
     dtype: str = "float32"         # compute dtype
     param_dtype: str = "float32"   # dtype the parameters (and optimizer moments) are kept in

@@ -49,7 +49,7 @@ class PromptDataConfig:
 class RewardConfig:
     """How a completion is scored: a reward model, reward functions or both.
 
-    model                reward model: directory, run directory or hub id org/name (or null)
+    model                reward model: directory, run directory or hub model hf://org/name (or null)
     revision             hub id only: branch, tag or commit of reward.model (default main)
     functions            'module:function' (importable) or 'path/file.py:function' reward
                          functions (summed with the model's score); they run as code
