@@ -232,7 +232,9 @@ def cmd_eval(args) -> int:
 def cmd_prepare(args) -> int:
     from jaxalign.config import from_dict, load_yaml
     from jaxalign.data.prepare import PrepareConfig, run_prepare
+    from jaxalign import distributed
     raw = load_yaml(args.config, args.overrides)
+    distributed.check_same_run(raw)
     totals = run_prepare(from_dict(PrepareConfig, raw), raw)
     print(json.dumps({k: int(v) for k, v in totals.items()}))
     return 0
@@ -422,6 +424,20 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
     if not args.verbose:  # orbax logs every save/restore phase through absl at INFO
         logging.getLogger("absl").setLevel(logging.WARNING)
+    rc, error = 1, None
+    try:
+        rc = _dispatch(args)
+    except BaseException as e:
+        error = e
+        raise
+    finally:
+        if "jaxalign.distributed" in sys.modules:  # several processes: tell the others
+            sys.modules["jaxalign.distributed"].end(rc, error)
+    return rc
+
+
+def _dispatch(args) -> int:
+    from jaxalign import runtime
     from jaxalign.config import JaxalignError
     from jaxalign.train.preempt import Preempted
     try:

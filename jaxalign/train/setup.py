@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import jax
 
-from jaxalign import checkpoint, sharding
+from jaxalign import checkpoint, distributed, sharding
 from jaxalign.config import LoRAConfig, ModelConfig, ModelSource, check_positions
 from jaxalign.convert import hf
 from jaxalign.models import functional, lora
@@ -95,6 +95,7 @@ def run_recipe(cfg, raw_config: dict | None, devices, *, algorithm: str,
     run_dir = Path(cfg.out_dir)
     cfg = pin_hub_base(cfg, run_dir)
     raw = resolved_config(cfg, raw_config)
+    distributed.check_same_run(raw)   # several processes: same config and data, or one line
     mesh = sharding.make_mesh(cfg.mesh, devices)
     # SIGTERM while loading or compiling is kept for the loop (it stops before its first step).
     with StopFlag(), jax.set_mesh(mesh):
