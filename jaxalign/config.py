@@ -223,16 +223,6 @@ def num_labels_from_hf(hf: Mapping[str, Any]) -> int:
     return n
 
 
-def check_positions(cfg: ModelConfig, length: int, what: str) -> None:
-    """A sequence of `length` tokens (`what` names the keys that make it) must fit the
-    model's position range: past max_position_embeddings RoPE runs on positions the model
-    never saw (and a llama3-scaled model's frequencies were fitted up to it), which trains
-    or generates silently wrong."""
-    _require(length <= cfg.max_position_embeddings,
-             f"{what} = {length} tokens exceeds the model's max_position_embeddings "
-             f"({cfg.max_position_embeddings}, config.json); lower it")
-
-
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class MeshConfig:
     """Device mesh shape. One axis may be -1: it takes whatever devices are left."""
@@ -363,19 +353,12 @@ class OptimConfig:
     def __post_init__(self):
         _require(self.schedule in ("constant", "linear", "cosine"),
                  f"optim.schedule {self.schedule!r}: expected constant, linear or cosine")
-        _require(self.lr > 0, f"optim.lr must be positive, got {self.lr}")
-        # Adam divides by (1 - b^t) and by sqrt(nu) + eps: b2 = 1 or eps = 0 makes every
-        # parameter NaN after the first step while the loss and grad norm stay finite.
-        for key in ("b1", "b2"):
-            _require(0.0 <= getattr(self, key) < 1.0,
-                     f"optim.{key} must be in [0, 1), got {getattr(self, key)}")
-        _require(self.eps > 0, f"optim.eps must be positive, got {self.eps}")
-        _require(self.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {self.weight_decay}")
-        _require(self.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
-        _require(0.0 <= self.min_lr_ratio <= 1.0,
-                 f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        _require(self.max_grad_norm is None or self.max_grad_norm > 0,
-                 f"optim.max_grad_norm must be positive or null, got {self.max_grad_norm}")
+        for key, ok, rule in (   # Adam: b2 = 1 (1 - b2^t = 0) or eps = 0 make NaN params
+                ("lr", self.lr > 0, "positive"), ("eps", self.eps > 0, "positive"), ("weight_decay", self.weight_decay >= 0, ">= 0"),
+                ("min_lr_ratio", 0 <= self.min_lr_ratio <= 1, "in [0, 1]"), ("warmup_steps", self.warmup_steps >= 0, ">= 0"),
+                ("max_grad_norm", self.max_grad_norm is None or self.max_grad_norm > 0, "positive or null"),
+                ("b1", 0 <= self.b1 < 1, "in [0, 1)"), ("b2", 0 <= self.b2 < 1, "in [0, 1)")):
+            _require(ok, f"optim.{key} must be {rule}, got {getattr(self, key)}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -509,10 +492,7 @@ def load_yaml(path: str, overrides: list[str] = (), cls=None):
         raise ConfigError(f"config file {path} does not exist")
     try:
         data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}: {e.object[e.start:e.start + 1]!r}); "
-                          "save the config as UTF-8") from None
-    except yaml.YAMLError as e:
+    except (yaml.YAMLError, UnicodeDecodeError) as e:   # the latter: not UTF-8 text
         raise ConfigError(f"{path}: invalid YAML ({e})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at top level")

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxalign.config import JaxalignError, ModelConfig, check_positions
+from jaxalign.config import JaxalignError, ModelConfig
 from jaxalign.models import functional
 from jaxalign.models.llama import CACHE_NAMES, init_cache
 from jaxalign.sharding import constrain
@@ -220,7 +220,7 @@ def generate_ids(cfg: ModelConfig, params, prompt_ids: Sequence[Sequence[int]], 
                  pad_id: int = 0) -> list[list[int]]:
     """Completion token ids per prompt (up to and including EOS), batched in one call."""
     longest = max(len(r) for r in prompt_ids)
-    check_positions(cfg, longest + max_new_tokens,
+    functional.check_positions(cfg, longest + max_new_tokens,
                     f"the longest prompt ({longest} tokens) + max_new_tokens ({max_new_tokens})")
     P = bucket_length(longest)
     tokens_BP, mask_BP = left_pad(prompt_ids, pad_id, P)

@@ -183,7 +183,7 @@ def test_config_not_utf8(tmp_path, capsys):
     path.write_bytes("out_dir: r\u00e9sum\u00e9\n".encode("latin-1"))
     assert cli.main(["sft", str(path)]) == 1
     line = _one_error_line(capsys.readouterr().err)
-    assert str(path) in line and "not UTF-8" in line
+    assert str(path) in line and "can't decode byte 0xe9" in line
 
 
 # ----------------------------------------------------------------------------- 18: sys.path

@@ -28,7 +28,7 @@ from typing import Any, Callable
 import jax
 
 from jaxalign import sharding
-from jaxalign.config import ConfigError, MeshConfig, ModelConfig, check_positions
+from jaxalign.config import ConfigError, MeshConfig, ModelConfig
 from jaxalign.convert import hf, hub
 from jaxalign.models import functional, lora
 from jaxalign.train.optim import make_optimizer
@@ -334,7 +334,7 @@ def plan(recipe: str, run_cfg, meshes: list[MeshConfig] | None = None,
         raise ConfigError(f"jaxalign plan: recipe {recipe!r} is not one of {sorted(PLANNERS)}")
     n = jax.device_count()
     cfg = model_config(run_cfg.model.path, run_cfg.model.revision, **run_cfg.model.runtime())
-    check_positions(cfg, run_cfg.data.seq_len, "data.seq_len")
+    functional.check_positions(cfg, run_cfg.data.seq_len, "data.seq_len")
     if meshes is None:
         meshes = candidate_meshes(n, cfg, run_cfg.train.batch_size, run_cfg.train.grad_accum)
         if not meshes:

@@ -15,7 +15,7 @@ from typing import Any, Callable
 import jax
 
 from jaxalign import checkpoint, distributed, sharding
-from jaxalign.config import LoRAConfig, ModelConfig, ModelSource, check_positions
+from jaxalign.config import LoRAConfig, ModelConfig, ModelSource
 from jaxalign.convert import hf
 from jaxalign.models import functional, lora
 from jaxalign.tokenizer import load_tokenizer
@@ -113,7 +113,7 @@ def check_seq_len(cfg, model_cfg: ModelConfig) -> None:
     checks its prompts + rollout.max_new_tokens once the prompts are read)."""
     seq_len = getattr(getattr(cfg, "data", None), "seq_len", None)
     if seq_len is not None:
-        check_positions(model_cfg, seq_len, "data.seq_len")
+        functional.check_positions(model_cfg, seq_len, "data.seq_len")
 
 
 def pin_hub_base(cfg, run_dir: Path):

@@ -43,11 +43,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxalign import distributed, faults, runtime, sharding
-from jaxalign.config import JaxalignError, check_positions
+from jaxalign.config import JaxalignError
 from jaxalign.generate import eos_ids_for
 from jaxalign.losses.ppo import adaptive_kl_update
 from jaxalign.metrics import RL_PROGRESS, MetricsWriter, Progress, truncate_jsonl
-from jaxalign.models import lora
+from jaxalign.models import functional, lora
 from jaxalign.tokenizer import load_tokenizer
 from jaxalign.train.loop import BadStepGuard, StopFlag, abstract, put_batch, start_or_resume
 from jaxalign.train.preempt import Preempted
@@ -184,7 +184,7 @@ class _Run:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
         self.P = RP.prompt_length(loaded.prompts)
         # Left-padded: the longest prompt's positions, then the generated ones.
-        check_positions(loaded.cfg, max(len(x) for x in loaded.prompts.ids)
+        functional.check_positions(loaded.cfg, max(len(x) for x in loaded.prompts.ids)
                         + cfg.rollout.max_new_tokens,
                         "the longest prompt (data.max_prompt_len) + rollout.max_new_tokens")
         # The rollout rows this process samples, decodes and scores (all with one process).
