@@ -445,7 +445,8 @@ def _dispatch(args) -> int:
             from jaxalign import distributed
             settings = runtime.configure_jax()
             log.debug("runtime settings: %s", settings)
-            distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+            distributed.initialize(args.coordinator, args.num_processes, args.process_id,
+                                   watch=True)
         return args.func(args)
     except Preempted as e:
         # A scheduler's SIGTERM is not a failure: the checkpoint is written, rerun continues.

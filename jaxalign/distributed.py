@@ -77,9 +77,10 @@ def detected_cluster() -> str | None:
 
 
 def initialize(coordinator: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None) -> str | None:
+               process_id: int | None = None, watch: bool = False) -> str | None:
     """Joins the multi-controller runtime when asked to (see the module doc); returns how
-    ('explicit', a cluster name, 'auto') or None for a single-process run."""
+    ('explicit', a cluster name, 'auto') or None for a single-process run. `watch`: start
+    the peer watchdog (`_watch`; the CLI, which then calls `end` before JAX shuts down)."""
     mode = os.environ.get(ENV_MODE, "auto").strip().lower()
     if mode not in ("auto", "on", "off"):
         raise ConfigError(f"{ENV_MODE}={mode!r}: expected auto, on or off")
@@ -130,7 +131,7 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
             f"within {kw['initialization_timeout']} s ({ENV_INIT_TIMEOUT}): {first}") from None
     log.info("process %d/%d joined (%s); %d local / %d global devices", jax.process_index(),
              jax.process_count(), how, jax.local_device_count(), jax.device_count())
-    if jax.process_count() > 1:
+    if watch and jax.process_count() > 1:
         _start_watch(peer_timeout, coordinator or how)
     return how
 
@@ -160,7 +161,7 @@ def _wait_for_coordinator(address: str, process_id: int, timeout_s: int) -> None
 # (`mark_exit`): the others stop watching it after a success and stop too after a failure.
 # The key-value store is reached through jax._src.distributed: JAX has no public API for it.
 
-_watch_state = {"stop": None, "timeout": 0}
+_watch_state = {"stop": None, "timeout": 0, "thread": None}
 
 
 def _client():
@@ -171,9 +172,10 @@ def _client():
 def _start_watch(timeout_s: int, where: str) -> None:
     import threading
     stop = threading.Event()
-    _watch_state.update(stop=stop, timeout=timeout_s)
-    threading.Thread(target=_watch, args=(stop, timeout_s, where), daemon=True,
-                     name="jaxalign-peer-watch").start()
+    thread = threading.Thread(target=_watch, args=(stop, timeout_s, where), daemon=True,
+                              name="jaxalign-peer-watch")
+    _watch_state.update(stop=stop, timeout=timeout_s, thread=thread)
+    thread.start()
 
 
 def _die(msg: str) -> None:
@@ -224,6 +226,7 @@ def mark_exit(returncode: int) -> None:
     if stop is None or stop.is_set():
         return
     stop.set()
+    _watch_state["thread"].join(timeout=5)   # not mid-call when JAX's shutdown frees the client
     try:
         _client().key_value_set(f"jaxalign/alive/{jax.process_index()}", f"exit:{returncode}",
                                 allow_overwrite=True)
