@@ -297,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("export", help="run dir / jaxalign checkpoint / HF dir -> HF directory")
-    p.add_argument("model", help="run dir, jaxalign checkpoint, HF directory or hub id")
+    p.add_argument("model", help="run dir, jaxalign checkpoint, HF directory or hub model hf://org/name")
     p.add_argument("out_dir")
     _add_revision(p)
     p.add_argument("--max-shard-gb", type=_number(float, "> 0", lambda x: x > 0), default=5.0,
@@ -311,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="complete one prompt (prints only the completion) or "
                                         "a file of prompts (JSONL rows)")
-    p.add_argument("model", help="HF directory, jaxalign checkpoint, run dir or hub id")
+    p.add_argument("model", help="HF directory, jaxalign checkpoint, run dir or hub model hf://org/name")
     _add_revision(p)
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--prompt", help="one prompt; stdout gets only its completion")
