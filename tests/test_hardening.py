@@ -135,6 +135,38 @@ def _nan_reward_model(paths, out: Path) -> Path:
     return hf.save(out, cfg, params, hf_config=hf_config, source_dir=paths["model"])
 
 
+def test_some_nan_reward_rows_are_dropped_and_the_run_goes_on(paths, tmp_path):
+    """A reward model whose embedding rows of some token ids (none of the prompts') are NaN:
+    the completions that sample one score NaN, the others finite. Those rows are dropped
+    (counted in metrics.jsonl's reward_dropped), the run finishes, and every reward moment,
+    KL coefficient and metric stays finite."""
+    import jax.numpy as jnp
+    from jaxalign import checkpoint
+    from jaxalign.convert import hf
+    from jaxalign.tokenizer import load_tokenizer
+    tok = load_tokenizer(paths["model"])
+    used = set()
+    for line in (paths["tasks"] / "train.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        used |= set(tok.apply_chat_template(row["messages"], tokenize=True))
+    cfg, params, hf_config, _ = checkpoint.load_model(paths["model"], num_labels=1, seed=3)
+    unused = np.array(sorted(set(range(len(tok))) - used))
+    poisoned = unused[np.random.default_rng(0).random(len(unused)) < 0.02]
+    params = dict(params, embed=params["embed"].at[jnp.asarray(poisoned)].set(jnp.nan))
+    rm = hf.save(tmp_path / "rm", cfg, params, hf_config=hf_config, source_dir=paths["model"])
+    run = tmp_path / "run"
+    assert _cli("ppo", run, paths, f"reward.model={rm}", "reward.functions=[]",
+                "reward.normalize=running", "ppo.kl_target=3.0", "train.iterations=4",
+                "train.save_every=2") == 0
+    rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert sum(r.get("reward_dropped", 0) for r in rows) > 0, rows
+    assert all(np.isfinite(v) for r in rows for v in r.values() if isinstance(v, float))
+    for meta in run.glob("checkpoints/*/meta/metadata"):
+        state = json.loads(meta.read_text())
+        assert np.isfinite(state["kl_coef"]) and all(
+            np.isfinite(v) for v in state["reward_moments"].values()), state
+
+
 def test_nan_reward_model_is_a_bad_step_not_a_poisoned_checkpoint(paths, tmp_path, capsys):
     """The reported run: a reward model scoring NaN, running normalisation and the adaptive
     KL controller. Every rollout row is non-finite: the iteration is refused as a bad step

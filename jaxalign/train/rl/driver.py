@@ -426,8 +426,9 @@ class _Run:
                         # A bad step: skipped (no update, no KL / moments change) within
                         # train.max_bad_steps, else the run stops naming the last checkpoint.
                         self.guard.bad(str(e), it, saved_at)
+                        meta = self._meta(it)   # its prompts are used; the state is unchanged
                         if it == cfg.train.iterations or stop.requested():
-                            save(it, self._meta(it))
+                            save(it, meta)
                         if stop.requested():
                             raise Preempted(f"stopped by signal at iteration {it}; checkpoint saved")
                         continue
