@@ -3,7 +3,8 @@ reported and shown to end safely: optimizer settings refused at config load, and
 made non-finite by the update never saved, called good or exported (10); a NaN reward
 model score kept out of the reward moments, the KL controller and the checkpoints (12);
 `generate --chat` without a chat template, `plan --devices 0`, a config that is not UTF-8
-(17); the allocator re-exec not importing from the working directory (18).
+(17); the allocator re-exec not importing from the working directory (18); sequence lengths
+past the model's max_position_embeddings refused (11).
 
 Runs are the fault harness's tiny configs (`scripts/faults.py command`), in this process."""
 
