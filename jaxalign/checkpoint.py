@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import time
 from pathlib import Path
@@ -233,7 +234,12 @@ def run_base(run_dir: str | Path) -> tuple[str | None, str | None] | None:
     """A run directory's starting model as run.json records it: (path or hub id, commit of a
     hub id); None when `run_dir` is no run (or its run.json is unreadable)."""
     meta = read_run(run_dir)
-    return None if meta is None else (meta.get("base"), meta.get("base_revision"))
+    if meta is None:
+        return None
+    base, revision = meta.get("base"), meta.get("base_revision")
+    if base and revision and not base.startswith(hub.HUB_PREFIX) and not Path(base).is_absolute():
+        base = hub.HUB_PREFIX + base   # run.json before hub ids were written hf://org/name
+    return base, revision
 
 
 def _subtree(tree, path):
@@ -285,7 +291,7 @@ def load_run(run_dir: Path, mesh: Mesh | None = None, **runtime):
     trained = ckpts.restore_subtree(step, policy_path, _restrict(target, saved, keep=True))
     ckpts.close()
     if _restrict(target, saved, keep=False):  # a LoRA run: the frozen base from its source
-        base, revision = meta["base"], meta.get("base_revision")
+        base, revision = run_base(run_dir)
         if base is None or not (Path(base).exists() or hub.is_hub_id(base)):
             raise ModelSourceError(f"{run_dir}: a LoRA run saves only its adapters; its base "
                                    f"model {base} is needed and does not exist")
@@ -347,6 +353,8 @@ class TrainCheckpoints:
                 dest = _free_name(self.dir.parent / "checkpoints.incomplete" / str(step))
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 path.rename(dest)
+                os.utime(dest)            # its mtime now says when it was set aside
+                trim_set_aside(dest.parent)
                 log.warning("%s: skipping checkpoint %d: %s; moved to %s", self.dir, step,
                             problem, dest)
             else:
@@ -447,3 +455,16 @@ class TrainCheckpoints:
 
     def close(self) -> None:
         self.manager.close()
+
+
+KEEP_SET_ASIDE = 3   # checkpoints.incomplete/ keeps the newest N set-aside steps (for a post-mortem)
+
+
+def trim_set_aside(folder: Path, keep: int = KEEP_SET_ASIDE) -> None:
+    """Deletes all but the `keep` newest entries of checkpoints.incomplete/, so that a run
+    killed again and again does not fill the disk with broken copies."""
+    import shutil
+    entries = sorted(folder.iterdir(), key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in entries[keep:]:
+        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
+        log.info("%s: deleted the set-aside %s (keeping the newest %d)", folder, old.name, keep)

@@ -234,7 +234,9 @@ def cmd_eval(args) -> int:
 def cmd_prepare(args) -> int:
     from jaxalign.config import from_dict, load_yaml
     from jaxalign.data.prepare import PrepareConfig, run_prepare
+    from jaxalign import distributed
     raw = load_yaml(args.config, args.overrides)
+    distributed.check_same_run(raw)
     totals = run_prepare(from_dict(PrepareConfig, raw), raw)
     print(json.dumps({k: int(v) for k, v in totals.items()}))
     return 0
@@ -290,14 +292,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser = lambda *a, **kw: _add_parser(*a, parents=[verbose], **kw)
 
     p = sub.add_parser("convert", help="HF checkpoint -> jaxalign checkpoint")
-    p.add_argument("hf_dir", help="HF directory or hub id org/name")
+    p.add_argument("hf_dir", help="HF directory or hub model hf://org/name")
     p.add_argument("out_dir")
     _add_revision(p)
     _add_runtime(p)
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("export", help="run dir / jaxalign checkpoint / HF dir -> HF directory")
-    p.add_argument("model", help="run dir, jaxalign checkpoint, HF directory or hub id")
+    p.add_argument("model", help="run dir, jaxalign checkpoint, HF directory or hub model hf://org/name")
     p.add_argument("out_dir")
     _add_revision(p)
     p.add_argument("--max-shard-gb", type=_number(float, "> 0", lambda x: x > 0), default=5.0,
@@ -311,7 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="complete one prompt (prints only the completion) or "
                                         "a file of prompts (JSONL rows)")
-    p.add_argument("model", help="HF directory, jaxalign checkpoint, run dir or hub id")
+    p.add_argument("model", help="HF directory, jaxalign checkpoint, run dir or hub model hf://org/name")
     _add_revision(p)
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--prompt", help="one prompt; stdout gets only its completion")
@@ -372,7 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
                                     "train step on N devices, compiled from shapes (no weights)")
     p.add_argument("config", help="YAML run config of sft / rm / dpo / kto")
     p.add_argument("overrides", nargs="*", metavar="key=value", type=_override)
-    p.add_argument("--devices", type=int, required=True, help="number of devices to plan for")
+    p.add_argument("--devices", type=_number(int, ">= 1", lambda x: x >= 1), required=True,
+                   help="number of devices to plan for")
     p.add_argument("--meshes", default=None,
                    help="meshes to try, e.g. 'fsdp=64;data=4,fsdp=16' (default: every mesh "
                         "that divides the batch and the KV heads)")
@@ -423,6 +426,20 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
     if not args.verbose:  # orbax logs every save/restore phase through absl at INFO
         logging.getLogger("absl").setLevel(logging.WARNING)
+    rc, error = 1, None
+    try:
+        rc = _dispatch(args)
+    except BaseException as e:
+        error = e
+        raise
+    finally:
+        if "jaxalign.distributed" in sys.modules:  # several processes: tell the others
+            sys.modules["jaxalign.distributed"].end(rc, error)
+    return rc
+
+
+def _dispatch(args) -> int:
+    from jaxalign import runtime
     from jaxalign.config import JaxalignError
     from jaxalign.train.preempt import Preempted
     try:
@@ -430,7 +447,8 @@ def main(argv: list[str] | None = None) -> int:
             from jaxalign import distributed
             settings = runtime.configure_jax()
             log.debug("runtime settings: %s", settings)
-            distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+            distributed.initialize(args.coordinator, args.num_processes, args.process_id,
+                                   watch=True)
         return args.func(args)
     except Preempted as e:
         # A scheduler's SIGTERM is not a failure: the checkpoint is written, rerun continues.

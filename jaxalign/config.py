@@ -254,7 +254,7 @@ class MeshConfig:
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ModelSource:
     """Where the starting weights come from and how to run them."""
-    path: str                      # HF dir, jaxalign checkpoint, training run dir or hub id org/name
+    path: str                      # HF dir, jaxalign checkpoint, training run dir or hf://org/name
     revision: str | None = None    # hub id only: branch, tag or commit (default main)
     dtype: str = "float32"         # compute dtype
     param_dtype: str = "float32"   # dtype the parameters (and optimizer moments) are kept in
@@ -355,12 +355,12 @@ class OptimConfig:
     def __post_init__(self):
         _require(self.schedule in ("constant", "linear", "cosine"),
                  f"optim.schedule {self.schedule!r}: expected constant, linear or cosine")
-        _require(self.lr > 0, f"optim.lr must be positive, got {self.lr}")
-        _require(self.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
-        _require(0.0 <= self.min_lr_ratio <= 1.0,
-                 f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        _require(self.max_grad_norm is None or self.max_grad_norm > 0,
-                 f"optim.max_grad_norm must be positive or null, got {self.max_grad_norm}")
+        for key, ok, rule in (   # Adam: b2 = 1 (1 - b2^t = 0) or eps = 0 make NaN params
+                ("lr", self.lr > 0, "positive"), ("eps", self.eps > 0, "positive"), ("weight_decay", self.weight_decay >= 0, ">= 0"),
+                ("min_lr_ratio", 0 <= self.min_lr_ratio <= 1, "in [0, 1]"), ("warmup_steps", self.warmup_steps >= 0, ">= 0"),
+                ("max_grad_norm", self.max_grad_norm is None or self.max_grad_norm > 0, "positive or null"),
+                ("b1", 0 <= self.b1 < 1, "in [0, 1)"), ("b2", 0 <= self.b2 < 1, "in [0, 1)")):
+            _require(ok, f"optim.{key} must be {rule}, got {getattr(self, key)}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -491,8 +491,8 @@ def load_yaml(path: str, overrides: list[str] = (), cls=None):
     if not p.exists():
         raise ConfigError(f"config file {path} does not exist")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:   # the latter: not UTF-8 text
         raise ConfigError(f"{path}: invalid YAML ({e})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at top level")

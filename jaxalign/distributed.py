@@ -35,6 +35,20 @@ from jaxalign.sharding import MeshError, batch_sharding
 log = logging.getLogger(__name__)
 
 ENV_MODE = "JAXALIGN_DISTRIBUTED"     # auto (default) | on | off
+ENV_INIT_TIMEOUT = "JAXALIGN_INIT_TIMEOUT"            # s to wait for every process to join
+ENV_HEARTBEAT_TIMEOUT = "JAXALIGN_HEARTBEAT_TIMEOUT"  # s without a heartbeat: process lost
+ENV_BIND = "JAXALIGN_COORDINATOR_BIND"                # HOST:PORT the coordinator listens on
+
+
+class DistributedError(ConfigError):
+    """A process could not join the run, or the processes do not run the same thing."""
+
+
+def _env_seconds(name: str, default: int) -> int:
+    value = _env_int(name)
+    if value is not None and value < 1:
+        raise ConfigError(f"{name}={value}: expected a number of seconds >= 1")
+    return default if value is None else value
 
 
 def _env_int(*names: str) -> int | None:
@@ -63,9 +77,10 @@ def detected_cluster() -> str | None:
 
 
 def initialize(coordinator: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None) -> str | None:
+               process_id: int | None = None, watch: bool = False) -> str | None:
     """Joins the multi-controller runtime when asked to (see the module doc); returns how
-    ('explicit', a cluster name, 'auto') or None for a single-process run."""
+    ('explicit', a cluster name, 'auto') or None for a single-process run. `watch`: start
+    the peer watchdog (`_watch`; the CLI, which then calls `end` before JAX shuts down)."""
     mode = os.environ.get(ENV_MODE, "auto").strip().lower()
     if mode not in ("auto", "on", "off"):
         raise ConfigError(f"{ENV_MODE}={mode!r}: expected auto, on or off")
@@ -89,10 +104,205 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     # CPU collectives across processes (read when the CPU backend starts; harmless elsewhere).
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     # Whatever was not given explicitly, JAX fills in from the cluster it detects.
-    jax.distributed.initialize(coordinator, num_processes=num_processes, process_id=process_id)
+    peer_timeout = _env_seconds(ENV_HEARTBEAT_TIMEOUT, 30)
+    # JAX's own heartbeat check aborts every process with a C++ trace; ours (`_watch`) names
+    # the lost process in one line first, so JAX's is set well past it.
+    kw = {"initialization_timeout": _env_seconds(ENV_INIT_TIMEOUT, 120),
+          "heartbeat_timeout_seconds": peer_timeout + 60}
+    if how == "explicit" and process_id != 0:
+        # A coordinator that never answers makes JAX's Connect abort (C++ trace) after its
+        # timeout; probing the address first turns that into one line naming it.
+        _wait_for_coordinator(coordinator, process_id, kw["initialization_timeout"])
+    bind = os.environ.get(ENV_BIND) or (coordinator if how == "explicit" else None)
+    if bind:
+        # JAX's default binds the coordinator on every interface ([::]:PORT). Bind where the
+        # others connect instead: loopback for a single-host run (127.0.0.1:PORT), the
+        # address given for a multi-host one (JAXALIGN_COORDINATOR_BIND overrides).
+        kw["coordinator_bind_address"] = bind
+    try:
+        jax.distributed.initialize(coordinator, num_processes=num_processes,
+                                   process_id=process_id, **kw)
+    except Exception as e:  # jaxlib raises its own XlaRuntimeError; keep one line of it
+        if isinstance(e, ConfigError):
+            raise
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise DistributedError(
+            f"process {process_id} could not join the run at coordinator {coordinator or how} "
+            f"within {kw['initialization_timeout']} s ({ENV_INIT_TIMEOUT}): {first}") from None
     log.info("process %d/%d joined (%s); %d local / %d global devices", jax.process_index(),
              jax.process_count(), how, jax.local_device_count(), jax.device_count())
+    if watch and jax.process_count() > 1:
+        _start_watch(peer_timeout, coordinator or how)
     return how
+
+
+def _wait_for_coordinator(address: str, process_id: int, timeout_s: int) -> None:
+    import socket
+    import time
+    host, _, port = address.rpartition(":")
+    deadline, last = time.monotonic() + timeout_s, None
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=2):
+                return
+        except (OSError, ValueError) as e:
+            last = e
+            time.sleep(0.5)
+    raise DistributedError(f"process {process_id}: the coordinator {address} did not answer "
+                           f"within {timeout_s} s ({ENV_INIT_TIMEOUT}); is process 0 running "
+                           f"there, and the address reachable from here? ({last})")
+
+
+# ----------------------------------------------------------------------------- liveness
+# Each process writes a counter to the coordination service's key-value store every second
+# and reads its peers'. A peer whose counter stops for JAXALIGN_HEARTBEAT_TIMEOUT seconds
+# (SIGKILL, OOM kill, a dead host) makes this process exit 1 with one line naming it, instead
+# of waiting in a collective until JAX aborts. A process that ends writes its exit status
+# (`mark_exit`): the others stop watching it after a success and stop too after a failure.
+# The key-value store is reached through jax._src.distributed: JAX has no public API for it.
+
+_watch_state = {"stop": None, "timeout": 0, "thread": None}
+
+
+def _client():
+    from jax._src import distributed as jd
+    return jd.global_state.client
+
+
+def _start_watch(timeout_s: int, where: str) -> None:
+    import threading
+    stop = threading.Event()
+    thread = threading.Thread(target=_watch, args=(stop, timeout_s, where), daemon=True,
+                              name="jaxalign-peer-watch")
+    _watch_state.update(stop=stop, timeout=timeout_s, thread=thread)
+    thread.start()
+
+
+def _die(msg: str) -> None:
+    import sys
+    sys.stderr.write(f"jaxalign: error: {msg}\n")
+    sys.stderr.flush()
+    os._exit(1)   # the main thread may sit in a collective that never returns
+
+
+def _watch(stop, timeout_s: int, where: str) -> None:
+    import time
+    me, n, client = jax.process_index(), jax.process_count(), _client()
+    seen = {q: (None, time.monotonic()) for q in range(n) if q != me}
+    beat = 0
+    while not stop.wait(1.0):
+        beat += 1
+        try:
+            client.key_value_set(f"jaxalign/alive/{me}", str(beat), allow_overwrite=True)
+            for q, (value, since) in list(seen.items()):
+                try:
+                    now_value = client.key_value_try_get(f"jaxalign/alive/{q}")
+                except Exception as e:   # NOT_FOUND: it has not written yet
+                    if "NOT_FOUND" not in str(e):
+                        raise
+                    now_value = None
+                if now_value is not None and now_value.startswith("exit:"):
+                    if now_value != "exit:0" and not stop.is_set():
+                        _die(f"process {q} of {n} stopped with an error (its log says why); "
+                             f"process {me} stops too")
+                    del seen[q]
+                elif now_value != value:
+                    seen[q] = (now_value, time.monotonic())
+                elif time.monotonic() - since > timeout_s and not stop.is_set():
+                    _die(f"process {q} of {n} stopped responding: no heartbeat for {timeout_s} s "
+                         f"({ENV_HEARTBEAT_TIMEOUT}; killed, out of memory or its host down); "
+                         f"process {me} stops too. Rerun the same command on every process to "
+                         "resume from the last checkpoint")
+        except Exception as e:
+            if not stop.is_set():
+                _die(f"process {me} lost the coordinator (process 0) at {where}: "
+                     f"{(str(e).splitlines() or [type(e).__name__])[0][:200]}")
+            return
+
+
+def mark_exit(returncode: int) -> None:
+    """Tells the other processes this one is ending (`_watch`); call once, at exit."""
+    stop = _watch_state["stop"]
+    if stop is None or stop.is_set():
+        return
+    stop.set()
+    _watch_state["thread"].join(timeout=5)   # not mid-call when JAX's shutdown frees the client
+    try:
+        _client().key_value_set(f"jaxalign/alive/{jax.process_index()}", f"exit:{returncode}",
+                                allow_overwrite=True)
+    except Exception:   # the coordinator is gone already: nothing to tell
+        pass
+
+
+def end(returncode: int, error: BaseException | None = None) -> None:
+    """The CLI's last word in a multi-process run: `mark_exit`, then, after a failure, leave
+    at once. JAX's exit handler would wait for the peers at a shutdown barrier they never
+    reach (they stop on the mark); process 0 first gives them a moment to read it, since
+    the coordination service ends with it. `error`: an unexpected exception; a collective
+    whose peer died fails with one, so the watcher gets its timeout to name the lost peer
+    before the exception is printed."""
+    if _watch_state["stop"] is None:
+        return
+    import sys
+    import time
+    if error is not None and isinstance(error, Exception):
+        time.sleep(_watch_state["timeout"] + 3)     # `_watch` may end the process meanwhile
+        import traceback
+        traceback.print_exception(error, file=sys.stderr)
+        returncode = 1
+    mark_exit(returncode)
+    if returncode != 0:
+        if jax.process_index() == 0:
+            time.sleep(3)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(returncode)
+
+
+def check_same_run(raw: dict) -> None:
+    """Every process of a multi-process run must run the same resolved config on the same
+    data: the flattened config (dotted key -> value) plus, for every value that names a
+    file, its size and a hash of its head and tail, are exchanged; the first key where a
+    process differs from process 0 stops every process with one line naming both."""
+    if jax.process_count() == 1:
+        return
+    mine = _fingerprint(raw)
+    every = allgather_json(mine)
+    ref = every[0]
+    for p, theirs in enumerate(every[1:], start=1):
+        for key in sorted(set(ref) | set(theirs)):
+            if ref.get(key) != theirs.get(key):
+                raise DistributedError(
+                    f"process {p} runs another configuration than process 0: {key} is "
+                    f"{theirs.get(key, '(unset)')} there and {ref.get(key, '(unset)')} on "
+                    "process 0; start every process with the same config and data")
+
+
+def _fingerprint(raw, prefix: str = "") -> dict[str, str]:
+    import hashlib
+    from pathlib import Path
+    out = {}
+    items = raw.items() if isinstance(raw, dict) else (
+        enumerate(raw) if isinstance(raw, (list, tuple)) else None)
+    if items is None:
+        out[prefix or "(config)"] = json.dumps(raw, sort_keys=True, default=str)
+        if isinstance(raw, str) and len(raw) < 4096:
+            path = Path(raw).expanduser()
+            try:
+                if path.is_file():
+                    size = path.stat().st_size
+                    h = hashlib.sha1()
+                    with open(path, "rb") as f:
+                        h.update(f.read(1 << 20))
+                        f.seek(max(0, size - (1 << 20)))
+                        h.update(f.read(1 << 20))
+                    out[f"{prefix} (file {raw})"] = f"{size} bytes, sha1 of head+tail {h.hexdigest()[:16]}"
+            except OSError:
+                pass
+        return out
+    for k, v in items:
+        out.update(_fingerprint(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
 
 
 # ----------------------------------------------------------------------------- rows

@@ -192,6 +192,10 @@ def eos_ids_for(tokenizer, model_dir: str | Path | None = None) -> tuple[int, ..
 def encode_prompts(tokenizer, prompts: Sequence[str], *, chat: bool) -> list[list[int]]:
     if not chat:
         return [tokenizer(p).input_ids for p in prompts]
+    if not getattr(tokenizer, "chat_template", None):
+        raise JaxalignError(f"--chat: the tokenizer of {getattr(tokenizer, 'name_or_path', 'this model')} "
+                            "has no chat template (tokenizer_config.json chat_template or "
+                            "chat_template.jinja); drop --chat to complete the raw prompt")
     # The template already spells out its special tokens; adding BOS again would double it
     # (this is what apply_chat_template(tokenize=True) does too).
     texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
@@ -215,7 +219,10 @@ def generate_ids(cfg: ModelConfig, params, prompt_ids: Sequence[Sequence[int]], 
                  top_k: int = 0, seed: int = 0, eos_ids: Sequence[int] = (),
                  pad_id: int = 0) -> list[list[int]]:
     """Completion token ids per prompt (up to and including EOS), batched in one call."""
-    P = bucket_length(max(len(r) for r in prompt_ids))
+    longest = max(len(r) for r in prompt_ids)
+    functional.check_positions(cfg, longest + max_new_tokens,
+                    f"the longest prompt ({longest} tokens) + max_new_tokens ({max_new_tokens})")
+    P = bucket_length(longest)
     tokens_BP, mask_BP = left_pad(prompt_ids, pad_id, P)
     fn = make_generate_fn(cfg, max_new_tokens, float(temperature), int(top_k), float(top_p),
                           tuple(eos_ids), int(pad_id))

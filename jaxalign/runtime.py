@@ -17,8 +17,10 @@ before jax is imported:
 Everything else is a jax config option set in `configure_jax`:
 
 * **The persistent compilation cache** (on by default under `$JAXALIGN_CACHE/xla`,
-  `JAXALIGN_COMPILE_CACHE=DIR` moves it, `=off` disables it): a rerun, a resume or a second
-  run with the same shapes loads its programs instead of compiling them again.
+  `JAXALIGN_COMPILE_CACHE=DIR` moves it, `=off` disables it; kept under
+  `JAXALIGN_COMPILE_CACHE_GB`, default 4, least recently used programs deleted at start):
+  a rerun, a resume or a second run with the same shapes loads its programs instead of
+  compiling them.
 * **Compilation counters** (`compile_stats`), which the training loops write to perf.jsonl,
   so that a recompilation after warm-up is visible (and tested).
 
@@ -88,7 +90,11 @@ def reexec_with_allocator(argv: list[str]) -> None:
         return
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, "-m", "jaxalign.cli", *argv], env)
+    # -P (Python >= 3.11, which jaxalign requires): `python -m` would otherwise put the working
+    # directory first on sys.path, so an argparse.py (or json.py, ...) where the user typed
+    # `jaxalign` would run in place of the standard library; the console script never had it
+    # there, so imports (reward functions included) resolve the same with and without this.
+    os.execve(sys.executable, [sys.executable, "-P", "-m", "jaxalign.cli", *argv], env)
 
 
 def allocator_in_use() -> str:
@@ -150,6 +156,47 @@ def compile_cache_dir(environ: dict[str, str] | None = None) -> Path | None:
     return Path(value).expanduser() if value else cache_root() / "xla"
 
 
+COMPILE_CACHE_GB_ENV = "JAXALIGN_COMPILE_CACHE_GB"   # size cap of the compile cache (default 4)
+
+
+def compile_cache_bytes(environ: dict[str, str] | None = None) -> int:
+    env = os.environ if environ is None else environ
+    raw = env.get(COMPILE_CACHE_GB_ENV, "4").strip()
+    try:
+        gb = float(raw)
+    except ValueError:
+        gb = -1.0
+    if not gb > 0:
+        raise SystemExit(f"jaxalign: {COMPILE_CACHE_GB_ENV}={raw!r}: expected a size in GiB > 0")
+    return int(gb * 2**30)
+
+
+def trim_compile_cache(cache: Path, max_bytes: int) -> int:
+    """Deletes the least recently used entries until the cache holds at most `max_bytes`;
+    returns the bytes freed. Done at start-up, so the cache exceeds its cap by at most one
+    run's new programs. Not jax's own LRU mode (jax_compilation_cache_max_size): that one
+    needs an -atime file beside every entry and fails every write in a directory that an
+    unbounded run filled before."""
+    entries = []
+    for p in cache.glob("*"):
+        try:
+            st = p.stat()
+        except OSError:   # another process evicted it meanwhile
+            continue
+        if p.is_file():
+            entries.append((max(st.st_atime, st.st_mtime), st.st_size, p))
+    total, freed = sum(e[1] for e in entries), 0
+    for _, size, p in sorted(entries):
+        if total - freed <= max_bytes:
+            break
+        try:
+            p.unlink()
+            freed += size
+        except OSError:
+            pass
+    return freed
+
+
 def configure_jax() -> dict[str, str]:
     """Applies the jax-level settings; returns what was chosen, for the run log."""
     import jax
@@ -164,6 +211,7 @@ def configure_jax() -> dict[str, str]:
         # to seconds at start-up too, and a cache entry costs only its file.
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+        trim_compile_cache(cache, compile_cache_bytes())
     chosen["compile_cache"] = str(cache) if cache is not None else "off"
     return chosen
 

@@ -2,7 +2,7 @@
 that they end exactly where an uninterrupted run ends.
 
   python scripts/faults.py [--algos sft,rm,dpo,kto,ppo,grpo] [--kills N] [--seed S]
-                           [--work DIR] [--jobs J]
+                           [--work DIR] [--jobs J] [--peer-kills N]
 
 Per algorithm: one uninterrupted reference run of a tiny config, then N trials. A trial
 starts a fresh run (`python -m jaxalign.cli ...`, a real process) that is SIGKILLed at a
@@ -16,6 +16,10 @@ moments, step, RNG) bit for bit with the reference. The moments, drawn in turn:
   manifest    orbax files written, integrity manifest not yet (a half-written checkpoint)
   rollout     while an RL rollout runs
   timed       SIGKILL from outside after a random delay within the reference run's length
+
+--peer-kills N adds N two-process SFT runs (1 CPU device each) in which one process is
+SIGKILLed: the survivor must exit within JAXALIGN_HEARTBEAT_TIMEOUT with one line naming
+it, and rerunning both must end identical to an uninterrupted two-process run.
 
 The in-process ones use jaxalign's fault points (`jaxalign/faults.py`, env JAXALIGN_FAULT)
 with a random occurrence number. Prints a table (kills, recovered, identical) and one JSON
@@ -127,8 +131,14 @@ def final_state(run_dir: Path) -> dict:
     ckpts = TrainCheckpoints(run_dir)
     step = ckpts.latest_step()
     ckpts.close()
+    path = Path(run_dir).absolute() / "checkpoints" / str(step) / "state"
     with ocp.PyTreeCheckpointer() as reader:
-        tree = reader.restore(Path(run_dir).absolute() / "checkpoints" / str(step) / "state")
+        # As numpy: a checkpoint of a multi-process run names shardings on devices that
+        # this one process does not have.
+        meta = reader.metadata(path)
+        meta = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta
+        args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), meta)
+        tree = reader.restore(path, args=ocp.args.PyTreeRestore(restore_args=args))
     return {jax.tree_util.keystr(p): np.asarray(x)
             for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]} | {"<step>": step}
 
@@ -341,6 +351,94 @@ def main_safety(work: Path) -> int:
             print(f"FAILED {res['case']}: {res.get('why', '')}", file=sys.stderr)
     print(json.dumps({"safety": results}))
     return 0 if all(res["ok"] for res in results) else 1
+# ----------------------------------------------------------------------------- peer kills
+
+PEER_TIMEOUT_S = 5   # JAXALIGN_HEARTBEAT_TIMEOUT of the peer-kill trials
+PEER_STEPS = 40      # long enough that the kill lands mid-run on a slow machine
+
+
+def _two_process(out: Path, paths, port: int) -> list[list[str]]:
+    cmd = command("sft", out, paths, f"train.steps={PEER_STEPS}")
+    return [cmd[:3] + ["--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
+                       "--process-id", str(i)] + cmd[3:] for i in range(2)]
+
+
+def _run_both(cmds, env, timeout=900) -> list[subprocess.CompletedProcess]:
+    procs = [subprocess.Popen(c, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              text=True) for c in cmds]
+    return [subprocess.CompletedProcess(p.args, p.wait(timeout), "", p.communicate()[1])
+            for p in procs]
+
+
+def peer_kill_trial(k: int, victim: int, delay: float, paths, work: Path) -> dict:
+    """A 2-process SFT run; process `victim` SIGKILLed `delay` s after its first logged step.
+    The survivor must exit 1 within PEER_TIMEOUT_S (+ polling) with one line naming the
+    victim (`one_line`), and the same two commands rerun must end identical to an
+    uninterrupted 2-process run."""
+    import socket
+    out = work / "peer_trials" / f"sft-{k}"
+    shutil.rmtree(out, ignore_errors=True)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = child_env(JAXALIGN_HEARTBEAT_TIMEOUT=str(PEER_TIMEOUT_S), JAXALIGN_ALLOCATOR="system")
+    procs = [subprocess.Popen(c, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              text=True) for c in _two_process(out, paths, port)]
+    metrics, deadline = out / "metrics.jsonl", time.time() + 600
+    while (not metrics.exists() or not metrics.read_text().strip()) and time.time() < deadline \
+            and all(p.poll() is None for p in procs):
+        time.sleep(0.2)
+    time.sleep(delay)
+    procs[victim].send_signal(signal.SIGKILL)
+    t_kill = time.time()
+    survivor = procs[1 - victim]
+    try:
+        err = survivor.communicate(timeout=120)[1]
+    except subprocess.TimeoutExpired:
+        survivor.kill()
+        err = survivor.communicate()[1] + "\n(survivor killed after 120 s)"
+    exit_s = time.time() - t_kill
+    procs[victim].wait()
+    lines = [l for l in err.splitlines() if l.startswith("jaxalign: error:")]
+    result = {"k": k, "victim": victim, "delay": round(delay, 2),
+              "survivor_rc": survivor.returncode, "survivor_exit_s": round(exit_s, 1),
+              "one_line": len(lines) == 1 and f"process {victim} of 2" in lines[0]
+              and "Check failure" not in err and "Traceback" not in err,
+              "line": lines[0] if lines else err.strip().splitlines()[-1:]}
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    rs = _run_both(_two_process(out, paths, port), child_env(JAXALIGN_ALLOCATOR="system"))
+    result["recovered"] = all(r.returncode == 0 for r in rs)
+    same, why = same_run(work / "reference" / "sft-2proc", out) if result["recovered"] \
+        else (False, rs[0].stderr[-300:])
+    result.update(identical=same, why=why)
+    return result
+
+
+def peer_kills(n: int, seed: int, paths, work: Path) -> dict:
+    import socket
+    rng = random.Random(seed)
+    ref = work / "reference" / "sft-2proc"
+    shutil.rmtree(ref, ignore_errors=True)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    t0 = time.time()
+    rs = _run_both(_two_process(ref, paths, port), child_env(JAXALIGN_ALLOCATOR="system"))
+    if any(r.returncode for r in rs):
+        raise SystemExit(f"the 2-process reference run failed:\n{rs[0].stderr[-2000:]}")
+    span = time.time() - t0
+    # Process 1 first (the usual case: a worker dies), then alternating; process 0 hosts the
+    # coordination service, whose loss JAX itself reports (see the summary's one_line).
+    trials = [peer_kill_trial(k, k % 2 if k else 1, rng.uniform(0.0, 2.0), paths, work)
+              for k in range(n)]
+    print(f"{'victim':<8}{'survivor rc':>12}{'exit s':>8}{'one line':>10}{'recovered':>11}"
+          f"{'identical':>11}")
+    for t in trials:
+        print(f"{t['victim']:<8}{t['survivor_rc']:>12}{t['survivor_exit_s']:>8}"
+              f"{str(t['one_line']):>10}{str(t['recovered']):>11}{str(t['identical']):>11}")
+    return {"trials": trials, "reference_s": round(span, 1), "peer_timeout_s": PEER_TIMEOUT_S}
 
 
 def main(argv=None) -> int:
@@ -353,6 +451,8 @@ def main(argv=None) -> int:
     ap.add_argument("--safety", action="store_true",
                     help="run the data-safety cases (retention window, concurrent run, full "
                          "disk) instead of the random kills")
+    ap.add_argument("--peer-kills", type=int, default=0,
+                    help="also: 2-process SFT runs with one process SIGKILLed (default 0)")
     args = ap.parse_args(argv)
     if args.safety:
         return main_safety(args.work)
@@ -404,9 +504,12 @@ def main(argv=None) -> int:
     for r in results:
         if r["killed"] and not r["identical"] or not r["killed"] and r["kill_rc"] != 0:
             print(f"FAILED {r['algo']} {r['point']}@{r['n']}: {r.get('why', '')}", file=sys.stderr)
-    print(json.dumps({"faults": summary, "seed": args.seed, "kills_per_algorithm": args.kills}))
+    peers = peer_kills(args.peer_kills, args.seed, paths, args.work) if args.peer_kills else None
+    print(json.dumps({"faults": summary, "seed": args.seed, "kills_per_algorithm": args.kills,
+                      **({"peer_kills": peers} if peers else {})}))
     ok = all(s["identical"] == s["kills"] for s in summary.values()) and \
-        all(r["killed"] or r["kill_rc"] == 0 for r in results)
+        all(r["killed"] or r["kill_rc"] == 0 for r in results) and \
+        all(t["recovered"] and t["identical"] for t in (peers or {}).get("trials", []))
     return 0 if ok else 1
 
 

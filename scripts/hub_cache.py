@@ -26,8 +26,10 @@ DEFAULT_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 def _model_files(src: Path) -> list[Path]:
     import fnmatch
+    # What a fetch keeps: the side files, then the weights (top level only, as here).
+    patterns = (*ALLOW_PATTERNS, "*.safetensors")
     return sorted(p for p in src.iterdir()
-                  if p.is_file() and any(fnmatch.fnmatch(p.name, pat) for pat in ALLOW_PATTERNS))
+                  if p.is_file() and any(fnmatch.fnmatch(p.name, pat) for pat in patterns))
 
 
 def content_commit(src: Path) -> str:

@@ -17,7 +17,8 @@ from jaxalign import checkpoint, cli
 from jaxalign.convert import hf, hub
 from jaxalign.models import lora
 
-ID = "org/tiny"
+REPO = "org/tiny"
+ID = "hf://" + REPO        # hub models are named explicitly
 
 
 @pytest.fixture(scope="module")
@@ -28,8 +29,8 @@ def hub_env(tmp_path_factory):
     a = make_tiny_model(root / "a", seed=0)
     b = make_tiny_model(root / "b", tokenizer_dir=a, seed=1)
     cache = root / "cache"
-    sha_a = lay_out(a, cache, ID, ref="main", copy=True).name
-    sha_b = lay_out(b, cache, ID, ref="v1", copy=True).name
+    sha_a = lay_out(a, cache, REPO, ref="main", copy=True).name
+    sha_b = lay_out(b, cache, REPO, ref="v1", copy=True).name
     assert sha_a != sha_b and len(sha_a) == 40
     return dict(root=root, a=a, b=b, cache=cache, sha_a=sha_a, sha_b=sha_b)
 
@@ -65,46 +66,90 @@ def test_hub_id_loads_from_the_offline_cache(offline):
 
 def test_offline_miss_is_one_error_naming_id_and_revision(offline, tmp_path, capsys):
     with pytest.raises(hub.HubError) as err:
-        hub.resolve("org/absent")
+        hub.resolve("hf://org/absent")
     msg = str(err.value)
-    for part in ("org/absent", "revision main", "HF_HUB_OFFLINE=1", str(offline["cache"])):
+    for part in ("hf://org/absent", "revision main", "HF_HUB_OFFLINE=1", str(offline["cache"])):
         assert part in msg, msg
-    with pytest.raises(hub.HubError, match=r"org/tiny \(revision v9\)"):
+    with pytest.raises(hub.HubError, match=r"hf://org/tiny \(revision v9\)"):
         hub.resolve(ID, "v9")
 
     capsys.readouterr()
-    rc = cli.main(["convert", "org/absent", str(tmp_path / "out"), "--revision", "v2"])
+    rc = cli.main(["convert", "hf://org/absent", str(tmp_path / "out"), "--revision", "v2"])
     assert rc == 1
     errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line.lower()]
     assert len(errors) == 1 and errors[0].startswith("jaxalign: error: "), errors
-    assert "org/absent (revision v2)" in errors[0] and "not in the hub cache" in errors[0]
+    assert "hf://org/absent (revision v2)" in errors[0] and "not in the hub cache" in errors[0]
     assert not (tmp_path / "out").exists()
 
 
-def test_local_directory_wins_over_a_hub_id(offline, tmp_path, monkeypatch):
+def test_bare_name_is_a_local_path_never_the_hub(offline, tmp_path, monkeypatch, capsys):
+    """`org/tiny` is a local path: loaded when it exists, refused in one line naming it (and
+    the explicit hf:// form) when it does not, even though the hub cache holds org/tiny."""
     import shutil
     monkeypatch.chdir(tmp_path)
-    shutil.copytree(offline["b"], tmp_path / "org" / "tiny")   # spelled like the id; main is a
-    assert hub.resolve(ID) == Path(ID) and not hub.is_hub_id(ID)
-    _, params, _, _ = checkpoint.load_model(ID)
+    with pytest.raises(hub.HubError, match=r"org/tiny: no such local directory .* hf://org/tiny"):
+        hub.resolve(REPO)
+    assert cli.main(["generate", REPO, "--prompt", "hi"]) == 1
+    err = capsys.readouterr().err
+    assert "jaxalign: error: org/tiny: no such local directory" in err and "Traceback" not in err
+    shutil.copytree(offline["b"], tmp_path / "org" / "tiny")   # main is a; this is b
+    assert hub.resolve(REPO) == Path(REPO) and not hub.is_hub_id(REPO)
+    _, params, _, _ = checkpoint.load_model(REPO)
     _, params_b, _ = hf.load(offline["b"])
     assert_same_params(params, params_b)
     with pytest.raises(hub.HubError, match="local path"):
-        hub.resolve(ID, "main")
+        hub.resolve(REPO, "main")
+    with pytest.raises(hub.HubError, match="not a hub model id"):
+        hub.resolve("hf://../etc")
 
 
-def test_only_config_tokenizer_and_safetensors_are_fetched():
-    """The allow-list through huggingface_hub's own filter (what snapshot_download applies)."""
+def test_fetch_reads_config_first_then_only_the_indexed_weights(tmp_path, monkeypatch):
+    """Online path, with huggingface_hub's snapshot_download replaced by a local 'hub' that
+    applies the same allow_patterns filter (huggingface_hub's filter_repo_objects): the first
+    call fetches config, tokenizer and index; the second exactly the shards the index names,
+    at the commit the first resolved. A stray top-level *.safetensors and every subfolder
+    (original/, onnx/) are never fetched."""
+    import huggingface_hub
     from huggingface_hub.utils import filter_repo_objects
-    wanted = ["config.json", "generation_config.json", "model.safetensors",
-              "model-00001-of-00002.safetensors", "model.safetensors.index.json",
-              "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-              "chat_template.jinja", "tokenizer.model"]
-    unwanted = ["pytorch_model.bin", "pytorch_model.bin.index.json", "model.gguf", "README.md",
-                "onnx/model.onnx", "original/consolidated.00.pth", "flax_model.msgpack",
-                "tf_model.h5", ".gitattributes", "runs/events.out.tfevents"]
-    kept = set(filter_repo_objects(wanted + unwanted, allow_patterns=list(hub.ALLOW_PATTERNS)))
-    assert kept == set(wanted)
+    remote = {"config.json": "{}", "tokenizer.json": "{}", "README.md": "",
+              "model.safetensors.index.json": json.dumps({"weight_map": {
+                  "a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}),
+              "model-00001-of-00002.safetensors": "", "model-00002-of-00002.safetensors": "",
+              "consolidated.safetensors": "", "original/model.safetensors": "",
+              "onnx/model.safetensors": "", "pytorch_model.bin": ""}
+    sha = "1" * 40
+    calls = []
+
+    def fake_download(repo_id, revision=None, cache_dir=None, local_files_only=False,
+                      allow_patterns=None):
+        kept = sorted(filter_repo_objects(list(remote), allow_patterns=allow_patterns))
+        calls.append((revision, kept))
+        snap = tmp_path / "snap" / sha
+        for name in kept:
+            (snap / name).parent.mkdir(parents=True, exist_ok=True)
+            (snap / name).write_text(remote[name])
+        return str(snap)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
+    hub.clear_cache()
+    try:
+        snap = hub.resolve("hf://org/sharded")
+    finally:
+        hub.clear_cache()
+    assert calls[0] == (None, ["config.json", "model.safetensors.index.json", "tokenizer.json"])
+    assert calls[1] == (sha, ["model-00001-of-00002.safetensors",
+                              "model-00002-of-00002.safetensors"])
+    assert len(calls) == 2 and not (snap / "original").exists() \
+        and not (snap / "consolidated.safetensors").exists()
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text("{}")
+    (bad / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"a": "original/x.safetensors"}}))
+    with pytest.raises(hub.HubError, match="only top-level .safetensors"):
+        hub._weight_files(bad, "hub model x")
 
 
 def test_reward_model_by_hub_id(offline, tmp_path):
@@ -116,10 +161,10 @@ def test_reward_model_by_hub_id(offline, tmp_path):
     cfg, params, hf_config, tok_dir = checkpoint.load_model(offline["a"], num_labels=1, seed=3)
     rm_dir = hf.save(tmp_path / "rm", cfg, params, hf_config=hf_config, source_dir=tok_dir)
     sha = lay_out(rm_dir, offline["cache"], "org/tiny-rm", copy=True).name
-    with pytest.raises(RewardModelError, match="org/tiny: wrong kind of model: a causal LM"):
+    with pytest.raises(RewardModelError, match="hf://org/tiny: wrong kind of model: a causal LM"):
         check_reward_model_dir(ID)
-    check_reward_model_dir("org/tiny-rm", sha)
-    got_cfg, got = load_frozen_reward_model("org/tiny-rm", None, load_tokenizer(offline["a"]),
+    check_reward_model_dir("hf://org/tiny-rm", sha)
+    got_cfg, got = load_frozen_reward_model("hf://org/tiny-rm", None, load_tokenizer(offline["a"]),
                                             revision=sha)
     assert got_cfg.num_labels == 1 and got_cfg.pad_token_id == cfg.pad_token_id is not None
     assert_same_params(got, params)
@@ -141,7 +186,7 @@ def test_run_pins_the_commit_of_its_hub_base(offline, tmp_path):
     # A PEFT adapter names the same base, as PEFT reads it (id + revision).
     assert cli.main(["export", str(out), str(tmp_path / "adapter"), "--adapter"]) == 0
     adapter = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
-    assert (adapter["base_model_name_or_path"], adapter["revision"]) == (ID, env["sha_a"])
+    assert (adapter["base_model_name_or_path"], adapter["revision"]) == (REPO, env["sha_a"])
 
     refs_main = env["cache"] / "models--org--tiny" / "refs" / "main"
     refs_main.write_text(env["sha_b"])

@@ -155,7 +155,16 @@ def write_tensors(tensors: dict[str, np.ndarray], path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp),
               metadata={"format": "pt"})   # transformers reads "pt" files
+    # safetensors creates its file owner-only (0600); an export is for sharing, so it gets
+    # the mode any other file the user writes gets (0666 less the umask).
+    os.chmod(tmp, 0o666 & ~_umask())
     os.replace(tmp, path)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)   # the only way to read it is to set it: put it straight back
+    os.umask(mask)
+    return mask
 
 
 @dataclasses.dataclass

@@ -53,6 +53,9 @@ def _write_peft(out: Path, cfg: ModelConfig, params: dict, base_model_path, revi
         "lora_alpha": cfg.lora_alpha, "lora_dropout": cfg.lora_dropout,
         "target_modules": sorted(cfg.lora_targets), "bias": "none", "fan_in_fan_out": False,
         "use_rslora": False, "init_lora_weights": True, "inference_mode": True,
-        "base_model_name_or_path": base_model_path, "revision": revision,
+        # PEFT names a hub base without our explicit hf:// prefix.
+        "base_model_name_or_path": (base_model_path.removeprefix("hf://")
+                                    if base_model_path else base_model_path),
+        "revision": revision,
     }
     (out / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

@@ -408,6 +408,14 @@ def table(counts: list[SourceCount]) -> str:
 def run_prepare(cfg: PrepareConfig, raw_config: dict | None = None) -> dict[str, float]:
     """Runs the data stage into cfg.out_dir; returns totals. Rerunning rewrites the outputs."""
     import yaml
+    out = Path(cfg.out_dir).expanduser()
+    if _other_process():
+        # Several processes (a pipeline launched on every host): process 0 writes, the
+        # others wait for it and read its totals; two writers would race on the scratch
+        # files and the outputs.
+        _wait_for_process_0()
+        return {k: float(sum(c[k] for c in json.loads((out / "stats.json").read_text())))
+                for k in COLUMNS}
     out = rundir.claim(cfg.out_dir, "data stage")
     raw = raw_config if raw_config is not None else json.loads(json.dumps(dataclasses.asdict(cfg)))
     (out / "config.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
@@ -419,4 +427,17 @@ def run_prepare(cfg: PrepareConfig, raw_config: dict | None = None) -> dict[str,
     md = table(counts)
     (out / "stats.md").write_text(md)
     log.info("rows kept and dropped:\n%s", md)
+    _wait_for_process_0()
     return {k: float(sum(getattr(c, k) for c in counts)) for k in COLUMNS}
+
+
+def _other_process() -> bool:
+    import sys
+    return "jax" in sys.modules and sys.modules["jax"].process_index() > 0
+
+
+def _wait_for_process_0() -> None:
+    import sys
+    if "jax" in sys.modules and sys.modules["jax"].process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices("jaxalign_prepare_written")

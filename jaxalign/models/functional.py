@@ -118,3 +118,13 @@ def lm_head(cfg: ModelConfig, params: Params) -> tuple[jax.Array, bool]:
     if cfg.tie_word_embeddings:
         return sharding.constrain(params["embed"], ("vocab", None)), True
     return sharding.constrain(params["lm_head"], (None, "vocab")), False
+
+
+def check_positions(cfg: ModelConfig, length: int, what: str) -> None:
+    """A sequence of `length` tokens (`what` names the keys that make it) must fit the
+    model's position range: past max_position_embeddings RoPE runs on positions the model
+    never saw (and a llama3-scaled model's frequencies were fitted up to it), which trains
+    or generates silently wrong."""
+    if length > cfg.max_position_embeddings:
+        raise ConfigError(f"{what} = {length} tokens exceeds the model's max_position_embeddings "
+                          f"({cfg.max_position_embeddings}, config.json); lower it")

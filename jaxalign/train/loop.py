@@ -89,21 +89,36 @@ class BadStepGuard:
         self.skipped = 0      # in total, for callers that report it
 
     def check(self, metrics: dict, at: int, saved_at: int) -> bool:
-        """True when the step was finite. Raises NonFiniteLossError past the allowance."""
+        """True when the step was finite. Raises NonFiniteLossError past the allowance, or
+        at once when the update left non-finite params / optimizer state (pops
+        `state_finite`): that state cannot be skipped, so it is never saved or exported."""
+        kept = self._kept(saved_at)
+        if metrics.pop("state_finite", 1.0) <= 0 and metrics["finite"] > 0:
+            raise NonFiniteLossError(
+                f"{self.unit} {at}: the optimizer update made the parameters or optimizer state "
+                f"non-finite (loss {metrics['loss']}, grad norm {metrics['grad_norm']} finite); "
+                f"check optim.lr / b1 / b2 / eps. Stopping without saving this state. {kept}")
         if metrics["finite"] > 0:
             self.in_a_row = 0
             return True
+        self.bad(f"{self.unit} {at}: non-finite loss {metrics['loss']} / grad norm "
+                 f"{metrics['grad_norm']}; params left unchanged", at, saved_at)
+        return False
+
+    def _kept(self, saved_at: int) -> str:
+        return (f"The last good checkpoint ({self.unit} {saved_at}) in {self.ckpt_dir} is "
+                f"intact." if saved_at else "No checkpoint was saved yet.")
+
+    def bad(self, msg: str, at: int, saved_at: int) -> None:
+        """Counts one bad step described by `msg`; raises past the allowance."""
+        kept = self._kept(saved_at)
         self.in_a_row += 1
         self.skipped += 1
-        msg = (f"{self.unit} {at}: non-finite loss {metrics['loss']} / grad norm "
-               f"{metrics['grad_norm']}; params left unchanged")
         if self.in_a_row > self.max_bad:
             raise NonFiniteLossError(
                 f"{msg}. Stopping: {self.in_a_row} bad step(s) in a row > "
-                f"train.max_bad_steps={self.max_bad}. The last good checkpoint "
-                f"({self.unit} {saved_at}) in {self.ckpt_dir} is intact.")
+                f"train.max_bad_steps={self.max_bad}. {kept}")
         log.warning("%s (skipped, %d in a row)", msg, self.in_a_row)
-        return False
 
 
 def resolved_config(cfg, raw_config: dict | None) -> dict:

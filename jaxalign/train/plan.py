@@ -333,8 +333,9 @@ def plan(recipe: str, run_cfg, meshes: list[MeshConfig] | None = None,
     if recipe not in PLANNERS:
         raise ConfigError(f"jaxalign plan: recipe {recipe!r} is not one of {sorted(PLANNERS)}")
     n = jax.device_count()
+    cfg = model_config(run_cfg.model.path, run_cfg.model.revision, **run_cfg.model.runtime())
+    functional.check_positions(cfg, run_cfg.data.seq_len, "data.seq_len")
     if meshes is None:
-        cfg = model_config(run_cfg.model.path, run_cfg.model.revision, **run_cfg.model.runtime())
         meshes = candidate_meshes(n, cfg, run_cfg.train.batch_size, run_cfg.train.grad_accum)
         if not meshes:
             raise ConfigError(f"no data x fsdp x tensor mesh of {n} devices divides train.batch_size"

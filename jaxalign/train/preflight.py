@@ -11,8 +11,9 @@ models while the train step runs). The run needs the largest of these over its p
 
 What a device has: `train.memory_limit_gb` when set (per device; tests force a refusal with
 it); else on GPU / TPU the allocator's `bytes_limit`; on CPU the host's MemAvailable (from
-/proc/meminfo, read after the models are loaded, so their buffers are added back), shared by
-the process's devices (fake CPU devices share one RAM).
+/proc/meminfo) or, when smaller, what the process's memory cgroup has left (v2 memory.max,
+v1 memory.limit_in_bytes: containers, SLURM --mem), read after the models are loaded, so
+their buffers are added back, shared by the process's devices (fake CPU devices share one RAM).
 
 XLA's temporaries are its own buffer-assignment figure; the allocator's fragmentation and
 the runtime's own overhead come on top, so a run that fits by a few percent can still fail.
@@ -75,17 +76,87 @@ def mem_available() -> int:
     return 0
 
 
+def _read_int(path: Path) -> int | None:
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None   # "max": no limit
+
+
+def _inactive_file(stat: Path) -> int:
+    # Page cache the kernel reclaims before it OOM-kills: counted as free, as MemAvailable does.
+    try:
+        for line in stat.read_text().splitlines():
+            key, _, value = line.partition(" ")
+            if key in ("inactive_file", "total_inactive_file"):
+                return int(value)
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+CGROUP_ROOT, PROC_CGROUP = Path("/sys/fs/cgroup"), Path("/proc/self/cgroup")
+
+
+def cgroup_available(root: Path | None = None,
+                     proc_cgroup: Path | None = None) -> tuple[int, str] | None:
+    """(bytes this process's memory cgroup has left, the file that limits it), or None when
+    no limit applies. A container or a SLURM --mem job is killed at its cgroup's limit, which
+    /proc/meminfo does not show. v2: the tightest `memory.max` of this cgroup and its
+    ancestors, less `memory.current`; v1: `memory.limit_in_bytes` less `memory.usage_in_bytes`.
+    Reclaimable page cache (inactive_file) counts as free."""
+    root, proc_cgroup = root or CGROUP_ROOT, proc_cgroup or PROC_CGROUP
+    best = None
+    try:
+        lines = proc_cgroup.read_text().splitlines()
+    except OSError:
+        lines = []
+    for line in lines:
+        _, controllers, rel = line.split(":", 2)
+        if controllers == "":                                   # v2 unified hierarchy
+            d = root / rel.lstrip("/")
+            while True:
+                limit, used = _read_int(d / "memory.max"), _read_int(d / "memory.current")
+                if limit is not None and used is not None:
+                    left = limit - used + _inactive_file(d / "memory.stat")
+                    if best is None or left < best[0]:
+                        best = (max(left, 0), str(d / "memory.max"))
+                if d == root or root not in d.parents:
+                    break
+                d = d.parent
+        elif "memory" in controllers.split(","):                # v1
+            for d in (root / "memory" / rel.lstrip("/"), root / "memory"):
+                limit = _read_int(d / "memory.limit_in_bytes")
+                used = _read_int(d / "memory.usage_in_bytes")
+                if limit is not None and used is not None and limit < 2**60:
+                    left = limit - used + _inactive_file(d / "memory.stat")
+                    if best is None or left < best[0]:
+                        best = (max(left, 0), str(d / "memory.limit_in_bytes"))
+                    break
+    return best
+
+
+def host_available() -> tuple[int, str]:
+    """(bytes, what limits them): the smaller of MemAvailable and the cgroup's room."""
+    avail, where = mem_available(), "host MemAvailable"
+    cg = cgroup_available()
+    if cg is not None and (not avail or cg[0] < avail):
+        avail, where = cg[0], f"cgroup limit ({cg[1]}) room"
+    return avail, where
+
+
 def device_limit(mesh, limit_gb: float | None, resident: int) -> tuple[int | None, str]:
     """(bytes per device, where that figure comes from); None when nobody says."""
     if limit_gb is not None:
         return int(limit_gb * GiB), f"train.memory_limit_gb={limit_gb:g}"
     local = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
     if local[0].platform == "cpu":
-        avail = mem_available()
+        avail, where = host_available()
         if not avail:
             return None, "host memory unknown"
         return (avail + resident * len(local)) // len(local), (
-            f"host MemAvailable {avail / GiB:.2f} GiB + this run's loaded buffers, over "
+            f"{where} {avail / GiB:.2f} GiB + this run's loaded buffers, over "
             f"{len(local)} CPU device(s)")
     limits = [(d.memory_stats() or {}).get("bytes_limit") for d in local]
     if None in limits:

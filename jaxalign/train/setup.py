@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import jax
 
-from jaxalign import checkpoint, rundir, sharding
+from jaxalign import checkpoint, distributed, rundir, sharding
 from jaxalign.config import ConfigError, LoRAConfig, ModelConfig, ModelSource
 from jaxalign.convert import hf, hub
 from jaxalign.models import functional, lora
@@ -101,11 +101,13 @@ def run_recipe(cfg, raw_config: dict | None, devices, *, algorithm: str,
         cfg = pin_hub_base(cfg, run_dir)
         check_rerun(run_dir, recipe=algorithm, base=cfg.model.path)
         raw = resolved_config(cfg, raw_config)
+        distributed.check_same_run(raw)   # several processes: same config and data, or one line
         mesh = sharding.make_mesh(cfg.mesh, devices)
         # SIGTERM while loading or compiling is kept for the loop (it stops before its first step).
         with StopFlag(), jax.set_mesh(mesh):
             models = load(cfg, mesh)
             check_rerun(run_dir, lora=models.cfg)
+            check_seq_len(cfg, models.cfg)
             write_run_files(run_dir, raw, algorithm=algorithm, model=models.cfg,
                             hf_config=models.hf_config, base=cfg.model.path,
                             base_revision=cfg.model.revision,
@@ -140,6 +142,14 @@ def check_rerun(run_dir: Path, *, recipe: str | None = None, base: str | None = 
                     (list(now) if isinstance(now, (list, tuple)) else now):
                 raise ConfigError(f"lora.{key}: {run_dir} was trained with {was}, not {now}; "
                                   f"{fix}")
+
+
+def check_seq_len(cfg, model_cfg: ModelConfig) -> None:
+    """data.seq_len of a supervised run against the model's position range (the RL driver
+    checks its prompts + rollout.max_new_tokens once the prompts are read)."""
+    seq_len = getattr(getattr(cfg, "data", None), "seq_len", None)
+    if seq_len is not None:
+        functional.check_positions(model_cfg, seq_len, "data.seq_len")
 
 
 def pin_hub_base(cfg, run_dir: Path):

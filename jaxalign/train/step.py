@@ -113,9 +113,21 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
                                rng=state.rng)
         metrics = {name: v / weight for name, v in sums.items() if name != "weight"}
         metrics.update(loss=loss, grad_norm=grad_norm, lr=schedule(state.step),
-                       weight=sums["weight"], finite=ok.astype(jnp.float32))
+                       weight=sums["weight"], finite=ok.astype(jnp.float32),
+                       state_finite=all_finite((params, opt_state)).astype(jnp.float32))
         return new_state, metrics
     return step
+
+
+def all_finite(tree) -> jax.Array:
+    """One boolean: every float leaf of `tree` is finite. The update can make the state
+    non-finite from a finite loss and gradient (Adam with b2 = 1: 0 / 0 in its bias
+    correction), so the loop checks what it would save, not only what it computed from.
+    Checked after the update, not before accepting it: keeping the old state alive for a
+    select would double the resident params and moments; the loop stops instead."""
+    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in leaves])) if leaves \
+        else jnp.bool_(True)
 
 
 def jit_train_step(step_fn, state_shardings, frozen_shardings, batch_shardings):

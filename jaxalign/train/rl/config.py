@@ -59,9 +59,10 @@ class PromptDataConfig:
 class RewardConfig:
     """How a completion is scored: a reward model, reward functions or both.
 
-    model                reward model: directory, run directory or hub id org/name (or null)
+    model                reward model: directory, run directory or hub model hf://org/name (or null)
     revision             hub id only: branch, tag or commit of reward.model (default main)
-    functions            'module:function' reward functions (summed with the model's score)
+    functions            'module:function' (importable) or 'path/file.py:function' reward
+                         functions (summed with the model's score); they run as code
     weights              one weight per source, the model first (default: all 1)
     missing_eos_penalty  subtracted from the score of a completion that did not end with EOS
     normalize            'none', 'batch' (whiten over the rollout) or 'running' (whiten with

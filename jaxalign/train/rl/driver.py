@@ -47,7 +47,7 @@ from jaxalign.config import JaxalignError
 from jaxalign.generate import eos_ids_for
 from jaxalign.losses.ppo import adaptive_kl_update
 from jaxalign.metrics import RL_PROGRESS, MetricsWriter, Progress, truncate_jsonl
-from jaxalign.models import lora
+from jaxalign.models import functional, lora
 from jaxalign.tokenizer import load_tokenizer
 from jaxalign.train.loop import BadStepGuard, StopFlag, abstract, put_batch, start_or_resume
 from jaxalign.train.preempt import Preempted
@@ -67,6 +67,10 @@ _ROLLOUT_SALT = 0x5EED
 
 class MonitorStop(JaxalignError):
     """A monitor with action 'stop' tripped (entropy floor, KL ceiling)."""
+
+
+class NonFiniteRewards(JaxalignError):
+    """Every row of a rollout scored NaN / inf: the iteration counts as a bad step."""
 
 
 # ----------------------------------------------------------------------------- compile cache
@@ -182,6 +186,10 @@ class _Run:
         self.eos_ids = eos_ids_for(tokenizer, loaded.tok_dir)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
         self.P = RP.prompt_length(loaded.prompts)
+        # Left-padded: the longest prompt's positions, then the generated ones.
+        functional.check_positions(loaded.cfg, max(len(x) for x in loaded.prompts.ids)
+                        + cfg.rollout.max_new_tokens,
+                        "the longest prompt (data.max_prompt_len) + rollout.max_new_tokens")
         # The rollout rows this process samples, decodes and scores (all with one process).
         self.rows = distributed.process_rows(mesh, cfg.rollout.rows)
         self.obj = objectives.Settings.of(cfg)
@@ -302,16 +310,34 @@ class _Run:
         g, extras, error = hosts.exchange(self.rows, len(idx), figures, shown, error)
         if error is not None:
             raise RewardFunctionError(error)
-        scores = self.rewarder.normalise(g["raw"], group=G).astype(np.float32)
+        if self.rewarder.cfg.model is None:
+            # Functions only: NaN means no function applied (each returned None); such rows
+            # take their group's mean in `normalise` (a non-finite value is refused per call).
+            keep = np.ones(len(g["raw"]), bool)
+        else:
+            g, keep = hosts.finite_rows(g)
+        if not keep.any():
+            raise NonFiniteRewards(f"iteration {it}: every one of the {len(keep)} rollout rows "
+                                   f"has a non-finite reward (reward model score "
+                                   f"{g['raw'][0]}); nothing of it was applied")
+        scores = self.rewarder.normalise(g["raw"], keep, group=G).astype(np.float32)
         adv_in = {k: exp[k] for k in ("mask_BN", "old_logp_BN", "ref_logp_BN", "values_BN",
                                       "lengths_B")}
+        if not keep.all():   # dropped rows: zero weight in the advantages and the loss
+            log.warning("iteration %d: %d of %d rollout rows had a non-finite reward; dropped",
+                        it, int((~keep).sum()), len(keep))
+            row_w = put_batch({"k": keep[self.rows].astype(np.int32)[:, None]}, self.mesh)["k"]
+            adv_in["mask_BN"] = exp["mask_BN"] * row_w
+            exp = {**exp, "mask_BN": adv_in["mask_BN"]}
         adv = self.adv_fn(adv_in, put_batch({"s": scores[self.rows]}, self.mesh)["s"],
                           jax.device_put(jnp.float32(self.kl_coef), rep))
-        metrics = {**hosts.rollout_metrics(g), "score_mean": float(scores.mean()),
+        metrics = {**hosts.rollout_metrics(g), "score_mean": float(scores[keep].mean()),
                    "kl": float(adv["kl"]), "kl_token": float(adv["kl_token"]),
                    "kl_coef": float(self.kl_coef)}
         if "explained_variance" in adv:
             metrics["explained_variance"] = float(adv["explained_variance"])
+        if not keep.all():
+            metrics["reward_dropped"] = float((~keep).sum())
         batch = {k: exp[k] for k in objectives.TRAIN_KEYS if k in exp}
         batch.update(advantages_BN=adv["advantages_BN"], returns_BN=adv["returns_BN"])
         samples = [{"prompt": s["prompt"], "completion": s["completion"],
@@ -423,6 +449,16 @@ class _Run:
                         kept = (f"the checkpoint of iteration {it - 1} in {ckpts.dir} is intact"
                                 if it > 1 else "no iteration completed, nothing saved")
                         raise RewardFunctionError(f"iteration {it}: {e}; {kept}") from e
+                    except NonFiniteRewards as e:
+                        # A bad step: skipped (no update, no KL / moments change) within
+                        # train.max_bad_steps, else the run stops naming the last checkpoint.
+                        self.guard.bad(str(e), it, saved_at)
+                        meta = self._meta(it)   # its prompts are used; the state is unchanged
+                        if it == cfg.train.iterations or stop.requested():
+                            save(it, meta)
+                        if stop.requested():
+                            raise Preempted(f"stopped by signal at iteration {it}; checkpoint saved")
+                        continue
                     if stop.requested():
                         _abandon(it, saved_at, save, meta)
                     t1 = time.perf_counter()

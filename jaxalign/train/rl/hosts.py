@@ -70,3 +70,22 @@ def rollout_metrics(g: dict[str, np.ndarray]) -> dict[str, float]:
     out.update({k[len("part:"):]: float(np.nanmean(v)) if (~np.isnan(v)).any() else float("nan")
                 for k, v in g.items() if k.startswith("part:")})
     return out
+
+
+def finite_rows(g: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """-> (figures, keep): rows whose raw score is NaN / inf (a reward model's score; reward
+    functions are refused per call) are dropped: `keep` False there, and their scores (and
+    per-source parts) replaced by the kept rows' mean, so that nothing downstream (the
+    running moments, the KL controller, the metrics, the checkpoint) sees a non-finite
+    value. With no finite row at all, keep is all False and the caller refuses the
+    iteration."""
+    keep = np.isfinite(g["raw"])
+    if keep.all() or not keep.any():
+        return g, keep
+    out = dict(g)
+    for k, v in g.items():
+        if k == "raw" or k.startswith("part:"):
+            v = np.asarray(v, np.float64)
+            ok = keep & np.isfinite(v)
+            out[k] = np.where(ok, v, v[ok].mean() if ok.any() else 0.0)
+    return out, keep

@@ -65,10 +65,16 @@ class RewardModelError(JaxalignError):
 
 
 def load_function(name: str) -> Callable:
+    """`module:function` (an importable module: installed, or on PYTHONPATH; never the working
+    directory implicitly) or `path/to/file.py:function` (that file, relative to the working
+    directory). Either way it runs code named in the config (README: Safety and data)."""
     module, _, attr = name.partition(":")
     try:
-        fn = getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError) as e:
+        if module.endswith(".py"):
+            fn = getattr(_module_from_file(Path(module)), attr)
+        else:
+            fn = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError, OSError, SyntaxError) as e:
         raise ConfigError(f"reward.functions: cannot load {name!r}: {type(e).__name__}: {e}") from None
     if not callable(fn):
         raise ConfigError(f"reward.functions: {name!r} is not callable")
@@ -105,6 +111,19 @@ def is_trl_style(fn: Callable, convention: str = "auto") -> bool:
         return bool(TRL_ARGUMENTS & set(inspect.signature(fn).parameters))
     except (TypeError, ValueError):
         return False
+def _module_from_file(path: Path):
+    import importlib.util
+    import sys
+    path = path.resolve()
+    if not path.is_file():
+        raise ImportError(f"no file {path}")
+    key = f"jaxalign_reward_{abs(hash(str(path)))}"
+    if key not in sys.modules:
+        spec = importlib.util.spec_from_file_location(key, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        sys.modules[key] = module
+    return sys.modules[key]
 
 
 def call_style(fn: Callable) -> tuple[bool, set[str] | None]:
@@ -290,15 +309,20 @@ class Rewarder:
             total = total - self.cfg.missing_eos_penalty * (~eos)
         return np.where(scored, total, np.nan), parts
 
-    def normalise(self, scores: np.ndarray, group: int = 1) -> np.ndarray:
-        """Normalise and clip; updates the running moments (call once per rollout). A row no
-        source scored (NaN) first takes the mean of its group's (`group` consecutive rows)
-        scored rows, or the rollout's when the group has none (0 when nothing was scored)."""
+    def normalise(self, scores: np.ndarray, keep: np.ndarray | None = None,
+                  group: int = 1) -> np.ndarray:
+        """Normalise and clip; updates the running moments (call once per rollout). `keep`:
+        the rows whose score counts (`hosts.finite_rows`); the others neither move the
+        batch statistics nor the running moments. A row no source scored (NaN: every reward
+        function returned None) first takes the mean of its group's (`group` consecutive
+        rows) scored rows, or the rollout's when the group has none (0 when nothing was
+        scored)."""
         x = fill_unscored(np.asarray(scores, np.float64), group)
+        kept = x if keep is None else x[keep]
         if self.cfg.normalize == "batch":
-            x = (x - x.mean()) / (x.std() + 1e-8)
+            x = (x - kept.mean()) / (kept.std() + 1e-8)
         elif self.cfg.normalize == "running":
-            self.moments.update(x)
+            self.moments.update(kept)
             x = (x - self.moments.mean) / (math.sqrt(self.moments.var) + 1e-8)
         if self.cfg.clip is not None:
             x = np.clip(x, -self.cfg.clip, self.cfg.clip)
