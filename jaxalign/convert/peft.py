@@ -11,7 +11,8 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from jaxalign.config import ModelConfig
+from jaxalign import families
+from jaxalign.config import ConfigError, ModelConfig
 from jaxalign.convert.hf import write_tensors
 from jaxalign.models import lora as lora_mod
 
@@ -27,6 +28,9 @@ def save_peft(out_dir: str | Path, cfg: ModelConfig, params: dict,
     """adapter_config.json + adapter_model.safetensors that `peft.PeftModel` loads onto
     the HF base model (nn.Linear layout: lora_A (r, in), lora_B (out, r)). `base_model_path`
     (a directory or hub id) and `revision` (its commit, for a hub id) name that base."""
+    if not families.get(cfg.family).peft:
+        raise ConfigError(f"a PEFT adapter of a {cfg.family} model is not supported (its HF "
+                          "projections are fused, ours are not); export the merged model instead")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     adapters, _ = lora_mod.split(params)
