@@ -225,3 +225,53 @@ def test_phi3_lora_targets_name_its_fused_modules():
     assert "q_lora" in params["layers"]["attn"] and "up_lora" in params["layers"]["mlp"]
     with pytest.raises(ConfigError, match="phi3.*merged"):
         peft.save_peft("/nonexistent/never-written", lcfg, params)
+
+
+# ----------------------------------------------------------------------------- hub ids
+
+def test_hub_id_config_is_checked_before_weights(tmp_path, monkeypatch):
+    """A cache laid out on disk (offline). What `hub.resolve` asks huggingface_hub for is
+    recorded around the real call: an unsupported architecture gets config.json only and is
+    refused; a supported sharded one gets its config, side files and index, then exactly
+    the shard files the index names (a stray *.safetensors beside them is not asked for)."""
+    from hub_cache import lay_out
+    from huggingface_hub.utils import filter_repo_objects
+    from jaxalign.convert import hub
+
+    src = tmp_path / "qwen"
+    make_tiny_family_hf(src, "qwen2")
+    cfg, params, hf_config = hf.load(src)
+    sharded = hf.save(tmp_path / "sharded", cfg, params, hf_config=hf_config, max_shard_bytes=40_000)
+    shards = sorted(p.name for p in sharded.glob("model-*.safetensors"))
+    assert len(shards) > 1
+    shutil.copyfile(sharded / shards[0], sharded / "consolidated.safetensors")
+    gemma = tmp_path / "gemma"
+    shutil.copytree(src, gemma)
+    (gemma / "config.json").write_text(json.dumps({**hf_config, "model_type": "gemma2",
+                                                   "architectures": ["Gemma2ForCausalLM"]}))
+    cache = tmp_path / "cache"
+    lay_out(sharded, cache, "org/qwen", copy=True)
+    lay_out(gemma, cache, "org/gemma", copy=True)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    hub.clear_cache()
+    asked = []
+    real = hub._snapshot.__wrapped__
+
+    def recording(repo_id, revision, cache_, local_only, patterns):
+        asked.append((repo_id, patterns))
+        return real(repo_id, revision, cache_, local_only, patterns)
+
+    monkeypatch.setattr(hub, "_snapshot", recording)
+    with pytest.raises(hub.HubError) as err:
+        hub.resolve("org/gemma")
+    assert "'gemma2'" in str(err.value) and "no weights were downloaded" in str(err.value)
+    assert asked == [("org/gemma", ("config.json",))]
+
+    asked.clear()
+    snap = hub.resolve("org/qwen")
+    assert [a[0] for a in asked] == ["org/qwen"] * 3
+    assert asked[0][1] == ("config.json",)
+    assert not [p for p in asked[1][1] if p.endswith(".safetensors")]
+    files = [p.name for p in snap.iterdir()]
+    assert sorted(filter_repo_objects(files, allow_patterns=list(asked[2][1]))) == shards

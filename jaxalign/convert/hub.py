@@ -18,12 +18,13 @@ started from a hub model pins that hash in its description (checkpoint.describe_
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 import re
 from pathlib import Path
 
-from jaxalign.config import JaxalignError
+from jaxalign.config import JaxalignError, ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +84,34 @@ def resolve(name: str | Path, revision: str | None = None, *, config_only: bool 
         return path
     if not looks_like_id(text):
         return path
-    patterns = ("config.json",) if config_only else ALLOW_PATTERNS
-    return _snapshot(text, revision, str(cache_dir()), offline(), patterns)
+    return _fetch_model(text, revision, config_only)
+
+
+def _fetch_model(repo_id: str, revision: str | None, config_only: bool) -> Path:
+    """config.json first, checked (an architecture or field we do not implement is refused
+    before any weights download); then the tokenizer and side files, the index, and only the
+    safetensors files the index names (a repo may also hold consolidated or other-format
+    copies), or model.safetensors when there is no index."""
+    cache, local_only = str(cache_dir()), offline()
+    snap = _snapshot(repo_id, revision, cache, local_only, ("config.json",))
+    where = f"hub model {repo_id} (revision {revision or 'main'})"
+    try:
+        ModelConfig.from_hf(json.loads((snap / "config.json").read_text()))
+    except (OSError, json.JSONDecodeError, JaxalignError) as e:
+        raise HubError(f"{where}: {e}; no weights were downloaded") from None
+    if config_only:
+        return snap
+    side = tuple(p for p in ALLOW_PATTERNS if "safetensors" not in p)
+    # The later fetches ask for the commit the config came from: a branch moving meanwhile
+    # cannot mix two checkpoints.
+    revision = snap.name if _COMMIT.match(snap.name) else revision
+    snap = _snapshot(repo_id, revision, cache, local_only, side + ("model.safetensors.index.json",))
+    index = snap / "model.safetensors.index.json"
+    if index.exists():
+        shards = tuple(sorted(set(json.loads(index.read_text())["weight_map"].values())))
+    else:
+        shards = ("model.safetensors",)
+    return _snapshot(repo_id, revision, cache, local_only, shards)
 
 
 @functools.lru_cache(maxsize=None)
