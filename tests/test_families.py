@@ -178,6 +178,46 @@ def test_sequence_classifier_export_scored_by_transformers(tiny, tmp_path):
     jax.tree.map(np.testing.assert_array_equal, params, params2)
 
 
+def test_sharded_forward_equals_single_device(tiny):
+    """Each family's params (biases, q/k norms, fused-row splits) land on shardings from the
+    one rules table and give the single-device logits."""
+    from test_sharding import SHARDED_TOL, sharded_forward
+    from jaxalign import sharding
+    from jaxalign.config import MeshConfig
+    mesh = sharding.make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
+    cfg, params, _ = hf.load(tiny["path"], mesh, scan_layers=True)
+    want = functional.param_shardings(cfg, mesh)
+    jax.tree.map(lambda x, sh: np.testing.assert_equal(x.sharding, sh), params, want)
+    tokens, mask = padded_batch(seed=4)
+    tokens, mask = np.concatenate([tokens, tokens[:1]]), np.concatenate([mask, mask[:1]])  # B=4
+    ref = our_logits(cfg, tiny["params"], tokens, mask)
+    with jax.set_mesh(mesh):
+        out = sharded_forward(cfg, mesh, tokens.shape)(
+            params, jax.device_put(tokens, sharding.batch_sharding(mesh, 2, tokens.shape)),
+            jax.device_put(mask, sharding.batch_sharding(mesh, 2, mask.shape)))
+    assert float(np.abs(np.asarray(out) - ref)[mask > 0].max()) <= SHARDED_TOL
+
+
+def test_plan_reads_every_family(tiny):
+    """`jaxalign plan` from config.json alone: the family's params, split over fsdp=8."""
+    import math
+    from jaxalign.config import MeshConfig, OptimConfig, TrainConfig
+    from jaxalign.config import ModelSource
+    from jaxalign.data.config import DataConfig, DatasetSpec
+    from jaxalign.train import plan
+    from jaxalign.train.sft import SFTConfig
+    cfg = plan.model_config(str(tiny["path"]))
+    assert cfg.replace(scan_layers=True) == tiny["cfg"].replace(remat=cfg.remat)
+    total = sum(math.prod(x.shape) * 4 for x in jax.tree.leaves(functional.abstract_params(cfg)))
+    run = SFTConfig(out_dir="unused", model=ModelSource(path=str(tiny["path"]), scan_layers=True,
+                                                        remat="full"),
+                    train=TrainConfig(steps=10, batch_size=8), optim=OptimConfig(),
+                    data=DataConfig(train=(DatasetSpec(path="unused.jsonl"),), seq_len=32))
+    p = plan.plan_mesh("sft", run, MeshConfig(fsdp=8))
+    assert total / 8 <= p.params_bytes < total / 8 * 1.2   # norms (and Qwen3's q/k norms) replicated
+    assert p.optimizer_bytes == 2 * p.params_bytes + 8
+
+
 # ----------------------------------------------------------------------------- refusals
 
 BASE = {"vocab_size": 8, "hidden_size": 16, "intermediate_size": 8, "num_hidden_layers": 1,
@@ -275,3 +315,103 @@ def test_hub_id_config_is_checked_before_weights(tmp_path, monkeypatch):
     assert not [p for p in asked[1][1] if p.endswith(".safetensors")]
     files = [p.name for p in snap.iterdir()]
     assert sorted(filter_repo_objects(files, allow_patterns=list(asked[2][1]))) == shards
+
+
+# ----------------------------------------------------------------------------- training
+
+TRAIN_FAMILIES = {   # windows shorter than the rows, so training runs through the window mask
+    "mistral": dict(sliding_window=8), "qwen2": dict(tie_word_embeddings=True),
+    "qwen3": dict(head_dim=24), "phi3": dict(sliding_window=8, num_key_value_heads=1),
+}
+LORA_TARGETS = {"mistral": ["q_proj", "v_proj"], "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj"],
+                "qwen3": ["q_proj", "v_proj", "gate_proj"], "phi3": ["qkv_proj", "gate_up_proj"]}
+
+
+@pytest.fixture(scope="module", params=sorted(TRAIN_FAMILIES))
+def trainable(request, tmp_path_factory):
+    """A tiny transformers-built model of the family with the tiny ChatML tokenizer."""
+    from make_tiny_model import make_tiny_tokenizer
+    from jaxalign.synth import prefs as synth
+    from test_train import _write_tasks
+
+    family = request.param
+    root = tmp_path_factory.mktemp(f"train_{family}")
+    tok = make_tiny_tokenizer(root / "model")
+    make_tiny_family_hf(root / "model", family, seed=5, init_std=0.02, vocab_size=384,
+                        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                        pad_token_id=tok.pad_token_id, **TRAIN_FAMILIES[family])
+    prompts = root / "prompts.jsonl"
+    with open(prompts, "w") as f:
+        for i in range(48):
+            a, b = i % 8 + 2, i // 8 + 3
+            f.write(json.dumps({"messages": [{"role": "user", "content": f"What is {a} plus {b}?"}],
+                                "answer": str(a + b)}) + "\n")
+    train, _ = synth.write_splits(root / "prefs", 64, 8, 0, kinds=("format", "concise"))
+    return dict(family=family, root=root, model_dir=root / "model",
+                tasks=_write_tasks(root / "tasks.jsonl"), prefs=train, prompts=prompts)
+
+
+def _rows(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _common(t, out, steps):
+    return {"out_dir": str(out), "model": {"path": str(t["model_dir"]), "scan_layers": False},
+            "train": {"steps": steps, "batch_size": 8, "log_every": 1, "save_every": 0,
+                      "progress": False, "tensorboard": False},
+            "optim": {"lr": 3e-3, "schedule": "constant"},
+            "mesh": {"data": 1, "fsdp": -1, "tensor": 1}}
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_sft_lowers_the_loss(trainable, lora):
+    from jaxalign.train.sft import SFTConfig, run_sft
+    out = trainable["root"] / f"sft_{lora}"
+    raw = {**_common(trainable, out, 8),
+           "data": {"train": [{"path": str(trainable["tasks"])}], "seq_len": 64, "seed": 1}}
+    if lora:
+        raw["lora"] = {"rank": 4, "alpha": 16, "targets": LORA_TARGETS[trainable["family"]]}
+        raw["optim"]["lr"] = 1e-2
+    run_sft(from_dict(SFTConfig, raw), devices=jax.devices()[:1])
+    rows = _rows(out)
+    assert np.mean([r["loss"] for r in rows[-2:]]) < np.mean([r["loss"] for r in rows[:2]]) - 0.3, \
+        [round(r["loss"], 3) for r in rows]
+    # The run exports as the family's own HF model (LoRA merged), which transformers reads.
+    from jaxalign import cli
+    assert cli.main(["export", str(out), str(out / "hf_out")]) == 0
+    written = json.loads((out / "hf_out" / "config.json").read_text())
+    assert written["architectures"] == [HF_FAMILY_CLASSES[trainable["family"]][1]]
+
+
+def test_dpo_lowers_the_loss(trainable):
+    import math
+    from jaxalign.train.dpo import DPOConfig, run_dpo
+    out = trainable["root"] / "dpo"
+    raw = {**_common(trainable, out, 8),
+           "data": {"train": [{"path": str(trainable["prefs"])}], "seq_len": 192, "pack": False}}
+    run_dpo(from_dict(DPOConfig, raw), devices=jax.devices()[:1])
+    rows = _rows(out)
+    assert rows[0]["loss"] == pytest.approx(math.log(2), rel=1e-5)
+    assert np.mean([r["loss"] for r in rows[-2:]]) < math.log(2) - 0.05, [r["loss"] for r in rows]
+
+
+def test_grpo_raises_the_reward(trainable):
+    from jaxalign.train.rl.config import RLConfig
+    from jaxalign.train.rl.driver import run_rl
+    out = trainable["root"] / "grpo"
+    raw = {"out_dir": str(out), "algorithm": "grpo",
+           "model": {"path": str(trainable["model_dir"]), "scan_layers": False},
+           "data": {"prompts": str(trainable["prompts"]), "chat": True, "max_prompt_len": 64},
+           "rollout": {"batch_size": 4, "num_generations": 4, "max_new_tokens": 8,
+                       "temperature": 1.0},
+           "reward": {"functions": ["jaxalign.rewards:digits"]},
+           "ppo": {"epochs": 2, "minibatches": 2}, "grpo": {"beta": 0.04},
+           "train": {"iterations": 16, "save_every": 0, "sample_every": 0,
+                     "tensorboard": False, "progress": False},
+           "optim": {"lr": 5e-3, "schedule": "constant"},
+           "mesh": {"data": 1, "fsdp": -1, "tensor": 1}}
+    run_rl(from_dict(RLConfig, raw), devices=jax.devices()[:1])
+    rows = _rows(out)
+    first = np.mean([r["reward_mean"] for r in rows[:4]])
+    last = np.mean([r["reward_mean"] for r in rows[-4:]])
+    assert last > first + 0.1, [round(r["reward_mean"], 3) for r in rows]
