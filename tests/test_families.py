@@ -140,6 +140,18 @@ def test_hf_round_trip_is_bitwise(tiny, tmp_path):
     assert json.loads((out / "config.json").read_text()) == tiny["hf_config"]
 
 
+def test_bf16_export_loads_in_transformers(tiny, tmp_path):
+    """`dtype=bfloat16` export: the fp32 tensors rounded to bf16, config.json saying so."""
+    import transformers
+    out = hf.save(tmp_path / "bf16", tiny["cfg"], tiny["params"], hf_config=tiny["hf_config"],
+                  dtype="bfloat16")
+    a, b = _tensors(tiny["path"]), _tensors(out)
+    for k in a:
+        assert str(b[k].dtype) == "bfloat16" and np.array_equal(a[k].astype(b[k].dtype), b[k]), k
+    model = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert model.dtype == torch.bfloat16 and type(model).__name__ == HF_FAMILY_CLASSES[tiny["family"]][1]
+
+
 def test_export_from_config_alone_loads_in_transformers(tiny, tmp_path):
     """config.json written from the ModelConfig alone (the family's own architectures,
     model_type and keys): transformers builds the same model from it."""
@@ -381,6 +393,21 @@ def test_sft_lowers_the_loss(trainable, lora):
     assert cli.main(["export", str(out), str(out / "hf_out")]) == 0
     written = json.loads((out / "hf_out" / "config.json").read_text())
     assert written["architectures"] == [HF_FAMILY_CLASSES[trainable["family"]][1]]
+    if not lora:   # and `jaxalign generate` runs the exported family model
+        assert cli.main(["generate", str(out / "hf_out"), "--chat", "--prompt", "What is 2 plus 3?",
+                         "--max-new-tokens", "4"]) == 0
+
+
+def test_reward_model_lowers_the_loss(trainable):
+    """`jaxalign rm` on a causal LM of the family: a score head, Bradley-Terry loss down."""
+    import math
+    from jaxalign.train.rm import RMConfig, run_rm
+    out = trainable["root"] / "rm"
+    raw = {**_common(trainable, out, 8),
+           "data": {"train": [{"path": str(trainable["prefs"])}], "seq_len": 192, "pack": False}}
+    run_rm(from_dict(RMConfig, raw), devices=jax.devices()[:1])
+    rows = _rows(out)
+    assert np.mean([r["loss"] for r in rows[-2:]]) < math.log(2) - 0.05, [r["loss"] for r in rows]
 
 
 def test_dpo_lowers_the_loss(trainable):
