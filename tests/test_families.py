@@ -275,8 +275,39 @@ def test_phi3_lora_targets_name_its_fused_modules():
     assert lcfg.lora_targets == ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "o_proj")
     params = functional.init_params(lcfg)
     assert "q_lora" in params["layers"]["attn"] and "up_lora" in params["layers"]["mlp"]
-    with pytest.raises(ConfigError, match="phi3.*merged"):
-        peft.save_peft("/nonexistent/never-written", lcfg, params)
+
+
+@pytest.mark.parametrize("targets", [("qkv_proj", "gate_up_proj", "o_proj", "down_proj"),
+                                     ("q_proj", "v_proj", "up_proj")], ids=["all", "some_parts"])
+def test_peft_adapter_of_fused_phi3_loads_in_peft_with_our_logits(tmp_path, targets):
+    """Our separate q / k / v (gate / up) adapters as one PEFT adapter on the fused HF module:
+    A stacked, B block-diagonal, rank and alpha scaled per module; PEFT's model = ours."""
+    peft_lib = pytest.importorskip("peft")
+    import transformers
+    src = tmp_path / "phi3"
+    make_tiny_family_hf(src, "phi3", sliding_window=7)
+    cfg, params, _ = hf.load(src)
+    cfg = LoRAConfig(rank=2, alpha=8, targets=targets).apply_to(cfg)
+    fresh = functional.init_params(cfg, seed=1)
+    key = iter(jax.random.split(jax.random.key(2), 64))
+
+    def adapters(tree, base):   # base weights from the checkpoint, adapters random (b != 0)
+        return {k: (adapters(v, base.get(k, {})) if isinstance(v, dict) and not k.endswith("_lora")
+                    else {"a": v["a"], "b": 0.5 * jax.random.normal(next(key), v["b"].shape)}
+                    if k.endswith("_lora") else base[k]) for k, v in tree.items()}
+
+    params = adapters(fresh, params)
+    peft.save_peft(tmp_path / "adapter", cfg, params, base_model_path=str(src))
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    fused = {"qkv_proj", "gate_up_proj"} & set(config["target_modules"])
+    assert fused and not {"q_proj", "k_proj", "v_proj", "up_proj"} & set(config["target_modules"])
+    base = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    model = peft_lib.PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    tokens, mask = padded_batch(seed=5)
+    ours = our_logits(cfg, params, tokens, mask)
+    ref = hf_logits(model, tokens, mask)
+    assert np.abs(ours - our_logits(cfg.without_lora(), hf.load(src)[1], tokens, mask)).max() > 0.1
+    assert_close(ours, ref, mask, f"phi3 PEFT {targets}")
 
 
 # ----------------------------------------------------------------------------- hub ids

@@ -107,10 +107,9 @@ class Family:
     refusals: tuple[Refusal, ...] = ()
     # config.json fields special to the family, for an export built from a ModelConfig alone
     config_keys: Callable[[Cfg], dict[str, Any]] = lambda cfg: {}
-    # HF module names a user may give as LoRA targets -> ours (Phi-3's fused projections)
+    # HF module names a user may give as LoRA targets -> ours (Phi-3's fused projections;
+    # a PEFT export joins their adapters back, convert/peft.py)
     lora_aliases: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
-    # PEFT adapters name HF modules; a fused HF module has no 1:1 adapter of ours
-    peft: bool = True
 
     @property
     def architectures(self) -> tuple[str, ...]:

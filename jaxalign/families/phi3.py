@@ -36,5 +36,4 @@ PHI3 = Family(
     ),
     config_keys=lambda c: {"sliding_window": c.sliding_window},
     lora_aliases={"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")},
-    peft=False,
 )
