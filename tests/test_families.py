@@ -473,3 +473,30 @@ def test_grpo_raises_the_reward(trainable):
     first = np.mean([r["reward_mean"] for r in rows[:4]])
     last = np.mean([r["reward_mean"] for r in rows[-4:]])
     assert last > first + 0.1, [round(r["reward_mean"], 3) for r in rows]
+
+
+# ----------------------------------------------------------------------------- released shapes
+
+@pytest.mark.parametrize("name", ["qwen2.5-0.5b", "qwen3-0.6b", "mistral-7b-v0.3", "phi-3-mini-4k"])
+def test_released_configs_give_transformers_tensor_shapes(name):
+    """The config.json of a released checkpoint (configs/arch/): every tensor our rows expect
+    has the shape transformers' own model of that config has (built on the meta device, no
+    weights), no tensor missing or extra, and the parameter count is the published one."""
+    import math
+    import transformers
+    from pathlib import Path
+    from jaxalign.train import plan
+    path = Path(__file__).resolve().parents[1] / "configs" / "arch" / name
+    cfg = plan.model_config(str(path))
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(
+            transformers.AutoConfig.from_pretrained(path))
+    theirs = {k: tuple(v.shape) for k, v in model.state_dict().items()
+              if not (cfg.tie_word_embeddings and k == "lm_head.weight")}
+    ours = {key: hf.expected_hf_shape(row, cfg) for row in hf.active_rows(cfg)
+            for key in hf.hf_keys(row, cfg)}
+    assert ours == theirs
+    published = {"qwen2.5-0.5b": 494_032_768, "qwen3-0.6b": 596_049_920,
+                 "mistral-7b-v0.3": 7_248_023_552, "phi-3-mini-4k": 3_821_079_552}
+    assert sum(math.prod(x.shape) for x in jax.tree.leaves(functional.abstract_params(cfg))) \
+        == published[name]

@@ -166,7 +166,7 @@ def open_hf(path: str | Path, **runtime) -> HFCheckpoint:
     return ckpt
 
 
-def _expected_hf_shape(row: Row | FusedRow, cfg: ModelConfig) -> tuple[int, ...]:
+def expected_hf_shape(row: Row | FusedRow, cfg: ModelConfig) -> tuple[int, ...]:
     dummies = []
     for path in row.paths:
         ours = _get(functional.abstract_params(cfg), path).shape
@@ -177,7 +177,7 @@ def _expected_hf_shape(row: Row | FusedRow, cfg: ModelConfig) -> tuple[int, ...]
 def _validate(ckpt: HFCheckpoint) -> None:
     cfg, expected = ckpt.cfg, set()
     for row in active_rows(cfg):
-        shape = _expected_hf_shape(row, cfg)
+        shape = expected_hf_shape(row, cfg)
         for key in hf_keys(row, cfg):
             expected.add(key)
             if key not in ckpt.files:
