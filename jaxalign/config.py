@@ -16,10 +16,7 @@ DTYPES = ("float32", "bfloat16")
 REMAT_POLICIES = ("none", "full", "dots", "attn")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-# HF architectures we read; anything else with model_type 'llama' (e.g. LlamaForTokenClassification,
-# LlamaForQuestionAnswering) has other heads and is refused by name.
-CAUSAL_LM_ARCHS = ("LlamaForCausalLM", "LLaMAForCausalLM")  # the second: early HF conversions
-CLASSIFIER_ARCH = "LlamaForSequenceClassification"
+# The HF model_types and architectures we read are the families' (jaxalign.families).
 
 
 from jaxalign import families
