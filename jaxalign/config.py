@@ -112,6 +112,8 @@ class ModelConfig:
         _require(self.dtype in DTYPES, f"model.dtype must be one of {DTYPES}")
         _require(self.remat in REMAT_POLICIES, f"model.remat must be one of {REMAT_POLICIES}")
         _require(self.attention in ATTENTION_IMPLS, f"model.attention must be one of {ATTENTION_IMPLS}")
+        _require(self.family in families.FAMILIES,
+                 f"model.family {self.family!r} is not one of {sorted(families.FAMILIES)}")
         _require(self.sliding_window is None or self.sliding_window > 0,
                  f"model.sliding_window must be positive or null, got {self.sliding_window}")
         _require(self.num_labels >= 0, f"model.num_labels must be >= 0, got {self.num_labels}")
