@@ -13,24 +13,16 @@ import types
 import typing
 from typing import Any, Literal, Mapping
 
-ROPE_TYPES = ("default", "linear", "llama3")
 DTYPES = ("float32", "bfloat16")
 REMAT_POLICIES = ("none", "full", "dots", "attn")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-# HF architectures we read; anything else with model_type 'llama' (e.g. LlamaForTokenClassification,
-# LlamaForQuestionAnswering) has other heads and is refused by name.
-CAUSAL_LM_ARCHS = ("LlamaForCausalLM", "LLaMAForCausalLM")  # the second: early HF conversions
-CLASSIFIER_ARCH = "LlamaForSequenceClassification"
+# The HF model_types and architectures we read are the families' (jaxalign.families).
 
 
-class JaxalignError(ValueError):
-    """Bad input that we can name: a file, row, tensor, key or mesh size. The CLI prints it
-    as one line instead of a traceback."""
-
-
-class ConfigError(JaxalignError):
-    """A configuration value is missing, unknown or out of range."""
+from jaxalign import families
+from jaxalign.errors import ConfigError, JaxalignError  # noqa: F401 (re-exported)
+from jaxalign.families.base import ROPE_TYPES
 
 
 def _require(cond: bool, msg: str) -> None:
@@ -73,6 +65,12 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     attention_bias: bool = False
     mlp_bias: bool = False
+    # The model family (jaxalign.families): its HF names and conversion rows. Its block
+    # differences are the flags below; each one off costs the Llama block nothing.
+    family: str = "llama"
+    qkv_bias: bool = False             # biases on q, k, v but not o (Qwen2)
+    qk_norm: bool = False              # per-head RMSNorm on q and k before RoPE (Qwen3)
+    sliding_window: int | None = None  # keys within this many positions only (Mistral, Phi-3)
     # 0: causal LM (LM head or tied embedding). > 0: a sequence classifier as in HF
     # LlamaForSequenceClassification, i.e. a `score` (hidden -> num_labels, no bias) read at the
     # rightmost token that is not `pad_token_id`, and no LM head; 1 = the scalar head of reward
@@ -115,6 +113,10 @@ class ModelConfig:
         _require(self.dtype in DTYPES, f"model.dtype must be one of {DTYPES}")
         _require(self.remat in REMAT_POLICIES, f"model.remat must be one of {REMAT_POLICIES}")
         _require(self.attention in ATTENTION_IMPLS, f"model.attention must be one of {ATTENTION_IMPLS}")
+        _require(self.family in families.FAMILIES,
+                 f"model.family {self.family!r} is not one of {sorted(families.FAMILIES)}")
+        _require(self.sliding_window is None or self.sliding_window > 0,
+                 f"model.sliding_window must be positive or null, got {self.sliding_window}")
         _require(self.num_labels >= 0, f"model.num_labels must be >= 0, got {self.num_labels}")
         _require(self.lora_rank >= 0, f"lora.rank must be >= 0, got {self.lora_rank}")
         _require(0.0 <= self.lora_dropout < 1.0, f"lora.dropout must be in [0, 1), got {self.lora_dropout}")
@@ -141,58 +143,11 @@ class ModelConfig:
 
         Anything we would have to approximate is refused with the field that caused it.
         """
-        model_type = hf.get("model_type")
-        _require(model_type == "llama",
-                 f"config.json: model_type {model_type!r} is not supported (only 'llama')")
-        act = hf.get("hidden_act", "silu")
-        _require(act == "silu", f"config.json: hidden_act {act!r} is not supported (only 'silu')")
-        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                    "num_attention_heads"):
-            _require(key in hf, f"config.json: required field {key!r} is missing")
         _require("num_labels" not in runtime,
                  "num_labels comes from config.json (its architectures); to put a score head on "
                  "a causal LM use checkpoint.load_model(path, num_labels=1)")
-        num_labels = num_labels_from_hf(hf)
-
-        # transformers 5 writes `rope_parameters` (theta inside); 4.x wrote `rope_theta`
-        # plus an optional `rope_scaling` dict. Accept both; where both are present,
-        # `rope_scaling` wins, as in transformers (convert_rope_params_to_dict).
-        rope = dict(hf.get("rope_scaling") or hf.get("rope_parameters") or {})
-        theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        _require(rope_type in ROPE_TYPES,
-                 f"config.json: rope type {rope_type!r} is not supported; expected one of {ROPE_TYPES}")
-        if rope_type in ("linear", "llama3"):
-            _require("factor" in rope, f"config.json: rope type {rope_type!r} needs 'factor'")
-        if rope_type == "llama3":
-            for key in ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
-                _require(key in rope, f"config.json: llama3 rope scaling needs {key!r}")
-
-        heads = hf["num_attention_heads"]
-        head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
-        return cls(
-            vocab_size=hf["vocab_size"],
-            hidden_size=hf["hidden_size"],
-            intermediate_size=hf["intermediate_size"],
-            num_layers=hf["num_hidden_layers"],
-            num_heads=heads,
-            num_kv_heads=hf.get("num_key_value_heads") or heads,
-            head_dim=head_dim,
-            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
-            rope_theta=float(theta),
-            rope_type=rope_type,
-            rope_factor=float(rope.get("factor", 1.0)),
-            rope_low_freq_factor=float(rope.get("low_freq_factor", 1.0)),
-            rope_high_freq_factor=float(rope.get("high_freq_factor", 4.0)),
-            rope_original_max_position=int(rope.get("original_max_position_embeddings", 8192)),
-            max_position_embeddings=hf.get("max_position_embeddings", 2048),
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            attention_bias=bool(hf.get("attention_bias", False)),
-            mlp_bias=bool(hf.get("mlp_bias", False)),
-            num_labels=num_labels,
-            pad_token_id=_pad_id(hf.get("pad_token_id")),
-            **runtime,
-        )
+        return cls(**families.read_config(hf), pad_token_id=_pad_id(hf.get("pad_token_id")),
+                   **runtime)
 
 
 def _pad_id(value) -> int | None:
@@ -208,20 +163,7 @@ def num_labels_from_hf(hf: Mapping[str, Any]) -> int:
     transformers 5 writes `id2label` (not `num_labels`); where both are present, `num_labels`
     wins, as in PretrainedConfig. With neither, transformers' default is 2 labels.
     """
-    archs = list(hf.get("architectures") or [])
-    known = CAUSAL_LM_ARCHS + (CLASSIFIER_ARCH,)
-    _require(len(archs) <= 1 and all(a in known for a in archs),
-             f"config.json: architectures {archs} is not supported; expected one of {list(known)}")
-    if archs != [CLASSIFIER_ARCH]:
-        return 0
-    if hf.get("num_labels") is not None:
-        n = int(hf["num_labels"])
-    elif hf.get("id2label"):
-        n = len(hf["id2label"])
-    else:
-        n = 2
-    _require(n >= 1, f"config.json: {CLASSIFIER_ARCH} with {n} labels")
-    return n
+    return families.num_labels(hf)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -291,7 +233,8 @@ class LoRAConfig:
 
     def apply_to(self, cfg: ModelConfig) -> ModelConfig:
         return cfg.replace(lora_rank=self.rank, lora_alpha=self.alpha, lora_dropout=self.dropout,
-                           lora_targets=tuple(self.targets))
+                           # a family may name fused HF modules (Phi-3's qkv_proj)
+                           lora_targets=families.lora_targets(cfg.family, tuple(self.targets)))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -106,8 +106,8 @@ def test_bare_name_is_a_local_path_never_the_hub(offline, tmp_path, monkeypatch,
 def test_fetch_reads_config_first_then_only_the_indexed_weights(tmp_path, monkeypatch):
     """Online path, with huggingface_hub's snapshot_download replaced by a local 'hub' that
     applies the same allow_patterns filter (huggingface_hub's filter_repo_objects): the first
-    call fetches config, tokenizer and index; the second exactly the shards the index names,
-    at the commit the first resolved. A stray top-level *.safetensors and every subfolder
+    call fetches config.json alone (checked before anything else), the second the tokenizer
+    and index, the third exactly the shards the index names, at the commit the first resolved. A stray top-level *.safetensors and every subfolder
     (original/, onnx/) are never fetched."""
     import huggingface_hub
     from huggingface_hub.utils import filter_repo_objects
@@ -138,10 +138,11 @@ def test_fetch_reads_config_first_then_only_the_indexed_weights(tmp_path, monkey
         snap = hub.resolve("hf://org/sharded")
     finally:
         hub.clear_cache()
-    assert calls[0] == (None, ["config.json", "model.safetensors.index.json", "tokenizer.json"])
-    assert calls[1] == (sha, ["model-00001-of-00002.safetensors",
+    assert calls[0] == (None, ["config.json"])
+    assert calls[1] == (sha, ["config.json", "model.safetensors.index.json", "tokenizer.json"])
+    assert calls[2] == (sha, ["model-00001-of-00002.safetensors",
                               "model-00002-of-00002.safetensors"])
-    assert len(calls) == 2 and not (snap / "original").exists() \
+    assert len(calls) == 3 and not (snap / "original").exists() \
         and not (snap / "consolidated.safetensors").exists()
     bad = tmp_path / "bad"
     bad.mkdir()

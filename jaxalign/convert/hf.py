@@ -1,11 +1,12 @@
-"""Hugging Face Llama checkpoints <-> jaxalign params, through one declarative table.
+"""Hugging Face checkpoints <-> jaxalign params, through each family's declarative table.
 
-Each row names an HF key (with `{i}` for the layer index), our param path, and a
-transform that is applied forwards on import and backwards on export. Per-layer HF
-tensors are stacked on a leading 'layers' axis on import and unstacked on export.
+Each row (`jaxalign.families.base.Row`) names an HF key (with `{i}` for the layer index), our
+param path, and a transform that is applied forwards on import and backwards on export; a
+fused row (Phi-3's qkv_proj) splits one HF tensor into several of ours and joins them back.
+Per-layer HF tensors are stacked on a leading 'layers' axis on import and unstacked on export.
 
-LlamaForCausalLM and LlamaForSequenceClassification (reward models: `score.weight`
-instead of `lm_head.weight`, `cfg.num_labels > 0`) are read and written.
+Every family's <Family>ForCausalLM and <Family>ForSequenceClassification (reward models:
+`score.weight` instead of `lm_head.weight`, `cfg.num_labels > 0`) are read and written.
 """
 
 from __future__ import annotations
@@ -25,8 +26,10 @@ from jax.sharding import Mesh
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
-from jaxalign import rundir
-from jaxalign.config import CLASSIFIER_ARCH, JaxalignError, ModelConfig, num_labels_from_hf
+from jaxalign import families, rundir
+from jaxalign.config import JaxalignError, ModelConfig, num_labels_from_hf
+from jaxalign.families.base import (  # noqa: F401 (the row vocabulary, re-exported)
+    IDENTITY, KV_BIAS, KV_PROJ, O_PROJ, Q_BIAS, Q_PROJ, TRANSPOSE, FusedRow, Row, Transform)
 from jaxalign.models import functional
 
 log = logging.getLogger(__name__)
@@ -42,67 +45,12 @@ class CheckpointError(JaxalignError):
     """An HF checkpoint directory cannot be read exactly."""
 
 
-@dataclasses.dataclass(frozen=True)
-class Transform:
-    """HF array -> our array (`fwd`) and back (`inv`); both pure reshapes / transposes."""
-    fwd: Callable[[np.ndarray, ModelConfig], np.ndarray]
-    inv: Callable[[np.ndarray, ModelConfig], np.ndarray]
+# The Llama rows; each family's are `families.get(name).rows`.
+TABLE = families.FAMILIES["llama"].rows
 
 
-IDENTITY = Transform(lambda x, c: x, lambda x, c: x)
-TRANSPOSE = Transform(lambda x, c: x.T, lambda x, c: x.T)
-# nn.Linear stores (out, in); ours is (in, heads, head_dim) for q/k/v ...
-Q_PROJ = Transform(lambda x, c: x.T.reshape(c.hidden_size, c.num_heads, c.head_dim),
-                   lambda x, c: x.reshape(c.hidden_size, -1).T)
-KV_PROJ = Transform(lambda x, c: x.T.reshape(c.hidden_size, c.num_kv_heads, c.head_dim),
-                    lambda x, c: x.reshape(c.hidden_size, -1).T)
-# ... and (heads, head_dim, out) for o.
-O_PROJ = Transform(lambda x, c: x.T.reshape(c.num_heads, c.head_dim, c.hidden_size),
-                   lambda x, c: x.reshape(-1, c.hidden_size).T)
-Q_BIAS = Transform(lambda x, c: x.reshape(c.num_heads, c.head_dim), lambda x, c: x.reshape(-1))
-KV_BIAS = Transform(lambda x, c: x.reshape(c.num_kv_heads, c.head_dim), lambda x, c: x.reshape(-1))
-
-
-@dataclasses.dataclass(frozen=True)
-class Row:
-    hf_key: str                  # '{i}' = layer index
-    path: tuple[str, ...]        # our param path; per-layer rows live under 'layers'
-    transform: Transform
-    when: Callable[[ModelConfig], bool] = lambda c: True
-
-    @property
-    def per_layer(self) -> bool:
-        return "{i}" in self.hf_key
-
-
-_L = "model.layers.{i}."
-TABLE: tuple[Row, ...] = (
-    Row("model.embed_tokens.weight", ("embed",), IDENTITY),
-    Row("model.norm.weight", ("final_norm", "scale"), IDENTITY),
-    Row("lm_head.weight", ("lm_head",), TRANSPOSE,
-        lambda c: c.num_labels == 0 and not c.tie_word_embeddings),
-    Row("score.weight", ("score",), TRANSPOSE, lambda c: c.num_labels > 0),
-    Row(_L + "input_layernorm.weight", ("layers", "attn_norm", "scale"), IDENTITY),
-    Row(_L + "post_attention_layernorm.weight", ("layers", "mlp_norm", "scale"), IDENTITY),
-    Row(_L + "self_attn.q_proj.weight", ("layers", "attn", "q"), Q_PROJ),
-    Row(_L + "self_attn.k_proj.weight", ("layers", "attn", "k"), KV_PROJ),
-    Row(_L + "self_attn.v_proj.weight", ("layers", "attn", "v"), KV_PROJ),
-    Row(_L + "self_attn.o_proj.weight", ("layers", "attn", "o"), O_PROJ),
-    Row(_L + "self_attn.q_proj.bias", ("layers", "attn", "q_bias"), Q_BIAS, lambda c: c.attention_bias),
-    Row(_L + "self_attn.k_proj.bias", ("layers", "attn", "k_bias"), KV_BIAS, lambda c: c.attention_bias),
-    Row(_L + "self_attn.v_proj.bias", ("layers", "attn", "v_bias"), KV_BIAS, lambda c: c.attention_bias),
-    Row(_L + "self_attn.o_proj.bias", ("layers", "attn", "o_bias"), IDENTITY, lambda c: c.attention_bias),
-    Row(_L + "mlp.gate_proj.weight", ("layers", "mlp", "gate"), TRANSPOSE),
-    Row(_L + "mlp.up_proj.weight", ("layers", "mlp", "up"), TRANSPOSE),
-    Row(_L + "mlp.down_proj.weight", ("layers", "mlp", "down"), TRANSPOSE),
-    Row(_L + "mlp.gate_proj.bias", ("layers", "mlp", "gate_bias"), IDENTITY, lambda c: c.mlp_bias),
-    Row(_L + "mlp.up_proj.bias", ("layers", "mlp", "up_bias"), IDENTITY, lambda c: c.mlp_bias),
-    Row(_L + "mlp.down_proj.bias", ("layers", "mlp", "down_bias"), IDENTITY, lambda c: c.mlp_bias),
-)
-
-
-def active_rows(cfg: ModelConfig) -> list[Row]:
-    return [r for r in TABLE if r.when(cfg)]
+def active_rows(cfg: ModelConfig) -> list[Row | FusedRow]:
+    return families.get(cfg.family).active_rows(cfg)
 
 
 def hf_keys(row: Row, cfg: ModelConfig) -> list[str]:
@@ -227,18 +175,18 @@ def open_hf(path: str | Path, **runtime) -> HFCheckpoint:
     return ckpt
 
 
-def _expected_hf_shape(row: Row, cfg: ModelConfig) -> tuple[int, ...]:
-    ours = _get(functional.abstract_params(cfg), row.path).shape
-    if row.per_layer:
-        ours = ours[1:]
-    dummy = np.zeros(ours, np.int8)
-    return row.transform.inv(dummy, cfg).shape
+def expected_hf_shape(row: Row | FusedRow, cfg: ModelConfig) -> tuple[int, ...]:
+    dummies = []
+    for path in row.paths:
+        ours = _get(functional.abstract_params(cfg), path).shape
+        dummies.append(np.zeros(ours[1:] if row.per_layer else ours, np.int8))
+    return row.to_hf(tuple(dummies), cfg).shape
 
 
 def _validate(ckpt: HFCheckpoint) -> None:
     cfg, expected = ckpt.cfg, set()
     for row in active_rows(cfg):
-        shape = _expected_hf_shape(row, cfg)
+        shape = expected_hf_shape(row, cfg)
         for key in hf_keys(row, cfg):
             expected.add(key)
             if key not in ckpt.files:
@@ -260,8 +208,8 @@ def _validate(ckpt: HFCheckpoint) -> None:
         extra.remove("lm_head.weight")
     if extra:
         raise CheckpointError(f"{ckpt.path}: unexpected tensor(s) {extra[:5]}"
-                              f"{' ...' if len(extra) > 5 else ''} not used by a Llama with this "
-                              "config.json (wrong architecture or config?)")
+                              f"{' ...' if len(extra) > 5 else ''} not used by a {cfg.family} "
+                              "model with this config.json (wrong architecture or config?)")
 
 
 def load_params(ckpt: HFCheckpoint, mesh: Mesh | None = None) -> functional.Params:
@@ -275,15 +223,18 @@ def load_params(ckpt: HFCheckpoint, mesh: Mesh | None = None) -> functional.Para
     shardings = functional.param_shardings(cfg, mesh) if mesh is not None else None
     params: dict = {}
     for row in active_rows(cfg):
-        arrays = [row.transform.fwd(ckpt.files[k].get(k), cfg) for k in hf_keys(row, cfg)]
-        host = (np.stack(arrays) if row.per_layer else arrays[0]).astype(pdtype)
-        if shardings is None:
-            value = jax.device_put(host)
-        else:
-            value = jax.make_array_from_callback(host.shape, _get(shardings, row.path),
-                                                 lambda idx, h=host: h[idx])
-        _set(params, row.path, value)
-        del arrays, host
+        arrays = [row.to_ours(ckpt.files[k].get(k), cfg) for k in hf_keys(row, cfg)]
+        for n, path in enumerate(row.paths):
+            part = [a[n] for a in arrays]
+            host = (np.stack(part) if row.per_layer else part[0]).astype(pdtype)
+            if shardings is None:
+                value = jax.device_put(host)
+            else:
+                value = jax.make_array_from_callback(host.shape, _get(shardings, path),
+                                                     lambda idx, h=host: h[idx])
+            _set(params, path, value)
+            del part, host
+        del arrays
     return params
 
 
@@ -308,14 +259,14 @@ def _to_host(x: jax.Array) -> np.ndarray:
 def hf_tensors(cfg: ModelConfig, params: functional.Params, dtype: np.dtype | None = None):
     """Yields (hf_key, numpy array) for every tensor of the HF layout."""
     for row in active_rows(cfg):
-        host = _to_host(_get(params, row.path))
+        hosts = [_to_host(_get(params, path)) for path in row.paths]
         if dtype is not None:
-            host = host.astype(dtype)
+            hosts = [h.astype(dtype) for h in hosts]
         if row.per_layer:
             for i, key in enumerate(hf_keys(row, cfg)):
-                yield key, np.ascontiguousarray(row.transform.inv(host[i], cfg))
+                yield key, np.ascontiguousarray(row.to_hf(tuple(h[i] for h in hosts), cfg))
         else:
-            yield row.hf_key, np.ascontiguousarray(row.transform.inv(host, cfg))
+            yield row.hf_key, np.ascontiguousarray(row.to_hf(tuple(hosts), cfg))
 
 
 def hf_config_for(cfg: ModelConfig, base: dict[str, Any] | None = None, *,
@@ -333,13 +284,13 @@ def hf_config_for(cfg: ModelConfig, base: dict[str, Any] | None = None, *,
         base_labels = num_labels_from_hf(config)
         if cfg.num_labels == 0 and base_labels > 0:
             raise CheckpointError(f"the model is a causal LM but its source config.json is a "
-                                  f"{CLASSIFIER_ARCH}; export it without hf_config")
+                                  f"{families.get(cfg.family).classifier}; export it without hf_config")
         if cfg.num_labels > 0 and base_labels != cfg.num_labels:
-            config.update(_classifier_fields(cfg.num_labels))
+            config.update(_classifier_fields(cfg))
     else:
         config = _config_from_cfg(cfg)
         if cfg.num_labels > 0:
-            config.update(_classifier_fields(cfg.num_labels))
+            config.update(_classifier_fields(cfg))
     if cfg.num_labels > 0 and cfg.pad_token_id is not None:
         config["pad_token_id"] = int(cfg.pad_token_id)
     elif pad_token_id is not None:
@@ -347,10 +298,11 @@ def hf_config_for(cfg: ModelConfig, base: dict[str, Any] | None = None, *,
     return config
 
 
-def _classifier_fields(num_labels: int) -> dict[str, Any]:
+def _classifier_fields(cfg: ModelConfig) -> dict[str, Any]:
     # What transformers writes (id2label / label2id), plus num_labels for other readers.
+    num_labels = cfg.num_labels
     labels = [f"LABEL_{i}" for i in range(num_labels)]
-    return {"architectures": [CLASSIFIER_ARCH], "num_labels": num_labels,
+    return {"architectures": [families.get(cfg.family).classifier], "num_labels": num_labels,
             "id2label": {str(i): name for i, name in enumerate(labels)},
             "label2id": {name: i for i, name in enumerate(labels)}}
 
@@ -363,8 +315,10 @@ def _config_from_cfg(cfg: ModelConfig) -> dict[str, Any]:
         rope.update(low_freq_factor=cfg.rope_low_freq_factor,
                     high_freq_factor=cfg.rope_high_freq_factor,
                     original_max_position_embeddings=cfg.rope_original_max_position)
+    family = families.get(cfg.family)
     return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
+        "architectures": [family.causal_lm[0]], "model_type": family.model_types[0],
+        "hidden_act": "silu",
         "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
         "intermediate_size": cfg.intermediate_size, "num_hidden_layers": cfg.num_layers,
         "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads,
@@ -373,6 +327,7 @@ def _config_from_cfg(cfg: ModelConfig) -> dict[str, Any]:
         "tie_word_embeddings": cfg.tie_word_embeddings, "attention_bias": cfg.attention_bias,
         "mlp_bias": cfg.mlp_bias, "dtype": cfg.param_dtype,
         **({"pad_token_id": cfg.pad_token_id} if cfg.pad_token_id is not None else {}),
+        **family.config_keys(cfg),
     }
 
 

@@ -7,8 +7,8 @@ exist is refused naming it (a typo or the wrong working directory must not load 
 else's weights and chat template from the hub).
 
 Only what a model needs is fetched, and only from the repository's top level: first its
-config.json, tokenizer files and safetensors index, then exactly the safetensors files that
-index names (or `model.safetensors` without one); no pytorch .bin, no GGUF, no README
+config.json, which must describe a model we implement (else nothing more is fetched), then its
+tokenizer files and safetensors index, then exactly the safetensors files that index names (or `model.safetensors` without one); no pytorch .bin, no GGUF, no README
 images, no other `*.safetensors` (an `original/` or `onnx/` folder). The hub cache is huggingface_hub's own
 (`HF_HUB_CACHE`, else `HF_HOME/hub`, else ~/.cache/huggingface/hub), shared with
 transformers; with `HF_HUB_OFFLINE=1` the snapshot must already be in it. The environment
@@ -22,12 +22,13 @@ started from a hub model pins that hash in its description (checkpoint.describe_
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 import re
 from pathlib import Path
 
-from jaxalign.config import JaxalignError
+from jaxalign.config import JaxalignError, ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +113,6 @@ def resolve(name: str | Path, revision: str | None = None, *, config_only: bool 
 
 def _weight_files(snapshot: Path, where: str) -> list[str]:
     """The safetensors files the index names (top level only), or model.safetensors."""
-    import json
     if not (snapshot / "config.json").is_file():
         raise HubError(f"{where}: the repository has no config.json at its top level")
     index = snapshot / INDEX
@@ -129,6 +129,13 @@ def _weight_files(snapshot: Path, where: str) -> list[str]:
     return names
 
 
+def _check_config(snapshot: Path, where: str) -> None:
+    try:
+        ModelConfig.from_hf(json.loads((snapshot / "config.json").read_text()))
+    except (OSError, ValueError, JaxalignError) as e:
+        raise HubError(f"{where}: {e}; no weights were downloaded") from None
+
+
 @functools.lru_cache(maxsize=None)
 def _snapshot(repo_id: str, revision: str | None, cache: str, local_only: bool,
               config_only: bool) -> Path:
@@ -136,11 +143,16 @@ def _snapshot(repo_id: str, revision: str | None, cache: str, local_only: bool,
     # and each online call would ask the hub again.
     rev = revision or "main"
     where = f"hub model {HUB_PREFIX}{repo_id} (revision {rev})"
+    first = _download(repo_id, revision, cache, local_only, ["config.json"], where)
     if config_only:
-        return _download(repo_id, revision, cache, local_only, ["config.json"], where)
-    out = _download(repo_id, revision, cache, local_only, list(ALLOW_PATTERNS), where)
-    # The weights second, pinned to the commit the first call resolved (a branch may move).
-    commit = out.name if _COMMIT.match(out.name) else revision
+        return first
+    # An architecture or config field we do not implement is refused before anything else
+    # is fetched.
+    _check_config(first, where)
+    # The rest pinned to the commit the first call resolved (a branch may move): the side
+    # files and the index, then the weights the index names.
+    commit = first.name if _COMMIT.match(first.name) else revision
+    out = _download(repo_id, commit, cache, local_only, list(ALLOW_PATTERNS), where)
     out = _download(repo_id, commit, cache, local_only, _weight_files(out, where), where)
     log.info("%s: %s", where, out)
     return out

@@ -221,11 +221,15 @@ class Attention(nnx.Module):
         self.k_lora = _maybe_lora(cfg, "k_proj", (D,), (K, H), ("embed",), ("kv_heads", "head_dim"), rngs)
         self.v_lora = _maybe_lora(cfg, "v_proj", (D,), (K, H), ("embed",), ("kv_heads", "head_dim"), rngs)
         self.o_lora = _maybe_lora(cfg, "o_proj", (N, H), (D,), ("heads", "head_dim"), ("embed",), rngs)
-        if cfg.attention_bias:
+        if cfg.attention_bias or cfg.qkv_bias:
             self.q_bias = _param(None, (N, H), ("heads", "head_dim"), pd, "zeros")
             self.k_bias = _param(None, (K, H), ("kv_heads", "head_dim"), pd, "zeros")
             self.v_bias = _param(None, (K, H), ("kv_heads", "head_dim"), pd, "zeros")
+        if cfg.attention_bias:
             self.o_bias = _param(None, (D,), ("vector",), pd, "zeros")
+        if cfg.qk_norm:   # Qwen3: over each head's H features, before RoPE
+            self.q_norm = RMSNorm(H, cfg.rms_norm_eps, pd)
+            self.k_norm = RMSNorm(H, cfg.rms_norm_eps, pd)
 
     def __call__(self, x_BTD, cos_BTH, sin_BTH, mask_BTS, kv_cache=None, cache_end=None,
                  key=None, use_lora=True):
@@ -235,10 +239,12 @@ class Attention(nnx.Module):
         q_BTNH = _adapt(project(x_BTD, self.q[...], 1, dt), self.q_lora, x_BTD, key, 0, use_lora)
         k_BTKH = _adapt(project(x_BTD, self.k[...], 1, dt), self.k_lora, x_BTD, key, 1, use_lora)
         v_BTKH = _adapt(project(x_BTD, self.v[...], 1, dt), self.v_lora, x_BTD, key, 2, use_lora)
-        if cfg.attention_bias:
+        if cfg.attention_bias or cfg.qkv_bias:
             q_BTNH += self.q_bias[...].astype(dt)
             k_BTKH += self.k_bias[...].astype(dt)
             v_BTKH += self.v_bias[...].astype(dt)
+        if cfg.qk_norm:
+            q_BTNH, k_BTKH = self.q_norm(q_BTNH), self.k_norm(k_BTKH)
         q_BTNH = constrain(apply_rope(q_BTNH, cos_BTH, sin_BTH), ("batch", "seq", "heads", None))
         k_BTKH = constrain(apply_rope(k_BTKH, cos_BTH, sin_BTH), ("batch", "seq", "kv_heads", None))
         v_BTKH = constrain(v_BTKH, ("batch", "seq", "kv_heads", None))
@@ -381,6 +387,8 @@ class Llama(nnx.Module):
             q_idx, k_idx = jnp.arange(T)[:, None], jnp.arange(T)[None, :]
             same_segment = segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
             mask_BTS = (k_idx <= q_idx)[None] & same_segment & (segment_ids_BT[:, None, :] > 0)
+            if cfg.sliding_window is not None:   # transformers: kv > q - window
+                mask_BTS &= (q_idx - k_idx < cfg.sliding_window)[None]
             end, kv = None, None
         else:
             end = cache["end"]
@@ -388,6 +396,10 @@ class Llama(nnx.Module):
             S = valid_BS.shape[1]
             q_slot, k_slot = end + jnp.arange(T)[:, None], jnp.arange(S)[None, :]
             mask_BTS = (k_slot <= q_slot)[None] & valid_BS[:, None, :]
+            if cfg.sliding_window is not None:
+                # Slots are positions shifted by each row's left padding, so slot distance
+                # is position distance.
+                mask_BTS &= (q_slot - k_slot < cfg.sliding_window)[None]
             kv = (cache["k"], cache["v"])
 
         if layer_params is not None:

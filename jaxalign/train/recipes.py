@@ -32,7 +32,7 @@ RECIPES: dict[str, Recipe] = {
                   "supervised fine-tuning"),
     "rm": Recipe("jaxalign.train.rm:RMConfig", "jaxalign.train.rm:run_rm",
                  "reward modelling (Bradley-Terry); train.export_hf writes an HF "
-                 "LlamaForSequenceClassification"),
+                 "<Family>ForSequenceClassification"),
     "dpo": Recipe("jaxalign.train.dpo:DPOConfig", "jaxalign.train.dpo:run_dpo",
                   "DPO and variants (sigmoid / cDPO, ipo, hinge, robust; orpo, simpo without "
                   "a reference model)"),
