@@ -111,7 +111,10 @@ def test_fetch_reads_config_first_then_only_the_indexed_weights(tmp_path, monkey
     (original/, onnx/) are never fetched."""
     import huggingface_hub
     from huggingface_hub.utils import filter_repo_objects
-    remote = {"config.json": "{}", "tokenizer.json": "{}", "README.md": "",
+    from transformers import LlamaConfig
+    config = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=112,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    remote = {"config.json": config.to_json_string(), "tokenizer.json": "{}", "README.md": "",
               "model.safetensors.index.json": json.dumps({"weight_map": {
                   "a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}),
               "model-00001-of-00002.safetensors": "", "model-00002-of-00002.safetensors": "",
