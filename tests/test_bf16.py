@@ -20,25 +20,27 @@ from jaxalign.train.recipes import RECIPES
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 # name: (command, tiny config, overrides). Few short steps each: the fp32 twin doubles the cost.
+# The DPO variants share DPO's model path (only the loss array function differs): ORPO stands
+# for the reference-free ones.
 SUPERVISED = {
     "sft": ("sft", "tiny_sft.yaml", []),
     "sft_lora": ("sft", "tiny_sft.yaml", ["lora.rank=8", "lora.targets=[q_proj,v_proj,down_proj]"]),
     "rm": ("rm", "tiny_rm.yaml", ["train.export_hf=false"]),
     "dpo": ("dpo", "tiny_dpo.yaml", []),
-    "dpo_lora": ("dpo", "tiny_dpo.yaml", ["lora.rank=8"]),
-    "ipo": ("dpo", "tiny_dpo.yaml", ["dpo.loss_type=ipo"]),
+    "dpo_lora": ("dpo", "tiny_dpo.yaml", ["lora.rank=8", "dpo.loss_type=ipo"]),
     "orpo": ("dpo", "tiny_orpo.yaml", []),
-    "simpo": ("dpo", "tiny_simpo.yaml", []),
     "kto": ("kto", "tiny_kto.yaml", []),
 }
 RL = {
-    "ppo": ("ppo", "tiny_ppo.yaml", []),
-    "grpo": ("ppo", "tiny_ppo.yaml", ["algorithm=grpo", "rollout.batch_size=4",
+    "ppo": ("ppo", "tiny_ppo.yaml", ["rollout.batch_size=8"]),
+    "grpo": ("ppo", "tiny_ppo.yaml", ["algorithm=grpo", "rollout.batch_size=2",
                                       "rollout.num_generations=4"]),
-    "rloo": ("ppo", "tiny_rloo.yaml", []),
-    "ppo_lora": ("ppo", "tiny_ppo.yaml", ["lora.rank=8"]),
+    "rloo_lora": ("ppo", "tiny_rloo.yaml", ["lora.rank=8"]),
 }
-STEPS = 6
+STEPS = 4
+ITERATIONS = 2
+# Small shapes: bf16 against fp32 needs no long rows (the tiny configs' 192-256 fit every row).
+SHAPE = ["train.batch_size=8", "data.seq_len=128"]
 
 
 @pytest.fixture(scope="module")
@@ -58,14 +60,14 @@ def _data_overrides(root: Path, command: str, config: str) -> list[str]:
     if command == "sft":
         return [f"data.train=[{root / 'tasks/train.jsonl'}]"]
     split = "prefs_unpaired" if command == "kto" else "prefs"
-    return [f"data.train=[{root / split / 'train.jsonl'}]", f"data.eval=[{root / split / 'eval.jsonl'}]"]
+    return [f"data.train=[{root / split / 'train.jsonl'}]", "data.eval=[]"]
 
 
 def _run(tiny, tmp_path: Path, case: tuple, dtype: str, extra=()) -> list[dict]:
     root, model = tiny
     command, config, overrides = case
-    length = ["train.iterations=3"] if command == "ppo" else [
-        f"train.steps={STEPS}", "train.log_every=1", "train.eval_every=0"]
+    length = [f"train.iterations={ITERATIONS}"] if command == "ppo" else [
+        f"train.steps={STEPS}", "train.log_every=1", "train.eval_every=0", *SHAPE]
     out = tmp_path / dtype
     raw = load_yaml(str(CONFIGS / config), [
         f"out_dir={out}", f"model.path={model}", f"model.dtype={dtype}", "train.save_every=0",
@@ -92,7 +94,7 @@ def test_bf16_tracks_fp32(tiny, tmp_path, name):
 def test_bf16_rl_tracks_fp32(tiny, tmp_path, name):
     fp32 = _run(tiny, tmp_path, RL[name], "float32")
     bf16 = _run(tiny, tmp_path, RL[name], "bfloat16")
-    assert [r["step"] for r in bf16] == [r["step"] for r in fp32] == [1, 2, 3]
+    assert [r["step"] for r in bf16] == [r["step"] for r in fp32] == [1, 2]
     for r in bf16:
         assert all(np.isfinite(v) for v in r.values() if isinstance(v, (int, float))), r
     # Rollouts are sampled, so rewards differ; what the policy is (its entropy over the
@@ -104,7 +106,7 @@ def test_bf16_rl_tracks_fp32(tiny, tmp_path, name):
     assert all(abs(r["logprob_gap"]) < 0.05 for r in bf16), [r["logprob_gap"] for r in bf16]
 
 
-@pytest.mark.parametrize("name", ["sft", "sft_lora", "dpo"])
+@pytest.mark.parametrize("name", ["sft", "sft_lora"])
 def test_param_dtype_bfloat16_trains(tiny, tmp_path, name):
     """model.param_dtype=bfloat16 (bf16 weights and Adam moments) trains instead of failing in
     the step's non-finite guard (a lax.cond whose branches disagreed on the moments' dtype)."""
@@ -115,7 +117,7 @@ def test_param_dtype_bfloat16_trains(tiny, tmp_path, name):
 
 def test_param_dtype_bfloat16_rl(tiny, tmp_path):
     rows = _run(tiny, tmp_path, RL["ppo"], "bfloat16", ["model.param_dtype=bfloat16"])
-    assert [r["step"] for r in rows] == [1, 2, 3] and all(np.isfinite(r["loss"]) for r in rows)
+    assert [r["step"] for r in rows] == [1, 2] and all(np.isfinite(r["loss"]) for r in rows)
 
 
 def _dots(hlo: str) -> list[tuple[str, str]]:
