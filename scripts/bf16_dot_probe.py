@@ -8,9 +8,11 @@ and its speed:
   f32    XLA upcast the operands to fp32 first (the library does not take that layout)
   LOOSE  a bf16 x bf16 -> f32 dot left to the generic runtime, which refuses it at run time
          ("Unsupported element type for DotThunk::Execute")
-Each form is also tried with the transposed operand materialised behind
-`jax.lax.optimization_barrier` (what jaxalign's backward passes do), so that XLA cannot fold
-the transpose back into the dot. Run once as is and once with --onednn (a child process with
+Each form is also tried with the transposed operand copied out by
+`jaxalign.precision.materialize` (what jaxalign's bf16 backward passes do): behind an
+optimization barrier with a unit axis added, so that XLA can neither fold the transpose back
+into the dot nor give it the column-major layout that makes it free (a barrier alone keeps
+that layout: the "barrier only" row). Run once as is and once with --onednn (a child process with
 XLA_FLAGS=--xla_cpu_use_onednn=true, read only at backend start-up).
 
     python scripts/bf16_dot_probe.py [--onednn] [--both]
@@ -33,6 +35,8 @@ def _forms():
     import jax
     import jax.numpy as jnp
 
+    from jaxalign.precision import materialize as mat
+
     f32 = dict(preferred_element_type=jnp.float32)
     bar = jax.lax.optimization_barrier
     mm = 2 * M * K * N
@@ -41,21 +45,25 @@ def _forms():
         # name, fn, operand shapes, flops
         ("fwd x W            [M,K]@[K,N]", lambda x, w: jnp.dot(x, w, **f32), [(M, K), (K, N)], mm),
         ("dx = g W^T (folded)  [M,N]@[K,N]^T", lambda g, w: jnp.dot(g, w.T, **f32), [(M, N), (K, N)], mm),
-        ("dx = g W^T (barrier) [M,N]@bar([N,K])", lambda g, w: jnp.dot(g, bar(w.T), **f32),
-         [(M, N), (K, N)], mm),
+        ("dx = g W^T dot_general (no transpose op)", lambda g, w: jax.lax.dot_general(
+            g, w, (((1,), (1,)), ((), ())), **f32), [(M, N), (K, N)], mm),
         ("dW = x^T g (folded)  [M,K]^T@[M,N]", lambda x, g: jnp.dot(x.T, g, **f32), [(M, K), (M, N)], mm),
-        ("dW = x^T g (barrier) bar([K,M])@[M,N]", lambda x, g: jnp.dot(bar(x.T), g, **f32),
+        ("dW = x^T g (barrier only)", lambda x, g: jnp.dot(bar(x.T), g, **f32),
+         [(M, K), (M, N)], mm),
+        ("dW = x^T g (materialize)", lambda x, g: jnp.dot(mat(x.T), g, **f32),
          [(M, K), (M, N)], mm),
         ("attn s = q k^T   bkrh,bksh->bkrs", lambda q, k: jnp.einsum("bkrh,bksh->bkrs", q, k, **f32),
          [(B, KV, R, H), (B, KV, S, H)], att),
-        ("attn s (barrier) bkrh,bkhs->bkrs", lambda q, k: jnp.einsum(
-            "bkrh,bkhs->bkrs", q, bar(k.swapaxes(2, 3)), **f32), [(B, KV, R, H), (B, KV, S, H)], att),
+        ("attn s, k from (B,S,K,H) transposed", lambda q, k: jnp.einsum(
+            "bkrh,bksh->bkrs", q, k.transpose(0, 2, 1, 3), **f32), [(B, KV, R, H), (B, S, KV, H)], att),
+        ("attn s, k transposed + materialize", lambda q, k: jnp.einsum(
+            "bkrh,bksh->bkrs", q, mat(k.transpose(0, 2, 1, 3)), **f32), [(B, KV, R, H), (B, S, KV, H)], att),
         ("attn o = p v     bkrs,bksh->bkrh", lambda p, v: jnp.einsum("bkrs,bksh->bkrh", p, v, **f32),
          [(B, KV, R, S), (B, KV, S, H)], att),
         ("attn dv = p^T do bkrs,bkrh->bksh", lambda p, d: jnp.einsum("bkrs,bkrh->bksh", p, d, **f32),
          [(B, KV, R, S), (B, KV, R, H)], att),
-        ("attn dv (barrier) bksr,bkrh->bksh", lambda p, d: jnp.einsum(
-            "bksr,bkrh->bksh", bar(p.swapaxes(2, 3)), d, **f32), [(B, KV, R, S), (B, KV, R, H)], att),
+        ("attn dv^T = mat(do^T) p (jaxalign)", lambda p, d: jnp.einsum(
+            "bkhr,bkrs->bkhs", mat(d.swapaxes(2, 3)), p, **f32), [(B, KV, R, S), (B, KV, R, H)], att),
     ]
 
 
