@@ -12,3 +12,50 @@ def matmul_precision(dtype) -> jax.lax.Precision:
     GPUs otherwise run fp32 dots as TF32 (XLA's default), which put SmolLM2-shaped logits
     1.5e-2 away from transformers' fp32 on an H200; on CPU both give the same code."""
     return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else jax.lax.Precision.DEFAULT
+
+
+def row_major_dots(dtype) -> bool:
+    """Whether a matmul over `dtype` operands must be written in the one form XLA's CPU backend
+    runs in 16 bits: both operands fresh row-major arrays, the left one contracting its last
+    axis (x @ w, or x @ w^T as a dot_general that contracts both last axes).
+
+    On CPU a bf16 x bf16 -> fp32 dot runs in YNNPACK's fast kernel (AVX512-BF16 / AMX) only in
+    that form; any other form (a transposed operand, x^T @ g over the tokens) is upcast to two
+    fp32 copies and an fp32 dot, 4-7x slower, and where XLA folds a transpose into such a dot
+    after that choice (inside a loop body), the generic runtime refuses it ("Unsupported
+    element type for DotThunk::Execute: BF16 x BF16 = F32"); scripts/bf16_dot_probe.py shows
+    each form. GPUs take every form as it is, and fp32 keeps the forms it was tuned with."""
+    return jnp.dtype(dtype) != jnp.float32 and jax.default_backend() == "cpu"
+
+
+def materialize(x: jax.Array) -> jax.Array:
+    """`x` (typically a transpose) computed into its own row-major buffer.
+
+    XLA gives a transpose the layout that makes it free (the operand's bytes, read column-major)
+    or folds it into the dot that reads it, either of which takes the dot off the fast bf16
+    path (`row_major_dots`). A unit axis added in front of an optimization barrier gives the
+    value a shape of its own, so the transposed copy is made (a cheap memory pass) before the
+    dot reads it. The unit axis is last, so a sharded axis stays where it was."""
+    return jax.lax.optimization_barrier(x[..., None])[..., 0]
+
+
+def row_major(x: jax.Array) -> jax.Array:
+    """`materialize(x)` where dots over its dtype need row-major operands, else x unchanged.
+    Free when x already is a row-major buffer (the unit axis is a bitcast)."""
+    return materialize(x) if row_major_dots(x.dtype) else x
+
+
+def dot_tn(x_MK: jax.Array, g_MN: jax.Array, **kw) -> jax.Array:
+    """x^T @ g contracting the leading (token) axis of two 2-D arrays: a weight gradient."""
+    if row_major_dots(x_MK.dtype):
+        return jnp.dot(materialize(x_MK.T), materialize(g_MN), **kw)
+    return jnp.dot(x_MK.T, g_MN, **kw)
+
+
+def dot_nt(g_MN: jax.Array, w_KN: jax.Array, **kw) -> jax.Array:
+    """g @ w^T of two 2-D arrays: an input gradient. In bf16 on CPU one dot_general over both
+    last axes of row-major operands, the form its fast kernel takes without a transposed copy."""
+    if row_major_dots(g_MN.dtype):
+        return jax.lax.dot_general(materialize(g_MN), materialize(w_KN), (((1,), (1,)), ((), ())),
+                                   **kw)
+    return jnp.dot(g_MN, w_KN.T, **kw)

@@ -1,14 +1,20 @@
 """One benchmark command: jaxalign (`ours`) against PyTorch / TRL (`theirs`) on one workload.
 
   python scripts/bench.py WORKLOAD [--model HF_DIR] [--steps 3] [--warmup 1] [--batch B]
-                          [--seq T] [--precision fp32|bf16] [--side ours|theirs|both]
-                          [--allocator default[,system,jemalloc,mimalloc]] [--out FILE]
+                          [--seq T] [--precision bf16|fp32] [--side ours|theirs|both]
+                          [--allocator default[,system,jemalloc,mimalloc]] [--theirs-gc default,off]
+                          [--out FILE]
 
 WORKLOAD: forward, generate, sft, sft-lora, dpo, rm, ppo, grpo (see WORKLOADS below).
 Every row runs in a fresh child process, one after the other: ours as the user runs it (the
 CLI `python -m jaxalign.cli sft|rm|dpo|ppo config.yaml` for training, the public Python API
 for forward / generate), theirs = transformers / TRL 1.16 with their defaults except what
-must match. Same model, token ids, shapes and precision on both sides. A probe child first
+must match. Same model, token ids, shapes and precision on both sides (bf16 by default:
+TRL's own default, bf16=True autocast; --precision fp32 for the fp32 rows). A train workload
+without --allocator / --theirs-gc runs two baselines (BASELINES): TRL as a user gets it (its
+defaults, gradient checkpointing on, glibc) and best TRL on this machine (gradient
+checkpointing on and off, both with the mimalloc our CLI preloads; the faster one counts);
+ours is compared with both. A probe child first
 measures this machine's matmul peak and memory bandwidth (MFU and roofline denominators).
 Prints one table and ends with one JSON line; methodology: docs/bench/README.md.
 """
@@ -81,6 +87,15 @@ FLAG_DEFAULTS = dict(seq=256, prompt_len=128, response_len=128, prompt_tokens=32
                      generations=4)
 GRPO_EPOCHS = 4      # ours' default ppo.epochs (one minibatch): TRL's num_iterations is set to it
 GRPO_BETA = 0.04     # ours' default grpo.beta; TRL's default 0 would skip the reference model
+
+# The rows of a train workload when neither --allocator nor --theirs-gc is given:
+# (side, TRL gradient checkpointing, allocator, baseline). "default": TRL 1.16 as a user runs it
+# (bf16 autocast at --precision bf16, gradient checkpointing on, glibc). "best": the same trainer
+# with the allocator our CLI preloads (mimalloc, jaxalign/runtime.py) preloaded for it too, with
+# gradient checkpointing on and off; the faster of the two is "best TRL". torch.compile is left
+# out: not tried on this CPU setup yet, so no claim is made about it.
+BASELINES = (("ours", None, "default", None), ("theirs", "default", "default", "default"),
+             ("theirs", "default", "mimalloc", "best"), ("theirs", "off", "mimalloc", "best"))
 
 
 # ----------------------------------------------------------------------------- rows
@@ -196,6 +211,36 @@ def _derived(ctx: dict, v: dict, r: dict) -> dict:
     return out
 
 
+def _settings(row: dict, args) -> str:
+    """The exact settings of a row, printed in its table line."""
+    alloc = {"default": "mimalloc (the CLI's own)" if row["side"] == "ours" else "glibc",
+             "system": "glibc"}.get(row["allocator"], f"{row['allocator']} preloaded")
+    if row["side"] == "ours":
+        dtype = "model.dtype=bfloat16 (fp32 master weights)" if args.precision == "bf16" else "fp32"
+        return f"jaxalign CLI, {dtype}, {alloc}"
+    prec = "bf16=True autocast" if args.precision == "bf16" else "bf16=False (fp32)"
+    gc = "gradient checkpointing off" if row.get("gc") == "off" else "gradient checkpointing on (default)"
+    return f"TRL 1.16, {prec}, {gc}, {alloc}"
+
+
+def _compare_baselines(rows: list[dict]) -> None:
+    """ours against TRL's default row and against the best TRL row (BASELINES)."""
+    ours = next((r for r in rows if r["side"] == "ours" and r.get("step_s")), None)
+    default = next((r for r in rows if r.get("baseline") == "default" and r.get("step_s")), None)
+    best = min((r for r in rows if r.get("baseline") == "best" and r.get("step_s")),
+               key=lambda r: r["step_s"], default=None)
+    if ours is None:
+        return
+    if best is not None:
+        best["best"] = True
+        ours["ratio_best"] = best["step_s"] / ours["step_s"]
+        ours["best_variant"] = best["settings"]
+    if default is not None:
+        ours["ratio"] = ours["ratio_default"] = default["step_s"] / ours["step_s"]
+    ours["ratios"] = {r["settings"]: r["step_s"] / ours["step_s"]
+                      for r in rows if r["side"] == "theirs" and r.get("step_s")}
+
+
 def _compare(rows: list[dict], workload: str) -> None:
     """Ours against theirs, same allocator and batch: speed ratios (`ratio`: theirs' first,
     default row) and whether forward / generate computed the same thing."""
@@ -216,6 +261,20 @@ def _compare(rows: list[dict], workload: str) -> None:
 
 # ----------------------------------------------------------------------------- driver
 
+def _plan(args, wl: Workload) -> list[tuple]:
+    """(side, gc, allocator, baseline) of every row, in the order they run."""
+    sides = ["ours", "theirs"] if args.side == "both" else [args.side]
+    if wl.kind == "train" and wl.theirs and args.allocator is None and args.theirs_gc is None:
+        return [b for b in BASELINES if b[0] in sides]
+    plan = []
+    for alloc in (args.allocator or "default").split(","):
+        if "ours" in sides:
+            plan.append(("ours", None, alloc, None))
+        if "theirs" in sides:
+            plan += [("theirs", gc, alloc, None) for gc in (args.theirs_gc or "default").split(",")]
+    return plan
+
+
 def run(args) -> list[dict]:
     wl = WORKLOADS[args.workload]
     model = _model_dir(args)
@@ -228,33 +287,35 @@ def run(args) -> list[dict]:
                seq=seq, warmup=args.warmup, verbose=args.verbose)
     ctx["probe"] = _worker_row(dict(fn="probe.probe"), common.child_env("default"), tmp, "machine probe", args.verbose)
     variants = _prepare(ctx, args)
-    sides = [("ours", None)] if args.side in ("ours", "both") else []
-    if args.side in ("theirs", "both"):
-        sides += [("theirs", gc) for gc in args.theirs_gc.split(",")]
+    plan = _plan(args, wl)
     rows = []
-    for alloc in args.allocator.split(","):
+    for side, gc, alloc, baseline in plan:
         env = common.child_env(alloc)
         for v in variants:
-            for side, gc in sides:
-                name = side if gc in (None, "default") else f"{side} gc {gc}"
-                label = f"{args.workload} {name} batch {v['batch']} allocator {alloc}"
-                row = dict(side=side, variant=name, allocator=alloc, batch=v["batch"])
-                if env is None:
-                    r = {"error": f"{alloc} not installed"}
-                elif side == "theirs" and wl.theirs is None:
-                    r = {"error": "no TRL trainer"}
-                elif side == "ours" and wl.kind == "train":
-                    r = _ours_train(ctx, env, label)
-                elif side == "ours":
-                    job = dict(fn=f"ours.{args.workload}", model=model, precision=args.precision, tokens=v["tokens"],
-                               warmup=args.warmup, steps=args.steps, new_tokens=args.new_tokens)
-                    r = _worker_row(job, env, tmp, label, args.verbose)
-                else:
-                    r = _worker_row(_theirs_job(ctx, v, gc), env, tmp, label, args.verbose)
-                row.update(r)
-                row.update(_derived(ctx, v, r))
-                rows.append(row)
-    _compare(rows, args.workload)
+            name = side if gc in (None, "default") else f"{side} gc {gc}"
+            label = f"{args.workload} {name} batch {v['batch']} allocator {alloc}"
+            row = dict(side=side, variant=name, allocator=alloc, batch=v["batch"], gc=gc,
+                       baseline=baseline)
+            row["settings"] = _settings(row, args)
+            if env is None:
+                r = {"error": f"{alloc} not installed"}
+            elif side == "theirs" and wl.theirs is None:
+                r = {"error": "no TRL trainer"}
+            elif side == "ours" and wl.kind == "train":
+                r = _ours_train(ctx, env, label)
+            elif side == "ours":
+                job = dict(fn=f"ours.{args.workload}", model=model, precision=args.precision, tokens=v["tokens"],
+                           warmup=args.warmup, steps=args.steps, new_tokens=args.new_tokens)
+                r = _worker_row(job, env, tmp, label, args.verbose)
+            else:
+                r = _worker_row(_theirs_job(ctx, v, gc), env, tmp, label, args.verbose)
+            row.update(r)
+            row.update(_derived(ctx, v, r))
+            rows.append(row)
+    if any(r["baseline"] for r in rows):
+        _compare_baselines(rows)
+    else:
+        _compare(rows, args.workload)
     ctx["rows"] = rows
     if not args.verbose:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -264,13 +325,19 @@ def run(args) -> list[dict]:
 def report(ctx: dict) -> list[dict]:
     a, wl, probe = ctx["args"], WORKLOADS[ctx["workload"]], ctx["probe"]
     header = ["side", "alloc", "batch", "step s", wl.unit, "ours/theirs", "peak RSS GiB", "dev alloc GiB", "dev smi GiB",
-              "compile s", "first step s", "MFU %", "roofline %", "loss@1", "note"]
+              "compile s", "first step s", "MFU %", "roofline %", "loss@1", "settings / note"]
     table = []
     for r in ctx["rows"]:
         pct = lambda k: 100 * r[k] if r.get(k) is not None else None  # noqa: E731
         note = r.get("error") or r.get("warning") or r.get("agreement", "")
-        if len(r.get("ratios", {})) > 1:
+        if r.get("ratio_best") is not None or r.get("ratio_default") is not None:
+            note = "; ".join([note] * bool(note) + [
+                f"{x:.3g}x TRL default" if k == "ratio_default" else f"{x:.3g}x best TRL"
+                for k in ("ratio_default", "ratio_best") if (x := r.get(k)) is not None])
+        elif len(r.get("ratios", {})) > 1:
             note = "; ".join([note] * bool(note) + [f"vs {k}: {x:.3g}x" for k, x in r["ratios"].items()])
+        if r.get("settings"):
+            note = "; ".join([r["settings"] + (" [best TRL]" if r.get("best") else "")] + [note] * bool(note))
         if ctx["workload"] in ("ppo", "grpo") and r.get("rollout_s") is not None:
             note = f"rollout {r['rollout_s']:.3g} s, resp len {r.get('response_length') or 0:.1f}"
         table.append([r["variant"], r["allocator"], r["batch"], r.get("step_s"), r.get("speed"), r.get("ratio"),
@@ -332,18 +399,21 @@ def main(argv=None) -> None:
     ap.add_argument("--prompt-tokens", type=int, help="generate: prompt tokens")
     ap.add_argument("--new-tokens", type=int, help="generate / ppo / grpo: new tokens per row")
     ap.add_argument("--generations", type=int, help="grpo: completions per prompt (ppo: rows per prompt batch)")
-    ap.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    ap.add_argument("--precision", choices=("bf16", "fp32"), default="bf16",
+                    help="both sides: bf16 (TRL's default, bf16=True autocast; ours model.dtype="
+                         "bfloat16 over fp32 master weights) or fp32")
     ap.add_argument("--side", choices=("ours", "theirs", "both"), default="both")
     ap.add_argument("--warm-cache", action="store_true",
                     help="ours' train rows use the user's compilation cache (a rerun) instead of a "
                          "fresh one per row (a cold first run, the default)")
-    ap.add_argument("--allocator", default="default",
+    ap.add_argument("--allocator", default=None,
                     help="comma list of default (the user's environment: the jaxalign CLI preloads "
                          "its mimalloc, torch runs on glibc), system (glibc on both sides), jemalloc, "
-                         "mimalloc (LD_PRELOAD on both sides, when installed)")
+                         "mimalloc (LD_PRELOAD on both sides, when installed). Unset with --theirs-gc "
+                         "unset on a train workload: the TRL-default and best-TRL rows (BASELINES)")
     ap.add_argument("--ours-set", action="append", default=[], metavar="KEY=VALUE",
                     help="train workloads: a CLI override for ours (e.g. model.remat=full), repeatable")
-    ap.add_argument("--theirs-gc", default="default",
+    ap.add_argument("--theirs-gc", default=None,
                     help="comma list of default (TRL's: gradient checkpointing on), off: one theirs row each")
     ap.add_argument("--out", help="also write the table and the JSON line here")
     ap.add_argument("--verbose", action="store_true",
@@ -359,8 +429,9 @@ def main(argv=None) -> None:
             setattr(args, k, v)
     if args.steps < 1 or args.warmup < 1:
         ap.error("--steps and --warmup must be >= 1 (the first step compiles)")
-    bad = [x for x in args.allocator.split(",") if x not in ("default", "system", "jemalloc", "mimalloc")]
-    bad += [x for x in args.theirs_gc.split(",") if x not in ("default", "off")]
+    bad = [x for x in (args.allocator or "default").split(",")
+           if x not in ("default", "system", "jemalloc", "mimalloc")]
+    bad += [x for x in (args.theirs_gc or "default").split(",") if x not in ("default", "off")]
     if bad:
         ap.error(f"--allocator / --theirs-gc: unknown {bad}")
     run(args)

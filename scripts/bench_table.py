@@ -5,6 +5,11 @@ file ends with and prints one markdown row per workload (per batch for generate)
 
 Columns: ours (step time, peak RSS, compile for sft), theirs, speed = theirs' step time /
 ours, memory = ours' peak RSS / theirs'. Rows of the default allocator only.
+
+Outputs with the two baselines of a train workload (scripts/bench.py BASELINES) give the wider
+table: TRL as a user runs it (its defaults) and best TRL on the same machine (gradient
+checkpointing on or off, the same allocator preloaded as ours), each with its settings and
+ours' speed against it; every row names its precision (bf16 / fp32).
 """
 
 from __future__ import annotations
@@ -69,16 +74,47 @@ def rows(doc: dict) -> list[str]:
     return out
 
 
+def _theirs_cell(w: str, r: dict) -> str:
+    t = f"{THEIRS[w]} {r['step_s']:.2f} s, {r['peak_rss_gib']:.1f} GiB ({r['settings']})"
+    if r.get("rollout_s") is not None:
+        t += f" (rollout {r['rollout_s']:.1f})"
+    return t
+
+
+def baseline_rows(doc: dict) -> list[str]:
+    """ours | TRL default | speed | best TRL | speed | memory (against TRL default)."""
+    w, prec = doc["workload"], doc["settings"]["precision"]
+    ours = next((r for r in doc["rows"] if r["side"] == "ours" and r.get("step_s")), None)
+    label = f"{w} ({shape(doc['settings'])}, {prec})"
+    if ours is None:
+        return [f"| {label} | failed | | | | | |"]
+    default = next((r for r in doc["rows"] if r.get("baseline") == "default" and r.get("step_s")), None)
+    best = min((r for r in doc["rows"] if r.get("baseline") == "best" and r.get("step_s")),
+               key=lambda r: r["step_s"], default=None)
+    cells = [label, ours_cell(ours, w)]
+    for r in (default, best):
+        cells += ([_theirs_cell(w, r), f"{r['step_s'] / ours['step_s']:.2f}x"] if r else ["", ""])
+    cells.append(f"{ours['peak_rss_gib'] / default['peak_rss_gib']:.2f}x" if default else "")
+    return ["| " + " | ".join(cells) + " |"]
+
+
 def main(argv: list[str]) -> int:
     if not argv:
         print(__doc__.strip(), file=sys.stderr)
         return 2
     docs = sorted((last_json(Path(p)) for p in argv),
                   key=lambda d: ORDER.index(d["workload"]) if d["workload"] in ORDER else 99)
-    print("| workload (shape) | jaxalign | PyTorch / TRL | speed | memory |")
-    print("| --- | --- | --- | --- | --- |")
-    for doc in docs:
-        print("\n".join(rows(doc)))
+    if any(r.get("baseline") for d in docs for r in d["rows"]):
+        print("| workload (shape, precision) | jaxalign | TRL default | speed | best TRL | speed | memory |")
+        print("| --- | --- | --- | --- | --- | --- | --- |")
+        for doc in docs:
+            has = any(r.get("baseline") for r in doc["rows"])
+            print("\n".join(baseline_rows(doc) if has else rows(doc)))
+    else:
+        print("| workload (shape) | jaxalign | PyTorch / TRL | speed | memory |")
+        print("| --- | --- | --- | --- | --- |")
+        for doc in docs:
+            print("\n".join(rows(doc)))
     machines = {(d["machine"]["cpu"], d["machine"]["cores"], d["settings"]["precision"]) for d in docs}
     dates = sorted({d["machine"]["date"][:10] for d in docs})
     print(f"\n({', '.join(f'{c}, {n} cores, {p}' for c, n, p in sorted(machines))}; {', '.join(dates)})")

@@ -1,6 +1,7 @@
 """scripts/bench.py end to end on a tiny random model: the CLI row and the TRL row of `sft`,
 one JSON line with every figure present and positive, and the same first-step loss on both
-sides (same weights, same token ids: TRL's SFTTrainer is the reference)."""
+sides (same weights, same token ids: TRL's SFTTrainer is the reference); in its default mode
+(bf16, both baselines) the TRL-default and best-TRL rows with their settings and both ratios."""
 
 import json
 import os
@@ -22,7 +23,8 @@ def bench_sft(tmp_path_factory):
     env = dict(os.environ, PYTHONPATH=str(ROOT), XLA_FLAGS="")
     out = tmp / "bench.txt"
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), "sft", "--model", str(model),
-                           "--steps", "1", "--warmup", "1", "--batch", "2", "--seq", "32", "--out", str(out)],
+                           "--steps", "1", "--warmup", "1", "--batch", "2", "--seq", "32", "--out", str(out),
+                           "--precision", "fp32", "--allocator", "default"],
                           capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout, out.read_text()
@@ -62,3 +64,42 @@ def test_bench_table_matches_the_committed_outputs():
     for line in table.splitlines():
         if line.startswith("| ") and "---" not in line:
             assert line in readme, f"README speed table is stale: {line}"
+
+
+def test_bench_baselines_trl_default_and_best(tmp_path):
+    """The default mode of a train workload: bf16 on both sides (TRL's bf16=True autocast), ours
+    against TRL at its defaults (gradient checkpointing on, glibc) and against best TRL (on /
+    off, mimalloc preloaded as our CLI does): the faster of those two is the best, both ratios
+    are theirs' step time / ours, and bench_table.py prints both with each side's settings."""
+    from make_tiny_model import make_tiny_model
+    model = make_tiny_model(tmp_path / "tiny")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), XLA_FLAGS="")
+    out = tmp_path / "bench.txt"
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), "sft", "--model", str(model),
+                           "--steps", "1", "--warmup", "1", "--batch", "2", "--seq", "32", "--out", str(out)],
+                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text().strip().splitlines()[-1])
+    assert result["settings"]["precision"] == "bf16"
+    rows = result["rows"]
+    assert [(r["side"], r["gc"], r["allocator"], r["baseline"]) for r in rows] == [
+        ("ours", None, "default", None), ("theirs", "default", "default", "default"),
+        ("theirs", "default", "mimalloc", "best"), ("theirs", "off", "mimalloc", "best")]
+    for r in rows:
+        assert "error" not in r and r["step_s"] > 0, r
+    ours, default, *best = rows
+    assert "bf16=True autocast" in default["settings"] and "glibc" in default["settings"]
+    assert "gradient checkpointing off" in best[1]["settings"] and "mimalloc" in best[1]["settings"]
+    assert "model.dtype=bfloat16" in ours["settings"]
+    fastest = min(best, key=lambda r: r["step_s"])
+    assert ours["ratio_default"] == pytest.approx(default["step_s"] / ours["step_s"])
+    assert ours["ratio_best"] == pytest.approx(fastest["step_s"] / ours["step_s"])
+    assert ours["best_variant"] == fastest["settings"]
+    # bf16 on both sides from the same weights and tokens: the first loss agrees to bf16 rounding.
+    assert ours["loss1"] == pytest.approx(default["loss1"], rel=2e-2)
+    table = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_table.py"), str(out)],
+                           capture_output=True, text=True, check=True).stdout
+    assert "| TRL default | speed | best TRL | speed |" in table
+    line = next(l for l in table.splitlines() if l.startswith("| sft ("))
+    assert ", bf16)" in line and f"{ours['ratio_default']:.2f}x" in line and f"{ours['ratio_best']:.2f}x" in line
+    assert fastest["settings"] in line

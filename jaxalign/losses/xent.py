@@ -14,7 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxalign.precision import matmul_precision
+from jaxalign.precision import (dot_nt, dot_tn, materialize, matmul_precision, row_major,
+                                row_major_dots)
 from jaxalign.sharding import constrain
 
 
@@ -28,6 +29,9 @@ def token_logprobs(logits_BTV: jax.Array, targets_BT: jax.Array) -> jax.Array:
 
 def _chunk_logits(hidden_BCD, head, head_is_VD: bool):
     w = head.astype(hidden_BCD.dtype)
+    # A chunk sliced out of the scan's stacked (transposed) hidden states: copied row-major
+    # for the bf16 kernel on CPU (jaxalign.precision.row_major_dots), unchanged otherwise.
+    hidden_BCD = row_major(hidden_BCD)
     eq = "bcd,vd->bcv" if head_is_VD else "bcd,dv->bcv"
     logits_BCV = jnp.einsum(eq, hidden_BCD, w, precision=matmul_precision(w.dtype),
                             preferred_element_type=jnp.float32)
@@ -64,9 +68,8 @@ def _keep_probs_fwd(hidden_BCD, head, targets_BC, head_is_VD):
     return (logp_BC, correct_BC), (hidden_BCD, head, targets_BC, probs_BCV)
 
 
-def _keep_probs_bwd(head_is_VD, res, cts):
-    hidden_BCD, head, targets_BC, probs_BCV = res
-    g_BC = cts[0]
+def _head_grads(head_is_VD, hidden_BCD, head, targets_BC, probs_BCV, g_BC):
+    """Cotangents of (hidden, head, targets) from the chunk's softmax and d loss / d log p."""
     V = probs_BCV.shape[-1]
     onehot_BCV = jax.nn.one_hot(targets_BC, V, dtype=jnp.float32)
     dlogits_BCV = constrain(g_BC[..., None] * (onehot_BCV - probs_BCV), ("batch", None, "vocab"))
@@ -74,20 +77,55 @@ def _keep_probs_bwd(head_is_VD, res, cts):
     w = head.astype(dt)
     kw = dict(precision=matmul_precision(dt), preferred_element_type=jnp.float32)
     d = dlogits_BCV.astype(dt)
-    # The head's gradient as h^T d, (D, V) with the tokens contracted: the other order made
-    # XLA's CPU backend transpose the whole (tokens, V) block first.
-    dw_DV = jnp.einsum("bcd,bcv->dv", hidden_BCD, d, **kw)
-    if head_is_VD:
-        dh_BCD = jnp.einsum("bcv,vd->bcd", d, w, **kw)
-        dw = dw_DV.T
+    B, C, D = hidden_BCD.shape
+    if row_major_dots(dt):
+        # bf16 on CPU: the forms its fast kernel runs (jaxalign.precision.row_major_dots);
+        # `head_logprobs` has turned a tied (V, D) head into (D, V) for this.
+        assert not head_is_VD
+        dh_BCD = dot_nt(d.reshape(B * C, V), w, **kw).reshape(B, C, D)
+        dw = dot_tn(hidden_BCD.reshape(B * C, D), d.reshape(B * C, V), **kw)
     else:
-        dh_BCD = jnp.einsum("bcv,dv->bcd", d, w, **kw)
-        dw = dw_DV
+        # The head's gradient as h^T d, (D, V) with the tokens contracted: the other order
+        # made XLA's CPU backend transpose the whole (tokens, V) block first.
+        dw_DV = jnp.einsum("bcd,bcv->dv", hidden_BCD, d, **kw)
+        if head_is_VD:
+            dh_BCD = jnp.einsum("bcv,vd->bcd", d, w, **kw)
+            dw = dw_DV.T
+        else:
+            dh_BCD = jnp.einsum("bcv,dv->bcd", d, w, **kw)
+            dw = dw_DV
     targets_ct = np.zeros(targets_BC.shape, jax.dtypes.float0)
     return dh_BCD.astype(dt), dw.astype(head.dtype), targets_ct
 
 
+def _keep_probs_bwd(head_is_VD, res, cts):
+    hidden_BCD, head, targets_BC, probs_BCV = res
+    return _head_grads(head_is_VD, hidden_BCD, head, targets_BC, probs_BCV, cts[0])
+
+
 _chunk_stats_keep_probs.defvjp(_keep_probs_fwd, _keep_probs_bwd)
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _chunk_stats_recompute(hidden_BCD, head, targets_BC, head_is_VD: bool):
+    """`_chunk_stats` whose backward pass computes the chunk's logits again (it keeps only its
+    inputs) and takes the gradient in `_head_grads`' forms: what autodiff of the head matmul
+    would produce contracts the tokens of a transposed operand, which bf16 on CPU cannot run."""
+    return _chunk_stats(hidden_BCD, head, targets_BC, head_is_VD)
+
+
+def _recompute_fwd(hidden_BCD, head, targets_BC, head_is_VD):
+    return _chunk_stats(hidden_BCD, head, targets_BC, head_is_VD), (hidden_BCD, head, targets_BC)
+
+
+def _recompute_bwd(head_is_VD, res, cts):
+    hidden_BCD, head, targets_BC = res
+    logits_BCV = _chunk_logits(hidden_BCD, head, head_is_VD)
+    lse_BC = jax.nn.logsumexp(logits_BCV, axis=-1)
+    probs_BCV = jnp.exp(logits_BCV - lse_BC[..., None])
+    return _head_grads(head_is_VD, hidden_BCD, head, targets_BC, probs_BCV, cts[0])
+
+
+_chunk_stats_recompute.defvjp(_recompute_fwd, _recompute_bwd)
 
 # Largest softmax (B, T, V fp32) the head losses keep for their backward pass instead of
 # recomputing the logits (`_chunk_stats_keep_probs`): SmolLM2's 8 x 256 step keeps 384 MiB
@@ -134,6 +172,15 @@ def head_logprobs(hidden_BTD: jax.Array, head: jax.Array, targets_BT: jax.Array,
     """
     B, T, _ = hidden_BTD.shape
     V = head.shape[0] if head_is_VD else head.shape[1]
+    if row_major_dots(hidden_BTD.dtype):
+        if head_is_VD:
+            # bf16 on CPU: a tied (V, D) head read as (D, V), copied once per step outside the
+            # chunk loop, so that every head product is one the fast bf16 kernel runs.
+            head, head_is_VD = materialize(head.T), False
+        if B * T * V * 4 > KEEP_PROBS_BYTES:
+            return scan_chunks(hidden_BTD, targets_BT, chunk,
+                               lambda h, t: _chunk_stats_recompute(h, head, t, head_is_VD),
+                               remat=False)
     if B * T * V * 4 <= KEEP_PROBS_BYTES:
         return scan_chunks(hidden_BTD, targets_BT, chunk,
                            lambda h, t: _chunk_stats_keep_probs(h, head, t, head_is_VD),

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
-from jaxalign.precision import matmul_precision
+from jaxalign.precision import materialize, matmul_precision, row_major, row_major_dots
 
 # Query blocks of the causal attention over a whole sequence (`causal_attention`): each block
 # of queries is scored against the keys up to its own end only, skipping the masked upper
@@ -50,9 +50,11 @@ def _attention_fwd(q_BTNH, k_BSKH, v_BSKH, mask_BTS, blocks, dt):
     K = k_BSKH.shape[2]
     G = N // K
     kw = dict(precision=matmul_precision(dt), preferred_element_type=jnp.float32)
-    q_BKRH = _rows(q_BTNH, K)
-    k_BKSH = k_BSKH.transpose(0, 2, 1, 3)
-    v_BKSH = v_BSKH.transpose(0, 2, 1, 3)
+    # row_major: in bf16 on CPU, the transposed heads are copied out once so that every
+    # product below runs in the fast bf16 kernel (jaxalign.precision.row_major_dots).
+    q_BKRH = row_major(_rows(q_BTNH, K))
+    k_BKSH = row_major(k_BSKH.transpose(0, 2, 1, 3))
+    v_BKSH = row_major(v_BSKH.transpose(0, 2, 1, 3))
     outs, probs = [], []
     for a, e in blocks:
         s_BKRS = jnp.einsum("bkrh,bksh->bkrs", q_BKRH[:, :, a * G:e * G], k_BKSH[:, :, :e], **kw)
@@ -89,13 +91,23 @@ def _attention_vjp_fwd(q_BTNH, k_BSKH, v_BSKH, mask_BTS, blocks, dt):
     return checkpoint_name(out, "attn"), (checkpoint_name(res, "attn"), mask_BTS)
 
 
+def _key_grad(x_BKRS, y_BKRH, kw):
+    """sum over rows r of x[r, s] y[r, h], (B, K, S, H): a block's key or value gradient."""
+    if not row_major_dots(y_BKRH.dtype):
+        return jnp.einsum("bkrs,bkrh->bksh", x_BKRS, y_BKRH, **kw)
+    # x^T y contracts x's leading axis, which the CPU's bf16 kernel does not take: (y^T x)^T,
+    # with y^T (rows x head_dim, the small operand) and the product copied out row-major.
+    t_BKHS = jnp.einsum("bkhr,bkrs->bkhs", materialize(y_BKRH.swapaxes(2, 3)), x_BKRS, **kw)
+    return materialize(t_BKHS).swapaxes(2, 3)
+
+
 def _attention_vjp_bwd(blocks, dt, saved, dout_BTNH):
     (q_BKRH, k_BKSH, v_BKSH, o_BKRH, probs), mask_BTS = saved
     B, T, N, H = dout_BTNH.shape
     K = k_BKSH.shape[1]
     G = N // K
     kw = dict(precision=matmul_precision(dt), preferred_element_type=jnp.float32)
-    do_BKRH = _rows(dout_BTNH.astype(dt), K)
+    do_BKRH = row_major(_rows(dout_BTNH.astype(dt), K))
     # The softmax backward's per-row term sum_s p * dp equals rowsum(dout * out).
     d_BKR1 = jnp.sum(do_BKRH.astype(jnp.float32) * o_BKRH.astype(jnp.float32), -1, keepdims=True)
     dq, dk_BKSH, dv_BKSH = [], None, None
@@ -107,12 +119,12 @@ def _attention_vjp_bwd(blocks, dt, saved, dout_BTNH):
 
     for (a, e), p_BKRS in zip(blocks, probs):
         do_b = do_BKRH[:, :, a * G:e * G]
-        dv_BKSH = add(dv_BKSH, jnp.einsum("bkrs,bkrh->bksh", p_BKRS, do_b, **kw), e)
+        dv_BKSH = add(dv_BKSH, _key_grad(p_BKRS, do_b, kw), e)
         dp_BKRS = jnp.einsum("bkrh,bksh->bkrs", do_b, v_BKSH[:, :, :e], **kw)
         ds_BKRS = (p_BKRS.astype(jnp.float32) * (dp_BKRS - d_BKR1[:, :, a * G:e * G])
                    * H ** -0.5).astype(dt)
         dq.append(jnp.einsum("bkrs,bksh->bkrh", ds_BKRS, k_BKSH[:, :, :e], **kw))
-        dk_BKSH = add(dk_BKSH, jnp.einsum("bkrs,bkrh->bksh", ds_BKRS, q_BKRH[:, :, a * G:e * G], **kw), e)
+        dk_BKSH = add(dk_BKSH, _key_grad(ds_BKRS, q_BKRH[:, :, a * G:e * G], kw), e)
     dq_BKRH = jnp.concatenate(dq, axis=2) if len(dq) > 1 else dq[0]
     mask_ct = np.zeros(mask_BTS.shape, jax.dtypes.float0)
     return (_unrows(dq_BKRH, T).astype(dt), dk_BKSH.transpose(0, 2, 1, 3).astype(dt),

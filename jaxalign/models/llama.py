@@ -23,7 +23,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from jaxalign.config import ConfigError, ModelConfig
 from jaxalign.models import attention
-from jaxalign.precision import matmul_precision
+from jaxalign.precision import dot_nt, dot_tn, matmul_precision, row_major
 from jaxalign.sharding import constrain
 
 Cache = dict[str, jax.Array]  # {'k': LBSKH, 'v': LBSKH, 'valid': BS bool, 'end': int32 scalar}
@@ -70,7 +70,7 @@ def _project(x: jax.Array, w: jax.Array, n_in: int, dtype) -> jax.Array:
     backward fused in, a slow strided copy (1.5 s of a 13 s SmolLM2 SFT step in one such
     copy); written out, a SmolLM2-sized MLP layer ran forward, remat and backward in 0.13 s
     instead of 0.22 s, with the same gradients (docs/bench/README.md)."""
-    return jnp.tensordot(x, w, axes=n_in, precision=matmul_precision(dtype),
+    return jnp.tensordot(row_major(x), row_major(w), axes=n_in, precision=matmul_precision(dtype),
                          preferred_element_type=jnp.float32).astype(dtype)
 
 
@@ -84,8 +84,9 @@ def _project_bwd(n_in, dtype, res, dy):
     x2, w2 = x.reshape(-1, k), w.reshape(k, -1)
     dy2 = dy.reshape(-1, w2.shape[1])
     kw = dict(precision=matmul_precision(dtype), preferred_element_type=jnp.float32)
-    dx = jnp.dot(dy2, w2.T, **kw).astype(x.dtype).reshape(x.shape)
-    dw = jnp.dot(x2.T, dy2, **kw).astype(w.dtype).reshape(w.shape)
+    # In bf16 on CPU both take the forms its fast kernel runs (jaxalign.precision.row_major_dots).
+    dx = dot_nt(dy2, w2, **kw).astype(x.dtype).reshape(x.shape)
+    dw = dot_tn(x2, dy2, **kw).astype(w.dtype).reshape(w.shape)
     return dx, dw
 
 

@@ -72,13 +72,14 @@ def _weighted_sums(loss_fn: LossFn, params, frozen, batch, rng, grad_accum: int)
         w = metrics["weight"]
         sums = {name: v * w for name, v in metrics.items() if name != "weight"}
         sums["weight"] = w
-        carry = jax.tree.map(jnp.add, carry, (wloss, sums, grads))
+        carry = jax.tree.map(lambda acc, x: acc + x.astype(acc.dtype), carry, (wloss, sums, grads))
         return carry, None
 
     mbs = micro_batches(batch, grad_accum)
     first = jax.tree.map(lambda x: x[0], mbs)
     (_, metric_shapes), grad_shapes = jax.eval_shape(grad_fn, params, first, rng)
-    zero = lambda s: jnp.zeros(s.shape, s.dtype)
+    # Gradients are summed in fp32 whatever the params' dtype (bf16 params: model.param_dtype).
+    zero = lambda s: jnp.zeros(s.shape, jnp.promote_types(s.dtype, jnp.float32))
     init = (jnp.zeros((), jnp.float32),
             {name: jnp.zeros((), jnp.float32) for name in metric_shapes},
             jax.tree.map(zero, grad_shapes))
@@ -94,7 +95,10 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
         wloss, sums, grads = _weighted_sums(loss_fn, state.params, frozen, batch, rng, grad_accum)
         weight = jnp.maximum(sums["weight"], 1e-9)
         loss = wloss / weight
-        grads = jax.tree.map(lambda g: g / weight, grads)
+        # Back to each parameter's own dtype: the optimizer state and both branches of the
+        # `cond` below keep the params' dtypes (bf16 grads divided by the fp32 weight would
+        # otherwise come out fp32 and turn bf16 Adam moments into fp32 ones in one branch).
+        grads = jax.tree.map(lambda g, p: (g / weight).astype(p.dtype), grads, state.params)
         grad_norm = optax.tree.norm(grads)
         # A non-finite loss or gradient leaves params and optimizer state untouched; the
         # loop decides whether to stop or skip (the inputs are donated, so it can't undo).
