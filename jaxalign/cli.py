@@ -368,13 +368,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
     p = sub.add_parser("plan", help="per-mesh memory, compile time and collectives of a run's "
                                     "train step on N devices, compiled from shapes (no weights)")
-    p.add_argument("config", help="YAML run config of sft / rm / dpo / kto")
+    planned = [n for n, r in RECIPES.items() if r.planner]
+    p.add_argument("config", help=f"YAML run config of {' / '.join(planned)}")
     p.add_argument("overrides", nargs="*", metavar="key=value", type=_override)
     p.add_argument("--devices", type=int, required=True, help="number of devices to plan for")
     p.add_argument("--meshes", default=None,
                    help="meshes to try, e.g. 'fsdp=64;data=4,fsdp=16' (default: every mesh "
                         "that divides the batch and the KV heads)")
-    p.add_argument("--recipe", default=None, help="sft | rm | dpo | kto (default: from the config)")
+    p.add_argument("--recipe", default="sft", choices=planned,
+                   help="the config's recipe (default sft)")
     p.add_argument("--device-memory-gb", type=float, default=None,
                    help="memory of one device, for the 'fits' column")
     p.add_argument("--json", action="store_true", help="also print the results as one JSON line")

@@ -85,7 +85,7 @@ class ModelConfig:
     param_dtype: Literal["float32", "bfloat16"] = "float32"
     dtype: Literal["float32", "bfloat16"] = "float32"
     # Scanned layers compile in constant time; unrolled layers ran a train step 2x faster
-    # on a 2-core CPU (DESIGN.md section 5). Same parameter layout either way.
+    # on a 2-core CPU (docs/architecture.md, CPU facts). Same parameter layout either way.
     scan_layers: bool = True
     # What the backward recomputes (jax.checkpoint per layer): "none" nothing; "full" all but
     # each layer's input; "dots" keeps the projections' outputs; "attn" keeps the attention's

@@ -34,11 +34,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 from jaxalign.config import ConfigError, from_dict
+from jaxalign.train.recipes import RECIPES
 
 log = logging.getLogger(__name__)
 
-ORDER = ("data", "sft", "rm", "ppo", "dpo", "kto", "eval", "export", "report")
-POLICY_STAGES = ("sft", "ppo", "dpo", "kto")     # stages whose run is a policy
+# Every training recipe is a stage, in the table's order, between data and eval.
+ORDER = ("data", *RECIPES, "eval", "export", "report")
+POLICY_STAGES = tuple(name for name, r in RECIPES.items() if r.policy)  # runs that are policies
 STATE_FILE = "pipeline.json"
 
 
@@ -89,8 +91,7 @@ class PipelineConfig:
             raise ConfigError(f"stages: {missing} listed without a section of their own "
                               f"(an empty one is `{missing[0]}: {{}}`)")
         if not order:
-            raise ConfigError("pipeline: no stage sections (data, sft, rm, ppo, dpo, kto, eval, "
-                              "export, report)")
+            raise ConfigError(f"pipeline: no stage sections ({', '.join(ORDER)})")
         for s in order:
             if not isinstance(getattr(self, s), dict):
                 raise ConfigError(f"{s}: expected a mapping of the `{s}` command's keys")
@@ -164,7 +165,7 @@ def _run_report(cfg: ReportConfig, raw, devices):
 # stage -> (build(section) -> its validated config, run(cfg, raw, devices))
 STAGES: dict[str, tuple[Callable[[dict], Any], Callable[..., Any]]] = {
     "data": (_build_data, _run_data),
-    **{name: _recipe(name) for name in ("sft", "rm", "ppo", "dpo", "kto")},
+    **{name: _recipe(name) for name in RECIPES},
     "eval": (_build_eval, _run_eval),
     "export": (lambda section: from_dict(ExportConfig, section), _run_export),
     "report": (lambda section: from_dict(ReportConfig, section), _run_report),
@@ -198,6 +199,12 @@ def _substitute(value, dirs: dict[str, str], stage: str, key: str = ""):
     return value
 
 
+def _get(section: dict, dotted: str):
+    for part in dotted.split("."):
+        section = section.get(part) if isinstance(section, dict) else None
+    return section
+
+
 def _set_default(section: dict, dotted: str, value) -> None:
     node = section
     *parents, last = dotted.split(".")
@@ -214,13 +221,11 @@ def wire(cfg: PipelineConfig) -> list[tuple[str, dict]]:
     for stage in cfg.stages:
         section = _substitute(copy.deepcopy(getattr(cfg, stage)), dirs, stage)
         policy = next((dirs[s] for s in reversed(list(dirs)) if s in POLICY_STAGES), None)
-        start = dirs.get("sft", cfg.model)
-        if stage == "sft":
+        if stage in RECIPES:
+            for i in RECIPES[stage].inputs:
+                if i.stage in dirs and not (i.unless and _get(section, i.unless)):
+                    _set_default(section, i.key, dirs[i.stage])
             _set_default(section, "model.path", cfg.model)
-        elif stage in ("rm", "dpo", "kto", "ppo"):
-            _set_default(section, "model.path", start)
-        if stage == "ppo" and "rm" in dirs and not section.get("reward", {}).get("functions"):
-            _set_default(section, "reward.model", dirs["rm"])
         if stage == "eval":
             models = section.setdefault("models", {})
             models.setdefault("policies", {s: d for s, d in dirs.items() if s in POLICY_STAGES})
@@ -253,7 +258,7 @@ def runtime_overrides(raw: dict, mesh, dtype: str | None) -> list[str]:
     has the key (the training stages' mesh.* and model.dtype, eval's eval.dtype)."""
     from jaxalign import reference
     out = []
-    for stage in ("sft", "rm", "ppo", "dpo", "kto", "eval"):
+    for stage in (*RECIPES, "eval"):
         if raw.get(stage) is None:
             continue
         config_cls = reference.config_class(stage)

@@ -1,5 +1,5 @@
 """HF <-> jaxalign conversion: exact round trips, transformers-loadable exports, sharded
-loading, and refusals that name what is wrong (DESIGN.md section 3, model fidelity).
+loading, and refusals that name what is wrong (the model-fidelity contract, docs/architecture.md).
 
 No jit compiles here: conversion is numpy, and the exported models are run by transformers.
 """

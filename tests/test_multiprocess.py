@@ -1,4 +1,4 @@
-"""The real multi-process code path on one machine (DESIGN.md section 5): two processes with
+"""The real multi-process code path on one machine (docs/architecture.md): two processes with
 two fake CPU devices each join over gloo, load an HF checkpoint onto a mesh that spans
 both, compute logits, and export the checkpoint again.
 

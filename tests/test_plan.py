@@ -140,7 +140,7 @@ def test_candidate_meshes_and_flags():
     with pytest.raises(ConfigError, match="--meshes"):
         plan.parse_meshes("fsdp=x")
     with pytest.raises(ConfigError, match="not planned yet"):
-        plan.recipe_of({"rollout": {}, "model": {}})
+        plan.planner("ppo")
 
 
 def test_cli_plans_an_8b_llama_on_64_fake_devices():

@@ -184,8 +184,8 @@ def test_ppo_learns_reward_under_kl_ceiling(ppo_run):
     for key in ("reward_std", "entropy", "clipfrac", "approx_kl", "value_loss",
                 "explained_variance", "response_length", "eos_rate", "kl_coef", "epochs"):
         assert key in rows[-1], key
-    from jaxalign.metrics import RL_PROGRESS
-    assert set(RL_PROGRESS) <= set(rows[-1])  # what the progress line shows exists
+    from jaxalign.train.recipes import RECIPES
+    assert set(RECIPES["ppo"].progress) <= set(rows[-1])  # what the progress line shows exists
     assert len({r["kl_coef"] for r in rows}) > 1                 # the adaptive controller moves
     samples = [json.loads(l) for l in (ppo_run / "samples.jsonl").read_text().splitlines()]
     assert [s["step"] for s in samples] == [4, 4, 8, 8, 12, 12, 16, 16]

@@ -1,6 +1,6 @@
 """Configuration of the data pipeline: which datasets, how they are tokenized and batched.
 
-Frozen and validated on construction like every jaxalign config (STYLE.md item 10); a bad
+Frozen and validated on construction like every jaxalign config (docs/architecture.md); a bad
 value raises `ConfigError` naming the key (`data.train[1].weight`). Dataset specs may be
 given as dicts (from YAML) or plain path strings; they are normalised to `DatasetSpec`.
 """

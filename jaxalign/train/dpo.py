@@ -22,7 +22,7 @@ from jaxalign.data.preference import build_preference_data
 from jaxalign.losses.preference import DPO_LOSS_TYPES, POLICY_ONLY_LOSS_TYPES, dpo_loss, \
     orpo_loss, sequence_logps, simpo_loss
 from jaxalign.losses.xent import head_logprobs
-from jaxalign.metrics import DPO_PROGRESS
+from jaxalign.train.recipes import RECIPES
 from jaxalign.models import functional, lora
 from jaxalign.train.loop import Task
 from jaxalign.train.setup import Loaded, load_policy, pair_rows, run_recipe, supervised
@@ -158,11 +158,11 @@ def load_dpo_models(cfg, mesh, section: str = "dpo") -> Loaded:
                                base=policy.frozen, extra={"ref_cfg": ref_cfg})
 
 
-def preference_task(section: str, build_data, make_loss, progress=DPO_PROGRESS):
+def preference_task(section: str, build_data, make_loss):
     """`setup.supervised`'s task for an objective on (pair or unpaired) batches with an
     optional reference: cfg.<section> holds its options, build_data(data cfg, tokenizer,
-    batch_size=...) its loaders, make_loss(model cfg, options, ref_cfg=..., chunk=...) its loss,
-    `progress` the metrics its progress line shows."""
+    batch_size=...) its loaders, make_loss(model cfg, options, ref_cfg=..., chunk=...) its loss; the progress line
+    shows RECIPES[section].progress."""
     def task(cfg, models: Loaded, tokenizer):
         data = build_data(cfg.data, tokenizer, batch_size=cfg.train.batch_size,
                           process_index=jax.process_index(), process_count=jax.process_count())
@@ -170,7 +170,7 @@ def preference_task(section: str, build_data, make_loss, progress=DPO_PROGRESS):
                             chunk=cfg.train.logits_chunk)
         return Task(loss_fn=loss_fn, train_data=data.train,
                     eval_data=(lambda: iter(data.eval)) if data.eval is not None else None,
-                    perplexity=False, progress=progress), {}
+                    perplexity=False, progress=RECIPES[section].progress), {}
     return task
 
 

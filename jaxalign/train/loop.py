@@ -25,7 +25,8 @@ from jax.sharding import Mesh
 from jaxalign import distributed, faults, runtime
 from jaxalign.checkpoint import TrainCheckpoints, describe_run
 from jaxalign.config import ConfigError, JaxalignError, ModelConfig, OptimConfig, TrainConfig
-from jaxalign.metrics import SFT_PROGRESS, MetricsWriter, Progress
+from jaxalign.metrics import MetricsWriter, Progress
+from jaxalign.train.recipes import RECIPES
 from jaxalign.sharding import batch_sharding, replicated
 from jaxalign.train.optim import make_optimizer
 from jaxalign.train.preempt import Preempted, StopFlag  # noqa: F401  (the loops' shared mechanics)
@@ -57,8 +58,8 @@ class Task:
     prepare: Callable[[dict], dict] | None = None
     # Report eval/perplexity = exp(eval/loss): only meaningful for a token-level NLL.
     perplexity: bool = True
-    # The metrics the progress line shows (jaxalign.metrics: SFT_PROGRESS, DPO_PROGRESS, ...).
-    progress: tuple[str, ...] = SFT_PROGRESS
+    # The metrics the progress line shows: the recipe's row of RECIPES.
+    progress: tuple[str, ...] = RECIPES["sft"].progress
 
 
 def put_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:

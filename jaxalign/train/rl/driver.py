@@ -46,11 +46,12 @@ from jaxalign import distributed, faults, runtime, sharding
 from jaxalign.config import JaxalignError
 from jaxalign.generate import eos_ids_for
 from jaxalign.losses.ppo import adaptive_kl_update
-from jaxalign.metrics import RL_PROGRESS, MetricsWriter, Progress, truncate_jsonl
+from jaxalign.metrics import MetricsWriter, Progress, truncate_jsonl
 from jaxalign.models import lora
 from jaxalign.tokenizer import load_tokenizer
 from jaxalign.train.loop import BadStepGuard, StopFlag, abstract, put_batch, start_or_resume
 from jaxalign.train.preempt import Preempted
+from jaxalign.train.recipes import RECIPES
 from jaxalign.train.optim import make_optimizer
 from jaxalign.train.rl import hosts, objectives, prompts as RP, rollout as R
 from jaxalign.train.rl.config import RLConfig
@@ -375,7 +376,7 @@ class _Run:
         if jax.process_index() == 0:
             truncate_jsonl(run_dir / "samples.jsonl", start)
         progress = Progress(cfg.train.iterations, start, enabled=cfg.train.progress,
-                            fields=RL_PROGRESS, unit="iteration")
+                            fields=RECIPES["ppo"].progress, unit="iteration")
         self.guard = BadStepGuard(cfg.train.max_bad_steps, ckpts.dir, unit="iteration")
         saved_at, last = start, {}
         meta = self._meta(start)
