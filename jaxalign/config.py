@@ -32,9 +32,13 @@ class ConfigError(JaxalignError):
     """A configuration value is missing, unknown or out of range."""
 
 
-def _require(cond: bool, msg: str) -> None:
+def require(cond: bool, msg: str) -> None:
+    """Every config's validation: `msg` (naming the key) as a ConfigError unless `cond`."""
     if not cond:
         raise ConfigError(msg)
+
+
+_require = require  # the short name this module's own checks use
 
 
 def require_extra(module: str, extra: str, setting: str) -> None:
@@ -456,10 +460,6 @@ def _dataclass_type(cls, name: str):
         if dataclasses.is_dataclass(candidate):
             return candidate
     return None
-
-
-def to_dict(cfg) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

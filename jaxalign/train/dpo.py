@@ -19,8 +19,8 @@ from jaxalign import checkpoint
 from jaxalign.config import ConfigError, ModelConfig, RunConfig
 from jaxalign.data.config import DataConfig
 from jaxalign.data.preference import build_preference_data
-from jaxalign.losses.preference import DPO_LOSS_TYPES, POLICY_ONLY_LOSS_TYPES, dpo_loss, \
-    orpo_loss, sequence_logps, simpo_loss
+from jaxalign.losses.preference import DPO_LOSSES, DPO_LOSS_TYPES, POLICY_ONLY_LOSS_TYPES, \
+    dpo_loss, orpo_loss, sequence_logps, simpo_loss
 from jaxalign.losses.xent import head_logprobs
 from jaxalign.train.recipes import RECIPES
 from jaxalign.models import functional, lora
@@ -54,9 +54,10 @@ class DPOOptions:
                                       f"remove dpo.{key}")
         if not self.beta > 0:
             raise ConfigError(f"dpo.beta must be > 0, got {self.beta}")
-        if self.loss_type in ("sigmoid", "robust") and not 0 <= self.label_smoothing < 0.5:
+        row = DPO_LOSSES.get(self.loss_type)
+        if row and row.label_smoothing and not 0 <= self.label_smoothing < 0.5:
             raise ConfigError(f"dpo.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
-        if self.loss_type in ("ipo", "hinge") and self.label_smoothing:
+        if row and not row.label_smoothing and self.label_smoothing:
             raise ConfigError(f"dpo.label_smoothing has no effect with loss_type "
                               f"{self.loss_type!r}; remove it")
 
@@ -66,7 +67,9 @@ class DPOOptions:
 
     @property
     def average(self) -> bool:
-        return self.loss_type == "ipo" if self.average_logps is None else self.average_logps
+        if self.average_logps is not None:
+            return self.average_logps
+        return self.loss_type in DPO_LOSSES and DPO_LOSSES[self.loss_type].average
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -54,8 +54,6 @@ class Task:
     loss_fn: LossFn
     train_data: Loader                                   # this process's rows of each batch
     eval_data: Callable[[], Iterable[dict]] | None = None
-    # Work outside the gradient on each batch (e.g. DPO reference log-probs); jitted by the owner.
-    prepare: Callable[[dict], dict] | None = None
     # Report eval/perplexity = exp(eval/loss): only meaningful for a token-level NLL.
     perplexity: bool = True
     # The metrics the progress line shows: the recipe's row of RECIPES.
@@ -230,8 +228,6 @@ def train(*, run_dir: str | Path, cfg: TrainConfig, optim: OptimConfig, mesh: Me
         if start < cfg.steps:
             first = next_batch(task.train_data)
             batch0 = put_batch(first, mesh)
-            if task.prepare is not None:
-                batch0 = task.prepare(batch0)
             check_memory(run_dir, mesh, None, state, frozen, cfg, model)   # before compiling
             step_fn = jitted.lower(abstract(state), abstract(frozen), abstract(batch0)).compile()
             check_memory(run_dir, mesh, step_fn, state, frozen, cfg, model)
@@ -260,8 +256,6 @@ def train(*, run_dir: str | Path, cfg: TrainConfig, optim: OptimConfig, mesh: Me
                     (next_batch(task.train_data), None)
                 tokens = int((host_batch["segment_ids"] > 0).sum()) if "segment_ids" in host_batch else 0
                 batch = put_batch(host_batch, mesh)
-                if task.prepare is not None:
-                    batch = task.prepare(batch)
                 state, metrics = step_fn(state, frozen, batch)
                 faults.point("step")
                 metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
