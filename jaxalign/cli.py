@@ -147,25 +147,10 @@ def cmd_convert(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from jaxalign import checkpoint
-    from jaxalign.convert import hf
-    from jaxalign.convert.peft import save_peft
-    from jaxalign.models import lora
-
-    cfg, params, hf_config, src = checkpoint.load_model(args.model, _mesh(args),
-                                                        revision=args.revision)
-    if args.adapter:
-        if not cfg.lora_rank:
-            raise checkpoint.ModelSourceError(f"{args.model}: --adapter needs a LoRA run")
-        # PEFT loads an adapter onto its base: the run's starting model (a hub id pinned to
-        # its commit, or a directory), not the run's own folder.
-        base, revision = checkpoint.run_base(args.model) or (str(src), None)
-        out = save_peft(args.out_dir, cfg, params, base_model_path=base, revision=revision)
-    else:
-        cfg, params = lora.merge(cfg, params)
-        out = hf.save(args.out_dir, cfg, params, hf_config=hf_config, source_dir=src,
-                      max_shard_bytes=int(args.max_shard_gb * 2**30), dtype=args.dtype)
-    print(out)
+    from jaxalign.export import export
+    print(export(args.model, args.out_dir, _mesh(args), adapter=args.adapter,
+                 revision=args.revision, max_shard_bytes=int(args.max_shard_gb * 2**30),
+                 dtype=args.dtype))
     return 0
 
 

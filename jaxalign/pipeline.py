@@ -51,6 +51,7 @@ class ExportConfig:
     model: str                      # a run dir, checkpoint or HF dir (default: last policy stage)
     adapter: bool = False           # LoRA runs: a PEFT adapter instead of merged weights
     max_shard_gb: float = 5.0
+    dtype: str | None = None        # dtype of the written tensors (None: the model's own)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -135,21 +136,13 @@ def _run_eval(cfg, raw, devices):
 
 
 def _run_export(cfg: ExportConfig, raw, devices):
-    from jaxalign import checkpoint, sharding
+    from jaxalign import sharding
     from jaxalign.config import MeshConfig
-    from jaxalign.convert.peft import save_peft
-    from jaxalign.train.setup import export_hf
+    from jaxalign.export import export
     _write_config(cfg.out_dir, raw)
-    out = Path(cfg.out_dir) / "hf"
-    model_cfg, params, hf_config, src = checkpoint.load_model(
-        cfg.model, sharding.make_mesh(MeshConfig(), devices))
-    if cfg.adapter:
-        if not model_cfg.lora_rank:
-            raise ConfigError(f"export.adapter: {cfg.model} is not a LoRA run")
-        save_peft(out, model_cfg, params, base_model_path=str(src))
-    else:
-        export_hf(out, model_cfg, params, hf_config, src,
-                  max_shard_bytes=int(cfg.max_shard_gb * 2**30))
+    out = export(cfg.model, Path(cfg.out_dir) / "hf", sharding.make_mesh(MeshConfig(), devices),
+                 adapter=cfg.adapter, max_shard_bytes=int(cfg.max_shard_gb * 2**30),
+                 dtype=cfg.dtype)
     log.info("exported %s -> %s", cfg.model, out)
     return {}
 

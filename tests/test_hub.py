@@ -128,12 +128,12 @@ def test_reward_model_by_hub_id(offline, tmp_path):
 def test_run_pins_the_commit_of_its_hub_base(offline, tmp_path):
     """A LoRA SFT run from `model.path: org/tiny` records the commit main resolved to; moving
     main afterwards does not change the base its adapters are loaded onto."""
-    from test_train import _sft_config, _write_tasks
+    from conftest import sft_config, write_tasks
     from jaxalign.train.sft import run_sft
     env = offline
-    tiny = dict(model_dir=ID, data=_write_tasks(tmp_path / "tasks.jsonl", 16))
+    tiny = dict(model_dir=ID, data=write_tasks(tmp_path / "tasks.jsonl", 16))
     out = tmp_path / "run"
-    cfg = _sft_config(tiny, out, steps=2, batch_size=8, save_every=2)
+    cfg = sft_config(tiny, out, steps=2, batch_size=8, save_every=2)
     cfg = dataclasses.replace(cfg, lora=dataclasses.replace(cfg.lora, rank=2))
     run_sft(cfg, devices=jax.devices()[:1])
     meta = json.loads((out / "run.json").read_text())

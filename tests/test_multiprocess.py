@@ -54,7 +54,7 @@ def test_two_processes_match_single_process(tmp_path):
     assert report["fully_addressable"] is False, "params did not span both processes"
     assert report["max_diff"] <= 1e-5, report
     # The export gathered the shards from both processes into the exact source bytes.
-    from test_convert import assert_bitwise_equal, read_tensors
+    from conftest import assert_bitwise_equal, read_tensors
     assert_bitwise_equal(read_tensors(src), read_tensors(tmp_path / "export"))
 
 

@@ -244,3 +244,16 @@ def test_pipeline_wiring_follows_the_recipe_rows():
     assert "model" not in dict(pipeline.wire(with_functions))["ppo"]["reward"]
     alone = dict(pipeline.wire(pipeline.PipelineConfig(out_dir="/p", model="/m", dpo={})))
     assert alone["dpo"]["model"]["path"] == "/m"
+
+
+def test_test_modules_share_through_conftest_only():
+    """Shared set-up lives in tests/conftest.py; a test module that imports another runs that
+    module's fixtures and helpers under two names and couples their set-ups."""
+    tests = Path(__file__).resolve().parent
+    own = {p.stem for p in tests.glob("test_*.py")}
+    bad = [f"{p.name}: imports {mod}" for p in sorted(tests.glob("*.py"))
+           for node in ast.walk(ast.parse(p.read_text()))
+           for mod in ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                       [node.module] if isinstance(node, ast.ImportFrom) and node.module else [])
+           if mod.split(".")[0] in own]
+    assert not bad, bad

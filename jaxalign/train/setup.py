@@ -16,7 +16,7 @@ import jax
 
 from jaxalign import checkpoint, sharding
 from jaxalign.config import LoRAConfig, ModelConfig, ModelSource
-from jaxalign.convert import hf
+from jaxalign.export import write_merged
 from jaxalign.models import functional, lora
 from jaxalign.tokenizer import load_tokenizer
 from jaxalign.train.preempt import StopFlag
@@ -74,13 +74,6 @@ def pair_rows(batch: dict) -> dict:
             for k in ("tokens", "targets", "loss_mask", "segment_ids", "positions")}
 
 
-def export_hf(out_dir: Path, cfg: ModelConfig, params, hf_config: dict, tok_dir,
-              **save_kw) -> Path:
-    """LoRA merged, then an HF directory that transformers loads."""
-    merged_cfg, merged = lora.merge(cfg, params)
-    return hf.save(out_dir, merged_cfg, merged, hf_config=hf_config, source_dir=tok_dir, **save_kw)
-
-
 def run_recipe(cfg, raw_config: dict | None, devices, *, algorithm: str,
                load: Callable[[Any, Any], Any], run: Callable[..., dict[str, float]],
                policy_path: tuple[str, ...] = ()) -> dict[str, float]:
@@ -128,7 +121,7 @@ def supervised(task: Callable[[Any, Loaded, Any], tuple[Task, dict]]):
 
         def on_end(state):
             if cfg.train.export_hf:
-                export_hf(run_dir / "hf", models.cfg, lora.combine(state.params, base),
+                write_merged(run_dir / "hf", models.cfg, lora.combine(state.params, base),
                           models.hf_config, models.tok_dir, **export_kw)
 
         return train(run_dir=run_dir, cfg=cfg.train, optim=cfg.optim, mesh=mesh,

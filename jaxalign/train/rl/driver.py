@@ -58,7 +58,8 @@ from jaxalign.train.rl.config import RLConfig
 from jaxalign.train.rl.rewards import Rewarder, RewardFunctionError, RunningMoments, \
     check_reward_model_dir
 from jaxalign.train.rl.roles import Roles, build_roles, check_memory, memory_report, nbytes
-from jaxalign.train.setup import export_hf, run_recipe
+from jaxalign.export import write_merged
+from jaxalign.train.setup import run_recipe
 from jaxalign.train.step import jit_train_step, make_train_step
 
 log = logging.getLogger(__name__)
@@ -453,6 +454,6 @@ class _Run:
                     f.write(json.dumps({"step": it, **s}, ensure_ascii=False) + "\n")
 
     def _export(self, state) -> None:
-        export_hf(self.run_dir / "hf", self.roles.models.policy,
+        write_merged(self.run_dir / "hf", self.roles.models.policy,
                   lora.combine(state.params["policy"], self.roles.frozen["policy"]),
                   self.roles.hf_config, self.roles.tok_dir)
