@@ -209,6 +209,25 @@ def test_rollout_entropy_is_the_softmax_entropy():
             assert got[i, t] == pytest.approx(-sum(p * math.log(p) for p in ps if p > 0), abs=5e-5)
 
 
+@pytest.mark.parametrize("head_is_VD", [True, False])
+def test_rollout_logprobs_are_the_supervised_ones(head_is_VD):
+    """RL scores responses with the same head path as SFT / DPO / eval (`xent.head_logprobs`):
+    equal log-probs at temperature 1, and at temperature 0.7 the log-softmax of logits / 0.7."""
+    from jaxalign.losses.xent import head_logprobs, token_logprobs
+    from jaxalign.train.rl.rollout import response_stats
+    hidden = jnp.asarray(rand(21, 1.0, (2, 7, 16)))
+    head = jnp.asarray(rand(22, 0.5, (40, 16) if head_is_VD else (16, 40)))
+    targets = jnp.asarray(np.random.default_rng(23).integers(0, 40, (2, 7)), jnp.int32)
+    sft, _ = head_logprobs(hidden, head, targets, head_is_VD=head_is_VD, chunk=4)
+    rl, _ = response_stats(hidden, head, targets, head_is_VD=head_is_VD, temperature=1.0, chunk=3)
+    np.testing.assert_allclose(np.asarray(rl), np.asarray(sft), rtol=0, atol=1e-6)
+    logits = jnp.einsum("btd,vd->btv" if head_is_VD else "btd,dv->btv", hidden, head,
+                        precision="highest")
+    hot, _ = response_stats(hidden, head, targets, head_is_VD=head_is_VD, temperature=0.7, chunk=3)
+    np.testing.assert_allclose(np.asarray(hot), np.asarray(token_logprobs(logits / 0.7, targets)),
+                               rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("scale", [True, False])
 def test_group_advantages_matches_loop(scale):
     g = 4
