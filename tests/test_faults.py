@@ -67,6 +67,7 @@ def _biggest_file(step_dir: Path) -> Path:
     return max((p for p in step_dir.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
 
 
+@pytest.mark.slow  # training runs killed and resumed
 def test_incomplete_newest_checkpoint_is_skipped_never_restored(paths, tmp_path, caplog):
     """SFT saved at 3 and 6. Step 6 corrupted (a flipped byte, same size): `load_model`
     restores 3, not 6. Step 6 then truncated: the rerun skips it with a warning, sets it
@@ -154,6 +155,7 @@ def _wait_for_steps(p, run_dir: Path, n: int, timeout=600.0):
         time.sleep(0.05)
 
 
+@pytest.mark.slow  # training runs killed and resumed
 @pytest.mark.parametrize("algo", harness.ALGOS)
 def test_sigterm_checkpoints_exits_0_and_rerun_continues(paths, tmp_path, algo):
     """SIGTERM from outside once a step is logged (PPO: delivered while iteration 3's rollout
@@ -192,6 +194,7 @@ def test_sigterm_checkpoints_exits_0_and_rerun_continues(paths, tmp_path, algo):
     assert _steps(out) == list(range(1, total + 1))
 
 
+@pytest.mark.slow  # training runs killed and resumed
 @pytest.mark.parametrize("algo", ["sft", "grpo"])
 def test_sigterm_before_the_first_step_exits_0_with_nothing_saved(paths, tmp_path, monkeypatch,
                                                                   caplog, algo):
@@ -215,6 +218,7 @@ def test_sigterm_before_the_first_step_exits_0_with_nothing_saved(paths, tmp_pat
 
 # ----------------------------------------------------------------------------- harness
 
+@pytest.mark.slow  # training runs killed and resumed
 def test_fault_harness_small_count(paths, capsys):
     """scripts/faults.py on PPO: 2 SIGKILLs (during the first data batch, then, as seed 1
     draws it, inside a rollout); each rerun ends identical to the uninterrupted run (metrics,

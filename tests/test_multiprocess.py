@@ -11,8 +11,11 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from multiproc import free_port, launch, python, worker_env
+
+pytestmark = pytest.mark.slow  # spawns several JAX processes
 
 TIMEOUT_S = 300   # generous: the CI machine may be shared
 NUM_PROCESSES = 2

@@ -37,7 +37,7 @@ import numpy as np
 
 from jaxalign.config import from_dict, require
 from jaxalign.data.config import DatasetSpec, dataset_specs
-from jaxalign.data.sources import DataError
+from jaxalign.data.sources import DataError, iter_json_lines
 
 log = logging.getLogger(__name__)
 
@@ -130,17 +130,8 @@ def iter_rows(spec: DatasetSpec) -> Iterator[tuple[str, dict]]:
                 for i, row in enumerate(data):
                     yield f"{path}: row {i}", row
                 return
-            with open(path, "rb") as f:
-                for line_no, raw in enumerate(f, start=1):
-                    if not raw.strip():
-                        continue
-                    try:
-                        row = json.loads(raw)
-                    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                        detail = (f"{e.msg} at column {e.colno}"
-                                  if isinstance(e, json.JSONDecodeError) else str(e))
-                        raise DataError(f"{path}: line {line_no}: malformed JSON ({detail})") from None
-                    yield f"{path}: line {line_no}", row
+            for line_no, row in iter_json_lines(path):
+                yield f"{path}: line {line_no}", row
         elif path.is_file() and suffix == ".parquet":
             import pyarrow.parquet as pq
             i = 0
