@@ -390,7 +390,12 @@ def run_plan(config_path: str, overrides=(), *, devices: int, meshes: str | None
     use_fake_devices(devices)
     raw = load_yaml(config_path, list(overrides))
     planner(recipe)
-    run_cfg = from_dict(RECIPES[recipe].load()[0], raw)
+    try:
+        run_cfg = from_dict(RECIPES[recipe].load()[0], raw)
+    except ConfigError as e:  # a section named after another recipe: say which flag plans it
+        other = [name for name in RECIPES if name != recipe and name in raw]
+        raise ConfigError(f"{e}; a {other[0]} config is planned with --recipe {other[0]}"
+                          if other else str(e)) from None
     device_bytes = None if device_memory_gb is None else int(device_memory_gb * GiB)
     emit(f"{recipe} step of {config_path} on {devices} devices "
          f"(per-device bytes from XLA's memory analysis; collectives per step)")
