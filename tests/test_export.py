@@ -21,6 +21,8 @@ from jaxalign.train.rm import RMConfig, run_rm
 torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
 
+pytestmark = pytest.mark.slow  # trains two LoRA runs, then exports each four times
+
 LORA = {"lora": {"rank": 4, "alpha": 8.0, "targets": ["q_proj", "v_proj", "down_proj"]}}
 
 
