@@ -31,7 +31,7 @@ import logging
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 from jaxalign.config import ConfigError, from_dict
 from jaxalign.train.recipes import RECIPES
@@ -51,7 +51,11 @@ class ExportConfig:
     model: str                      # a run dir, checkpoint or HF dir (default: last policy stage)
     adapter: bool = False           # LoRA runs: a PEFT adapter instead of merged weights
     max_shard_gb: float = 5.0
-    dtype: str | None = None        # dtype of the written tensors (None: the model's own)
+    dtype: Literal["float32", "bfloat16"] | None = None  # written tensors (None: the model's own)
+
+    def __post_init__(self):
+        if self.dtype not in (None, "float32", "bfloat16"):
+            raise ConfigError(f"export.dtype {self.dtype!r}: expected float32, bfloat16 or null")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

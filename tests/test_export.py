@@ -36,11 +36,12 @@ def runs(prefs):
     return {"policy": policy, "rm": rm}
 
 
-def _both(run, out, *flags):
+def _both(run, out, *flags, dtype=None):
     """The run exported by the CLI and by the pipeline's export stage."""
-    assert cli.main(["export", str(run), str(out / "cli"), *flags]) == 0
+    dtype_flags = ["--dtype", dtype] if dtype else []
+    assert cli.main(["export", str(run), str(out / "cli"), *flags, *dtype_flags]) == 0
     stage = from_dict(pipeline.ExportConfig, {"out_dir": str(out / "stage"), "model": str(run),
-                                              "adapter": "--adapter" in flags})
+                                              "adapter": "--adapter" in flags, "dtype": dtype})
     pipeline.STAGES["export"][1](stage, {}, None)
     return out / "cli", out / "stage" / "hf"
 
@@ -80,8 +81,11 @@ def test_lora_policy_adapter_agrees_and_loads_onto_its_base(runs, prefs, tmp_pat
     real = seg > 0
     np.testing.assert_allclose(theirs[real], np.asarray(ours)[real], atol=1e-4)
 
-    # Merged, both ways: the same LlamaForCausalLM files.
+    # Merged, both ways: the same LlamaForCausalLM files, in fp32 and cast to bf16.
     _same_export(*_both(runs["policy"], tmp_path / "merged"))
+    bf16_cli, bf16_stage = _both(runs["policy"], tmp_path / "bf16", dtype="bfloat16")
+    _same_export(bf16_cli, bf16_stage)
+    assert {t.dtype for t in read_tensors(bf16_stage).values()} == {torch.bfloat16}
 
 
 def test_lora_reward_model_adapter_keeps_its_score_head(runs, prefs, tmp_path):
