@@ -12,7 +12,8 @@ to OUT/STAGE. Outputs are wired by path:
     `model`); ppo's reward.model the rm run (when there is one and no reward.functions);
     eval's models.policies every policy stage (sft, ppo, dpo, kto) by name, its
     models.reference the sft run, its models.reward_model the rm run; export's model the
-    last policy stage.
+    last policy stage. The training stages are the rows of `train/recipes.py` RECIPES, and
+    what each takes from earlier stages is its row's `inputs`.
 A placeholder must be quoted in YAML ("{data}/sft/train.jsonl"): bare, {x} is a mapping.
 Stage i's fingerprint is a hash of its wired section chained with stage i-1's, kept in
 OUT/pipeline.json. A stage whose fingerprint is recorded as done is skipped; recorded but not
