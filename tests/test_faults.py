@@ -112,6 +112,7 @@ def _refusal(algo, out, paths, capsys, limit_gb: float) -> str:
     return errors[0]
 
 
+@pytest.mark.slow  # compiles every program of a run first
 @pytest.mark.parametrize("algo", ["sft", "ppo"])
 def test_memory_preflight_refuses_before_any_step(paths, tmp_path, capsys, algo):
     out = tmp_path / algo

@@ -125,6 +125,7 @@ def test_reward_model_by_hub_id(offline, tmp_path):
     assert_same_params(got, params)
 
 
+@pytest.mark.slow  # CLI runs end to end
 def test_run_pins_the_commit_of_its_hub_base(offline, tmp_path):
     """A LoRA SFT run from `model.path: org/tiny` records the commit main resolved to; moving
     main afterwards does not change the base its adapters are loaded onto."""
@@ -170,6 +171,7 @@ def _flat_like(full, part):
     return out
 
 
+@pytest.mark.slow  # CLI runs end to end
 def test_readme_tour_by_hub_id(offline, tmp_path, capsys):
     """The README's five-minute tour with a hub id in place of the directory: convert,
     generate, export, verify_export --reference ID, all offline from the cache."""

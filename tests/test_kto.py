@@ -191,6 +191,7 @@ def unpaired(prefs, tmp_path_factory):  # noqa: F811
     return dict(prefs, train=train, eval=evals, root=root)
 
 
+@pytest.mark.slow  # trains and resumes whole runs
 def test_kto_trains_and_resumes_exactly(unpaired, tmp_path):
     """6 steps straight vs 3, then the same command resumed to 6: identical metrics.jsonl; the
     held-out reward margin between desirable and undesirable completions grows from ~0."""
@@ -210,6 +211,7 @@ def test_kto_trains_and_resumes_exactly(unpaired, tmp_path):
     assert rows[-1]["eval/loss"] < rows[2]["eval/loss"] < 0.5
 
 
+@pytest.mark.slow  # trains and resumes whole runs
 def test_kto_cli_and_config(unpaired, tmp_path, caplog):
     """configs/tiny_kto.yaml parses; `jaxalign kto` runs it, shows KTO's progress line and
     prints the final metrics."""

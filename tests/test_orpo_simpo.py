@@ -10,6 +10,7 @@ from jaxalign.train.dpo import DPOConfig, DPOOptions, load_dpo_models, run_dpo
 from conftest import pref_config, read_metrics
 
 
+@pytest.mark.slow  # trains and resumes whole runs
 @pytest.mark.parametrize("loss_type, section", [
     ("orpo", {"beta": 0.5}),
     ("simpo", {"beta": 2.0, "simpo_gamma": 0.5}),

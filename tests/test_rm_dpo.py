@@ -24,6 +24,7 @@ from jaxalign.train.step import init_state, make_train_step
 from conftest import pref_config, read_metrics
 
 
+@pytest.mark.slow  # trains and resumes whole runs
 def test_reward_model_learns_and_exports_to_transformers(prefs):
     """>= 0.95 held-out accuracy; run_dir/hf scores padded batches in transformers as we do."""
     torch = pytest.importorskip("torch")
@@ -66,6 +67,7 @@ def _one_step(loss_fn, trainable, frozen, batch):
     return jax.jit(make_train_step(loss_fn, opt, sched))(state, frozen, batch)[1]
 
 
+@pytest.mark.slow  # compiles each algorithm's step on 1 and on 8 devices
 @pytest.mark.parametrize("algo", ["rm", "dpo", "dpo_lora"])
 def test_sharded_step_equals_single_device(prefs, tmp_path, algo):
     if algo == "rm":
@@ -93,6 +95,7 @@ def test_sharded_step_equals_single_device(prefs, tmp_path, algo):
         np.testing.assert_allclose(ref["loss"], math.log(2), rtol=1e-6)
 
 
+@pytest.mark.slow  # trains and resumes whole runs
 def test_dpo_exact_resume_and_learning(prefs, tmp_path):
     """6 steps straight vs 3 steps, then the same command resumed to 6: identical metrics.jsonl;
     and DPO moves the held-out implied reward margin up from 0."""
@@ -112,6 +115,7 @@ def test_dpo_exact_resume_and_learning(prefs, tmp_path):
     assert rows[-1]["eval/rewards/accuracies"] > 0.5
 
 
+@pytest.mark.slow  # trains and resumes whole runs
 @pytest.mark.parametrize("cls, run_fn, section", [
     (RMConfig, run_rm, None),
     (DPOConfig, run_dpo, {"dpo": {"loss_type": "orpo", "beta": 0.5}}),
@@ -128,6 +132,7 @@ def test_exact_resume_of_the_other_supervised_objectives(prefs, tmp_path, cls, r
     assert len(a.splitlines()) == 4 and a == (tmp_path / "b" / "metrics.jsonl").read_text()
 
 
+@pytest.mark.slow  # trains and resumes whole runs
 @pytest.mark.parametrize("lora", [False, True])
 def test_dpo_reference_is_never_updated(prefs, tmp_path, lora):
     """Full fine-tuning: the frozen copy is bitwise unchanged after training. LoRA: the
@@ -176,6 +181,7 @@ def test_dpo_options_are_validated():
     assert DPOOptions(loss_type="ipo").average and not DPOOptions().average
 
 
+@pytest.mark.slow  # trains and resumes whole runs
 def test_eval_accuracy_and_win_rate(prefs):
     """`jaxalign eval` on the runs above: its preference accuracies are the runs' own held-out
     figures; a policy judged against itself ties every prompt (win rate 0.5, DPO accuracy 0,

@@ -172,10 +172,17 @@ def test_recipe_configs_span_at_most_three_files():
 
 
 def _tracked_files() -> list[Path]:
+    """The repository's files: git's list in a checkout, else every file outside hidden,
+    cache and run folders (an unpacked archive)."""
     import subprocess
     root = PKG.parent
-    out = subprocess.run(["git", "ls-files", "-z"], cwd=root, capture_output=True, check=True)
-    return [root / name for name in out.stdout.decode().split("\0") if name]
+    out = subprocess.run(["git", "ls-files", "-z"], cwd=root, capture_output=True)
+    if out.returncode == 0 and out.stdout:
+        return [root / name for name in out.stdout.decode().split("\0") if name]
+    skip = {"__pycache__", "runs", "data", "build", "dist"}
+    return [p for p in root.rglob("*") if p.is_file() and not any(
+        part.startswith(".") or part in skip or part.endswith(".egg-info")
+        for part in p.relative_to(root).parts)]
 
 
 # Notes kept outside the repository are unreadable to whoever clones it: the design lives in
