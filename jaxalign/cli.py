@@ -149,25 +149,10 @@ def cmd_convert(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from jaxalign import checkpoint
-    from jaxalign.convert import hf
-    from jaxalign.convert.peft import save_peft
-    from jaxalign.models import lora
-
-    cfg, params, hf_config, src = checkpoint.load_model(args.model, _mesh(args),
-                                                        revision=args.revision)
-    if args.adapter:
-        if not cfg.lora_rank:
-            raise checkpoint.ModelSourceError(f"{args.model}: --adapter needs a LoRA run")
-        # PEFT loads an adapter onto its base: the run's starting model (a hub id pinned to
-        # its commit, or a directory), not the run's own folder.
-        base, revision = checkpoint.run_base(args.model) or (str(src), None)
-        out = save_peft(args.out_dir, cfg, params, base_model_path=base, revision=revision)
-    else:
-        cfg, params = lora.merge(cfg, params)
-        out = hf.save(args.out_dir, cfg, params, hf_config=hf_config, source_dir=src,
-                      max_shard_bytes=int(args.max_shard_gb * 2**30), dtype=args.dtype)
-    print(out)
+    from jaxalign.export import export
+    print(export(args.model, args.out_dir, _mesh(args), adapter=args.adapter,
+                 revision=args.revision, max_shard_bytes=int(args.max_shard_gb * 2**30),
+                 dtype=args.dtype))
     return 0
 
 
@@ -372,14 +357,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
     p = sub.add_parser("plan", help="per-mesh memory, compile time and collectives of a run's "
                                     "train step on N devices, compiled from shapes (no weights)")
-    p.add_argument("config", help="YAML run config of sft / rm / dpo / kto")
+    planned = [n for n, r in RECIPES.items() if r.planner]
+    p.add_argument("config", help=f"YAML run config of {' / '.join(planned)}")
     p.add_argument("overrides", nargs="*", metavar="key=value", type=_override)
     p.add_argument("--devices", type=_number(int, ">= 1", lambda x: x >= 1), required=True,
                    help="number of devices to plan for")
     p.add_argument("--meshes", default=None,
                    help="meshes to try, e.g. 'fsdp=64;data=4,fsdp=16' (default: every mesh "
                         "that divides the batch and the KV heads)")
-    p.add_argument("--recipe", default=None, help="sft | rm | dpo | kto (default: from the config)")
+    p.add_argument("--recipe", default="sft", choices=planned,
+                   help="the config's recipe (default sft)")
     p.add_argument("--device-memory-gb", type=float, default=None,
                    help="memory of one device, for the 'fits' column")
     p.add_argument("--json", action="store_true", help="also print the results as one JSON line")

@@ -25,9 +25,12 @@ from jaxalign.errors import ConfigError, JaxalignError  # noqa: F401 (re-exporte
 from jaxalign.families.base import ROPE_TYPES
 
 
-def _require(cond: bool, msg: str) -> None:
+def require(cond: bool, msg: str) -> None:
+    """Every config's validation: `msg` (naming the key) as a ConfigError unless `cond`."""
     if not cond:
         raise ConfigError(msg)
+
+
 
 
 def require_extra(module: str, extra: str, setting: str) -> None:
@@ -84,7 +87,7 @@ class ModelConfig:
     param_dtype: Literal["float32", "bfloat16"] = "float32"
     dtype: Literal["float32", "bfloat16"] = "float32"
     # Scanned layers compile in constant time; unrolled layers ran a train step 2x faster
-    # on a 2-core CPU (DESIGN.md section 5). Same parameter layout either way.
+    # on a 2-core CPU (docs/architecture.md, CPU facts). Same parameter layout either way.
     scan_layers: bool = True
     # What the backward recomputes (jax.checkpoint per layer): "none" nothing; "full" all but
     # each layer's input; "dots" keeps the projections' outputs; "attn" keeps the attention's
@@ -103,25 +106,25 @@ class ModelConfig:
     def __post_init__(self):
         for key in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
                     "num_heads", "num_kv_heads", "head_dim"):
-            _require(getattr(self, key) > 0, f"model.{key} must be positive, got {getattr(self, key)}")
-        _require(self.num_heads % self.num_kv_heads == 0,
+            require(getattr(self, key) > 0, f"model.{key} must be positive, got {getattr(self, key)}")
+        require(self.num_heads % self.num_kv_heads == 0,
                  f"model.num_heads ({self.num_heads}) must be a multiple of "
                  f"model.num_kv_heads ({self.num_kv_heads})")
-        _require(self.rope_type in ROPE_TYPES,
+        require(self.rope_type in ROPE_TYPES,
                  f"model.rope_type {self.rope_type!r} is not supported; expected one of {ROPE_TYPES}")
-        _require(self.param_dtype in DTYPES, f"model.param_dtype must be one of {DTYPES}")
-        _require(self.dtype in DTYPES, f"model.dtype must be one of {DTYPES}")
-        _require(self.remat in REMAT_POLICIES, f"model.remat must be one of {REMAT_POLICIES}")
-        _require(self.attention in ATTENTION_IMPLS, f"model.attention must be one of {ATTENTION_IMPLS}")
-        _require(self.family in families.FAMILIES,
+        require(self.param_dtype in DTYPES, f"model.param_dtype must be one of {DTYPES}")
+        require(self.dtype in DTYPES, f"model.dtype must be one of {DTYPES}")
+        require(self.remat in REMAT_POLICIES, f"model.remat must be one of {REMAT_POLICIES}")
+        require(self.attention in ATTENTION_IMPLS, f"model.attention must be one of {ATTENTION_IMPLS}")
+        require(self.family in families.FAMILIES,
                  f"model.family {self.family!r} is not one of {sorted(families.FAMILIES)}")
-        _require(self.sliding_window is None or self.sliding_window > 0,
+        require(self.sliding_window is None or self.sliding_window > 0,
                  f"model.sliding_window must be positive or null, got {self.sliding_window}")
-        _require(self.num_labels >= 0, f"model.num_labels must be >= 0, got {self.num_labels}")
-        _require(self.lora_rank >= 0, f"lora.rank must be >= 0, got {self.lora_rank}")
-        _require(0.0 <= self.lora_dropout < 1.0, f"lora.dropout must be in [0, 1), got {self.lora_dropout}")
+        require(self.num_labels >= 0, f"model.num_labels must be >= 0, got {self.num_labels}")
+        require(self.lora_rank >= 0, f"lora.rank must be >= 0, got {self.lora_rank}")
+        require(0.0 <= self.lora_dropout < 1.0, f"lora.dropout must be in [0, 1), got {self.lora_dropout}")
         bad = [t for t in self.lora_targets if t not in LORA_TARGETS]
-        _require(not bad, f"lora.targets: unknown module(s) {bad}; expected some of {LORA_TARGETS}")
+        require(not bad, f"lora.targets: unknown module(s) {bad}; expected some of {LORA_TARGETS}")
 
     def without_lora(self) -> "ModelConfig":
         defaults = {f.name: f.default for f in dataclasses.fields(self) if f.name.startswith("lora_")}
@@ -143,7 +146,7 @@ class ModelConfig:
 
         Anything we would have to approximate is refused with the field that caused it.
         """
-        _require("num_labels" not in runtime,
+        require("num_labels" not in runtime,
                  "num_labels comes from config.json (its architectures); to put a score head on "
                  "a causal LM use checkpoint.load_model(path, num_labels=1)")
         return cls(**families.read_config(hf), pad_token_id=_pad_id(hf.get("pad_token_id")),
@@ -176,10 +179,10 @@ class MeshConfig:
 
     def __post_init__(self):
         sizes = self.shape
-        _require(all(s == -1 or s >= 1 for s in sizes),
+        require(all(s == -1 or s >= 1 for s in sizes),
                  f"mesh sizes must be >= 1 or -1, got data={self.data} fsdp={self.fsdp} "
                  f"tensor={self.tensor}")
-        _require(sum(s == -1 for s in sizes) <= 1,
+        require(sum(s == -1 for s in sizes) <= 1,
                  f"at most one mesh axis may be -1, got data={self.data} fsdp={self.fsdp} "
                  f"tensor={self.tensor}")
 
@@ -212,7 +215,7 @@ class ModelSource:
         # config.json that the loader builds the ModelConfig from.
         for key, allowed in (("dtype", DTYPES), ("param_dtype", DTYPES),
                              ("remat", (None,) + REMAT_POLICIES), ("attention", ATTENTION_IMPLS)):
-            _require(getattr(self, key) in allowed,
+            require(getattr(self, key) in allowed,
                      f"model.{key} {getattr(self, key)!r} is not one of {allowed}")
 
     def runtime(self) -> dict[str, Any]:
@@ -264,18 +267,18 @@ class TrainConfig:
     memory_limit_gb: float | None = None
 
     def __post_init__(self):
-        _require(self.memory_limit_gb is None or self.memory_limit_gb > 0,
+        require(self.memory_limit_gb is None or self.memory_limit_gb > 0,
                  f"train.memory_limit_gb must be positive or null, got {self.memory_limit_gb}")
-        _require((self.steps is None) != (self.epochs is None),
+        require((self.steps is None) != (self.epochs is None),
                  "train: give exactly one of train.steps and train.epochs, got "
                  f"steps={self.steps} epochs={self.epochs}")
-        _require(self.epochs is None or self.epochs > 0, f"train.epochs must be > 0, got {self.epochs}")
-        _require(self.steps is None or self.steps >= 1, f"train.steps must be >= 1, got {self.steps}")
+        require(self.epochs is None or self.epochs > 0, f"train.epochs must be > 0, got {self.epochs}")
+        require(self.steps is None or self.steps >= 1, f"train.steps must be >= 1, got {self.steps}")
         for key in ("batch_size", "grad_accum", "log_every", "keep_checkpoints"):
-            _require(getattr(self, key) >= 1, f"train.{key} must be >= 1, got {getattr(self, key)}")
+            require(getattr(self, key) >= 1, f"train.{key} must be >= 1, got {getattr(self, key)}")
         for key in ("eval_every", "eval_batches", "save_every", "save_every_minutes", "max_bad_steps", "logits_chunk"):
-            _require(getattr(self, key) >= 0, f"train.{key} must be >= 0, got {getattr(self, key)}")
-        _require(self.batch_size % self.grad_accum == 0,
+            require(getattr(self, key) >= 0, f"train.{key} must be >= 0, got {getattr(self, key)}")
+        require(self.batch_size % self.grad_accum == 0,
                  f"train.batch_size ({self.batch_size}) must be a multiple of "
                  f"train.grad_accum ({self.grad_accum})")
         if self.wandb_project:
@@ -296,14 +299,14 @@ class OptimConfig:
     max_grad_norm: float | None = 1.0  # None: no clipping
 
     def __post_init__(self):
-        _require(self.schedule in ("constant", "linear", "cosine"),
+        require(self.schedule in ("constant", "linear", "cosine"),
                  f"optim.schedule {self.schedule!r}: expected constant, linear or cosine")
         for key, ok, rule in (   # Adam: b2 = 1 (1 - b2^t = 0) or eps = 0 make NaN params
                 ("lr", self.lr > 0, "positive"), ("eps", self.eps > 0, "positive"), ("weight_decay", self.weight_decay >= 0, ">= 0"),
                 ("min_lr_ratio", 0 <= self.min_lr_ratio <= 1, "in [0, 1]"), ("warmup_steps", self.warmup_steps >= 0, ">= 0"),
                 ("max_grad_norm", self.max_grad_norm is None or self.max_grad_norm > 0, "positive or null"),
                 ("b1", 0 <= self.b1 < 1, "in [0, 1)"), ("b2", 0 <= self.b2 < 1, "in [0, 1)")):
-            _require(ok, f"optim.{key} must be {rule}, got {getattr(self, key)}")
+            require(ok, f"optim.{key} must be {rule}, got {getattr(self, key)}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

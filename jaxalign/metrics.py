@@ -91,13 +91,9 @@ class MetricsWriter:
             self._wandb.finish()
 
 
-# What the progress line shows for each kind of run: metric (or perf) keys, in order. Each
-# recipe hands its own to the loop (`Task.progress`); eval/ versions are shown when present.
-SFT_PROGRESS = ("loss", "token_accuracy", "tokens_per_s")
-RM_PROGRESS = ("loss", "accuracy", "margin")
-DPO_PROGRESS = ("loss", "rewards/accuracies", "rewards/margins")
-KTO_PROGRESS = ("loss", "rewards/accuracies", "rewards/margins", "kl")
-RL_PROGRESS = ("reward_mean", "kl", "entropy", "response_length")
+# What the progress line shows is each recipe's `progress` (jaxalign.train.recipes.RECIPES),
+# which it hands to the loop (`Task.progress`); eval/ versions are shown when present. The
+# short names those keys get on the line:
 LABELS = {"token_accuracy": "acc", "tokens_per_s": "tok/s", "accuracy": "acc",
           "rewards/accuracies": "acc", "rewards/margins": "margin", "reward_mean": "reward",
           "response_length": "len"}
@@ -118,12 +114,12 @@ class Progress:
     """One refreshing status line on stderr (rich), or, when stderr is not a terminal, a log
     line at most every `log_seconds` (and after the first and the last step).
 
-    `fields`: the metric keys that matter for the algorithm (SFT_PROGRESS, ...). The ETA
+    `fields`: the metric keys that matter for the recipe (its row's `progress`). The ETA
     counts only the steps after the first: the first one compiles the programs, and on a
     short run its time would dominate the estimate."""
 
     def __init__(self, total: int, start: int, enabled: bool = True, log_seconds: float = 10.0,
-                 fields=SFT_PROGRESS, unit: str = "step"):
+                 fields=("loss",), unit: str = "step"):
         self.total, self.start, self.fields, self.unit = total, start, tuple(fields), unit
         self.enabled = enabled and jax.process_index() == 0
         self._t0 = self._last_log = time.perf_counter()

@@ -12,7 +12,8 @@ to OUT/STAGE. Outputs are wired by path:
     `model`); ppo's reward.model the rm run (when there is one and no reward.functions);
     eval's models.policies every policy stage (sft, ppo, dpo, kto) by name, its
     models.reference the sft run, its models.reward_model the rm run; export's model the
-    last policy stage.
+    last policy stage. The training stages are the rows of `train/recipes.py` RECIPES, and
+    what each takes from earlier stages is its row's `inputs`.
 A placeholder must be quoted in YAML ("{data}/sft/train.jsonl"): bare, {x} is a mapping.
 Stage i's fingerprint is a hash of its wired section chained with stage i-1's, kept in
 OUT/pipeline.json. A stage whose fingerprint is recorded as done is skipped; recorded but not
@@ -31,15 +32,17 @@ import logging
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 from jaxalign import rundir
 from jaxalign.config import ConfigError, from_dict
+from jaxalign.train.recipes import RECIPES
 
 log = logging.getLogger(__name__)
 
-ORDER = ("data", "sft", "rm", "ppo", "dpo", "kto", "eval", "export", "report")
-POLICY_STAGES = ("sft", "ppo", "dpo", "kto")     # stages whose run is a policy
+# Every training recipe is a stage, in the table's order, between data and eval.
+ORDER = ("data", *RECIPES, "eval", "export", "report")
+POLICY_STAGES = tuple(name for name, r in RECIPES.items() if r.policy)  # runs that are policies
 STATE_FILE = "pipeline.json"
 
 
@@ -50,6 +53,11 @@ class ExportConfig:
     model: str                      # a run dir, checkpoint or HF dir (default: last policy stage)
     adapter: bool = False           # LoRA runs: a PEFT adapter instead of merged weights
     max_shard_gb: float = 5.0
+    dtype: Literal["float32", "bfloat16"] | None = None  # written tensors (None: the model's own)
+
+    def __post_init__(self):
+        if self.dtype not in (None, "float32", "bfloat16"):
+            raise ConfigError(f"export.dtype {self.dtype!r}: expected float32, bfloat16 or null")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -90,8 +98,7 @@ class PipelineConfig:
             raise ConfigError(f"stages: {missing} listed without a section of their own "
                               f"(an empty one is `{missing[0]}: {{}}`)")
         if not order:
-            raise ConfigError("pipeline: no stage sections (data, sft, rm, ppo, dpo, kto, eval, "
-                              "export, report)")
+            raise ConfigError(f"pipeline: no stage sections ({', '.join(ORDER)})")
         for s in order:
             if not isinstance(getattr(self, s), dict):
                 raise ConfigError(f"{s}: expected a mapping of the `{s}` command's keys")
@@ -135,21 +142,13 @@ def _run_eval(cfg, raw, devices):
 
 
 def _run_export(cfg: ExportConfig, raw, devices):
-    from jaxalign import checkpoint, sharding
+    from jaxalign import sharding
     from jaxalign.config import MeshConfig
-    from jaxalign.convert.peft import save_peft
-    from jaxalign.train.setup import export_hf
+    from jaxalign.export import export
     _write_config(cfg.out_dir, raw)
-    out = Path(cfg.out_dir) / "hf"
-    model_cfg, params, hf_config, src = checkpoint.load_model(
-        cfg.model, sharding.make_mesh(MeshConfig(), devices))
-    if cfg.adapter:
-        if not model_cfg.lora_rank:
-            raise ConfigError(f"export.adapter: {cfg.model} is not a LoRA run")
-        save_peft(out, model_cfg, params, base_model_path=str(src))
-    else:
-        export_hf(out, model_cfg, params, hf_config, src,
-                  max_shard_bytes=int(cfg.max_shard_gb * 2**30))
+    out = export(cfg.model, Path(cfg.out_dir) / "hf", sharding.make_mesh(MeshConfig(), devices),
+                 adapter=cfg.adapter, max_shard_bytes=int(cfg.max_shard_gb * 2**30),
+                 dtype=cfg.dtype)
     log.info("exported %s -> %s", cfg.model, out)
     return {}
 
@@ -165,7 +164,7 @@ def _run_report(cfg: ReportConfig, raw, devices):
 # stage -> (build(section) -> its validated config, run(cfg, raw, devices))
 STAGES: dict[str, tuple[Callable[[dict], Any], Callable[..., Any]]] = {
     "data": (_build_data, _run_data),
-    **{name: _recipe(name) for name in ("sft", "rm", "ppo", "dpo", "kto")},
+    **{name: _recipe(name) for name in RECIPES},
     "eval": (_build_eval, _run_eval),
     "export": (lambda section: from_dict(ExportConfig, section), _run_export),
     "report": (lambda section: from_dict(ReportConfig, section), _run_report),
@@ -199,6 +198,12 @@ def _substitute(value, dirs: dict[str, str], stage: str, key: str = ""):
     return value
 
 
+def _get(section: dict, dotted: str):
+    for part in dotted.split("."):
+        section = section.get(part) if isinstance(section, dict) else None
+    return section
+
+
 def _set_default(section: dict, dotted: str, value) -> None:
     node = section
     *parents, last = dotted.split(".")
@@ -215,13 +220,11 @@ def wire(cfg: PipelineConfig) -> list[tuple[str, dict]]:
     for stage in cfg.stages:
         section = _substitute(copy.deepcopy(getattr(cfg, stage)), dirs, stage)
         policy = next((dirs[s] for s in reversed(list(dirs)) if s in POLICY_STAGES), None)
-        start = dirs.get("sft", cfg.model)
-        if stage == "sft":
+        if stage in RECIPES:
+            for i in RECIPES[stage].inputs:
+                if i.stage in dirs and not (i.unless and _get(section, i.unless)):
+                    _set_default(section, i.key, dirs[i.stage])
             _set_default(section, "model.path", cfg.model)
-        elif stage in ("rm", "dpo", "kto", "ppo"):
-            _set_default(section, "model.path", start)
-        if stage == "ppo" and "rm" in dirs and not section.get("reward", {}).get("functions"):
-            _set_default(section, "reward.model", dirs["rm"])
         if stage == "eval":
             models = section.setdefault("models", {})
             models.setdefault("policies", {s: d for s, d in dirs.items() if s in POLICY_STAGES})
@@ -276,7 +279,7 @@ def runtime_overrides(raw: dict, mesh, dtype: str | None) -> list[str]:
     has the key (the training stages' mesh.* and model.dtype, eval's eval.dtype)."""
     from jaxalign import reference
     out = []
-    for stage in ("sft", "rm", "ppo", "dpo", "kto", "eval"):
+    for stage in (*RECIPES, "eval"):
         if raw.get(stage) is None:
             continue
         config_cls = reference.config_class(stage)

@@ -154,10 +154,7 @@ def plot_run(run: dict, out: Path) -> Path | None:
     panels = list(groups.items()) + ([("time per step (s)", timing)] if timing else [])
     if not panels:
         return None
-    plt = _matplotlib()
-    cols = min(3, len(panels))
-    rows = math.ceil(len(panels) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.2 * rows), squeeze=False)
+    plt, fig, axes = _grid(len(panels), max_cols=3, panel=(4.6, 3.2))
     for ax, (title, keys) in zip(axes.flat, panels):
         source = run["perf"] if title.startswith("time") else run["metrics"]
         for k in keys[:8]:  # more lines than that are unreadable in one panel
@@ -170,6 +167,15 @@ def plot_run(run: dict, out: Path) -> Path | None:
         ax.legend(fontsize=7)
     return _save(plt, fig, list(axes.flat)[len(panels):], f"{run['name']} ({run['algorithm']})",
                  out / f"{run['name']}_curves.png")
+
+
+def _grid(n: int, *, max_cols: int, panel: tuple[float, float]):
+    """(pyplot, figure, axes) of a grid of n panels, at most max_cols a row, each panel (w, h)."""
+    plt = _matplotlib()
+    cols = min(max_cols, n)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(panel[0] * cols, panel[1] * rows), squeeze=False)
+    return plt, fig, axes
 
 
 def _save(plt, fig, unused_axes, title: str | None, path: Path) -> Path:
@@ -290,11 +296,8 @@ def plot_eval(run: dict, out: Path) -> Path | None:
     metrics = sorted({d["metric"] for d in diffs})
     if not cols and not metrics:
         return None
-    plt = _matplotlib()
     n = len(cols) + len(metrics)
-    ncols = min(4, n)
-    nrows = math.ceil(n / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(3.4 * ncols, 2.8 * nrows), squeeze=False)
+    plt, fig, axes = _grid(n, max_cols=4, panel=(3.4, 2.8))
     flat = list(axes.flat)
     for ax, c in zip(flat, cols):
         names = [k for k, m in table.items() if c in m]

@@ -7,7 +7,7 @@ before jax is imported:
 * **The host allocator.** XLA's CPU runtime allocates and frees every step's activations
   with malloc. glibc serves large blocks with fresh mmaps and unmaps them on free, so each
   training step page-faults (and the kernel zeroes) gigabytes again: 25-35% of a SmolLM2 SFT
-  step (DESIGN.md section 5). mimalloc with purging off keeps freed memory mapped and reuses
+  step (docs/architecture.md, CPU facts). mimalloc with purging off keeps freed memory mapped and reuses
   it. It ships as the PyPI wheel `cmeel-mimalloc` (a dependency on x86-64 Linux), and the
   entry point re-executes itself once with it in LD_PRELOAD, since an allocator can only be
   swapped before the first malloc. `JAXALIGN_ALLOCATOR=system` keeps glibc.

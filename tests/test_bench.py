@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # runs scripts/bench.py (ours and TRL) in a subprocess
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -1,5 +1,5 @@
 """HF <-> jaxalign conversion: exact round trips, transformers-loadable exports, sharded
-loading, and refusals that name what is wrong (DESIGN.md section 3, model fidelity).
+loading, and refusals that name what is wrong (the model-fidelity contract, docs/architecture.md).
 
 No jit compiles here: conversion is numpy, and the exported models are run by transformers.
 """
@@ -15,7 +15,7 @@ import torch
 import jax
 from safetensors import safe_open
 
-from conftest import make_tiny_hf
+from conftest import assert_bitwise_equal, make_tiny_hf, read_tensors, save_tiny_tokenizer
 from jaxalign import sharding
 from jaxalign.config import ConfigError, MeshConfig, ModelConfig
 from jaxalign.convert import hf
@@ -34,21 +34,6 @@ SOURCES = {
 }
 
 
-def save_tiny_tokenizer(path):
-    """A word-level tokenizer with a chat template: tokenizer.json, tokenizer_config.json,
-    chat_template.jinja, so the export's copying of side files is visible."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-    vocab = {f"w{i}": i for i in range(95)}
-    vocab["<unk>"] = 95
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="w0",
-                                   bos_token="w1", eos_token="w2")
-    fast.chat_template = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
-    fast.save_pretrained(path)
-
-
 def make_source(path, seed=0, torch_dtype=torch.float32, tokenizer=True, **overrides):
     model = make_tiny_hf(path, seed=seed, **overrides)
     if torch_dtype != torch.float32:
@@ -56,29 +41,6 @@ def make_source(path, seed=0, torch_dtype=torch.float32, tokenizer=True, **overr
     if tokenizer:
         save_tiny_tokenizer(path)
     return model
-
-
-def read_tensors(path):
-    """Every tensor of an HF dir through the reference `safetensors` library (torch side)."""
-    path = Path(path)
-    out = {}
-    for f in sorted(path.glob("*.safetensors")):
-        with safe_open(str(f), framework="pt") as st:
-            for k in st.keys():
-                assert k not in out, f"{k} stored twice"
-                out[k] = st.get_tensor(k)
-    return out
-
-
-def assert_bitwise_equal(a: dict, b: dict):
-    assert sorted(a) == sorted(b), f"tensor sets differ: only in first {set(a) - set(b)}, only in second {set(b) - set(a)}"
-    for k in a:
-        x, y = a[k], b[k]
-        assert x.dtype == y.dtype, f"{k}: dtype {x.dtype} != {y.dtype}"
-        assert x.shape == y.shape, f"{k}: shape {tuple(x.shape)} != {tuple(y.shape)}"
-        xb = x.contiguous().view(torch.uint8) if x.numel() else x
-        yb = y.contiguous().view(torch.uint8) if y.numel() else y
-        assert torch.equal(xb, yb), f"{k}: values differ (max |diff| {(x.float() - y.float()).abs().max()})"
 
 
 @pytest.fixture(scope="module", params=list(SOURCES))

@@ -93,6 +93,7 @@ def tiny_eval(world):
     return cfg, run_eval(cfg), out
 
 
+@pytest.mark.slow  # an eval run end to end
 def test_tiny_eval_config_end_to_end(tiny_eval):
     cfg, results, out = tiny_eval
     assert set(cfg.models.policies) == {"sft", "dpo"} and cfg.models.reference == "sft"
@@ -125,6 +126,7 @@ def test_tiny_eval_config_end_to_end(tiny_eval):
     assert [g["completion"] for g in gens[:len(samples)]] == [s["completion/dpo"] for s in samples]
 
 
+@pytest.mark.slow  # an eval run end to end
 def test_generation_metrics_match_the_written_completions(tiny_eval):
     """ROUGE-L / exact match / reward in the results are the means over the completions and
     rewards written to generations_<name>.jsonl, recomputed here with rouge-score itself."""

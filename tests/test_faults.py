@@ -67,6 +67,7 @@ def _biggest_file(step_dir: Path) -> Path:
     return max((p for p in step_dir.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
 
 
+@pytest.mark.slow  # training runs killed and resumed
 def test_incomplete_newest_checkpoint_is_skipped_never_restored(paths, tmp_path, caplog):
     """SFT saved at 3 and 6. Step 6 corrupted (a flipped byte, same size): `load_model`
     restores 3, not 6. Step 6 then truncated: the rerun skips it with a warning, sets it
@@ -111,6 +112,7 @@ def _refusal(algo, out, paths, capsys, limit_gb: float) -> str:
     return errors[0]
 
 
+@pytest.mark.slow  # compiles every program of a run first
 @pytest.mark.parametrize("algo", ["sft", "ppo"])
 def test_memory_preflight_refuses_before_any_step(paths, tmp_path, capsys, algo):
     out = tmp_path / algo
@@ -154,6 +156,7 @@ def _wait_for_steps(p, run_dir: Path, n: int, timeout=600.0):
         time.sleep(0.05)
 
 
+@pytest.mark.slow  # training runs killed and resumed
 @pytest.mark.parametrize("algo", harness.ALGOS)
 def test_sigterm_checkpoints_exits_3_and_rerun_continues(paths, tmp_path, algo):
     """SIGTERM from outside once a step is logged (PPO: delivered while iteration 3's rollout
@@ -193,6 +196,7 @@ def test_sigterm_checkpoints_exits_3_and_rerun_continues(paths, tmp_path, algo):
     assert _steps(out) == list(range(1, total + 1))
 
 
+@pytest.mark.slow  # training runs killed and resumed
 @pytest.mark.parametrize("algo", ["sft", "grpo"])
 def test_sigterm_before_the_first_step_exits_3_with_nothing_saved(paths, tmp_path, monkeypatch,
                                                                   caplog, algo):
@@ -216,6 +220,7 @@ def test_sigterm_before_the_first_step_exits_3_with_nothing_saved(paths, tmp_pat
 
 # ----------------------------------------------------------------------------- harness
 
+@pytest.mark.slow  # training runs killed and resumed
 def test_fault_harness_small_count(paths, capsys):
     """scripts/faults.py on PPO: 2 SIGKILLs (during the first data batch, then, as seed 1
     draws it, inside a rollout); each rerun ends identical to the uninterrupted run (metrics,

@@ -197,6 +197,7 @@ def test_one_compile_per_bucket(tiny):
         gen.make_generate_fn(cfg, 3, 1.0, 0, 0.0)
 
 
+@pytest.mark.slow  # loads the real SmolLM2
 def test_smollm2_chat_greedy_matches_transformers(smollm2_dir, monkeypatch):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     prompts = ["What is the capital of France?", "Give me a short list of three colors.",
@@ -232,6 +233,7 @@ def test_smollm2_chat_greedy_matches_transformers(smollm2_dir, monkeypatch):
         assert got == ref, tokenizer.decode(ref)
 
 
+@pytest.mark.slow  # loads the real SmolLM2
 def test_cli_generate_prints_transformers_greedy_completion(smollm2_dir, capsys):
     """`jaxalign generate MODEL --chat --prompt ...` prints exactly transformers' greedy
     completion (32 new tokens) and nothing else on stdout; usage errors exit 2."""

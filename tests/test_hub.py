@@ -174,15 +174,16 @@ def test_reward_model_by_hub_id(offline, tmp_path):
     assert_same_params(got, params)
 
 
+@pytest.mark.slow  # CLI runs end to end
 def test_run_pins_the_commit_of_its_hub_base(offline, tmp_path):
     """A LoRA SFT run from `model.path: org/tiny` records the commit main resolved to; moving
     main afterwards does not change the base its adapters are loaded onto."""
-    from test_train import _sft_config, _write_tasks
+    from conftest import sft_config, write_tasks
     from jaxalign.train.sft import run_sft
     env = offline
-    tiny = dict(model_dir=ID, data=_write_tasks(tmp_path / "tasks.jsonl", 16))
+    tiny = dict(model_dir=ID, data=write_tasks(tmp_path / "tasks.jsonl", 16))
     out = tmp_path / "run"
-    cfg = _sft_config(tiny, out, steps=2, batch_size=8, save_every=2)
+    cfg = sft_config(tiny, out, steps=2, batch_size=8, save_every=2)
     cfg = dataclasses.replace(cfg, lora=dataclasses.replace(cfg.lora, rank=2))
     run_sft(cfg, devices=jax.devices()[:1])
     meta = json.loads((out / "run.json").read_text())
@@ -219,6 +220,7 @@ def _flat_like(full, part):
     return out
 
 
+@pytest.mark.slow  # CLI runs end to end
 def test_readme_tour_by_hub_id(offline, tmp_path, capsys):
     """The README's five-minute tour with a hub id in place of the directory: convert,
     generate, export, verify_export --reference ID, all offline from the cache."""

@@ -16,7 +16,7 @@ import pytest
 from jaxalign.config import ConfigError, from_dict
 from jaxalign.losses.kto import kto_loss
 from jaxalign.train.kto import KTOConfig, KTOOptions, run_kto
-from test_rm_dpo import _config, _metrics, prefs  # noqa: F401  (module fixture, shared set-up)
+from conftest import pref_config, read_metrics
 
 # Six rows: sequence log-prob sums of the policy and the reference, on each row's own completion
 # and on its mismatched KL completion; labels mixed.
@@ -191,18 +191,19 @@ def unpaired(prefs, tmp_path_factory):  # noqa: F811
     return dict(prefs, train=train, eval=evals, root=root)
 
 
+@pytest.mark.slow  # trains and resumes whole runs
 def test_kto_trains_and_resumes_exactly(unpaired, tmp_path):
     """6 steps straight vs 3, then the same command resumed to 6: identical metrics.jsonl; the
     held-out reward margin between desirable and undesirable completions grows from ~0."""
     kw = dict(eval_every=3, eval_batches=2, steps=6)
-    straight = _config(KTOConfig, unpaired, unpaired["root"] / "kto", **kw)
+    straight = pref_config(KTOConfig, unpaired, unpaired["root"] / "kto", **kw)
     run_kto(straight, devices=jax.devices()[:1])
-    run_kto(_config(KTOConfig, unpaired, tmp_path / "b", **dict(kw, steps=3)),
+    run_kto(pref_config(KTOConfig, unpaired, tmp_path / "b", **dict(kw, steps=3)),
             devices=jax.devices()[:1])
-    run_kto(_config(KTOConfig, unpaired, tmp_path / "b", **kw), devices=jax.devices()[:1])
+    run_kto(pref_config(KTOConfig, unpaired, tmp_path / "b", **kw), devices=jax.devices()[:1])
     a = (unpaired["root"] / "kto" / "metrics.jsonl").read_text()
     assert a == (tmp_path / "b" / "metrics.jsonl").read_text()
-    rows = _metrics(unpaired["root"] / "kto")
+    rows = read_metrics(unpaired["root"] / "kto")
     assert [r["step"] for r in rows] == list(range(1, 7))
     assert rows[0]["loss"] == pytest.approx(0.5, rel=1e-6)  # policy == reference: 1 - sigmoid(0)
     assert rows[0]["kl"] == 0.0
@@ -210,6 +211,7 @@ def test_kto_trains_and_resumes_exactly(unpaired, tmp_path):
     assert rows[-1]["eval/loss"] < rows[2]["eval/loss"] < 0.5
 
 
+@pytest.mark.slow  # trains and resumes whole runs
 def test_kto_cli_and_config(unpaired, tmp_path, caplog):
     """configs/tiny_kto.yaml parses; `jaxalign kto` runs it, shows KTO's progress line and
     prints the final metrics."""

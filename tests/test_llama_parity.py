@@ -1,4 +1,4 @@
-"""Model fidelity (DESIGN.md section 3): our logits against transformers' LlamaForCausalLM.
+"""Model fidelity (the contract in docs/architecture.md): our logits against transformers' LlamaForCausalLM.
 
 Tiny random models cover the architecture switches (MHA / GQA / MQA, tied head, biases,
 RoPE scaling types, an explicit head_dim) with left and right padding, scanned and

@@ -107,6 +107,20 @@ def test_dpo_bad_arguments_are_named(kw, match):
         ours(**kw)
 
 
+def test_dpo_loss_types_are_the_table_rows():
+    """A loss type is a row of DPO_LOSSES; a name without one is refused by the loss and by the
+    config, never trained as another type (the old if-chain's last branch meant robust)."""
+    from jaxalign.config import ConfigError
+    from jaxalign.losses.preference import DPO_LOSS_TYPES, DPO_LOSSES
+    from jaxalign.train.dpo import DPOOptions
+    assert DPO_LOSS_TYPES == tuple(DPO_LOSSES) == ("sigmoid", "ipo", "hinge", "robust")
+    with pytest.raises(ValueError, match="loss_type='exo'"):
+        ours(beta=0.1, loss_type="exo")
+    with pytest.raises(ConfigError, match="dpo.loss_type 'exo'"):
+        DPOOptions(loss_type="exo")
+    assert DPOOptions(loss_type="ipo").average and not DPOOptions(loss_type="robust").average
+
+
 def test_bradley_terry_plain_margin_and_centering():
     rc, rr, margin = [1.5, -0.25, 0.0, 3.0], [0.5, 0.75, 0.0, -1.0], [0.2, 0.0, 1.0, 0.5]
     args = jnp.asarray(rc, jnp.float32), jnp.asarray(rr, jnp.float32)

@@ -1,4 +1,4 @@
-"""The real multi-process code path on one machine (DESIGN.md section 5): two processes with
+"""The real multi-process code path on one machine (docs/architecture.md): two processes with
 two fake CPU devices each join over gloo, load an HF checkpoint onto a mesh that spans
 both, compute logits, and export the checkpoint again.
 
@@ -11,8 +11,11 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from multiproc import free_port, launch, python, worker_env
+
+pytestmark = pytest.mark.slow  # spawns several JAX processes
 
 TIMEOUT_S = 300   # generous: the CI machine may be shared
 NUM_PROCESSES = 2
@@ -54,7 +57,7 @@ def test_two_processes_match_single_process(tmp_path):
     assert report["fully_addressable"] is False, "params did not span both processes"
     assert report["max_diff"] <= 1e-5, report
     # The export gathered the shards from both processes into the exact source bytes.
-    from test_convert import assert_bitwise_equal, read_tensors
+    from conftest import assert_bitwise_equal, read_tensors
     assert_bitwise_equal(read_tensors(src), read_tensors(tmp_path / "export"))
 
 

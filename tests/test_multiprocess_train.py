@@ -139,6 +139,7 @@ def runs(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow  # spawns several JAX processes
 @pytest.mark.parametrize("name", ["sft", "rm", "dpo", "ppo", "grpo"])
 def test_two_processes_write_one_process_metrics(runs, name):
     worst = _assert_same_metrics(runs / "two" / name, runs / "one" / name)
@@ -149,11 +150,13 @@ def test_two_processes_write_one_process_metrics(runs, name):
     assert json.loads((runs / "two" / name / "worker-2p.json").read_text())["process_count"] == 2
 
 
+@pytest.mark.slow  # spawns several JAX processes
 @pytest.mark.parametrize("name", ["sft", "rm", "dpo", "ppo", "grpo"])
 def test_two_process_checkpoint_resumes_in_one_process(runs, name):
     _assert_same_metrics(runs / "resumed" / name, runs / "one" / name)
 
 
+@pytest.mark.slow  # spawns several JAX processes
 def test_sigterm_on_one_process_stops_both_at_one_iteration(runs):
     """Process 1 alone got SIGTERM in iteration RESUME_AT: both processes stopped at the same
     point with one checkpoint (a process that went on alone would wait for the other
@@ -187,6 +190,7 @@ def fails_on_1(prompts, completions):
     return score(prompts, completions)
 
 
+@pytest.mark.slow  # spawns several JAX processes
 def test_reward_error_on_one_process_fails_both(runs):
     """Process 1's reward function raised in iteration RESUME_AT: both processes stopped with
     the same one-line error, and iteration RESUME_AT - 1 is checkpointed."""
@@ -205,6 +209,7 @@ def _yaml(path: Path, raw: dict) -> Path:
     return path
 
 
+@pytest.mark.slow  # spawns several JAX processes
 def test_unsplittable_batch_refused_in_one_line(runs):
     """`jaxalign --coordinator ... --num-processes 2 --process-id I sft` with a mesh that
     gives both processes every row (tensor=4 across them): each process prints one error
@@ -224,6 +229,7 @@ def test_unsplittable_batch_refused_in_one_line(runs):
     assert not (out / "metrics.jsonl").exists()
 
 
+@pytest.mark.slow  # spawns several JAX processes
 def test_slurm_variables_join_two_processes(runs):
     """`jaxalign sft` under the variables srun sets for 2 tasks on one node: JAX's SLURM
     detection finds the coordinator (first node of SLURM_STEP_NODELIST, port from the job

@@ -7,15 +7,16 @@ import pytest
 
 from jaxalign.config import ConfigError
 from jaxalign.train.dpo import DPOConfig, DPOOptions, load_dpo_models, run_dpo
-from test_rm_dpo import _config, _metrics, prefs  # noqa: F401  (module fixture, shared set-up)
+from conftest import pref_config, read_metrics
 
 
+@pytest.mark.slow  # trains and resumes whole runs
 @pytest.mark.parametrize("loss_type, section", [
     ("orpo", {"beta": 0.5}),
     ("simpo", {"beta": 2.0, "simpo_gamma": 0.5}),
 ])
 def test_policy_only_objective_trains(prefs, tmp_path, loss_type, section):  # noqa: F811
-    cfg = _config(DPOConfig, prefs, tmp_path / loss_type,
+    cfg = pref_config(DPOConfig, prefs, tmp_path / loss_type,
                   {"dpo": dict(section, loss_type=loss_type)}, steps=8, eval_every=2,
                   eval_batches=2)
     import jaxalign.sharding as sharding
@@ -24,7 +25,7 @@ def test_policy_only_objective_trains(prefs, tmp_path, loss_type, section):  # n
     # A full fine-tune, yet no frozen copy of the policy as reference.
     assert models.extra["ref_cfg"] is None and models.frozen["ref"] == {}
     run_dpo(cfg, devices=jax.devices()[:1])
-    rows = [r for r in _metrics(tmp_path / loss_type) if "eval/loss" in r]
+    rows = [r for r in read_metrics(tmp_path / loss_type) if "eval/loss" in r]
     assert [r["step"] for r in rows] == [2, 4, 6, 8]
     first, last = rows[0], rows[-1]
     assert last["eval/loss"] < first["eval/loss"], (first, last)

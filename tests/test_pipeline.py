@@ -57,6 +57,7 @@ def _mtime(path):
     return Path(path).stat().st_mtime_ns
 
 
+@pytest.mark.slow  # runs a whole pipeline, twice
 def test_pipeline_runs_resumes_and_reruns_changed_stages(setup, caplog):
     cfg = config(setup)
     pipe = Path(cfg.out_dir)

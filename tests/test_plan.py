@@ -114,6 +114,7 @@ def test_optimizer_moments_are_sharded_like_params(tiny_dir, tmp_path):
     assert any(p.sharding.spec != P(*[None] * p.ndim) for p in jax.tree.leaves(adam.mu))
 
 
+@pytest.mark.slow  # compiles whole train steps for meshes
 def test_dpo_plan_holds_the_reference(tiny_dir, sft_plans):
     """Full-parameter DPO: a frozen reference copy beside the policy, and no optimizer state
     for it; with LoRA the reference is the base with adapters off (no copy)."""
@@ -140,9 +141,10 @@ def test_candidate_meshes_and_flags():
     with pytest.raises(ConfigError, match="--meshes"):
         plan.parse_meshes("fsdp=x")
     with pytest.raises(ConfigError, match="not planned yet"):
-        plan.recipe_of({"rollout": {}, "model": {}})
+        plan.planner("ppo")
 
 
+@pytest.mark.slow  # compiles whole train steps for meshes
 def test_cli_plans_an_8b_llama_on_64_fake_devices():
     """The README's table: full SFT of Llama 3 8B's shape on fsdp=64, from its config.json
     alone, in a fresh process (the device count is fixed when JAX starts); `--mesh fsdp=-1`

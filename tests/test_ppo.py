@@ -184,8 +184,8 @@ def test_ppo_learns_reward_under_kl_ceiling(ppo_run):
     for key in ("reward_std", "entropy", "clipfrac", "approx_kl", "value_loss",
                 "explained_variance", "response_length", "eos_rate", "kl_coef", "epochs"):
         assert key in rows[-1], key
-    from jaxalign.metrics import RL_PROGRESS
-    assert set(RL_PROGRESS) <= set(rows[-1])  # what the progress line shows exists
+    from jaxalign.train.recipes import RECIPES
+    assert set(RECIPES["ppo"].progress) <= set(rows[-1])  # what the progress line shows exists
     assert len({r["kl_coef"] for r in rows}) > 1                 # the adaptive controller moves
     samples = [json.loads(l) for l in (ppo_run / "samples.jsonl").read_text().splitlines()]
     assert [s["step"] for s in samples] == [4, 4, 8, 8, 12, 12, 16, 16]
@@ -197,6 +197,7 @@ def test_ppo_learns_reward_under_kl_ceiling(ppo_run):
     assert b["reference"] == b["policy_trainable"] > 0 and b["value"] == 64 * 4
 
 
+@pytest.mark.slow  # trains and resumes whole runs
 def test_grpo_learns_reward_under_kl_ceiling_and_resumes_exactly(tiny, tmp_path):
     args = ("algorithm=grpo", "rollout.batch_size=4", "rollout.num_generations=4",
             "ppo.epochs=2", "grpo.beta=0.04", "train.sample_every=0")
@@ -387,6 +388,7 @@ def test_bad_prompt_sets(tiny, tmp_path):
         config(tiny, tmp_path, "reward.functions=[nocolon]")
 
 
+@pytest.mark.slow  # trains and resumes whole runs
 def test_lora_reward_model_and_separate_critic(tiny, tmp_path):
     """LoRA policy (reference = adapters off: no copy, KL exactly 0 before any update), a
     reward model directory scoring the last token, a separate critic initialised from it."""

@@ -51,6 +51,7 @@ def test_trl_sft_lora_recipe(tiny, tmp_path):
     assert (tmp_path / "run/hf/config.json").exists()
 
 
+@pytest.mark.slow  # runs the TRL recipe configs
 def test_trl_ppo_recipe(tiny, tmp_path):
     root, model = tiny
     cfg, metrics, rows = _run("ppo", "trl_ppo.yaml", tmp_path, [
@@ -62,6 +63,7 @@ def test_trl_ppo_recipe(tiny, tmp_path):
     assert rows[-1]["kl_coef"] != 0.2 and np.isfinite(metrics["reward_mean"])
 
 
+@pytest.mark.slow  # runs the TRL recipe configs
 def test_trl_dpo_recipe(tiny, tmp_path):
     root, model = tiny
     cfg, metrics, rows = _run("dpo", "trl_dpo.yaml", tmp_path, [

@@ -17,8 +17,7 @@ import torch
 import jax
 from jax.sharding import PartitionSpec as P
 
-from conftest import make_tiny_hf
-from test_convert import assert_bitwise_equal, read_tensors, save_tiny_tokenizer
+from conftest import assert_bitwise_equal, make_tiny_hf, read_tensors, save_tiny_tokenizer
 from jaxalign import checkpoint, sharding
 from jaxalign.config import ConfigError, MeshConfig, ModelConfig
 from jaxalign.convert import hf

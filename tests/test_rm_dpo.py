@@ -21,40 +21,10 @@ from jaxalign.train.optim import make_optimizer
 from jaxalign.train.rm import RMConfig, init_reward_model, rm_loss_fn, run_rm
 from jaxalign.train.step import init_state, make_train_step
 
-
-@pytest.fixture(scope="module")
-def prefs(tmp_path_factory):
-    from make_tiny_model import make_tiny_model
-    from jaxalign.synth import prefs as gen
-    from jaxalign.tokenizer import load_tokenizer
-
-    root = tmp_path_factory.mktemp("prefs")
-    model_dir = make_tiny_model(root / "model")
-    # Surface-separable kinds (format followed vs ignored, concise vs rambling): a tiny random
-    # model can learn them; "correct vs wrong answer" needs a model that knows arithmetic.
-    train, evals = gen.write_splits(root / "data", 256, 64, 0, kinds=("format", "concise"))
-    return dict(root=root, model_dir=model_dir, train=train, eval=evals,
-                tok=load_tokenizer(model_dir))
+from conftest import pref_config, read_metrics
 
 
-def _config(cls, prefs, out_dir, section=None, **train_kw):
-    train = dict(steps=20, batch_size=16, log_every=1, eval_every=0, save_every=0,
-                 progress=False, tensorboard=False)
-    train.update(train_kw)
-    raw = {"out_dir": str(out_dir), "model": {"path": str(prefs["model_dir"])},
-           "data": {"train": [{"path": str(prefs["train"])}],
-                    "eval": [{"path": str(prefs["eval"])}], "seq_len": 192, "pack": False},
-           "train": train, "optim": {"lr": 3e-3, "schedule": "constant", "max_grad_norm": 1.0},
-           "mesh": {"data": 1, "fsdp": -1, "tensor": 1}}
-    if section:
-        raw.update(section)
-    return from_dict(cls, raw)
-
-
-def _metrics(run_dir):
-    return [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
+@pytest.mark.slow  # trains and resumes whole runs
 def test_reward_model_learns_and_exports_to_transformers(prefs):
     """>= 0.95 held-out accuracy; run_dir/hf scores padded batches in transformers as we do."""
     torch = pytest.importorskip("torch")
@@ -62,7 +32,7 @@ def test_reward_model_learns_and_exports_to_transformers(prefs):
     from jaxalign.checkpoint import load_model
 
     out = prefs["root"] / "rm"
-    cfg = _config(RMConfig, prefs, out, {"rm": {"center_coef": 0.01}}, steps=24, export_hf=True)
+    cfg = pref_config(RMConfig, prefs, out, {"rm": {"center_coef": 0.01}}, steps=24, export_hf=True)
     final = run_rm(cfg, devices=jax.devices()[:1])
     assert final["eval/accuracy"] >= 0.95, final
     assert final["eval/margin"] > 2.0, final
@@ -97,15 +67,16 @@ def _one_step(loss_fn, trainable, frozen, batch):
     return jax.jit(make_train_step(loss_fn, opt, sched))(state, frozen, batch)[1]
 
 
+@pytest.mark.slow  # compiles each algorithm's step on 1 and on 8 devices
 @pytest.mark.parametrize("algo", ["rm", "dpo", "dpo_lora"])
 def test_sharded_step_equals_single_device(prefs, tmp_path, algo):
     if algo == "rm":
-        cfg = _config(RMConfig, prefs, tmp_path)
+        cfg = pref_config(RMConfig, prefs, tmp_path)
         load = lambda mesh: init_reward_model(cfg.model, cfg.lora, mesh, 0)
         make_loss = lambda m: rm_loss_fn(m.cfg, cfg.rm)
     else:
         lora = {"lora": {"rank": 4, "alpha": 8.0}} if algo == "dpo_lora" else {}
-        cfg = _config(DPOConfig, prefs, tmp_path, lora)
+        cfg = pref_config(DPOConfig, prefs, tmp_path, lora)
         load = lambda mesh: load_dpo_models(cfg, mesh)
         make_loss = lambda m: dpo_loss_fn(m.cfg, cfg.dpo, ref_cfg=m.extra["ref_cfg"])
     batch = next(build_preference_data(cfg.data, prefs["tok"], batch_size=8).train)
@@ -124,25 +95,27 @@ def test_sharded_step_equals_single_device(prefs, tmp_path, algo):
         np.testing.assert_allclose(ref["loss"], math.log(2), rtol=1e-6)
 
 
+@pytest.mark.slow  # trains and resumes whole runs
 def test_dpo_exact_resume_and_learning(prefs, tmp_path):
     """6 steps straight vs 3 steps, then the same command resumed to 6: identical metrics.jsonl;
     and DPO moves the held-out implied reward margin up from 0."""
     kw = dict(eval_every=3, eval_batches=2)
-    straight = _config(DPOConfig, prefs, prefs["root"] / "dpo", steps=6, **kw)
+    straight = pref_config(DPOConfig, prefs, prefs["root"] / "dpo", steps=6, **kw)
     run_dpo(straight, devices=jax.devices()[:1])
-    first = _config(DPOConfig, prefs, tmp_path / "b", steps=3, **kw)
+    first = pref_config(DPOConfig, prefs, tmp_path / "b", steps=3, **kw)
     run_dpo(first, devices=jax.devices()[:1])
-    resumed = _config(DPOConfig, prefs, tmp_path / "b", steps=6, **kw)
+    resumed = pref_config(DPOConfig, prefs, tmp_path / "b", steps=6, **kw)
     run_dpo(resumed, devices=jax.devices()[:1])
     a = (prefs["root"] / "dpo" / "metrics.jsonl").read_text()
     assert a == (tmp_path / "b" / "metrics.jsonl").read_text()
-    rows = _metrics(prefs["root"] / "dpo")
+    rows = read_metrics(prefs["root"] / "dpo")
     assert [r["step"] for r in rows] == list(range(1, 7))
     assert rows[0]["loss"] == pytest.approx(math.log(2), rel=1e-6)
     assert rows[-1]["eval/rewards/margins"] > rows[2]["eval/rewards/margins"] > 0
     assert rows[-1]["eval/rewards/accuracies"] > 0.5
 
 
+@pytest.mark.slow  # trains and resumes whole runs
 @pytest.mark.parametrize("cls, run_fn, section", [
     (RMConfig, run_rm, None),
     (DPOConfig, run_dpo, {"dpo": {"loss_type": "orpo", "beta": 0.5}}),
@@ -152,20 +125,21 @@ def test_exact_resume_of_the_other_supervised_objectives(prefs, tmp_path, cls, r
     """As for DPO (above) and SFT / KTO (their tests): 4 steps straight == 2 steps, then the same
     command resumed to 4, byte for byte in metrics.jsonl."""
     kw = dict(eval_every=2, eval_batches=1, batch_size=8)
-    run_fn(_config(cls, prefs, tmp_path / "a", section, steps=4, **kw), devices=jax.devices()[:1])
-    run_fn(_config(cls, prefs, tmp_path / "b", section, steps=2, **kw), devices=jax.devices()[:1])
-    run_fn(_config(cls, prefs, tmp_path / "b", section, steps=4, **kw), devices=jax.devices()[:1])
+    run_fn(pref_config(cls, prefs, tmp_path / "a", section, steps=4, **kw), devices=jax.devices()[:1])
+    run_fn(pref_config(cls, prefs, tmp_path / "b", section, steps=2, **kw), devices=jax.devices()[:1])
+    run_fn(pref_config(cls, prefs, tmp_path / "b", section, steps=4, **kw), devices=jax.devices()[:1])
     a = (tmp_path / "a" / "metrics.jsonl").read_text()
     assert len(a.splitlines()) == 4 and a == (tmp_path / "b" / "metrics.jsonl").read_text()
 
 
+@pytest.mark.slow  # trains and resumes whole runs
 @pytest.mark.parametrize("lora", [False, True])
 def test_dpo_reference_is_never_updated(prefs, tmp_path, lora):
     """Full fine-tuning: the frozen copy is bitwise unchanged after training. LoRA: the
     adapter-disabled policy (the reference) gives the same log-probs after training."""
     from jaxalign.train.loop import Task, train
     section = {"lora": {"rank": 4, "alpha": 8.0}} if lora else {}
-    cfg = _config(DPOConfig, prefs, tmp_path, section, steps=3)
+    cfg = pref_config(DPOConfig, prefs, tmp_path, section, steps=3)
     mesh = sharding.make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), jax.devices()[:1])
     data = build_preference_data(cfg.data, prefs["tok"], batch_size=16)
     batch = next(iter(data.eval))
@@ -207,6 +181,7 @@ def test_dpo_options_are_validated():
     assert DPOOptions(loss_type="ipo").average and not DPOOptions().average
 
 
+@pytest.mark.slow  # trains and resumes whole runs
 def test_eval_accuracy_and_win_rate(prefs):
     """`jaxalign eval` on the runs above: its preference accuracies are the runs' own held-out
     figures; a policy judged against itself ties every prompt (win rate 0.5, DPO accuracy 0,
@@ -222,8 +197,8 @@ def test_eval_accuracy_and_win_rate(prefs):
     got = run_eval(from_raw({"models": {"policies": {"dpo": str(dpo_run)},
                                         "reward_model": str(rm_run)},
                              "data": data, "eval": opts}))
-    dpo_rows = _metrics(dpo_run)
-    rm_rows = _metrics(rm_run)
+    dpo_rows = read_metrics(dpo_run)
+    rm_rows = read_metrics(rm_run)
     assert got["dpo/dpo/pairs"] == 32 and got["gen/dpo/prompts"] == 32
     assert got["dpo/dpo/accuracy"] == pytest.approx(dpo_rows[-1]["eval/rewards/accuracies"], abs=1e-6)
     assert got["dpo/dpo/margin"] == pytest.approx(dpo_rows[-1]["eval/rewards/margins"], rel=1e-4)

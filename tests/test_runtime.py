@@ -67,6 +67,7 @@ def _sft(tiny, out_dir, cache_dir, *extra):
     return proc.stderr, {p["step"]: p for p in perf}
 
 
+@pytest.mark.slow  # CLI runs in subprocesses
 def test_cli_settings_cache_and_no_recompilation(tiny, tmp_path):
     cache = tmp_path / "xla"
     err, perf = _sft(tiny, tmp_path / "a", cache)

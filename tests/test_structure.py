@@ -5,6 +5,7 @@ modules, no module over 500 lines, no algorithm chosen by comparing its name, an
 recipe's YAML keys learnable from at most three files."""
 
 import ast
+import re
 import dataclasses
 import importlib
 import typing
@@ -168,3 +169,98 @@ def test_recipe_configs_span_at_most_three_files():
         assert callable(run)
         files = _section_modules(config_cls)
         assert len(files) <= 3, (name, sorted(files))
+
+
+def _tracked_files() -> list[Path]:
+    """The repository's files: git's list in a checkout, else every file outside hidden,
+    cache and run folders (an unpacked archive)."""
+    import subprocess
+    root = PKG.parent
+    out = subprocess.run(["git", "ls-files", "-z"], cwd=root, capture_output=True)
+    if out.returncode == 0 and out.stdout:
+        return [root / name for name in out.stdout.decode().split("\0") if name]
+    skip = {"__pycache__", "runs", "data", "build", "dist"}
+    return [p for p in root.rglob("*") if p.is_file() and not any(
+        part.startswith(".") or part in skip or part.endswith(".egg-info")
+        for part in p.relative_to(root).parts)]
+
+
+# Notes kept outside the repository are unreadable to whoever clones it: the design lives in
+# docs/architecture.md. (Spelled in pieces so that this file does not cite them itself.)
+OUTSIDE = [re.compile(p, re.IGNORECASE) for p in
+           (r"\bDESIGN" r"\.md\b", r"\bSTYLE" r"\.md\b", r"\.\./" r"shared\b", r"/work/" r"shared")]
+
+
+def test_no_file_cites_notes_outside_the_repo():
+    files = _tracked_files()
+    assert any(f.name == "README.md" for f in files) and len(files) > 100
+    bad = [f"{f.relative_to(PKG.parent)}:{i}: {line.strip()}"
+           for f in files if f.is_file() and f.suffix not in (".png", ".safetensors")
+           for i, line in enumerate(f.read_text(errors="ignore").splitlines(), 1)
+           if any(p.search(line) for p in OUTSIDE)]
+    assert not bad, "cite docs/architecture.md instead:\n" + "\n".join(bad)
+
+
+def test_architecture_doc_is_in_the_repo_and_linked():
+    root = PKG.parent
+    assert (root / "docs" / "architecture.md").is_file()
+    assert "docs/architecture.md" in (root / "README.md").read_text()
+
+
+def test_every_recipe_reaches_every_reader():
+    """RECIPES is the one list of trainers: each row is a CLI command, a `jaxalign plan`
+    recipe (planned, or refused by name), a pipeline stage with its section and wiring, a
+    progress line and a section of the config reference (docs/config.md)."""
+    from jaxalign import pipeline, reference
+    from jaxalign.cli import build_parser
+    from jaxalign.config import ConfigError
+    from jaxalign.train import plan
+    from jaxalign.train.recipes import RECIPES
+    commands = build_parser()._subparsers._group_actions[0].choices
+    config_md = (PKG.parent / "docs" / "config.md").read_text()
+    pipeline_fields = {f.name for f in dataclasses.fields(pipeline.PipelineConfig)}
+    for name, recipe in RECIPES.items():
+        assert name in commands, name
+        if recipe.planner is None:
+            with pytest.raises(ConfigError, match=f"{name} is not planned yet"):
+                plan.planner(name)
+        else:
+            assert isinstance(plan.planner(name), plan.Planner), name
+        assert name in pipeline.ORDER and name in pipeline.STAGES and name in pipeline_fields
+        assert (name in pipeline.POLICY_STAGES) == recipe.policy
+        assert all(i.stage in pipeline.ORDER[:pipeline.ORDER.index(name)] for i in recipe.inputs)
+        assert recipe.progress, name
+        assert reference.config_class(name) is recipe.load()[0]
+        assert f"\n## jaxalign {name}\n" in config_md, name
+
+
+def test_pipeline_wiring_follows_the_recipe_rows():
+    """The defaults `wire` fills in come from each row's inputs (model.path from the sft run,
+    ppo's reward model from the rm run unless reward functions are given)."""
+    from jaxalign import pipeline
+    cfg = pipeline.PipelineConfig(out_dir="/p", model="/m", sft={}, rm={}, ppo={}, dpo={},
+                                  kto={}, eval={}, export={})
+    wired = dict(pipeline.wire(cfg))
+    assert wired["sft"]["model"]["path"] == "/m"
+    assert all(wired[s]["model"]["path"] == "/p/sft" for s in ("rm", "ppo", "dpo", "kto"))
+    assert wired["ppo"]["reward"]["model"] == "/p/rm"
+    assert set(wired["eval"]["models"]["policies"]) == {"sft", "ppo", "dpo", "kto"}
+    assert wired["export"]["model"] == "/p/kto"
+    with_functions = pipeline.PipelineConfig(out_dir="/p", model="/m", rm={},
+                                             ppo={"reward": {"functions": ["m:f"]}})
+    assert "model" not in dict(pipeline.wire(with_functions))["ppo"]["reward"]
+    alone = dict(pipeline.wire(pipeline.PipelineConfig(out_dir="/p", model="/m", dpo={})))
+    assert alone["dpo"]["model"]["path"] == "/m"
+
+
+def test_test_modules_share_through_conftest_only():
+    """Shared set-up lives in tests/conftest.py; a test module that imports another runs that
+    module's fixtures and helpers under two names and couples their set-ups."""
+    tests = Path(__file__).resolve().parent
+    own = {p.stem for p in tests.glob("test_*.py")}
+    bad = [f"{p.name}: imports {mod}" for p in sorted(tests.glob("*.py"))
+           for node in ast.walk(ast.parse(p.read_text()))
+           for mod in ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                       [node.module] if isinstance(node, ast.ImportFrom) and node.module else [])
+           if mod.split(".")[0] in own]
+    assert not bad, bad

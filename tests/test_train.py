@@ -26,16 +26,9 @@ from jaxalign.train.optim import make_optimizer
 from jaxalign.train.sft import SFTConfig, sft_loss_fn
 from jaxalign.train.step import init_state, make_train_step
 
+from conftest import sft_config, write_tasks
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _write_tasks(path: Path, n: int = 32) -> Path:
-    with open(path, "w") as f:
-        for i in range(n):
-            a, b = i % 7 + 1, i // 7 + 2
-            f.write(json.dumps({"instruction": f"What is {a} plus {b}?", "input": "",
-                                "output": f"The answer is {a + b}."}) + "\n")
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +39,7 @@ def tiny(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("train")
     model_dir = make_tiny_model(root / "model")
-    data = _write_tasks(root / "tasks.jsonl")
+    data = write_tasks(root / "tasks.jsonl")
     cfg, params, _ = hf.load(model_dir)
     tok = load_tokenizer(model_dir)
     return dict(root=root, model_dir=model_dir, data=data, cfg=cfg, params=params, tok=tok)
@@ -114,22 +107,11 @@ def test_sharded_step_equals_single_device(tiny):
     np.testing.assert_allclose(got["grad_norm"], ref["grad_norm"], rtol=1e-5)
 
 
-def _sft_config(tiny, out_dir, **train_kw):
-    train_cfg = dict(steps=40, batch_size=8, log_every=1, save_every=10, progress=False,
-                     tensorboard=False)
-    train_cfg.update(train_kw)
-    return from_dict(SFTConfig, {
-        "out_dir": str(out_dir), "model": {"path": str(tiny["model_dir"])},
-        "data": {"train": [{"path": str(tiny["data"])}], "seq_len": 64, "seed": 1},
-        "train": train_cfg, "optim": {"lr": 3e-3, "schedule": "constant"},
-        "mesh": {"data": 1, "fsdp": -1, "tensor": 1}})
-
-
 def test_tiny_model_learns_the_task(tiny):
     from jaxalign.train.sft import run_sft
     out = tiny["root"] / "learn"
     steps = 150
-    cfg = _sft_config(tiny, out, steps=steps, batch_size=32)
+    cfg = sft_config(tiny, out, steps=steps, batch_size=32)
     cfg = dataclasses.replace(cfg, optim=OptimConfig(lr=1e-2, schedule="cosine", warmup_steps=10))
     metrics = run_sft(cfg, devices=jax.devices()[:1])
     # Below 0.05 with unrolled layers and no remat, 0.053 with the CPU default (scanned, full remat):
@@ -236,7 +218,7 @@ def test_lora_run_exports_merged_and_peft(tiny, tmp_path):
     from jaxalign.train.sft import run_sft
 
     out = tmp_path / "lora_run"
-    cfg = _sft_config(tiny, out, steps=6, batch_size=8, save_every=3)
+    cfg = sft_config(tiny, out, steps=6, batch_size=8, save_every=3)
     cfg = dataclasses.replace(cfg, lora=dataclasses.replace(cfg.lora, rank=4, alpha=8.0,
                                                             targets=("q_proj", "v_proj", "down_proj")),
                               optim=OptimConfig(lr=5e-2, schedule="constant"))
@@ -274,7 +256,7 @@ def test_full_finetune_run_loads_without_its_base_folder(tiny, tmp_path):
     base = tmp_path / "base"
     shutil.copytree(tiny["model_dir"], base)
     out = tmp_path / "run"
-    cfg = _sft_config(tiny, out, steps=3, batch_size=8, export_hf=True)
+    cfg = sft_config(tiny, out, steps=3, batch_size=8, export_hf=True)
     run_sft(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=str(base))),
             devices=jax.devices()[:1])
     shutil.rmtree(base)

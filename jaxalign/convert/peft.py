@@ -28,7 +28,12 @@ def save_peft(out_dir: str | Path, cfg: ModelConfig, params: dict,
               base_model_path: str | None = None, revision: str | None = None) -> Path:
     """adapter_config.json + adapter_model.safetensors that `peft.PeftModel` loads onto
     the HF base model (nn.Linear layout: lora_A (r, in), lora_B (out, r)). `base_model_path`
-    (a directory or hub id) and `revision` (its commit, for a hub id) name that base."""
+    (a directory or hub id) and `revision` (its commit, for a hub id) name that base.
+
+    A classifier (reward model, cfg.num_labels > 0) trains a fresh score head beside its
+    adapters: it is written as PEFT writes a SEQ_CLS adapter, the head as a module to save
+    (`base_model.model.score.weight`, HF layout (num_labels, D)), so that
+    AutoModelForSequenceClassification(base, num_labels=...) + the adapter scores as we do."""
     out = Path(out_dir)
     with rundir.replacing(out, "PEFT adapter export", sources=[base_model_path]) as tmp:
         if jax.process_index() == 0:
@@ -53,9 +58,14 @@ def _write_peft(out: Path, cfg: ModelConfig, params: dict, base_model_path, revi
             prefix = f"base_model.model.model.layers.{i}.{name}"
             tensors[f"{prefix}.lora_A.weight"] = np.ascontiguousarray(a)
             tensors[f"{prefix}.lora_B.weight"] = np.ascontiguousarray(b)
+    classifier = cfg.num_labels > 0
+    if classifier:
+        tensors["base_model.model.score.weight"] = \
+            np.asarray(jax.device_get(params["score"])).T.copy()
     write_tensors(tensors, out / "adapter_model.safetensors")
     config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": cfg.lora_rank,
+        "peft_type": "LORA", "task_type": "SEQ_CLS" if classifier else "CAUSAL_LM",
+        "modules_to_save": ["score"] if classifier else None, "r": cfg.lora_rank,
         "lora_alpha": cfg.lora_alpha, "lora_dropout": cfg.lora_dropout,
         "target_modules": sorted({n.rpartition(".")[2] for n in modules}), "bias": "none",
         "fan_in_fan_out": False, "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,

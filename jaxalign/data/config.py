@@ -1,6 +1,6 @@
 """Configuration of the data pipeline: which datasets, how they are tokenized and batched.
 
-Frozen and validated on construction like every jaxalign config (STYLE.md item 10); a bad
+Frozen and validated on construction like every jaxalign config (docs/architecture.md); a bad
 value raises `ConfigError` naming the key (`data.train[1].weight`). Dataset specs may be
 given as dicts (from YAML) or plain path strings; they are normalised to `DatasetSpec`.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Literal, Mapping, Sequence
 
-from jaxalign.config import ConfigError
+from jaxalign.config import ConfigError, require
 
 FORMATS = ("auto", "alpaca", "dolly", "chat", "sharegpt", "prompt_completion", "text",
            "preference", "hh_rlhf",  # preference pairs (jaxalign.data.preference)
@@ -19,11 +19,6 @@ TRUNCATION = ("truncate", "drop")
 ON_EMPTY = ("drop", "error")
 PROMPT_TRUNCATION = ("keep_end", "drop")
 ON_IDENTICAL = ("drop", "error")
-
-
-def _require(cond: bool, msg: str) -> None:
-    if not cond:
-        raise ConfigError(msg)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -44,15 +39,15 @@ class DatasetSpec:
     name: str | None = None  # hub configuration name (load_dataset(path, name))
 
     def validate(self, key: str) -> None:
-        _require(isinstance(self.path, str) and self.path != "",
+        require(isinstance(self.path, str) and self.path != "",
                  f"{key}.path must be a non-empty string, got {self.path!r}")
-        _require(self.format in FORMATS,
+        require(self.format in FORMATS,
                  f"{key}.format {self.format!r} is not one of {FORMATS}")
-        _require(isinstance(self.weight, (int, float)) and self.weight > 0,
+        require(isinstance(self.weight, (int, float)) and self.weight > 0,
                  f"{key}.weight must be a positive number, got {self.weight!r}")
-        _require(isinstance(self.split, str) and self.split != "",
+        require(isinstance(self.split, str) and self.split != "",
                  f"{key}.split must be a non-empty string, got {self.split!r}")
-        _require(self.max_examples is None
+        require(self.max_examples is None
                  or (isinstance(self.max_examples, int) and self.max_examples > 0),
                  f"{key}.max_examples must be a positive integer or null, got {self.max_examples!r}")
 
@@ -66,8 +61,8 @@ class DatasetSpec:
         elif isinstance(value, Mapping):
             known = {f.name for f in dataclasses.fields(cls)}
             for k in value:
-                _require(k in known, f"{key}: unknown key {k!r}; expected one of {sorted(known)}")
-            _require("path" in value, f"{key}.path is required")
+                require(k in known, f"{key}: unknown key {k!r}; expected one of {sorted(known)}")
+            require("path" in value, f"{key}.path is required")
             spec = cls(**value)
         else:
             raise ConfigError(f"{key} must be a path string or a mapping with 'path', "
@@ -81,7 +76,7 @@ def dataset_specs(value: Any, key: str) -> tuple[DatasetSpec, ...]:
         return ()
     if isinstance(value, (str, Mapping, DatasetSpec)):
         value = [value]
-    _require(isinstance(value, Sequence), f"{key} must be a dataset spec or a list of them")
+    require(isinstance(value, Sequence), f"{key} must be a dataset spec or a list of them")
     return tuple(DatasetSpec.coerce(v, f"{key}[{i}]") for i, v in enumerate(value))
 
 
@@ -127,34 +122,34 @@ class DataConfig:
 
     def __post_init__(self):
         train = dataset_specs(self.train, "data.train")
-        _require(len(train) > 0, "data.train must name at least one dataset")
+        require(len(train) > 0, "data.train must name at least one dataset")
         object.__setattr__(self, "train", train)
         object.__setattr__(self, "eval", dataset_specs(self.eval, "data.eval"))
-        _require(isinstance(self.eval_fraction, (int, float)) and 0 <= self.eval_fraction < 1,
+        require(isinstance(self.eval_fraction, (int, float)) and 0 <= self.eval_fraction < 1,
                  f"data.eval_fraction must be in [0, 1), got {self.eval_fraction!r}")
-        _require(not (self.eval and self.eval_fraction > 0),
+        require(not (self.eval and self.eval_fraction > 0),
                  "data.eval and data.eval_fraction are exclusive: give one of them")
-        _require(isinstance(self.seq_len, int) and self.seq_len >= 2,
+        require(isinstance(self.seq_len, int) and self.seq_len >= 2,
                  f"data.seq_len must be an integer >= 2, got {self.seq_len!r}")
-        _require(isinstance(self.pack, bool), f"data.pack must be true or false, got {self.pack!r}")
-        _require(self.truncation in TRUNCATION,
+        require(isinstance(self.pack, bool), f"data.pack must be true or false, got {self.pack!r}")
+        require(self.truncation in TRUNCATION,
                  f"data.truncation {self.truncation!r} is not one of {TRUNCATION}")
-        _require(isinstance(self.train_on_prompt, bool),
+        require(isinstance(self.train_on_prompt, bool),
                  f"data.train_on_prompt must be true or false, got {self.train_on_prompt!r}")
-        _require(self.chat_template is None or (isinstance(self.chat_template, str)
+        require(self.chat_template is None or (isinstance(self.chat_template, str)
                                                 and self.chat_template.strip() != ""),
                  "data.chat_template must be a non-empty string or null")
-        _require(self.on_empty in ON_EMPTY, f"data.on_empty {self.on_empty!r} is not one of {ON_EMPTY}")
-        _require(isinstance(self.shuffle, bool), f"data.shuffle must be true or false, got {self.shuffle!r}")
-        _require(isinstance(self.seed, int) and self.seed >= 0,
+        require(self.on_empty in ON_EMPTY, f"data.on_empty {self.on_empty!r} is not one of {ON_EMPTY}")
+        require(isinstance(self.shuffle, bool), f"data.shuffle must be true or false, got {self.shuffle!r}")
+        require(isinstance(self.seed, int) and self.seed >= 0,
                  f"data.seed must be a non-negative integer, got {self.seed!r}")
-        _require(self.max_prompt_len is None
+        require(self.max_prompt_len is None
                  or (isinstance(self.max_prompt_len, int) and 1 <= self.max_prompt_len < self.seq_len),
                  f"data.max_prompt_len must be null or an integer in [1, seq_len={self.seq_len}), "
                  f"got {self.max_prompt_len!r}")
-        _require(self.prompt_truncation in PROMPT_TRUNCATION,
+        require(self.prompt_truncation in PROMPT_TRUNCATION,
                  f"data.prompt_truncation {self.prompt_truncation!r} is not one of {PROMPT_TRUNCATION}")
-        _require(self.on_identical in ON_IDENTICAL,
+        require(self.on_identical in ON_IDENTICAL,
                  f"data.on_identical {self.on_identical!r} is not one of {ON_IDENTICAL}")
 
     def replace(self, **changes) -> "DataConfig":
@@ -165,5 +160,5 @@ class DataConfig:
         """From a YAML mapping; an unknown key is named."""
         known = {f.name for f in dataclasses.fields(cls)}
         for k in d:
-            _require(k in known, f"data: unknown key {k!r}; expected one of {sorted(known)}")
+            require(k in known, f"data: unknown key {k!r}; expected one of {sorted(known)}")
         return cls(**d)

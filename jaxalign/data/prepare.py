@@ -42,19 +42,14 @@ from typing import Any, Callable, Iterator, Mapping
 import numpy as np
 
 from jaxalign import rundir
-from jaxalign.config import ConfigError, from_dict
+from jaxalign.config import ConfigError, from_dict, require
 from jaxalign.data.config import DatasetSpec, dataset_specs
-from jaxalign.data.sources import DataError
+from jaxalign.data.sources import DataError, iter_json_lines
 
 log = logging.getLogger(__name__)
 
 REASONS = ("empty", "exact_duplicate", "near_duplicate")
 BLOCK = 4096  # signature rows per allocation
-
-
-def _require(cond: bool, msg: str) -> None:
-    if not cond:
-        raise ConfigError(msg)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -70,10 +65,10 @@ class DedupConfig:
     lowercase: bool = True          # compare case-insensitively
 
     def __post_init__(self):
-        _require(0 < self.threshold <= 1, f"dedup.threshold must be in (0, 1], got {self.threshold}")
-        _require(self.shingle_size >= 1, f"dedup.shingle_size must be >= 1, got {self.shingle_size}")
-        _require(self.num_perm >= 16, f"dedup.num_perm must be >= 16, got {self.num_perm}")
-        _require(self.candidate_threshold is None or 0 < self.candidate_threshold <= self.threshold,
+        require(0 < self.threshold <= 1, f"dedup.threshold must be in (0, 1], got {self.threshold}")
+        require(self.shingle_size >= 1, f"dedup.shingle_size must be >= 1, got {self.shingle_size}")
+        require(self.num_perm >= 16, f"dedup.num_perm must be >= 16, got {self.num_perm}")
+        require(self.candidate_threshold is None or 0 < self.candidate_threshold <= self.threshold,
                  f"dedup.candidate_threshold must be in (0, dedup.threshold], got "
                  f"{self.candidate_threshold}")
 
@@ -108,12 +103,12 @@ class PrepareConfig:
     seed: int = 0                   # seeds the eval split, fractional weights and the shuffle
 
     def __post_init__(self):
-        _require(isinstance(self.sets, Mapping) and len(self.sets) > 0,
+        require(isinstance(self.sets, Mapping) and len(self.sets) > 0,
                  "sets: give at least one named set, e.g. sets: {sft: {sources: [FILE]}}")
         sets = {}
         for name, value in self.sets.items():
             # It names a folder under out_dir: `..` or `a/b` would write outside it.
-            _require(re.fullmatch(r"[A-Za-z0-9_.-]+", str(name)) is not None
+            require(re.fullmatch(r"[A-Za-z0-9_.-]+", str(name)) is not None
                      and str(name).strip(".") != "",
                      f"sets.{name}: a set name must be a plain file name (letters, digits, "
                      f"_ . -; not . or ..)")
@@ -122,17 +117,17 @@ class PrepareConfig:
                 continue
             if isinstance(value, (list, str)):
                 value = {"sources": value}
-            _require(isinstance(value, Mapping), f"sets.{name} must be a mapping with 'sources'")
+            require(isinstance(value, Mapping), f"sets.{name} must be a mapping with 'sources'")
             value = dict(value)
             value["sources"] = dataset_specs(value.get("sources"), f"sets.{name}.sources")
-            _require(len(value["sources"]) > 0, f"sets.{name}.sources must name at least one dataset")
+            require(len(value["sources"]) > 0, f"sets.{name}.sources must name at least one dataset")
             s = from_dict(SetConfig, value, f"sets.{name}.")
-            _require(s.eval_fraction is None or 0 <= s.eval_fraction < 1,
+            require(s.eval_fraction is None or 0 <= s.eval_fraction < 1,
                      f"sets.{name}.eval_fraction must be in [0, 1), got {s.eval_fraction}")
             sets[name] = s
         object.__setattr__(self, "sets", sets)
-        _require(0 <= self.eval_fraction < 1, f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
-        _require(self.seed >= 0, f"seed must be >= 0, got {self.seed}")
+        require(0 <= self.eval_fraction < 1, f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        require(self.seed >= 0, f"seed must be >= 0, got {self.seed}")
 
 
 # ----------------------------------------------------------------------------- reading
@@ -157,17 +152,8 @@ def iter_rows(spec: DatasetSpec) -> Iterator[tuple[str, dict]]:
                 for i, row in enumerate(data):
                     yield f"{path}: row {i}", row
                 return
-            with open(path, "rb") as f:
-                for line_no, raw in enumerate(f, start=1):
-                    if not raw.strip():
-                        continue
-                    try:
-                        row = json.loads(raw)
-                    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                        detail = (f"{e.msg} at column {e.colno}"
-                                  if isinstance(e, json.JSONDecodeError) else str(e))
-                        raise DataError(f"{path}: line {line_no}: malformed JSON ({detail})") from None
-                    yield f"{path}: line {line_no}", row
+            for line_no, row in iter_json_lines(path):
+                yield f"{path}: line {line_no}", row
         elif path.is_file() and suffix == ".parquet":
             import pyarrow.parquet as pq
             i = 0

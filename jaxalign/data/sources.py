@@ -56,10 +56,9 @@ def _object(obj, path: Path, line: int) -> dict:
     return obj
 
 
-def read_json_lines(path: Path) -> tuple[list[dict], list[int]]:
-    """Rows of a JSON-lines file and the 1-based line of each (blank lines skipped).
-    Raises DataError naming the file and line of the first line that is not a JSON object."""
-    rows, lines = [], []
+def iter_json_lines(path: Path):
+    """(1-based line, parsed value) of each non-blank line of a JSON-lines file, streamed.
+    Raises DataError naming the file and line of the first malformed one."""
     with open(path, "rb") as f:
         for n, raw in enumerate(f, start=1):
             if not raw.strip():
@@ -69,8 +68,16 @@ def read_json_lines(path: Path) -> tuple[list[dict], list[int]]:
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 detail = f"{e.msg} at column {e.colno}" if isinstance(e, json.JSONDecodeError) else str(e)
                 raise DataError(f"{path}: line {n}: malformed JSON ({detail})") from None
-            rows.append(_object(obj, path, n))
-            lines.append(n)
+            yield n, obj
+
+
+def read_json_lines(path: Path) -> tuple[list[dict], list[int]]:
+    """Rows of a JSON-lines file and the 1-based line of each (blank lines skipped).
+    Raises DataError naming the file and line of the first line that is not a JSON object."""
+    rows, lines = [], []
+    for n, obj in iter_json_lines(path):
+        rows.append(_object(obj, path, n))
+        lines.append(n)
     return rows, lines
 
 

@@ -20,7 +20,7 @@ import dataclasses
 import re
 from typing import Any, Literal, Mapping
 
-from jaxalign.config import DTYPES, ConfigError, from_dict, load_yaml
+from jaxalign.config import DTYPES, ConfigError, from_dict, load_yaml, require
 from jaxalign.data.config import DatasetSpec, dataset_specs
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # names become metric keys and file names
@@ -31,11 +31,6 @@ MOVED = {"policy": "models.policies", "reference": "models.reference",
          "reward_model": "models.reward_model", "pairs": "data.pairs", "prompts": "data.prompts",
          **{k: f"eval.{k}" for k in ("seq_len", "max_prompt_len", "limit", "batch_size", "beta",
                                      "max_new_tokens", "temperature", "seed", "dtype")}}
-
-
-def _require(cond: bool, msg: str) -> None:
-    if not cond:
-        raise ConfigError(msg)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -53,20 +48,20 @@ class EvalModels:
         policies = self.policies
         if isinstance(policies, str):
             policies = {"policy": policies}
-        _require(isinstance(policies, Mapping) and len(policies) > 0,
+        require(isinstance(policies, Mapping) and len(policies) > 0,
                  "models.policies must map names to model paths, e.g. {sft: runs/sft}")
         for name, path in policies.items():
-            _require(isinstance(name, str) and NAME.match(name) is not None,
+            require(isinstance(name, str) and NAME.match(name) is not None,
                      f"models.policies: name {name!r} must be letters, digits, '_', '-' or '.'")
-            _require(isinstance(path, str) and path.strip() != "",
+            require(isinstance(path, str) and path.strip() != "",
                      f"models.policies.{name} must be a model path, got {path!r}")
         object.__setattr__(self, "policies", dict(policies))
-        _require(self.reference is None or (isinstance(self.reference, str) and self.reference),
+        require(self.reference is None or (isinstance(self.reference, str) and self.reference),
                  f"models.reference must be a policy name or a model path, got {self.reference!r}")
-        _require(not (self.reference not in (None, *policies) and REFERENCE in policies),
+        require(not (self.reference not in (None, *policies) and REFERENCE in policies),
                  f"models.policies.{REFERENCE}: the name is taken by models.reference given as "
                  f"a path; rename the policy or name it in models.reference")
-        _require(self.reward_model is None or (isinstance(self.reward_model, str)
+        require(self.reward_model is None or (isinstance(self.reward_model, str)
                                                and self.reward_model.strip() != ""),
                  f"models.reward_model must be a model path, got {self.reward_model!r}")
 
@@ -88,7 +83,7 @@ class EvalData:
         for key in ("pairs", "prompts", "heldout"):
             value = getattr(self, key)
             object.__setattr__(self, key, dataset_specs(value, f"data.{key}") if value else ())
-        _require(self.answer_field is None or (isinstance(self.answer_field, str)
+        require(self.answer_field is None or (isinstance(self.answer_field, str)
                                                and self.answer_field != ""),
                  f"data.answer_field must be a column name or null, got {self.answer_field!r}")
 
@@ -114,18 +109,18 @@ class EvalOptions:
 
     def __post_init__(self):
         for key in ("batch_size", "max_new_tokens"):
-            _require(getattr(self, key) >= 1, f"eval.{key} must be >= 1, got {getattr(self, key)}")
+            require(getattr(self, key) >= 1, f"eval.{key} must be >= 1, got {getattr(self, key)}")
         for key in ("limit", "samples", "seed", "top_k"):
-            _require(getattr(self, key) >= 0, f"eval.{key} must be >= 0, got {getattr(self, key)}")
-        _require(self.seq_len >= 2, f"eval.seq_len must be >= 2, got {self.seq_len}")
-        _require(self.max_prompt_len is None or 1 <= self.max_prompt_len < self.seq_len,
+            require(getattr(self, key) >= 0, f"eval.{key} must be >= 0, got {getattr(self, key)}")
+        require(self.seq_len >= 2, f"eval.seq_len must be >= 2, got {self.seq_len}")
+        require(self.max_prompt_len is None or 1 <= self.max_prompt_len < self.seq_len,
                  f"eval.max_prompt_len must be null or in [1, eval.seq_len), got {self.max_prompt_len}")
-        _require(self.temperature >= 0, f"eval.temperature must be >= 0, got {self.temperature}")
-        _require(0 < self.top_p <= 1, f"eval.top_p must be in (0, 1], got {self.top_p}")
-        _require(self.beta > 0, f"eval.beta must be positive, got {self.beta}")
-        _require(self.bootstrap >= 0, f"eval.bootstrap must be >= 0, got {self.bootstrap}")
-        _require(0 < self.confidence < 1, f"eval.confidence must be in (0, 1), got {self.confidence}")
-        _require(self.dtype in DTYPES, f"eval.dtype must be one of {DTYPES}, got {self.dtype!r}")
+        require(self.temperature >= 0, f"eval.temperature must be >= 0, got {self.temperature}")
+        require(0 < self.top_p <= 1, f"eval.top_p must be in (0, 1], got {self.top_p}")
+        require(self.beta > 0, f"eval.beta must be positive, got {self.beta}")
+        require(self.bootstrap >= 0, f"eval.bootstrap must be >= 0, got {self.bootstrap}")
+        require(0 < self.confidence < 1, f"eval.confidence must be in (0, 1), got {self.confidence}")
+        require(self.dtype in DTYPES, f"eval.dtype must be one of {DTYPES}, got {self.dtype!r}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -139,13 +134,13 @@ class LMEvalConfig:
     batch_size: int = 8                # the harness' batch size
 
     def __post_init__(self):
-        _require(isinstance(self.task_file, str) and self.task_file != "",
+        require(isinstance(self.task_file, str) and self.task_file != "",
                  "lm_eval.task_file must be a path to a task YAML")
-        _require(self.limit is None or self.limit >= 1,
+        require(self.limit is None or self.limit >= 1,
                  f"lm_eval.limit must be >= 1 or null, got {self.limit}")
-        _require(self.num_fewshot is None or self.num_fewshot >= 0,
+        require(self.num_fewshot is None or self.num_fewshot >= 0,
                  f"lm_eval.num_fewshot must be >= 0 or null, got {self.num_fewshot}")
-        _require(self.batch_size >= 1, f"lm_eval.batch_size must be >= 1, got {self.batch_size}")
+        require(self.batch_size >= 1, f"lm_eval.batch_size must be >= 1, got {self.batch_size}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -160,7 +155,7 @@ class EvalConfig:
 
     def __post_init__(self):
         m, d = self.models, self.data
-        _require(bool(d.pairs or d.prompts or d.heldout or self.lm_eval),
+        require(bool(d.pairs or d.prompts or d.heldout or self.lm_eval),
                  "eval config: nothing to measure; give data.pairs, data.prompts, data.heldout "
                  "or lm_eval")
         if self.lm_eval is not None:

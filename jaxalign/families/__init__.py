@@ -74,7 +74,7 @@ def num_labels(hf: Mapping[str, Any]) -> int:
     return n
 
 
-def _require(cond: bool, msg: str) -> None:
+def require(cond: bool, msg: str) -> None:
     if not cond:
         raise ConfigError(msg)
 
@@ -85,13 +85,13 @@ def read_config(hf: Mapping[str, Any]) -> dict[str, Any]:
     Anything we would have to approximate is refused with the field that caused it."""
     family = of_config(hf)
     act = hf.get("hidden_act", "silu")
-    _require(act == "silu", f"config.json: hidden_act {act!r} is not supported (only 'silu')")
+    require(act == "silu", f"config.json: hidden_act {act!r} is not supported (only 'silu')")
     for r in COMMON_REFUSALS + family.refusals:
-        _require(not r.refused(hf), f"config.json: {r.field}: not supported for {family.name} "
+        require(not r.refused(hf), f"config.json: {r.field}: not supported for {family.name} "
                  f"({r.why})")
     for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                 "num_attention_heads"):
-        _require(key in hf, f"config.json: required field {key!r} is missing")
+        require(key in hf, f"config.json: required field {key!r} is missing")
 
     # transformers 5 writes `rope_parameters` (theta inside); 4.x wrote `rope_theta`
     # plus an optional `rope_scaling` dict. Accept both; where both are present,
@@ -99,13 +99,13 @@ def read_config(hf: Mapping[str, Any]) -> dict[str, Any]:
     rope = dict(hf.get("rope_scaling") or hf.get("rope_parameters") or {})
     theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
     rope_type = rope.get("rope_type", rope.get("type", "default"))
-    _require(rope_type in ROPE_TYPES,
+    require(rope_type in ROPE_TYPES,
              f"config.json: rope type {rope_type!r} is not supported; expected one of {ROPE_TYPES}")
     if rope_type in ("linear", "llama3"):
-        _require("factor" in rope, f"config.json: rope type {rope_type!r} needs 'factor'")
+        require("factor" in rope, f"config.json: rope type {rope_type!r} needs 'factor'")
     if rope_type == "llama3":
         for key in ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
-            _require(key in rope, f"config.json: llama3 rope scaling needs {key!r}")
+            require(key in rope, f"config.json: llama3 rope scaling needs {key!r}")
 
     heads = hf["num_attention_heads"]
     return dict(

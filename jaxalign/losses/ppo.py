@@ -137,19 +137,6 @@ def kl_penalty(logp_BT: jax.Array, ref_logp_BT: jax.Array, kind: str) -> jax.Arr
     return jnp.abs(log_ratio_BT)
 
 
-def entropy_from_logits(logits_BTV: jax.Array) -> jax.Array:
-    """Entropy in nats of softmax(logits) at every position, in fp32.
-
-    Uses log-softmax (logsumexp) so large logits do not overflow; a -inf logit (a banned
-    token) contributes 0 rather than 0 * inf = NaN.
-    """
-    logits_BTV = logits_BTV.astype(jnp.float32)
-    logp_BTV = logits_BTV - jax.nn.logsumexp(logits_BTV, axis=-1, keepdims=True)
-    p_BTV = jnp.exp(logp_BTV)
-    safe_logp_BTV = jnp.where(p_BTV > 0, logp_BTV, 0.0)
-    return -(p_BTV * safe_logp_BTV).sum(axis=-1)
-
-
 def group_advantages(rewards_N: jax.Array, group_size: int, *, scale: bool = True,
                      eps: float = 1e-4) -> jax.Array:
     """GRPO advantages: each reward minus its group's mean, divided by the group's std + eps.
@@ -227,12 +214,6 @@ def adaptive_kl_update(coef: float, current_kl: float, n_steps: int, *, target: 
     """
     error = float(np.clip(current_kl / target - 1.0, -0.2, 0.2))
     return float(coef) * (1.0 + error * n_steps / horizon)
-
-
-class AdaptiveKL:
-    """Namespace for the adaptive KL controller; it holds no state (the coef is a float)."""
-
-    update = staticmethod(adaptive_kl_update)
 
 
 def explained_variance(values_BT: jax.Array, returns_BT: jax.Array,

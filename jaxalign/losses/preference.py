@@ -8,10 +8,36 @@ Metric names follow TRL's so that logs can be compared side by side.
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Callable
+
 import jax
 import jax.numpy as jnp
 
-DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
+
+@dataclasses.dataclass(frozen=True)
+class PairLoss:
+    """One DPO variant: its per-pair loss of the log-ratio margin h, and what it accepts."""
+    per_pair: Callable[[jax.Array, float, float], jax.Array]   # (h_B, beta, ls) -> (B,)
+    label_smoothing: bool        # takes a label-noise rate ls in [0, 0.5); else ls must be 0
+    average: bool = False        # its default sequence log-prob is the per-token mean
+
+
+# A table, so that a loss type without a row is refused instead of falling into another's branch.
+DPO_LOSSES: dict[str, PairLoss] = {
+    # DPO eq. 7; ls > 0 is conservative DPO
+    "sigmoid": PairLoss(lambda h_B, beta, ls: (-(1 - ls) * jax.nn.log_sigmoid(beta * h_B)
+                                               - ls * jax.nn.log_sigmoid(-beta * h_B)), True),
+    # IPO eq. 17 (beta is the paper's tau), on per-token means as TRL runs it
+    "ipo": PairLoss(lambda h_B, beta, ls: (h_B - 1.0 / (2.0 * beta)) ** 2, False, average=True),
+    # SLiC
+    "hinge": PairLoss(lambda h_B, beta, ls: jax.nn.relu(1.0 - beta * h_B), False),
+    # unbiased under label noise of rate ls, hence the (1 - 2 ls) division
+    "robust": PairLoss(lambda h_B, beta, ls: (-(1 - ls) * jax.nn.log_sigmoid(beta * h_B)
+                                              + ls * jax.nn.log_sigmoid(-beta * h_B))
+                       / (1 - 2 * ls), True),
+}
+DPO_LOSS_TYPES = tuple(DPO_LOSSES)
 # Objectives on the policy alone (no reference model), on length-normalised log-probs.
 POLICY_ONLY_LOSS_TYPES = ("orpo", "simpo")
 
@@ -77,7 +103,7 @@ def _check_dpo_args(beta, loss_type, label_smoothing) -> None:
                          f"expected one of {DPO_LOSS_TYPES}")
     if not beta > 0:  # also rejects NaN
         raise ValueError(f"dpo_loss: beta={beta!r} must be > 0")
-    if loss_type in ("sigmoid", "robust"):
+    if DPO_LOSSES[loss_type].label_smoothing:
         if not 0.0 <= label_smoothing < 0.5:
             raise ValueError(f"dpo_loss: label_smoothing={label_smoothing!r} must be in [0, 0.5) "
                              f"for loss_type={loss_type!r}")
@@ -116,19 +142,7 @@ def dpo_loss(policy_chosen_B: jax.Array, policy_rejected_B: jax.Array, ref_chose
     chosen_logratio_B = pc - rc
     rejected_logratio_B = pr - rr
     h_B = chosen_logratio_B - rejected_logratio_B
-    ls = label_smoothing
-
-    if loss_type == "sigmoid":
-        per_pair_B = (-(1 - ls) * jax.nn.log_sigmoid(beta * h_B)
-                      - ls * jax.nn.log_sigmoid(-beta * h_B))
-    elif loss_type == "ipo":
-        per_pair_B = (h_B - 1.0 / (2.0 * beta)) ** 2
-    elif loss_type == "hinge":
-        per_pair_B = jax.nn.relu(1.0 - beta * h_B)
-    else:  # robust: unbiased under label noise of rate ls, hence the (1 - 2 ls) division
-        per_pair_B = (-(1 - ls) * jax.nn.log_sigmoid(beta * h_B)
-                      + ls * jax.nn.log_sigmoid(-beta * h_B)) / (1 - 2 * ls)
-    loss = mean(per_pair_B)
+    loss = mean(DPO_LOSSES[loss_type].per_pair(h_B, beta, label_smoothing))
 
     return loss, _reward_metrics(mean, n, loss, beta * chosen_logratio_B,
                                  beta * rejected_logratio_B, pc, pr)

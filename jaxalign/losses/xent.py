@@ -215,3 +215,11 @@ def head_masked_xent(hidden_BTD: jax.Array, head: jax.Array, targets_BT: jax.Arr
     logp_BT, correct_BT = head_logprobs(hidden_BTD, head, targets_BT, head_is_VD=head_is_VD,
                                         chunk=chunk)
     return _masked_mean_metrics(logp_BT, correct_BT, loss_mask_BT)
+
+
+def head_logits(hidden_BCD: jax.Array, head: jax.Array, *, head_is_VD: bool) -> jax.Array:
+    """The LM head on (a chunk of) hidden states: fp32 (B, C, V) logits, constrained to the
+    vocab sharding. The one head matmul of every log-prob path (SFT, DPO / KTO, eval here; the
+    RL rollout's scoring, which adds its temperature and entropy), so that a change to the head
+    reaches all of them."""
+    return _chunk_logits(hidden_BCD, head, head_is_VD)

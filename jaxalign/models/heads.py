@@ -48,7 +48,7 @@ def scored_token_index(tokens_BT: jax.Array, segment_ids_BT: jax.Array,
 def project(params: Params, hidden_xD: jax.Array) -> jax.Array:
     """hidden (..., D) -> scores (..., L) in fp32: the score head on any leading shape
     (pooled for rewards, per token for values). Inputs stay in the compute dtype with an
-    fp32 accumulator, as every matmul of the model (DESIGN.md section 5)."""
+    fp32 accumulator, as every matmul of the model (docs/architecture.md, CPU facts)."""
     w_DL = params["score"]
     return jnp.einsum("...d,dl->...l", hidden_xD, w_DL.astype(hidden_xD.dtype),
                       precision=matmul_precision(hidden_xD.dtype), preferred_element_type=jnp.float32)

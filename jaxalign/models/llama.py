@@ -56,7 +56,7 @@ def _param(rngs: nnx.Rngs | None, shape, names, dtype, kind: str = "normal",
 
 def _dot(eq: str, a: jax.Array, b: jax.Array, dtype) -> jax.Array:
     # bf16 matmuls on CPU only run at full speed with an fp32 accumulator
-    # (DESIGN.md section 5); on fp32 inputs this is a plain dot.
+    # (docs/architecture.md, CPU facts); on fp32 inputs this is a plain dot.
     return jnp.einsum(eq, a.astype(dtype), b.astype(dtype), precision=matmul_precision(dtype),
                       preferred_element_type=jnp.float32).astype(dtype)
 

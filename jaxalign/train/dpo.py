@@ -19,10 +19,10 @@ from jaxalign import checkpoint
 from jaxalign.config import ConfigError, ModelConfig, RunConfig
 from jaxalign.data.config import DataConfig
 from jaxalign.data.preference import build_preference_data
-from jaxalign.losses.preference import DPO_LOSS_TYPES, POLICY_ONLY_LOSS_TYPES, dpo_loss, \
-    orpo_loss, sequence_logps, simpo_loss
+from jaxalign.losses.preference import DPO_LOSSES, DPO_LOSS_TYPES, POLICY_ONLY_LOSS_TYPES, \
+    dpo_loss, orpo_loss, sequence_logps, simpo_loss
 from jaxalign.losses.xent import head_logprobs
-from jaxalign.metrics import DPO_PROGRESS
+from jaxalign.train.recipes import RECIPES
 from jaxalign.models import functional, lora
 from jaxalign.train.loop import Task
 from jaxalign.train.setup import Loaded, load_policy, pair_rows, run_recipe, supervised
@@ -54,9 +54,10 @@ class DPOOptions:
                                       f"remove dpo.{key}")
         if not self.beta > 0:
             raise ConfigError(f"dpo.beta must be > 0, got {self.beta}")
-        if self.loss_type in ("sigmoid", "robust") and not 0 <= self.label_smoothing < 0.5:
+        row = DPO_LOSSES.get(self.loss_type)
+        if row and row.label_smoothing and not 0 <= self.label_smoothing < 0.5:
             raise ConfigError(f"dpo.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
-        if self.loss_type in ("ipo", "hinge") and self.label_smoothing:
+        if row and not row.label_smoothing and self.label_smoothing:
             raise ConfigError(f"dpo.label_smoothing has no effect with loss_type "
                               f"{self.loss_type!r}; remove it")
 
@@ -66,7 +67,9 @@ class DPOOptions:
 
     @property
     def average(self) -> bool:
-        return self.loss_type == "ipo" if self.average_logps is None else self.average_logps
+        if self.average_logps is not None:
+            return self.average_logps
+        return self.loss_type in DPO_LOSSES and DPO_LOSSES[self.loss_type].average
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -158,11 +161,11 @@ def load_dpo_models(cfg, mesh, section: str = "dpo") -> Loaded:
                                base=policy.frozen, extra={"ref_cfg": ref_cfg})
 
 
-def preference_task(section: str, build_data, make_loss, progress=DPO_PROGRESS):
+def preference_task(section: str, build_data, make_loss):
     """`setup.supervised`'s task for an objective on (pair or unpaired) batches with an
     optional reference: cfg.<section> holds its options, build_data(data cfg, tokenizer,
-    batch_size=...) its loaders, make_loss(model cfg, options, ref_cfg=..., chunk=...) its loss,
-    `progress` the metrics its progress line shows."""
+    batch_size=...) its loaders, make_loss(model cfg, options, ref_cfg=..., chunk=...) its loss; the progress line
+    shows RECIPES[section].progress."""
     def task(cfg, models: Loaded, tokenizer):
         data = build_data(cfg.data, tokenizer, batch_size=cfg.train.batch_size,
                           process_index=jax.process_index(), process_count=jax.process_count())
@@ -170,7 +173,7 @@ def preference_task(section: str, build_data, make_loss, progress=DPO_PROGRESS):
                             chunk=cfg.train.logits_chunk)
         return Task(loss_fn=loss_fn, train_data=data.train,
                     eval_data=(lambda: iter(data.eval)) if data.eval is not None else None,
-                    perplexity=False, progress=progress), {}
+                    perplexity=False, progress=RECIPES[section].progress), {}
     return task
 
 

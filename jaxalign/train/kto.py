@@ -17,7 +17,6 @@ from jaxalign.config import ConfigError, ModelConfig, RunConfig
 from jaxalign.data.config import DataConfig
 from jaxalign.data.unpaired import build_unpaired_data
 from jaxalign.losses.kto import kto_loss
-from jaxalign.metrics import KTO_PROGRESS
 from jaxalign.models import lora
 from jaxalign.train.dpo import load_dpo_models, pair_logps, preference_task, reference_logps
 from jaxalign.train.setup import run_recipe, supervised
@@ -70,5 +69,4 @@ def run_kto(cfg: KTOConfig, raw_config: dict | None = None, devices=None) -> dic
     """Runs (or resumes) KTO in cfg.out_dir."""
     return run_recipe(cfg, raw_config, devices, algorithm="kto",
                       load=functools.partial(load_dpo_models, section="kto"),
-                      run=supervised(preference_task("kto", build_unpaired_data, kto_loss_fn,
-                                                     progress=KTO_PROGRESS)))
+                      run=supervised(preference_task("kto", build_unpaired_data, kto_loss_fn)))

@@ -25,8 +25,9 @@ from jax.sharding import Mesh
 from jaxalign import distributed, faults, runtime
 from jaxalign.checkpoint import TrainCheckpoints, describe_run
 from jaxalign.config import ConfigError, JaxalignError, ModelConfig, OptimConfig, TrainConfig
-from jaxalign.metrics import SFT_PROGRESS, MetricsWriter, Progress
+from jaxalign.metrics import MetricsWriter, Progress
 from jaxalign.rundir import write_atomic
+from jaxalign.train.recipes import RECIPES
 from jaxalign.sharding import batch_sharding, replicated
 from jaxalign.train.optim import make_optimizer
 from jaxalign.train.preempt import Preempted, StopFlag  # noqa: F401  (the loops' shared mechanics)
@@ -54,12 +55,10 @@ class Task:
     loss_fn: LossFn
     train_data: Loader                                   # this process's rows of each batch
     eval_data: Callable[[], Iterable[dict]] | None = None
-    # Work outside the gradient on each batch (e.g. DPO reference log-probs); jitted by the owner.
-    prepare: Callable[[dict], dict] | None = None
     # Report eval/perplexity = exp(eval/loss): only meaningful for a token-level NLL.
     perplexity: bool = True
-    # The metrics the progress line shows (jaxalign.metrics: SFT_PROGRESS, DPO_PROGRESS, ...).
-    progress: tuple[str, ...] = SFT_PROGRESS
+    # The metrics the progress line shows: the recipe's row of RECIPES.
+    progress: tuple[str, ...] = RECIPES["sft"].progress
 
 
 def put_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
@@ -245,8 +244,6 @@ def train(*, run_dir: str | Path, cfg: TrainConfig, optim: OptimConfig, mesh: Me
         if start < cfg.steps:
             first = next_batch(task.train_data)
             batch0 = put_batch(first, mesh)
-            if task.prepare is not None:
-                batch0 = task.prepare(batch0)
             check_memory(run_dir, mesh, None, state, frozen, cfg, model)   # before compiling
             step_fn = jitted.lower(abstract(state), abstract(frozen), abstract(batch0)).compile()
             check_memory(run_dir, mesh, step_fn, state, frozen, cfg, model)
@@ -275,8 +272,6 @@ def train(*, run_dir: str | Path, cfg: TrainConfig, optim: OptimConfig, mesh: Me
                     (next_batch(task.train_data), None)
                 tokens = int((host_batch["segment_ids"] > 0).sum()) if "segment_ids" in host_batch else 0
                 batch = put_batch(host_batch, mesh)
-                if task.prepare is not None:
-                    batch = task.prepare(batch)
                 state, metrics = step_fn(state, frozen, batch)
                 faults.point("step")
                 metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}

@@ -146,16 +146,26 @@ def _empty(module: str, name: str):
     return batch
 
 
-PLANNERS: dict[str, Planner] = {
-    "sft": Planner(lambda c, mesh: _policy(c, mesh), _sft_loss,
-                   _empty("jaxalign.data.packing", "empty_batch")),
-    "rm": Planner(lambda c, mesh: _policy(c, mesh, num_labels=1), _rm_loss,
-                  _empty("jaxalign.data.preference", "empty_pair_batch")),
-    "dpo": Planner(lambda c, mesh: _with_reference(c, mesh, "dpo"), _dpo_loss,
-                   _empty("jaxalign.data.preference", "empty_pair_batch")),
-    "kto": Planner(lambda c, mesh: _with_reference(c, mesh, "kto"), _kto_loss,
-                   _empty("jaxalign.data.unpaired", "empty_unpaired_batch")),
-}
+# Each recipe's row in jaxalign.train.recipes.RECIPES names its planner (or none: not planned).
+SFT_PLANNER = Planner(lambda c, mesh: _policy(c, mesh), _sft_loss,
+                      _empty("jaxalign.data.packing", "empty_batch"))
+RM_PLANNER = Planner(lambda c, mesh: _policy(c, mesh, num_labels=1), _rm_loss,
+                     _empty("jaxalign.data.preference", "empty_pair_batch"))
+DPO_PLANNER = Planner(lambda c, mesh: _with_reference(c, mesh, "dpo"), _dpo_loss,
+                      _empty("jaxalign.data.preference", "empty_pair_batch"))
+KTO_PLANNER = Planner(lambda c, mesh: _with_reference(c, mesh, "kto"), _kto_loss,
+                      _empty("jaxalign.data.unpaired", "empty_unpaired_batch"))
+
+
+def planner(recipe: str) -> Planner:
+    """The recipe's planner, from its row of RECIPES; a recipe without one is refused."""
+    from jaxalign.train.recipes import RECIPES, attr
+    if recipe not in RECIPES:
+        raise ConfigError(f"jaxalign plan: recipe {recipe!r} is not one of {list(RECIPES)}")
+    if RECIPES[recipe].planner is None:
+        planned = [n for n, r in RECIPES.items() if r.planner]
+        raise ConfigError(f"jaxalign plan: {recipe} is not planned yet; plan {', '.join(planned)}")
+    return attr(RECIPES[recipe].planner)
 
 
 # ----------------------------------------------------------------------------- meshes
@@ -284,10 +294,10 @@ class MeshPlan:
 
 def plan_mesh(recipe: str, run_cfg, mesh_cfg: MeshConfig, devices=None) -> MeshPlan:
     """Lowers and compiles the recipe's train step for one mesh, from shapes only."""
-    planner = PLANNERS[recipe]
+    p = planner(recipe)
     mesh = sharding.make_mesh(mesh_cfg, devices)
     with jax.set_mesh(mesh):
-        models = planner.models(run_cfg, mesh)
+        models = p.models(run_cfg, mesh)
         rep = sharding.replicated(mesh)
         optimizer, schedule = make_optimizer(run_cfg.optim, run_cfg.train.steps)
         param_sh = jax.tree.map(lambda x: x.sharding, models.trainable)
@@ -297,8 +307,8 @@ def plan_mesh(recipe: str, run_cfg, mesh_cfg: MeshConfig, devices=None) -> MeshP
         frozen_sh = jax.tree.map(lambda x: x.sharding, models.frozen)
         batch_sh = sharding.batch_sharding(mesh)   # as `loop.put_batch` places every key
         batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sh)
-                 for k, v in planner.batch(run_cfg).items()}
-        step = jit_train_step(make_train_step(planner.loss(run_cfg, models), optimizer, schedule,
+                 for k, v in p.batch(run_cfg).items()}
+        step = jit_train_step(make_train_step(p.loss(run_cfg, models), optimizer, schedule,
                                               grad_accum=run_cfg.train.grad_accum),
                               state_sh, frozen_sh, batch_sh)
         t0 = time.perf_counter()
@@ -315,23 +325,10 @@ def plan_mesh(recipe: str, run_cfg, mesh_cfg: MeshConfig, devices=None) -> MeshP
                     collectives=collective_bytes(compiled.as_text()))
 
 
-def recipe_of(raw: dict) -> str:
-    """The recipe a config is for, from its sections (sft: data only; rm / dpo / kto: their
-    own options section; an RL config has `rollout`)."""
-    for name in ("dpo", "kto", "rm"):
-        if name in raw:
-            return name
-    if "rollout" in raw or "algorithm" in raw:
-        raise ConfigError("jaxalign plan: RL configs (ppo / grpo / rloo) are not planned yet; "
-                          "plan the supervised recipes (sft, rm, dpo, kto)")
-    return "sft"
-
-
 def plan(recipe: str, run_cfg, meshes: list[MeshConfig] | None = None,
          on_result: Callable[[MeshPlan], None] | None = None) -> list[MeshPlan]:
     """Plans every mesh (default: `candidate_meshes` of all devices)."""
-    if recipe not in PLANNERS:
-        raise ConfigError(f"jaxalign plan: recipe {recipe!r} is not one of {sorted(PLANNERS)}")
+    planner(recipe)  # refuses an unknown or unplanned recipe before any work
     n = jax.device_count()
     cfg = model_config(run_cfg.model.path, run_cfg.model.revision, **run_cfg.model.runtime())
     functional.check_positions(cfg, run_cfg.data.seq_len, "data.seq_len")
@@ -385,7 +382,7 @@ def use_fake_devices(n: int) -> None:
 
 
 def run_plan(config_path: str, overrides=(), *, devices: int, meshes: str | None = None,
-             recipe: str | None = None, device_memory_gb: float | None = None,
+             recipe: str = "sft", device_memory_gb: float | None = None,
              emit: Callable[[str], None] = print) -> list[MeshPlan]:
     """The `jaxalign plan` command: config -> one table row per mesh, printed as it compiles."""
     from jaxalign.config import from_dict, load_yaml
@@ -393,10 +390,13 @@ def run_plan(config_path: str, overrides=(), *, devices: int, meshes: str | None
 
     use_fake_devices(devices)
     raw = load_yaml(config_path, list(overrides))
-    recipe = recipe or recipe_of(raw)
-    if recipe not in PLANNERS:
-        raise ConfigError(f"jaxalign plan: recipe {recipe!r} is not one of {sorted(PLANNERS)}")
-    run_cfg = from_dict(RECIPES[recipe].load()[0], raw)
+    planner(recipe)
+    try:
+        run_cfg = from_dict(RECIPES[recipe].load()[0], raw)
+    except ConfigError as e:  # a section named after another recipe: say which flag plans it
+        other = [name for name in RECIPES if name != recipe and name in raw]
+        raise ConfigError(f"{e}; a {other[0]} config is planned with --recipe {other[0]}"
+                          if other else str(e)) from None
     device_bytes = None if device_memory_gb is None else int(device_memory_gb * GiB)
     emit(f"{recipe} step of {config_path} on {devices} devices "
          f"(per-device bytes from XLA's memory analysis; collectives per step)")

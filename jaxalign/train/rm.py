@@ -15,7 +15,7 @@ from jaxalign.config import ConfigError, LoRAConfig, ModelConfig, ModelSource, R
 from jaxalign.data.config import DataConfig
 from jaxalign.data.preference import build_preference_data
 from jaxalign.losses.preference import bradley_terry
-from jaxalign.metrics import RM_PROGRESS
+from jaxalign.train.recipes import RECIPES
 from jaxalign.models import functional, heads, lora
 from jaxalign.train.loop import Task
 from jaxalign.train.setup import Loaded, load_start, pair_rows, run_recipe, supervised
@@ -82,7 +82,7 @@ def _task(cfg: RMConfig, models: Loaded, tokenizer):
                                  process_count=jax.process_count())
     task = Task(loss_fn=rm_loss_fn(models.cfg, cfg.rm), train_data=data.train,
                 eval_data=(lambda: iter(data.eval)) if data.eval is not None else None,
-                perplexity=False, progress=RM_PROGRESS)
+                perplexity=False, progress=RECIPES["rm"].progress)
     return task, {"pad_token_id": data.pad_id}
 
 

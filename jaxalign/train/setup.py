@@ -16,7 +16,8 @@ import jax
 
 from jaxalign import checkpoint, distributed, rundir, sharding
 from jaxalign.config import ConfigError, LoRAConfig, ModelConfig, ModelSource
-from jaxalign.convert import hf, hub
+from jaxalign.convert import hub
+from jaxalign.export import write_merged
 from jaxalign.models import functional, lora
 from jaxalign.tokenizer import load_tokenizer
 from jaxalign.train.preempt import StopFlag
@@ -72,13 +73,6 @@ def pair_rows(batch: dict) -> dict:
     """(B, 2, T) pair arrays -> (2B, T) rows: chosen of pair b at row 2b, rejected at 2b + 1."""
     return {k: batch[k].reshape(-1, batch[k].shape[-1])
             for k in ("tokens", "targets", "loss_mask", "segment_ids", "positions")}
-
-
-def export_hf(out_dir: Path, cfg: ModelConfig, params, hf_config: dict, tok_dir,
-              **save_kw) -> Path:
-    """LoRA merged, then an HF directory that transformers loads."""
-    merged_cfg, merged = lora.merge(cfg, params)
-    return hf.save(out_dir, merged_cfg, merged, hf_config=hf_config, source_dir=tok_dir, **save_kw)
 
 
 def run_recipe(cfg, raw_config: dict | None, devices, *, algorithm: str,
@@ -174,7 +168,7 @@ def supervised(task: Callable[[Any, Loaded, Any], tuple[Task, dict]]):
 
         def on_end(state):
             if cfg.train.export_hf:
-                export_hf(run_dir / "hf", models.cfg, lora.combine(state.params, base),
+                write_merged(run_dir / "hf", models.cfg, lora.combine(state.params, base),
                           models.hf_config, models.tok_dir, **export_kw)
 
         return train(run_dir=run_dir, cfg=cfg.train, optim=cfg.optim, mesh=mesh,

@@ -12,17 +12,12 @@ from __future__ import annotations
 
 import dataclasses
 
-from jaxalign.config import ConfigError, OptimConfig, RunConfig, require_extra
+from jaxalign.config import OptimConfig, RunConfig, require, require_extra
 from jaxalign.data.config import DatasetSpec
 from jaxalign.train.rl.objectives import OBJECTIVES, Objective
 
 NORMALIZE = ("none", "batch", "running")
 CONVENTIONS = ("auto", "trl", "jaxalign")
-
-
-def _check(cond: bool, msg: str) -> None:
-    if not cond:
-        raise ConfigError(msg)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -52,7 +47,7 @@ class PromptDataConfig:
         if self.eval_prompts is not None:
             object.__setattr__(self, "eval_prompts",
                                DatasetSpec.coerce(self.eval_prompts, "data.eval_prompts"))
-        _check(self.max_prompt_len >= 1, f"data.max_prompt_len must be >= 1, got {self.max_prompt_len}")
+        require(self.max_prompt_len >= 1, f"data.max_prompt_len must be >= 1, got {self.max_prompt_len}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -83,22 +78,22 @@ class RewardConfig:
     convention: str = "auto"
 
     def __post_init__(self):
-        _check(self.convention in CONVENTIONS,
+        require(self.convention in CONVENTIONS,
                f"reward.convention {self.convention!r}: expected one of {CONVENTIONS}")
         if isinstance(self.functions, str):
             object.__setattr__(self, "functions", (self.functions,))
-        _check(self.model is not None or bool(self.functions),
+        require(self.model is not None or bool(self.functions),
                "reward: give reward.model, reward.functions or both")
         n = len(self.functions) + (self.model is not None)
-        _check(not self.weights or len(self.weights) == n,
+        require(not self.weights or len(self.weights) == n,
                f"reward.weights has {len(self.weights)} entries for {n} reward "
                f"source(s) (the model first, then each function)")
         for name in self.functions:
-            _check(isinstance(name, str) and name.count(":") == 1 and all(name.split(":")),
+            require(isinstance(name, str) and name.count(":") == 1 and all(name.split(":")),
                    f"reward.functions: {name!r} is not of the form module:function")
-        _check(self.normalize in NORMALIZE,
+        require(self.normalize in NORMALIZE,
                f"reward.normalize {self.normalize!r}: expected one of {NORMALIZE}")
-        _check(self.clip is None or self.clip > 0,
+        require(self.clip is None or self.clip > 0,
                f"reward.clip must be positive or null, got {self.clip}")
 
 
@@ -119,11 +114,11 @@ class RolloutConfig:
 
     def __post_init__(self):
         for key in ("batch_size", "num_generations", "max_new_tokens"):
-            _check(getattr(self, key) >= 1, f"rollout.{key} must be >= 1, got {getattr(self, key)}")
-        _check(self.temperature > 0, f"rollout.temperature must be > 0 (sampling), got {self.temperature}")
-        _check(0 < self.top_p <= 1, f"rollout.top_p must be in (0, 1], got {self.top_p}")
-        _check(self.top_k >= 0, f"rollout.top_k must be >= 0, got {self.top_k}")
-        _check(self.decode_dtype in (None, "float32", "bfloat16"),
+            require(getattr(self, key) >= 1, f"rollout.{key} must be >= 1, got {getattr(self, key)}")
+        require(self.temperature > 0, f"rollout.temperature must be > 0 (sampling), got {self.temperature}")
+        require(0 < self.top_p <= 1, f"rollout.top_p must be in (0, 1], got {self.top_p}")
+        require(self.top_k >= 0, f"rollout.top_k must be >= 0, got {self.top_k}")
+        require(self.decode_dtype in (None, "float32", "bfloat16"),
                f"rollout.decode_dtype must be float32 or bfloat16, got {self.decode_dtype!r}")
 
     @property
@@ -153,15 +148,15 @@ class PPOAlgoConfig:
     critic_init: str = "policy"     # separate critic: from the 'policy' or the 'reward' model
 
     def __post_init__(self):
-        _check(self.epochs >= 1 and self.minibatches >= 1, "ppo.epochs and ppo.minibatches must be >= 1")
-        _check(self.clip_eps > 0 and self.value_clip_eps > 0, "ppo.clip_eps and ppo.value_clip_eps must be > 0")
-        _check(self.kl_kind in ("k1", "k3"), f"ppo.kl_kind {self.kl_kind!r}: expected k1 or k3")
-        _check(self.kl_coef >= 0, f"ppo.kl_coef must be >= 0, got {self.kl_coef}")
-        _check(self.kl_target is None or self.kl_target > 0, "ppo.kl_target must be positive or null")
-        _check(self.kl_horizon > 0, "ppo.kl_horizon must be positive")
-        _check(self.value_model in ("shared", "separate"),
+        require(self.epochs >= 1 and self.minibatches >= 1, "ppo.epochs and ppo.minibatches must be >= 1")
+        require(self.clip_eps > 0 and self.value_clip_eps > 0, "ppo.clip_eps and ppo.value_clip_eps must be > 0")
+        require(self.kl_kind in ("k1", "k3"), f"ppo.kl_kind {self.kl_kind!r}: expected k1 or k3")
+        require(self.kl_coef >= 0, f"ppo.kl_coef must be >= 0, got {self.kl_coef}")
+        require(self.kl_target is None or self.kl_target > 0, "ppo.kl_target must be positive or null")
+        require(self.kl_horizon > 0, "ppo.kl_horizon must be positive")
+        require(self.value_model in ("shared", "separate"),
                f"ppo.value_model {self.value_model!r}: expected shared or separate")
-        _check(self.critic_init in ("policy", "reward"),
+        require(self.critic_init in ("policy", "reward"),
                f"ppo.critic_init {self.critic_init!r}: expected policy or reward")
 
 
@@ -180,7 +175,7 @@ class MonitorConfig:
     action: str = "warn"                # on a trip: 'warn' or 'stop' (after checkpointing the iteration)
 
     def __post_init__(self):
-        _check(self.action in ("warn", "stop"), f"monitor.action {self.action!r}: expected warn or stop")
+        require(self.action in ("warn", "stop"), f"monitor.action {self.action!r}: expected warn or stop")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -213,25 +208,25 @@ class RLTrainConfig:
     early_stop_patience: int = 0
 
     def __post_init__(self):
-        _check(self.eval_every >= 0, f"train.eval_every must be >= 0, got {self.eval_every}")
-        _check(self.eval_temperature >= 0,
+        require(self.eval_every >= 0, f"train.eval_every must be >= 0, got {self.eval_every}")
+        require(self.eval_temperature >= 0,
                f"train.eval_temperature must be >= 0, got {self.eval_temperature}")
-        _check(self.best_mode in ("max", "min"),
+        require(self.best_mode in ("max", "min"),
                f"train.best_mode {self.best_mode!r}: expected max or min")
-        _check(self.early_stop_patience >= 0,
+        require(self.early_stop_patience >= 0,
                f"train.early_stop_patience must be >= 0, got {self.early_stop_patience}")
-        _check(self.best_metric is None or self.eval_every > 0,
+        require(self.best_metric is None or self.eval_every > 0,
                "train.best_metric needs train.eval_every > 0 (and data.eval_prompts)")
-        _check(not self.early_stop_patience or self.best_metric is not None,
+        require(not self.early_stop_patience or self.best_metric is not None,
                "train.early_stop_patience needs train.best_metric (what must improve)")
         if self.best_metric is not None and not self.best_metric.startswith("eval/"):
             object.__setattr__(self, "best_metric", f"eval/{self.best_metric}")
-        _check(self.memory_limit_gb is None or self.memory_limit_gb > 0,
+        require(self.memory_limit_gb is None or self.memory_limit_gb > 0,
                f"train.memory_limit_gb must be positive or null, got {self.memory_limit_gb}")
         for key in ("iterations", "grad_accum", "keep_checkpoints", "logits_chunk"):
-            _check(getattr(self, key) >= 1, f"train.{key} must be >= 1, got {getattr(self, key)}")
+            require(getattr(self, key) >= 1, f"train.{key} must be >= 1, got {getattr(self, key)}")
         for key in ("save_every", "save_every_minutes", "sample_every", "num_samples", "max_bad_steps"):
-            _check(getattr(self, key) >= 0, f"train.{key} must be >= 0, got {getattr(self, key)}")
+            require(getattr(self, key) >= 0, f"train.{key} must be >= 0, got {getattr(self, key)}")
         if self.wandb_project:
             require_extra("wandb", "wandb", f"train.wandb_project={self.wandb_project}")
 
@@ -250,21 +245,21 @@ class RLConfig(RunConfig):
     monitor: MonitorConfig = MonitorConfig()
 
     def __post_init__(self):
-        _check(self.algorithm in OBJECTIVES,
+        require(self.algorithm in OBJECTIVES,
                f"algorithm {self.algorithm!r}: expected one of {tuple(OBJECTIVES)}")
         obj, rows = self.objective, self.rollout.rows
-        _check(self.rollout.num_generations >= obj.min_generations,
+        require(self.rollout.num_generations >= obj.min_generations,
                f"algorithm {self.algorithm} needs rollout.num_generations >= "
                f"{obj.min_generations} (a group to compare within)")
-        _check(rows % self.ppo.minibatches == 0,
+        require(rows % self.ppo.minibatches == 0,
                f"rollout.batch_size x rollout.num_generations = {rows} rows must split into "
                f"ppo.minibatches = {self.ppo.minibatches}")
-        _check((rows // self.ppo.minibatches) % self.train.grad_accum == 0,
+        require((rows // self.ppo.minibatches) % self.train.grad_accum == 0,
                f"a minibatch of {rows // self.ppo.minibatches} rows must split into "
                f"train.grad_accum = {self.train.grad_accum} micro-batches")
-        _check(not self.train.eval_every or self.data.eval_prompts is not None,
+        require(not self.train.eval_every or self.data.eval_prompts is not None,
                "train.eval_every needs data.eval_prompts (the held-out prompts)")
-        _check(not (obj.needs_value and self.ppo.value_model == "separate"
+        require(not (obj.needs_value and self.ppo.value_model == "separate"
                     and self.ppo.critic_init == "reward" and self.reward.model is None),
                "ppo.critic_init: reward needs reward.model")
 

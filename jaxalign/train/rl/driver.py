@@ -46,18 +46,20 @@ from jaxalign import distributed, faults, runtime, sharding
 from jaxalign.config import JaxalignError
 from jaxalign.generate import eos_ids_for
 from jaxalign.losses.ppo import adaptive_kl_update
-from jaxalign.metrics import RL_PROGRESS, MetricsWriter, Progress, truncate_jsonl
+from jaxalign.metrics import MetricsWriter, Progress, truncate_jsonl
 from jaxalign.models import functional, lora
 from jaxalign.tokenizer import load_tokenizer
 from jaxalign.train.loop import BadStepGuard, StopFlag, abstract, put_batch, start_or_resume
 from jaxalign.train.preempt import Preempted
+from jaxalign.train.recipes import RECIPES
 from jaxalign.train.optim import make_optimizer
 from jaxalign.train.rl import heldout as H, hosts, objectives, prompts as RP, rollout as R
 from jaxalign.train.rl.config import RLConfig
 from jaxalign.train.rl.rewards import Rewarder, RewardFunctionError, RunningMoments, \
     TrainerState, TRLInputs, check_reward_model_dir
 from jaxalign.train.rl.roles import Roles, build_roles, check_memory, memory_report, nbytes
-from jaxalign.train.setup import export_hf, run_recipe
+from jaxalign.export import write_merged
+from jaxalign.train.setup import run_recipe
 from jaxalign.train.step import jit_train_step, make_train_step
 
 log = logging.getLogger(__name__)
@@ -423,7 +425,7 @@ class _Run:
                      "left to run", run_dir, start)
             last_it = start
         progress = Progress(cfg.train.iterations, start, enabled=cfg.train.progress,
-                            fields=RL_PROGRESS, unit="iteration")
+                            fields=RECIPES["ppo"].progress, unit="iteration")
         self.guard = BadStepGuard(cfg.train.max_bad_steps, ckpts.dir, unit="iteration")
         saved_at, last = start, {}
         meta = self._meta(start)
@@ -528,6 +530,6 @@ class _Run:
                     f.write(json.dumps({"step": it, **s}, ensure_ascii=False) + "\n")
 
     def _export(self, state) -> None:
-        export_hf(self.run_dir / "hf", self.roles.models.policy,
+        write_merged(self.run_dir / "hf", self.roles.models.policy,
                   lora.combine(state.params["policy"], self.roles.frozen["policy"]),
                   self.roles.hf_config, self.roles.tok_dir)

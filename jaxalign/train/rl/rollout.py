@@ -25,9 +25,8 @@ import numpy as np
 
 from jaxalign.config import ModelConfig
 from jaxalign.generate import generate
-from jaxalign.losses.xent import scan_chunks
+from jaxalign.losses.xent import head_logits, scan_chunks
 from jaxalign.models import functional, heads, lora
-from jaxalign.precision import matmul_precision
 
 
 # ----------------------------------------------------------------------------- device side
@@ -74,12 +73,8 @@ def response_stats(hidden_BND, head, targets_BN, *, head_is_VD: bool, temperatur
     response position, `chunk` positions at a time (logits rematerialised in the backward
     pass: peak memory holds one (B, chunk, V) block). The temperature-scaled, untruncated
     distribution is the one the sampler reports log-probs under (`generate._select`)."""
-    eq = "bcd,vd->bcv" if head_is_VD else "bcd,dv->bcv"
-
     def stats(h_BCD, t_BC):
-        logits_BCV = jnp.einsum(eq, h_BCD, head.astype(h_BCD.dtype),
-                                precision=matmul_precision(h_BCD.dtype),
-                                preferred_element_type=jnp.float32) / temperature
+        logits_BCV = head_logits(h_BCD, head, head_is_VD=head_is_VD) / temperature
         lse_BC = jax.nn.logsumexp(logits_BCV, axis=-1)
         picked_BC = jnp.take_along_axis(logits_BCV, t_BC[..., None], axis=-1)[..., 0]
         p_BCV = jnp.exp(logits_BCV - lse_BC[..., None])
