@@ -185,3 +185,116 @@ def pref_config(cls, prefs, out_dir, section=None, **train_kw):
 def read_metrics(run_dir):
     """A run's metrics.jsonl as a list of dicts."""
     return [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+# Sharded vs one-device logits: different summation orders, measured 1.22e-5 on the tiny models.
+SHARDED_TOL = 2e-5
+
+
+def forward_logits(cfg, params, tokens, seg):
+    from jaxalign.models import functional
+    return functional.apply(cfg, params, tokens, segment_ids_BT=seg)[0]
+
+
+def sharded_forward(cfg, mesh, batch_shape):
+    """The forward jitted with params and batch sharded over `mesh`."""
+    import jax
+    from jaxalign import sharding
+    from jaxalign.models import functional
+    batch_sh = sharding.batch_sharding(mesh, 2, batch_shape)
+    return jax.jit(lambda p, t, s: forward_logits(cfg, p, t, s),
+                   in_shardings=(functional.param_shardings(cfg, mesh), batch_sh, batch_sh))
+
+
+# The PPO tests' run (ppo_config): its length, the adaptive KL target (nats per sequence of 8
+# tokens) and the monitor's ceiling (the run fails past it).
+PPO_ITERATIONS = 16
+KL_TARGET = 3.0
+KL_CEILING = 10.0
+
+# Test reward functions, written to a module the runs import by name ("module:function").
+REWARDS_MODULE = '''
+import os, signal
+from jaxalign.rewards import digits as _digits
+CALLS = {"n": 0}
+STOP_AT = {"n": None}
+
+def _call():
+    CALLS["n"] += 1
+    return CALLS["n"]
+
+def digits(prompts, completions):          # the good one; SIGTERMs the run at call STOP_AT
+    if _call() == STOP_AT["n"]:
+        os.kill(os.getpid(), signal.SIGTERM)
+    return _digits(prompts, completions)
+
+def raises(prompts, completions):
+    if _call() >= 2:
+        raise ValueError("boom")
+    return _digits(prompts, completions)
+
+def nan(prompts, completions):
+    out = _digits(prompts, completions)
+    if _call() >= 2:
+        out[3] = float("nan")
+    return out
+
+def wrong_count(prompts, completions):
+    out = _digits(prompts, completions)
+    return out[:-1] if _call() >= 2 else out
+
+def huge(prompts, completions):            # finite, but the value loss overflows
+    out = _digits(prompts, completions)
+    return [1e30] * len(out) if _call() >= 2 else out
+
+SEEN = []
+
+def answer_seen(prompts, completions, answer, **kwargs):   # the TRL keyword form
+    SEEN.append((list(prompts), list(answer), sorted(kwargs)))
+    return [0.0] * len(completions)
+'''
+
+
+@pytest.fixture(scope="module")
+def ppo_tiny(tmp_path_factory):
+    """The tiny model, 48 chat prompts of small additions and a module of test reward
+    functions (importable by name: its folder is put on sys.path)."""
+    from make_tiny_model import make_tiny_model
+    root = tmp_path_factory.mktemp("ppo")
+    model_dir = make_tiny_model(root / "model")
+    prompts = root / "prompts.jsonl"
+    with open(prompts, "w") as f:
+        for i in range(48):  # chat rows: the assistant turn is dropped, the template renders
+            a, b = i % 8 + 2, i // 8 + 3
+            f.write(json.dumps({"messages": [{"role": "user", "content": f"What is {a} plus {b}?"},
+                                             {"role": "assistant", "content": f"{a + b}"}],
+                                "answer": str(a + b)}) + "\n")
+    (root / "ppo_test_rewards.py").write_text(REWARDS_MODULE)
+    sys.path.insert(0, str(root))
+    import ppo_test_rewards
+    return dict(root=root, model_dir=model_dir, prompts=prompts, rewards=ppo_test_rewards)
+
+
+def ppo_config(tiny, out_dir, *overrides):
+    """The RL run config the PPO tests share (one set of compiled programs per process)."""
+    from jaxalign.config import apply_overrides, from_dict
+    from jaxalign.train.rl.config import RLConfig
+    raw = {"out_dir": str(out_dir), "algorithm": "ppo",
+           "model": {"path": str(tiny["model_dir"]), "scan_layers": False},
+           "data": {"prompts": str(tiny["prompts"]), "chat": True, "max_prompt_len": 64},
+           "rollout": {"batch_size": 16, "max_new_tokens": 8, "temperature": 1.0},
+           "reward": {"functions": ["jaxalign.rewards:digits"]},
+           "ppo": {"epochs": 4, "minibatches": 2, "kl_coef": 0.1, "kl_target": KL_TARGET,
+                   "kl_horizon": 16},
+           "monitor": {"kl_ceiling": KL_CEILING, "action": "stop"},
+           "train": {"iterations": PPO_ITERATIONS, "save_every": 4, "sample_every": 4,
+                     "tensorboard": False, "progress": False},
+           "optim": {"lr": 3e-3, "schedule": "constant"},
+           "mesh": {"data": 1, "fsdp": -1, "tensor": 1}}
+    return from_dict(RLConfig, apply_overrides(raw, list(overrides)))
+
+
+def run_rl_one_device(cfg):
+    import jax
+    from jaxalign.train.rl.driver import run_rl
+    return run_rl(cfg, devices=jax.devices()[:1])

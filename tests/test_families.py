@@ -193,7 +193,7 @@ def test_sequence_classifier_export_scored_by_transformers(tiny, tmp_path):
 def test_sharded_forward_equals_single_device(tiny):
     """Each family's params (biases, q/k norms, fused-row splits) land on shardings from the
     one rules table and give the single-device logits."""
-    from test_sharding import SHARDED_TOL, sharded_forward
+    from conftest import SHARDED_TOL, sharded_forward
     from jaxalign import sharding
     from jaxalign.config import MeshConfig
     mesh = sharding.make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
@@ -376,7 +376,7 @@ def trainable(request, tmp_path_factory):
     """A tiny transformers-built model of the family with the tiny ChatML tokenizer."""
     from make_tiny_model import make_tiny_tokenizer
     from jaxalign.synth import prefs as synth
-    from test_train import _write_tasks
+    from conftest import write_tasks
 
     family = request.param
     root = tmp_path_factory.mktemp(f"train_{family}")
@@ -392,7 +392,7 @@ def trainable(request, tmp_path_factory):
                                 "answer": str(a + b)}) + "\n")
     train, _ = synth.write_splits(root / "prefs", 64, 8, 0, kinds=("format", "concise"))
     return dict(family=family, root=root, model_dir=root / "model",
-                tasks=_write_tasks(root / "tasks.jsonl"), prefs=train, prompts=prompts)
+                tasks=write_tasks(root / "tasks.jsonl"), prefs=train, prompts=prompts)
 
 
 def _rows(run_dir):

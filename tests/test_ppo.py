@@ -24,95 +24,19 @@ from jaxalign.train.rl import prompts as RP, rollout as R
 from jaxalign.train.rl.config import RLConfig
 from jaxalign.train.rl.driver import MonitorStop, run_rl
 from jaxalign.train.rl.rewards import RewardFunctionError, RewardModelError
+from conftest import KL_CEILING, KL_TARGET, PPO_ITERATIONS as ITERATIONS, ppo_config as config, \
+    read_metrics, run_rl_one_device as run
 
 ROOT = Path(__file__).resolve().parents[1]
-ITERATIONS = 16
-KL_TARGET = 3.0        # the adaptive controller's target (nats per sequence of 8 tokens)
-KL_CEILING = 10.0      # monitor.kl_ceiling with action stop: the run fails past it
-
-# Test reward functions, written to a module the runs import by name ("module:function").
-REWARDS_MODULE = '''
-import os, signal
-from jaxalign.rewards import digits as _digits
-CALLS = {"n": 0}
-STOP_AT = {"n": None}
-
-def _call():
-    CALLS["n"] += 1
-    return CALLS["n"]
-
-def digits(prompts, completions):          # the good one; SIGTERMs the run at call STOP_AT
-    if _call() == STOP_AT["n"]:
-        os.kill(os.getpid(), signal.SIGTERM)
-    return _digits(prompts, completions)
-
-def raises(prompts, completions):
-    if _call() >= 2:
-        raise ValueError("boom")
-    return _digits(prompts, completions)
-
-def nan(prompts, completions):
-    out = _digits(prompts, completions)
-    if _call() >= 2:
-        out[3] = float("nan")
-    return out
-
-def wrong_count(prompts, completions):
-    out = _digits(prompts, completions)
-    return out[:-1] if _call() >= 2 else out
-
-def huge(prompts, completions):            # finite, but the value loss overflows
-    out = _digits(prompts, completions)
-    return [1e30] * len(out) if _call() >= 2 else out
-
-SEEN = []
-
-def answer_seen(prompts, completions, answer, **kwargs):   # the TRL keyword form
-    SEEN.append((list(prompts), list(answer), sorted(kwargs)))
-    return [0.0] * len(completions)
-'''
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from make_tiny_model import make_tiny_model
-    root = tmp_path_factory.mktemp("ppo")
-    model_dir = make_tiny_model(root / "model")
-    prompts = root / "prompts.jsonl"
-    with open(prompts, "w") as f:
-        for i in range(48):  # chat rows: the assistant turn is dropped, the template renders
-            a, b = i % 8 + 2, i // 8 + 3
-            f.write(json.dumps({"messages": [{"role": "user", "content": f"What is {a} plus {b}?"},
-                                             {"role": "assistant", "content": f"{a + b}"}],
-                                "answer": str(a + b)}) + "\n")
-    (root / "ppo_test_rewards.py").write_text(REWARDS_MODULE)
-    sys.path.insert(0, str(root))
-    import ppo_test_rewards
-    return dict(root=root, model_dir=model_dir, prompts=prompts, rewards=ppo_test_rewards)
-
-
-def config(tiny, out_dir, *overrides) -> RLConfig:
-    raw = {"out_dir": str(out_dir), "algorithm": "ppo",
-           "model": {"path": str(tiny["model_dir"]), "scan_layers": False},
-           "data": {"prompts": str(tiny["prompts"]), "chat": True, "max_prompt_len": 64},
-           "rollout": {"batch_size": 16, "max_new_tokens": 8, "temperature": 1.0},
-           "reward": {"functions": ["jaxalign.rewards:digits"]},
-           "ppo": {"epochs": 4, "minibatches": 2, "kl_coef": 0.1, "kl_target": KL_TARGET,
-                   "kl_horizon": 16},
-           "monitor": {"kl_ceiling": KL_CEILING, "action": "stop"},
-           "train": {"iterations": ITERATIONS, "save_every": 4, "sample_every": 4,
-                     "tensorboard": False, "progress": False},
-           "optim": {"lr": 3e-3, "schedule": "constant"},
-           "mesh": {"data": 1, "fsdp": -1, "tensor": 1}}
-    return from_dict(RLConfig, apply_overrides(raw, list(overrides)))
-
-
-def run(cfg):
-    return run_rl(cfg, devices=jax.devices()[:1])
+def tiny(ppo_tiny):
+    return ppo_tiny
 
 
 def records(run_dir) -> list[dict]:
-    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return read_metrics(Path(run_dir))
 
 
 def saved_steps(run_dir) -> list[int]:

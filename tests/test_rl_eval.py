@@ -10,7 +10,16 @@ import numpy as np
 import pytest
 
 from jaxalign.config import ConfigError
-from test_ppo import config, records, run, tiny  # noqa: F401  (module fixture, shared set-up)
+from conftest import ppo_config as config, read_metrics, run_rl_one_device as run
+
+
+@pytest.fixture(scope="module")
+def tiny(ppo_tiny):
+    return ppo_tiny
+
+
+def records(run_dir):
+    return read_metrics(run_dir)
 
 
 @pytest.fixture(scope="module")

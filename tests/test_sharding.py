@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from conftest import make_tiny_hf
+from conftest import SHARDED_TOL, forward_logits, make_tiny_hf, sharded_forward
 from jaxalign import sharding
 from jaxalign.config import ConfigError, MeshConfig
 from jaxalign.convert import hf
@@ -32,7 +32,6 @@ MODELS = {
 # the written-out attention (`attention.causal_attention`): 1.22e-5 gqa (5.1e-6 with the former
 # autodiff form); for scale, the single-device forward of the same gqa model is 7.2e-6 from
 # transformers' on these rows, and the two attention forms differ by 4.3e-6 on one device.
-SHARDED_TOL = 2e-5
 
 
 @pytest.fixture(scope="module")
@@ -62,17 +61,7 @@ def models(tmp_path_factory):
     return out
 
 
-def _forward(cfg, params, tokens, seg):
-    return functional.apply(cfg, params, tokens, segment_ids_BT=seg)[0]
-
-
-_single = jax.jit(_forward, static_argnums=0)
-
-
-def sharded_forward(cfg, mesh, batch_shape):
-    batch_sh = sharding.batch_sharding(mesh, 2, batch_shape)
-    return jax.jit(lambda p, t, s: _forward(cfg, p, t, s),
-                   in_shardings=(functional.param_shardings(cfg, mesh), batch_sh, batch_sh))
+_single = jax.jit(forward_logits, static_argnums=0)
 
 
 @pytest.mark.parametrize("model,scan_layers", [("gqa", True), ("gqa", False), ("kv3", True)],

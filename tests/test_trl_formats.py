@@ -18,7 +18,7 @@ from jaxalign.data.preference import build_preference_data
 from jaxalign.data.sources import DataError, load_rows
 from jaxalign.data.unpaired import build_unpaired_data, unpair
 from jaxalign.train.kto import KTOConfig, run_kto
-from test_rm_dpo import _config, _metrics, prefs  # noqa: F401  (module fixture, shared set-up)
+from conftest import pref_config, read_metrics
 
 PAIRS = [{"prompt": "add 2 and 3", "chosen": "five", "rejected": "six", "id": 0},
          {"prompt": "say hi", "chosen": "hello there", "rejected": "go away", "id": 1},
@@ -80,10 +80,10 @@ def test_kto_data_from_paired_and_named_unpaired(tmp_path):
 def test_kto_trains_from_paired_rows(prefs, tmp_path):  # noqa: F811
     """`jaxalign kto` on the synthetic *paired* preference set, no conversion by the user:
     it trains and the held-out desirable / undesirable margin moves up from 0."""
-    cfg = _config(KTOConfig, prefs, tmp_path, steps=6, batch_size=8, eval_every=3,
+    cfg = pref_config(KTOConfig, prefs, tmp_path, steps=6, batch_size=8, eval_every=3,
                   eval_batches=2)
     run_kto(cfg, devices=jax.devices()[:1])
-    rows = _metrics(tmp_path)
+    rows = read_metrics(tmp_path)
     assert rows[0]["loss"] == pytest.approx(0.5, rel=1e-6)    # policy == reference
     assert rows[-1]["eval/rewards/margins"] > 0
 

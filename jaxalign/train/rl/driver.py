@@ -48,16 +48,16 @@ from jaxalign.generate import eos_ids_for
 from jaxalign.losses.ppo import adaptive_kl_update
 from jaxalign.metrics import MetricsWriter, Progress, truncate_jsonl
 from jaxalign.models import functional, lora
-from jaxalign.tokenizer import load_tokenizer
 from jaxalign.train.loop import BadStepGuard, StopFlag, abstract, put_batch, start_or_resume
 from jaxalign.train.preempt import Preempted
 from jaxalign.train.recipes import RECIPES
 from jaxalign.train.optim import make_optimizer
 from jaxalign.train.rl import heldout as H, hosts, objectives, prompts as RP, rollout as R
 from jaxalign.train.rl.config import RLConfig
-from jaxalign.train.rl.rewards import Rewarder, RewardFunctionError, RunningMoments, \
-    TrainerState, TRLInputs, check_reward_model_dir
-from jaxalign.train.rl.roles import Roles, build_roles, check_memory, memory_report, nbytes
+from jaxalign.train.rl.loading import Loaded, load
+from jaxalign.train.rl.rewards import RewardFunctionError, RunningMoments, TrainerState, \
+    TRLInputs
+from jaxalign.train.rl.roles import check_memory, memory_report, nbytes
 from jaxalign.export import write_merged
 from jaxalign.train.setup import run_recipe
 from jaxalign.train.step import jit_train_step, make_train_step
@@ -104,59 +104,6 @@ def compiled(key, make_jitted, *abstract_args):
 def _mean_metrics(records: list[dict]) -> dict:
     keys = records[0].keys() if records else ()
     return {k: float(np.mean([r[k] for r in records])) for k in keys}
-
-
-@dataclasses.dataclass
-class Loaded:
-    """What `run_recipe` loads for an RL run: the roles, the tokenizer, the prompts and the
-    reward sources; .cfg / .hf_config / .tok_dir describe the policy (run.json)."""
-    roles: Roles
-    tokenizer: object
-    prompts: RP.Prompts
-    rewarder: Rewarder
-    eval_prompts: RP.Prompts | None = None   # data.eval_prompts (held-out evaluation)
-
-    @property
-    def cfg(self):
-        return self.roles.models.policy
-
-    @property
-    def hf_config(self) -> dict:
-        return self.roles.hf_config
-
-    @property
-    def tok_dir(self) -> str:
-        return self.roles.tok_dir
-
-
-def load(cfg: RLConfig, mesh) -> Loaded:
-    """Checks what can fail cheaply first (rows over the mesh, reward function names, the
-    reward model's kind, the prompts), then loads every role."""
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    if cfg.rollout.rows % shards or cfg.minibatch_rows % (shards * cfg.train.grad_accum):
-        raise JaxalignError(f"{cfg.rollout.rows} rollout rows / minibatches of "
-                            f"{cfg.minibatch_rows} rows (x train.grad_accum) must split over "
-                            f"data x fsdp = {shards} devices")
-    distributed.process_rows(mesh, cfg.rollout.rows)  # each process's rows: one block
-    rewarder = Rewarder(cfg.reward)   # imports the reward functions: a bad name fails here
-    if cfg.reward.model is not None:
-        # a wrong kind (or a hub id not in the cache) fails before any model loads
-        check_reward_model_dir(cfg.reward.model, cfg.reward.revision)
-    holder = {}
-
-    def tokenizer_and_prompts(tok_dir):
-        tok = load_tokenizer(tok_dir)
-        holder["prompts"] = RP.read_prompts(cfg.data, tok)
-        if cfg.data.eval_prompts is not None:
-            holder["eval"] = H.read_eval_prompts(cfg, tok)
-        return tok
-
-    roles, tokenizer = build_roles(cfg, mesh, tokenizer_and_prompts)
-    prompts = holder["prompts"]
-    log.info("%s: %d prompts; %s, %d iterations of %d prompts x %d generation(s)",
-             prompts.name, len(prompts.ids), cfg.algorithm, cfg.train.iterations,
-             cfg.rollout.batch_size, cfg.rollout.num_generations)
-    return Loaded(roles, tokenizer, prompts, rewarder, holder.get("eval"))
 
 
 def run_rl(cfg: RLConfig, raw_config: dict | None = None, devices=None) -> dict[str, float]:
