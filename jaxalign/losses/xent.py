@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxalign.precision import matmul_precision
+from jaxalign.precision import matmul_precision, soft_cap
 from jaxalign.sharding import constrain
 
 
@@ -43,9 +43,10 @@ def _logits_stats(logits_BCV, targets_BC):
     return picked_BC - lse_BC, correct_BC, lse_BC
 
 
-def _chunk_stats(hidden_BCD, head, targets_BC, head_is_VD: bool):
+def _chunk_stats(hidden_BCD, head, targets_BC, head_is_VD: bool, softcap=None):
     """(log p(target), target is the argmax) for one chunk of positions."""
-    return _logits_stats(_chunk_logits(hidden_BCD, head, head_is_VD), targets_BC)[:2]
+    logits_BCV = soft_cap(_chunk_logits(hidden_BCD, head, head_is_VD), softcap)
+    return _logits_stats(logits_BCV, targets_BC)[:2]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -125,21 +126,26 @@ def scan_chunks(hidden_BTD: jax.Array, targets_BT: jax.Array, chunk: int, stats_
 
 
 def head_logprobs(hidden_BTD: jax.Array, head: jax.Array, targets_BT: jax.Array, *,
-                  head_is_VD: bool, chunk: int = 128) -> tuple[jax.Array, jax.Array]:
+                  head_is_VD: bool, chunk: int = 128,
+                  softcap: float | None = None) -> tuple[jax.Array, jax.Array]:
     """log p(target_t) (fp32) and whether the target is the argmax, for every position,
     from the final hidden states and the LM-head weight ((V, D) when tied to the embedding,
     else (D, V)), `chunk` positions at a time (`scan_chunks`). The backward pass reuses the
     forward's softmax when the whole (B, T, V) of it fits in `KEEP_PROBS_BYTES`, else it
     computes each chunk's logits again (one more head matmul).
+
+    `softcap` (the model's `final_logit_softcap`, Gemma 2): the logits are capped here exactly
+    as the model's own forward caps them (`Llama.__call__`), so SFT, DPO, RL scoring and
+    generation all see the same capped distribution; the backward is then autodiff's.
     """
     B, T, _ = hidden_BTD.shape
     V = head.shape[0] if head_is_VD else head.shape[1]
-    if B * T * V * 4 <= KEEP_PROBS_BYTES:
+    if softcap is None and B * T * V * 4 <= KEEP_PROBS_BYTES:
         return scan_chunks(hidden_BTD, targets_BT, chunk,
                            lambda h, t: _chunk_stats_keep_probs(h, head, t, head_is_VD),
                            remat=False)
     return scan_chunks(hidden_BTD, targets_BT, chunk,
-                       lambda h, t: _chunk_stats(h, head, t, head_is_VD))
+                       lambda h, t: _chunk_stats(h, head, t, head_is_VD, softcap))
 
 
 def _masked_mean_metrics(logp_BT, correct_BT, loss_mask_BT):
@@ -163,8 +169,9 @@ def masked_xent(logits_BTV: jax.Array, targets_BT: jax.Array, loss_mask_BT: jax.
 
 
 def head_masked_xent(hidden_BTD: jax.Array, head: jax.Array, targets_BT: jax.Array,
-                     loss_mask_BT: jax.Array, *, head_is_VD: bool, chunk: int = 128):
+                     loss_mask_BT: jax.Array, *, head_is_VD: bool, chunk: int = 128,
+                     softcap: float | None = None):
     """`masked_xent` from hidden states + head weight, without the (B, T, V) logits."""
     logp_BT, correct_BT = head_logprobs(hidden_BTD, head, targets_BT, head_is_VD=head_is_VD,
-                                        chunk=chunk)
+                                        chunk=chunk, softcap=softcap)
     return _masked_mean_metrics(logp_BT, correct_BT, loss_mask_BT)

@@ -27,7 +27,7 @@ from jaxalign.config import ModelConfig
 from jaxalign.generate import generate
 from jaxalign.losses.xent import scan_chunks
 from jaxalign.models import functional, heads, lora
-from jaxalign.precision import matmul_precision
+from jaxalign.precision import matmul_precision, soft_cap
 
 
 # ----------------------------------------------------------------------------- device side
@@ -69,17 +69,18 @@ def sequence(prompt_BP, prompt_mask_BP, response_BN, response_mask_BN) -> dict:
 
 
 def response_stats(hidden_BND, head, targets_BN, *, head_is_VD: bool, temperature: float,
-                   chunk: int):
+                   chunk: int, softcap: float | None = None):
     """log p(target) and the entropy (nats) of softmax(logits / temperature), fp32, at every
     response position, `chunk` positions at a time (logits rematerialised in the backward
     pass: peak memory holds one (B, chunk, V) block). The temperature-scaled, untruncated
-    distribution is the one the sampler reports log-probs under (`generate._select`)."""
+    distribution is the one the sampler reports log-probs under (`generate._select`); the
+    logits are soft-capped first (`softcap`, Gemma 2) as the model's forward caps them."""
     eq = "bcd,vd->bcv" if head_is_VD else "bcd,dv->bcv"
 
     def stats(h_BCD, t_BC):
-        logits_BCV = jnp.einsum(eq, h_BCD, head.astype(h_BCD.dtype),
-                                precision=matmul_precision(h_BCD.dtype),
-                                preferred_element_type=jnp.float32) / temperature
+        logits_BCV = soft_cap(jnp.einsum(eq, h_BCD, head.astype(h_BCD.dtype),
+                                         precision=matmul_precision(h_BCD.dtype),
+                                         preferred_element_type=jnp.float32), softcap) / temperature
         lse_BC = jax.nn.logsumexp(logits_BCV, axis=-1)
         picked_BC = jnp.take_along_axis(logits_BCV, t_BC[..., None], axis=-1)[..., 0]
         p_BCV = jnp.exp(logits_BCV - lse_BC[..., None])
@@ -107,7 +108,8 @@ def policy_forward(cfg: ModelConfig, params, batch: dict, *, temperature: float,
     hidden_BND = _response_hidden(cfg, params, batch, use_lora=use_lora)
     head, head_is_VD = functional.lm_head(cfg, params)
     logp_BN, ent_BN = response_stats(hidden_BND, head, batch["response_BN"], head_is_VD=head_is_VD,
-                                     temperature=temperature, chunk=chunk)
+                                     temperature=temperature, chunk=chunk,
+                                     softcap=cfg.final_logit_softcap)
     return logp_BN, ent_BN, hidden_BND
 
 
