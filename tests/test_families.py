@@ -25,6 +25,8 @@ from jaxalign.convert import hf, peft
 from jaxalign.models import functional, heads
 
 FP32_TOL = 1e-4   # the model-fidelity contract
+GEMMA3_ROPE = {"sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
+               "full_attention": {"rope_type": "default", "rope_theta": 10000.0}}
 B, T = 3, 24
 
 VARIANTS = {
@@ -38,6 +40,22 @@ VARIANTS = {
     "qwen3_mqa": ("qwen3", dict(num_key_value_heads=1)),
     "phi3_gqa_window": ("phi3", dict(sliding_window=7)),
     "phi3_mqa_tied": ("phi3", dict(num_key_value_heads=1, tie_word_embeddings=True)),
+    # Gemma: windows on the layers transformers' layer_types marks sliding only (Gemma 2
+    # alternates: sliding, full, sliding), both soft-caps on (small ones in the MQA variant, so
+    # that they bend the numbers), query_pre_attn_scalar != head_dim.
+    "gemma2_gqa_window_tied": ("gemma2", dict(sliding_window=6, num_hidden_layers=3,
+                                              query_pre_attn_scalar=24)),
+    "gemma2_mqa_untied_caps": ("gemma2", dict(num_key_value_heads=1, tie_word_embeddings=False,
+                                              sliding_window=5, attn_logit_softcapping=2.0,
+                                              final_logit_softcapping=6.0)),
+    # Gemma 3: q/k norms, local RoPE base 100 on the sliding layers, global 10^4 elsewhere.
+    "gemma3_gqa_window_tied": ("gemma3", dict(
+        sliding_window=6, layer_types=["sliding_attention", "full_attention"],
+        query_pre_attn_scalar=24, rope_parameters=GEMMA3_ROPE)),
+    "gemma3_mqa_untied_headdim": ("gemma3", dict(
+        num_key_value_heads=1, tie_word_embeddings=False, head_dim=24, sliding_window=7,
+        num_hidden_layers=3, layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+        rope_parameters=GEMMA3_ROPE)),
 }
 
 
@@ -81,7 +99,8 @@ def assert_close(ours, ref, mask, what):
 def test_config_reads_the_family(tiny):
     cfg, family = tiny["cfg"], tiny["family"]
     assert cfg.family == family
-    assert cfg.qkv_bias == (family == "qwen2") and cfg.qk_norm == (family == "qwen3")
+    assert cfg.qkv_bias == (family == "qwen2") and cfg.qk_norm == (family in ("qwen3", "gemma3"))
+    assert cfg.gemma_block == family.startswith("gemma")
     assert cfg.sliding_window == VARIANTS[tiny["name"]][1].get("sliding_window")
     assert tiny["hf_config"]["architectures"] == [HF_FAMILY_CLASSES[family][1]]
 
@@ -105,6 +124,26 @@ def test_sliding_window_is_live(tiny):
     ref = hf_logits(tiny["model"], tokens, mask)
     wide = our_logits(cfg.replace(sliding_window=None), tiny["params"], tokens, mask)
     assert np.abs(wide - ref)[mask > 0].max() > 1e-2
+
+
+def test_gemma_per_layer_features_are_live(tiny):
+    """Each Gemma feature the parity test covers changes the logits when switched off: the
+    window on the sliding layers only (not all), the soft-caps, the local RoPE base."""
+    cfg = tiny["cfg"]
+    if not cfg.gemma_block:
+        pytest.skip("not a Gemma variant")
+    tokens, mask = padded_batch()
+    ref = our_logits(cfg, tiny["params"], tokens, mask)
+    off = {"layer_types": dict(layer_types=None)}
+    if cfg.attn_logit_softcap is not None:
+        off["attn_logit_softcap"] = dict(attn_logit_softcap=None)
+        off["final_logit_softcap"] = dict(final_logit_softcap=None)
+    if cfg.rope_local_theta is not None:
+        off["rope_local_theta"] = dict(rope_local_theta=None)
+    assert len(off) >= 2
+    for what, change in off.items():
+        other = our_logits(cfg.replace(**change), tiny["params"], tokens, mask)
+        assert np.abs(other - ref)[mask > 0].max() > 1e-3, what
 
 
 def test_greedy_decoding_matches_transformers_generate(tiny):
@@ -160,7 +199,7 @@ def test_export_from_config_alone_loads_in_transformers(tiny, tmp_path):
     out = hf.save(tmp_path / "bare", cfg, tiny["params"])
     written = json.loads((out / "config.json").read_text())
     assert written["architectures"] == [HF_FAMILY_CLASSES[tiny["family"]][1]]
-    assert written["model_type"] == tiny["family"]
+    assert written["model_type"] == families.get(tiny["family"]).model_types[0]
     assert ModelConfig.from_hf(written) == cfg
     model = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     assert type(model).__name__ == HF_FAMILY_CLASSES[tiny["family"]][1]
@@ -247,12 +286,20 @@ BASE = {"vocab_size": 8, "hidden_size": 16, "intermediate_size": 8, "num_hidden_
     ({"model_type": "phi3", "partial_rotary_factor": 0.5}, ["partial_rotary_factor"]),
     ({"model_type": "mistral", "num_local_experts": 8}, ["num_local_experts", "mixture-of-experts"]),
     ({"model_type": "qwen2", "num_experts": 4}, ["num_experts"]),
-    ({"model_type": "gemma2"}, ["'gemma2'", "model_type"]),
+    ({"model_type": "falcon"}, ["'falcon'", "model_type"]),
+    ({"model_type": "gemma3_text", "use_bidirectional_attention": True},
+     ["use_bidirectional_attention", "gemma3"]),
+    ({"model_type": "gemma3_text", "rope_parameters": {
+        "full_attention": {"rope_type": "default", "rope_theta": 1e6},
+        "sliding_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}}},
+     ["rope_parameters.sliding_attention"]),
+    ({"model_type": "gemma2", "hidden_activation": "gelu"}, ["hidden_act", "'gelu'"]),
     ({"model_type": "qwen2", "architectures": ["LlamaForCausalLM"]}, ["'qwen2'", "architectures"]),
     ({"model_type": "qwen2", "architectures": ["Qwen2ForTokenClassification"]},
      ["Qwen2ForTokenClassification"]),
 ], ids=["qwen2_window", "qwen3_window", "phi3_longrope", "phi3_su", "phi3_partial_rope",
-        "moe_local_experts", "moe_experts", "gemma2", "mismatched_arch", "token_classifier"])
+        "moe_local_experts", "moe_experts", "falcon", "gemma3_bidirectional", "gemma3_local_rope",
+        "gemma2_gelu", "mismatched_arch", "token_classifier"])
 def test_unimplemented_fields_are_refused_by_name(config, fragments):
     with pytest.raises(ConfigError) as err:
         ModelConfig.from_hf({**BASE, **config})
@@ -328,13 +375,13 @@ def test_hub_id_config_is_checked_before_weights(tmp_path, monkeypatch):
     shards = sorted(p.name for p in sharded.glob("model-*.safetensors"))
     assert len(shards) > 1
     shutil.copyfile(sharded / shards[0], sharded / "consolidated.safetensors")
-    gemma = tmp_path / "gemma"
+    gemma = tmp_path / "falcon"
     shutil.copytree(src, gemma)
-    (gemma / "config.json").write_text(json.dumps({**hf_config, "model_type": "gemma2",
-                                                   "architectures": ["Gemma2ForCausalLM"]}))
+    (gemma / "config.json").write_text(json.dumps({**hf_config, "model_type": "falcon",
+                                                   "architectures": ["FalconForCausalLM"]}))
     cache = tmp_path / "cache"
     lay_out(sharded, cache, "org/qwen", copy=True)
-    lay_out(gemma, cache, "org/gemma", copy=True)
+    lay_out(gemma, cache, "org/falcon", copy=True)
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     hub.clear_cache()
@@ -347,9 +394,9 @@ def test_hub_id_config_is_checked_before_weights(tmp_path, monkeypatch):
 
     monkeypatch.setattr(hub, "_download", recording)
     with pytest.raises(hub.HubError) as err:
-        hub.resolve("hf://org/gemma")
-    assert "'gemma2'" in str(err.value) and "no weights were downloaded" in str(err.value)
-    assert asked == [("org/gemma", ("config.json",))]
+        hub.resolve("hf://org/falcon")
+    assert "'falcon'" in str(err.value) and "no weights were downloaded" in str(err.value)
+    assert asked == [("org/falcon", ("config.json",))]
 
     asked.clear()
     hub.clear_cache()
@@ -366,9 +413,12 @@ def test_hub_id_config_is_checked_before_weights(tmp_path, monkeypatch):
 TRAIN_FAMILIES = {   # windows shorter than the rows, so training runs through the window mask
     "mistral": dict(sliding_window=8), "qwen2": dict(tie_word_embeddings=True),
     "qwen3": dict(head_dim=24), "phi3": dict(sliding_window=8, num_key_value_heads=1),
+    "gemma2": dict(sliding_window=8, num_key_value_heads=1),
+    "gemma3": dict(sliding_window=8, layer_types=["sliding_attention", "full_attention"]),
 }
 LORA_TARGETS = {"mistral": ["q_proj", "v_proj"], "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj"],
-                "qwen3": ["q_proj", "v_proj", "gate_proj"], "phi3": ["qkv_proj", "gate_up_proj"]}
+                "qwen3": ["q_proj", "v_proj", "gate_proj"], "phi3": ["qkv_proj", "gate_up_proj"],
+                "gemma2": ["q_proj", "v_proj"], "gemma3": ["q_proj", "k_proj", "up_proj"]}
 
 
 @pytest.fixture(scope="module", params=sorted(TRAIN_FAMILIES))

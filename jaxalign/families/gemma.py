@@ -62,9 +62,15 @@ def _gemma3_flags(hf):
     return {**_flags(hf, 6), "qk_norm": True, "rope_local_theta": float(theta)}
 
 
+def _int_if_whole(x: float) -> float | int:
+    return int(x) if float(x).is_integer() else x
+
+
 def _keys(c) -> dict:
     return {"hidden_activation": c.hidden_act, "layer_types": list(c.layer_types),
-            "sliding_window": c.sliding_window, "query_pre_attn_scalar": c.query_pre_attn_scalar,
+            "sliding_window": c.sliding_window,
+            # transformers' config class types it int
+            "query_pre_attn_scalar": _int_if_whole(c.query_pre_attn_scalar),
             "attn_logit_softcapping": c.attn_logit_softcap,
             "final_logit_softcapping": c.final_logit_softcap}
 
