@@ -418,7 +418,7 @@ TRAIN_FAMILIES = {   # windows shorter than the rows, so training runs through t
 }
 LORA_TARGETS = {"mistral": ["q_proj", "v_proj"], "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj"],
                 "qwen3": ["q_proj", "v_proj", "gate_proj"], "phi3": ["qkv_proj", "gate_up_proj"],
-                "gemma2": ["q_proj", "v_proj"], "gemma3": ["q_proj", "k_proj", "up_proj"]}
+                "gemma2": ["q_proj", "v_proj", "gate_proj", "down_proj"], "gemma3": ["q_proj", "k_proj", "up_proj"]}
 
 
 @pytest.fixture(scope="module", params=sorted(TRAIN_FAMILIES))
@@ -433,7 +433,8 @@ def trainable(request, tmp_path_factory):
     tok = make_tiny_tokenizer(root / "model")
     make_tiny_family_hf(root / "model", family, seed=5, init_std=0.02, vocab_size=384,
                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                        pad_token_id=tok.pad_token_id, **TRAIN_FAMILIES[family])
+                        pad_token_id=tok.pad_token_id, max_position_embeddings=256,
+                        **TRAIN_FAMILIES[family])   # rows of 192 tokens (RM, DPO)
     prompts = root / "prompts.jsonl"
     with open(prompts, "w") as f:
         for i in range(48):
