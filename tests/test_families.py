@@ -146,6 +146,33 @@ def test_gemma_per_layer_features_are_live(tiny):
         assert np.abs(other - ref)[mask > 0].max() > 1e-3, what
 
 
+def test_head_paths_see_the_capped_logits(tiny):
+    """Gemma 2's final soft-cap lives in the model's forward (`Llama.__call__`, generation) and
+    in the chunked head paths (`losses.xent.head_logprobs`: SFT, DPO, likelihood eval;
+    `rollout.response_stats`: RL scoring): all give transformers' log-probs."""
+    import torch.nn.functional as F
+    from jaxalign.losses.xent import head_logprobs
+    from jaxalign.train.rl.rollout import response_stats
+    cfg, params = tiny["cfg"], tiny["params"]
+    if cfg.final_logit_softcap is None:
+        pytest.skip("no final soft-cap in this variant")
+    tokens, mask = padded_batch(seed=6)
+    targets = np.roll(tokens, -1, axis=1)
+    ref = F.log_softmax(torch.tensor(hf_logits(tiny["model"], tokens, mask)), -1).numpy()
+    ref = np.take_along_axis(ref, targets[..., None], -1)[..., 0]
+    _, hidden, _ = functional.apply(cfg, params, jnp.asarray(tokens),
+                                    segment_ids_BT=jnp.asarray(mask), return_logits=False)
+    head, head_is_VD = functional.lm_head(cfg, params)
+    chunked, _ = head_logprobs(hidden, head, jnp.asarray(targets), head_is_VD=head_is_VD, chunk=8,
+                               softcap=cfg.final_logit_softcap)
+    rl, _ = response_stats(hidden, head, jnp.asarray(targets), head_is_VD=head_is_VD,
+                           temperature=1.0, chunk=8, softcap=cfg.final_logit_softcap)
+    uncapped, _ = head_logprobs(hidden, head, jnp.asarray(targets), head_is_VD=head_is_VD, chunk=8)
+    for what, ours in (("head_logprobs", chunked), ("response_stats", rl)):
+        assert_close(np.asarray(ours), ref, mask, what)
+    assert np.abs(np.asarray(uncapped) - ref)[mask > 0].max() > 1e-2   # the cap is live
+
+
 def test_greedy_decoding_matches_transformers_generate(tiny):
     n_new, lens = 12, (6, 3, 11, 16)
     rng = np.random.default_rng(1)
