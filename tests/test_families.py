@@ -556,7 +556,8 @@ def test_grpo_raises_the_reward(trainable):
 
 # ----------------------------------------------------------------------------- released shapes
 
-@pytest.mark.parametrize("name", ["qwen2.5-0.5b", "qwen3-0.6b", "mistral-7b-v0.3", "phi-3-mini-4k"])
+@pytest.mark.parametrize("name", ["qwen2.5-0.5b", "qwen3-0.6b", "mistral-7b-v0.3", "phi-3-mini-4k",
+                                  "gemma-2-2b", "gemma-3-1b"])
 def test_released_configs_give_transformers_tensor_shapes(name):
     """The config.json of a released checkpoint (configs/arch/): every tensor our rows expect
     has the shape transformers' own model of that config has (built on the meta device, no
@@ -567,15 +568,22 @@ def test_released_configs_give_transformers_tensor_shapes(name):
     from jaxalign.train import plan
     path = Path(__file__).resolve().parents[1] / "configs" / "arch" / name
     cfg = plan.model_config(str(path))
+    hf_cfg = transformers.AutoConfig.from_pretrained(path)
     with torch.device("meta"):
-        model = transformers.AutoModelForCausalLM.from_config(
-            transformers.AutoConfig.from_pretrained(path))
+        model = transformers.AutoModelForCausalLM.from_config(hf_cfg)
+    if cfg.gemma_block:   # which layers are windowed, and Gemma 3's two RoPE bases, as transformers reads them
+        assert cfg.layer_types == tuple(hf_cfg.layer_types)
+        rope = hf_cfg.rope_parameters
+        if "full_attention" in rope:
+            assert (cfg.rope_theta, cfg.rope_local_theta) == (
+                rope["full_attention"]["rope_theta"], rope["sliding_attention"]["rope_theta"])
     theirs = {k: tuple(v.shape) for k, v in model.state_dict().items()
               if not (cfg.tie_word_embeddings and k == "lm_head.weight")}
     ours = {key: hf.expected_hf_shape(row, cfg) for row in hf.active_rows(cfg)
             for key in hf.hf_keys(row, cfg)}
     assert ours == theirs
     published = {"qwen2.5-0.5b": 494_032_768, "qwen3-0.6b": 596_049_920,
-                 "mistral-7b-v0.3": 7_248_023_552, "phi-3-mini-4k": 3_821_079_552}
+                 "mistral-7b-v0.3": 7_248_023_552, "phi-3-mini-4k": 3_821_079_552,
+                 "gemma-2-2b": 2_614_341_888, "gemma-3-1b": 999_885_952}
     assert sum(math.prod(x.shape) for x in jax.tree.leaves(functional.abstract_params(cfg))) \
         == published[name]

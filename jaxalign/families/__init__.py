@@ -114,7 +114,7 @@ def read_config(hf: Mapping[str, Any]) -> dict[str, Any]:
             _require(key in rope, f"config.json: llama3 rope scaling needs {key!r}")
 
     heads = hf["num_attention_heads"]
-    return dict(
+    fields = dict(
         family=family.name,
         vocab_size=hf["vocab_size"],
         hidden_size=hf["hidden_size"],
@@ -136,8 +136,9 @@ def read_config(hf: Mapping[str, Any]) -> dict[str, Any]:
         mlp_bias=bool(hf.get("mlp_bias", False)),
         hidden_act=act,
         num_labels=num_labels(hf),
-        **family.flags(hf),
     )
+    fields.update(family.flags(hf))   # may override a Llama default (Gemma ties its head)
+    return fields
 
 
 def lora_targets(family: str, targets: tuple[str, ...]) -> tuple[str, ...]:

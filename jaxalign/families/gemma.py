@@ -47,6 +47,8 @@ def _cap(hf, key):
 def _flags(hf, pattern: int):
     w = hf.get("sliding_window", 4096)
     return {"gemma_block": True, "layer_types": _layer_types(hf, pattern),
+            # transformers' Gemma configs default to a tied head; released config.json omit it
+            "tie_word_embeddings": bool(hf.get("tie_word_embeddings", True)),
             "sliding_window": None if w is None else int(w),
             "query_pre_attn_scalar": float(hf.get("query_pre_attn_scalar", 256)),
             "attn_logit_softcap": _cap(hf, "attn_logit_softcapping"),
