@@ -3,8 +3,8 @@ with left and right padding, greedy decoding token for token, the bitwise HF rou
 transformers-readable export (causal LM and sequence classifier), fields we refuse by name,
 and a few steps of SFT, DPO and GRPO through the ordinary recipes.
 
-Windows (Mistral, Phi-3) are shorter than the prompts, so the sliding-window mask is live in
-the training forward, the prefill and the decode.
+Windows (Mistral, Phi-3, Gemma's sliding layers) are shorter than the prompts, so the
+sliding-window mask is live in the training forward, the prefill and the decode.
 """
 
 import json
