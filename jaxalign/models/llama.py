@@ -431,19 +431,19 @@ def layer_kinds(cfg: ModelConfig, positions_BT, full, q_idx, k_idx):
     is (None: every layer the first). `full` is the causal kind; the window keeps keys with
     q - k < sliding_window (transformers' kv > q - window); Gemma 3's sliding layers also
     rotate by their own RoPE base (`rope_local_theta`)."""
-    if cfg.sliding_window is None:
+    sliding = [t == "sliding_attention" for t in (cfg.layer_types or ["sliding_attention"])]
+    if not any(sliding) or (cfg.sliding_window is None and cfg.rope_local_theta is None):
         return (full,), None
     cos, sin, mask_BTS = full
     if cfg.rope_local_theta is not None:
         cos, sin = rope_tables(cfg.replace(rope_theta=cfg.rope_local_theta, rope_type="default"),
                                positions_BT)
-    window = (cos, sin, mask_BTS & (q_idx - k_idx < cfg.sliding_window)[None])
-    sliding = [t == "sliding_attention" for t in (cfg.layer_types or ["sliding_attention"])]
+    if cfg.sliding_window is not None:
+        mask_BTS = mask_BTS & (q_idx - k_idx < cfg.sliding_window)[None]
+    local = (cos, sin, mask_BTS)
     if all(sliding):
-        return (window,), None
-    if not any(sliding):
-        return (full,), None
-    return (full, window), tuple(sliding)
+        return (local,), None
+    return (full, local), tuple(sliding)
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: str | None = None,
