@@ -190,6 +190,10 @@ def test_greedy_decoding_matches_transformers_generate(tiny):
     ref = np.pad(ref, ((0, 0), (0, n_new - ref.shape[1])), constant_values=0)
     assert out["mask_BN"].sum() >= 2 * n_new, "degenerate fixture: rows stopped at once"
     np.testing.assert_array_equal(out["tokens_BN"], ref)
+    if tiny["cfg"].layer_types is not None:   # layer kinds picked in the per-layer decode loop too
+        loop = jax.device_get(fn(functional.unstack_layers(tiny["cfg"], tiny["params"]), tokens_BP,
+                                 mask_BP, jax.random.key(0)))
+        np.testing.assert_array_equal(loop["tokens_BN"], ref)
 
 
 def _tensors(path):
