@@ -16,13 +16,14 @@ from typing import Any, Literal, Mapping
 DTYPES = ("float32", "bfloat16")
 REMAT_POLICIES = ("none", "full", "dots", "attn")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+LAYER_TYPES = ("sliding_attention", "full_attention")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # The HF model_types and architectures we read are the families' (jaxalign.families).
 
 
 from jaxalign import families
 from jaxalign.errors import ConfigError, JaxalignError  # noqa: F401 (re-exported)
-from jaxalign.families.base import ROPE_TYPES
+from jaxalign.families.base import HIDDEN_ACTS, ROPE_TYPES
 
 
 def require(cond: bool, msg: str) -> None:
@@ -74,6 +75,16 @@ class ModelConfig:
     qkv_bias: bool = False             # biases on q, k, v but not o (Qwen2)
     qk_norm: bool = False              # per-head RMSNorm on q and k before RoPE (Qwen3)
     sliding_window: int | None = None  # keys within this many positions only (Mistral, Phi-3)
+    # Gemma 2 / 3. `layer_types` (config.json's, one per layer): the window applies to the
+    # "sliding_attention" layers only (None: to every layer). `gemma_block`: RMSNorms scale
+    # by (1 + w), norms after attention and after the MLP too, embeddings times sqrt(D).
+    layer_types: tuple[str, ...] | None = None
+    gemma_block: bool = False
+    hidden_act: Literal["silu", "gelu_pytorch_tanh"] = "silu"   # the MLP gate's activation
+    query_pre_attn_scalar: float | None = None   # attention scale scalar**-0.5 (else head_dim)
+    attn_logit_softcap: float | None = None      # scores -> c * tanh(scores / c) (Gemma 2)
+    final_logit_softcap: float | None = None     # LM logits -> c * tanh(logits / c) (Gemma 2)
+    rope_local_theta: float | None = None        # RoPE base of the sliding layers (Gemma 3)
     # 0: causal LM (LM head or tied embedding). > 0: a sequence classifier as in HF
     # LlamaForSequenceClassification, i.e. a `score` (hidden -> num_labels, no bias) read at the
     # rightmost token that is not `pad_token_id`, and no LM head; 1 = the scalar head of reward
@@ -120,6 +131,12 @@ class ModelConfig:
                  f"model.family {self.family!r} is not one of {sorted(families.FAMILIES)}")
         require(self.sliding_window is None or self.sliding_window > 0,
                  f"model.sliding_window must be positive or null, got {self.sliding_window}")
+        require(self.hidden_act in HIDDEN_ACTS,
+                 f"model.hidden_act {self.hidden_act!r} is not one of {HIDDEN_ACTS}")
+        require(self.layer_types is None or (
+            len(self.layer_types) == self.num_layers and set(self.layer_types) <= set(LAYER_TYPES)),
+            f"model.layer_types must list one of {LAYER_TYPES} per layer ({self.num_layers}), "
+            f"got {self.layer_types}")
         require(self.num_labels >= 0, f"model.num_labels must be >= 0, got {self.num_labels}")
         require(self.lora_rank >= 0, f"lora.rank must be >= 0, got {self.lora_rank}")
         require(0.0 <= self.lora_dropout < 1.0, f"lora.dropout must be in [0, 1), got {self.lora_dropout}")

@@ -1,4 +1,4 @@
-"""Matmul precision, shared by the model and the losses (which must not import the model)."""
+"""Matmul precision and soft-capping, shared by the model and the losses (which must not import the model)."""
 
 from __future__ import annotations
 
@@ -59,3 +59,7 @@ def dot_nt(g_MN: jax.Array, w_KN: jax.Array, **kw) -> jax.Array:
         return jax.lax.dot_general(materialize(g_MN), materialize(w_KN), (((1,), (1,)), ((), ())),
                                    **kw)
     return jnp.dot(g_MN, w_KN.T, **kw)
+def soft_cap(x: jax.Array, cap: float | None) -> jax.Array:
+    """cap * tanh(x / cap) (Gemma 2's attention-logit and final-logit soft-capping); x itself
+    when `cap` is None, adding no op."""
+    return x if cap is None else cap * jnp.tanh(x / cap)

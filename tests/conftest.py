@@ -49,13 +49,16 @@ HF_FAMILY_CLASSES = {
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", "Qwen2ForSequenceClassification"),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", "Qwen3ForSequenceClassification"),
     "phi3": ("Phi3Config", "Phi3ForCausalLM", "Phi3ForSequenceClassification"),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", "Gemma2ForSequenceClassification"),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", "Gemma3TextForSequenceClassification"),
 }
 
 
 def make_tiny_family_hf(path, family, seed=0, init_std=0.2, **overrides):
     """make_tiny_hf for any family in HF_FAMILY_CLASSES, built by transformers' own
     <Family>Config / <Family>ForCausalLM classes (fp32), saved to `path`; returns the model.
-    Mistral's default 4096 window is turned off unless `sliding_window` is given."""
+    Mistral's default 4096 window is turned off unless `sliding_window` is given (Gemma's
+    `layer_types` default to transformers' own: Gemma 2 alternates sliding and full layers)."""
     import torch
     import transformers
 

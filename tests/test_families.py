@@ -3,8 +3,8 @@ with left and right padding, greedy decoding token for token, the bitwise HF rou
 transformers-readable export (causal LM and sequence classifier), fields we refuse by name,
 and a few steps of SFT, DPO and GRPO through the ordinary recipes.
 
-Windows (Mistral, Phi-3) are shorter than the prompts, so the sliding-window mask is live in
-the training forward, the prefill and the decode.
+Windows (Mistral, Phi-3, Gemma's sliding layers) are shorter than the prompts, so the
+sliding-window mask is live in the training forward, the prefill and the decode.
 """
 
 import json
@@ -25,6 +25,8 @@ from jaxalign.convert import hf, peft
 from jaxalign.models import functional, heads
 
 FP32_TOL = 1e-4   # the model-fidelity contract
+GEMMA3_ROPE = {"sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
+               "full_attention": {"rope_type": "default", "rope_theta": 10000.0}}
 B, T = 3, 24
 
 VARIANTS = {
@@ -38,6 +40,22 @@ VARIANTS = {
     "qwen3_mqa": ("qwen3", dict(num_key_value_heads=1)),
     "phi3_gqa_window": ("phi3", dict(sliding_window=7)),
     "phi3_mqa_tied": ("phi3", dict(num_key_value_heads=1, tie_word_embeddings=True)),
+    # Gemma: windows on the layers transformers' layer_types marks sliding only (Gemma 2
+    # alternates: sliding, full, sliding), both soft-caps on (small ones in the MQA variant, so
+    # that they bend the numbers), query_pre_attn_scalar != head_dim.
+    "gemma2_gqa_window_tied": ("gemma2", dict(sliding_window=6, num_hidden_layers=3,
+                                              query_pre_attn_scalar=24)),
+    "gemma2_mqa_untied_caps": ("gemma2", dict(num_key_value_heads=1, tie_word_embeddings=False,
+                                              sliding_window=5, attn_logit_softcapping=2.0,
+                                              final_logit_softcapping=6.0)),
+    # Gemma 3: q/k norms, local RoPE base 100 on the sliding layers, global 10^4 elsewhere.
+    "gemma3_gqa_window_tied": ("gemma3", dict(
+        sliding_window=6, layer_types=["sliding_attention", "full_attention"],
+        query_pre_attn_scalar=24, rope_parameters=GEMMA3_ROPE)),
+    "gemma3_mqa_untied_headdim": ("gemma3", dict(
+        num_key_value_heads=1, tie_word_embeddings=False, head_dim=24, sliding_window=7,
+        num_hidden_layers=3, layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+        rope_parameters=GEMMA3_ROPE)),
 }
 
 
@@ -81,7 +99,8 @@ def assert_close(ours, ref, mask, what):
 def test_config_reads_the_family(tiny):
     cfg, family = tiny["cfg"], tiny["family"]
     assert cfg.family == family
-    assert cfg.qkv_bias == (family == "qwen2") and cfg.qk_norm == (family == "qwen3")
+    assert cfg.qkv_bias == (family == "qwen2") and cfg.qk_norm == (family in ("qwen3", "gemma3"))
+    assert cfg.gemma_block == family.startswith("gemma")
     assert cfg.sliding_window == VARIANTS[tiny["name"]][1].get("sliding_window")
     assert tiny["hf_config"]["architectures"] == [HF_FAMILY_CLASSES[family][1]]
 
@@ -107,6 +126,53 @@ def test_sliding_window_is_live(tiny):
     assert np.abs(wide - ref)[mask > 0].max() > 1e-2
 
 
+def test_gemma_per_layer_features_are_live(tiny):
+    """Each Gemma feature the parity test covers changes the logits when switched off: the
+    window on the sliding layers only (not all), the soft-caps, the local RoPE base."""
+    cfg = tiny["cfg"]
+    if not cfg.gemma_block:
+        pytest.skip("not a Gemma variant")
+    tokens, mask = padded_batch()
+    ref = our_logits(cfg, tiny["params"], tokens, mask)
+    off = {"layer_types": dict(layer_types=None)}
+    if cfg.attn_logit_softcap is not None:
+        off["attn_logit_softcap"] = dict(attn_logit_softcap=None)
+        off["final_logit_softcap"] = dict(final_logit_softcap=None)
+    if cfg.rope_local_theta is not None:
+        off["rope_local_theta"] = dict(rope_local_theta=None)
+    assert len(off) >= 2
+    for what, change in off.items():
+        other = our_logits(cfg.replace(**change), tiny["params"], tokens, mask)
+        assert np.abs(other - ref)[mask > 0].max() > 1e-3, what
+
+
+def test_head_paths_see_the_capped_logits(tiny):
+    """Gemma 2's final soft-cap lives in the model's forward (`Llama.__call__`, generation) and
+    in the chunked head paths (`losses.xent.head_logprobs`: SFT, DPO, likelihood eval;
+    `rollout.response_stats`: RL scoring): all give transformers' log-probs."""
+    import torch.nn.functional as F
+    from jaxalign.losses.xent import head_logprobs
+    from jaxalign.train.rl.rollout import response_stats
+    cfg, params = tiny["cfg"], tiny["params"]
+    if cfg.final_logit_softcap is None:
+        pytest.skip("no final soft-cap in this variant")
+    tokens, mask = padded_batch(seed=6)
+    targets = np.roll(tokens, -1, axis=1)
+    ref = F.log_softmax(torch.tensor(hf_logits(tiny["model"], tokens, mask)), -1).numpy()
+    ref = np.take_along_axis(ref, targets[..., None], -1)[..., 0]
+    _, hidden, _ = functional.apply(cfg, params, jnp.asarray(tokens),
+                                    segment_ids_BT=jnp.asarray(mask), return_logits=False)
+    head, head_is_VD = functional.lm_head(cfg, params)
+    chunked, _ = head_logprobs(hidden, head, jnp.asarray(targets), head_is_VD=head_is_VD, chunk=8,
+                               softcap=cfg.final_logit_softcap)
+    rl, _ = response_stats(hidden, head, jnp.asarray(targets), head_is_VD=head_is_VD,
+                           temperature=1.0, chunk=8, softcap=cfg.final_logit_softcap)
+    uncapped, _ = head_logprobs(hidden, head, jnp.asarray(targets), head_is_VD=head_is_VD, chunk=8)
+    for what, ours in (("head_logprobs", chunked), ("response_stats", rl)):
+        assert_close(np.asarray(ours), ref, mask, what)
+    assert np.abs(np.asarray(uncapped) - ref)[mask > 0].max() > 1e-2   # the cap is live
+
+
 def test_greedy_decoding_matches_transformers_generate(tiny):
     n_new, lens = 12, (6, 3, 11, 16)
     rng = np.random.default_rng(1)
@@ -124,6 +190,10 @@ def test_greedy_decoding_matches_transformers_generate(tiny):
     ref = np.pad(ref, ((0, 0), (0, n_new - ref.shape[1])), constant_values=0)
     assert out["mask_BN"].sum() >= 2 * n_new, "degenerate fixture: rows stopped at once"
     np.testing.assert_array_equal(out["tokens_BN"], ref)
+    if tiny["cfg"].layer_types is not None:   # layer kinds picked in the per-layer decode loop too
+        loop = jax.device_get(fn(functional.unstack_layers(tiny["cfg"], tiny["params"]), tokens_BP,
+                                 mask_BP, jax.random.key(0)))
+        np.testing.assert_array_equal(loop["tokens_BN"], ref)
 
 
 def _tensors(path):
@@ -160,7 +230,7 @@ def test_export_from_config_alone_loads_in_transformers(tiny, tmp_path):
     out = hf.save(tmp_path / "bare", cfg, tiny["params"])
     written = json.loads((out / "config.json").read_text())
     assert written["architectures"] == [HF_FAMILY_CLASSES[tiny["family"]][1]]
-    assert written["model_type"] == tiny["family"]
+    assert written["model_type"] == families.get(tiny["family"]).model_types[0]
     assert ModelConfig.from_hf(written) == cfg
     model = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     assert type(model).__name__ == HF_FAMILY_CLASSES[tiny["family"]][1]
@@ -247,12 +317,20 @@ BASE = {"vocab_size": 8, "hidden_size": 16, "intermediate_size": 8, "num_hidden_
     ({"model_type": "phi3", "partial_rotary_factor": 0.5}, ["partial_rotary_factor"]),
     ({"model_type": "mistral", "num_local_experts": 8}, ["num_local_experts", "mixture-of-experts"]),
     ({"model_type": "qwen2", "num_experts": 4}, ["num_experts"]),
-    ({"model_type": "gemma2"}, ["'gemma2'", "model_type"]),
+    ({"model_type": "falcon"}, ["'falcon'", "model_type"]),
+    ({"model_type": "gemma3_text", "use_bidirectional_attention": True},
+     ["use_bidirectional_attention", "gemma3"]),
+    ({"model_type": "gemma3_text", "rope_parameters": {
+        "full_attention": {"rope_type": "default", "rope_theta": 1e6},
+        "sliding_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}}},
+     ["rope_parameters.sliding_attention"]),
+    ({"model_type": "gemma2", "hidden_activation": "gelu"}, ["hidden_act", "'gelu'"]),
     ({"model_type": "qwen2", "architectures": ["LlamaForCausalLM"]}, ["'qwen2'", "architectures"]),
     ({"model_type": "qwen2", "architectures": ["Qwen2ForTokenClassification"]},
      ["Qwen2ForTokenClassification"]),
 ], ids=["qwen2_window", "qwen3_window", "phi3_longrope", "phi3_su", "phi3_partial_rope",
-        "moe_local_experts", "moe_experts", "gemma2", "mismatched_arch", "token_classifier"])
+        "moe_local_experts", "moe_experts", "falcon", "gemma3_bidirectional", "gemma3_local_rope",
+        "gemma2_gelu", "mismatched_arch", "token_classifier"])
 def test_unimplemented_fields_are_refused_by_name(config, fragments):
     with pytest.raises(ConfigError) as err:
         ModelConfig.from_hf({**BASE, **config})
@@ -328,13 +406,13 @@ def test_hub_id_config_is_checked_before_weights(tmp_path, monkeypatch):
     shards = sorted(p.name for p in sharded.glob("model-*.safetensors"))
     assert len(shards) > 1
     shutil.copyfile(sharded / shards[0], sharded / "consolidated.safetensors")
-    gemma = tmp_path / "gemma"
+    gemma = tmp_path / "falcon"
     shutil.copytree(src, gemma)
-    (gemma / "config.json").write_text(json.dumps({**hf_config, "model_type": "gemma2",
-                                                   "architectures": ["Gemma2ForCausalLM"]}))
+    (gemma / "config.json").write_text(json.dumps({**hf_config, "model_type": "falcon",
+                                                   "architectures": ["FalconForCausalLM"]}))
     cache = tmp_path / "cache"
     lay_out(sharded, cache, "org/qwen", copy=True)
-    lay_out(gemma, cache, "org/gemma", copy=True)
+    lay_out(gemma, cache, "org/falcon", copy=True)
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     hub.clear_cache()
@@ -347,9 +425,9 @@ def test_hub_id_config_is_checked_before_weights(tmp_path, monkeypatch):
 
     monkeypatch.setattr(hub, "_download", recording)
     with pytest.raises(hub.HubError) as err:
-        hub.resolve("hf://org/gemma")
-    assert "'gemma2'" in str(err.value) and "no weights were downloaded" in str(err.value)
-    assert asked == [("org/gemma", ("config.json",))]
+        hub.resolve("hf://org/falcon")
+    assert "'falcon'" in str(err.value) and "no weights were downloaded" in str(err.value)
+    assert asked == [("org/falcon", ("config.json",))]
 
     asked.clear()
     hub.clear_cache()
@@ -366,9 +444,12 @@ def test_hub_id_config_is_checked_before_weights(tmp_path, monkeypatch):
 TRAIN_FAMILIES = {   # windows shorter than the rows, so training runs through the window mask
     "mistral": dict(sliding_window=8), "qwen2": dict(tie_word_embeddings=True),
     "qwen3": dict(head_dim=24), "phi3": dict(sliding_window=8, num_key_value_heads=1),
+    "gemma2": dict(sliding_window=8, num_key_value_heads=1),
+    "gemma3": dict(sliding_window=8, layer_types=["sliding_attention", "full_attention"]),
 }
 LORA_TARGETS = {"mistral": ["q_proj", "v_proj"], "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj"],
-                "qwen3": ["q_proj", "v_proj", "gate_proj"], "phi3": ["qkv_proj", "gate_up_proj"]}
+                "qwen3": ["q_proj", "v_proj", "gate_proj"], "phi3": ["qkv_proj", "gate_up_proj"],
+                "gemma2": ["q_proj", "v_proj", "gate_proj", "down_proj"], "gemma3": ["q_proj", "k_proj", "up_proj"]}
 
 
 @pytest.fixture(scope="module", params=sorted(TRAIN_FAMILIES))
@@ -383,7 +464,8 @@ def trainable(request, tmp_path_factory):
     tok = make_tiny_tokenizer(root / "model")
     make_tiny_family_hf(root / "model", family, seed=5, init_std=0.02, vocab_size=384,
                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                        pad_token_id=tok.pad_token_id, **TRAIN_FAMILIES[family])
+                        pad_token_id=tok.pad_token_id, max_position_embeddings=256,
+                        **TRAIN_FAMILIES[family])   # rows of 192 tokens (RM, DPO)
     prompts = root / "prompts.jsonl"
     with open(prompts, "w") as f:
         for i in range(48):
@@ -478,7 +560,8 @@ def test_grpo_raises_the_reward(trainable):
 
 # ----------------------------------------------------------------------------- released shapes
 
-@pytest.mark.parametrize("name", ["qwen2.5-0.5b", "qwen3-0.6b", "mistral-7b-v0.3", "phi-3-mini-4k"])
+@pytest.mark.parametrize("name", ["qwen2.5-0.5b", "qwen3-0.6b", "mistral-7b-v0.3", "phi-3-mini-4k",
+                                  "gemma-2-2b", "gemma-3-1b"])
 def test_released_configs_give_transformers_tensor_shapes(name):
     """The config.json of a released checkpoint (configs/arch/): every tensor our rows expect
     has the shape transformers' own model of that config has (built on the meta device, no
@@ -489,15 +572,22 @@ def test_released_configs_give_transformers_tensor_shapes(name):
     from jaxalign.train import plan
     path = Path(__file__).resolve().parents[1] / "configs" / "arch" / name
     cfg = plan.model_config(str(path))
+    hf_cfg = transformers.AutoConfig.from_pretrained(path)
     with torch.device("meta"):
-        model = transformers.AutoModelForCausalLM.from_config(
-            transformers.AutoConfig.from_pretrained(path))
+        model = transformers.AutoModelForCausalLM.from_config(hf_cfg)
+    if cfg.gemma_block:   # which layers are windowed, and Gemma 3's two RoPE bases, as transformers reads them
+        assert cfg.layer_types == tuple(hf_cfg.layer_types)
+        rope = hf_cfg.rope_parameters
+        if "full_attention" in rope:
+            assert (cfg.rope_theta, cfg.rope_local_theta) == (
+                rope["full_attention"]["rope_theta"], rope["sliding_attention"]["rope_theta"])
     theirs = {k: tuple(v.shape) for k, v in model.state_dict().items()
               if not (cfg.tie_word_embeddings and k == "lm_head.weight")}
     ours = {key: hf.expected_hf_shape(row, cfg) for row in hf.active_rows(cfg)
             for key in hf.hf_keys(row, cfg)}
     assert ours == theirs
     published = {"qwen2.5-0.5b": 494_032_768, "qwen3-0.6b": 596_049_920,
-                 "mistral-7b-v0.3": 7_248_023_552, "phi-3-mini-4k": 3_821_079_552}
+                 "mistral-7b-v0.3": 7_248_023_552, "phi-3-mini-4k": 3_821_079_552,
+                 "gemma-2-2b": 2_614_341_888, "gemma-3-1b": 999_885_952}
     assert sum(math.prod(x.shape) for x in jax.tree.leaves(functional.abstract_params(cfg))) \
         == published[name]

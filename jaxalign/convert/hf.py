@@ -318,7 +318,7 @@ def _config_from_cfg(cfg: ModelConfig) -> dict[str, Any]:
     family = families.get(cfg.family)
     return {
         "architectures": [family.causal_lm[0]], "model_type": family.model_types[0],
-        "hidden_act": "silu",
+        "hidden_act": cfg.hidden_act,
         "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
         "intermediate_size": cfg.intermediate_size, "num_hidden_layers": cfg.num_layers,
         "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads,

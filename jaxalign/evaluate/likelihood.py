@@ -42,7 +42,8 @@ def row_logps_fn(cfg: ModelConfig, chunk: int = 128):
                                             return_logits=False)
         head, head_is_VD = functional.lm_head(cfg, params)
         logp_BT, _ = head_logprobs(hidden_BTD, head, batch["targets"], head_is_VD=head_is_VD,
-                                   chunk=min(chunk, batch["tokens"].shape[1]))
+                                   chunk=min(chunk, batch["tokens"].shape[1]),
+                                   softcap=cfg.final_logit_softcap)
         mask_BT = batch["loss_mask"].astype(jnp.float32)
         return (logp_BT * mask_BT).sum(axis=-1), mask_BT.sum(axis=-1)
     return jax.jit(fn)

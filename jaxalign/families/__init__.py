@@ -11,13 +11,15 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from jaxalign.errors import ConfigError
-from jaxalign.families.base import ROPE_TYPES, Family, Refusal, true
+from jaxalign.families.base import HIDDEN_ACTS, ROPE_TYPES, Family, Refusal, true
+from jaxalign.families.gemma import GEMMA2, GEMMA3
 from jaxalign.families.llama import LLAMA
 from jaxalign.families.mistral import MISTRAL
 from jaxalign.families.phi3 import PHI3
 from jaxalign.families.qwen import QWEN2, QWEN3
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (LLAMA, MISTRAL, QWEN2, QWEN3, PHI3)}
+FAMILIES: dict[str, Family] = {f.name: f for f in (LLAMA, MISTRAL, QWEN2, QWEN3, PHI3,
+                                                         GEMMA2, GEMMA3)}
 _BY_TYPE = {t: f for f in FAMILIES.values() for t in f.model_types}
 _BY_ARCH = {a: f for f in FAMILIES.values() for a in f.architectures}
 
@@ -84,8 +86,10 @@ def read_config(hf: Mapping[str, Any]) -> dict[str, Any]:
 
     Anything we would have to approximate is refused with the field that caused it."""
     family = of_config(hf)
-    act = hf.get("hidden_act", "silu")
-    require(act == "silu", f"config.json: hidden_act {act!r} is not supported (only 'silu')")
+    # Gemma writes `hidden_activation` (its `hidden_act` is null or an older name).
+    act = hf.get("hidden_activation") or hf.get("hidden_act") or "silu"
+    require(act in HIDDEN_ACTS, f"config.json: hidden_act {act!r} is not supported (one of "
+             f"{HIDDEN_ACTS})")
     for r in COMMON_REFUSALS + family.refusals:
         require(not r.refused(hf), f"config.json: {r.field}: not supported for {family.name} "
                  f"({r.why})")
@@ -97,6 +101,8 @@ def read_config(hf: Mapping[str, Any]) -> dict[str, Any]:
     # plus an optional `rope_scaling` dict. Accept both; where both are present,
     # `rope_scaling` wins, as in transformers (convert_rope_params_to_dict).
     rope = dict(hf.get("rope_scaling") or hf.get("rope_parameters") or {})
+    if "full_attention" in rope:   # Gemma 3: one per layer kind; the sliding one is the family's
+        rope = dict(rope["full_attention"])
     theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     require(rope_type in ROPE_TYPES,
@@ -108,7 +114,7 @@ def read_config(hf: Mapping[str, Any]) -> dict[str, Any]:
             require(key in rope, f"config.json: llama3 rope scaling needs {key!r}")
 
     heads = hf["num_attention_heads"]
-    return dict(
+    fields = dict(
         family=family.name,
         vocab_size=hf["vocab_size"],
         hidden_size=hf["hidden_size"],
@@ -128,9 +134,11 @@ def read_config(hf: Mapping[str, Any]) -> dict[str, Any]:
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
         attention_bias=bool(hf.get("attention_bias", False)),
         mlp_bias=bool(hf.get("mlp_bias", False)),
+        hidden_act=act,
         num_labels=num_labels(hf),
-        **family.flags(hf),
     )
+    fields.update(family.flags(hf))   # may override a Llama default (Gemma ties its head)
+    return fields
 
 
 def lora_targets(family: str, targets: tuple[str, ...]) -> tuple[str, ...]:

@@ -17,6 +17,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 ROPE_TYPES = ("default", "linear", "llama3")
+HIDDEN_ACTS = ("silu", "gelu_pytorch_tanh")   # the MLP gate's activation (Gemma: GeGLU)
 Cfg = Any   # a ModelConfig (not imported: config reads the families, not the reverse)
 HF = Mapping[str, Any]
 

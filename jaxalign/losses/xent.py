@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxalign.precision import (dot_nt, dot_tn, materialize, matmul_precision, row_major,
-                                row_major_dots)
+                                row_major_dots, soft_cap)
 from jaxalign.sharding import constrain
 
 
@@ -47,9 +47,10 @@ def _logits_stats(logits_BCV, targets_BC):
     return picked_BC - lse_BC, correct_BC, lse_BC
 
 
-def _chunk_stats(hidden_BCD, head, targets_BC, head_is_VD: bool):
+def _chunk_stats(hidden_BCD, head, targets_BC, head_is_VD: bool, softcap=None):
     """(log p(target), target is the argmax) for one chunk of positions."""
-    return _logits_stats(_chunk_logits(hidden_BCD, head, head_is_VD), targets_BC)[:2]
+    logits_BCV = head_logits(hidden_BCD, head, head_is_VD=head_is_VD, softcap=softcap)
+    return _logits_stats(logits_BCV, targets_BC)[:2]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -163,12 +164,17 @@ def scan_chunks(hidden_BTD: jax.Array, targets_BT: jax.Array, chunk: int, stats_
 
 
 def head_logprobs(hidden_BTD: jax.Array, head: jax.Array, targets_BT: jax.Array, *,
-                  head_is_VD: bool, chunk: int = 128) -> tuple[jax.Array, jax.Array]:
+                  head_is_VD: bool, chunk: int = 128,
+                  softcap: float | None = None) -> tuple[jax.Array, jax.Array]:
     """log p(target_t) (fp32) and whether the target is the argmax, for every position,
     from the final hidden states and the LM-head weight ((V, D) when tied to the embedding,
     else (D, V)), `chunk` positions at a time (`scan_chunks`). The backward pass reuses the
     forward's softmax when the whole (B, T, V) of it fits in `KEEP_PROBS_BYTES`, else it
     computes each chunk's logits again (one more head matmul).
+
+    `softcap` (the model's `final_logit_softcap`, Gemma 2): the logits are capped here exactly
+    as the model's own forward caps them (`Llama.__call__`), so SFT, DPO, RL scoring and
+    generation all see the same capped distribution; the backward is then autodiff's.
     """
     B, T, _ = hidden_BTD.shape
     V = head.shape[0] if head_is_VD else head.shape[1]
@@ -177,16 +183,16 @@ def head_logprobs(hidden_BTD: jax.Array, head: jax.Array, targets_BT: jax.Array,
             # bf16 on CPU: a tied (V, D) head read as (D, V), copied once per step outside the
             # chunk loop, so that every head product is one the fast bf16 kernel runs.
             head, head_is_VD = materialize(head.T), False
-        if B * T * V * 4 > KEEP_PROBS_BYTES:
+        if softcap is None and B * T * V * 4 > KEEP_PROBS_BYTES:
             return scan_chunks(hidden_BTD, targets_BT, chunk,
                                lambda h, t: _chunk_stats_recompute(h, head, t, head_is_VD),
                                remat=False)
-    if B * T * V * 4 <= KEEP_PROBS_BYTES:
+    if softcap is None and B * T * V * 4 <= KEEP_PROBS_BYTES:
         return scan_chunks(hidden_BTD, targets_BT, chunk,
                            lambda h, t: _chunk_stats_keep_probs(h, head, t, head_is_VD),
                            remat=False)
     return scan_chunks(hidden_BTD, targets_BT, chunk,
-                       lambda h, t: _chunk_stats(h, head, t, head_is_VD))
+                       lambda h, t: _chunk_stats(h, head, t, head_is_VD, softcap))
 
 
 def _masked_mean_metrics(logp_BT, correct_BT, loss_mask_BT):
@@ -210,16 +216,18 @@ def masked_xent(logits_BTV: jax.Array, targets_BT: jax.Array, loss_mask_BT: jax.
 
 
 def head_masked_xent(hidden_BTD: jax.Array, head: jax.Array, targets_BT: jax.Array,
-                     loss_mask_BT: jax.Array, *, head_is_VD: bool, chunk: int = 128):
+                     loss_mask_BT: jax.Array, *, head_is_VD: bool, chunk: int = 128,
+                     softcap: float | None = None):
     """`masked_xent` from hidden states + head weight, without the (B, T, V) logits."""
     logp_BT, correct_BT = head_logprobs(hidden_BTD, head, targets_BT, head_is_VD=head_is_VD,
-                                        chunk=chunk)
+                                        chunk=chunk, softcap=softcap)
     return _masked_mean_metrics(logp_BT, correct_BT, loss_mask_BT)
 
 
-def head_logits(hidden_BCD: jax.Array, head: jax.Array, *, head_is_VD: bool) -> jax.Array:
+def head_logits(hidden_BCD: jax.Array, head: jax.Array, *, head_is_VD: bool,
+                softcap: float | None = None) -> jax.Array:
     """The LM head on (a chunk of) hidden states: fp32 (B, C, V) logits, constrained to the
-    vocab sharding. The one head matmul of every log-prob path (SFT, DPO / KTO, eval here; the
-    RL rollout's scoring, which adds its temperature and entropy), so that a change to the head
-    reaches all of them."""
-    return _chunk_logits(hidden_BCD, head, head_is_VD)
+    vocab sharding and soft-capped where the model caps them (`softcap`). The one head matmul
+    of every log-prob path (SFT, DPO / KTO, eval here; the RL rollout's scoring, which adds its
+    temperature and entropy), so that a change to the head reaches all of them."""
+    return soft_cap(_chunk_logits(hidden_BCD, head, head_is_VD), softcap)

@@ -19,11 +19,12 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.ad_checkpoint import checkpoint_name
 
 from jaxalign.config import ConfigError, ModelConfig
 from jaxalign.models import attention
-from jaxalign.precision import dot_nt, dot_tn, matmul_precision, row_major
+from jaxalign.models.projection import project
+from jaxalign.models.rope import apply_rope, rope_inv_freq, rope_tables  # noqa: F401 (re-exported)
+from jaxalign.precision import matmul_precision, soft_cap
 from jaxalign.sharding import constrain
 
 Cache = dict[str, jax.Array]  # {'k': LBSKH, 'v': LBSKH, 'valid': BS bool, 'end': int32 scalar}
@@ -61,87 +62,15 @@ def _dot(eq: str, a: jax.Array, b: jax.Array, dtype) -> jax.Array:
                       preferred_element_type=jnp.float32).astype(dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _project(x: jax.Array, w: jax.Array, n_in: int, dtype) -> jax.Array:
-    """x @ w over x's last `n_in` axes and w's first: a projection, computed like `_dot`.
-
-    Its gradient is written out as two plain 2-D matmuls. Left to autodiff, XLA's CPU backend
-    fed a weight gradient by transposing the (tokens, F) activation gradient with the SiLU
-    backward fused in, a slow strided copy (1.5 s of a 13 s SmolLM2 SFT step in one such
-    copy); written out, a SmolLM2-sized MLP layer ran forward, remat and backward in 0.13 s
-    instead of 0.22 s, with the same gradients (docs/bench/README.md)."""
-    return jnp.tensordot(row_major(x), row_major(w), axes=n_in, precision=matmul_precision(dtype),
-                         preferred_element_type=jnp.float32).astype(dtype)
-
-
-def _project_fwd(x, w, n_in, dtype):
-    return _project(x, w, n_in, dtype), (x, w)
-
-
-def _project_bwd(n_in, dtype, res, dy):
-    x, w = res
-    k = math.prod(w.shape[:n_in])
-    x2, w2 = x.reshape(-1, k), w.reshape(k, -1)
-    dy2 = dy.reshape(-1, w2.shape[1])
-    kw = dict(precision=matmul_precision(dtype), preferred_element_type=jnp.float32)
-    # In bf16 on CPU both take the forms its fast kernel runs (jaxalign.precision.row_major_dots).
-    dx = dot_nt(dy2, w2, **kw).astype(x.dtype).reshape(x.shape)
-    dw = dot_tn(x2, dy2, **kw).astype(w.dtype).reshape(w.shape)
-    return dx, dw
-
-
-_project.defvjp(_project_fwd, _project_bwd)
-
-
-def project(x: jax.Array, w: jax.Array, n_in: int, dtype) -> jax.Array:
-    y = _project(x.astype(dtype), w.astype(dtype), n_in, jnp.dtype(dtype))
-    return checkpoint_name(y, "proj")
-
-
 def attention_impl(cfg: ModelConfig, dtype, decoding: bool) -> str:
     """Resolves `cfg.attention`: cuDNN flash attention needs a GPU and 16-bit operands."""
-    if decoding or cfg.attention == "xla":
+    if decoding or cfg.attention == "xla" or cfg.attn_logit_softcap is not None:
         return "xla"
     fits = jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
     if cfg.attention == "cudnn" and not fits:
         raise ConfigError(f"model.attention: cudnn needs a GPU and dtype bfloat16 (backend "
                           f"{jax.default_backend()}, dtype {jnp.dtype(dtype).name}); use auto or xla")
     return "cudnn" if fits else "xla"
-
-
-# ----------------------------------------------------------------------------- RoPE
-
-def rope_inv_freq(cfg: ModelConfig) -> jax.Array:
-    """Inverse frequencies (H/2,), with linear or llama3 scaling as transformers applies it."""
-    exponents = jnp.arange(0, cfg.head_dim, 2, dtype=jnp.float32) / cfg.head_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** exponents)
-    if cfg.rope_type == "linear":
-        return inv_freq / cfg.rope_factor
-    if cfg.rope_type == "llama3":
-        # Long wavelengths are divided by `factor`, short ones kept, the band between
-        # interpolated smoothly (Llama 3.1 context extension).
-        factor, lo, hi = cfg.rope_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
-        old_ctx = cfg.rope_original_max_position
-        wavelen = 2 * math.pi / inv_freq
-        scaled = jnp.where(wavelen > old_ctx / lo, inv_freq / factor, inv_freq)
-        smooth = (old_ctx / wavelen - lo) / (hi - lo)
-        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-        medium = (wavelen >= old_ctx / hi) & (wavelen <= old_ctx / lo)
-        return jnp.where(medium, smoothed, scaled)
-    return inv_freq
-
-
-def rope_tables(cfg: ModelConfig, positions_BT: jax.Array) -> tuple[jax.Array, jax.Array]:
-    freqs_BTh = positions_BT.astype(jnp.float32)[..., None] * rope_inv_freq(cfg)
-    angles_BTH = jnp.concatenate([freqs_BTh, freqs_BTh], axis=-1)
-    return jnp.cos(angles_BTH), jnp.sin(angles_BTH)
-
-
-def apply_rope(x_BTnH: jax.Array, cos_BTH: jax.Array, sin_BTH: jax.Array) -> jax.Array:
-    half = x_BTnH.shape[-1] // 2
-    rotated = jnp.concatenate([-x_BTnH[..., half:], x_BTnH[..., :half]], axis=-1)
-    cos, sin = cos_BTH[:, :, None, :].astype(x_BTnH.dtype), sin_BTH[:, :, None, :].astype(x_BTnH.dtype)
-    return x_BTnH * cos + rotated * sin
 
 
 # ----------------------------------------------------------------------------- LoRA
@@ -186,14 +115,27 @@ def _adapt(y, lora: LoRA | None, x, key, salt: int, use_lora: bool):
 # ----------------------------------------------------------------------------- layers
 
 class RMSNorm(nnx.Module):
-    def __init__(self, dim: int, eps: float, param_dtype):
-        self.eps = eps
-        self.scale = _param(None, (dim,), ("vector",), param_dtype, "ones")
+    """`plus_one` (Gemma): the weight is stored as w and scales by (1 + w), multiplied in fp32
+    before the cast back, as transformers' Gemma2RMSNorm does (Llama casts first)."""
+
+    def __init__(self, dim: int, eps: float, param_dtype, plus_one: bool = False):
+        self.eps, self.plus_one = eps, plus_one
+        self.scale = _param(None, (dim,), ("vector",), param_dtype, "zeros" if plus_one else "ones")
 
     def __call__(self, x: jax.Array) -> jax.Array:
         xf = x.astype(jnp.float32)
         xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        if self.plus_one:
+            return (xf * (1.0 + self.scale[...].astype(jnp.float32))).astype(x.dtype)
         return self.scale[...].astype(x.dtype) * xf.astype(x.dtype)
+
+
+def attn_scale(cfg: ModelConfig) -> float:
+    return (cfg.query_pre_attn_scalar or cfg.head_dim) ** -0.5
+
+
+ACTIVATIONS: dict[str, Callable] = {"silu": jax.nn.silu,
+                                    "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True)}
 
 
 def _xla_attention(cfg: ModelConfig, q_BTNH, k_BSKH, v_BSKH, mask_BTS, dt):
@@ -201,7 +143,8 @@ def _xla_attention(cfg: ModelConfig, q_BTNH, k_BSKH, v_BSKH, mask_BTS, dt):
     B, T = q_BTNH.shape[:2]
     q_BTKGH = q_BTNH.reshape(B, T, cfg.num_kv_heads, cfg.num_groups, cfg.head_dim)
     scores_BKGTS = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH, precision=matmul_precision(dt),
-                              preferred_element_type=jnp.float32) * cfg.head_dim ** -0.5
+                              preferred_element_type=jnp.float32) * attn_scale(cfg)
+    scores_BKGTS = soft_cap(scores_BKGTS, cfg.attn_logit_softcap)
     # `where`, not an additive bias: a fully masked (padding) row stays finite.
     scores_BKGTS = jnp.where(mask_BTS[:, None, None], scores_BKGTS, jnp.finfo(jnp.float32).min)
     probs_BKGTS = jax.nn.softmax(scores_BKGTS, axis=-1).astype(dt)
@@ -228,9 +171,9 @@ class Attention(nnx.Module):
             self.v_bias = _param(None, (K, H), ("kv_heads", "head_dim"), pd, "zeros")
         if cfg.attention_bias:
             self.o_bias = _param(None, (D,), ("vector",), pd, "zeros")
-        if cfg.qk_norm:   # Qwen3: over each head's H features, before RoPE
-            self.q_norm = RMSNorm(H, cfg.rms_norm_eps, pd)
-            self.k_norm = RMSNorm(H, cfg.rms_norm_eps, pd)
+        if cfg.qk_norm:   # Qwen3, Gemma 3: over each head's H features, before RoPE
+            self.q_norm = RMSNorm(H, cfg.rms_norm_eps, pd, cfg.gemma_block)
+            self.k_norm = RMSNorm(H, cfg.rms_norm_eps, pd, cfg.gemma_block)
 
     def __call__(self, x_BTD, cos_BTH, sin_BTH, mask_BTS, kv_cache=None, cache_end=None,
                  key=None, use_lora=True):
@@ -263,11 +206,12 @@ class Attention(nnx.Module):
             # Fused flash attention: the (T, S) scores never reach memory. The boolean mask
             # becomes a large negative bias; fully masked (padding) rows stay finite.
             out_BTNH = jax.nn.dot_product_attention(
-                q_BTNH, k_BSKH, v_BSKH, mask=mask_BTS[:, None], scale=cfg.head_dim ** -0.5,
+                q_BTNH, k_BSKH, v_BSKH, mask=mask_BTS[:, None], scale=attn_scale(cfg),
                 implementation="cudnn")
-        elif kv_cache is None:
+        elif kv_cache is None and cfg.attn_logit_softcap is None:
             out_BTNH = attention.causal_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS,
-                                                  attention.query_blocks(T), jnp.dtype(dt))
+                                                  attention.query_blocks(T), jnp.dtype(dt),
+                                                  attn_scale(cfg))
         else:
             out_BTNH = _xla_attention(cfg, q_BTNH, k_BSKH, v_BSKH, mask_BTS, dt)
         out_BTD = _adapt(project(out_BTNH, self.o[...], 2, dt), self.o_lora, out_BTNH,
@@ -280,7 +224,7 @@ class Attention(nnx.Module):
 class MLP(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         D, F, pd = cfg.hidden_size, cfg.intermediate_size, _dtype(cfg.param_dtype)
-        self.bias = cfg.mlp_bias
+        self.bias, self.act = cfg.mlp_bias, ACTIVATIONS[cfg.hidden_act]
         self.gate = _param(rngs, (D, F), ("embed", "mlp"), pd)
         self.up = _param(rngs, (D, F), ("embed", "mlp"), pd)
         self.down = _param(rngs, (F, D), ("mlp", "embed"), pd)
@@ -299,7 +243,7 @@ class MLP(nnx.Module):
         if self.bias:
             gate_BTF += self.gate_bias[...].astype(dt)
             up_BTF += self.up_bias[...].astype(dt)
-        h_BTF = constrain(jax.nn.silu(gate_BTF) * up_BTF, ("batch", "seq", "mlp"))
+        h_BTF = constrain(self.act(gate_BTF) * up_BTF, ("batch", "seq", "mlp"))
         out_BTD = _adapt(project(h_BTF, self.down[...], 1, dt), self.down_lora, h_BTF, key, 6, use_lora)
         if self.bias:
             out_BTD += self.down_bias[...].astype(dt)
@@ -307,19 +251,31 @@ class MLP(nnx.Module):
 
 
 class Block(nnx.Module):
+    """Pre-norm residual block; Gemma's (`gemma_block`) also norms each branch's output
+    (post_attention_layernorm, post_feedforward_layernorm) before the residual add."""
+
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-        pd = _dtype(cfg.param_dtype)
-        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pd)
+        pd, D, eps, g = _dtype(cfg.param_dtype), cfg.hidden_size, cfg.rms_norm_eps, cfg.gemma_block
+        self.attn_norm = RMSNorm(D, eps, pd, g)
         self.attn = Attention(cfg, rngs)
-        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pd)
+        self.mlp_norm = RMSNorm(D, eps, pd, g)
         self.mlp = MLP(cfg, rngs)
+        self.post_norms = g
+        if g:
+            self.post_attn_norm = RMSNorm(D, eps, pd, g)
+            self.post_mlp_norm = RMSNorm(D, eps, pd, g)
 
     def __call__(self, x_BTD, cos_BTH, sin_BTH, mask_BTS, kv_cache=None, cache_end=None,
                  key=None, use_lora=True):
         attn_BTD, kv_cache = self.attn(self.attn_norm(x_BTD), cos_BTH, sin_BTH, mask_BTS,
                                        kv_cache, cache_end, key, use_lora)
+        if self.post_norms:
+            attn_BTD = self.post_attn_norm(attn_BTD)
         x_BTD = x_BTD + attn_BTD
-        x_BTD = x_BTD + self.mlp(self.mlp_norm(x_BTD), key, use_lora)
+        mlp_BTD = self.mlp(self.mlp_norm(x_BTD), key, use_lora)
+        if self.post_norms:
+            mlp_BTD = self.post_mlp_norm(mlp_BTD)
+        x_BTD = x_BTD + mlp_BTD
         return constrain(x_BTD, ("batch", "seq", None)), kv_cache
 
 
@@ -351,7 +307,7 @@ class Llama(nnx.Module):
             return Block(cfg, rngs)
 
         self.layers = make_blocks(rngs)
-        self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pd)
+        self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pd, cfg.gemma_block)
         if cfg.num_labels > 0:
             # Split over fsdp like every weight's model dimension; the label axis is tiny.
             self.score = _param(rngs, (cfg.hidden_size, cfg.num_labels), ("embed", None), pd,
@@ -381,34 +337,35 @@ class Llama(nnx.Module):
                              "hidden states (jaxalign.models.heads.score)")
         dt = _dtype(cfg.dtype)
         B, T = tokens_BT.shape
-        x_BTD = constrain(jnp.take(self.embed[...], tokens_BT, axis=0).astype(dt), ("batch", "seq", None))
+        x_BTD = jnp.take(self.embed[...], tokens_BT, axis=0)
+        if cfg.gemma_block:   # times sqrt(D) in the embedding's dtype, as transformers
+            x_BTD = x_BTD * jnp.asarray(cfg.hidden_size ** 0.5, x_BTD.dtype)
+        x_BTD = constrain(x_BTD.astype(dt), ("batch", "seq", None))
         cos_BTH, sin_BTH = rope_tables(cfg, positions_BT)
 
         if cache is None:
             q_idx, k_idx = jnp.arange(T)[:, None], jnp.arange(T)[None, :]
             same_segment = segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
             mask_BTS = (k_idx <= q_idx)[None] & same_segment & (segment_ids_BT[:, None, :] > 0)
-            if cfg.sliding_window is not None:   # transformers: kv > q - window
-                mask_BTS &= (q_idx - k_idx < cfg.sliding_window)[None]
             end, kv = None, None
         else:
             end = cache["end"]
             valid_BS = jax.lax.dynamic_update_slice(cache["valid"], segment_ids_BT > 0, (0, end))
             S = valid_BS.shape[1]
-            q_slot, k_slot = end + jnp.arange(T)[:, None], jnp.arange(S)[None, :]
-            mask_BTS = (k_slot <= q_slot)[None] & valid_BS[:, None, :]
-            if cfg.sliding_window is not None:
-                # Slots are positions shifted by each row's left padding, so slot distance
-                # is position distance.
-                mask_BTS &= (q_slot - k_slot < cfg.sliding_window)[None]
+            # Slots are positions shifted by each row's left padding, so slot distance is
+            # position distance (the window below).
+            q_idx, k_idx = end + jnp.arange(T)[:, None], jnp.arange(S)[None, :]
+            mask_BTS = (k_idx <= q_idx)[None] & valid_BS[:, None, :]
             kv = (cache["k"], cache["v"])
+        # Attention inputs (cos, sin, mask) per layer kind: one kind unless some layers are
+        # windowed and others not (Gemma's layer_types), each layer then picks its own.
+        kinds, kind_L = layer_kinds(cfg, positions_BT, (cos_BTH, sin_BTH, mask_BTS), q_idx, k_idx)
 
         if layer_params is not None:
-            x_BTD, kv = self._loop_layers(layer_params, x_BTD, cos_BTH, sin_BTH, mask_BTS, kv, end,
+            x_BTD, kv = self._loop_layers(layer_params, x_BTD, kinds, kind_L, kv, end,
                                           dropout_key, use_lora)
         else:
-            x_BTD, kv = self._run_layers(x_BTD, cos_BTH, sin_BTH, mask_BTS, kv, end, dropout_key,
-                                         use_lora)
+            x_BTD, kv = self._run_layers(x_BTD, kinds, kind_L, kv, end, dropout_key, use_lora)
         hidden_BTD = self.final_norm(x_BTD)
         new_cache = None
         if cache is not None:
@@ -421,17 +378,20 @@ class Llama(nnx.Module):
         else:
             logits_BTV = jnp.einsum("btd,dv->btv", hidden_BTD, self.lm_head[...].astype(dt),
                                     precision=matmul_precision(dt), preferred_element_type=jnp.float32)
+        # Gemma 2's final soft-cap; the chunked head losses apply the same (losses.xent).
+        logits_BTV = soft_cap(logits_BTV, cfg.final_logit_softcap)
         return constrain(logits_BTV, ("batch", "seq", "vocab")), hidden_BTD, new_cache
 
-    def _run_layers(self, x_BTD, cos_BTH, sin_BTH, mask_BTS, kv, end, key, use_lora):
+    def _run_layers(self, x_BTD, kinds, kind_L, kv, end, key, use_lora):
         cfg = self.cfg
         block_def, stacked = nnx.split(self.layers)
         keys = None if key is None else jax.random.split(key, cfg.num_layers)
 
         def body(x_BTD, layer):
-            params, layer_kv, layer_key = layer
-            return nnx.merge(block_def, params)(x_BTD, cos_BTH, sin_BTH, mask_BTS, layer_kv, end,
-                                                layer_key, use_lora)
+            params, layer_kv, layer_key, kind = layer
+            inputs = kinds[0] if kind is None else jax.tree.map(
+                lambda full, window: jnp.where(kind, window, full), *kinds)
+            return nnx.merge(block_def, params)(x_BTD, *inputs, layer_kv, end, layer_key, use_lora)
 
         policy = _REMAT_POLICIES.get(cfg.remat)
         if policy is not None:
@@ -442,9 +402,10 @@ class Llama(nnx.Module):
         # steps), while XLA still builds each stacked gradient with one concatenate. A Python
         # loop over a[i] slices instead padded and summed a full-size gradient per layer
         # (about 30% of a SmolLM2 step).
-        return jax.lax.scan(body, x_BTD, (stacked, kv, keys), unroll=not cfg.scan_layers)
+        kind_L = None if kind_L is None else jnp.asarray(kind_L)
+        return jax.lax.scan(body, x_BTD, (stacked, kv, keys, kind_L), unroll=not cfg.scan_layers)
 
-    def _loop_layers(self, layer_params, x_BTD, cos_BTH, sin_BTH, mask_BTS, kv, end, key, use_lora):
+    def _loop_layers(self, layer_params, x_BTD, kinds, kind_L, kv, end, key, use_lora):
         """The layers as a Python loop over separate per-layer arrays (decoding).
 
         Inside a scan (or an unrolled scan) each layer's weights are sliced out of the stacked
@@ -456,12 +417,33 @@ class Llama(nnx.Module):
         new_k, new_v = [], []
         for i, params in enumerate(layer_params):
             layer_kv = None if kv is None else (kv[0][i], kv[1][i])
-            x_BTD, layer_kv = nnx.merge(block_def, params)(x_BTD, cos_BTH, sin_BTH, mask_BTS,
-                                                           layer_kv, end, keys[i], use_lora)
+            inputs = kinds[0 if kind_L is None else int(kind_L[i])]
+            x_BTD, layer_kv = nnx.merge(block_def, params)(x_BTD, *inputs, layer_kv, end, keys[i],
+                                                           use_lora)
             if layer_kv is not None:
                 new_k.append(layer_kv[0])
                 new_v.append(layer_kv[1])
         return x_BTD, (None if kv is None else (tuple(new_k), tuple(new_v)))
+
+
+def layer_kinds(cfg: ModelConfig, positions_BT, full, q_idx, k_idx):
+    """-> (kinds, kind_L): the (cos, sin, mask) of each layer kind and which kind each layer
+    is (None: every layer the first). `full` is the causal kind; the window keeps keys with
+    q - k < sliding_window (transformers' kv > q - window); Gemma 3's sliding layers also
+    rotate by their own RoPE base (`rope_local_theta`)."""
+    sliding = [t == "sliding_attention" for t in (cfg.layer_types or ["sliding_attention"])]
+    if not any(sliding) or (cfg.sliding_window is None and cfg.rope_local_theta is None):
+        return (full,), None
+    cos, sin, mask_BTS = full
+    if cfg.rope_local_theta is not None:
+        cos, sin = rope_tables(cfg.replace(rope_theta=cfg.rope_local_theta, rope_type="default"),
+                               positions_BT)
+    if cfg.sliding_window is not None:
+        mask_BTS = mask_BTS & (q_idx - k_idx < cfg.sliding_window)[None]
+    local = (cos, sin, mask_BTS)
+    if all(sliding):
+        return (local,), None
+    return (full, local), tuple(sliding)
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: str | None = None,

@@ -87,7 +87,8 @@ def pair_logps(cfg: ModelConfig, params, batch: dict, *, average: bool, chunk: i
                                         dropout_key=dropout_key, use_lora=use_lora)
     head, head_is_VD = functional.lm_head(cfg, params)
     logp_RT, _ = head_logprobs(hidden_RTD, head, rows["targets"], head_is_VD=head_is_VD,
-                               chunk=chunk or rows["tokens"].shape[1])
+                               chunk=chunk or rows["tokens"].shape[1],
+                               softcap=cfg.final_logit_softcap)
     return sequence_logps(logp_RT, rows["loss_mask"], average=average).reshape(-1, 2)
 
 

@@ -35,7 +35,8 @@ def sft_loss_fn(cfg: ModelConfig, logits_chunk: int = 128):
             return masked_xent(logits_BTV, batch["targets"], batch["loss_mask"])
         head, head_is_VD = functional.lm_head(cfg, params)
         return head_masked_xent(hidden_BTD, head, batch["targets"], batch["loss_mask"],
-                                head_is_VD=head_is_VD, chunk=logits_chunk)
+                                head_is_VD=head_is_VD, chunk=logits_chunk,
+                                softcap=cfg.final_logit_softcap)
     return loss_fn
 
 

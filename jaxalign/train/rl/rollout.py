@@ -68,13 +68,14 @@ def sequence(prompt_BP, prompt_mask_BP, response_BN, response_mask_BN) -> dict:
 
 
 def response_stats(hidden_BND, head, targets_BN, *, head_is_VD: bool, temperature: float,
-                   chunk: int):
+                   chunk: int, softcap: float | None = None):
     """log p(target) and the entropy (nats) of softmax(logits / temperature), fp32, at every
     response position, `chunk` positions at a time (logits rematerialised in the backward
     pass: peak memory holds one (B, chunk, V) block). The temperature-scaled, untruncated
-    distribution is the one the sampler reports log-probs under (`generate._select`)."""
+    distribution is the one the sampler reports log-probs under (`generate._select`); the
+    logits are soft-capped first (`softcap`, Gemma 2) as the model's forward caps them."""
     def stats(h_BCD, t_BC):
-        logits_BCV = head_logits(h_BCD, head, head_is_VD=head_is_VD) / temperature
+        logits_BCV = head_logits(h_BCD, head, head_is_VD=head_is_VD, softcap=softcap) / temperature
         lse_BC = jax.nn.logsumexp(logits_BCV, axis=-1)
         picked_BC = jnp.take_along_axis(logits_BCV, t_BC[..., None], axis=-1)[..., 0]
         p_BCV = jnp.exp(logits_BCV - lse_BC[..., None])
@@ -102,7 +103,8 @@ def policy_forward(cfg: ModelConfig, params, batch: dict, *, temperature: float,
     hidden_BND = _response_hidden(cfg, params, batch, use_lora=use_lora)
     head, head_is_VD = functional.lm_head(cfg, params)
     logp_BN, ent_BN = response_stats(hidden_BND, head, batch["response_BN"], head_is_VD=head_is_VD,
-                                     temperature=temperature, chunk=chunk)
+                                     temperature=temperature, chunk=chunk,
+                                     softcap=cfg.final_logit_softcap)
     return logp_BN, ent_BN, hidden_BND
 
 
