@@ -26,12 +26,16 @@ pad == eos.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Callable, Sequence
 
 import numpy as np
 
+from jaxalign.data import spans as S
 from jaxalign.data.formats import Example
 from jaxalign.data.sources import DataError
+
+log = logging.getLogger("jaxalign.data")
 
 CHUNK = 512  # examples rendered per batched tokenizer call
 
@@ -153,6 +157,7 @@ class Encoder:
         self.template = chat_template or getattr(tokenizer, "chat_template", None)
         self.train_on_prompt = train_on_prompt
         self.eos = tokenizer.eos_token_id
+        self.told: set[str] = set()  # the one-time log lines already given
         if self.eos is None:
             raise DataError("tokenizer has no eos_token_id; set one so examples can be ended")
 
@@ -195,9 +200,11 @@ class Encoder:
             else:
                 plain_text.append(ex)
         # The last message's rendering is the full one: tokenize each distinct string once.
-        unique = list(dict.fromkeys(t for _, strings in plans for t in strings))
+        unique = list(dict.fromkeys(t for _, strings in plans if isinstance(strings, list)
+                                    for t in strings))
         toks = dict(zip(unique, self.token_ids(unique, special=False)))
-        chat = iter([self._finish_chat(ex, [toks[t] for t in strings]) for ex, strings in plans])
+        chat = iter([self._finish_chat(ex, [toks[t] for t in strings]) if isinstance(strings, list)
+                     else self._finish_spans(ex, *strings) for ex, strings in plans])
         prompts = self.token_ids([ex.messages[0]["content"] for ex in plain_pc], special=True)
         completions = self.token_ids([ex.messages[1]["content"] for ex in plain_pc], special=False)
         pc = iter([self._finish_plain(p, c) for p, c in zip(prompts, completions)])
@@ -209,7 +216,7 @@ class Encoder:
     def _plan(self, ex: Example, where: str):
         """Strings to tokenize: the full rendering, then (prefix, prefix + message k) for each
         assistant message k."""
-        msgs = ex.messages
+        msgs = self._system_merged(ex.messages, where)
         full = self.render(msgs, False, where)
         strings = [full]
         for k, m in enumerate(msgs):
@@ -218,15 +225,53 @@ class Encoder:
             before = self.render(msgs[:k], True, where)
             upto = full if k == len(msgs) - 1 else self.render(msgs[:k + 1], False, where)
             if not (upto.startswith(before) and full.startswith(upto)):
-                bad = "messages[:%d] (with the generation prompt)" % k if not upto.startswith(before) \
-                    else "messages[:%d]" % (k + 1)
-                raise DataError(
-                    f"{where}: the chat template is not prefix-stable: rendering {bad} is not a "
-                    f"prefix of the rendering of the longer conversation, so the loss mask cannot "
-                    f"be found by rendering prefixes; use a template that renders earlier turns "
-                    f"the same whatever follows (data.chat_template)")
+                return ex, self._span_plan(msgs, where)
             strings += [before, upto]
         return ex, strings
+
+    def _tell(self, key: str, line: str) -> None:
+        if key not in self.told:
+            self.told.add(key)
+            log.warning(line)
+
+    def _system_merged(self, msgs, where: str):
+        """Templates that refuse a system role (Gemma's raise_exception) get the system text
+        merged into the first user turn, as Gemma 3's own template does; said once."""
+        if len(msgs) < 2 or msgs[0]["role"] != "system" or msgs[1]["role"] != "user":
+            return msgs
+        try:
+            self.render(msgs, False, where)
+            return msgs
+        except DataError as refused:
+            merged = [{"role": "user", "content": msgs[0]["content"] + "\n\n" + msgs[1]["content"]}]
+            merged += [dict(m) for m in msgs[2:]]
+            try:
+                self.render(merged, False, where)
+            except DataError:
+                raise refused from None
+            self._tell("system", f"{where}: the chat template refuses a system message ({refused}); "
+                                 f"its text is merged into the first user turn, here and in every "
+                                 f"later such row")
+            return merged
+
+    def _span_plan(self, msgs, where: str):
+        """Not prefix-stable (the template re-renders earlier turns): see data/spans.py."""
+        self._tell("spans", f"{where}: the chat template re-renders earlier turns (not "
+                            f"prefix-stable); the last assistant turn is trained after its "
+                            f"generation prompt and earlier turns as the template renders them there")
+        render = lambda m, gen: self.render(m, gen, where)
+        return S.plan_text(render, msgs, where, DataError)
+
+    def _finish_spans(self, ex, text, spans):
+        if not hasattr(self, "_special"):
+            self._special = S.special_ids(self.tok)
+        ids, mask, final_eos = S.mask_from_spans(self.tok, text, spans, self.eos, self._special)
+        if self.train_on_prompt:
+            mask[:] = 1
+        if not final_eos and ex.messages[-1]["role"] == "assistant":
+            ids = np.append(ids, np.int32(self.eos))
+            mask = np.append(mask, np.uint8(1))
+        return ids, mask
 
     def _finish_chat(self, ex, toks):
         ids = toks[0]
