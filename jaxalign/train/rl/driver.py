@@ -150,6 +150,7 @@ def load(cfg: RLConfig, mesh) -> Loaded:
         return tok
 
     roles, tokenizer = build_roles(cfg, mesh, tokenizer_and_prompts)
+    rewarder.judge = roles.judge
     prompts = holder["prompts"]
     log.info("%s: %d prompts; %s, %d iterations of %d prompts x %d generation(s)",
              prompts.name, len(prompts.ids), cfg.algorithm, cfg.train.iterations,
