@@ -223,6 +223,8 @@ def test_gemma_refuses_system_so_it_is_merged_into_the_first_user_turn(caplog):
                                             "It is 8.<end_of_turn>\n<eos>"]
     lines = [r.getMessage() for r in caplog.records if "refuses a system message" in r.getMessage()]
     assert len(lines) == 1 and "d.jsonl: row 0" in lines[0]
+    # RL / eval prompts (the generation prompt) get the same merge.
+    assert Encoder(tok).render(msgs[:2], True, "p.jsonl: row 0") == render(tok, merged[:1], gen=True)
 
 
 def test_mistral_system_goes_to_the_last_user_turn_of_the_prompt():

@@ -45,10 +45,9 @@ def _suffix(a: str, b: str, cap: int) -> int:
     return i
 
 
-def content_region(render, msgs, k: int, gen: bool) -> tuple[int, int] | None:
-    """(start, end) of message k's rendered text in render(msgs, gen); None when the
+def content_region(render, msgs, k: int, gen: bool, base: str) -> tuple[int, int] | None:
+    """(start, end) of message k's rendered text in base = render(msgs, gen); None when the
     template drops it."""
-    base = render(msgs, gen)
     starts, ends = [], []
     for mark in MARKERS:
         alt = [dict(m) for m in msgs]
@@ -66,7 +65,7 @@ def content_region(render, msgs, k: int, gen: bool) -> tuple[int, int] | None:
 def _leading_overlap(context: str, text: str) -> int:
     """Length of the longest non-blank head of `text` that `context` already ends with
     (DeepSeek-R1's generation prompt ends in the `<think>\\n` a stored answer starts with)."""
-    for j in range(min(len(context), len(text)), 0, -1):
+    for j in range(min(len(context), len(text), 256), 0, -1):  # generation prompts are short
         if text[:j].strip() and context.endswith(text[:j]):
             return j
     return 0
@@ -81,7 +80,7 @@ def plan_text(render, msgs, where: str, error) -> tuple[str, list[tuple[int, int
     for k, m in enumerate(ctx):
         if m["role"] != "assistant":
             continue
-        region = content_region(render, ctx, k, last_is_reply)
+        region = content_region(render, ctx, k, last_is_reply, context)
         if region is None:
             raise error(f"{where}: the chat template drops the text of message {k}, so its loss "
                         f"mask cannot be found; use a template that renders every assistant "
@@ -93,7 +92,7 @@ def plan_text(render, msgs, where: str, error) -> tuple[str, list[tuple[int, int
     if full.startswith(context):
         text = full
     else:
-        region = content_region(render, msgs, len(msgs) - 1, False)
+        region = content_region(render, msgs, len(msgs) - 1, False, full)
         if region is None:
             raise error(f"{where}: the chat template drops the text of the last assistant turn; "
                         f"use a template that renders it (data.chat_template)")
@@ -116,12 +115,16 @@ def special_ids(tokenizer) -> set[int]:
     return ids
 
 
-def mask_from_spans(tokenizer, text: str, spans, eos: int, special: set[int]
+def mask_from_spans(tokenizer, text: str, spans, eos: int, special: set[int], error=ValueError
                     ) -> tuple[np.ndarray, np.ndarray, bool]:
     """Token ids of `text`, the mask of tokens overlapping a span (an earlier turn also trains
     the special end-of-turn token right after it; the final turn ends at its last EOS), and
     whether the final turn has an EOS."""
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    try:
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    except NotImplementedError:
+        raise error("this chat template re-renders earlier turns, and finding the assistant "
+                    "tokens then needs a fast tokenizer (tokenizer.json)") from None
     ids = np.asarray(enc["input_ids"], np.int32)
     offs = np.asarray(enc["offset_mapping"], np.int64).reshape(-1, 2)
     mask = np.zeros(len(ids), np.uint8)

@@ -8,8 +8,11 @@ Which tokens carry loss is found by rendering prefixes, so no `{% generation %}`
 needed: for every assistant message k, the tokens that `render(messages[:k+1])` adds to
 `render(messages[:k], add_generation_prompt=True)` are that message (the role header belongs
 to the generation prompt and is not trained). A template whose rendering of a prefix is not a
-string prefix of the whole conversation (it reorders, counts or rewrites earlier turns) is
-refused with an error. When the strings are prefixes but the tokens are not (BPE merging
+string prefix of the whole conversation (it rewrites earlier turns: Qwen3, DeepSeek-R1,
+Mistral v0.3) goes through `data.spans` instead: the last reply trained after its generation
+prompt, earlier replies located where the template renders them (one log line says so). A
+template that refuses a system role gets the system text merged into the first user turn
+(`render`; one log line). When the strings are prefixes but the tokens are not (BPE merging
 across the boundary, e.g. ChatML's header "\n" with content starting "\n\n") the boundary is
 the longest common token prefix: the merged token, which holds message text, is trained.
 
@@ -158,10 +161,31 @@ class Encoder:
         self.train_on_prompt = train_on_prompt
         self.eos = tokenizer.eos_token_id
         self.told: set[str] = set()  # the one-time log lines already given
+        self.special: set[int] | None = None  # special token ids, found when first needed
         if self.eos is None:
             raise DataError("tokenizer has no eos_token_id; set one so examples can be ended")
 
     def render(self, messages, gen: bool, where: str) -> str:
+        """The template's string. A template that refuses a system role (Gemma 2's
+        raise_exception) gets the system text merged into the first user turn, as Gemma 3's
+        own template does; said once."""
+        try:
+            return self._render(messages, gen, where)
+        except DataError as refused:
+            msgs = list(messages)
+            if len(msgs) < 2 or msgs[0]["role"] != "system" or msgs[1]["role"] != "user":
+                raise
+            merged = [{**msgs[1], "content": msgs[0]["content"] + "\n\n" + msgs[1]["content"]}]
+            try:
+                out = self._render(merged + [dict(m) for m in msgs[2:]], gen, where)
+            except DataError:
+                raise refused from None
+            self._tell("system", f"{where}: the chat template refuses a system message ({refused}); "
+                                 f"its text is merged into the first user turn, here and in every "
+                                 f"later such row")
+            return out
+
+    def _render(self, messages, gen: bool, where: str) -> str:
         if not messages:
             return ""
         try:
@@ -216,7 +240,7 @@ class Encoder:
     def _plan(self, ex: Example, where: str):
         """Strings to tokenize: the full rendering, then (prefix, prefix + message k) for each
         assistant message k."""
-        msgs = self._system_merged(ex.messages, where)
+        msgs = ex.messages
         full = self.render(msgs, False, where)
         strings = [full]
         for k, m in enumerate(msgs):
@@ -234,26 +258,6 @@ class Encoder:
             self.told.add(key)
             log.warning(line)
 
-    def _system_merged(self, msgs, where: str):
-        """Templates that refuse a system role (Gemma's raise_exception) get the system text
-        merged into the first user turn, as Gemma 3's own template does; said once."""
-        if len(msgs) < 2 or msgs[0]["role"] != "system" or msgs[1]["role"] != "user":
-            return msgs
-        try:
-            self.render(msgs, False, where)
-            return msgs
-        except DataError as refused:
-            merged = [{"role": "user", "content": msgs[0]["content"] + "\n\n" + msgs[1]["content"]}]
-            merged += [dict(m) for m in msgs[2:]]
-            try:
-                self.render(merged, False, where)
-            except DataError:
-                raise refused from None
-            self._tell("system", f"{where}: the chat template refuses a system message ({refused}); "
-                                 f"its text is merged into the first user turn, here and in every "
-                                 f"later such row")
-            return merged
-
     def _span_plan(self, msgs, where: str):
         """Not prefix-stable (the template re-renders earlier turns): see data/spans.py."""
         self._tell("spans", f"{where}: the chat template re-renders earlier turns (not "
@@ -263,9 +267,10 @@ class Encoder:
         return S.plan_text(render, msgs, where, DataError)
 
     def _finish_spans(self, ex, text, spans):
-        if not hasattr(self, "_special"):
-            self._special = S.special_ids(self.tok)
-        ids, mask, final_eos = S.mask_from_spans(self.tok, text, spans, self.eos, self._special)
+        if self.special is None:
+            self.special = S.special_ids(self.tok)
+        ids, mask, final_eos = S.mask_from_spans(self.tok, text, spans, self.eos, self.special,
+                                                  DataError)
         if self.train_on_prompt:
             mask[:] = 1
         if not final_eos and ex.messages[-1]["role"] == "assistant":

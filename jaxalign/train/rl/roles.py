@@ -85,9 +85,10 @@ def _critic(cfg: RLConfig, mesh, reward):
     return ccfg, adapters, frozen
 
 
-def build_roles(cfg: RLConfig, mesh, tokenizer_cb) -> tuple[Roles, object]:
+def build_roles(cfg: RLConfig, mesh, tokenizer_cb, rewarder=None) -> tuple[Roles, object]:
     """Loads every model the run needs. `tokenizer_cb(tok_dir)` loads the tokenizer and the
-    prompts (so bad data fails before the other models load) and returns the tokenizer."""
+    prompts (so bad data fails before the other models load) and returns the tokenizer. A
+    reward model with another tokenizer is handed to `rewarder` (it scores decoded text)."""
     policy = load_policy(cfg.model, cfg.lora, mesh, cfg.train.seed)
     policy_cfg, p_train, p_frozen = policy.cfg, policy.trainable, policy.frozen
     tokenizer = tokenizer_cb(policy.tok_dir)
@@ -103,6 +104,8 @@ def build_roles(cfg: RLConfig, mesh, tokenizer_cb) -> tuple[Roles, object]:
                                    f"policy's tokenizer; {cfg.reward.model} has another")
         if judge is None:   # scored inside the rollout on the policy's ids
             aux["reward"] = reward[1]
+        elif rewarder is not None:
+            rewarder.judge = judge
     ref = "adapters_off" if cfg.lora.rank else "copy"
     if ref == "copy":
         aux["ref"] = _copy(p_train)
