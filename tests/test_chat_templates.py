@@ -253,3 +253,27 @@ def test_a_template_that_drops_an_assistant_turn_is_refused():
     with pytest.raises(DataError, match=r"d\.jsonl: row 0: the chat template drops the text of "
                                         r"message 1"):
         encode(tok, msgs)
+
+
+@pytest.mark.parametrize("family", ["qwen3", "deepseek_r1"])
+def test_preference_pairs_share_the_generation_prompt(family):
+    """DPO / RM pairs under a re-rendering template: both sides start with exactly the
+    prompt's generation prompt (prompt_len covers it), and only the reply is trained."""
+    from jaxalign.data.preference import encode_prompted
+    tok = family_tokenizer(family)
+    eos = tok.eos_token
+    prompt = ({"role": "user", "content": U1}, {"role": "assistant", "content": R1},
+              {"role": "user", "content": U2})
+    chosen = ({"role": "assistant", "content": R2},)
+    rejected = ({"role": "assistant", "content": "<think>\nguess\n</think>\n\nIt is 9."},)
+    enc = Encoder(tok)
+    [(sides, p)] = encode_prompted([(prompt, (chosen, rejected), None, 0)], enc,
+                                   lambda r: f"d.jsonl: row {r}")
+    gen_prompt = render(tok, list(prompt), gen=True)
+    assert tok.decode(sides[0][0][:p].tolist()) == gen_prompt
+    lead = "" if family == "qwen3" else "<think>\n"   # DeepSeek's prompt already ends with it
+    for (ids, mask), reply in zip(sides, (chosen, rejected)):
+        want = reply[0]["content"][len(lead):] + eos
+        tail = "\n" if family == "qwen3" else ""   # ChatML's newline after <|im_end|>, untrained
+        assert tok.decode(ids.tolist()) == gen_prompt + want + tail
+        assert trained_runs(tok, ids, mask) == [want]
