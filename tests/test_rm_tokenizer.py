@@ -143,7 +143,13 @@ def test_eval_stage_scores_with_the_reward_models_own_tokenizer(setup):
                     "eval": {"batch_size": 4, "seq_len": 192, "limit": 8, "max_new_tokens": 8,
                              "temperature": 0.0, "samples": 4}})
     results = run_eval(cfg)
-    assert results["rm/pairs"] == 8 and np.isfinite(results["rm/margin"])
+    assert results["rm/pairs"] == 8
+    rows = [json.loads(x) for x in Path(pairs).read_text().splitlines()][:8]
+    score = {side: np.array([reference(setup, [{"role": "user", "content": r["prompt"]}], r[side])
+                             for r in rows]) for side in ("chosen", "rejected")}
+    assert results["rm/chosen"] == pytest.approx(score["chosen"].mean(), abs=1e-4)
+    assert results["rm/rejected"] == pytest.approx(score["rejected"].mean(), abs=1e-4)
+    assert results["rm/accuracy"] == pytest.approx((score["chosen"] > score["rejected"]).mean())
     rows = [json.loads(x) for x in (out / "generations_pol.jsonl").read_text().splitlines()]
     assert len(rows) == 8
     direct = np.array([reference(setup, [{"role": "user", "content": r["prompt"]}], r["completion"])

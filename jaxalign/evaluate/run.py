@@ -135,11 +135,14 @@ def _load_prompts(cfg: EvalConfig, tok):
     return texts[:n], ids[:n], answers[:n], columns[:n], as_given[:n]
 
 
-def _load_pairs(cfg: EvalConfig, tok) -> PairSet:
+def _load_pairs(cfg: EvalConfig, tok, template: str | None = "data") -> PairSet:
+    """`template`: "data" for data.chat_template (the policies'), None for `tok`'s own (a
+    reward model with its own tokenizer)."""
+    template = cfg.data.chat_template if template == "data" else template
     data_cfg = DataConfig(train=cfg.data.pairs, seq_len=cfg.eval.seq_len, pack=False,
                           max_prompt_len=cfg.eval.max_prompt_len, cache_dir=cfg.data.cache_dir,
-                          chat_template=cfg.data.chat_template)
-    encoder = Encoder(tok, chat_template=resolve_template(cfg.data.chat_template))
+                          chat_template=template)
+    encoder = Encoder(tok, chat_template=resolve_template(template))
     data = PairSet.concat("pairs", [load_pairs(s, data_cfg, encoder)[0] for s in cfg.data.pairs])
     return data.subset(range(min(len(data), cfg.eval.limit))) if cfg.eval.limit else data
 
@@ -200,7 +203,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, float]:
         log.info("prompts: no reference answers in the rows; no ROUGE-L / exact match")
 
     if rm is not None and pairs is not None:
-        r = likelihood.pair_scores(rm.cfg, rm.params, _load_pairs(cfg, rm.tokenizer) if judge
+        r = likelihood.pair_scores(rm.cfg, rm.params, _load_pairs(cfg, rm.tokenizer, None) if judge
                                    else pairs, seq_len=o.seq_len, batch_size=o.batch_size,
                                    pad_id=judge.pad_id if judge else pad)
         results.update(_accuracy("rm", r[:, 0] - r[:, 1], r[:, 0], r[:, 1], per_item))
