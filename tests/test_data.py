@@ -167,11 +167,15 @@ def test_template_without_eos_gets_one_appended(tok_nt, tmp_path, cache):
     assert trained(tok_nt, ids, mask) == "5\n" + EOS
 
 
-def test_unstable_template_is_refused(tok_nt, tmp_path, cache):
-    with pytest.raises(DataError, match=r"d\.jsonl: row 0 \(line 1\): the chat template is not "
-                                        r"prefix-stable"):
-        encode(tok_nt, tmp_path, [{"prompt": "a", "completion": "b"}], cache,
-               chat_template=UNSTABLE_TEMPLATE)
+def test_unstable_template_trains_the_reply_after_its_generation_prompt(tok_nt, tmp_path, cache):
+    # Not prefix-stable (it counts the messages): the reply is trained after the prompt the
+    # model is given at generation time (more in tests/test_chat_templates.py).
+    [(ids, mask)] = encode(tok_nt, tmp_path, [{"prompt": "a", "completion": "b"}], cache,
+                           chat_template=UNSTABLE_TEMPLATE)
+    assert tok_nt.decode(ids.tolist()) == "1 messages\nuser: a\nassistant: b\n" + EOS
+    # " b" is one token (the prompt's space merged with the reply): it holds reply text, so
+    # it is trained, as the prefix method trains a merged boundary token.
+    assert trained(tok_nt, ids, mask) == " b\n" + EOS
 
 
 def test_train_on_prompt(tok, tmp_path, cache):

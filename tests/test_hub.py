@@ -168,9 +168,10 @@ def test_reward_model_by_hub_id(offline, tmp_path):
     with pytest.raises(RewardModelError, match="hf://org/tiny: wrong kind of model: a causal LM"):
         check_reward_model_dir(ID)
     check_reward_model_dir("hf://org/tiny-rm", sha)
-    got_cfg, got = load_frozen_reward_model("hf://org/tiny-rm", None, load_tokenizer(offline["a"]),
+    got_cfg, got, judge = load_frozen_reward_model("hf://org/tiny-rm", None, load_tokenizer(offline["a"]),
                                             revision=sha)
     assert got_cfg.num_labels == 1 and got_cfg.pad_token_id == cfg.pad_token_id is not None
+    assert judge is None   # the policy's tokenizer: scored on the policy's ids in the rollout
     assert_same_params(got, params)
 
 

@@ -8,8 +8,11 @@ Which tokens carry loss is found by rendering prefixes, so no `{% generation %}`
 needed: for every assistant message k, the tokens that `render(messages[:k+1])` adds to
 `render(messages[:k], add_generation_prompt=True)` are that message (the role header belongs
 to the generation prompt and is not trained). A template whose rendering of a prefix is not a
-string prefix of the whole conversation (it reorders, counts or rewrites earlier turns) is
-refused with an error. When the strings are prefixes but the tokens are not (BPE merging
+string prefix of the whole conversation (it rewrites earlier turns: Qwen3, DeepSeek-R1,
+Mistral v0.3) goes through `data.spans` instead: the last reply trained after its generation
+prompt, earlier replies located where the template renders them (one log line says so). A
+template that refuses a system role gets the system text merged into the first user turn
+(`render`; one log line). When the strings are prefixes but the tokens are not (BPE merging
 across the boundary, e.g. ChatML's header "\n" with content starting "\n\n") the boundary is
 the longest common token prefix: the merged token, which holds message text, is trained.
 
@@ -26,12 +29,16 @@ pad == eos.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Callable, Sequence
 
 import numpy as np
 
+from jaxalign.data import spans as S
 from jaxalign.data.formats import Example
 from jaxalign.data.sources import DataError
+
+log = logging.getLogger("jaxalign.data")
 
 CHUNK = 512  # examples rendered per batched tokenizer call
 
@@ -153,10 +160,32 @@ class Encoder:
         self.template = chat_template or getattr(tokenizer, "chat_template", None)
         self.train_on_prompt = train_on_prompt
         self.eos = tokenizer.eos_token_id
+        self.told: set[str] = set()  # the one-time log lines already given
+        self.special: set[int] | None = None  # special token ids, found when first needed
         if self.eos is None:
             raise DataError("tokenizer has no eos_token_id; set one so examples can be ended")
 
     def render(self, messages, gen: bool, where: str) -> str:
+        """The template's string. A template that refuses a system role (Gemma 2's
+        raise_exception) gets the system text merged into the first user turn, as Gemma 3's
+        own template does; said once."""
+        try:
+            return self._render(messages, gen, where)
+        except DataError as refused:
+            msgs = list(messages)
+            if len(msgs) < 2 or msgs[0]["role"] != "system" or msgs[1]["role"] != "user":
+                raise
+            merged = [{**msgs[1], "content": msgs[0]["content"] + "\n\n" + msgs[1]["content"]}]
+            try:
+                out = self._render(merged + [dict(m) for m in msgs[2:]], gen, where)
+            except DataError:
+                raise refused from None
+            self._tell("system", f"{where}: the chat template refuses a system message ({refused}); "
+                                 f"its text is merged into the first user turn, here and in every "
+                                 f"later such row")
+            return out
+
+    def _render(self, messages, gen: bool, where: str) -> str:
         if not messages:
             return ""
         try:
@@ -195,9 +224,11 @@ class Encoder:
             else:
                 plain_text.append(ex)
         # The last message's rendering is the full one: tokenize each distinct string once.
-        unique = list(dict.fromkeys(t for _, strings in plans for t in strings))
+        unique = list(dict.fromkeys(t for _, strings in plans if isinstance(strings, list)
+                                    for t in strings))
         toks = dict(zip(unique, self.token_ids(unique, special=False)))
-        chat = iter([self._finish_chat(ex, [toks[t] for t in strings]) for ex, strings in plans])
+        chat = iter([self._finish_chat(ex, [toks[t] for t in strings]) if isinstance(strings, list)
+                     else self._finish_spans(ex, *strings) for ex, strings in plans])
         prompts = self.token_ids([ex.messages[0]["content"] for ex in plain_pc], special=True)
         completions = self.token_ids([ex.messages[1]["content"] for ex in plain_pc], special=False)
         pc = iter([self._finish_plain(p, c) for p, c in zip(prompts, completions)])
@@ -218,15 +249,34 @@ class Encoder:
             before = self.render(msgs[:k], True, where)
             upto = full if k == len(msgs) - 1 else self.render(msgs[:k + 1], False, where)
             if not (upto.startswith(before) and full.startswith(upto)):
-                bad = "messages[:%d] (with the generation prompt)" % k if not upto.startswith(before) \
-                    else "messages[:%d]" % (k + 1)
-                raise DataError(
-                    f"{where}: the chat template is not prefix-stable: rendering {bad} is not a "
-                    f"prefix of the rendering of the longer conversation, so the loss mask cannot "
-                    f"be found by rendering prefixes; use a template that renders earlier turns "
-                    f"the same whatever follows (data.chat_template)")
+                return ex, self._span_plan(msgs, where)
             strings += [before, upto]
         return ex, strings
+
+    def _tell(self, key: str, line: str) -> None:
+        if key not in self.told:
+            self.told.add(key)
+            log.warning(line)
+
+    def _span_plan(self, msgs, where: str):
+        """Not prefix-stable (the template re-renders earlier turns): see data/spans.py."""
+        self._tell("spans", f"{where}: the chat template re-renders earlier turns (not "
+                            f"prefix-stable); the last assistant turn is trained after its "
+                            f"generation prompt and earlier turns as the template renders them there")
+        render = lambda m, gen: self.render(m, gen, where)
+        return S.plan_text(render, msgs, where, DataError)
+
+    def _finish_spans(self, ex, text, spans):
+        if self.special is None:
+            self.special = S.special_ids(self.tok)
+        ids, mask, final_eos = S.mask_from_spans(self.tok, text, spans, self.eos, self.special,
+                                                  DataError)
+        if self.train_on_prompt:
+            mask[:] = 1
+        if not final_eos and ex.messages[-1]["role"] == "assistant":
+            ids = np.append(ids, np.int32(self.eos))
+            mask = np.append(mask, np.uint8(1))
+        return ids, mask
 
     def _finish_chat(self, ex, toks):
         ids = toks[0]

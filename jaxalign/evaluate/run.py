@@ -45,6 +45,7 @@ from jaxalign.evaluate.generation import (completion_rows, pad_id_of, read_promp
                                           write_jsonl)
 from jaxalign.generate import eos_ids_for
 from jaxalign.models import lora
+from jaxalign.evaluate.judge import Judge, same_vocab
 from jaxalign.tokenizer import load_tokenizer
 
 log = logging.getLogger("jaxalign.eval")
@@ -121,23 +122,27 @@ def reference_answers(prompts, field: str | None) -> list[str | None]:
 
 def _load_prompts(cfg: EvalConfig, tok):
     d, o = cfg.data, cfg.eval
-    texts, ids, answers, columns = [], [], [], []
+    texts, ids, answers, columns, as_given = [], [], [], [], []
     for spec in d.prompts:
         p = read_prompts(spec, tok, chat=d.chat, chat_template=d.chat_template,
                          max_prompt_len=o.max_prompt_len, cache_dir=d.cache_dir)
         texts += p.texts
+        as_given += p.trl or p.texts   # a string or the message list: what a judge reads
         ids += p.ids
         answers += reference_answers(p, d.answer_field)
         columns += [{k: v[i] for k, v in p.columns.items()} for i in range(len(p.ids))]
     n = o.limit or len(ids)
-    return texts[:n], ids[:n], answers[:n], columns[:n]
+    return texts[:n], ids[:n], answers[:n], columns[:n], as_given[:n]
 
 
-def _load_pairs(cfg: EvalConfig, tok) -> PairSet:
+def _load_pairs(cfg: EvalConfig, tok, template: str | None = "data") -> PairSet:
+    """`template`: "data" for data.chat_template (the policies'), None for `tok`'s own (a
+    reward model with its own tokenizer)."""
+    template = cfg.data.chat_template if template == "data" else template
     data_cfg = DataConfig(train=cfg.data.pairs, seq_len=cfg.eval.seq_len, pack=False,
                           max_prompt_len=cfg.eval.max_prompt_len, cache_dir=cfg.data.cache_dir,
-                          chat_template=cfg.data.chat_template)
-    encoder = Encoder(tok, chat_template=resolve_template(cfg.data.chat_template))
+                          chat_template=template)
+    encoder = Encoder(tok, chat_template=resolve_template(template))
     data = PairSet.concat("pairs", [load_pairs(s, data_cfg, encoder)[0] for s in cfg.data.pairs])
     return data.subset(range(min(len(data), cfg.eval.limit))) if cfg.eval.limit else data
 
@@ -177,14 +182,18 @@ def run_eval(cfg: EvalConfig) -> dict[str, float]:
     first = load(names[0], models[names[0]], o.dtype)
     tok, pad = first.tokenizer, pad_id_of(first.tokenizer)
     eos = eos_ids_for(tok)
-    rm = None
+    rm, judge = None, None
     if cfg.models.reward_model:
         rm = load("reward_model", cfg.models.reward_model, o.dtype)
-        _same_tokenizer(first, rm, "models.reward_model")
+        if not same_vocab(first.tokenizer, rm.tokenizer):   # TRL allows it: re-encode for it
+            judge = Judge(rm.cfg, rm.params, rm.tokenizer, name=f"models.reward_model {rm.path}")
+            log.info("models.reward_model (%s): its tokenizer differs from %s's; pairs are "
+                     "tokenized and completions re-encoded with its own", rm.path, first.name)
 
     results: dict[str, float] = {}
     per_item: dict[str, np.ndarray] = {}   # metric -> its value per prompt / pair (intervals)
-    texts, prompt_ids, answers, columns = _load_prompts(cfg, tok) if d.prompts else ([], [], [], [])
+    texts, prompt_ids, answers, columns, as_given = (_load_prompts(cfg, tok) if d.prompts
+                                                     else ([], [], [], [], []))
     pairs = _load_pairs(cfg, tok) if d.pairs else None
     heldout = likelihood.heldout_sets(d.heldout, tok, seq_len=o.seq_len,
                                       chat_template=d.chat_template, cache_dir=d.cache_dir,
@@ -194,8 +203,9 @@ def run_eval(cfg: EvalConfig) -> dict[str, float]:
         log.info("prompts: no reference answers in the rows; no ROUGE-L / exact match")
 
     if rm is not None and pairs is not None:
-        r = likelihood.pair_scores(rm.cfg, rm.params, pairs, seq_len=o.seq_len,
-                                   batch_size=o.batch_size, pad_id=pad)
+        r = likelihood.pair_scores(rm.cfg, rm.params, _load_pairs(cfg, rm.tokenizer, None) if judge
+                                   else pairs, seq_len=o.seq_len, batch_size=o.batch_size,
+                                   pad_id=judge.pad_id if judge else pad)
         results.update(_accuracy("rm", r[:, 0] - r[:, 1], r[:, 0], r[:, 1], per_item))
 
     completions: dict[str, list[list[int]]] = {}
@@ -226,9 +236,13 @@ def run_eval(cfg: EvalConfig) -> dict[str, float]:
             completions[name] = ids
             results.update(_generation_metrics(name, ids, tok, answers, with_answer, eos, o,
                                                per_item))
-            if rm is not None:
+            if judge is not None:
+                rewards[name] = judge.score(as_given, tok.batch_decode(
+                    ids, skip_special_tokens=True), batch_size=o.batch_size)
+            elif rm is not None:
                 rewards[name] = likelihood.rewards(rm.cfg, rm.params, prompt_ids, ids,
                                                    batch_size=o.batch_size, pad_id=pad)
+            if rm is not None:
                 results[f"gen/{name}/reward"] = float(rewards[name].mean())
                 per_item[f"gen/{name}/reward"] = np.asarray(rewards[name], np.float64)
             if ref_model is not None:

@@ -63,7 +63,7 @@ def load(cfg: RLConfig, mesh) -> Loaded:
             holder["eval"] = H.read_eval_prompts(cfg, tok)
         return tok
 
-    roles, tokenizer = build_roles(cfg, mesh, tokenizer_and_prompts)
+    roles, tokenizer = build_roles(cfg, mesh, tokenizer_and_prompts, rewarder)
     prompts = holder["prompts"]
     log.info("%s: %d prompts; %s, %d iterations of %d prompts x %d generation(s)",
              prompts.name, len(prompts.ids), cfg.algorithm, cfg.train.iterations,

@@ -28,9 +28,11 @@ no advantage, as TRL zeroes it), or the rollout's mean when its whole group is s
 A reward model is a LlamaForSequenceClassification with num_labels=1 (an HF directory, a
 jaxalign checkpoint, an RM run directory or a hub id at reward.revision); it scores the
 policy's token ids at the last generated token that is not its pad id (with pad == eos, the
-token before the eos: transformers' and TRL's choice, `heads.scored_token_index`), so it
-must share the policy's tokenizer. Its forward runs inside the
-jitted rollout (`rollout.rollout`); this module only loads and checks it.
+token before the eos: transformers' and TRL's choice, `heads.scored_token_index`). Its
+forward runs inside the jitted rollout (`rollout.rollout`); this module only loads and
+checks it. A reward model with another tokenizer than the policy's (TRL allows it) scores
+the decoded completions instead, re-encoded with its own tokenizer and chat template
+(`evaluate.judge`, on the host, one process).
 """
 
 from __future__ import annotations
@@ -61,7 +63,7 @@ class RewardFunctionError(JaxalignError):
 
 
 class RewardModelError(JaxalignError):
-    """reward.model is not a usable reward model (wrong kind, other tokenizer)."""
+    """reward.model is not a usable reward model (wrong kind)."""
 
 
 def load_function(name: str) -> Callable:
@@ -224,17 +226,29 @@ def _check_labels(path: str, num_labels: int) -> None:
 
 def load_frozen_reward_model(path: str, mesh, policy_tokenizer, revision: str | None = None,
                              **runtime):
-    """-> (cfg, params) of a trained reward model that scores the policy's token ids (the
-    RL reward; `jaxalign.train.rm.init_reward_model` starts one to train). `path`: a
-    directory or a hub id at `revision`."""
+    """-> (cfg, params, judge) of a trained reward model (the RL reward;
+    `jaxalign.train.rm.init_reward_model` starts one to train). `path`: a directory or a hub
+    id at `revision`. `judge` is None when the reward model shares the policy's tokenizer (it
+    then scores the policy's token ids inside the rollout); otherwise an
+    `evaluate.judge.Judge` that re-encodes the decoded completions with its own tokenizer."""
+    from jaxalign.evaluate.judge import Judge, same_vocab
     check_reward_model_dir(path, revision)
     cfg, params, _, tok_dir = checkpoint.load_model(path, mesh, revision=revision, **runtime)
     _check_labels(path, cfg.num_labels)
-    if (Path(tok_dir) / "tokenizer.json").exists():
-        if load_tokenizer(tok_dir).get_vocab() != policy_tokenizer.get_vocab():
-            raise RewardModelError(f"reward.model {path}: its tokenizer differs from the policy's; "
-                                   "the reward model scores the policy's token ids directly")
-    return cfg, params
+    if not (Path(tok_dir) / "tokenizer.json").exists():
+        return cfg, params, None
+    rm_tokenizer = load_tokenizer(tok_dir)
+    if same_vocab(rm_tokenizer, policy_tokenizer):
+        return cfg, params, None
+    import jax
+    if jax.process_count() > 1:
+        raise RewardModelError(f"reward.model {path}: its tokenizer differs from the policy's; "
+                               f"re-encoding completions for it runs on one process only")
+    judge = Judge(cfg, params, rm_tokenizer, name=f"reward.model {path}")
+    log.info("reward.model %s: its tokenizer differs from the policy's; completions are decoded "
+             "and re-encoded with its tokenizer%s before scoring", path,
+             " and chat template" if judge.encoder.template else "")
+    return cfg, params, judge
 
 
 class RunningMoments:
@@ -273,6 +287,7 @@ class Rewarder:
         n = len(cfg.functions) + (cfg.model is not None)
         self.weights = list(cfg.weights) or [1.0] * n
         self.moments = RunningMoments()
+        self.judge = None   # an evaluate.judge.Judge: a reward model with its own tokenizer
 
     def raw(self, prompts: Sequence[str], completions: Sequence[str], model_scores: np.ndarray,
             eos: np.ndarray, columns: dict[str, list] | None = None, *,
@@ -295,6 +310,9 @@ class Rewarder:
         total = np.zeros(len(completions), np.float64)
         scored = np.zeros(len(completions), bool)
         if self.cfg.model is not None:
+            if self.judge is not None:   # scores the decoded text in its own tokenization
+                model_scores = self.judge.score(trl.prompts if trl is not None and trl.prompts
+                                                else prompts, completions)
             s = np.asarray(model_scores, np.float64)
             total += next(weights) * s
             scored |= True

@@ -28,7 +28,7 @@ from jaxalign.models.llama import score_init_std
 from jaxalign.train import preflight
 from jaxalign.train.rl import rollout as R
 from jaxalign.train.rl.config import RLConfig
-from jaxalign.train.rl.rewards import load_frozen_reward_model
+from jaxalign.train.rl.rewards import RewardModelError, load_frozen_reward_model
 from jaxalign.train.setup import load_policy, load_start
 
 log = logging.getLogger(__name__)
@@ -51,6 +51,7 @@ class Roles:
     hf_config: dict
     tok_dir: str
     bytes: dict
+    judge: object = None   # a reward model with its own tokenizer (evaluate.judge.Judge)
 
 
 def _copy(tree):
@@ -84,18 +85,27 @@ def _critic(cfg: RLConfig, mesh, reward):
     return ccfg, adapters, frozen
 
 
-def build_roles(cfg: RLConfig, mesh, tokenizer_cb) -> tuple[Roles, object]:
+def build_roles(cfg: RLConfig, mesh, tokenizer_cb, rewarder=None) -> tuple[Roles, object]:
     """Loads every model the run needs. `tokenizer_cb(tok_dir)` loads the tokenizer and the
-    prompts (so bad data fails before the other models load) and returns the tokenizer."""
+    prompts (so bad data fails before the other models load) and returns the tokenizer. A
+    reward model with another tokenizer is handed to `rewarder` (it scores decoded text)."""
     policy = load_policy(cfg.model, cfg.lora, mesh, cfg.train.seed)
     policy_cfg, p_train, p_frozen = policy.cfg, policy.trainable, policy.frozen
     tokenizer = tokenizer_cb(policy.tok_dir)
     aux, trainable, frozen = {}, {"policy": p_train}, {"policy": p_frozen}
-    reward = None
+    reward, judge = None, None
     if cfg.reward.model is not None:
-        reward = load_frozen_reward_model(cfg.reward.model, mesh, tokenizer,
-                                          revision=cfg.reward.revision, **cfg.model.runtime())
-        aux["reward"] = reward[1]
+        *reward, judge = load_frozen_reward_model(cfg.reward.model, mesh, tokenizer,
+                                                  revision=cfg.reward.revision,
+                                                  **cfg.model.runtime())
+        if judge is not None and cfg.objective.needs_value and cfg.ppo.value_model != "shared" \
+                and cfg.ppo.critic_init == "reward":
+            raise RewardModelError(f"ppo.critic_init: reward needs a reward model with the "
+                                   f"policy's tokenizer; {cfg.reward.model} has another")
+        if judge is None:   # scored inside the rollout on the policy's ids
+            aux["reward"] = reward[1]
+        elif rewarder is not None:
+            rewarder.judge = judge
     ref = "adapters_off" if cfg.lora.rank else "copy"
     if ref == "copy":
         aux["ref"] = _copy(p_train)
@@ -107,7 +117,7 @@ def build_roles(cfg: RLConfig, mesh, tokenizer_cb) -> tuple[Roles, object]:
         else:
             critic_cfg, trainable["critic"], frozen["critic"] = _critic(cfg, mesh, reward)
     models = R.Models(policy=policy_cfg, ref=ref, value=value, critic=critic_cfg,
-                      reward=reward[0] if reward else None)
+                      reward=reward[0] if reward and judge is None else None)
     # A LoRA critic from the reward model shares its frozen trunk: count those buffers once.
     shared = {id(x) for x in jax.tree.leaves(aux.get("reward", {}))}
     sizes = {"policy_trainable": nbytes(p_train), "policy_frozen": nbytes(p_frozen),
@@ -115,9 +125,9 @@ def build_roles(cfg: RLConfig, mesh, tokenizer_cb) -> tuple[Roles, object]:
               "value": nbytes({k: v for k, v in trainable.items() if k != "policy"})
               + nbytes([x for x in jax.tree.leaves(frozen.get("critic", {}))
                          if id(x) not in shared]),
-              "reward_model": nbytes(aux.get("reward", {}))}
+              "reward_model": nbytes(reward[1] if reward else {})}
     return Roles(models, trainable, frozen, aux, policy.hf_config, str(policy.tok_dir),
-                 sizes), tokenizer
+                 sizes, judge), tokenizer
 
 
 def memory_report(run_dir: Path, roles: Roles, cfg: RLConfig, opt_bytes: int,
