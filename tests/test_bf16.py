@@ -17,6 +17,8 @@ import pytest
 from jaxalign.config import ModelConfig, from_dict, load_yaml
 from jaxalign.train.recipes import RECIPES
 
+pytestmark = pytest.mark.slow  # trains every recipe in bf16 and fp32
+
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 # name: (command, tiny config, overrides). Few short steps each: the fp32 twin doubles the cost.

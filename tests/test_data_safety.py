@@ -19,6 +19,8 @@ from jaxalign import faults as jaxalign_faults
 from jaxalign.checkpoint import TrainCheckpoints
 from jaxalign import manifest
 
+pytestmark = pytest.mark.slow  # runs the CLI end to end, kills and reruns
+
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["train.tensorboard=false", "train.progress=false"]
 

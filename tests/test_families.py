@@ -280,6 +280,7 @@ def test_sharded_forward_equals_single_device(tiny):
     assert float(np.abs(np.asarray(out) - ref)[mask > 0].max()) <= SHARDED_TOL
 
 
+@pytest.mark.slow  # trains / compiles a run per family
 def test_plan_reads_every_family(tiny):
     """`jaxalign plan` from config.json alone: the family's params, split over fsdp=8."""
     import math
@@ -489,6 +490,7 @@ def _common(t, out, steps):
             "mesh": {"data": 1, "fsdp": -1, "tensor": 1}}
 
 
+@pytest.mark.slow  # trains / compiles a run per family
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 def test_sft_lowers_the_loss(trainable, lora):
     from jaxalign.train.sft import SFTConfig, run_sft
@@ -512,6 +514,7 @@ def test_sft_lowers_the_loss(trainable, lora):
                          "--max-new-tokens", "4"]) == 0
 
 
+@pytest.mark.slow  # trains / compiles a run per family
 def test_reward_model_lowers_the_loss(trainable):
     """`jaxalign rm` on a causal LM of the family: a score head, Bradley-Terry loss down."""
     import math
@@ -524,6 +527,7 @@ def test_reward_model_lowers_the_loss(trainable):
     assert np.mean([r["loss"] for r in rows[-2:]]) < math.log(2) - 0.05, [r["loss"] for r in rows]
 
 
+@pytest.mark.slow  # trains / compiles a run per family
 def test_dpo_lowers_the_loss(trainable):
     import math
     from jaxalign.train.dpo import DPOConfig, run_dpo
@@ -536,6 +540,7 @@ def test_dpo_lowers_the_loss(trainable):
     assert np.mean([r["loss"] for r in rows[-2:]]) < math.log(2) - 0.05, [r["loss"] for r in rows]
 
 
+@pytest.mark.slow  # trains / compiles a run per family
 def test_grpo_raises_the_reward(trainable):
     from jaxalign.train.rl.config import RLConfig
     from jaxalign.train.rl.driver import run_rl

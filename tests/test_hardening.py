@@ -21,6 +21,8 @@ from jaxalign import cli
 from jaxalign.checkpoint import TrainCheckpoints
 from jaxalign.config import OptimConfig
 
+pytestmark = pytest.mark.slow  # runs the CLI end to end in subprocesses
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -17,6 +17,8 @@ import pytest
 import faults as harness          # scripts/faults.py (conftest puts scripts/ on sys.path)
 from multiproc import free_port, launch, worker_env
 
+pytestmark = pytest.mark.slow  # spawns multi-process runs
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

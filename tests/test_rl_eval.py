@@ -12,6 +12,8 @@ import pytest
 from jaxalign.config import ConfigError
 from conftest import ppo_config as config, read_metrics, run_rl_one_device as run
 
+pytestmark = pytest.mark.slow  # whole RL runs with evaluations and resumes
+
 
 @pytest.fixture(scope="module")
 def tiny(ppo_tiny):

@@ -24,15 +24,15 @@ from jaxalign.train.rl.config import RLConfig, RewardConfig
 from jaxalign.train.rl.driver import run_rl
 from jaxalign.train.rl.rewards import Rewarder, TRLInputs, load_frozen_reward_model
 
-SMOL = Path("~/.cache/jaxalign/smollm2-135m-instruct-0.1.2").expanduser()
+pytestmark = pytest.mark.slow  # whole GRPO and eval runs
+
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "chat_template.jinja")
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    if not (SMOL / "tokenizer.json").exists():
-        pytest.skip(f"SmolLM2's tokenizer not cached at {SMOL}")
+def setup(tmp_path_factory, smollm2_dir):
+    SMOL = Path(smollm2_dir)   # its 49k-token tokenizer: another vocabulary than the policy's
     import torch
     from transformers import AutoTokenizer, Qwen2Config, Qwen2ForSequenceClassification
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
