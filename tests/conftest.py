@@ -24,16 +24,20 @@ def make_tiny_hf(path, seed=0, init_std=0.2, **overrides):
     A large init std gives logits of order 10, so a 1e-4 parity bound is a real test.
     Norm weights and biases are perturbed too, so that a transposed or skipped one shows.
     """
-    import torch
     from transformers import LlamaConfig, LlamaForCausalLM
+    return _save_random(path, LlamaConfig, LlamaForCausalLM, seed, init_std, overrides)
 
-    kw = dict(vocab_size=96, hidden_size=64, intermediate_size=112, num_hidden_layers=2,
-              num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-              max_position_embeddings=128, initializer_range=init_std, bos_token_id=1,
-              eos_token_id=2, pad_token_id=0)
-    kw.update(overrides)
+
+# The tiny models' shape: GQA (4 query heads, 2 KV heads), 2 layers, 96 tokens.
+TINY_SHAPE = dict(vocab_size=96, hidden_size=64, intermediate_size=112, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                  max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
+
+def _save_random(path, config_cls, model_cls, seed, init_std, overrides):
+    import torch
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(LlamaConfig(**kw)).eval()
+    model = model_cls(config_cls(**{**TINY_SHAPE, "initializer_range": init_std, **overrides})).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name or "bias" in name:
@@ -59,23 +63,11 @@ def make_tiny_family_hf(path, family, seed=0, init_std=0.2, **overrides):
     <Family>Config / <Family>ForCausalLM classes (fp32), saved to `path`; returns the model.
     Mistral's default 4096 window is turned off unless `sliding_window` is given (Gemma's
     `layer_types` default to transformers' own: Gemma 2 alternates sliding and full layers)."""
-    import torch
     import transformers
 
     config_cls, model_cls, _ = (getattr(transformers, n) for n in HF_FAMILY_CLASSES[family])
-    kw = dict(vocab_size=96, hidden_size=64, intermediate_size=112, num_hidden_layers=2,
-              num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-              max_position_embeddings=128, initializer_range=init_std, bos_token_id=1,
-              eos_token_id=2, pad_token_id=0, sliding_window=None)
-    kw.update(overrides)
-    torch.manual_seed(seed)
-    model = model_cls(config_cls(**kw)).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name or "bias" in name:
-                p.add_(0.3 * torch.randn_like(p))
-    model.save_pretrained(path)
-    return model
+    return _save_random(path, config_cls, model_cls, seed, init_std,
+                        {"sliding_window": None, **overrides})
 
 
 @pytest.fixture(scope="session")

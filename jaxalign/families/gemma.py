@@ -10,16 +10,13 @@ their own RoPE base (rope_parameters.sliding_attention / rope_local_base_freq).
 """
 
 from jaxalign.families.base import (
-    BIASES, DOWN, GATE_UP, IDENTITY, O, QKV, TRANSPOSE, Family, Refusal, Row, true)
+    BIASES, DOWN, EMBED_AND_HEADS, GATE_UP, IDENTITY, O, QKV, Family, Refusal, Row, true)
 
 _L = "model.layers.{i}."
-_ROWS = (
-    Row("model.embed_tokens.weight", ("embed",), IDENTITY),
-    Row("model.norm.weight", ("final_norm", "scale"), IDENTITY),
-    Row("lm_head.weight", ("lm_head",), TRANSPOSE,
-        lambda c: c.num_labels == 0 and not c.tie_word_embeddings),
-    Row("score.weight", ("score",), TRANSPOSE, lambda c: c.num_labels > 0),
-    Row(_L + "input_layernorm.weight", ("layers", "attn_norm", "scale"), IDENTITY),
+# Llama's embedding, final norm, heads and input norm; then Gemma's own three norms per layer
+# (its post_attention_layernorm normalises the attention output, not the MLP input).
+_LLAMA_SHARED = tuple(r for r in EMBED_AND_HEADS if "post_attention_layernorm" not in r.hf_key)
+_ROWS = _LLAMA_SHARED + (
     Row(_L + "post_attention_layernorm.weight", ("layers", "post_attn_norm", "scale"), IDENTITY),
     Row(_L + "pre_feedforward_layernorm.weight", ("layers", "mlp_norm", "scale"), IDENTITY),
     Row(_L + "post_feedforward_layernorm.weight", ("layers", "post_mlp_norm", "scale"), IDENTITY),
