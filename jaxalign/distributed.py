@@ -178,8 +178,16 @@ def _start_watch(timeout_s: int, where: str) -> None:
     thread.start()
 
 
+def failing() -> None:
+    """This process is about to print its own error and exit: the watchdog stays silent (one
+    error line a process), while `mark_exit` still tells the others."""
+    _watch_state["failing"] = True
+
+
 def _die(msg: str) -> None:
     import sys
+    if _watch_state.get("failing"):
+        return
     sys.stderr.write(f"jaxalign: error: {msg}\n")
     sys.stderr.flush()
     os._exit(1)   # the main thread may sit in a collective that never returns

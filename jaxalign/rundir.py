@@ -120,10 +120,13 @@ def refuse_foreign(path: str | Path, what: str) -> None:
 
 def claim(path: str | Path, kind: str) -> Path:
     """A directory for jaxalign to write into: absent, empty or already jaxalign's (else
-    ForeignDirError); created and marked. Only process 0 marks."""
+    ForeignDirError); created and marked. Only process 0 checks and marks: another process
+    of the same run could otherwise see the directory half-made (process 0's marker still a
+    temp file in it) and refuse it; if process 0 refuses, the others stop at the run's first
+    exchange (the peer watchdog names it)."""
     path = Path(path).expanduser()
-    refuse_foreign(path, f"this {kind}")
     if jax.process_index() == 0:
+        refuse_foreign(path, f"this {kind}")
         mark(path, kind)
     return path
 
