@@ -162,6 +162,7 @@ def _wait_for_coordinator(address: str, process_id: int, timeout_s: int) -> None
 # The key-value store is reached through jax._src.distributed: JAX has no public API for it.
 
 _watch_state = {"stop": None, "timeout": 0, "thread": None}
+PEER_ERROR_GRACE_S = 3.0
 
 
 def _client():
@@ -210,10 +211,15 @@ def _watch(stop, timeout_s: int, where: str) -> None:
                         raise
                     now_value = None
                 if now_value is not None and now_value.startswith("exit:"):
-                    if now_value != "exit:0" and not stop.is_set():
+                    if now_value == "exit:0":
+                        del seen[q]
+                    elif value != now_value:
+                        # A failed peer: give this process a moment to reach the same error
+                        # itself (a check every process makes), so it prints that line.
+                        seen[q] = (now_value, time.monotonic())
+                    elif time.monotonic() - since > PEER_ERROR_GRACE_S and not stop.is_set():
                         _die(f"process {q} of {n} stopped with an error (its log says why); "
                              f"process {me} stops too")
-                    del seen[q]
                 elif now_value != value:
                     seen[q] = (now_value, time.monotonic())
                 elif time.monotonic() - since > timeout_s and not stop.is_set():
