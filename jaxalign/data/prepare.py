@@ -42,7 +42,7 @@ from typing import Any, Callable, Iterator, Mapping
 import numpy as np
 
 from jaxalign import rundir
-from jaxalign.config import ConfigError, from_dict, require
+from jaxalign.config import from_dict, require
 from jaxalign.data.config import DatasetSpec, dataset_specs
 from jaxalign.data.sources import DataError, iter_json_lines
 

@@ -26,7 +26,6 @@ import logging
 
 import numpy as np
 
-from jaxalign.config import ConfigError
 from jaxalign.data.config import DatasetSpec
 from jaxalign.data.formats import EmptyField, get_field, parse_messages
 from jaxalign.data.pairs import (Identical, NoPrompt, both_sides, check_type, detect_pair_format,

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 import zlib
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 

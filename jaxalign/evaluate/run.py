@@ -41,7 +41,7 @@ from jaxalign.data.preference import PairSet, load_pairs
 from jaxalign.data.tokenize import Encoder
 from jaxalign.evaluate import harness, intervals, likelihood, text_metrics
 from jaxalign.evaluate.config import REFERENCE, EvalConfig
-from jaxalign.evaluate.generation import (completion_rows, pad_id_of, read_prompts, sample,
+from jaxalign.evaluate.generation import (pad_id_of, read_prompts, sample,
                                           write_jsonl)
 from jaxalign.generate import eos_ids_for
 from jaxalign.models import lora

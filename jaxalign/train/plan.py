@@ -22,7 +22,6 @@ import json
 import math
 import re
 import time
-from pathlib import Path
 from typing import Any, Callable
 
 import jax
