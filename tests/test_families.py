@@ -126,6 +126,26 @@ def test_sliding_window_is_live(tiny):
     assert np.abs(wide - ref)[mask > 0].max() > 1e-2
 
 
+def test_shared_prefix_rows_equal_separate_rows(tiny):
+    """[prompt | a | b] in one row with branch ids (b's positions continuing from the prompt)
+    gives each branch the logits of its own row [prompt | a], [prompt | b]: the mask hides a
+    from b and the window counts positions, not slots (windows here are shorter than b)."""
+    cfg, params = tiny["cfg"], tiny["params"]
+    rng = np.random.default_rng(3)
+    P, A, Bn = 7, 5, 9
+    prompt, a, b = (rng.integers(3, cfg.vocab_size, n) for n in (P, A, Bn))
+    shared = np.concatenate([prompt, a, b])[None]
+    branch = np.array([0] * P + [1] * A + [2] * Bn)[None]
+    pos = np.concatenate([np.arange(P + A), P + np.arange(Bn)])[None]
+    logits, _, _ = functional.apply(cfg, params, jnp.asarray(shared), positions_BT=jnp.asarray(pos),
+                                    branch_ids_BT=jnp.asarray(branch))
+    for part, lo, hi in ((a, P, P + A), (b, P + A, P + A + Bn)):
+        alone, _, _ = functional.apply(cfg, params, jnp.asarray(np.concatenate([prompt, part])[None]))
+        np.testing.assert_allclose(np.asarray(logits[0, lo:hi]), np.asarray(alone[0, P:]),
+                                   atol=2e-5, rtol=2e-5, err_msg=tiny["name"])
+    np.testing.assert_allclose(np.asarray(logits[0, :P]), np.asarray(alone[0, :P]), atol=2e-5)
+
+
 def test_gemma_per_layer_features_are_live(tiny):
     """Each Gemma feature the parity test covers changes the logits when switched off: the
     window on the sliding layers only (not all), the soft-caps, the local RoPE base."""

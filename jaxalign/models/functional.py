@@ -73,11 +73,13 @@ def positions_from_segments(segment_ids_BT: jax.Array) -> jax.Array:
 def apply(cfg: ModelConfig, params: Params, tokens_BT: jax.Array, *,
           positions_BT: jax.Array | None = None, segment_ids_BT: jax.Array | None = None,
           cache: Cache | None = None, return_logits: bool = True,
-          dropout_key: jax.Array | None = None, use_lora: bool = True):
+          dropout_key: jax.Array | None = None, use_lora: bool = True,
+          branch_ids_BT: jax.Array | None = None):
     """Pure forward pass: (logits_BTV fp32 | None, hidden_BTD, cache | None).
 
     segment_ids default to all ones (no padding); positions default to restarting at
     each segment, which also gives left-padded rows positions 0.. at their first token.
+    branch_ids_BT: shared-prefix rows (`Llama.__call__`); pass their positions explicitly.
     """
     if segment_ids_BT is None:
         segment_ids_BT = jnp.ones(tokens_BT.shape, jnp.int32)
@@ -91,7 +93,8 @@ def apply(cfg: ModelConfig, params: Params, tokens_BT: jax.Array, *,
         params = {**params, "layers": layer_params[0]}
     model = nnx.merge(_split(cfg)[0], params)
     return model(tokens_BT, positions_BT, segment_ids_BT, cache, return_logits=return_logits,
-                 dropout_key=dropout_key, use_lora=use_lora, layer_params=layer_params)
+                 dropout_key=dropout_key, use_lora=use_lora, layer_params=layer_params,
+                 branch_ids_BT=branch_ids_BT)
 
 
 def unstack_layers(cfg: ModelConfig, params: Params, dtype: str | None = None) -> Params:

@@ -318,11 +318,15 @@ class Llama(nnx.Module):
     def __call__(self, tokens_BT: jax.Array, positions_BT: jax.Array, segment_ids_BT: jax.Array,
                  cache: Cache | None = None, *, return_logits: bool = True,
                  dropout_key: jax.Array | None = None, use_lora: bool = True,
-                 layer_params: tuple | None = None):
+                 layer_params: tuple | None = None, branch_ids_BT: jax.Array | None = None):
         """Forward pass.
 
         segment_ids_BT: 0 marks padding; tokens attend causally only within their own
-        segment (packing). With a cache, the T new tokens are written at `cache['end']` and
+        segment (packing). branch_ids_BT (no cache): shared-prefix rows such as
+        [prompt | chosen | rejected]; a token of branch b > 0 attends to the earlier tokens of
+        its segment's branch 0 (the shared prompt) and of branch b only, so each branch sees
+        exactly what it would see in a row of its own (give it positions that continue from
+        the prompt). With a cache, the T new tokens are written at `cache['end']` and
         attend to every valid earlier slot. `dropout_key` turns on LoRA dropout (training);
         `use_lora=False` runs the base model with the adapters switched off.
         Returns (logits_BTV fp32 or None, hidden_BTD after the final norm, new cache or None).
@@ -347,6 +351,14 @@ class Llama(nnx.Module):
             q_idx, k_idx = jnp.arange(T)[:, None], jnp.arange(T)[None, :]
             same_segment = segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
             mask_BTS = (k_idx <= q_idx)[None] & same_segment & (segment_ids_BT[:, None, :] > 0)
+            if branch_ids_BT is not None:
+                visible_BTS = ((branch_ids_BT[:, None, :] == 0)
+                               | (branch_ids_BT[:, :, None] == branch_ids_BT[:, None, :]))
+                mask_BTS = mask_BTS & visible_BTS
+            # The window counts positions, not slots: a branch's positions continue from the
+            # prompt across the other branches' tokens. Within one segment of an ordinary row
+            # the two are the same.
+            dist_BTS = positions_BT[:, :, None] - positions_BT[:, None, :]
             end, kv = None, None
         else:
             end = cache["end"]
@@ -356,10 +368,11 @@ class Llama(nnx.Module):
             # position distance (the window below).
             q_idx, k_idx = end + jnp.arange(T)[:, None], jnp.arange(S)[None, :]
             mask_BTS = (k_idx <= q_idx)[None] & valid_BS[:, None, :]
+            dist_BTS = (q_idx - k_idx)[None]
             kv = (cache["k"], cache["v"])
         # Attention inputs (cos, sin, mask) per layer kind: one kind unless some layers are
         # windowed and others not (Gemma's layer_types), each layer then picks its own.
-        kinds, kind_L = layer_kinds(cfg, positions_BT, (cos_BTH, sin_BTH, mask_BTS), q_idx, k_idx)
+        kinds, kind_L = layer_kinds(cfg, positions_BT, (cos_BTH, sin_BTH, mask_BTS), dist_BTS)
 
         if layer_params is not None:
             x_BTD, kv = self._loop_layers(layer_params, x_BTD, kinds, kind_L, kv, end,
@@ -426,10 +439,10 @@ class Llama(nnx.Module):
         return x_BTD, (None if kv is None else (tuple(new_k), tuple(new_v)))
 
 
-def layer_kinds(cfg: ModelConfig, positions_BT, full, q_idx, k_idx):
+def layer_kinds(cfg: ModelConfig, positions_BT, full, dist_BTS):
     """-> (kinds, kind_L): the (cos, sin, mask) of each layer kind and which kind each layer
     is (None: every layer the first). `full` is the causal kind; the window keeps keys with
-    q - k < sliding_window (transformers' kv > q - window); Gemma 3's sliding layers also
+    q - k < sliding_window (transformers' kv > q - window; `dist_BTS` = q - k); Gemma 3's sliding layers also
     rotate by their own RoPE base (`rope_local_theta`)."""
     sliding = [t == "sliding_attention" for t in (cfg.layer_types or ["sliding_attention"])]
     if not any(sliding) or (cfg.sliding_window is None and cfg.rope_local_theta is None):
@@ -439,7 +452,7 @@ def layer_kinds(cfg: ModelConfig, positions_BT, full, q_idx, k_idx):
         cos, sin = rope_tables(cfg.replace(rope_theta=cfg.rope_local_theta, rope_type="default"),
                                positions_BT)
     if cfg.sliding_window is not None:
-        mask_BTS = mask_BTS & (q_idx - k_idx < cfg.sliding_window)[None]
+        mask_BTS = mask_BTS & (dist_BTS < cfg.sliding_window)
     local = (cos, sin, mask_BTS)
     if all(sliding):
         return (local,), None
