@@ -238,9 +238,10 @@ def _watch(stop, timeout_s: int, where: str) -> None:
                          "resume from the last checkpoint")
         except Exception as e:
             if not stop.is_set():
-                _die(f"process {me} lost the coordinator (process 0) at {where}: "
-                     f"{(str(e).splitlines() or [type(e).__name__])[0][:200]}. Rerun the same "
-                     "command on every process to resume from the last checkpoint")
+                _die(f"process 0 of {n} (the coordinator, {where}) stopped answering "
+                     f"({(str(e).splitlines() or [type(e).__name__])[0][:200]}); process {me} "
+                     "stops too. Rerun the same command on every process to resume from the "
+                     "last checkpoint")
             return
 
 
