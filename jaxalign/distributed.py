@@ -105,7 +105,7 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     if num_processes is not None and process_id is not None and not 0 <= process_id < num_processes:
         raise ConfigError(f"process id {process_id} is not in [0, {num_processes})")
     from jaxalign import supervise as sup
-    if supervise is not None and not sup.is_child():
+    if not sup.claim_child() and supervise is not None:
         sup.run(supervise)   # never returns
     # CPU collectives across processes (read when the CPU backend starts; harmless elsewhere).
     jax.config.update("jax_cpu_collectives_implementation", "gloo")

@@ -38,20 +38,31 @@ NATIVE = re.compile(rb"^\s*([IWEF]\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ \S+:\d+\]|\*\*\
 ERROR_PREFIX = b"jaxalign: error:"
 
 
-def is_child() -> bool:
-    return ENV_CHILD in os.environ
+_report_fd: list[int] = []
+
+
+def claim_child() -> bool:
+    """Whether this process is a supervised child. Takes the variable out of the
+    environment, so that commands this one starts (which have no such fd) are not taken
+    for children themselves."""
+    fd = os.environ.pop(ENV_CHILD, None)
+    if fd is None:
+        return False
+    if fd.isdigit():
+        _report_fd.append(int(fd))
+    return True
 
 
 def report_joined(process: int, processes: int, coordinator: str | None) -> None:
     """In the child, once joined: tells the parent which process this is and where the
     coordinator is (for a detected cluster only JAX knew)."""
-    fd = os.environ.get(ENV_CHILD, "")
-    if not fd.isdigit():
+    if not _report_fd:
         return
+    fd = _report_fd.pop()
     try:
-        os.write(int(fd), (json.dumps({"process": process, "processes": processes,
-                                       "coordinator": coordinator}) + "\n").encode())
-        os.close(int(fd))
+        os.write(fd, (json.dumps({"process": process, "processes": processes,
+                                  "coordinator": coordinator}) + "\n").encode())
+        os.close(fd)
     except OSError:
         pass
 
