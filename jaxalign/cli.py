@@ -407,6 +407,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv is None:  # a real command line: may re-execute under mimalloc (jaxalign.runtime)
         runtime.reexec_with_allocator(sys.argv[1:])
     args = build_parser().parse_args(argv)
+    args.command_line = sys.argv[1:] if argv is None else None   # may be supervised
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     # jax probes for a TPU on every start and logs the miss at INFO; not news on CPU/GPU.
@@ -435,7 +436,7 @@ def _dispatch(args) -> int:
             settings = runtime.configure_jax()
             log.debug("runtime settings: %s", settings)
             distributed.initialize(args.coordinator, args.num_processes, args.process_id,
-                                   watch=True)
+                                   watch=True, supervise=args.command_line)
         return args.func(args)
     except Preempted as e:
         # A scheduler's SIGTERM is not a failure: the checkpoint is written, rerun continues.

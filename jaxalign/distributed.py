@@ -77,10 +77,13 @@ def detected_cluster() -> str | None:
 
 
 def initialize(coordinator: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None, watch: bool = False) -> str | None:
+               process_id: int | None = None, watch: bool = False,
+               supervise: list[str] | None = None) -> str | None:
     """Joins the multi-controller runtime when asked to (see the module doc); returns how
     ('explicit', a cluster name, 'auto') or None for a single-process run. `watch`: start
-    the peer watchdog (`_watch`; the CLI, which then calls `end` before JAX shuts down)."""
+    the peer watchdog (`_watch`; the CLI, which then calls `end` before JAX shuts down).
+    `supervise`: the command line's arguments; a multi-process run then does its work in a
+    child of this process (`jaxalign.supervise`: a lost coordinator gets one line)."""
     mode = os.environ.get(ENV_MODE, "auto").strip().lower()
     if mode not in ("auto", "on", "off"):
         raise ConfigError(f"{ENV_MODE}={mode!r}: expected auto, on or off")
@@ -101,6 +104,9 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
                           "JAXALIGN_NUM_PROCESSES / JAXALIGN_PROCESS_ID)")
     if num_processes is not None and process_id is not None and not 0 <= process_id < num_processes:
         raise ConfigError(f"process id {process_id} is not in [0, {num_processes})")
+    from jaxalign import supervise as sup
+    if not sup.claim_child() and supervise is not None:
+        sup.run(supervise)   # never returns
     # CPU collectives across processes (read when the CPU backend starts; harmless elsewhere).
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     # Whatever was not given explicitly, JAX fills in from the cluster it detects.
@@ -131,6 +137,9 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
             f"within {kw['initialization_timeout']} s ({ENV_INIT_TIMEOUT}): {first}") from None
     log.info("process %d/%d joined (%s); %d local / %d global devices", jax.process_index(),
              jax.process_count(), how, jax.local_device_count(), jax.device_count())
+    from jax._src import distributed as jd
+    sup.report_joined(jax.process_index(), jax.process_count(),
+                      getattr(jd.global_state, "coordinator_address", None) or coordinator)
     if watch and jax.process_count() > 1:
         _start_watch(peer_timeout, coordinator or how)
     return how
@@ -229,8 +238,10 @@ def _watch(stop, timeout_s: int, where: str) -> None:
                          "resume from the last checkpoint")
         except Exception as e:
             if not stop.is_set():
-                _die(f"process {me} lost the coordinator (process 0) at {where}: "
-                     f"{(str(e).splitlines() or [type(e).__name__])[0][:200]}")
+                _die(f"process 0 of {n} (the coordinator, {where}) stopped answering "
+                     f"({(str(e).splitlines() or [type(e).__name__])[0][:200]}); process {me} "
+                     "stops too. Rerun the same command on every process to resume from the "
+                     "last checkpoint")
             return
 
 

@@ -18,8 +18,9 @@ moments, step, RNG) bit for bit with the reference. The moments, drawn in turn:
   timed       SIGKILL from outside after a random delay within the reference run's length
 
 --peer-kills N adds N two-process SFT runs (1 CPU device each) in which one process is
-SIGKILLed: the survivor must exit within JAXALIGN_HEARTBEAT_TIMEOUT with one line naming
-it, and rerunning both must end identical to an uninterrupted two-process run.
+SIGKILLed, process 1 and process 0 (the coordinator) in turn: the survivor must exit within
+JAXALIGN_HEARTBEAT_TIMEOUT with one line naming it and no native abort trace, and rerunning
+both must end identical to an uninterrupted two-process run.
 
 The in-process ones use jaxalign's fault points (`jaxalign/faults.py`, env JAXALIGN_FAULT)
 with a random occurrence number. Prints a table (kills, recovered, identical) and one JSON
@@ -355,6 +356,8 @@ def main_safety(work: Path) -> int:
 
 PEER_TIMEOUT_S = 5   # JAXALIGN_HEARTBEAT_TIMEOUT of the peer-kill trials
 PEER_STEPS = 40      # long enough that the kill lands mid-run on a slow machine
+# What a native abort leaves on stderr (glog's fatal line, the failure signal handler's dump).
+NATIVE_ABORT = ("Traceback", "Check failure", "F0000", "*** SIGABRT", "Terminating process")
 
 
 def _two_process(out: Path, paths, port: int) -> list[list[str]]:
@@ -403,7 +406,7 @@ def peer_kill_trial(k: int, victim: int, delay: float, paths, work: Path) -> dic
     result = {"k": k, "victim": victim, "delay": round(delay, 2),
               "survivor_rc": survivor.returncode, "survivor_exit_s": round(exit_s, 1),
               "one_line": len(lines) == 1 and f"process {victim} of 2" in lines[0]
-              and "Check failure" not in err and "Traceback" not in err,
+              and not any(m in err for m in NATIVE_ABORT),
               "line": lines[0] if lines else err.strip().splitlines()[-1:]}
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -429,9 +432,9 @@ def peer_kills(n: int, seed: int, paths, work: Path) -> dict:
     if any(r.returncode for r in rs):
         raise SystemExit(f"the 2-process reference run failed:\n{rs[0].stderr[-2000:]}")
     span = time.time() - t0
-    # Process 1 first (the usual case: a worker dies), then alternating; process 0 hosts the
-    # coordination service, whose loss JAX itself reports (see the summary's one_line).
-    trials = [peer_kill_trial(k, k % 2 if k else 1, rng.uniform(0.0, 2.0), paths, work)
+    # Process 1 first (the usual case: a worker dies), then process 0, which hosts the
+    # coordination service (the survivor's supervising parent names it), alternating.
+    trials = [peer_kill_trial(k, 1 - k % 2, rng.uniform(0.0, 2.0), paths, work)
               for k in range(n)]
     print(f"{'victim':<8}{'survivor rc':>12}{'exit s':>8}{'one line':>10}{'recovered':>11}"
           f"{'identical':>11}")

@@ -1,8 +1,9 @@
 """Issue 24's multi-process findings, each on two real processes (1 fake CPU device each,
 gloo over loopback): processes with different configs stop at once with one line naming
-the process and the key (13); a killed peer makes the survivor exit within
-JAXALIGN_HEARTBEAT_TIMEOUT with one line naming it, and the coordinator listens on
-loopback only (16, 20); an unreachable coordinator fails within JAXALIGN_INIT_TIMEOUT
+the process and the key (13); a killed peer, process 1 or process 0 (the coordinator),
+makes the survivor exit within JAXALIGN_HEARTBEAT_TIMEOUT with one line naming it and the
+rerun resumes identically, while a crash of a process itself is passed through as such; the
+coordinator listens on loopback only (16, 20); an unreachable coordinator fails within JAXALIGN_INIT_TIMEOUT
 naming the address (16); `prepare` on two processes writes once (16)."""
 
 import json
@@ -107,6 +108,90 @@ def test_killed_peer_stops_the_survivor_with_one_line(paths, tmp_path):
     line = lines[0]
     assert "process 1 of 2 stopped responding" in line and "JAXALIGN_HEARTBEAT_TIMEOUT" in line
     assert "Check failure" not in o and "Traceback" not in o
+
+
+NATIVE_ABORT = ("Traceback", "Check failure", "F0000", "*** SIGABRT", "Terminating process",
+                "@     0x")
+
+
+def _start(cmds, env) -> list[subprocess.Popen]:
+    return [subprocess.Popen(c, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, cwd=str(ROOT)) for c in cmds]
+
+
+def _wait_steps(out: Path, procs, n: int) -> None:
+    deadline, metrics = time.monotonic() + 300, out / "metrics.jsonl"
+    while not metrics.exists() or len(metrics.read_text().splitlines()) < n:
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs), \
+            f"{n} steps not done"
+        time.sleep(0.1)
+
+
+def test_killed_coordinator_stops_the_survivor_with_one_line_and_resumes(paths, tmp_path):
+    """Process 0 (it hosts JAX's coordination service) is SIGKILLed mid-run, after its
+    first checkpoint. JAX's client in process 1 aborts from C++ at once; the command the
+    user started (its supervising parent, jaxalign/supervise.py) turns that into exit 1
+    within the timeout and ONE stderr line naming process 0, with no native trace. The same
+    two commands rerun resume and end with the metrics and final state of a run that was
+    never interrupted."""
+    extra = ("train.steps=30", "train.save_every=3")
+    ref, out = tmp_path / "ref", tmp_path / "run"
+    port = free_port()
+    launch([_cmd(i, port, "sft", ref, paths, *extra) for i in range(2)], [_env(), _env()],
+           timeout_s=600)
+    port = free_port()
+    procs = _start([_cmd(i, port, "sft", out, paths, *extra) for i in range(2)],
+                   _env(JAXALIGN_HEARTBEAT_TIMEOUT="5"))
+    try:
+        _wait_steps(out, procs, 4)             # step 3 saved
+        procs[0].send_signal(signal.SIGKILL)
+        killed = time.monotonic()
+        _, err = procs[1].communicate(timeout=60)
+        took = time.monotonic() - killed
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.communicate()
+    assert procs[1].returncode == 1, err[-3000:]
+    assert took < 5 + 15, took
+    lines = err.splitlines()
+    assert len(_error_lines(err)) == 1, err[-4000:]
+    assert "jaxalign: error: process 0 of 2 (the coordinator, 127.0.0.1:" in err, err[-4000:]
+    assert "Rerun the same command on every process" in err
+    assert not any(m in err for m in NATIVE_ABORT), err[-4000:]
+    assert lines[-1].startswith("jaxalign: error:"), lines[-5:]   # nothing after it
+    assert len(out.joinpath("metrics.jsonl").read_text().splitlines()) < 30
+    port = free_port()
+    launch([_cmd(i, port, "sft", out, paths, *extra) for i in range(2)], [_env(), _env()],
+           timeout_s=600)
+    same, why = harness.same_run(ref, out)
+    assert same, why
+
+
+def test_own_crash_is_reported_as_such_not_as_a_lost_peer(paths, tmp_path):
+    """Process 1's worker itself aborts (SIGABRT) while the coordinator lives: its command
+    ends by the same signal (not exit 1 blaming process 0), and process 0 names process 1
+    in one line."""
+    port, out = free_port(), tmp_path / "run"
+    procs = _start([_cmd(i, port, "sft", out, paths, "train.steps=400") for i in range(2)],
+                   _env(JAXALIGN_HEARTBEAT_TIMEOUT="5"))
+    try:
+        _wait_steps(out, procs, 1)
+        pid = procs[1].pid
+        (child,) = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        subprocess.run(["kill", "-ABRT", child], check=True)
+        _, err1 = procs[1].communicate(timeout=60)
+        _, err0 = procs[0].communicate(timeout=60)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert procs[1].returncode == -signal.SIGABRT, err1[-3000:]
+    assert "process 0 of 2" not in err1
+    assert procs[0].returncode == 1, err0[-3000:]
+    (line,) = _error_lines(err0)
+    assert "process 1 of 2 stopped responding" in line
 
 
 def test_unreachable_coordinator_fails_within_the_timeout(paths, tmp_path):
