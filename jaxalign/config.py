@@ -32,6 +32,11 @@ def require(cond: bool, msg: str) -> None:
         raise ConfigError(msg)
 
 
+def require_at_least(cfg, section: str, minimum, *keys: str) -> None:
+    """`section.key must be >= minimum` for each of `keys` (a NaN fails too)."""
+    for key in keys:
+        value = getattr(cfg, key)
+        require(value >= minimum, f"{section}.{key} must be >= {minimum}, got {value}")
 
 
 def require_extra(module: str, extra: str, setting: str) -> None:
@@ -258,25 +263,18 @@ class LoRAConfig:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class TrainConfig:
-    """The supervised loop (`jaxalign.train.loop.train`). Its length is `steps` optimizer
-    steps or `epochs` passes over the training examples (all datasets together; fractional
-    allowed), exactly one of the two; the loop turns epochs into steps from the data."""
-    steps: int | None = None        # optimizer steps of the run (or give epochs)
-    epochs: float | None = None     # passes over the training examples (or give steps)
-    batch_size: int                 # rows per optimizer step, all processes together
-    grad_accum: int = 1             # micro-batches per step (batch_size / grad_accum rows each)
-    seed: int = 0                   # parameter init (score head, LoRA), dropout
-    log_every: int = 1              # metrics.jsonl gets every N-th step (and the last)
-    eval_every: int = 0             # 0: evaluate only at the end (when there is eval data)
-    eval_batches: int = 0           # 0: the whole eval set
-    save_every: int = 0             # checkpoint every N steps (0: off); always at the end, on SIGTERM
+class LoopConfig:
+    """The `train` keys every loop reads (the loop shell, `jaxalign.train.shell`): the
+    supervised loop's `TrainConfig` and the RL driver's `RLTrainConfig` add their own."""
+    grad_accum: int = 1             # micro-batches per optimizer step (each a 1 / grad_accum share of its rows)
+    seed: int = 0                   # parameter init (score head, LoRA), dropout; RL: sampling, prompt order
+    save_every: int = 0             # checkpoint every N steps / iterations (0: off); always at the end, on SIGTERM
     save_every_minutes: float = 30.0  # also after N minutes without a checkpoint (0: off)
     keep_checkpoints: int = 3       # the newest N checkpoints are kept
     max_bad_steps: int = 0          # non-finite steps skipped in a row before the run stops
     tensorboard: bool = True        # TensorBoard event files in run_dir/tensorboard
     wandb_project: str | None = None  # log to this Weights & Biases project (pip install 'jaxalign[wandb]')
-    export_hf: bool = False         # write run_dir/hf at the end
+    export_hf: bool = False         # write run_dir/hf (the trained model; RL: the policy) at the end
     progress: bool = True           # the progress line on stderr (README: "What runs print")
     # Positions per LM-head chunk in token losses; 0 builds the full (B, T, V) logits.
     logits_chunk: int = 128
@@ -286,20 +284,37 @@ class TrainConfig:
     def __post_init__(self):
         require(self.memory_limit_gb is None or self.memory_limit_gb > 0,
                  f"train.memory_limit_gb must be positive or null, got {self.memory_limit_gb}")
+        require_at_least(self, "train", 1, "grad_accum", "keep_checkpoints")
+        require_at_least(self, "train", 0, "save_every", "save_every_minutes", "max_bad_steps",
+                         "logits_chunk")
+        if self.wandb_project:
+            require_extra("wandb", "wandb", f"train.wandb_project={self.wandb_project}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainConfig(LoopConfig):
+    """The supervised loop (`jaxalign.train.loop.train`). Its length is `steps` optimizer
+    steps or `epochs` passes over the training examples (all datasets together; fractional
+    allowed), exactly one of the two; the loop turns epochs into steps from the data."""
+    steps: int | None = None        # optimizer steps of the run (or give epochs)
+    epochs: float | None = None     # passes over the training examples (or give steps)
+    batch_size: int                 # rows per optimizer step, all processes together
+    log_every: int = 1              # metrics.jsonl gets every N-th step (and the last)
+    eval_every: int = 0             # 0: evaluate only at the end (when there is eval data)
+    eval_batches: int = 0           # 0: the whole eval set
+
+    def __post_init__(self):
+        super().__post_init__()
         require((self.steps is None) != (self.epochs is None),
                  "train: give exactly one of train.steps and train.epochs, got "
                  f"steps={self.steps} epochs={self.epochs}")
         require(self.epochs is None or self.epochs > 0, f"train.epochs must be > 0, got {self.epochs}")
         require(self.steps is None or self.steps >= 1, f"train.steps must be >= 1, got {self.steps}")
-        for key in ("batch_size", "grad_accum", "log_every", "keep_checkpoints"):
-            require(getattr(self, key) >= 1, f"train.{key} must be >= 1, got {getattr(self, key)}")
-        for key in ("eval_every", "eval_batches", "save_every", "save_every_minutes", "max_bad_steps", "logits_chunk"):
-            require(getattr(self, key) >= 0, f"train.{key} must be >= 0, got {getattr(self, key)}")
+        require_at_least(self, "train", 1, "batch_size", "log_every")
+        require_at_least(self, "train", 0, "eval_every", "eval_batches")
         require(self.batch_size % self.grad_accum == 0,
                  f"train.batch_size ({self.batch_size}) must be a multiple of "
                  f"train.grad_accum ({self.grad_accum})")
-        if self.wandb_project:
-            require_extra("wandb", "wandb", f"train.wandb_project={self.wandb_project}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
