@@ -1,16 +1,12 @@
 """Frozen, validated configuration objects, one per concern.
 
 Each config checks itself on construction, so a bad value fails where it is written,
-with the offending key in the message.
+with the offending key in the message. Reading them from YAML files: `configfile.py`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
-import os
-import types
-import typing
 from typing import Any, Literal, Mapping
 
 DTYPES = ("float32", "bfloat16")
@@ -23,6 +19,8 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 from jaxalign import families
 from jaxalign.errors import ConfigError, JaxalignError  # noqa: F401 (re-exported)
+# Reading YAML files into these classes (re-exported: most callers import it from here).
+from jaxalign.configfile import apply_overrides, from_dict, load_yaml  # noqa: F401
 from jaxalign.families.base import HIDDEN_ACTS, ROPE_TYPES
 
 
@@ -32,6 +30,11 @@ def require(cond: bool, msg: str) -> None:
         raise ConfigError(msg)
 
 
+def require_at_least(cfg, section: str, minimum, *keys: str) -> None:
+    """`section.key must be >= minimum` for each of `keys` (a NaN fails too)."""
+    for key in keys:
+        value = getattr(cfg, key)
+        require(value >= minimum, f"{section}.{key} must be >= {minimum}, got {value}")
 
 
 def require_extra(module: str, extra: str, setting: str) -> None:
@@ -258,25 +261,18 @@ class LoRAConfig:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class TrainConfig:
-    """The supervised loop (`jaxalign.train.loop.train`). Its length is `steps` optimizer
-    steps or `epochs` passes over the training examples (all datasets together; fractional
-    allowed), exactly one of the two; the loop turns epochs into steps from the data."""
-    steps: int | None = None        # optimizer steps of the run (or give epochs)
-    epochs: float | None = None     # passes over the training examples (or give steps)
-    batch_size: int                 # rows per optimizer step, all processes together
-    grad_accum: int = 1             # micro-batches per step (batch_size / grad_accum rows each)
-    seed: int = 0                   # parameter init (score head, LoRA), dropout
-    log_every: int = 1              # metrics.jsonl gets every N-th step (and the last)
-    eval_every: int = 0             # 0: evaluate only at the end (when there is eval data)
-    eval_batches: int = 0           # 0: the whole eval set
-    save_every: int = 0             # checkpoint every N steps (0: off); always at the end, on SIGTERM
+class LoopConfig:
+    """The `train` keys every loop reads (the loop shell, `jaxalign.train.shell`): the
+    supervised loop's `TrainConfig` and the RL driver's `RLTrainConfig` add their own."""
+    grad_accum: int = 1             # micro-batches per optimizer step (each a 1 / grad_accum share of its rows)
+    seed: int = 0                   # parameter init (score head, LoRA), dropout; RL: sampling, prompt order
+    save_every: int = 0             # checkpoint every N steps / iterations (0: off); always at the end, on SIGTERM
     save_every_minutes: float = 30.0  # also after N minutes without a checkpoint (0: off)
     keep_checkpoints: int = 3       # the newest N checkpoints are kept
     max_bad_steps: int = 0          # non-finite steps skipped in a row before the run stops
     tensorboard: bool = True        # TensorBoard event files in run_dir/tensorboard
     wandb_project: str | None = None  # log to this Weights & Biases project (pip install 'jaxalign[wandb]')
-    export_hf: bool = False         # write run_dir/hf at the end
+    export_hf: bool = False         # write run_dir/hf (the trained model; RL: the policy) at the end
     progress: bool = True           # the progress line on stderr (README: "What runs print")
     # Positions per LM-head chunk in token losses; 0 builds the full (B, T, V) logits.
     logits_chunk: int = 128
@@ -286,20 +282,37 @@ class TrainConfig:
     def __post_init__(self):
         require(self.memory_limit_gb is None or self.memory_limit_gb > 0,
                  f"train.memory_limit_gb must be positive or null, got {self.memory_limit_gb}")
+        require_at_least(self, "train", 1, "grad_accum", "keep_checkpoints")
+        require_at_least(self, "train", 0, "save_every", "save_every_minutes", "max_bad_steps",
+                         "logits_chunk")
+        if self.wandb_project:
+            require_extra("wandb", "wandb", f"train.wandb_project={self.wandb_project}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainConfig(LoopConfig):
+    """The supervised loop (`jaxalign.train.loop.train`). Its length is `steps` optimizer
+    steps or `epochs` passes over the training examples (all datasets together; fractional
+    allowed), exactly one of the two; the loop turns epochs into steps from the data."""
+    steps: int | None = None        # optimizer steps of the run (or give epochs)
+    epochs: float | None = None     # passes over the training examples (or give steps)
+    batch_size: int                 # rows per optimizer step, all processes together
+    log_every: int = 1              # metrics.jsonl gets every N-th step (and the last)
+    eval_every: int = 0             # 0: evaluate only at the end (when there is eval data)
+    eval_batches: int = 0           # 0: the whole eval set
+
+    def __post_init__(self):
+        super().__post_init__()
         require((self.steps is None) != (self.epochs is None),
                  "train: give exactly one of train.steps and train.epochs, got "
                  f"steps={self.steps} epochs={self.epochs}")
         require(self.epochs is None or self.epochs > 0, f"train.epochs must be > 0, got {self.epochs}")
         require(self.steps is None or self.steps >= 1, f"train.steps must be >= 1, got {self.steps}")
-        for key in ("batch_size", "grad_accum", "log_every", "keep_checkpoints"):
-            require(getattr(self, key) >= 1, f"train.{key} must be >= 1, got {getattr(self, key)}")
-        for key in ("eval_every", "eval_batches", "save_every", "save_every_minutes", "max_bad_steps", "logits_chunk"):
-            require(getattr(self, key) >= 0, f"train.{key} must be >= 0, got {getattr(self, key)}")
+        require_at_least(self, "train", 1, "batch_size", "log_every")
+        require_at_least(self, "train", 0, "eval_every", "eval_batches")
         require(self.batch_size % self.grad_accum == 0,
                  f"train.batch_size ({self.batch_size}) must be a multiple of "
                  f"train.grad_accum ({self.grad_accum})")
-        if self.wandb_project:
-            require_extra("wandb", "wandb", f"train.wandb_project={self.wandb_project}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -336,128 +349,3 @@ class RunConfig:
     optim: OptimConfig = OptimConfig()
     lora: LoRAConfig = LoRAConfig()
     mesh: MeshConfig = MeshConfig()
-
-
-# ----------------------------------------------------------------------------- YAML loading
-
-def from_dict(cls, data: Mapping[str, Any] | None, where: str = ""):
-    """Builds a (nested) config dataclass from a dict; an unknown key is an error naming it."""
-    data = dict(data or {})
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise ConfigError(f"unknown config key {where + unknown[0]!r}"
-                          f" (known under {where or 'top level'}: {', '.join(sorted(fields))})")
-    kwargs = {}
-    hints = typing.get_type_hints(cls)
-    for name, value in data.items():
-        sub = _dataclass_type(cls, name)
-        if sub is not None and isinstance(value, Mapping):
-            value = from_dict(sub, value, f"{where}{name}.")
-        elif sub is not None and hints.get(name) is sub:
-            raise ConfigError(f"{where}{name}: expected a section of keys, got "
-                              f"{'null' if value is None else repr(value)}")
-        else:
-            value = _coerce(hints.get(name), value, where + name)
-        if name == "out_dir" and isinstance(value, str):   # `out_dir: ~/runs/x` is the home's
-            value = os.path.expanduser(value)
-        kwargs[name] = value
-    missing = [f.name for f in dataclasses.fields(cls) if f.name not in data
-               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
-    if missing:
-        raise ConfigError(f"missing required key {where + missing[0]!r}"
-                          + (f" (also missing: {', '.join(where + m for m in missing[1:])})"
-                             if missing[1:] else "")
-                          + f"; `jaxalign config` lists every key")
-    return cls(**kwargs)
-
-
-def _coerce(hint, value, key: str):
-    """A YAML scalar -> the field's declared type, or a ConfigError naming the key.
-
-    YAML 1.1 (PyYAML) reads `1e-4` (no dot) as a string: numeric fields accept any string
-    that parses as a number. bool is never taken for a number. Lists become tuples."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if value is None:
-        if hint in (int, float, bool, str) or origin in (tuple, Literal):
-            raise ConfigError(f"{key}: null is not allowed here")
-        return None
-    if origin in (typing.Union, types.UnionType):
-        options = [a for a in args if a is not type(None)]
-        return _coerce(options[0], value, key) if len(options) == 1 else value
-    if isinstance(value, list):
-        value = tuple(value)
-    if origin is tuple and isinstance(value, (str, int, float)) and not isinstance(value, bool):
-        value = (value,)  # a single item written without brackets: `lora.targets: q_proj`
-    if origin is tuple and isinstance(value, tuple) and len(args) == 2 and args[1] is Ellipsis:
-        return tuple(_coerce(args[0], v, f"{key}[{i}]") for i, v in enumerate(value))
-    if hint is float or hint is int:
-        number = value
-        if isinstance(value, str):
-            try:
-                number = float(value)
-            except ValueError:
-                pass
-        if isinstance(number, bool) or not isinstance(number, (int, float)):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
-        if not math.isfinite(number):
-            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
-        if hint is float:
-            return float(number)
-        if float(number) != int(number):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        return int(number)
-    if hint is bool and not isinstance(value, bool):
-        raise ConfigError(f"{key}: expected true or false, got {value!r}")
-    if hint is str and not isinstance(value, str):
-        # YAML reads `wandb_project: 2024` as a number; a list or mapping is a mistake.
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
-        return str(value)
-    return value
-
-
-def _dataclass_type(cls, name: str):
-    hint = typing.get_type_hints(cls).get(name)
-    for candidate in (hint, *typing.get_args(hint)):
-        if dataclasses.is_dataclass(candidate):
-            return candidate
-    return None
-
-
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """`a.b.c=value` overrides, values parsed as YAML (3, true, [a, b]; from_dict turns a
-    string such as 1e-4 into the number its field declares)."""
-    import yaml
-    data = dict(data)
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"override {item!r} is not of the form key=value")
-        node = data
-        parts = key.split(".")
-        for i, p in enumerate(parts[:-1]):
-            if not isinstance(node.get(p) or {}, Mapping):
-                raise ConfigError(f"override {item!r}: {'.'.join(parts[:i + 1])} is "
-                                  f"{node[p]!r}, not a section of keys")
-            node[p] = dict(node.get(p) or {})
-            node = node[p]
-        node[parts[-1]] = yaml.safe_load(raw)
-    return data
-
-
-def load_yaml(path: str, overrides: list[str] = (), cls=None):
-    """Reads a YAML config file, applies dotted overrides, builds `cls` (dict if None)."""
-    import yaml
-    from pathlib import Path
-    p = Path(path)
-    if not p.exists():
-        raise ConfigError(f"config file {path} does not exist")
-    try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as e:   # the latter: not UTF-8 text
-        raise ConfigError(f"{path}: invalid YAML ({e})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping at top level")
-    data = apply_overrides(data, list(overrides))
-    return data if cls is None else from_dict(cls, data)

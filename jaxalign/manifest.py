@@ -21,9 +21,10 @@ as orbax finalised it, with a warning.
 from __future__ import annotations
 
 import json
-import os
 import zlib
 from pathlib import Path
+
+from jaxalign.rundir import write_atomic
 
 MANIFEST = "jaxalign_manifest.json"
 DIR_MARKER = "jaxalign_checkpoints.json"
@@ -42,26 +43,12 @@ def _files(step_dir: Path) -> list[Path]:
     return sorted(p for p in step_dir.rglob("*") if p.is_file() and p.name != MANIFEST)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    # The rename itself must reach the disk too, or a crash can lose the manifest.
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
 
 def write(step_dir: Path) -> dict:
     """Manifest of every file under `step_dir` (call once orbax has finished the step)."""
     files = {str(p.relative_to(step_dir)): [p.stat().st_size, _crc32(p)] for p in _files(step_dir)}
     manifest = {"version": 1, "files": files}
-    _write_atomic(step_dir / MANIFEST, json.dumps(manifest, sort_keys=True) + "\n")
+    write_atomic(step_dir / MANIFEST, json.dumps(manifest, sort_keys=True) + "\n")
     return manifest
 
 
@@ -91,7 +78,7 @@ def mark_dir(ckpt_dir: Path) -> None:
     marker = ckpt_dir / DIR_MARKER
     if not marker.exists():
         ckpt_dir.mkdir(parents=True, exist_ok=True)
-        _write_atomic(marker, json.dumps({"manifests": 1}) + "\n")
+        write_atomic(marker, json.dumps({"manifests": 1}) + "\n")
 
 
 def requires_manifests(ckpt_dir: Path) -> bool:

@@ -18,7 +18,7 @@ import pytest
 from jaxalign.checkpoint import TrainCheckpoints
 from jaxalign.config import ConfigError, apply_overrides, from_dict
 from jaxalign.data.sources import DataError
-from jaxalign.train.loop import NonFiniteLossError
+from jaxalign.train.shell import NonFiniteLossError
 from jaxalign.train.preempt import Preempted
 from jaxalign.train.rl import prompts as RP, rollout as R
 from jaxalign.train.rl.config import RLConfig

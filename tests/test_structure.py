@@ -264,3 +264,24 @@ def test_test_modules_share_through_conftest_only():
                        [node.module] if isinstance(node, ast.ImportFrom) and node.module else [])
            if mod.split(".")[0] in own]
     assert not bad, bad
+
+
+# The loop shell's parts, and the only modules that may use each: a loop that built its own
+# writer, guard or stop handling would drift from the shell's safety rules.
+SHELL_PARTS = {"MetricsWriter": {"jaxalign.train.shell"}, "Progress": {"jaxalign.train.shell"},
+               "BadStepGuard": {"jaxalign.train.shell"}, "Preempted": {"jaxalign.train.shell"},
+               # setup.py holds signals from the start of loading (run_recipe)
+               "StopFlag": {"jaxalign.train.shell", "jaxalign.train.setup"}}
+
+
+def test_only_the_shell_writes_metrics_and_handles_preemption():
+    bad = []
+    for name, path in MODULES.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call):
+                f = node.func
+                called = f.id if isinstance(f, ast.Name) else f.attr if isinstance(
+                    f, ast.Attribute) else None
+                if called in SHELL_PARTS and name not in SHELL_PARTS[called]:
+                    bad.append(f"{name}:{node.lineno} calls {called}")
+    assert not bad, bad

@@ -20,7 +20,8 @@ from jaxalign.data.config import DataConfig
 from jaxalign.data.pipeline import build_sft_data
 from jaxalign.models import functional
 from jaxalign.config import TrainConfig
-from jaxalign.train.loop import NonFiniteLossError, Task, train
+from jaxalign.train.loop import Task, train
+from jaxalign.train.shell import NonFiniteLossError
 from jaxalign.config import OptimConfig
 from jaxalign.train.optim import make_optimizer
 from jaxalign.train.sft import SFTConfig, sft_loss_fn

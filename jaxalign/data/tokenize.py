@@ -271,12 +271,7 @@ class Encoder:
             self.special = S.special_ids(self.tok)
         ids, mask, final_eos = S.mask_from_spans(self.tok, text, spans, self.eos, self.special,
                                                   DataError)
-        if self.train_on_prompt:
-            mask[:] = 1
-        if not final_eos and ex.messages[-1]["role"] == "assistant":
-            ids = np.append(ids, np.int32(self.eos))
-            mask = np.append(mask, np.uint8(1))
-        return ids, mask
+        return self._close(ex, ids, mask, final_eos)
 
     def _finish_chat(self, ex, toks):
         ids = toks[0]
@@ -290,9 +285,14 @@ class Encoder:
                 e = s + int(eos_at[-1]) + 1
             mask[s:e] = 1
             last_has_eos = len(eos_at) > 0
+        return self._close(ex, ids, mask, last_has_eos)
+
+    def _close(self, ex, ids, mask, ends_with_eos: bool):
+        """train_on_prompt trains on every token; a conversation ending on an assistant turn
+        whose template writes no EOS gets one (trained), so the model learns to stop."""
         if self.train_on_prompt:
             mask[:] = 1
-        if not last_has_eos and ex.messages[-1]["role"] == "assistant":
+        if not ends_with_eos and ex.messages[-1]["role"] == "assistant":
             ids = np.append(ids, np.int32(self.eos))
             mask = np.append(mask, np.uint8(1))
         return ids, mask

@@ -20,7 +20,7 @@ import dataclasses
 import re
 from typing import Any, Literal, Mapping
 
-from jaxalign.config import DTYPES, ConfigError, from_dict, load_yaml, require
+from jaxalign.config import DTYPES, ConfigError, from_dict, load_yaml, require, require_at_least
 from jaxalign.data.config import DatasetSpec, dataset_specs
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # names become metric keys and file names
@@ -108,17 +108,14 @@ class EvalOptions:
     confidence: float = 0.95           # the intervals' confidence level
 
     def __post_init__(self):
-        for key in ("batch_size", "max_new_tokens"):
-            require(getattr(self, key) >= 1, f"eval.{key} must be >= 1, got {getattr(self, key)}")
-        for key in ("limit", "samples", "seed", "top_k"):
-            require(getattr(self, key) >= 0, f"eval.{key} must be >= 0, got {getattr(self, key)}")
-        require(self.seq_len >= 2, f"eval.seq_len must be >= 2, got {self.seq_len}")
+        require_at_least(self, "eval", 1, "batch_size", "max_new_tokens")
+        require_at_least(self, "eval", 0, "limit", "samples", "seed", "top_k", "temperature",
+                         "bootstrap")
+        require_at_least(self, "eval", 2, "seq_len")
         require(self.max_prompt_len is None or 1 <= self.max_prompt_len < self.seq_len,
                  f"eval.max_prompt_len must be null or in [1, eval.seq_len), got {self.max_prompt_len}")
-        require(self.temperature >= 0, f"eval.temperature must be >= 0, got {self.temperature}")
         require(0 < self.top_p <= 1, f"eval.top_p must be in (0, 1], got {self.top_p}")
         require(self.beta > 0, f"eval.beta must be positive, got {self.beta}")
-        require(self.bootstrap >= 0, f"eval.bootstrap must be >= 0, got {self.bootstrap}")
         require(0 < self.confidence < 1, f"eval.confidence must be in (0, 1), got {self.confidence}")
         require(self.dtype in DTYPES, f"eval.dtype must be one of {DTYPES}, got {self.dtype!r}")
 

@@ -109,8 +109,13 @@ def arithmetic(rng: random.Random) -> tuple[str, str, list[str]]:
     return prompt, f"{a} {op} {b} = {OPS[op](a, b)}", [str(a), op, str(b)]
 
 
-def _distinct_words(rng: random.Random, lo: int, hi: int) -> list[str]:
-    return rng.sample(NOUNS, rng.randint(lo, hi))
+def _word_task(rng: random.Random, lo: int, hi: int, templates: Sequence[str], sep: str,
+               answer: Callable[[list[str]], Iterable[str]]) -> tuple[str, str, list[str]]:
+    """The word-list tasks: lo..hi distinct nouns shown joined by `sep` in one of `templates`;
+    the answer is `answer(words)`, comma-separated."""
+    words = rng.sample(NOUNS, rng.randint(lo, hi))
+    prompt = rng.choice(templates).format(items=sep.join(words))
+    return prompt, ", ".join(answer(words)), words
 
 
 CAPITALIZE_TEMPLATES = (
@@ -121,9 +126,7 @@ CAPITALIZE_TEMPLATES = (
 
 
 def capitalize(rng: random.Random) -> tuple[str, str, list[str]]:
-    words = _distinct_words(rng, 3, 3)
-    prompt = rng.choice(CAPITALIZE_TEMPLATES).format(items=", ".join(words))
-    return prompt, ", ".join(w.capitalize() for w in words), words
+    return _word_task(rng, 3, 3, CAPITALIZE_TEMPLATES, ", ", lambda ws: [w.capitalize() for w in ws])
 
 
 SORT_TEMPLATES = (
@@ -194,17 +197,15 @@ def name(rng: random.Random) -> tuple[str, str, list[str]]:
 
 
 UPPER_TEMPLATES = (
-    "Write the words in UPPERCASE, separated by commas: {plain}",
-    "Convert each word to capital letters and separate them with a comma and a space: {plain}",
-    "Rewrite these words in all caps as a comma-separated list: {plain}",
-    "Words: {plain}\nReturn them in UPPERCASE, separated by commas, and nothing else.",
+    "Write the words in UPPERCASE, separated by commas: {items}",
+    "Convert each word to capital letters and separate them with a comma and a space: {items}",
+    "Rewrite these words in all caps as a comma-separated list: {items}",
+    "Words: {items}\nReturn them in UPPERCASE, separated by commas, and nothing else.",
 )
 
 
 def uppercase(rng: random.Random) -> tuple[str, str, list[str]]:
-    words = _distinct_words(rng, 3, 4)
-    prompt = rng.choice(UPPER_TEMPLATES).format(plain=" ".join(words))
-    return prompt, ", ".join(w.upper() for w in words), words
+    return _word_task(rng, 3, 4, UPPER_TEMPLATES, " ", lambda ws: [w.upper() for w in ws])
 
 
 REVERSE_TEMPLATES = (
@@ -216,9 +217,7 @@ REVERSE_TEMPLATES = (
 
 
 def reverse(rng: random.Random) -> tuple[str, str, list[str]]:
-    words = _distinct_words(rng, 3, 5)
-    prompt = rng.choice(REVERSE_TEMPLATES).format(items=", ".join(words))
-    return prompt, ", ".join(reversed(words)), words
+    return _word_task(rng, 3, 5, REVERSE_TEMPLATES, ", ", reversed)
 
 
 EMAIL_SENTENCES = (

@@ -13,7 +13,7 @@ import dataclasses
 
 import functools
 
-from jaxalign.config import ConfigError, ModelConfig, RunConfig
+from jaxalign.config import ModelConfig, RunConfig, require, require_at_least
 from jaxalign.data.config import DataConfig
 from jaxalign.data.unpaired import build_unpaired_data
 from jaxalign.losses.kto import kto_loss
@@ -31,13 +31,10 @@ class KTOOptions:
     reference: str | None = None      # a different reference model (HF dir / run); None: the start
 
     def __post_init__(self):
-        if not self.beta > 0:
-            raise ConfigError(f"kto.beta must be > 0, got {self.beta}")
-        for key in ("desirable_weight", "undesirable_weight"):
-            if not getattr(self, key) >= 0:
-                raise ConfigError(f"kto.{key} must be >= 0, got {getattr(self, key)}")
-        if not self.desirable_weight + self.undesirable_weight > 0:
-            raise ConfigError("kto.desirable_weight and kto.undesirable_weight are both 0")
+        require(self.beta > 0, f"kto.beta must be > 0, got {self.beta}")
+        require_at_least(self, "kto", 0, "desirable_weight", "undesirable_weight")
+        require(self.desirable_weight + self.undesirable_weight > 0,
+                "kto.desirable_weight and kto.undesirable_weight are both 0")
 
     @property
     def uses_reference(self) -> bool:

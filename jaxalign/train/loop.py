@@ -1,8 +1,9 @@
-"""The one supervised training loop (SFT, reward modelling, DPO) and the mechanics every
-loop shares, the RL driver included: the stop flag, the bad-step guard, the run files and
-start-or-resume from the latest checkpoint.
+"""The one supervised training loop (SFT, reward modelling, DPO) and the mechanics the RL
+driver shares with it: the run files, start-or-resume from the latest checkpoint, batches
+onto the mesh, ahead-of-time compiling.
 
-Plain Python around one jitted step: fetch a batch, step, log, evaluate, checkpoint.
+One jitted step on the next batch, run by the loop shell (`shell.py`: logging, the bad-step
+guard, evaluation, checkpoints, preemption), which reads each step's metrics one step late.
 Resuming is rerunning: the latest checkpoint restores the TrainState and the data
 position, and metrics.jsonl is cut back to that step.
 """
@@ -13,7 +14,6 @@ import dataclasses
 import json
 import logging
 import math
-import time
 from pathlib import Path
 from typing import Callable, Iterable, Protocol
 
@@ -24,23 +24,18 @@ from jax.sharding import Mesh
 
 from jaxalign import distributed, faults, runtime
 from jaxalign.checkpoint import TrainCheckpoints, describe_run
-from jaxalign.config import ConfigError, JaxalignError, ModelConfig, OptimConfig, TrainConfig
-from jaxalign.metrics import MetricsWriter, Progress
+from jaxalign.config import ConfigError, ModelConfig, OptimConfig, TrainConfig
 from jaxalign.rundir import write_atomic
 from jaxalign.train.recipes import RECIPES
 from jaxalign.sharding import batch_sharding, replicated
 from jaxalign.train.optim import make_optimizer
-from jaxalign.train.preempt import Preempted, StopFlag  # noqa: F401  (the loops' shared mechanics)
+from jaxalign.train.shell import Outcome, Shell
 from jaxalign.train import preflight
 from jaxalign.train.preflight import Knobs
 from jaxalign.train.step import LossFn, TrainState, init_state, jit_train_step, make_eval_step, \
     make_train_step, state_shardings
 
 log = logging.getLogger(__name__)
-
-
-class NonFiniteLossError(JaxalignError):
-    """The loss or gradient norm became NaN / Inf more often than allowed."""
 
 
 class Loader(Protocol):
@@ -75,49 +70,6 @@ def _check_batch_fits(cfg: TrainConfig, mesh: Mesh) -> None:
                           f"cannot be split over data x fsdp = {shards} devices; use a multiple of {shards}")
     # The loaders give process i rows [i B / P, (i + 1) B / P): its devices must hold those.
     distributed.check_even_split(mesh, cfg.batch_size, "train.batch_size")
-
-
-class BadStepGuard:
-    """Non-finite steps: the step leaves the params unchanged (`step.py`); up to
-    `max_bad` in a row are skipped with a warning, one more stops the run, naming the last
-    good checkpoint. `unit` names a loop position in messages ('step', 'iteration')."""
-
-    def __init__(self, max_bad: int, ckpt_dir: Path, unit: str = "step"):
-        self.max_bad, self.ckpt_dir, self.unit = max_bad, ckpt_dir, unit
-        self.in_a_row = 0
-        self.skipped = 0      # in total, for callers that report it
-
-    def check(self, metrics: dict, at: int, saved_at: int) -> bool:
-        """True when the step was finite. Raises NonFiniteLossError past the allowance, or
-        at once when the update left non-finite params / optimizer state (pops
-        `state_finite`): that state cannot be skipped, so it is never saved or exported."""
-        kept = self._kept(saved_at)
-        if metrics.pop("state_finite", 1.0) <= 0 and metrics["finite"] > 0:
-            raise NonFiniteLossError(
-                f"{self.unit} {at}: the optimizer update made the parameters or optimizer state "
-                f"non-finite (loss {metrics['loss']}, grad norm {metrics['grad_norm']} finite); "
-                f"check optim.lr / b1 / b2 / eps. Stopping without saving this state. {kept}")
-        if metrics["finite"] > 0:
-            self.in_a_row = 0
-            return True
-        self.bad(f"{self.unit} {at}: non-finite loss {metrics['loss']} / grad norm "
-                 f"{metrics['grad_norm']}; params left unchanged", at, saved_at)
-        return False
-
-    def _kept(self, saved_at: int) -> str:
-        return (f"The last good checkpoint ({self.unit} {saved_at}) in {self.ckpt_dir} is "
-                f"intact." if saved_at else "No checkpoint was saved yet.")
-
-    def bad(self, msg: str, at: int, saved_at: int) -> None:
-        """Counts one bad step described by `msg`; raises past the allowance."""
-        kept = self._kept(saved_at)
-        self.in_a_row += 1
-        self.skipped += 1
-        if self.in_a_row > self.max_bad:
-            raise NonFiniteLossError(
-                f"{msg}. Stopping: {self.in_a_row} bad step(s) in a row > "
-                f"train.max_bad_steps={self.max_bad}. {kept}")
-        log.warning("%s (skipped, %d in a row)", msg, self.in_a_row)
 
 
 def resolved_config(cfg, raw_config: dict | None) -> dict:
@@ -251,53 +203,25 @@ def train(*, run_dir: str | Path, cfg: TrainConfig, optim: OptimConfig, mesh: Me
         ckpts.close()
         raise
     eval_step = make_eval_step(task.loss_fn) if task.eval_data is not None else None
-    writer = MetricsWriter(run_dir, resume_step=start, tensorboard=cfg.tensorboard,
-                           wandb_project=cfg.wandb_project, run_config=run_config)
-    progress = Progress(cfg.steps, start, enabled=cfg.progress, fields=task.progress)
-    last: dict[str, float] = {}
-    guard, saved_at = BadStepGuard(cfg.max_bad_steps, ckpts.dir), start
 
-    def save(step):
-        nonlocal saved_at
-        ckpts.save(step, state, {"data": task.train_data.state(), "step": step})
-        saved_at = step
+    def step(shell: Shell, n: int, state) -> Outcome:
+        nonlocal first
+        host_batch, first = (first, None) if first is not None else \
+            (next_batch(task.train_data), None)
+        tokens = int((host_batch["segment_ids"] > 0).sum()) if "segment_ids" in host_batch else 0
+        state, metrics = step_fn(state, frozen, put_batch(host_batch, mesh))
+        faults.point("step")
+        return Outcome(state, metrics, tokens=tokens)   # metrics still on the device
 
-    try:
-        with StopFlag() as stop:
-            for step in range(start + 1, cfg.steps + 1):
-                if step == start + 1 and stop.requested():
-                    raise Preempted(f"stopped by signal before step {step}; nothing new to save")
-                t0 = time.perf_counter()
-                host_batch, first = (first, None) if first is not None else \
-                    (next_batch(task.train_data), None)
-                tokens = int((host_batch["segment_ids"] > 0).sum()) if "segment_ids" in host_batch else 0
-                batch = put_batch(host_batch, mesh)
-                state, metrics = step_fn(state, frozen, batch)
-                faults.point("step")
-                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                dt = time.perf_counter() - t0
-                metrics["skipped"] = float(not guard.check(metrics, step, saved_at))
-                metrics.pop("finite")
-                perf = {"step_s": dt, "tokens_per_s": tokens / dt, **runtime.compile_stats()}
-                if eval_step is not None and (
-                        (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps):
-                    metrics.update(evaluate(eval_step, state.params, frozen, task.eval_data(), mesh,
-                                            cfg.eval_batches, task.perplexity))
-                if step % cfg.log_every == 0 or step == cfg.steps or "eval/loss" in metrics:
-                    writer.write(step, metrics, perf)
-                progress.update(step, metrics, perf)
-                last = metrics
-                if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps \
-                        or ckpts.due(cfg.save_every_minutes):
-                    save(step)
-                if stop.requested():
-                    if saved_at != step:
-                        save(step)
-                    raise Preempted(f"stopped by signal at step {step}; checkpoint saved")
-        if on_end is not None:
-            on_end(state)
-    finally:
-        progress.close()
-        writer.close()
-        ckpts.close()
-    return last
+    def evaluate_at(state, n: int, metrics: dict, perf: dict) -> bool:
+        metrics.update(evaluate(eval_step, state.params, frozen, task.eval_data(), mesh,
+                                cfg.eval_batches, task.perplexity))
+        return False
+
+    shell = Shell(run_dir, cfg, ckpts, start, cfg.steps, unit="step", fields=task.progress,
+                  meta_of=lambda n: {"data": task.train_data.state(), "step": n},
+                  run_config=run_config, log_every=cfg.log_every, lag=1,
+                  eval_due=lambda n: (eval_step is not None and (
+                      (cfg.eval_every and n % cfg.eval_every == 0) or n == cfg.steps)),
+                  evaluate=evaluate_at)
+    return shell.run(state, step, on_end=on_end)

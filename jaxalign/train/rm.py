@@ -11,7 +11,8 @@ import dataclasses
 
 import jax
 
-from jaxalign.config import ConfigError, LoRAConfig, ModelConfig, ModelSource, RunConfig
+from jaxalign.config import LoRAConfig, ModelConfig, ModelSource, RunConfig, \
+    require_at_least
 from jaxalign.data.config import DataConfig
 from jaxalign.data.preference import build_preference_data
 from jaxalign.losses.preference import bradley_terry
@@ -30,8 +31,7 @@ class RMOptions:
     margin: float = 0.0
 
     def __post_init__(self):
-        if self.center_coef < 0:
-            raise ConfigError(f"rm.center_coef must be >= 0, got {self.center_coef}")
+        require_at_least(self, "rm", 0, "center_coef")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from jaxalign.config import OptimConfig, RunConfig, require, require_extra
+from jaxalign.config import LoopConfig, OptimConfig, RunConfig, require, require_at_least
 from jaxalign.data.config import DatasetSpec
 from jaxalign.train.rl.objectives import OBJECTIVES, Objective
 
@@ -113,8 +113,7 @@ class RolloutConfig:
     decode_dtype: str | None = None
 
     def __post_init__(self):
-        for key in ("batch_size", "num_generations", "max_new_tokens"):
-            require(getattr(self, key) >= 1, f"rollout.{key} must be >= 1, got {getattr(self, key)}")
+        require_at_least(self, "rollout", 1, "batch_size", "num_generations", "max_new_tokens")
         require(self.temperature > 0, f"rollout.temperature must be > 0 (sampling), got {self.temperature}")
         require(0 < self.top_p <= 1, f"rollout.top_p must be in (0, 1], got {self.top_p}")
         require(self.top_k >= 0, f"rollout.top_k must be >= 0, got {self.top_k}")
@@ -179,24 +178,12 @@ class MonitorConfig:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class RLTrainConfig:
-    """The RL driver's loop (`jaxalign.train.rl.driver`)."""
+class RLTrainConfig(LoopConfig):
+    """The RL driver's loop (`jaxalign.train.rl.driver`); the keys every loop reads are
+    `LoopConfig`'s (its steps are iterations here; logits_chunk >= 1)."""
     iterations: int                 # rollout -> update cycles
-    seed: int = 0                   # sampling, parameter init, prompt order
-    grad_accum: int = 1             # micro-batches per minibatch step
-    save_every: int = 0             # checkpoint every N iterations (0: off); always at the end, on SIGTERM
-    save_every_minutes: float = 30.0  # also after N minutes without a checkpoint (0: off)
-    keep_checkpoints: int = 3       # the newest N checkpoints are kept
     sample_every: int = 10          # write sample completions every N iterations (0: never)
     num_samples: int = 2            # completions written each time
-    max_bad_steps: int = 0          # non-finite steps in a row allowed before the run stops
-    logits_chunk: int = 128         # response positions per LM-head chunk
-    tensorboard: bool = True        # TensorBoard event files in run_dir/tensorboard
-    wandb_project: str | None = None  # log to this Weights & Biases project (pip install 'jaxalign[wandb]')
-    progress: bool = True           # the progress line on stderr (README: "What runs print")
-    export_hf: bool = False         # write run_dir/hf (the policy) at the end
-    # Memory per device (GiB) the pre-flight plans for; null: what the device / host reports.
-    memory_limit_gb: float | None = None
     # Held-out evaluation (`heldout.py`): every N iterations sample data.eval_prompts (0: never)
     eval_every: int = 0
     eval_temperature: float = 0.0   # 0: greedy; else sampled at this temperature (own RNG)
@@ -208,27 +195,18 @@ class RLTrainConfig:
     early_stop_patience: int = 0
 
     def __post_init__(self):
-        require(self.eval_every >= 0, f"train.eval_every must be >= 0, got {self.eval_every}")
-        require(self.eval_temperature >= 0,
-               f"train.eval_temperature must be >= 0, got {self.eval_temperature}")
+        super().__post_init__()
+        require_at_least(self, "train", 1, "iterations", "logits_chunk")
+        require_at_least(self, "train", 0, "sample_every", "num_samples", "eval_every",
+                         "eval_temperature", "early_stop_patience")
         require(self.best_mode in ("max", "min"),
                f"train.best_mode {self.best_mode!r}: expected max or min")
-        require(self.early_stop_patience >= 0,
-               f"train.early_stop_patience must be >= 0, got {self.early_stop_patience}")
         require(self.best_metric is None or self.eval_every > 0,
                "train.best_metric needs train.eval_every > 0 (and data.eval_prompts)")
         require(not self.early_stop_patience or self.best_metric is not None,
                "train.early_stop_patience needs train.best_metric (what must improve)")
         if self.best_metric is not None and not self.best_metric.startswith("eval/"):
             object.__setattr__(self, "best_metric", f"eval/{self.best_metric}")
-        require(self.memory_limit_gb is None or self.memory_limit_gb > 0,
-               f"train.memory_limit_gb must be positive or null, got {self.memory_limit_gb}")
-        for key in ("iterations", "grad_accum", "keep_checkpoints", "logits_chunk"):
-            require(getattr(self, key) >= 1, f"train.{key} must be >= 1, got {getattr(self, key)}")
-        for key in ("save_every", "save_every_minutes", "sample_every", "num_samples", "max_bad_steps"):
-            require(getattr(self, key) >= 0, f"train.{key} must be >= 0, got {getattr(self, key)}")
-        if self.wandb_project:
-            require_extra("wandb", "wandb", f"train.wandb_project={self.wandb_project}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

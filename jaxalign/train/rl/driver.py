@@ -46,10 +46,9 @@ from jaxalign import distributed, faults, runtime, sharding
 from jaxalign.config import JaxalignError
 from jaxalign.generate import eos_ids_for
 from jaxalign.losses.ppo import adaptive_kl_update
-from jaxalign.metrics import MetricsWriter, Progress, truncate_jsonl
+from jaxalign.metrics import truncate_jsonl
 from jaxalign.models import functional, lora
-from jaxalign.train.loop import BadStepGuard, StopFlag, abstract, put_batch, start_or_resume
-from jaxalign.train.preempt import Preempted
+from jaxalign.train.loop import abstract, put_batch, start_or_resume
 from jaxalign.train.recipes import RECIPES
 from jaxalign.train.optim import make_optimizer
 from jaxalign.train.rl import heldout as H, hosts, objectives, prompts as RP, rollout as R
@@ -60,6 +59,7 @@ from jaxalign.train.rl.rewards import RewardFunctionError, RunningMoments, Train
 from jaxalign.train.rl.roles import check_memory, memory_report, nbytes
 from jaxalign.export import write_merged
 from jaxalign.train.setup import run_recipe
+from jaxalign.train.shell import Outcome, Shell
 from jaxalign.train.step import jit_train_step, make_train_step
 
 log = logging.getLogger(__name__)
@@ -112,16 +112,6 @@ def run_rl(cfg: RLConfig, raw_config: dict | None = None, devices=None) -> dict[
                       run=lambda c, loaded, run_dir, mesh, raw: _Run(c, run_dir, mesh, loaded,
                                                                      raw).run(),
                       policy_path=("policy",))
-
-
-def _abandon(it: int, saved_at: int, save, meta: dict) -> None:
-    """SIGTERM during iteration `it`'s rollout: drop it (nothing of it touched the state),
-    checkpoint iteration it - 1 unless it is saved already, and stop."""
-    if saved_at != it - 1 and it > 1:
-        save(it - 1, meta)
-    raise Preempted(f"stopped by signal during the rollout of iteration {it}; iteration "
-                    f"{it - 1} is checkpointed" if it > 1 else
-                    "stopped by signal during the first rollout; nothing to save")
 
 
 class _Run:
@@ -361,8 +351,6 @@ class _Run:
         report = memory_report(run_dir, self.roles, cfg, nbytes(state.opt_state), programs)
         check_memory(run_dir, self.mesh, self.roles, cfg, state, programs, report)
 
-        writer = MetricsWriter(run_dir, resume_step=start, tensorboard=cfg.train.tensorboard,
-                               wandb_project=cfg.train.wandb_project, run_config=self.raw)
         if jax.process_index() == 0:
             truncate_jsonl(run_dir / "samples.jsonl", start)
             truncate_jsonl(run_dir / "eval_samples.jsonl", start)
@@ -371,83 +359,49 @@ class _Run:
             log.info("%s stopped early at iteration %d (train.early_stop_patience); nothing "
                      "left to run", run_dir, start)
             last_it = start
-        progress = Progress(cfg.train.iterations, start, enabled=cfg.train.progress,
-                            fields=RECIPES["ppo"].progress, unit="iteration")
-        self.guard = BadStepGuard(cfg.train.max_bad_steps, ckpts.dir, unit="iteration")
-        saved_at, last = start, {}
-        meta = self._meta(start)
+        # lag 0: an iteration waits on the device inside (decoding, each minibatch's flags).
+        shell = Shell(run_dir, cfg.train, ckpts, start, cfg.train.iterations, unit="iteration",
+                      fields=RECIPES["ppo"].progress, meta_of=self._meta, run_config=self.raw,
+                      lag=0, eval_due=lambda it: self.heldout is not None and self.heldout.due(it),
+                      evaluate=self._evaluate)
+        self.guard = shell.guard
+        return shell.run(state, self._iterate, end=last_it,
+                         on_end=self._export if cfg.train.export_hf else None)
 
-        def save(it, meta):
-            nonlocal saved_at
-            ckpts.save(it, state, meta)
-            saved_at = it
-
+    def _iterate(self, shell: Shell, it: int, state) -> Outcome:
+        """One iteration: rollout, rewards, advantages, updates, the KL controller."""
+        cfg = self.cfg
+        t0 = time.perf_counter()
         try:
-            with StopFlag() as stop:
-                for it in range(start + 1, last_it + 1):
-                    if it == start + 1 and stop.requested():   # while loading
-                        raise Preempted(f"stopped by signal before iteration {it}; nothing "
-                                        "new to save")
-                    t0 = time.perf_counter()
-                    try:
-                        batch, metrics, samples = self._experience(state, it)
-                    except RewardFunctionError as e:
-                        # Nothing of this iteration was applied: keep the last completed one.
-                        if saved_at != it - 1:
-                            save(it - 1, meta)
-                        kept = (f"the checkpoint of iteration {it - 1} in {ckpts.dir} is intact"
-                                if it > 1 else "no iteration completed, nothing saved")
-                        raise RewardFunctionError(f"iteration {it}: {e}; {kept}") from e
-                    except NonFiniteRewards as e:
-                        # A bad step: skipped (no update, no KL / moments change) within
-                        # train.max_bad_steps, else the run stops naming the last checkpoint.
-                        self.guard.bad(str(e), it, saved_at)
-                        meta = self._meta(it)   # its prompts are used; the state is unchanged
-                        if it == cfg.train.iterations or stop.requested():
-                            save(it, meta)
-                        if stop.requested():
-                            raise Preempted(f"stopped by signal at iteration {it}; checkpoint saved")
-                        continue
-                    if stop.requested():
-                        _abandon(it, saved_at, save, meta)
-                    t1 = time.perf_counter()
-                    state, step_metrics = self._update(state, batch, it, saved_at)
-                    metrics.update(step_metrics)
-                    if cfg.objective.kl_in_reward and cfg.ppo.kl_target is not None:
-                        self.kl_coef = adaptive_kl_update(
-                            self.kl_coef, metrics["kl"], cfg.rollout.rows,
-                            target=cfg.ppo.kl_target, horizon=cfg.ppo.kl_horizon)
-                    dt = time.perf_counter() - t0
-                    perf = {"iteration_s": dt, "rollout_s": t1 - t0, "update_s": dt - (t1 - t0),
-                            "tokens_per_s": metrics["response_length"] * cfg.rollout.rows / dt,
-                            **runtime.compile_stats()}
-                    early = self._evaluate(state, it, metrics, perf)
-                    writer.write(it, metrics, perf)
-                    progress.update(it, metrics, perf)
-                    last = metrics
-                    if cfg.train.sample_every and it % cfg.train.sample_every == 0:
-                        self._write_samples(it, samples)
-                    meta = self._meta(it)
-                    tripped = self._monitors(metrics, it)
-                    stopping = stop.requested()
-                    if (cfg.train.save_every and it % cfg.train.save_every == 0) \
-                            or ckpts.due(cfg.train.save_every_minutes) \
-                            or it == cfg.train.iterations or tripped or stopping or early:
-                        save(it, meta)
-                    if tripped:
-                        raise MonitorStop(f"{tripped}; stopped (monitor.action=stop) with "
-                                          f"iteration {it} checkpointed in {ckpts.dir}")
-                    if stopping:
-                        raise Preempted(f"stopped by signal at iteration {it}; checkpoint saved")
-                    if early:
-                        break
-            if cfg.train.export_hf:
-                self._export(state)
-        finally:
-            progress.close()
-            writer.close()
-            ckpts.close()
-        return last
+            batch, metrics, samples = self._experience(state, it)
+        except RewardFunctionError as e:
+            # Nothing of this iteration was applied: keep the last completed one.
+            raise RewardFunctionError(f"iteration {it}: {e}; {shell.keep_previous(it, state)}") \
+                from e
+        except NonFiniteRewards as e:
+            # A bad step: skipped (no update, no KL / moments change) within
+            # train.max_bad_steps, else the run stops naming the last checkpoint.
+            shell.guard.bad(str(e), it, shell.saved_at)
+            return Outcome(state, None)   # its prompts are used; the state is unchanged
+        if shell.stop.requested():   # nothing of this rollout touched the state: drop it
+            shell.abandon(it, state, "rollout")
+        t1 = time.perf_counter()
+        state, step_metrics = self._update(state, batch, it, shell.saved_at)
+        metrics.update(step_metrics)
+        if cfg.objective.kl_in_reward and cfg.ppo.kl_target is not None:
+            self.kl_coef = adaptive_kl_update(
+                self.kl_coef, metrics["kl"], cfg.rollout.rows,
+                target=cfg.ppo.kl_target, horizon=cfg.ppo.kl_horizon)
+        dt = time.perf_counter() - t0
+        perf = {"iteration_s": dt, "rollout_s": t1 - t0, "update_s": dt - (t1 - t0),
+                "tokens_per_s": metrics["response_length"] * cfg.rollout.rows / dt}
+        if cfg.train.sample_every and it % cfg.train.sample_every == 0:
+            self._write_samples(it, samples)
+        tripped = self._monitors(metrics, it)
+        halt = None if tripped is None else MonitorStop(
+            f"{tripped}; stopped (monitor.action=stop) with iteration {it} checkpointed in "
+            f"{shell.ckpts.dir}")
+        return Outcome(state, metrics, perf, halt=halt)
 
     def _meta(self, it: int) -> dict:
         meta = {"iteration": it, "step": it, "prompts": self.stream.state(),
