@@ -111,7 +111,10 @@ def test_pipeline_runs_resumes_and_reruns_changed_stages(setup, caplog):
         png = pipe / "report" / f"{s}_curves.png"
         assert png.read_bytes()[:4] == b"\x89PNG" and f"]({png.name})" in md
     assert (pipe / "report/timing.png").exists() and (pipe / "report/eval_policies.png").exists()
-    assert "| policy |" in (pipe / "report/summary.md").read_text()
+    summary = (pipe / "report/summary.md").read_text()
+    assert "| policy |" in summary
+    # the headline: each policy's exact-match gain over sft with its paired interval
+    assert "- ppo - sft, held-out exact match: " in summary and " on 8 prompts (interval " in summary
     _starts_from_merged_lora_run(pipe / "sft")
 
     # a changed dpo section: dpo and what follows rerun, nothing before it
