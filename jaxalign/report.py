@@ -278,6 +278,34 @@ def diff_rows(diffs: list[dict]) -> list[list[str]]:
     return rows
 
 
+def _relative(table: dict[str, dict], a: str, b: str, key: str, label: str) -> str | None:
+    va, vb = table.get(a, {}).get(key), table.get(b, {}).get(key)
+    if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in (va, vb)) or not vb:
+        return None
+    return f"{label} {_fmt(vb)} -> {_fmt(va)} ({(va - vb) / abs(vb):+.1%})"
+
+
+def gain_lines(table: dict[str, dict], diffs: list[dict], metric: str = "gen/exact_match") -> str:
+    """One line per policy pair: a's gain over b in `metric` on the same prompts with its
+    paired interval and whether the interval is above zero, then a's perplexity and length
+    relative to b's (what the gain may not cost)."""
+    lines = []
+    for d in diffs:
+        if d["metric"] != metric:
+            continue
+        low, high = d.get("ci_low"), d.get("ci_high")
+        has_ci = isinstance(low, (int, float)) and math.isfinite(low)
+        verdict = ("" if not has_ci else " (interval above zero)" if low > 0
+                   else " (interval below zero)" if high < 0 else " (interval includes zero)")
+        ci = f" [{low:+.3f}, {high:+.3f}]" if has_ci else ""
+        extra = [x for x in (_relative(table, d["a"], d["b"], "ppl/perplexity", "perplexity"),
+                             _relative(table, d["a"], d["b"], "gen/length", "length")) if x]
+        lines.append(f"- {d['a']} - {d['b']}, held-out {metric.split('/')[-1].replace('_', ' ')}: "
+                     f"{d['diff']:+.3f}{ci} on {d['n']} prompts{verdict}"
+                     + ("; " + "; ".join(extra) if extra else ""))
+    return "\n".join(lines) + ("\n" if lines else "")
+
+
 def _bars(ax, names: list[str], values: list[float], cis: list) -> None:
     """Bars with error bars from the intervals (where given)."""
     if any(ci is not None for ci in cis):
@@ -402,6 +430,9 @@ def write_report(path: str | Path, out: str | Path | None = None) -> dict[str, A
             summary += f"\n{r['name']}, per policy:\n\n" + markdown_table(eval_rows(r["eval_table"]))
             if r.get("eval_diffs"):
                 summary += "\nPaired differences:\n\n" + markdown_table(diff_rows(r["eval_diffs"]))
+                gains = gain_lines(r["eval_table"], r["eval_diffs"])
+                if gains:
+                    summary += "\nGain over the reference (paired bootstrap interval):\n\n" + gains
     sections = [run_section(r, out, plots) for r in runs]
     timing = plot_timing(runs, out)
     md = [f"# Report: {path.name}\n", summary]

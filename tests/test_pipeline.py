@@ -111,7 +111,10 @@ def test_pipeline_runs_resumes_and_reruns_changed_stages(setup, caplog):
         png = pipe / "report" / f"{s}_curves.png"
         assert png.read_bytes()[:4] == b"\x89PNG" and f"]({png.name})" in md
     assert (pipe / "report/timing.png").exists() and (pipe / "report/eval_policies.png").exists()
-    assert "| policy |" in (pipe / "report/summary.md").read_text()
+    summary = (pipe / "report/summary.md").read_text()
+    assert "| policy |" in summary
+    # the headline: each policy's exact-match gain over sft with its paired interval
+    assert "- ppo - sft, held-out exact match: " in summary and " on 8 prompts (interval " in summary
     _starts_from_merged_lora_run(pipe / "sft")
 
     # a changed dpo section: dpo and what follows rerun, nothing before it
@@ -198,3 +201,23 @@ def test_kto_and_grpo_stages_are_wired_like_the_others(setup):
     assert steps["ppo"]["config"].algorithm == "grpo"
     assert set(steps["eval"]["config"].models.policies) == {"sft", "ppo", "dpo", "kto"}
     assert steps["export"]["config"].model == str(pipe / "kto")
+
+
+def test_main_job_rewards_training_rows_only_and_evaluates_held_out_tasks(tmp_path):
+    """configs/smollm2_rlhf.yaml (`scripts/rlhf.sh`): the RL stage's verifiable reward reads
+    the `answer` column of the training prompts only; its held-out check (best policy, early
+    stop) uses the rows the data stage held out of SFT; the eval stage scores that best policy
+    against SFT on all 200 held-out task prompts, which no stage trains or selects on."""
+    raw = load_yaml(str(ROOT / "configs" / "smollm2_rlhf.yaml"),
+                    [f"out_dir={tmp_path}", f"model={tmp_path / 'model'}"])
+    steps = {s["stage"]: s["config"] for s in plan(from_dict(PipelineConfig, raw))}
+    rl, ev = steps["ppo"], steps["eval"]
+    assert rl.reward.functions == ("jaxalign.rewards:task_match",)
+    assert rl.reward.model == str(tmp_path / "rm") and len(rl.reward.weights) == 2
+    assert rl.data.prompts.path == str(tmp_path / "data/sft/train.jsonl")
+    assert rl.data.eval_prompts.path == str(tmp_path / "data/sft/eval.jsonl")
+    assert rl.train.best_metric == "eval/exact_match" and rl.train.early_stop_patience > 0
+    assert [p.path for p in ev.data.prompts] == ["data/tasks/eval.jsonl"] and ev.eval.limit == 0
+    assert ev.models.policies == {"sft": str(tmp_path / "sft"), "ppo": str(tmp_path / "ppo/best")}
+    assert ev.models.reference == "sft" and steps["export"].model == str(tmp_path / "ppo/best")
+    assert raw["data"]["sets"]["sft"]["sources"] == ["data/tasks/train.jsonl"]

@@ -208,6 +208,24 @@ def test_exact_match_hand_cases():
         exact_match(["a", "b"], ["a"])
 
 
+def test_task_match_reward_is_the_tasks_exact_match():
+    """The RL stage's verifiable reward (`jaxalign.rewards:task_match`, reading the training
+    rows' `answer` column) scores exactly what the held-out eval's exact match counts, where
+    the laxer `exact_answer` would pay for a wrong case or a bare number."""
+    from jaxalign.rewards import exact_answer, task_match
+    rows = make_tasks(10, seed=3)
+    answers = [r["answer"] for r in rows]
+    completions = [answers[0], answers[1] + ".", " " + answers[2] + "\n", answers[3].lower(),
+                   "Sure! " + answers[4], answers[5].upper(), "", answers[7] + " and more",
+                   answers[8], answers[0]]
+    got = task_match([prompt_of(r) for r in rows], completions, answers)
+    want = exact_match(completions, answers)["correct"]
+    assert got == [float(ok) for ok in want]
+    assert got[:3] == [1.0, 1.0, 1.0] and got[-1] == float(answers[0] == answers[9])
+    assert task_match(["p"], ["apple, pear"], ["Apple, Pear"]) == [0.0]
+    assert exact_answer(["p"], ["apple, pear"], ["Apple, Pear"]) == [1.0]
+
+
 def test_evaluate_params_batches_pads_and_keeps_order(monkeypatch):
     import jaxalign.generate as generate
     rows = make_tasks(37, seed=0)
