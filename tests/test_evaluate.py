@@ -210,13 +210,15 @@ def test_completion_logps_and_kl_equal_transformers(world):
 
 
 def test_pair_logps_equal_the_dpo_trainers(world):
-    """The DPO-implied reward's log-probs are the ones the DPO trainer optimises."""
+    """The DPO-implied reward's log-probs (pairs as one row each) are the ones the DPO trainer
+    optimises (here on two rows a pair)."""
     import jax.numpy as jnp
     from jaxalign.data.config import DataConfig, DatasetSpec
     from jaxalign.data.preference import PrefEvalLoader, load_pairs
     from jaxalign.data.tokenize import Encoder
     from jaxalign.evaluate import likelihood
     from jaxalign.evaluate.run import load
+    from jaxalign.data.layout import branch_layout
     from jaxalign.train.dpo import pair_logps
 
     m = load("dpo", str(world["dpo"]), "float32")
@@ -224,8 +226,8 @@ def test_pair_logps_equal_the_dpo_trainers(world):
     pairs, _ = load_pairs(spec, DataConfig(train=[spec], seq_len=192), Encoder(m.tokenizer))
     ours = likelihood.pair_logps(m.cfg, m.params, pairs, seq_len=192, batch_size=8, pad_id=2)
     theirs = np.concatenate([
-        np.asarray(pair_logps(m.cfg, m.params, {k: jnp.asarray(v) for k, v in b.items()},
-                              average=False, chunk=128))[b["pair_mask"] > 0]
+        np.asarray(pair_logps(m.cfg, m.params, {k: jnp.asarray(v) for k, v in branch_layout(
+            b, share=False, pad_id=2).items()}, average=False, chunk=128))[b["pair_mask"] > 0]
         for b in PrefEvalLoader(pairs, seq_len=192, batch_size=8, pad_id=2)])
     assert ours.shape == (20, 2)
     np.testing.assert_allclose(ours, theirs, rtol=1e-6, atol=1e-4)

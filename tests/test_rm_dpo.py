@@ -12,6 +12,7 @@ import pytest
 
 from jaxalign import sharding
 from jaxalign.config import ConfigError, MeshConfig, from_dict
+from jaxalign.data.layout import branch_layout, laid_out
 from jaxalign.data.preference import build_preference_data
 from jaxalign.models import functional, heads
 from jaxalign.train.dpo import DPOConfig, dpo_loss_fn, load_dpo_models, pair_logps, run_dpo
@@ -79,7 +80,8 @@ def test_sharded_step_equals_single_device(prefs, tmp_path, algo):
         cfg = pref_config(DPOConfig, prefs, tmp_path, lora)
         load = lambda mesh: load_dpo_models(cfg, mesh)
         make_loss = lambda m: dpo_loss_fn(m.cfg, cfg.dpo, ref_cfg=m.extra["ref_cfg"])
-    batch = next(build_preference_data(cfg.data, prefs["tok"], batch_size=8).train)
+    data = build_preference_data(cfg.data, prefs["tok"], batch_size=8)
+    batch = branch_layout(next(data.train), share=True, pad_id=data.pad_id)
 
     one = sharding.make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), jax.devices()[:1])
     with jax.set_mesh(one):
@@ -142,7 +144,7 @@ def test_dpo_reference_is_never_updated(prefs, tmp_path, lora):
     cfg = pref_config(DPOConfig, prefs, tmp_path, section, steps=3)
     mesh = sharding.make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), jax.devices()[:1])
     data = build_preference_data(cfg.data, prefs["tok"], batch_size=16)
-    batch = next(iter(data.eval))
+    batch = branch_layout(next(iter(data.eval)), share=True, pad_id=data.pad_id)
     with jax.set_mesh(mesh):
         m = load_dpo_models(cfg, mesh)
         model_cfg, ref_cfg, trainable, frozen = m.cfg, m.extra["ref_cfg"], m.trainable, m.frozen
@@ -152,7 +154,8 @@ def test_dpo_reference_is_never_updated(prefs, tmp_path, lora):
                                                          chunk=64, use_lora=False))
         from jaxalign.models import lora as lora_mod
         start = ref_logps(lora_mod.combine(trainable, frozen["base"])) if lora else None
-        task = Task(loss_fn=dpo_loss_fn(model_cfg, cfg.dpo, ref_cfg=ref_cfg), train_data=data.train)
+        task = Task(loss_fn=dpo_loss_fn(model_cfg, cfg.dpo, ref_cfg=ref_cfg),
+                    train_data=laid_out(data, share=True, pad_id=data.pad_id)[0])
         captured = {}
         train(run_dir=tmp_path, cfg=cfg.train, optim=cfg.optim, mesh=mesh, trainable=trainable,
               frozen=frozen, frozen_shardings=frozen_sh, task=task,

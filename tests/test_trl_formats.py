@@ -116,18 +116,22 @@ def test_rm_margin_column_is_trls_formula(prefs, tmp_path):  # noqa: F811
     non-numeric margin is refused naming the row."""
     from jaxalign import checkpoint
     from jaxalign.train.rm import RMOptions, rm_loss_fn
-    from jaxalign.train.setup import pair_rows
+    from jaxalign.data.layout import branch_layout
     from jaxalign.models import heads
 
     rows = [dict(r, margin=m) for r, m in zip(PAIRS, (0.5, 0.0, 2.25))]
     path = _write(tmp_path / "m.jsonl", rows)
     cfg_data = from_dict(DataConfig, {"train": [str(path)], "eval": [str(path)], "seq_len": 64,
                                       "pack": False})
-    batch = next(iter(build_preference_data(cfg_data, prefs["tok"], batch_size=4).eval))
+    data = build_preference_data(cfg_data, prefs["tok"], batch_size=4)
+    batch = next(iter(data.eval))
     np.testing.assert_array_equal(batch["margin"], [0.5, 0.0, 2.25, 0.0])   # 4th: a filler
     cfg, params, _, _ = checkpoint.load_model(prefs["model_dir"], num_labels=1, seed=3)
-    dev = {k: jnp.asarray(v) for k, v in batch.items()}
-    rr = pair_rows(dev)
+    rr = {k: jnp.asarray(batch[k].reshape(-1, batch[k].shape[-1]))
+          for k in ("tokens", "segment_ids", "positions")}
+    # The loss reads the pairs laid out as one row each, as training does.
+    dev = {k: jnp.asarray(v) for k, v in branch_layout(batch, share=True,
+                                                        pad_id=data.pad_id).items()}
     r = np.asarray(heads.score(cfg, params, rr["tokens"], rr["segment_ids"], rr["positions"]),
                    np.float64).reshape(-1, 2)[:3]
     assert np.ptp(r) > 1e-3   # the scores differ: the margin really shifts each pair

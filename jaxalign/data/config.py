@@ -102,6 +102,8 @@ class DataConfig:
     prompt_truncation  a longer prompt: 'keep_end' keeps its last max_prompt_len tokens (and a
                      leading BOS), so the response keeps seq_len - max_prompt_len; 'drop' skips the pair.
     on_identical     chosen == rejected: 'drop' (counted and logged) or 'error'.
+    share_prompt     each pair (KTO: row and KL row) as one row [prompt | chosen | rejected],
+                     the prompt computed once (`jaxalign.data.layout`; exact); false: two rows.
     """
 
     train: tuple[DatasetSpec, ...]
@@ -119,6 +121,7 @@ class DataConfig:
     max_prompt_len: int | None = None
     prompt_truncation: Literal["keep_end", "drop"] = "keep_end"
     on_identical: Literal["drop", "error"] = "drop"
+    share_prompt: bool = True
 
     def __post_init__(self):
         train = dataset_specs(self.train, "data.train")
@@ -149,6 +152,8 @@ class DataConfig:
                  f"got {self.max_prompt_len!r}")
         require(self.prompt_truncation in PROMPT_TRUNCATION,
                  f"data.prompt_truncation {self.prompt_truncation!r} is not one of {PROMPT_TRUNCATION}")
+        require(isinstance(self.share_prompt, bool),
+                 f"data.share_prompt must be true or false, got {self.share_prompt!r}")
         require(self.on_identical in ON_IDENTICAL,
                  f"data.on_identical {self.on_identical!r} is not one of {ON_IDENTICAL}")
 

@@ -19,8 +19,8 @@ Length policies, in order (counted in `PairStats`):
   a side with no trained token left                        dropped (`dropped_no_loss`)
 
 Batches: the SFT batch contract (`jaxalign.data.packing`) with a pair axis, one example per
-row, never packed. B counts pairs; axis 1 is (chosen, rejected), so both go through one forward
-pass as 2B rows (`x.reshape(2 * B, T)`):
+row, never packed. B counts pairs; axis 1 is (chosen, rejected). The recipes read them through
+`jaxalign.data.layout` (one row [prompt | chosen | rejected] per pair, or two rows):
 
   tokens, targets, segment_ids, positions   (B, 2, T) int32
   loss_mask                                 (B, 2, T) float32, 1 where targets[b, s, t] is a

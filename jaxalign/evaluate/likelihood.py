@@ -18,6 +18,7 @@ import numpy as np
 
 from jaxalign.config import ModelConfig
 from jaxalign.data.config import DataConfig
+from jaxalign.data.layout import branch_layout
 from jaxalign.data.loader import EvalLoader
 from jaxalign.data.packing import empty_batch, write_row
 from jaxalign.data.pipeline import load_tokenized, resolve_template
@@ -25,7 +26,7 @@ from jaxalign.data.preference import PairSet, PrefEvalLoader
 from jaxalign.data.tokenize import Encoder
 from jaxalign.generate import bucket_length
 from jaxalign.losses.xent import head_logprobs
-from jaxalign.models import functional, heads
+from jaxalign.models import functional, heads, layout
 
 ROW_KEYS = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
 
@@ -129,25 +130,35 @@ def rewards(rm_cfg: ModelConfig, rm_params, prompts, completions, *, batch_size:
     return np.concatenate(out).astype(np.float64)
 
 
-def pair_scores(rm_cfg: ModelConfig, rm_params, pairs: PairSet, *, seq_len: int,
-                batch_size: int, pad_id: int) -> np.ndarray:
-    """(n, 2) reward-model scores of (chosen, rejected)."""
-    fn = _score_fn(rm_cfg)
+@functools.lru_cache(maxsize=8)
+def _pair_fn(cfg: ModelConfig, scores: bool, chunk: int = 128):
+    if scores:
+        return jax.jit(lambda p, b: layout.branch_scores(cfg, p, b, branches=2))
+    return jax.jit(lambda p, b: layout.branch_logps(cfg, p, b, branches=2, average=False,
+                                                    chunk=chunk))
+
+
+def _pair_outputs(fn, params, pairs: PairSet, *, seq_len: int, batch_size: int, pad_id: int,
+                  share: bool) -> np.ndarray:
+    """(n, 2) of fn over every pair, in the branch layout (`jaxalign.data.layout`): one row
+    [prompt | chosen | rejected] per pair when `share`, else two rows."""
     out = []
     for batch in PrefEvalLoader(pairs, seq_len=seq_len, batch_size=batch_size, pad_id=pad_id):
-        rows = {k: batch[k].reshape(-1, batch[k].shape[-1]) for k in ROW_KEYS}
-        r = np.asarray(fn(rm_params, _device(rows))).reshape(-1, 2)
+        rows = branch_layout(batch, share=share, pad_id=pad_id)
+        r = np.asarray(jax.device_get(fn(params, {k: jnp.asarray(v) for k, v in rows.items()})))
         out.append(r[batch["pair_mask"] > 0])
     return np.concatenate(out).astype(np.float64)
 
 
+def pair_scores(rm_cfg: ModelConfig, rm_params, pairs: PairSet, *, seq_len: int,
+                batch_size: int, pad_id: int, share: bool = True) -> np.ndarray:
+    """(n, 2) reward-model scores of (chosen, rejected)."""
+    return _pair_outputs(_pair_fn(rm_cfg, True), rm_params, pairs, seq_len=seq_len,
+                         batch_size=batch_size, pad_id=pad_id, share=share)
+
+
 def pair_logps(cfg: ModelConfig, params, pairs: PairSet, *, seq_len: int, batch_size: int,
-               pad_id: int) -> np.ndarray:
+               pad_id: int, share: bool = True) -> np.ndarray:
     """(n, 2) summed response log-probs of (chosen, rejected): DPO's log pi(y | x)."""
-    fn = row_logps_fn(cfg)
-    out = []
-    for batch in PrefEvalLoader(pairs, seq_len=seq_len, batch_size=batch_size, pad_id=pad_id):
-        rows = {k: batch[k].reshape(-1, batch[k].shape[-1]) for k in ROW_KEYS}
-        logp, _ = jax.device_get(fn(params, _device(rows)))
-        out.append(logp.reshape(-1, 2)[batch["pair_mask"] > 0])
-    return np.concatenate(out).astype(np.float64)
+    return _pair_outputs(_pair_fn(cfg, False), params, pairs, seq_len=seq_len,
+                         batch_size=batch_size, pad_id=pad_id, share=share)

@@ -5,7 +5,9 @@ the same loop on the policy alone: no reference model is loaded or run for them.
 The reference is the starting policy. With LoRA it is the same params run with the adapters
 switched off (`use_lora=False`): no second copy of the model in memory. Without LoRA it is a
 frozen copy held in the step's `frozen` tree, which the optimizer never sees. Its log-probs
-are computed in the same jitted step, under `stop_gradient`, on the same 2B rows.
+are computed in the same jitted step, under `stop_gradient`, on the same rows: by default one
+row [prompt | chosen | rejected] per pair (`data.share_prompt`, `jaxalign.data.layout`), the
+LM head run only on the response positions.
 """
 
 from __future__ import annotations
@@ -21,11 +23,11 @@ from jaxalign.data.config import DataConfig
 from jaxalign.data.preference import build_preference_data
 from jaxalign.losses.preference import DPO_LOSSES, DPO_LOSS_TYPES, POLICY_ONLY_LOSS_TYPES, \
     dpo_loss, orpo_loss, sequence_logps, simpo_loss
-from jaxalign.losses.xent import head_logprobs
 from jaxalign.train.recipes import RECIPES
-from jaxalign.models import functional, lora
+from jaxalign.data.layout import laid_out
+from jaxalign.models import functional, layout, lora
 from jaxalign.train.loop import Task
-from jaxalign.train.setup import Loaded, load_policy, pair_rows, run_recipe, supervised
+from jaxalign.train.setup import Loaded, load_policy, run_recipe, supervised
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -80,16 +82,10 @@ class DPOConfig(RunConfig):
 
 def pair_logps(cfg: ModelConfig, params, batch: dict, *, average: bool, chunk: int,
                dropout_key=None, use_lora: bool = True) -> jax.Array:
-    """(B, 2) sequence log-probs of (chosen, rejected) over their response tokens."""
-    rows = pair_rows(batch)
-    _, hidden_RTD, _ = functional.apply(cfg, params, rows["tokens"], positions_BT=rows["positions"],
-                                        segment_ids_BT=rows["segment_ids"], return_logits=False,
-                                        dropout_key=dropout_key, use_lora=use_lora)
-    head, head_is_VD = functional.lm_head(cfg, params)
-    logp_RT, _ = head_logprobs(hidden_RTD, head, rows["targets"], head_is_VD=head_is_VD,
-                               chunk=chunk or rows["tokens"].shape[1],
-                               softcap=cfg.final_logit_softcap)
-    return sequence_logps(logp_RT, rows["loss_mask"], average=average).reshape(-1, 2)
+    """(B, 2) sequence log-probs of (chosen, rejected) over their response tokens, from a
+    layout batch (`jaxalign.data.layout`: one shared row per pair, or two rows)."""
+    return layout.branch_logps(cfg, params, batch, branches=2, average=average, chunk=chunk,
+                               dropout_key=dropout_key, use_lora=use_lora)
 
 
 def dpo_loss_fn(cfg: ModelConfig, opts: DPOOptions, *, ref_cfg: ModelConfig | None,
@@ -128,7 +124,7 @@ def reference_logps(cfg: ModelConfig, ref_cfg: ModelConfig | None, params, froze
 
 def policy_only_loss(opts: DPOOptions, sums_B2: jax.Array, batch: dict):
     """ORPO / SimPO from the policy's (chosen, rejected) log-prob sums and token counts."""
-    lens_B2 = batch["loss_mask"].astype(jnp.float32).sum(axis=-1)
+    lens_B2 = layout.branch_counts(batch, 2)
     args = (sums_B2[:, 0], sums_B2[:, 1], lens_B2[:, 0], lens_B2[:, 1])
     if opts.loss_type == "orpo":
         return orpo_loss(*args, lam=opts.beta, pair_mask_B=batch["pair_mask"])
@@ -172,8 +168,9 @@ def preference_task(section: str, build_data, make_loss):
                           process_index=jax.process_index(), process_count=jax.process_count())
         loss_fn = make_loss(models.cfg, getattr(cfg, section), ref_cfg=models.extra["ref_cfg"],
                             chunk=cfg.train.logits_chunk)
-        return Task(loss_fn=loss_fn, train_data=data.train,
-                    eval_data=(lambda: iter(data.eval)) if data.eval is not None else None,
+        # Pairs (KTO: a row and its KL row) share their prompt: one row each by default.
+        train, eval_data = laid_out(data, share=cfg.data.share_prompt, pad_id=data.pad_id)
+        return Task(loss_fn=loss_fn, train_data=train, eval_data=eval_data,
                     perplexity=False, progress=RECIPES[section].progress), {}
     return task
 

@@ -117,6 +117,10 @@ def next_batch(loader: Loader) -> dict[str, np.ndarray]:
     return batch
 
 
+def shapes(batch: dict) -> tuple:
+    return tuple((k, v.shape) for k, v in sorted(batch.items()))
+
+
 def abstract(tree, sh=None):
     """ShapeDtypeStructs with each leaf's sharding (or `sh` for all): what AOT lowering takes."""
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
@@ -202,6 +206,16 @@ def train(*, run_dir: str | Path, cfg: TrainConfig, optim: OptimConfig, mesh: Me
     except BaseException:
         ckpts.close()
         raise
+    # Batches whose row length is chosen per batch (the preference layouts' buckets) get one
+    # executable per shape, compiled the first time the shape comes.
+    programs = {shapes(batch0): step_fn} if step_fn is not None else {}
+
+    def compiled_for(batch):
+        key = shapes(batch)
+        if key not in programs:
+            programs[key] = jitted.lower(abstract(state), abstract(frozen), abstract(batch)).compile()
+        return programs[key]
+
     eval_step = make_eval_step(task.loss_fn) if task.eval_data is not None else None
 
     def step(shell: Shell, n: int, state) -> Outcome:
@@ -209,7 +223,8 @@ def train(*, run_dir: str | Path, cfg: TrainConfig, optim: OptimConfig, mesh: Me
         host_batch, first = (first, None) if first is not None else \
             (next_batch(task.train_data), None)
         tokens = int((host_batch["segment_ids"] > 0).sum()) if "segment_ids" in host_batch else 0
-        state, metrics = step_fn(state, frozen, put_batch(host_batch, mesh))
+        batch = put_batch(host_batch, mesh)
+        state, metrics = compiled_for(batch)(state, frozen, batch)
         faults.point("step")
         return Outcome(state, metrics, tokens=tokens)   # metrics still on the device
 

@@ -137,11 +137,20 @@ def _kto_loss(run_cfg, m: Abstract):
     return kto_loss_fn(m.cfg, run_cfg.kto, ref_cfg=m.ref_cfg, chunk=run_cfg.train.logits_chunk)
 
 
-def _empty(module: str, name: str):
+def _empty(module: str, name: str, layout: bool = False):
+    """The recipe's batch of the run's shape; `layout`: a preference layout batch at its
+    longest (`jaxalign.data.layout`: both responses of seq_len, every position trained)."""
     def batch(run_cfg):
         import importlib
         make = getattr(importlib.import_module(module), name)
-        return make(run_cfg.train.batch_size, run_cfg.data.seq_len, 0)
+        seq_len = run_cfg.data.seq_len
+        out = make(run_cfg.train.batch_size, seq_len, 0)
+        if not layout:
+            return out
+        from jaxalign.data.layout import branch_layout, bucket
+        share = run_cfg.data.share_prompt
+        return branch_layout(out, share=share, pad_id=0, gather_len=bucket(2 * seq_len),
+                             row_len=bucket(2 * seq_len) if share else None)
     return batch
 
 
@@ -149,11 +158,11 @@ def _empty(module: str, name: str):
 SFT_PLANNER = Planner(lambda c, mesh: _policy(c, mesh), _sft_loss,
                       _empty("jaxalign.data.packing", "empty_batch"))
 RM_PLANNER = Planner(lambda c, mesh: _policy(c, mesh, num_labels=1), _rm_loss,
-                     _empty("jaxalign.data.preference", "empty_pair_batch"))
+                     _empty("jaxalign.data.preference", "empty_pair_batch", True))
 DPO_PLANNER = Planner(lambda c, mesh: _with_reference(c, mesh, "dpo"), _dpo_loss,
-                      _empty("jaxalign.data.preference", "empty_pair_batch"))
+                      _empty("jaxalign.data.preference", "empty_pair_batch", True))
 KTO_PLANNER = Planner(lambda c, mesh: _with_reference(c, mesh, "kto"), _kto_loss,
-                      _empty("jaxalign.data.unpaired", "empty_unpaired_batch"))
+                      _empty("jaxalign.data.unpaired", "empty_unpaired_batch", True))
 
 
 def planner(recipe: str) -> Planner:

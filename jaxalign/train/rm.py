@@ -2,7 +2,8 @@
 
 The reward model is the policy architecture with its LM head replaced by a score head
 (`heads.add_score_head`); it starts from an HF causal LM, an SFT run or an existing reward
-model. Chosen and rejected responses go through one forward pass as 2B rows.
+model. Chosen and rejected responses go through one forward pass, by default as one row
+[prompt | chosen | rejected] per pair (`data.share_prompt`), each scored at its own last token.
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ from jaxalign.data.config import DataConfig
 from jaxalign.data.preference import build_preference_data
 from jaxalign.losses.preference import bradley_terry
 from jaxalign.train.recipes import RECIPES
-from jaxalign.models import functional, heads, lora
+from jaxalign.data.layout import laid_out
+from jaxalign.models import functional, layout, lora
 from jaxalign.train.loop import Task
-from jaxalign.train.setup import Loaded, load_start, pair_rows, run_recipe, supervised
+from jaxalign.train.setup import Loaded, load_start, run_recipe, supervised
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -43,9 +45,7 @@ class RMConfig(RunConfig):
 def rm_loss_fn(cfg: ModelConfig, opts: RMOptions):
     def loss_fn(trainable, frozen, batch, rng):
         params = lora.combine(trainable, frozen)
-        rows = pair_rows(batch)
-        r_B2 = heads.score(cfg, params, rows["tokens"], rows["segment_ids"], rows["positions"],
-                           dropout_key=rng).reshape(-1, 2)
+        r_B2 = layout.branch_scores(cfg, params, batch, branches=2, dropout_key=rng)
         # The rows' margin column (zeros without one) plus the configured constant.
         margin_B = batch["margin"] + opts.margin if "margin" in batch else None
         if margin_B is None and opts.margin:
@@ -80,8 +80,8 @@ def _task(cfg: RMConfig, models: Loaded, tokenizer):
     data = build_preference_data(cfg.data, tokenizer, batch_size=cfg.train.batch_size,
                                  process_index=jax.process_index(),
                                  process_count=jax.process_count())
-    task = Task(loss_fn=rm_loss_fn(models.cfg, cfg.rm), train_data=data.train,
-                eval_data=(lambda: iter(data.eval)) if data.eval is not None else None,
+    train, eval_data = laid_out(data, share=cfg.data.share_prompt, pad_id=data.pad_id)
+    task = Task(loss_fn=rm_loss_fn(models.cfg, cfg.rm), train_data=train, eval_data=eval_data,
                 perplexity=False, progress=RECIPES["rm"].progress)
     return task, {"pad_token_id": data.pad_id}
 

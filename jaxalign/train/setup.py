@@ -69,12 +69,6 @@ def load_policy(source: ModelSource, lora_cfg: LoRAConfig, mesh, seed: int) -> L
     return Loaded(cfg, trainable, frozen, frozen_sh, hf_config, tok_dir)
 
 
-def pair_rows(batch: dict) -> dict:
-    """(B, 2, T) pair arrays -> (2B, T) rows: chosen of pair b at row 2b, rejected at 2b + 1."""
-    return {k: batch[k].reshape(-1, batch[k].shape[-1])
-            for k in ("tokens", "targets", "loss_mask", "segment_ids", "positions")}
-
-
 def run_recipe(cfg, raw_config: dict | None, devices, *, algorithm: str,
                load: Callable[[Any, Any], Any], run: Callable[..., dict[str, float]],
                policy_path: tuple[str, ...] = ()) -> dict[str, float]:
