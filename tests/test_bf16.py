@@ -136,31 +136,38 @@ def _dots(hlo: str) -> list[tuple[str, str]]:
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="the CPU backend's bf16 dot forms")
-@pytest.mark.parametrize("tied", [True, False])
-def test_bf16_train_step_dots_all_run_in_bf16(tied):
+@pytest.mark.parametrize("tied,lora_rank", [(True, 0), (False, 0), (True, 8)])
+def test_bf16_train_step_dots_all_run_in_bf16(tied, lora_rank):
     """Every dot of a bf16 SFT step (scanned layers with remat, the chunked LM head and its
-    custom backward, the attention's custom backward) compiles to a bf16 x bf16 -> fp32 dot in
-    a YNNPACK fusion: none upcast to fp32 (4-7x slower), none left where the runtime refuses
-    it. Fails if a transposed operand or a token-contracting weight gradient creeps back in."""
+    custom backward, the attention's custom backward; with LoRA, the adapters' products and
+    their gradients, the frozen weights' only the input gradients) compiles to a bf16 x bf16 ->
+    fp32 dot in a YNNPACK fusion: none upcast to fp32 (4-7x slower), none left where the
+    runtime refuses it. Fails if a transposed operand or a token-contracting weight gradient
+    creeps back in."""
     from jaxalign.losses.xent import head_masked_xent
-    from jaxalign.models import functional
+    from jaxalign.models import functional, lora
 
     cfg = ModelConfig(vocab_size=384, hidden_size=64, intermediate_size=128, num_layers=2,
                       num_heads=4, num_kv_heads=2, head_dim=16, tie_word_embeddings=tied,
-                      dtype="bfloat16", scan_layers=True, remat="attn")
+                      dtype="bfloat16", scan_layers=True, remat="attn", lora_rank=lora_rank,
+                      lora_targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                    "up_proj", "down_proj"))
     params = functional.init_params(cfg)
     B, T = 4, 192
     tokens = jax.random.randint(jax.random.key(0), (B, T), 0, cfg.vocab_size)
 
-    def loss(params):
+    def loss(trained, frozen):
+        params = lora.combine(trained, frozen)
         _, hidden, _ = functional.apply(cfg, params, tokens, return_logits=False)
         head, head_is_VD = functional.lm_head(cfg, params)
         return head_masked_xent(hidden, head, tokens, jnp.ones((B, T)), head_is_VD=head_is_VD,
                                 chunk=64)[0]
 
     device = jax.devices()[0]
-    params = jax.device_put(params, device)
-    hlo = jax.jit(jax.grad(loss)).lower(params).compile().as_text()
+    # A LoRA step differentiates the adapters only (the base weights are frozen).
+    trained, frozen = lora.split(params) if lora_rank else (params, {})
+    trained, frozen = jax.device_put((trained, frozen), device)
+    hlo = jax.jit(jax.grad(loss)).lower(trained, frozen).compile().as_text()
     dots = _dots(hlo)
     assert len(dots) >= 20, dots
     assert all(d == ("bf16", "fast") for d in dots), sorted(set(dots))

@@ -96,10 +96,13 @@ class LoRA(nnx.Module):
         if self.dropout > 0 and key is not None:
             keep = jax.random.bernoulli(key, 1.0 - self.dropout, x.shape)
             x = jnp.where(keep, x / (1.0 - self.dropout), 0).astype(dt)
-        n_in = self.a.ndim - 1
-        prec = matmul_precision(dt)
-        xa = jnp.tensordot(x, self.a[...].astype(dt), axes=n_in, precision=prec)
-        return (self.scale * jnp.tensordot(xa, self.b[...].astype(dt), axes=1, precision=prec)).astype(dt)
+        # Both products as the base projections run: `dt` operands, fp32 accumulation, and a
+        # backward of plain 2-D dots in the forms the CPU's bf16 kernel takes (a tensordot left
+        # to autodiff transposes its operands, which on CPU upcasts those dots to fp32). The
+        # rank-r x @ a is saved by the remat policies that save projections; the full-width
+        # (x @ a) @ b is cheap to recompute, so it is not tagged and costs no saved memory.
+        xa = project(x, self.a[...], self.a.ndim - 1, dt)
+        return (self.scale * project(xa, self.b[...], 1, dt, name=None)).astype(dt)
 
 
 def _maybe_lora(cfg, target, in_shape, out_shape, in_names, out_names, rngs):

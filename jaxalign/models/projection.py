@@ -44,6 +44,8 @@ def _project_bwd(n_in, dtype, res, dy):
 _project.defvjp(_project_fwd, _project_bwd)
 
 
-def project(x: jax.Array, w: jax.Array, n_in: int, dtype) -> jax.Array:
+def project(x: jax.Array, w: jax.Array, n_in: int, dtype, name: str | None = "proj") -> jax.Array:
+    """x @ w in `dtype` with fp32 accumulation; the result is tagged `name` for the remat
+    policies that save projections (None: not tagged, so recomputed under them)."""
     y = _project(x.astype(dtype), w.astype(dtype), n_in, jnp.dtype(dtype))
-    return checkpoint_name(y, "proj")
+    return y if name is None else checkpoint_name(y, name)
