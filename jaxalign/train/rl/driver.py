@@ -9,10 +9,9 @@ One iteration, top to bottom:
   3. on the host: decode, call the reward functions (with the prompt rows' other columns),
      EOS penalty, normalise, clip;
   4. one jitted advantage computation, the objective's (`objectives.py`);
-  5. the rollout trimmed to its own prompt / response buckets, then ppo.epochs passes of
-     ppo.minibatches optimizer steps (whole groups per minibatch when grouped) through the
-     shared `make_train_step`, stopping early when an epoch's approx KL exceeds
-     ppo.max_approx_kl;
+  5. the rollout trimmed to its own prompt / response buckets; ppo.epochs passes of
+     ppo.minibatches steps (whole groups each when grouped) through `make_train_step`,
+     stopping early when an epoch's approx KL exceeds ppo.max_approx_kl;
   6. the KL controller, metrics, samples, monitors, checkpoint.
 
 The roles (policy, reference, value, reward) are loaded by `roles.py`; their
@@ -34,7 +33,6 @@ reproduces metrics.jsonl exactly.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import json
 import logging
@@ -55,9 +53,9 @@ from jaxalign.train.loop import BadStepGuard, StopFlag, abstract, put_batch, sta
 from jaxalign.train.preempt import Preempted
 from jaxalign.train.recipes import RECIPES
 from jaxalign.train.optim import make_optimizer
-from jaxalign.train.rl import groups, heldout as H, hosts, objectives, prompts as RP, \
-    rollout as R
+from jaxalign.train.rl import groups, heldout as H, hosts, objectives, prompts as RP, rollout as R
 from jaxalign.train.rl.memtrace import PhaseMemory
+from jaxalign.train.rl.programs import compiled
 from jaxalign.train.rl.config import RLConfig
 from jaxalign.train.rl.loading import Loaded, load
 from jaxalign.train.rl.rewards import RewardFunctionError, RunningMoments, TrainerState, \
@@ -78,30 +76,6 @@ class MonitorStop(JaxalignError):
 
 class NonFiniteRewards(JaxalignError):
     """Every row of a rollout scored NaN / inf: the iteration counts as a bad step."""
-
-
-# ----------------------------------------------------------------------------- compile cache
-
-_EXECUTABLES: collections.OrderedDict = collections.OrderedDict()
-
-
-def _signature(tree):
-    leaves, treedef = jax.tree.flatten(tree)
-    return treedef, tuple((tuple(x.shape), str(x.dtype), getattr(x, "sharding", None))
-                          for x in leaves)
-
-
-def compiled(key, make_jitted, *abstract_args):
-    """`make_jitted().lower(*abstract_args).compile()`, cached on (key, the arguments' shapes,
-    dtypes and shardings). One executable serves both the memory analysis and the run, and
-    runs in one process (resumes, tests) compile each program once. `key` must hold every
-    static input of the traced function."""
-    sig = (key, _signature(abstract_args))
-    if sig not in _EXECUTABLES:
-        _EXECUTABLES[sig] = make_jitted().lower(*abstract_args).compile()
-        while len(_EXECUTABLES) > 32:   # a few prompt / response buckets per program
-            _EXECUTABLES.popitem(last=False)
-    return _EXECUTABLES[sig]
 
 
 # ----------------------------------------------------------------------------- driver
