@@ -65,8 +65,12 @@ def _select(logits_BV, key, temperature: float, top_k: int, top_p: float):
 
 def generate(cfg: ModelConfig, params, prompt_tokens_BP: jax.Array, prompt_mask_BP: jax.Array,
              key: jax.Array, *, max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
-             top_p: float = 1.0, eos_ids: Sequence[int] = (), pad_id: int = 0) -> dict:
+             top_p: float = 1.0, eos_ids: Sequence[int] = (), pad_id: int = 0,
+             prefill_group: int = 1) -> dict:
     """Samples up to `max_new_tokens` tokens after each LEFT-padded prompt (mask 0 = pad).
+
+    `prefill_group` G > 1: rows come in groups of G equal prompts (RL's completions per
+    prompt); the prompt's KV cache is computed once per group and repeated to its G rows.
 
     Every row needs at least one real prompt token (e.g. BOS). Returns
       tokens_BN   int32, pad_id after a row's first EOS (and after an early stop);
@@ -86,17 +90,24 @@ def generate(cfg: ModelConfig, params, prompt_tokens_BP: jax.Array, prompt_mask_
     # fed): P - 1 + N slots. It is kept in the compute dtype: the uncached forward attends to
     # k/v in that dtype too, so a wider cache would cost memory without changing a number.
     stacked = not isinstance(params["layers"], tuple)
-    cache = _constrain_cache(init_cache(cfg, B, P - 1 + N, per_layer=not stacked))
+    G = prefill_group if P > 1 else 1   # the prefill's cache: one row per group
+    cache = _constrain_cache(init_cache(cfg, B // G, P - 1 + N, per_layer=not stacked))
     if P > 1:
         # Prefill all but the last prompt token; no logits needed (a (B, P, V) fp32 tensor
         # would dominate memory for long prompts). The last prompt token, always real under
         # left padding, goes through the decode step below, whose logits give new token 0:
         # one code path produces every sampled token.
         positions_BP = jnp.maximum(jnp.cumsum(mask_BP, axis=-1) - 1, 0)
-        _, _, cache = functional.apply(cfg, params, prompt_tokens_BP[:, :-1],
-                                       positions_BT=positions_BP[:, :-1],
-                                       segment_ids_BT=mask_BP[:, :-1], cache=cache,
+        _, _, cache = functional.apply(cfg, params, prompt_tokens_BP[::G, :-1],
+                                       positions_BT=positions_BP[::G, :-1],
+                                       segment_ids_BT=mask_BP[::G, :-1], cache=cache,
                                        return_logits=False)
+        if G > 1:   # the group's rows share its prompt: repeat each cache row G times
+            rep = lambda x, axis: jnp.repeat(x, G, axis=axis)
+            cache = _constrain_cache({
+                "k": tuple(rep(a, 0) for a in cache["k"]) if not stacked else rep(cache["k"], 1),
+                "v": tuple(rep(a, 0) for a in cache["v"]) if not stacked else rep(cache["v"], 1),
+                "valid": rep(cache["valid"], 0), "end": cache["end"]})
     if stacked:
         # Decode steps read per-layer weights in place (`Llama._loop_layers`): a scan over
         # stacked weights would copy every layer's slice on every step. So the weights are

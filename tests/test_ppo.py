@@ -3,7 +3,7 @@ reward under a KL ceiling, exact resume, bad inputs, the roles (LoRA reference, 
 model, separate critic), the run report.
 
 Compile time dominates: every run with the PPO config below shares one set of compiled
-programs (`driver.compiled` caches them per process), so most tests cost about a second.
+programs (`programs.compiled` caches them per process), so most tests cost about a second.
 """
 
 import json

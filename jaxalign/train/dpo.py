@@ -22,7 +22,7 @@ from jaxalign.config import ConfigError, ModelConfig, RunConfig
 from jaxalign.data.config import DataConfig
 from jaxalign.data.preference import build_preference_data
 from jaxalign.losses.preference import DPO_LOSSES, DPO_LOSS_TYPES, POLICY_ONLY_LOSS_TYPES, \
-    dpo_loss, orpo_loss, sequence_logps, simpo_loss
+    dpo_loss, orpo_loss, simpo_loss
 from jaxalign.train.recipes import RECIPES
 from jaxalign.data.layout import laid_out
 from jaxalign.models import functional, layout, lora

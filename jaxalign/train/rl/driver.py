@@ -2,14 +2,16 @@
 
 One iteration, top to bottom:
   1. the next prompts (`PromptStream`), left-padded to one length, each repeated
-     num_generations times;
-  2. one jitted rollout: sample from the live policy params, then the training forward for
-     the policy / reference log-probs, values and the reward model's score;
+     num_generations times (a group: consecutive rows);
+  2. one jitted rollout: sample from the live policy params (the prompt's prefill once per
+     group), then the training forward for the policy / reference log-probs, values and the
+     reward model's score (one row per group where that is exact and cheaper, `groups.py`);
   3. on the host: decode, call the reward functions (with the prompt rows' other columns),
      EOS penalty, normalise, clip;
   4. one jitted advantage computation, the objective's (`objectives.py`);
-  5. ppo.epochs passes of ppo.minibatches optimizer steps through the shared
-     `make_train_step`, stopping early when an epoch's approx KL exceeds ppo.max_approx_kl;
+  5. the rollout trimmed to its own prompt / response buckets; ppo.epochs passes of
+     ppo.minibatches steps (whole groups each when grouped) through `make_train_step`,
+     stopping early when an epoch's approx KL exceeds ppo.max_approx_kl;
   6. the KL controller, metrics, samples, monitors, checkpoint.
 
 The roles (policy, reference, value, reward) are loaded by `roles.py`; their
@@ -31,7 +33,6 @@ reproduces metrics.jsonl exactly.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import json
 import logging
@@ -51,7 +52,9 @@ from jaxalign.models import functional, lora
 from jaxalign.train.loop import abstract, put_batch, start_or_resume
 from jaxalign.train.recipes import RECIPES
 from jaxalign.train.optim import make_optimizer
-from jaxalign.train.rl import heldout as H, hosts, objectives, prompts as RP, rollout as R
+from jaxalign.train.rl import groups, heldout as H, hosts, objectives, prompts as RP, rollout as R
+from jaxalign.train.rl.memtrace import PhaseMemory
+from jaxalign.train.rl.programs import compiled
 from jaxalign.train.rl.config import RLConfig
 from jaxalign.train.rl.loading import Loaded, load
 from jaxalign.train.rl.rewards import RewardFunctionError, RunningMoments, TrainerState, \
@@ -73,30 +76,6 @@ class MonitorStop(JaxalignError):
 
 class NonFiniteRewards(JaxalignError):
     """Every row of a rollout scored NaN / inf: the iteration counts as a bad step."""
-
-
-# ----------------------------------------------------------------------------- compile cache
-
-_EXECUTABLES: collections.OrderedDict = collections.OrderedDict()
-
-
-def _signature(tree):
-    leaves, treedef = jax.tree.flatten(tree)
-    return treedef, tuple((tuple(x.shape), str(x.dtype), getattr(x, "sharding", None))
-                          for x in leaves)
-
-
-def compiled(key, make_jitted, *abstract_args):
-    """`make_jitted().lower(*abstract_args).compile()`, cached on (key, the arguments' shapes,
-    dtypes and shardings). One executable serves both the memory analysis and the run, and
-    runs in one process (resumes, tests) compile each program once. `key` must hold every
-    static input of the traced function."""
-    sig = (key, _signature(abstract_args))
-    if sig not in _EXECUTABLES:
-        _EXECUTABLES[sig] = make_jitted().lower(*abstract_args).compile()
-        while len(_EXECUTABLES) > 16:
-            _EXECUTABLES.popitem(last=False)
-    return _EXECUTABLES[sig]
 
 
 # ----------------------------------------------------------------------------- driver
@@ -131,7 +110,13 @@ class _Run:
                         "the longest prompt (data.max_prompt_len) + rollout.max_new_tokens")
         # The rollout rows this process samples, decodes and scores (all with one process).
         self.rows = distributed.process_rows(mesh, cfg.rollout.rows)
-        self.obj = objectives.Settings.of(cfg)
+        # The forwards' layout (`groups.py`): grouped where exact and cheaper. The rollout's
+        # forwards need only group-major rows; the update also needs whole groups per micro batch.
+        G, N, policy_cfg = cfg.rollout.num_generations, cfg.rollout.max_new_tokens, loaded.cfg
+        self.rollout_group = groups.group_size(policy_cfg, self.P, N, G, G)
+        self.obj = objectives.Settings.of(cfg, groups.group_size(
+            policy_cfg, self.P, N, G, cfg.minibatch_rows // cfg.train.grad_accum))
+        self.mem = PhaseMemory()
         self.sampling = R.Sampling(
             max_new_tokens=cfg.rollout.max_new_tokens, temperature=float(cfg.rollout.temperature),
             top_p=float(cfg.rollout.top_p), top_k=cfg.rollout.top_k, eos_ids=self.eos_ids,
@@ -150,9 +135,9 @@ class _Run:
     # -- programs ---------------------------------------------------------------------------
     def _compile(self, state):
         cfg, mesh, roles = self.cfg, self.mesh, self.roles
+        self.mem.end("load")   # the roles, the state: resident before anything compiles
         rep, bsh = sharding.replicated(mesh), sharding.batch_sharding(mesh)
         rows, N, mb = cfg.rollout.rows, cfg.rollout.max_new_tokens, cfg.minibatch_rows
-        T = self.P + N
         i32, f32 = jnp.int32, jnp.float32
         sds = lambda shape, dt, sh=bsh: jax.ShapeDtypeStruct(shape, dt, sharding=sh)
         train_sh = jax.tree.map(lambda x: x.sharding, state.params)
@@ -162,9 +147,10 @@ class _Run:
         # The loss never sees the reward model: keep it out of the train step's cache key.
         loss_models = dataclasses.replace(models, reward=None)
 
+        G, group = cfg.rollout.num_generations, self.rollout_group
         self.rollout_fn = compiled(
-            ("rollout", models, sampling),
-            lambda: jax.jit(lambda *a: R.rollout(models, sampling, *a),
+            ("rollout", models, sampling, G, group),
+            lambda: jax.jit(lambda *a: R.rollout(models, sampling, *a, generations=G, group=group),
                             in_shardings=(train_sh, frozen_sh, aux_sh, bsh, bsh, rep),
                             out_shardings=bsh),
             abstract(state.params), abstract(roles.frozen), abstract(roles.aux),
@@ -178,29 +164,42 @@ class _Run:
                             out_shardings=self._adv_shardings(bsh, rep)),
             exp_abs, sds((rows,), f32), sds((), f32, rep))
         optimizer, schedule = make_optimizer(cfg.optim, cfg.total_steps)
-        def batch_abs(n):
-            return {k: sds((n, T if k.endswith("_BT") else N), i32 if k in (
-                "tokens_BT", "positions_BT", "segment_ids_BT", "response_BN", "mask_BN") else f32)
+        def batch_abs(n, P, N):
+            return {k: sds((n, P if k.endswith("_BP") else N), i32 if k in (
+                "prompt_BP", "prompt_mask_BP", "response_BN", "mask_BN") else f32)
                 for k in objectives.TRAIN_KEYS}
-        # A minibatch is gathered on the devices from the global rollout: any rows, whichever
-        # process sampled them, exactly as one process would pick them.
-        self.take_fn = compiled(
-            ("take",), lambda: jax.jit(lambda b, r: jax.tree.map(lambda x: x[r], b),
-                                       out_shardings=bsh),
-            batch_abs(rows), sds((mb,), i32, rep))
         state_sh = jax.tree.map(lambda x: x.sharding, state)
         # A constant schedule (after warmup) does not depend on the run's length.
         span = 0 if cfg.optim.schedule == "constant" else cfg.total_steps
-        self.step_fn = compiled(
-            ("train", loss_models, obj, cfg.optim, span, cfg.train.grad_accum),
-            lambda: jit_train_step(make_train_step(objectives.make_loss_fn(loss_models, obj), optimizer,
-                                                   schedule, grad_accum=cfg.train.grad_accum),
-                                   state_sh, frozen_sh, bsh),
-            abstract(state), abstract(roles.frozen), batch_abs(mb))
+
+        def update_programs(P, N):
+            """(trim, take, train step) for a rollout trimmed to P prompt / N response slots:
+            compiled once per bucket (`compiled` caches them)."""
+            # A minibatch is gathered on the devices from the global rollout: any rows,
+            # whichever process sampled them, exactly as one process would pick them.
+            trim = compiled(("trim", P, N), lambda: jax.jit(lambda b: groups.trim(b, P, N),
+                                                            out_shardings=bsh),
+                            batch_abs(rows, self.P, cfg.rollout.max_new_tokens))
+            take = compiled(("take",), lambda: jax.jit(lambda b, r: jax.tree.map(lambda x: x[r], b),
+                                                       out_shardings=bsh),
+                            batch_abs(rows, P, N), sds((mb,), i32, rep))
+            step = compiled(
+                ("train", loss_models, obj, cfg.optim, span, cfg.train.grad_accum),
+                lambda: jit_train_step(make_train_step(objectives.make_loss_fn(loss_models, obj),
+                                                       optimizer, schedule,
+                                                       grad_accum=cfg.train.grad_accum),
+                                       state_sh, frozen_sh, bsh),
+                abstract(state), abstract(roles.frozen), batch_abs(mb, P, N))
+            return trim, take, step
+
+        self.update_programs = update_programs
+        # The memory report and pre-flight see the largest shapes (nothing trimmed).
+        _, _, full_step = update_programs(self.P, N)
         programs = {"rollout": self.rollout_fn, "advantages": self.adv_fn,
-                    "train_step": self.step_fn}
+                    "train_step": full_step}
         if self.heldout is not None:
             programs["heldout"] = self.heldout.compile(state, compiled)
+        self.mem.end("compile")   # into the first iteration's perf record
         return programs
 
     # -- one iteration ------------------------------------------------------------------------
@@ -218,6 +217,7 @@ class _Run:
         rows of the rollout (`self.rows`), then the per-row figures are exchanged
         (`hosts.exchange`) so that every process normalises and reports the whole rollout."""
         cfg, G = self.cfg, self.cfg.rollout.num_generations
+        self.mem.start()
         idx = np.repeat(self.stream.next(), G)   # a prompt's group: consecutive rows
         faults.point("batch")
         mine = idx[self.rows]
@@ -230,6 +230,7 @@ class _Run:
                               jax.device_put(jnp.asarray(key, jnp.uint32), rep))
         faults.point("rollout")
         host = {k: distributed.local_rows(exp[k], self.rows) for k in hosts.HOST_KEYS}
+        self.mem.end("rollout")
         lengths, eos = host["lengths_B"], R.has_eos(host["response_BN"], host["lengths_B"], self.eos_ids)
         completions = R.decode(self.tokenizer, host["response_BN"], lengths)
         texts = [self.prompts.texts[i] for i in mine]
@@ -279,25 +280,38 @@ class _Run:
             metrics["reward_dropped"] = float((~keep).sum())
         batch = {k: exp[k] for k in objectives.TRAIN_KEYS if k in exp}
         batch.update(advantages_BN=adv["advantages_BN"], returns_BN=adv["returns_BN"])
+        # The update's forwards run on this rollout's own buckets: the longest prompt of the
+        # batch (every process sees every row's prompt) and the longest response.
+        P2, N2 = groups.buckets([len(self.prompts.ids[i]) for i in idx], g["lengths"], self.P,
+                                cfg.rollout.max_new_tokens)
+        batch = self.update_programs(P2, N2)[0](batch)
         samples = [{"prompt": s["prompt"], "completion": s["completion"],
                     "reward": float(g["raw"][s["row"]]), "length": int(g["lengths"][s["row"]]),
                     "eos": bool(g["eos"][s["row"]])}
                    for s in sorted({s["row"]: s for x in extras for s in x}.values(),
                                    key=lambda s: s["row"])]
+        self.mem.end("scoring")
         return batch, metrics, samples
 
     def _update(self, state, batch: dict, it: int, saved_at: int):
         """ppo.epochs x ppo.minibatches optimizer steps -> (state, averaged step metrics)."""
-        cfg = self.cfg
+        cfg, G = self.cfg, self.obj.layout_group
+        self.mem.release()   # the rollout's freed temporaries back to the system
+        self.mem.start()
+        _, take_fn, step_fn = self.update_programs(batch["prompt_BP"].shape[1],
+                                                   batch["response_BN"].shape[1])
         rng = np.random.default_rng([cfg.train.seed, it])
         records, epochs, skipped_before = [], 0, self.guard.skipped
         for epoch in range(cfg.ppo.epochs):
-            perm = rng.permutation(cfg.rollout.rows)
+            # Grouped layout: minibatches of whole groups (drawn in a seeded order as rows are).
+            perm = rng.permutation(cfg.rollout.rows // G)
             epoch_records = []
             for m in range(cfg.ppo.minibatches):
-                rows = perm[m * cfg.minibatch_rows:(m + 1) * cfg.minibatch_rows]
+                rows = perm[m * cfg.minibatch_rows // G:(m + 1) * cfg.minibatch_rows // G]
+                if G > 1:
+                    rows = groups.minibatch_rows(rows, G, cfg.train.grad_accum)
                 picked = sharding.put_global(rows.astype(np.int32), sharding.replicated(self.mesh))
-                state, out = self.step_fn(state, self.roles.frozen, self.take_fn(batch, picked))
+                state, out = step_fn(state, self.roles.frozen, take_fn(batch, picked))
                 faults.point("step")
                 out = {k: float(v) for k, v in jax.device_get(out).items()}
                 self.guard.check(out, it, saved_at)
@@ -315,6 +329,7 @@ class _Run:
         metrics.pop("weight", None)
         metrics["train_entropy"] = metrics.pop("entropy")
         metrics.update(epochs=float(epochs), skipped=float(self.guard.skipped - skipped_before))
+        self.mem.end("update")
         return state, metrics
 
     def _monitors(self, metrics: dict, it: int) -> str | None:
@@ -394,7 +409,8 @@ class _Run:
                 target=cfg.ppo.kl_target, horizon=cfg.ppo.kl_horizon)
         dt = time.perf_counter() - t0
         perf = {"iteration_s": dt, "rollout_s": t1 - t0, "update_s": dt - (t1 - t0),
-                "tokens_per_s": metrics["response_length"] * cfg.rollout.rows / dt}
+                "tokens_per_s": metrics["response_length"] * cfg.rollout.rows / dt,
+                **self.mem.take()}
         if cfg.train.sample_every and it % cfg.train.sample_every == 0:
             self._write_samples(it, samples)
         tripped = self._monitors(metrics, it)
@@ -416,9 +432,12 @@ class _Run:
         if self.heldout is None or not self.heldout.due(it):
             return False
         t0 = time.perf_counter()
+        self.mem.start()
         metrics.update(self.heldout.evaluate(state, it, int(self.pad_id)))
         self.heldout.track(state, it, metrics)
         perf["eval_s"] = time.perf_counter() - t0
+        self.mem.end("eval")
+        perf.update(self.mem.take())
         return self.heldout.tracker.stopped
 
     def _write_samples(self, it: int, samples: list[dict]) -> None:

@@ -113,7 +113,7 @@ class HeldOut:
         return it % self.cfg.train.eval_every == 0
 
     def compile(self, state, compile_fn: Callable):
-        """The program, through the driver's compile cache (`driver.compiled`)."""
+        """The program, through the driver's compile cache (`programs.compiled`)."""
         models, sampling, roles = self.roles.models, self.sampling, self.roles
         rep, bsh = sharding.replicated(self.mesh), sharding.batch_sharding(self.mesh)
         sh = lambda tree: jax.tree.map(lambda x: x.sharding, tree)

@@ -68,9 +68,10 @@ class Settings:
     kl_loss_coef: float
     group_size: int
     scale_rewards: bool
+    layout_group: int = 1   # the update forwards' layout: 1 per row, G grouped (`groups.py`)
 
     @classmethod
-    def of(cls, cfg) -> "Settings":
+    def of(cls, cfg, layout_group: int = 1) -> "Settings":
         """From an `RLConfig`."""
         obj, p = cfg.objective, cfg.ppo
         return cls(objective=obj, temperature=float(cfg.rollout.temperature),
@@ -78,7 +79,8 @@ class Settings:
                    value_clip_eps=p.value_clip_eps, vf_coef=p.vf_coef, ent_coef=p.ent_coef,
                    gamma=p.gamma, lam=p.lam, whiten_advantages=p.whiten_advantages,
                    kl_kind=p.kl_kind if obj.kl_in_reward else "k3", kl_loss_coef=cfg.grpo.beta,
-                   group_size=cfg.rollout.num_generations, scale_rewards=cfg.grpo.scale_rewards)
+                   group_size=cfg.rollout.num_generations, scale_rewards=cfg.grpo.scale_rewards,
+                   layout_group=layout_group)
 
 
 def _masked_mean(x_BN, mask_BN):
@@ -102,8 +104,10 @@ def advantages(s: Settings, exp: dict, scores_B: jax.Array, kl_coef: jax.Array) 
     return out
 
 
-TRAIN_KEYS = ("tokens_BT", "positions_BT", "segment_ids_BT", "response_BN", "mask_BN",
-              "old_logp_BN", "ref_logp_BN", "values_BN", "advantages_BN", "returns_BN")
+# The update's batch: per-row arrays, rows group-major; the loss lays them out
+# (`groups.layout`), so a minibatch of whole groups can run grouped.
+TRAIN_KEYS = ("prompt_BP", "prompt_mask_BP", "response_BN", "mask_BN", "old_logp_BN",
+              "ref_logp_BN", "values_BN", "advantages_BN", "returns_BN")
 
 
 def make_loss_fn(models: Models, s: Settings):
@@ -115,16 +119,19 @@ def make_loss_fn(models: Models, s: Settings):
         del rng
         policy = lora.combine(trainable["policy"], frozen["policy"])
         mask_BN = batch["mask_BN"].astype(jnp.float32)
+        # A 0 entropy coefficient: the entropy is a metric, kept out of the backward pass.
         logp_BN, ent_BN, hidden_BND = policy_forward(models.policy, policy, batch,
                                                      temperature=s.temperature,
-                                                     chunk=s.logits_chunk)
+                                                     chunk=s.logits_chunk, group=s.layout_group,
+                                                     entropy_grad=s.ent_coef != 0)
         loss, metrics = obj.policy_loss_fn(logp_BN, batch["old_logp_BN"], batch["advantages_BN"],
                                            mask_BN, clip_eps=s.clip_eps)
         entropy = _masked_mean(ent_BN, mask_BN)
-        loss = loss - s.ent_coef * entropy
+        if s.ent_coef != 0:
+            loss = loss - s.ent_coef * entropy
         metrics = dict(metrics, entropy=jax.lax.stop_gradient(entropy))
         if obj.needs_value:
-            v_BN = values(models, trainable, frozen, batch, hidden_BND)
+            v_BN = values(models, trainable, frozen, batch, hidden_BND, s.layout_group)
             vloss, vmetrics = L.value_loss(v_BN, batch["values_BN"], batch["returns_BN"], mask_BN,
                                            clip_eps=s.value_clip_eps)
             loss = loss + s.vf_coef * vloss

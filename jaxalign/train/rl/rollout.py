@@ -6,10 +6,11 @@ training forward over prompt + response for the quantities PPO / GRPO need: the 
 log-probs (recomputed, not the sampler's), the reference's, the values and the reward
 model's score.
 
-Sequence layout (the same for the rollout and the loss): prompt left-padded to P, response
-right-padded to N, one row of T = P + N tokens; segment id 1 on real tokens, 0 on padding;
-positions count real tokens from 0. Response token i is predicted by the hidden state at
-P - 1 + i, so the logits, values and log-probs of the response are that slice.
+Sequence layout: prompt left-padded to P, response right-padded to N; segment id 1 on real
+tokens, 0 on padding; positions count real tokens from 0. The forwards run either one row of
+T = P + N tokens per response or one row [prompt | r1 | ... | rG] per prompt group
+(`groups.py`, `group` below); either way response token i is predicted by the hidden state
+before it, and the logits, values and log-probs of the response come out (B, N).
 
 Shape suffixes: B rows, P prompt length, N response length, T = P + N, D hidden, V vocab.
 """
@@ -27,6 +28,7 @@ from jaxalign.config import ModelConfig
 from jaxalign.generate import generate
 from jaxalign.losses.xent import head_logits, scan_chunks
 from jaxalign.models import functional, heads, lora
+from jaxalign.train.rl import groups
 
 
 # ----------------------------------------------------------------------------- device side
@@ -60,65 +62,73 @@ class Sampling:
 
 
 def sequence(prompt_BP, prompt_mask_BP, response_BN, response_mask_BN) -> dict:
-    """The training layout of prompt + response (see the module docstring)."""
-    segs_BT = jnp.concatenate([prompt_mask_BP, response_mask_BN], axis=1).astype(jnp.int32)
-    return {"tokens_BT": jnp.concatenate([prompt_BP, response_BN], axis=1).astype(jnp.int32),
-            "segment_ids_BT": segs_BT,
-            "positions_BT": jnp.maximum(jnp.cumsum(segs_BT, axis=1) - 1, 0).astype(jnp.int32)}
+    """One row per response (see the module docstring)."""
+    return groups.per_row(prompt_BP, prompt_mask_BP, response_BN, response_mask_BN)
 
 
 def response_stats(hidden_BND, head, targets_BN, *, head_is_VD: bool, temperature: float,
-                   chunk: int, softcap: float | None = None):
+                   chunk: int, softcap: float | None = None, entropy_grad: bool = True):
     """log p(target) and the entropy (nats) of softmax(logits / temperature), fp32, at every
     response position, `chunk` positions at a time (logits rematerialised in the backward
     pass: peak memory holds one (B, chunk, V) block). The temperature-scaled, untruncated
     distribution is the one the sampler reports log-probs under (`generate._select`); the
-    logits are soft-capped first (`softcap`, Gemma 2) as the model's forward caps them."""
+    logits are soft-capped first (`softcap`, Gemma 2) as the model's forward caps them.
+    `entropy_grad=False`: the entropy is a metric only, computed under stop_gradient, so the
+    backward pass has no entropy term at all (a 0 coefficient would still run one)."""
+    sg = (lambda x: x) if entropy_grad else jax.lax.stop_gradient
+
     def stats(h_BCD, t_BC):
         logits_BCV = head_logits(h_BCD, head, head_is_VD=head_is_VD, softcap=softcap) / temperature
         lse_BC = jax.nn.logsumexp(logits_BCV, axis=-1)
         picked_BC = jnp.take_along_axis(logits_BCV, t_BC[..., None], axis=-1)[..., 0]
-        p_BCV = jnp.exp(logits_BCV - lse_BC[..., None])
-        entropy_BC = lse_BC - (p_BCV * logits_BCV).sum(-1)
+        flat_BCV, flat_lse_BC = sg(logits_BCV), sg(lse_BC)
+        p_BCV = jnp.exp(flat_BCV - flat_lse_BC[..., None])
+        entropy_BC = flat_lse_BC - (p_BCV * flat_BCV).sum(-1)
         return picked_BC - lse_BC, entropy_BC
 
     return scan_chunks(hidden_BND, targets_BN, chunk, stats)
 
 
-def _response_hidden(cfg: ModelConfig, params, batch: dict, *, use_lora: bool = True,
-                     dropout_key=None):
-    _, hidden_BTD, _ = functional.apply(cfg, params, batch["tokens_BT"],
-                                        positions_BT=batch["positions_BT"],
-                                        segment_ids_BT=batch["segment_ids_BT"],
-                                        return_logits=False, use_lora=use_lora,
-                                        dropout_key=dropout_key)
-    N = batch["response_BN"].shape[1]
-    P = hidden_BTD.shape[1] - N
-    return hidden_BTD[:, P - 1:P - 1 + N]
+def _response_hidden(cfg: ModelConfig, params, batch: dict, *, group: int = 1,
+                     use_lora: bool = True):
+    """(B, N, D) hidden states predicting the response tokens; `batch` holds prompt_BP,
+    prompt_mask_BP, response_BN, mask_BN (rows group-major when group > 1)."""
+    P, N = batch["prompt_BP"].shape[1], batch["response_BN"].shape[1]
+    rows = groups.layout(batch["prompt_BP"], batch["prompt_mask_BP"], batch["response_BN"],
+                         batch["mask_BN"], group)
+    _, hidden_RTD, _ = functional.apply(cfg, params, rows["tokens_BT"],
+                                        positions_BT=rows["positions_BT"],
+                                        segment_ids_BT=rows["segment_ids_BT"],
+                                        branch_ids_BT=rows.get("branch_ids_BT"),
+                                        return_logits=False, use_lora=use_lora)
+    return groups.response_hidden(hidden_RTD, P, N, group)
 
 
 def policy_forward(cfg: ModelConfig, params, batch: dict, *, temperature: float, chunk: int,
-                   use_lora: bool = True):
+                   use_lora: bool = True, group: int = 1, entropy_grad: bool = True):
     """-> (logp_BN, entropy_BN, hidden_BND) of the response under `params`."""
-    hidden_BND = _response_hidden(cfg, params, batch, use_lora=use_lora)
+    hidden_BND = _response_hidden(cfg, params, batch, group=group, use_lora=use_lora)
     head, head_is_VD = functional.lm_head(cfg, params)
     logp_BN, ent_BN = response_stats(hidden_BND, head, batch["response_BN"], head_is_VD=head_is_VD,
                                      temperature=temperature, chunk=chunk,
-                                     softcap=cfg.final_logit_softcap)
+                                     softcap=cfg.final_logit_softcap, entropy_grad=entropy_grad)
     return logp_BN, ent_BN, hidden_BND
 
 
-def values(models: Models, trainable, frozen, batch: dict, policy_hidden_BND) -> jax.Array:
+def values(models: Models, trainable, frozen, batch: dict, policy_hidden_BND,
+           group: int = 1) -> jax.Array:
     """Per-token values (B, N) fp32: the value head on the policy trunk, or the critic."""
     if models.value == "shared":
         return heads.project(trainable["value_head"], policy_hidden_BND)[..., 0]
     if models.value == "separate":
         critic = lora.combine(trainable["critic"], frozen.get("critic", {}))
-        return heads.project(critic, _response_hidden(models.critic, critic, batch))[..., 0]
+        hidden_BND = _response_hidden(models.critic, critic, batch, group=group)
+        return heads.project(critic, hidden_BND)[..., 0]
     return jnp.zeros(batch["response_BN"].shape, jnp.float32)
 
 
-def _sample(models: Models, sampling: Sampling, policy, prompt_BP, prompt_mask_BP, key) -> dict:
+def _sample(models: Models, sampling: Sampling, policy, prompt_BP, prompt_mask_BP, key,
+            prefill_group: int = 1) -> dict:
     gen_cfg = models.policy
     if sampling.decode_scan_layers is not None:
         # Same param layout either way: a scanned prefill keeps the program small (the decode
@@ -129,19 +139,22 @@ def _sample(models: Models, sampling: Sampling, policy, prompt_BP, prompt_mask_B
     return generate(gen_cfg, policy, prompt_BP, prompt_mask_BP, key,
                     max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
                     top_k=sampling.top_k, top_p=sampling.top_p, eos_ids=sampling.eos_ids,
-                    pad_id=sampling.pad_id)
+                    pad_id=sampling.pad_id, prefill_group=prefill_group)
 
 
 def rollout(models: Models, sampling: Sampling, trainable, frozen, aux, prompt_BP, prompt_mask_BP,
-            key) -> dict[str, jax.Array]:
+            key, *, generations: int = 1, group: int = 1) -> dict[str, jax.Array]:
     """Sample, then score every response with one forward per role. Pure; jit it with
-    `models` and `sampling` static. `aux`: {'ref': params} when models.ref == 'copy',
-    {'reward': params} with a reward model."""
+    `models`, `sampling`, `generations` and `group` static. `aux`: {'ref': params} when
+    models.ref == 'copy', {'reward': params} with a reward model. Rows come in groups of
+    `generations` equal prompts: the sampler's prefill runs once per group; `group` (1 or
+    `generations`) is the layout of the policy / reference / critic forwards (`groups.py`)."""
     policy = lora.combine(trainable["policy"], frozen["policy"])
-    out = _sample(models, sampling, policy, prompt_BP, prompt_mask_BP, key)
+    out = _sample(models, sampling, policy, prompt_BP, prompt_mask_BP, key, generations)
     batch = sequence(prompt_BP, prompt_mask_BP, out["tokens_BN"], out["mask_BN"])
-    batch["response_BN"], batch["mask_BN"] = out["tokens_BN"], out["mask_BN"]
-    kw = dict(temperature=sampling.temperature, chunk=sampling.logits_chunk)
+    batch.update(prompt_BP=prompt_BP, prompt_mask_BP=prompt_mask_BP,
+                 response_BN=out["tokens_BN"], mask_BN=out["mask_BN"])
+    kw = dict(temperature=sampling.temperature, chunk=sampling.logits_chunk, group=group)
     logp_BN, ent_BN, hidden_BND = policy_forward(models.policy, policy, batch, **kw)
     if models.ref == "adapters_off":
         ref_logp_BN = policy_forward(models.policy, policy, batch, use_lora=False, **kw)[0]
@@ -158,7 +171,7 @@ def rollout(models: Models, sampling: Sampling, trainable, frozen, aux, prompt_B
             "old_logp_BN": logp_BN * mask_BN,
             "ref_logp_BN": ref_logp_BN * mask_BN,
             "entropy_BN": ent_BN * mask_BN,
-            "values_BN": values(models, trainable, frozen, batch, hidden_BND) * mask_BN,
+            "values_BN": values(models, trainable, frozen, batch, hidden_BND, group) * mask_BN,
             "rm_score_B": score_B,
             "lengths_B": out["lengths_B"]}
 
