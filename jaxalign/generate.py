@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxalign.config import JaxalignError, ModelConfig
-from jaxalign.models import functional
+from jaxalign.models import functional, lora
 from jaxalign.models.llama import CACHE_NAMES, init_cache
 from jaxalign.sharding import constrain
 
@@ -63,10 +63,35 @@ def _select(logits_BV, key, temperature: float, top_k: int, top_p: float):
     return tok_B, jnp.take_along_axis(logp_BV, tok_B[:, None], axis=-1)[:, 0]
 
 
+def decode_loops(prefill: int, max_new_tokens: int, chunk: int = 64,
+                 max_loops: int = 4) -> tuple[tuple[int, int], ...]:
+    """The decode steps cut into loops: ((stop_step, cache_slots), ...).
+
+    Step i feeds a token into slot prefill + i, so a loop that ends at step `stop` needs
+    prefill + stop slots, and its attention reads only those (the cache grows between loops)
+    instead of all prefill + N from the first step on: with a long `max_new_tokens` the early
+    steps no longer read an empty cache. Equal loops of about `chunk` steps, at most
+    `max_loops` (each loop is one more compiled decode body): attention then reads
+    (K + 1) / 2K of the full cache on average over K loops, against 1/2 for an exact bound."""
+    n = min(max_loops, max(1, -(-max_new_tokens // chunk)))
+    stops = sorted({-(-max_new_tokens * (j + 1) // n) for j in range(n)})
+    return tuple((stop, prefill + stop) for stop in stops)
+
+
+def decode_params(cfg: ModelConfig, params) -> tuple[ModelConfig, dict]:
+    """The weights every decode step reads, made once per call: LoRA adapters folded into
+    their weights (W + scale * a @ b, exact up to fp32 round-off), so a step reads plain
+    weights instead of adding every adapter product on every token. Stacked params only
+    (`generate` unstacks them after the prefill); a per-layer tree is taken as prepared."""
+    if cfg.lora_rank > 0 and not isinstance(params["layers"], tuple) and lora.split(params)[0]:
+        return lora.merge(cfg, params)
+    return cfg, params
+
+
 def generate(cfg: ModelConfig, params, prompt_tokens_BP: jax.Array, prompt_mask_BP: jax.Array,
              key: jax.Array, *, max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
              top_p: float = 1.0, eos_ids: Sequence[int] = (), pad_id: int = 0,
-             prefill_group: int = 1) -> dict:
+             prefill_group: int = 1, cache_chunk: int = 64) -> dict:
     """Samples up to `max_new_tokens` tokens after each LEFT-padded prompt (mask 0 = pad).
 
     `prefill_group` G > 1: rows come in groups of G equal prompts (RL's completions per
@@ -79,19 +104,23 @@ def generate(cfg: ModelConfig, params, prompt_tokens_BP: jax.Array, prompt_mask_
       lengths_B   int32, mask_BN.sum(-1).
     The settings after `key` must be Python values (static under jit). Not differentiable
     (a while_loop with a data-dependent stop): PPO recomputes log-probs with a forward pass.
+    `cache_chunk`: about how many decode steps share one cache size (`decode_loops`).
     """
     B, P = prompt_tokens_BP.shape
     N = max_new_tokens
     mask_BP = prompt_mask_BP.astype(jnp.int32)
     prompt_len_B = mask_BP.sum(axis=-1)
     eos_E = jnp.asarray(tuple(eos_ids) or (-1,), jnp.int32)  # -1: no token ever matches
+    cfg, params = decode_params(cfg, params)
 
     # The cache holds the prompt and every fed-back token (the last sampled one never is
-    # fed): P - 1 + N slots. It is kept in the compute dtype: the uncached forward attends to
-    # k/v in that dtype too, so a wider cache would cost memory without changing a number.
+    # fed): P - 1 + N slots at the end, fewer before (`decode_loops`). It is kept in the
+    # compute dtype: the uncached forward attends to k/v in that dtype too, so a wider cache
+    # would cost memory without changing a number.
+    loops = decode_loops(P - 1, N, cache_chunk)
     stacked = not isinstance(params["layers"], tuple)
     G = prefill_group if P > 1 else 1   # the prefill's cache: one row per group
-    cache = _constrain_cache(init_cache(cfg, B // G, P - 1 + N, per_layer=not stacked))
+    cache = _constrain_cache(init_cache(cfg, B // G, loops[0][1], per_layer=not stacked))
     if P > 1:
         # Prefill all but the last prompt token; no logits needed (a (B, P, V) fp32 tensor
         # would dominate memory for long prompts). The last prompt token, always real under
@@ -135,16 +164,33 @@ def generate(cfg: ModelConfig, params, prompt_tokens_BP: jax.Array, prompt_mask_
         done_B = done_B | jnp.isin(tok_B, eos_E)
         return i + 1, cache, tok_B, tokens_BN, logprobs_BN, out_mask_BN, done_B
 
-    def cond(state):
-        i, done_B = state[0], state[-1]
-        return (i < N) & ~jnp.all(done_B)  # stop as soon as every row has emitted EOS
+    state = (jnp.int32(0), cache, prompt_tokens_BP[:, -1].astype(jnp.int32),
+             jnp.full((B, N), pad_id, jnp.int32), jnp.zeros((B, N), jnp.float32),
+             jnp.zeros((B, N), jnp.int32), jnp.zeros((B,), bool))
+    for stop, slots in loops:
+        # Every row done stops each remaining loop at its first test.
+        def cond(state, stop=stop):
+            i, done_B = state[0], state[-1]
+            return (i < stop) & ~jnp.all(done_B)
 
-    init = (jnp.int32(0), cache, prompt_tokens_BP[:, -1].astype(jnp.int32),
-            jnp.full((B, N), pad_id, jnp.int32), jnp.zeros((B, N), jnp.float32),
-            jnp.zeros((B, N), jnp.int32), jnp.zeros((B,), bool))
-    _, _, _, tokens_BN, logprobs_BN, out_mask_BN, _ = jax.lax.while_loop(cond, step, init)
+        state = (state[0], _grow_cache(state[1], slots), *state[2:])
+        state = jax.lax.while_loop(cond, step, state)
+    _, _, _, tokens_BN, logprobs_BN, out_mask_BN, _ = state
     return {"tokens_BN": tokens_BN, "mask_BN": out_mask_BN, "logprobs_BN": logprobs_BN,
             "lengths_B": out_mask_BN.sum(axis=-1)}
+
+
+def _grow_cache(cache, slots: int):
+    """The per-layer cache padded with empty (invalid) slots up to `slots`."""
+    extra = slots - cache["valid"].shape[1]
+    if extra == 0:
+        return cache
+
+    def pad(a):
+        return jnp.pad(a, [(0, 0), (0, extra)] + [(0, 0)] * (a.ndim - 2))
+
+    return _constrain_cache({"k": tuple(map(pad, cache["k"])), "v": tuple(map(pad, cache["v"])),
+                             "valid": pad(cache["valid"]), "end": cache["end"]})
 
 
 def _constrain_cache(cache):

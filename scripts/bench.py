@@ -330,6 +330,9 @@ def report(ctx: dict) -> list[dict]:
     for r in ctx["rows"]:
         pct = lambda k: 100 * r[k] if r.get(k) is not None else None  # noqa: E731
         note = r.get("error") or r.get("warning") or r.get("agreement", "")
+        if r.get("logprob_gap_vs_fp32"):   # generate in bf16: the sampler's log-probs vs fp32's
+            g = r["logprob_gap_vs_fp32"]
+            note = "; ".join([note] * bool(note) + [f"log-prob gap vs fp32 max {g['max']:.2g} mean {g['mean']:.2g}"])
         if r.get("ratio_best") is not None or r.get("ratio_default") is not None:
             note = "; ".join([note] * bool(note) + [
                 f"{x:.3g}x TRL default" if k == "ratio_default" else f"{x:.3g}x best TRL"

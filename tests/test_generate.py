@@ -281,3 +281,68 @@ def test_bf16_decoding_matches_the_bf16_forward(tiny, prompts, greedy):
     # 0.016 seen; this fixture's fp32 vs bf16 forwards differ by up to ~0.5.
     assert gap(cfg16) < 0.05
     assert gap(cfg) > 0.01
+
+
+def _generate(cfg, params, tokens_BP, mask_BP, **settings):
+    """`gen.generate` jitted with settings `make_generate_fn` does not expose (cache_chunk)."""
+    settings = {"max_new_tokens": N_NEW, "eos_ids": (EOS,), "pad_id": PAD, **settings}
+    fn = jax.jit(lambda p, t, m, k: gen.generate(cfg, p, t, m, k, **settings))
+    return jax.device_get(fn(params, tokens_BP, mask_BP, jax.random.key(0)))
+
+
+def test_decode_loops_cover_every_step():
+    assert gen.decode_loops(15, 12) == ((12, 27),)                 # one loop: the full cache
+    assert gen.decode_loops(31, 128) == ((64, 95), (128, 159))
+    assert gen.decode_loops(0, 1000) == ((250, 250), (500, 500), (750, 750), (1000, 1000))
+    assert gen.decode_loops(5, 10, chunk=4) == ((4, 9), (7, 12), (10, 15))
+
+
+def test_filled_part_attention_equals_full_attention(tiny, prompts, greedy):
+    """Decode loops whose attention reads only the filled cache slots (chunks of 3 steps:
+    4 loops, the cache grown between them) give the tokens of one loop over the full cache
+    (`greedy`, N_NEW < the default chunk), with the same log-probs up to round-off."""
+    _, cfg, params = tiny
+    assert len(gen.decode_loops(P - 1, N_NEW, chunk=3)) == 4
+    out = _generate(cfg, params, prompts[1], prompts[2], cache_chunk=3)
+    np.testing.assert_array_equal(out["tokens_BN"], greedy["tokens_BN"])
+    np.testing.assert_array_equal(out["mask_BN"], greedy["mask_BN"])
+    # Round-off only (1.4e-6 seen): the attention's reductions run over fewer masked slots.
+    np.testing.assert_allclose(out["logprobs_BN"], greedy["logprobs_BN"], atol=1e-5, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def tiny_lora(tiny):
+    """The tiny model with a trained-like adapter on every target (random b, not zero)."""
+    from jaxalign.config import LORA_TARGETS
+    from jaxalign.models import lora
+    _, base_cfg, base = tiny
+    cfg = base_cfg.replace(lora_rank=4, lora_alpha=8.0, lora_targets=LORA_TARGETS)
+    adapters, frozen = lora.split(lora.add_adapters(cfg, base, seed=1))
+    keys = iter(jax.random.split(jax.random.key(3), 64))
+    adapters = jax.tree_util.tree_map_with_path(
+        lambda p, x: 0.3 * jax.random.normal(next(keys), x.shape) if p[-1].key == "b" else x, adapters)
+    return cfg, lora.combine(adapters, frozen)
+
+
+def test_lora_merged_decode_equals_adapter_decode(tiny, tiny_lora, prompts, greedy):
+    """The sampler folds LoRA into the decode weights once per call (the RL rollout passes
+    the live adapter params): same tokens as decoding with the adapter products on every
+    step (params given in per-layer layout, which `decode_params` leaves as they are), and
+    log-probs equal up to fp32 round-off; both are the adapted model's own greedy tokens
+    (the uncached forward with adapters agrees), which differ from the base model's."""
+    cfg, params = tiny_lora
+    _, tokens_BP, mask_BP = prompts
+    merged_cfg, merged = gen.decode_params(cfg, params)
+    assert merged_cfg.lora_rank == 0 and "q_lora" not in merged["layers"]["attn"]
+    out = _run(cfg, params, tokens_BP, mask_BP)
+    adapter = _run(cfg, functional.unstack_layers(cfg, params), tokens_BP, mask_BP)
+    assert gen.decode_params(cfg, functional.unstack_layers(cfg, params))[0].lora_rank == 4
+    np.testing.assert_array_equal(out["tokens_BN"], adapter["tokens_BN"])
+    np.testing.assert_allclose(out["logprobs_BN"], adapter["logprobs_BN"], atol=2e-5, rtol=0)
+    assert (out["tokens_BN"] != greedy["tokens_BN"]).any(), "the adapter changed nothing"
+    new_BN, out_mask_BN = out["tokens_BN"], out["mask_BN"].astype(bool)
+    full_BT = np.concatenate([tokens_BP, new_BN], axis=1)
+    seg_BT = np.concatenate([mask_BP, np.ones_like(new_BN)], axis=1)
+    logits_BNV = np.asarray(functional.apply(cfg, params, jnp.asarray(full_BT),
+                                             segment_ids_BT=jnp.asarray(seg_BT))[0])[:, P - 1:-1]
+    np.testing.assert_array_equal(np.where(out_mask_BN, logits_BNV.argmax(-1), PAD), new_BN)

@@ -99,6 +99,21 @@ def forward(job: dict) -> dict:
                 peak_dev_gib=_device_peak_gib(), device=str(jax.devices()[0].device_kind))
 
 
+def _logprob_gap_vs_fp32(cfg, params, tokens, out) -> dict:
+    """How far the sampler's log-probs (decoded in cfg.dtype, e.g. bf16 weights) are from
+    the fp32 forward's log-probs of the same sampled tokens: max and mean |diff| (nats)."""
+    import jax
+    import numpy as np
+    from jaxalign.models import functional
+
+    full = np.concatenate([tokens, out["tokens_BN"]], axis=1)
+    logits = functional.apply(cfg.replace(dtype="float32"), params, full)[0][:, tokens.shape[1] - 1:-1]
+    logp = np.take_along_axis(np.asarray(jax.nn.log_softmax(logits, axis=-1)),
+                              out["tokens_BN"][..., None], axis=-1)[..., 0]
+    diff = np.abs(logp - out["logprobs_BN"])
+    return {"max": float(diff.max()), "mean": float(diff.mean())}
+
+
 def generate(job: dict) -> dict:
     """Greedy decoding of exactly new_tokens tokens (no EOS ids: it never stops early), layers
     scanned as `jaxalign generate` loads them, through `make_generate_fn`."""
@@ -121,6 +136,10 @@ def generate(job: dict) -> dict:
 
     step_s, times = _timed(call, job["warmup"], job["steps"])
     assert (out["lengths_B"] == job["new_tokens"]).all(), out["lengths_B"]
+    gap = None
+    if cfg.dtype != "float32":
+        gap = _logprob_gap_vs_fp32(cfg, params, tokens, out)
     return dict(step_s=step_s, first_step_s=times[0], compile_s=compile_s, check=out["tokens_BN"][0, :16].tolist(),
+                logprob_gap_vs_fp32=gap,
                 param_bytes=sum(x.nbytes for x in jax.tree.leaves(params)),
                 peak_dev_gib=_device_peak_gib(), device=str(jax.devices()[0].device_kind))
