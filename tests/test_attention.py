@@ -110,26 +110,28 @@ def _close(got, want, tol, what):
     assert err <= tol, f"{what}: max error {err:.3g} (relative to max {np.abs(want).max():.3g}) > {tol}"
 
 
-# name: (T, query_block, key_block); None: the sizes `plan` picks for that length.
+# name: (T, query_block, key_block, loop); None: what `plan` picks for that length.
 PLANS = {
-    "one_block": (40, None, None),
-    "short_default": (200, None, None),         # 4 query blocks of 64 (the last 8), one key piece each
-    "square_32": (96, 32, 32),                  # a multiple of the block
-    "square_48_ragged": (130, 48, 48),          # ragged last block
-    "rect_40x24": (150, 40, 24),                # key blocks smaller than query blocks, unaligned
-    "rect_24x64": (150, 24, 64),                # larger key blocks, clipped at each diagonal
-    "long_default": (1100, None, None),         # the long plan: 512-square blocks, ragged tail
+    "one_block": (40, None, None, None),
+    "short_default": (200, None, None, None),   # 4 query blocks of 64 (the last 8), one key piece each
+    "square_32": (96, 32, 32, False),           # a multiple of the block
+    "square_48_ragged": (130, 48, 48, False),   # ragged last block
+    "rect_40x24": (150, 40, 24, False),         # key blocks smaller than query blocks, unaligned
+    "rect_24x64": (150, 24, 64, False),         # larger key blocks, clipped at each diagonal
+    "loop_32_ragged": (150, 32, 32, True),      # key blocks below the diagonal in a fori_loop
+    "long_default": (1100, None, None, None),   # the long plan: 512-square blocks looped, ragged tail
 }
 HEADS = {"gqa": (4, 2), "mqa": (3, 1), "mha": (2, 2)}
 
 
-def _plan(T, qb, kb):
-    return attention.plan(T, qb, kb)
+def _plan(T, qb, kb, loop=None):
+    return attention.plan(T, qb, kb, loop)
 
 
 def test_plan_skips_the_upper_triangle_and_covers_the_lower():
-    for T, qb, kb in list(PLANS.values()) + [(256, None, None), (4096, None, None), (7, 3, 2)]:
-        blocks = _plan(T, qb, kb)
+    for T, qb, kb, loop in list(PLANS.values()) + [(256, None, None, None),
+                                                    (4096, None, None, None), (7, 3, 2, False)]:
+        blocks = _plan(T, qb, kb, loop).blocks
         seen = np.zeros((T, T), int)
         for (a, e), keys in blocks:
             for c, d in keys:
@@ -137,10 +139,12 @@ def test_plan_skips_the_upper_triangle_and_covers_the_lower():
                 seen[a:e, c:d] += 1
         lower = np.tril(np.ones((T, T), bool))
         assert seen[lower].min() == 1 and seen.max() == 1, f"T={T}: lower triangle not tiled once"
-    assert len(_plan(256, None, None)) == 4                  # short rows: as before the flash form
-    assert all(len(keys) == 1 for _, keys in _plan(256, None, None))
+    short = _plan(256, None, None)
+    assert len(short.blocks) == 4 and not short.loop           # short rows: as before the flash form
+    assert all(len(keys) == 1 for _, keys in short.blocks)
     long = _plan(4096, None, None)
-    assert len(long) == 8 and sum(len(k) for _, k in long) == 36   # 8 x 8 blocks, 36 computed
+    assert long.loop and len(long.blocks) == 8                 # 8 x 8 blocks, 36 computed
+    assert sum(len(k) for _, k in long.blocks) == 36
 
 
 @pytest.mark.parametrize("plan_name", list(PLANS))
@@ -148,11 +152,11 @@ def test_plan_skips_the_upper_triangle_and_covers_the_lower():
 def test_fp32_equals_reference(plan_name, heads):
     """Every mask kind, values and dq / dk / dv within 1e-5 of the naive formula (and of
     jax.nn.dot_product_attention on the values)."""
-    T, qb, kb = PLANS[plan_name]
+    T, qb, kb, loop = PLANS[plan_name]
     N, K = HEADS[heads]
     B = 2 if T < 1000 else 1
     (q, k, v), dout = _inputs(B, T, N, K, jnp.float32, seed=T + N)
-    blocked = functools.partial(_blocked, blocks=_plan(T, qb, kb))
+    blocked = functools.partial(_blocked, blocks=_plan(T, qb, kb, loop))
     masks = _masks(B, T, np.random.default_rng(T))
     if T >= 1000:   # the long plan is slow to compile on a shared 2-core CPU: three masks
         masks = {n: masks[n] for n in ("causal", "packed", "branches")}
@@ -167,12 +171,13 @@ def test_fp32_equals_reference(plan_name, heads):
             _close(got, _xla(q, k, v, m), 1e-5, f"{plan_name} {heads}: vs dot_product_attention")
 
 
-@pytest.mark.parametrize("plan_name", ["short_default", "square_48_ragged", "rect_40x24"])
+@pytest.mark.parametrize("plan_name", ["short_default", "square_48_ragged", "rect_40x24",
+                                       "loop_32_ragged"])
 def test_bf16_close_to_fp32_reference(plan_name):
     """bf16 operands (fp32 accumulation): within bf16's rounding of the fp32 formula."""
-    T, qb, kb = PLANS[plan_name]
+    T, qb, kb, loop = PLANS[plan_name]
     (q, k, v), dout = _inputs(2, T, 4, 2, jnp.float32, seed=3)
-    blocked = functools.partial(_blocked, blocks=_plan(T, qb, kb))
+    blocked = functools.partial(_blocked, blocks=_plan(T, qb, kb, loop))
     q16, k16, v16 = (x.astype(jnp.bfloat16) for x in (q, k, v))
     for name, mask in _masks(2, T, np.random.default_rng(1)).items():
         m = jnp.asarray(mask)
@@ -192,7 +197,7 @@ def test_rows_without_keys_give_zeros_and_finite_gradients():
     seg = np.ones((B, T), np.int32)
     seg[0, :30] = 0
     mask = jnp.asarray(_from_segments(seg))
-    blocks = _plan(T, 32, 16)
+    blocks = _plan(T, 32, 16, False)
     out = _blocked(q, k, v, mask, blocks)
     assert np.all(np.asarray(out)[0, :30] == 0)
     grads = jax.grad(lambda q, k, v: jnp.sum(_blocked(q, k, v, mask, blocks) * dout),
@@ -208,10 +213,8 @@ def _saved_bytes(T):
     q = jax.ShapeDtypeStruct((B, T, N, 64), jnp.float32)
     kv = jax.ShapeDtypeStruct((B, T, K, 64), jnp.float32)
     mask = jnp.asarray(_causal(B, T))
-    fn = functools.partial(attention.causal_attention, mask_BTS=mask, blocks=attention.plan(T),
-                           dt=jnp.dtype(jnp.float32), scale=SCALE)
     res = jax.eval_shape(lambda q, k, v: jax.tree.leaves(jax.vjp(
-        lambda q, k, v: fn(q, k, v), q, k, v)[1]), q, kv, kv)
+        lambda q, k, v: _blocked(q, k, v, mask, attention.plan(T)), q, k, v)[1]), q, kv, kv)
     return sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in res
                if x.shape != mask.shape)      # the mask is the caller's, shared by every layer
 

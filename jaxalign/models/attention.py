@@ -9,6 +9,7 @@ r = t x G its rows.
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -32,14 +33,21 @@ _MAX_BLOCKS = 16
 # masked gives exp(0) (then zeroed by the mask) instead of exp(nan).
 _MASKED = -1e30
 
-Plan = tuple[tuple[tuple[int, int], tuple[tuple[int, int], ...]], ...]
+class Plan(NamedTuple):
+    """blocks: ((query block [a, e), its key blocks ((c, d), ...)), ...); loop: the key blocks
+    before each query block's diagonal one run in a lax.fori_loop (square blocks only)."""
+    blocks: tuple[tuple[tuple[int, int], tuple[tuple[int, int], ...]], ...]
+    loop: bool
 
 
-def plan(T: int, query_block: int | None = None, key_block: int | None = None) -> Plan:
-    """((query block [a, e), its key blocks ((c, d), ...)), ...): every key block ends at or
-    before its query block's end (the causal promise: later keys are masked), so blocks wholly
-    above the diagonal are never computed. `query_block` / `key_block` override the sizes the
-    length picks (tests; a key_block >= T scores each query block against [0, e) at once)."""
+def plan(T: int, query_block: int | None = None, key_block: int | None = None,
+         loop: bool | None = None) -> Plan:
+    """The blocks of a T-token row: every key block ends at or before its query block's end
+    (the causal promise: later keys are masked), so blocks wholly above the diagonal are never
+    computed. `query_block` / `key_block` override the sizes the length picks (tests; a
+    key_block >= T scores each query block against [0, e) at once). Long rows (square blocks)
+    loop over the key blocks below the diagonal: unrolled, XLA's CPU schedule kept about a
+    hundred score blocks alive at once (2 GiB for one 2 x 4096 layer); a loop holds one."""
     if query_block is None:
         if T < 2 * _MIN_QUERY_BLOCK:
             query_block, key_block = T, T
@@ -52,7 +60,11 @@ def plan(T: int, query_block: int | None = None, key_block: int | None = None) -
     for a in range(0, T, query_block):
         e = min(a + query_block, T)
         out.append(((a, e), tuple((c, min(c + key_block, e)) for c in range(0, e, key_block))))
-    return tuple(out)
+    if loop is None:
+        loop = T > _ONE_KEY_BLOCK_MAX and key_block == query_block
+    if loop and key_block != query_block:
+        raise ValueError(f"a looped plan needs square blocks, got {query_block} x {key_block}")
+    return Plan(tuple(out), loop)
 
 
 def _rows(x_BTNH, K: int):
@@ -68,15 +80,47 @@ def _unrows(x_BKRH, T: int):
     return x_BKRH.reshape(B, K, T, G, H).transpose(0, 2, 1, 3, 4).reshape(B, T, K * G, H)
 
 
-def _scores(q_BKrH, k_BKsH, mask_BTS, a, e, c, d, scale, kw):
-    """A block's masked scores (B, K, t, G, s) fp32 and its mask, broadcastable to them."""
+def _key_block(x_BKSH, c, n):
+    """Keys [c, c + n) of (B, K, S, H); c may be traced (the loop)."""
+    return jax.lax.dynamic_slice_in_dim(x_BKSH, c, n, axis=2)
+
+
+def _scores(q_BKrH, k_BKSH, mask_BTS, a, e, c, n, scale, kw):
+    """Masked scores (B, K, t, G, n) fp32 of queries [a, e) against keys [c, c + n), and the
+    mask, broadcastable to them."""
     B, K = q_BKrH.shape[:2]
-    s_BKrs = jnp.einsum("bkrh,bksh->bkrs", q_BKrH, k_BKsH, **kw)
-    msk = mask_BTS[:, None, a:e, None, c:d]
-    return jnp.where(msk, s_BKrs.reshape(B, K, e - a, -1, d - c) * scale, _MASKED), msk
+    s_BKrs = jnp.einsum("bkrh,bksh->bkrs", q_BKrH, _key_block(k_BKSH, c, n), **kw)
+    msk = jax.lax.dynamic_slice_in_dim(mask_BTS[:, a:e], c, n, axis=2)[:, None, :, None, :]
+    return jnp.where(msk, s_BKrs.reshape(B, K, e - a, -1, n) * scale, _MASKED), msk
 
 
-def _attention_fwd(q_BTNH, k_BSKH, v_BSKH, mask_BTS, blocks, dt, scale):
+def _fwd_block(carry, q_b, k_BKSH, v_BKSH, mask_BTS, a, e, c, n, dt, scale, kw):
+    """One key block of the online softmax: (running max, sum, sum of p v) updated."""
+    m_BKtG1, l_BKtG1, acc_BKrH = carry
+    B, K = q_b.shape[:2]
+    s_BKtGs, msk = _scores(q_b, k_BKSH, mask_BTS, a, e, c, n, scale, kw)
+    m_new = jnp.maximum(m_BKtG1, jnp.max(s_BKtGs, axis=-1, keepdims=True))
+    # Zeroed where masked: a row whose keys so far are all masked has m = _MASKED.
+    p_BKtGs = jnp.where(msk, jnp.exp(s_BKtGs - m_new), 0.0)
+    pv_BKrH = jnp.einsum("bkrs,bksh->bkrh", p_BKtGs.reshape(B, K, -1, n).astype(dt),
+                         _key_block(v_BKSH, c, n), **kw)
+    alpha_BKtG1 = jnp.exp(m_BKtG1 - m_new)   # rescales what the earlier key blocks summed
+    return (m_new, alpha_BKtG1 * l_BKtG1 + jnp.sum(p_BKtGs, axis=-1, keepdims=True),
+            alpha_BKtG1.reshape(B, K, -1, 1) * acc_BKrH + pv_BKrH)
+
+
+def _looped(plan_: Plan, keys, step, carry):
+    """In a looped plan, runs `step` over the query block's full-size key blocks (all but a
+    ragged diagonal one) in one lax.fori_loop, so one block's scores are alive at a time.
+    -> (carry, the key blocks left to unroll)."""
+    n = keys[0][1] - keys[0][0]
+    full = sum(d - c == n for c, d in keys)
+    if not plan_.loop or full < 2:
+        return carry, keys
+    return jax.lax.fori_loop(0, full, lambda j, cr: step(cr, c=j * n, n=n), carry), keys[full:]
+
+
+def _attention_fwd(q_BTNH, k_BSKH, v_BSKH, mask_BTS, plan_, dt, scale):
     """-> out (B, T, N, H) in dt, lse (B, K, R) fp32 (+inf where a row has no visible key)."""
     B, T, N, H = q_BTNH.shape
     K = k_BSKH.shape[2]
@@ -88,25 +132,17 @@ def _attention_fwd(q_BTNH, k_BSKH, v_BSKH, mask_BTS, blocks, dt, scale):
     k_BKSH = row_major(k_BSKH.transpose(0, 2, 1, 3))
     v_BKSH = row_major(v_BSKH.transpose(0, 2, 1, 3))
     outs, lses = [], []
-    for (a, e), keys in blocks:
+    for (a, e), keys in plan_.blocks:
         q_b = q_BKRH[:, :, a * G:e * G]
-        m_BKtG1 = l_BKtG1 = acc_BKrH = None
+        carry = (jnp.full((B, K, e - a, G, 1), _MASKED, jnp.float32),
+                 jnp.zeros((B, K, e - a, G, 1), jnp.float32),
+                 jnp.zeros((B, K, (e - a) * G, H), jnp.float32))
+        step = functools.partial(_fwd_block, q_b=q_b, k_BKSH=k_BKSH, v_BKSH=v_BKSH,
+                                 mask_BTS=mask_BTS, a=a, e=e, dt=dt, scale=scale, kw=kw)
+        carry, keys = _looped(plan_, keys, step, carry)
         for c, d in keys:
-            s_BKtGs, msk = _scores(q_b, k_BKSH[:, :, c:d], mask_BTS, a, e, c, d, scale, kw)
-            m_blk = jnp.max(s_BKtGs, axis=-1, keepdims=True)
-            m_new = m_blk if m_BKtG1 is None else jnp.maximum(m_BKtG1, m_blk)
-            # Zeroed where masked: a row whose keys so far are all masked has m = _MASKED.
-            p_BKtGs = jnp.where(msk, jnp.exp(s_BKtGs - m_new), 0.0)
-            l_blk = jnp.sum(p_BKtGs, axis=-1, keepdims=True)
-            pv_BKrH = jnp.einsum("bkrs,bksh->bkrh", p_BKtGs.reshape(B, K, -1, d - c).astype(dt),
-                                 v_BKSH[:, :, c:d], **kw)
-            if m_BKtG1 is None:
-                l_BKtG1, acc_BKrH = l_blk, pv_BKrH
-            else:   # the online softmax: rescale what the earlier key blocks summed
-                alpha_BKtG1 = jnp.exp(m_BKtG1 - m_new)
-                l_BKtG1 = alpha_BKtG1 * l_BKtG1 + l_blk
-                acc_BKrH = alpha_BKtG1.reshape(B, K, -1, 1) * acc_BKrH + pv_BKrH
-            m_BKtG1 = m_new
+            carry = step(carry, c=c, n=d - c)
+        m_BKtG1, l_BKtG1, acc_BKrH = carry
         seen = l_BKtG1 > 0
         # A row with no visible key (padding) gets a zero output and, through lse = +inf,
         # zero probabilities in the backward.
@@ -118,7 +154,7 @@ def _attention_fwd(q_BTNH, k_BSKH, v_BSKH, mask_BTS, blocks, dt, scale):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def causal_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS, blocks, dt, scale):
+def causal_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS, plan_, dt, scale):
     """softmax(q k^T * scale masked) v (scale 1/sqrt(H), or Gemma's query_pre_attn_scalar)
     for self-attention over whole sequences (no cache), grouped-query without repeating kv
     heads, block by block (`plan(T)`), flash-style.
@@ -134,11 +170,11 @@ def causal_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS, blocks, dt, scale):
     masked, so blocks wholly above the diagonal are skipped; every computed block applies its
     slice of the mask (segments, padding, branches, windows). A row with no visible key gives
     zeros (and zero gradients)."""
-    return _attention_fwd(q_BTNH, k_BSKH, v_BSKH, mask_BTS, blocks, dt, scale)[0]
+    return _attention_fwd(q_BTNH, k_BSKH, v_BSKH, mask_BTS, plan_, dt, scale)[0]
 
 
-def _attention_vjp_fwd(q_BTNH, k_BSKH, v_BSKH, mask_BTS, blocks, dt, scale):
-    out_BTNH, lse_BKR = _attention_fwd(q_BTNH, k_BSKH, v_BSKH, mask_BTS, blocks, dt, scale)
+def _attention_vjp_fwd(q_BTNH, k_BSKH, v_BSKH, mask_BTS, plan_, dt, scale):
+    out_BTNH, lse_BKR = _attention_fwd(q_BTNH, k_BSKH, v_BSKH, mask_BTS, plan_, dt, scale)
     # Named for the remat policy "attn": it keeps the output and log-sum-exp (O(T)) instead of
     # running this forward again; q, k, v come back from the projections it also keeps.
     out_BTNH = checkpoint_name(out_BTNH, "attn")
@@ -156,21 +192,27 @@ def _key_grad(x_BKRS, y_BKRH, kw):
     return materialize(t_BKHS).swapaxes(2, 3)
 
 
-def _gather_keys(parts: dict, S: int):
-    """{(c, d): (B, K, d - c, H)} -> (B, K, S, H): concatenated where the ranges tile [0, S),
-    else each padded to S and summed (nested ranges [0, e) of the one-key-block plan)."""
-    ranges = sorted(parts)
-    if ranges[0][0] == 0 and ranges[-1][1] == S and all(
-            r[1] == n[0] for r, n in zip(ranges, ranges[1:])):
-        return jnp.concatenate([parts[r] for r in ranges], axis=2) if len(ranges) > 1 else parts[ranges[0]]
-    total = None
-    for (c, d), x in parts.items():
-        x = jnp.pad(x, ((0, 0), (0, 0), (c, S - d), (0, 0)))
-        total = x if total is None else total + x
-    return total
+def _bwd_block(carry, q_b, do_b, lse_BKtG1, d_b, k_BKSH, v_BKSH, mask_BTS, a, e, c, n, dt,
+               scale, kw):
+    """One key block of the backward: its probabilities recomputed from the log-sum-exp,
+    its share of dq (this query block's, (B, K, r, H)) and of dk, dv ((B, K, S, H)) added."""
+    dq_BKrH, dk_BKSH, dv_BKSH = carry
+    B, K = q_b.shape[:2]
+    s_BKtGs, _ = _scores(q_b, k_BKSH, mask_BTS, a, e, c, n, scale, kw)
+    # exp(_MASKED - lse) is 0 for every row with a visible key; lse = +inf otherwise.
+    p_BKrs = jnp.exp(s_BKtGs - lse_BKtG1).reshape(B, K, -1, n)
+    dv_c = _key_grad(p_BKrs.astype(dt), do_b, kw)
+    dp_BKrs = jnp.einsum("bkrh,bksh->bkrs", do_b, _key_block(v_BKSH, c, n), **kw)
+    ds_BKrs = (p_BKrs * (dp_BKrs - d_b) * scale).astype(dt)
+    dq_BKrH = dq_BKrH + jnp.einsum("bkrs,bksh->bkrh", ds_BKrs, _key_block(k_BKSH, c, n), **kw)
+    dk_c = _key_grad(ds_BKrs, q_b, kw)
+
+    def add(acc, x):
+        return jax.lax.dynamic_update_slice_in_dim(acc, _key_block(acc, c, n) + x, c, axis=2)
+    return dq_BKrH, add(dk_BKSH, dk_c), add(dv_BKSH, dv_c)
 
 
-def _attention_vjp_bwd(blocks, dt, scale, saved, dout_BTNH):
+def _attention_vjp_bwd(plan_, dt, scale, saved, dout_BTNH):
     q_BTNH, k_BSKH, v_BSKH, out_BTNH, lse_BKR, mask_BTS = saved
     B, T, N, H = q_BTNH.shape
     S, K = k_BSKH.shape[1:3]
@@ -183,31 +225,24 @@ def _attention_vjp_bwd(blocks, dt, scale, saved, dout_BTNH):
     # The softmax backward's per-row term sum_s p * dp equals rowsum(dout * out).
     d_BKR1 = jnp.sum(do_BKRH.astype(jnp.float32) * _rows(out_BTNH, K).astype(jnp.float32), -1,
                      keepdims=True)
-    dq, dk, dv = [], {}, {}
-    for (a, e), keys in blocks:
-        q_b, do_b = q_BKRH[:, :, a * G:e * G], do_BKRH[:, :, a * G:e * G]
-        lse_BKtG1 = lse_BKR[:, :, a * G:e * G].reshape(B, K, e - a, G, 1)
-        d_b = d_BKR1[:, :, a * G:e * G]
-        dq_BKrH = None
+    dq = []
+    dk_BKSH = dv_BKSH = jnp.zeros((B, K, S, H), jnp.float32)
+    for (a, e), keys in plan_.blocks:
+        rows = slice(a * G, e * G)
+        step = functools.partial(
+            _bwd_block, q_b=q_BKRH[:, :, rows], do_b=do_BKRH[:, :, rows],
+            lse_BKtG1=lse_BKR[:, :, rows].reshape(B, K, e - a, G, 1), d_b=d_BKR1[:, :, rows],
+            k_BKSH=k_BKSH, v_BKSH=v_BKSH, mask_BTS=mask_BTS, a=a, e=e, dt=dt, scale=scale, kw=kw)
+        carry = (jnp.zeros((B, K, (e - a) * G, H), jnp.float32), dk_BKSH, dv_BKSH)
+        carry, keys = _looped(plan_, keys, step, carry)
         for c, d in keys:
-            s_BKtGs, _ = _scores(q_b, k_BKSH[:, :, c:d], mask_BTS, a, e, c, d, scale, kw)
-            # exp(_MASKED - lse) is 0 for every row with a visible key; lse = +inf otherwise.
-            p_BKrs = jnp.exp(s_BKtGs - lse_BKtG1).reshape(B, K, -1, d - c)
-            v_c, k_c = v_BKSH[:, :, c:d], k_BKSH[:, :, c:d]
-            dv_c = _key_grad(p_BKrs.astype(dt), do_b, kw)
-            dp_BKrs = jnp.einsum("bkrh,bksh->bkrs", do_b, v_c, **kw)
-            ds_BKrs = (p_BKrs * (dp_BKrs - d_b) * scale).astype(dt)
-            dq_c = jnp.einsum("bkrs,bksh->bkrh", ds_BKrs, k_c, **kw)
-            dk_c = _key_grad(ds_BKrs, q_b, kw)
-            dq_BKrH = dq_c if dq_BKrH is None else dq_BKrH + dq_c
-            dv[c, d] = dv[c, d] + dv_c if (c, d) in dv else dv_c
-            dk[c, d] = dk[c, d] + dk_c if (c, d) in dk else dk_c
+            carry = step(carry, c=c, n=d - c)
+        dq_BKrH, dk_BKSH, dv_BKSH = carry
         dq.append(dq_BKrH)
     dq_BKRH = jnp.concatenate(dq, axis=2) if len(dq) > 1 else dq[0]
     mask_ct = np.zeros(mask_BTS.shape, jax.dtypes.float0)
-    return (_unrows(dq_BKRH, T).astype(dt),
-            _gather_keys(dk, S).transpose(0, 2, 1, 3).astype(dt),
-            _gather_keys(dv, S).transpose(0, 2, 1, 3).astype(dt), mask_ct)
+    return (_unrows(dq_BKRH, T).astype(dt), dk_BKSH.transpose(0, 2, 1, 3).astype(dt),
+            dv_BKSH.transpose(0, 2, 1, 3).astype(dt), mask_ct)
 
 
 causal_attention.defvjp(_attention_vjp_fwd, _attention_vjp_bwd)
