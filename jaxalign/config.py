@@ -105,7 +105,7 @@ class ModelConfig:
     scan_layers: bool = True
     # What the backward recomputes (jax.checkpoint per layer): "none" nothing; "full" all but
     # each layer's input; "dots" keeps the projections' outputs; "attn" keeps the attention's
-    # too, recomputing only elementwise work.
+    # output and log-sum-exp too (O(T)), recomputing only elementwise work.
     remat: Literal["none", "full", "dots", "attn"] = "none"
     # Attention kernel of the training / scoring forward (the KV-cache decode always uses XLA):
     # "xla" materialises the (T, S) scores; "cudnn" is cuDNN's fused flash attention (GPU,

@@ -220,7 +220,8 @@ def configure_jax() -> dict[str, str]:
 
 # (scan_layers, remat) of the training forward per backend, measured side by side on the
 # SmolLM2 SFT step (8 x 256, fp32; docs/bench/README.md). CPU: scanned layers keeping the
-# projection outputs and the attention probabilities ("attn": only elementwise work is
+# projection outputs and the attention probabilities ("attn", since then the attention's
+# output and log-sum-exp, models/attention.py; only elementwise work is
 # recomputed) took the step from 13.7 s with full remat to 12.2 s, at 5.7 instead of 4.0 GiB
 # peak RSS; no remat at all was as fast at 8.2 GiB (unrolled, XLA's CSE undoes any remat).
 # A run that then does not fit is refused by the memory pre-flight, which suggests
