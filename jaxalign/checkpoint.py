@@ -295,8 +295,13 @@ def load_run(run_dir: Path, mesh: Mesh | None = None, **runtime):
         if base is None or not (Path(base).exists() or hub.is_hub_id(base)):
             raise ModelSourceError(f"{run_dir}: a LoRA run saves only its adapters; its base "
                                    f"model {base} is needed and does not exist")
-        _, base_params, _, _ = load_model(base, mesh, num_labels=cfg.num_labels or None,
-                                          revision=revision, **runtime)
+        base_cfg, base_params, _, _ = load_model(base, mesh, num_labels=cfg.num_labels or None,
+                                                 revision=revision, **runtime)
+        if base_cfg.lora_rank > 0 and lora.split(base_params)[0]:
+            # The base is itself a LoRA run (e.g. RL or a reward model on an SFT run): training
+            # started from its adapters folded in (`setup.load_policy`); without this its own
+            # adapters' names would drop them and leave the untuned weights under this run's.
+            _, base_params = lora.merge(base_cfg, base_params)
         trained = lora.combine(trained, _restrict(base_params, saved, keep=False))
     log.info("loaded %s run %s at step %d", meta["algorithm"], run_dir, step)
     return cfg, trained, meta["hf_config"], run_dir / "model"

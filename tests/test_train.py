@@ -208,6 +208,34 @@ def test_exact_resume_after_sigkill(tiny, tmp_path):
     assert a == b
 
 
+def test_lora_run_on_a_lora_run_keeps_the_base_runs_adapters(tiny, tmp_path):
+    """A LoRA run whose model is another LoRA run (RL or a reward model on an SFT run) trains
+    on that run's merged weights; loading it (eval, export, a later stage) must give the same
+    base, not the untuned weights under its own adapters (which share the base run's names)."""
+    from jaxalign.checkpoint import load_run
+    from jaxalign.models import lora
+    from jaxalign.train.sft import run_sft
+
+    def lora_run(out, path, steps):
+        cfg = sft_config(tiny, out, steps=steps, batch_size=8, save_every=steps)
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=str(path)),
+                                  lora=dataclasses.replace(cfg.lora, rank=4, alpha=8.0))
+        run_sft(cfg, devices=jax.devices()[:1])
+        return out
+
+    first = lora_run(tmp_path / "first", tiny["model_dir"], 3)
+    second = lora_run(tmp_path / "second", first, 1)
+    _, merged_first = lora.merge(*load_run(first)[:2])
+    cfg2, params2, _, _ = load_run(second)
+    adapters2, base2 = lora.split(params2)
+    assert adapters2 and cfg2.lora_rank == 4
+    for a, b in zip(jax.tree.leaves(base2), jax.tree.leaves(merged_first)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    moved = [np.abs(np.asarray(a) - np.asarray(b)).max()
+             for a, b in zip(jax.tree.leaves(merged_first), jax.tree.leaves(tiny["params"]))]
+    assert max(moved) > 1e-4      # the first run's adapters changed its merged weights
+
+
 def test_lora_run_exports_merged_and_peft(tiny, tmp_path):
     """A LoRA SFT run dir -> `jaxalign export` (merged HF dir) and `--adapter` (PEFT): both
     give, in transformers / peft, the logits of the trained jaxalign model."""
