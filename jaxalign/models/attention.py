@@ -120,8 +120,18 @@ def _looped(plan_: Plan, keys, step, carry):
     return jax.lax.fori_loop(0, full, lambda j, cr: step(cr, c=j * n, n=n), carry), keys[full:]
 
 
-def _attention_fwd(q_BTNH, k_BSKH, v_BSKH, mask_BTS, plan_, dt, scale):
-    """-> out (B, T, N, H) in dt, lse (B, K, R) fp32 (+inf where a row has no visible key)."""
+def _short(plan_: Plan) -> bool:
+    """One key block per query block, no loop: the scores of a row are computed in one piece,
+    and keeping its probabilities for the backward (O(T^2), small for such rows) is cheaper
+    than recomputing q k^T and exp there: at 8 x 256 the recomputing backward made a SmolLM2
+    layer's attention about 1.5x slower."""
+    return not plan_.loop and all(len(keys) == 1 for _, keys in plan_.blocks)
+
+
+def _attention_fwd(q_BTNH, k_BSKH, v_BSKH, mask_BTS, plan_, dt, scale, keep_probs=False):
+    """-> out (B, T, N, H) in dt, lse (B, K, R) fp32 (+inf where a row has no visible key),
+    and with `keep_probs` (short plans) (the row-major q, k, v, each query block's
+    probabilities (B, K, r, e) in dt), else None."""
     B, T, N, H = q_BTNH.shape
     K = k_BSKH.shape[2]
     G = N // K
@@ -131,9 +141,21 @@ def _attention_fwd(q_BTNH, k_BSKH, v_BSKH, mask_BTS, plan_, dt, scale):
     q_BKRH = row_major(_rows(q_BTNH, K))
     k_BKSH = row_major(k_BSKH.transpose(0, 2, 1, 3))
     v_BKSH = row_major(v_BSKH.transpose(0, 2, 1, 3))
-    outs, lses = [], []
+    outs, lses, probs = [], [], []
     for (a, e), keys in plan_.blocks:
         q_b = q_BKRH[:, :, a * G:e * G]
+        if keep_probs:   # one key block [0, e): the softmax in one piece, probabilities kept
+            s_BKtGs, msk = _scores(q_b, k_BKSH, mask_BTS, a, e, 0, e, scale, kw)
+            m_BKtG1 = jnp.max(s_BKtGs, axis=-1, keepdims=True)
+            p_BKtGs = jnp.where(msk, jnp.exp(s_BKtGs - m_BKtG1), 0.0)
+            l_BKtG1 = jnp.sum(p_BKtGs, axis=-1, keepdims=True)
+            seen = l_BKtG1 > 0
+            p_BKrs = (p_BKtGs / jnp.where(seen, l_BKtG1, 1.0)).reshape(B, K, -1, e).astype(dt)
+            probs.append(p_BKrs)
+            outs.append(jnp.einsum("bkrs,bksh->bkrh", p_BKrs, v_BKSH[:, :, :e], **kw).astype(dt))
+            lses.append(jnp.where(seen, m_BKtG1 + jnp.log(jnp.where(seen, l_BKtG1, 1.0)),
+                                  jnp.inf).reshape(B, K, -1))
+            continue
         carry = (jnp.full((B, K, e - a, G, 1), _MASKED, jnp.float32),
                  jnp.zeros((B, K, e - a, G, 1), jnp.float32),
                  jnp.zeros((B, K, (e - a) * G, H), jnp.float32))
@@ -150,7 +172,8 @@ def _attention_fwd(q_BTNH, k_BSKH, v_BSKH, mask_BTS, plan_, dt, scale):
         lses.append(jnp.where(seen, m_BKtG1 + jnp.log(jnp.where(seen, l_BKtG1, 1.0)),
                               jnp.inf).reshape(B, K, -1))
     cat = lambda xs: jnp.concatenate(xs, axis=2) if len(xs) > 1 else xs[0]
-    return _unrows(cat(outs), T), cat(lses)
+    kept = (q_BKRH, k_BKSH, v_BKSH, tuple(probs)) if keep_probs else None
+    return _unrows(cat(outs), T), cat(lses), kept
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
@@ -174,12 +197,14 @@ def causal_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS, plan_, dt, scale):
 
 
 def _attention_vjp_fwd(q_BTNH, k_BSKH, v_BSKH, mask_BTS, plan_, dt, scale):
-    out_BTNH, lse_BKR = _attention_fwd(q_BTNH, k_BSKH, v_BSKH, mask_BTS, plan_, dt, scale)
+    out_BTNH, lse_BKR, kept = _attention_fwd(q_BTNH, k_BSKH, v_BSKH, mask_BTS, plan_, dt, scale,
+                                             keep_probs=_short(plan_))
     # Named for the remat policy "attn": it keeps the output and log-sum-exp (O(T)) instead of
-    # running this forward again; q, k, v come back from the projections it also keeps.
+    # running this forward again; q, k, v come back from the projections it also keeps. Short
+    # plans also keep their probabilities (and the row-major heads), which the backward reuses.
     out_BTNH = checkpoint_name(out_BTNH, "attn")
     return out_BTNH, (q_BTNH, k_BSKH, v_BSKH, out_BTNH, checkpoint_name(lse_BKR, "attn"),
-                      mask_BTS)
+                      mask_BTS, checkpoint_name(kept, "attn"))
 
 
 def _key_grad(x_BKRS, y_BKRH, kw):
@@ -213,22 +238,36 @@ def _bwd_block(carry, q_b, do_b, lse_BKtG1, d_b, k_BKSH, v_BKSH, mask_BTS, a, e,
 
 
 def _attention_vjp_bwd(plan_, dt, scale, saved, dout_BTNH):
-    q_BTNH, k_BSKH, v_BSKH, out_BTNH, lse_BKR, mask_BTS = saved
+    q_BTNH, k_BSKH, v_BSKH, out_BTNH, lse_BKR, mask_BTS, kept = saved
     B, T, N, H = q_BTNH.shape
     S, K = k_BSKH.shape[1:3]
     G = N // K
     kw = dict(precision=matmul_precision(dt), preferred_element_type=jnp.float32)
-    q_BKRH = row_major(_rows(q_BTNH, K))
-    k_BKSH = row_major(k_BSKH.transpose(0, 2, 1, 3))
-    v_BKSH = row_major(v_BSKH.transpose(0, 2, 1, 3))
+    if kept is not None:
+        q_BKRH, k_BKSH, v_BKSH, probs = kept
+    else:
+        q_BKRH = row_major(_rows(q_BTNH, K))
+        k_BKSH = row_major(k_BSKH.transpose(0, 2, 1, 3))
+        v_BKSH = row_major(v_BSKH.transpose(0, 2, 1, 3))
     do_BKRH = row_major(_rows(dout_BTNH.astype(dt), K))
     # The softmax backward's per-row term sum_s p * dp equals rowsum(dout * out).
     d_BKR1 = jnp.sum(do_BKRH.astype(jnp.float32) * _rows(out_BTNH, K).astype(jnp.float32), -1,
                      keepdims=True)
     dq = []
     dk_BKSH = dv_BKSH = jnp.zeros((B, K, S, H), jnp.float32)
-    for (a, e), keys in plan_.blocks:
+    for i, ((a, e), keys) in enumerate(plan_.blocks):
         rows = slice(a * G, e * G)
+        if kept is not None:   # the forward's probabilities over keys [0, e)
+            p_BKrs, do_b = probs[i], do_BKRH[:, :, rows]
+            dv_c = _key_grad(p_BKrs, do_b, kw)
+            dp_BKrs = jnp.einsum("bkrh,bksh->bkrs", do_b, v_BKSH[:, :, :e], **kw)
+            ds_BKrs = (p_BKrs.astype(jnp.float32) * (dp_BKrs - d_BKR1[:, :, rows])
+                       * scale).astype(dt)
+            dq.append(jnp.einsum("bkrs,bksh->bkrh", ds_BKrs, k_BKSH[:, :, :e], **kw))
+            dk_c = _key_grad(ds_BKrs, q_BKRH[:, :, rows], kw)
+            pad = ((0, 0), (0, 0), (0, S - e), (0, 0))
+            dk_BKSH, dv_BKSH = dk_BKSH + jnp.pad(dk_c, pad), dv_BKSH + jnp.pad(dv_c, pad)
+            continue
         step = functools.partial(
             _bwd_block, q_b=q_BKRH[:, :, rows], do_b=do_BKRH[:, :, rows],
             lse_BKtG1=lse_BKR[:, :, rows].reshape(B, K, e - a, G, 1), d_b=d_BKR1[:, :, rows],
