@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 
 def matmul_precision(dtype) -> jax.lax.Precision:
@@ -59,6 +62,32 @@ def dot_nt(g_MN: jax.Array, w_KN: jax.Array, **kw) -> jax.Array:
         return jax.lax.dot_general(materialize(g_MN), materialize(w_KN), (((1,), (1,)), ((), ())),
                                    **kw)
     return jnp.dot(g_MN, w_KN.T, **kw)
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def _as_bits(x: jax.Array, name: str) -> jax.Array:
+    return x
+
+
+@_as_bits.defjvp
+def _as_bits_jvp(name, primals, tangents):
+    (x,), (t,) = primals, tangents
+    bits = jax.lax.bitcast_convert_type(x, jnp.uint16)
+    return jax.lax.bitcast_convert_type(checkpoint_name(bits, name), x.dtype), t
+
+
+def saveable(x: jax.Array, name: str) -> jax.Array:
+    """`checkpoint_name(x, name)`, the value a remat policy keeps for the backward pass. In bf16
+    on CPU the kept value is x's bits as uint16 (the tangent passes through unchanged).
+
+    A layer scan stacks what it keeps into (layers, ...) buffers, one dynamic-update-slice a
+    layer. XLA's CPU backend has no bf16 dynamic-update-slice: it upcasts the whole stacked
+    buffer to fp32 and back around each update, so every layer copies all layers' saved
+    activations (quadratic in depth; scripts/profile_step.py showed these fusions at 22% of a
+    bf16 SmolLM2 step's op time). A 16-bit integer buffer is updated in place."""
+    if not row_major_dots(x.dtype) or x.dtype.itemsize != 2:
+        return checkpoint_name(x, name)
+    return _as_bits(x, name)
+
+
 def soft_cap(x: jax.Array, cap: float | None) -> jax.Array:
     """cap * tanh(x / cap) (Gemma 2's attention-logit and final-logit soft-capping); x itself
     when `cap` is None, adding no op."""

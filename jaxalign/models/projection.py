@@ -7,9 +7,8 @@ import math
 
 import jax
 import jax.numpy as jnp
-from jax.ad_checkpoint import checkpoint_name
 
-from jaxalign.precision import dot_nt, dot_tn, matmul_precision, row_major
+from jaxalign.precision import dot_nt, dot_tn, matmul_precision, row_major, saveable
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -46,4 +45,4 @@ _project.defvjp(_project_fwd, _project_bwd)
 
 def project(x: jax.Array, w: jax.Array, n_in: int, dtype) -> jax.Array:
     y = _project(x.astype(dtype), w.astype(dtype), n_in, jnp.dtype(dtype))
-    return checkpoint_name(y, "proj")
+    return saveable(y, "proj")
