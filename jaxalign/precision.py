@@ -49,8 +49,17 @@ def row_major(x: jax.Array) -> jax.Array:
 
 
 def dot_tn(x_MK: jax.Array, g_MN: jax.Array, **kw) -> jax.Array:
-    """x^T @ g contracting the leading (token) axis of two 2-D arrays: a weight gradient."""
+    """x^T @ g contracting the leading (token) axis of two 2-D arrays: a weight gradient.
+
+    In bf16 on CPU one operand must be copied out transposed (`row_major_dots`): the smaller
+    one. Transposing g instead of x costs that copy plus one of the (N, K) result, and takes
+    x as it comes, row-major: SmolLM2's down projection (x: 2048 x 1536 MLP activations
+    recomputed inside the transposing copy, g: 2048 x 576) and its k / v projections (g:
+    2048 x 192) take this form."""
     if row_major_dots(x_MK.dtype):
+        (M, K), N = x_MK.shape, g_MN.shape[1]
+        if M * N + 2 * K * N < M * K:   # the fp32 result's transpose counts twice (4 bytes)
+            return materialize(materialize(jnp.dot(materialize(g_MN.T), materialize(x_MK), **kw)).T)
         return jnp.dot(materialize(x_MK.T), materialize(g_MN), **kw)
     return jnp.dot(x_MK.T, g_MN, **kw)
 
