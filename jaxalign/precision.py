@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 
 def matmul_precision(dtype) -> jax.lax.Precision:
@@ -46,8 +49,17 @@ def row_major(x: jax.Array) -> jax.Array:
 
 
 def dot_tn(x_MK: jax.Array, g_MN: jax.Array, **kw) -> jax.Array:
-    """x^T @ g contracting the leading (token) axis of two 2-D arrays: a weight gradient."""
+    """x^T @ g contracting the leading (token) axis of two 2-D arrays: a weight gradient.
+
+    In bf16 on CPU one operand must be copied out transposed (`row_major_dots`): the smaller
+    one. Transposing g instead of x costs that copy plus one of the (N, K) result, and takes
+    x as it comes, row-major: SmolLM2's down projection (x: 2048 x 1536 MLP activations
+    recomputed inside the transposing copy, g: 2048 x 576) and its k / v projections (g:
+    2048 x 192) take this form."""
     if row_major_dots(x_MK.dtype):
+        (M, K), N = x_MK.shape, g_MN.shape[1]
+        if M * N + 2 * K * N < M * K:   # the fp32 result's transpose counts twice (4 bytes)
+            return materialize(materialize(jnp.dot(materialize(g_MN.T), materialize(x_MK), **kw)).T)
         return jnp.dot(materialize(x_MK.T), materialize(g_MN), **kw)
     return jnp.dot(x_MK.T, g_MN, **kw)
 
@@ -59,6 +71,32 @@ def dot_nt(g_MN: jax.Array, w_KN: jax.Array, **kw) -> jax.Array:
         return jax.lax.dot_general(materialize(g_MN), materialize(w_KN), (((1,), (1,)), ((), ())),
                                    **kw)
     return jnp.dot(g_MN, w_KN.T, **kw)
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def _as_bits(x: jax.Array, name: str) -> jax.Array:
+    return x
+
+
+@_as_bits.defjvp
+def _as_bits_jvp(name, primals, tangents):
+    (x,), (t,) = primals, tangents
+    bits = jax.lax.bitcast_convert_type(x, jnp.uint16)
+    return jax.lax.bitcast_convert_type(checkpoint_name(bits, name), x.dtype), t
+
+
+def saveable(x: jax.Array, name: str) -> jax.Array:
+    """`checkpoint_name(x, name)`, the value a remat policy keeps for the backward pass. In bf16
+    on CPU the kept value is x's bits as uint16 (the tangent passes through unchanged).
+
+    A layer scan stacks what it keeps into (layers, ...) buffers, one dynamic-update-slice a
+    layer. XLA's CPU backend has no bf16 dynamic-update-slice: it upcasts the whole stacked
+    buffer to fp32 and back around each update, so every layer copies all layers' saved
+    activations (quadratic in depth; scripts/profile_step.py showed these fusions at 22% of a
+    bf16 SmolLM2 step's op time). A 16-bit integer buffer is updated in place."""
+    if not row_major_dots(x.dtype) or x.dtype.itemsize != 2:
+        return checkpoint_name(x, name)
+    return _as_bits(x, name)
+
+
 def soft_cap(x: jax.Array, cap: float | None) -> jax.Array:
     """cap * tanh(x / cap) (Gemma 2's attention-logit and final-logit soft-capping); x itself
     when `cap` is None, adding no op."""

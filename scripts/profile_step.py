@@ -7,7 +7,7 @@ undercounts: an earlier version of this script read "one thread busy 7.3 s of 11
 events while the process used 1.9 cores throughout (docs/bench/README.md).
 
   python scripts/profile_step.py [--model HF_DIR] [--batch 8] [--seq 256] [--remat full]
-                                 [--scan-layers true] [--lora-rank 0]
+                                 [--scan-layers true] [--lora-rank 0] [--dtype bfloat16] [--top 12]
 
 Builds the step the way `jaxalign sft` does (`setup.load_policy`, `sft_loss_fn`,
 `make_train_step` / `jit_train_step`), runs two steps, traces the third with jax.profiler and
@@ -67,6 +67,8 @@ def main(argv=None) -> int:
     ap.add_argument("--remat", default=None, help="none | full | dots (default: the backend's)")
     ap.add_argument("--scan-layers", default=None, choices=("true", "false"))
     ap.add_argument("--lora-rank", type=int, default=0)
+    ap.add_argument("--dtype", default="float32", help="compute dtype: float32 | bfloat16")
+    ap.add_argument("--top", type=int, default=12, help="op kinds listed")
     args = ap.parse_args(argv)
 
     import jax
@@ -87,7 +89,8 @@ def main(argv=None) -> int:
     mesh = sharding.make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), jax.devices()[:1])
     with jax.set_mesh(mesh):
         lora = LoRAConfig(rank=args.lora_rank, alpha=2.0 * args.lora_rank) if args.lora_rank else LoRAConfig()
-        policy = load_policy(ModelSource(path=args.model, scan_layers=scan, remat=args.remat), lora, mesh, 0)
+        policy = load_policy(ModelSource(path=args.model, scan_layers=scan, remat=args.remat,
+                                                 dtype=args.dtype), lora, mesh, 0)
         optimizer, schedule = make_optimizer(OptimConfig(lr=1e-5), 10)
         state = jax.jit(init_state, static_argnums=(1, 2))(policy.trainable, optimizer, 0)
         step = jit_train_step(make_train_step(sft_loss_fn(policy.cfg), optimizer, schedule),
@@ -113,12 +116,12 @@ def main(argv=None) -> int:
     kinds, counts, busy = busy_profile(trace)
     cfg = policy.cfg
     print(f"SFT step {B} x {T}, scan_layers={cfg.scan_layers}, remat={cfg.remat}, "
-          f"lora_rank={cfg.lora_rank}: wall {wall:.2f} s")
+          f"lora_rank={cfg.lora_rank}, dtype={args.dtype}: wall {wall:.2f} s")
     print(f"process CPU time {cpu:.2f} s = {cpu / wall:.2f} cores busy on average")
     print(f"op thread-time {sum(kinds.values()) / 1e9:.2f} s (events only; see the module doc): "
           f"one thread in an op {busy[1] / 1e9:.2f} s, two or more {busy[2] / 1e9:.2f} s, "
           f"none {busy[0] / 1e9:.2f} s")
-    for kind, ns in kinds.most_common(12):
+    for kind, ns in kinds.most_common(args.top):
         print(f"  {ns / 1e9:7.2f} s  {counts[kind]:6d}  {kind}")
     return 0
 

@@ -24,7 +24,7 @@ from jaxalign.config import ConfigError, ModelConfig
 from jaxalign.models import attention
 from jaxalign.models.projection import project
 from jaxalign.models.rope import apply_rope, rope_inv_freq, rope_tables  # noqa: F401 (re-exported)
-from jaxalign.precision import matmul_precision, soft_cap
+from jaxalign.precision import matmul_precision, saveable, soft_cap
 from jaxalign.sharding import constrain
 
 Cache = dict[str, jax.Array]  # {'k': LBSKH, 'v': LBSKH, 'valid': BS bool, 'end': int32 scalar}
@@ -286,8 +286,8 @@ class Block(nnx.Module):
 
 _REMAT_POLICIES: dict[str, Callable | None] = {
     "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.save_only_these_names("proj"),
-    "attn": jax.checkpoint_policies.save_only_these_names("proj", "attn"),
+    "dots": jax.checkpoint_policies.save_only_these_names("proj", "layer_in"),
+    "attn": jax.checkpoint_policies.save_only_these_names("proj", "attn", "layer_in"),
 }
 
 
@@ -407,6 +407,10 @@ class Llama(nnx.Module):
 
         def body(x_BTD, layer):
             params, layer_kv, layer_key, kind = layer
+            # The layer's input, kept for the backward pass anyway; `saveable` stores it as
+            # 16-bit integers in bf16 on CPU, where the scan's stacked copy is otherwise
+            # upcast to fp32 at every layer.
+            x_BTD = saveable(x_BTD, "layer_in")
             inputs = kinds[0] if kind is None else jax.tree.map(
                 lambda full, window: jnp.where(kind, window, full), *kinds)
             return nnx.merge(block_def, params)(x_BTD, *inputs, layer_kv, end, layer_key, use_lora)

@@ -7,9 +7,8 @@ import math
 
 import jax
 import jax.numpy as jnp
-from jax.ad_checkpoint import checkpoint_name
 
-from jaxalign.precision import dot_nt, dot_tn, matmul_precision, row_major
+from jaxalign.precision import dot_nt, dot_tn, matmul_precision, row_major, saveable
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -48,4 +47,4 @@ def project(x: jax.Array, w: jax.Array, n_in: int, dtype, name: str | None = "pr
     """x @ w in `dtype` with fp32 accumulation; the result is tagged `name` for the remat
     policies that save projections (None: not tagged, so recomputed under them)."""
     y = _project(x.astype(dtype), w.astype(dtype), n_in, jnp.dtype(dtype))
-    return y if name is None else checkpoint_name(y, name)
+    return y if name is None else saveable(y, name)
