@@ -24,7 +24,7 @@ from jaxalign.config import ConfigError, ModelConfig
 from jaxalign.models import attention
 from jaxalign.models.projection import project
 from jaxalign.models.rope import apply_rope, rope_inv_freq, rope_tables  # noqa: F401 (re-exported)
-from jaxalign.precision import matmul_precision, saveable, soft_cap
+from jaxalign.precision import matmul_precision, residual_dtype, saveable, soft_cap
 from jaxalign.sharding import constrain
 
 Cache = dict[str, jax.Array]  # {'k': LBSKH, 'v': LBSKH, 'valid': BS bool, 'end': int32 scalar}
@@ -349,7 +349,8 @@ class Llama(nnx.Module):
         x_BTD = jnp.take(self.embed[...], tokens_BT, axis=0)
         if cfg.gemma_block:   # times sqrt(D) in the embedding's dtype, as transformers
             x_BTD = x_BTD * jnp.asarray(cfg.hidden_size ** 0.5, x_BTD.dtype)
-        x_BTD = constrain(x_BTD.astype(dt), ("batch", "seq", None))
+        # fp32 residual stream under a 16-bit compute dtype (`precision.residual_dtype`).
+        x_BTD = constrain(x_BTD.astype(residual_dtype(dt)), ("batch", "seq", None))
         cos_BTH, sin_BTH = rope_tables(cfg, positions_BT)
 
         if cache is None:
@@ -384,7 +385,7 @@ class Llama(nnx.Module):
                                           dropout_key, use_lora)
         else:
             x_BTD, kv = self._run_layers(x_BTD, kinds, kind_L, kv, end, dropout_key, use_lora)
-        hidden_BTD = self.final_norm(x_BTD)
+        hidden_BTD = self.final_norm(x_BTD).astype(dt)
         new_cache = None
         if cache is not None:
             new_cache = {"k": kv[0], "v": kv[1], "valid": valid_BS, "end": end + T}
@@ -407,9 +408,8 @@ class Llama(nnx.Module):
 
         def body(x_BTD, layer):
             params, layer_kv, layer_key, kind = layer
-            # The layer's input, kept for the backward pass anyway; `saveable` stores it as
-            # 16-bit integers in bf16 on CPU, where the scan's stacked copy is otherwise
-            # upcast to fp32 at every layer.
+            # The layer's input, kept for the backward anyway (`saveable`: bf16 as 16-bit
+            # integers on CPU, whose scan otherwise upcasts the stacked copy every layer).
             x_BTD = saveable(x_BTD, "layer_in")
             inputs = kinds[0] if kind is None else jax.tree.map(
                 lambda full, window: jnp.where(kind, window, full), *kinds)
