@@ -265,19 +265,20 @@ class Block(nnx.Module):
         self.attn = Attention(cfg, rngs)
         self.mlp_norm = RMSNorm(D, eps, pd, g)
         self.mlp = MLP(cfg, rngs)
-        self.post_norms = g
+        self.post_norms, self.dt = g, _dtype(cfg.dtype)   # dt: the branches' compute dtype
         if g:
             self.post_attn_norm = RMSNorm(D, eps, pd, g)
             self.post_mlp_norm = RMSNorm(D, eps, pd, g)
 
     def __call__(self, x_BTD, cos_BTH, sin_BTH, mask_BTS, kv_cache=None, cache_end=None,
                  key=None, use_lora=True):
-        attn_BTD, kv_cache = self.attn(self.attn_norm(x_BTD), cos_BTH, sin_BTH, mask_BTS,
+        h_BTD = self.attn_norm(x_BTD).astype(self.dt)   # x may be wider: `residual_dtype`
+        attn_BTD, kv_cache = self.attn(h_BTD, cos_BTH, sin_BTH, mask_BTS,
                                        kv_cache, cache_end, key, use_lora)
         if self.post_norms:
             attn_BTD = self.post_attn_norm(attn_BTD)
         x_BTD = x_BTD + attn_BTD
-        mlp_BTD = self.mlp(self.mlp_norm(x_BTD), key, use_lora)
+        mlp_BTD = self.mlp(self.mlp_norm(x_BTD).astype(self.dt), key, use_lora)
         if self.post_norms:
             mlp_BTD = self.post_mlp_norm(mlp_BTD)
         x_BTD = x_BTD + mlp_BTD
@@ -349,8 +350,7 @@ class Llama(nnx.Module):
         x_BTD = jnp.take(self.embed[...], tokens_BT, axis=0)
         if cfg.gemma_block:   # times sqrt(D) in the embedding's dtype, as transformers
             x_BTD = x_BTD * jnp.asarray(cfg.hidden_size ** 0.5, x_BTD.dtype)
-        # fp32 residual stream under a 16-bit compute dtype (`precision.residual_dtype`).
-        x_BTD = constrain(x_BTD.astype(residual_dtype(dt)), ("batch", "seq", None))
+        x_BTD = constrain(x_BTD.astype(residual_dtype(dt)), ("batch", "seq", None))  # fp32 if 16-bit
         cos_BTH, sin_BTH = rope_tables(cfg, positions_BT)
 
         if cache is None:
