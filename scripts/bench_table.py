@@ -62,6 +62,8 @@ def rows(doc: dict) -> list[str]:
         theirs = next((r for r in mine if r["side"] == "theirs" and r["batch"] == ours["batch"]
                        and r.get("step_s")), None)
         label = f"{w} ({shape({**doc['settings'], 'batch': ours['batch']})})"
+        if doc["settings"].get("precision") == "bf16":   # fp32 rows keep the older labels
+            label = label[:-1] + ", bf16)"
         if theirs is None:
             out.append(f"| {label} | {ours_cell(ours, w)} | {THEIRS[w]} | | |")
             continue
