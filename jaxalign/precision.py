@@ -110,3 +110,11 @@ def residual_dtype(dt) -> jnp.dtype:
     cast. A bf16 residual learned 3-13% more slowly than fp32 on SmolLM2 SFT (the partial
     run in docs/bench/2026-12-06_cpu_bf16_vs_fp32.txt)."""
     return jnp.dtype(jnp.float32) if jnp.dtype(dt).itemsize < 4 else jnp.dtype(dt)
+
+
+def decode_cast(a: jax.Array, dtype) -> jax.Array:
+    """A weight in the decode dtype: matrices only. Vectors (norm scales, biases: few bytes)
+    keep their dtype, as the training forward reads them against its fp32 residual, whose
+    start is the embedding rounded to the compute dtype (what a decode reading cast
+    embeddings sees), so that sampler and trainer log-probs agree."""
+    return a if dtype is None or a.ndim < 2 else a.astype(dtype)

@@ -18,6 +18,7 @@ from jaxalign import sharding
 from jaxalign.config import ConfigError, ModelConfig
 from jaxalign.models import llama
 from jaxalign.models.llama import Cache, Llama
+from jaxalign.precision import decode_cast
 
 Params = dict[str, Any]
 
@@ -103,7 +104,7 @@ def unstack_layers(cfg: ModelConfig, params: Params, dtype: str | None = None) -
     together with the other weights. `apply` takes either layout."""
     if isinstance(params["layers"], tuple):
         return params
-    out = {k: (v if dtype is None else jax.tree.map(lambda a: a.astype(dtype), v))
+    out = {k: jax.tree.map(lambda a: decode_cast(a, dtype), v)
            for k, v in params.items() if k != "layers"}
     out["layers"] = llama.per_layer(params["layers"], dtype)
     return out

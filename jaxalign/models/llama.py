@@ -24,7 +24,7 @@ from jaxalign.config import ConfigError, ModelConfig
 from jaxalign.models import attention
 from jaxalign.models.projection import project
 from jaxalign.models.rope import apply_rope, rope_inv_freq, rope_tables  # noqa: F401 (re-exported)
-from jaxalign.precision import matmul_precision, residual_dtype, saveable, soft_cap
+from jaxalign.precision import decode_cast, matmul_precision, residual_dtype, saveable, soft_cap
 from jaxalign.sharding import constrain
 
 Cache = dict[str, jax.Array]  # {'k': LBSKH, 'v': LBSKH, 'valid': BS bool, 'end': int32 scalar}
@@ -350,7 +350,7 @@ class Llama(nnx.Module):
         x_BTD = jnp.take(self.embed[...], tokens_BT, axis=0)
         if cfg.gemma_block:   # times sqrt(D) in the embedding's dtype, as transformers
             x_BTD = x_BTD * jnp.asarray(cfg.hidden_size ** 0.5, x_BTD.dtype)
-        x_BTD = constrain(x_BTD.astype(residual_dtype(dt)), ("batch", "seq", None))  # fp32 if 16-bit
+        x_BTD = constrain(x_BTD.astype(dt).astype(residual_dtype(dt)), ("batch", "seq", None))
         cos_BTH, sin_BTH = rope_tables(cfg, positions_BT)
 
         if cache is None:
@@ -487,9 +487,9 @@ def per_layer(stacked: dict, dtype=None) -> tuple[dict, ...]:
     """Stacked layer params (leading L axis) -> one tree per layer, optionally cast to `dtype`
     (bfloat16 decoding halves the bytes each decode step reads)."""
     leaves, treedef = jax.tree.flatten(stacked)
-    num_layers = leaves[0].shape[0]
-    cast = (lambda a: a) if dtype is None else (lambda a: a.astype(dtype))
-    return tuple(jax.tree.unflatten(treedef, [cast(a[i]) for a in leaves]) for i in range(num_layers))
+    return tuple(jax.tree.unflatten(treedef, [decode_cast(a[i], dtype) for a in leaves])
+                 for i in range(leaves[0].shape[0]))
+
 
 
 CACHE_NAMES: dict[str, Any] = {
