@@ -59,6 +59,34 @@ def busy_profile(trace_dir: str) -> tuple[collections.Counter, collections.Count
     return kinds, counts, busy
 
 
+def build_sft_step(source, lora, mesh, B: int, T: int):
+    """The SFT step as `jaxalign sft` builds it (`setup.load_policy`, `sft_loss_fn`,
+    `make_train_step` / `jit_train_step`) on B x T random token ids, under `mesh`:
+    (policy, state, jitted step, batch on the devices). scripts/step_faults.py uses it too."""
+    import jax
+    import numpy as np
+    from jaxalign.config import OptimConfig
+    from jaxalign.sharding import batch_sharding
+    from jaxalign.train.optim import make_optimizer
+    from jaxalign.train.setup import load_policy
+    from jaxalign.train.sft import sft_loss_fn
+    from jaxalign.train.step import init_state, jit_train_step, make_train_step
+
+    policy = load_policy(source, lora, mesh, 0)
+    optimizer, schedule = make_optimizer(OptimConfig(lr=1e-5), 10)
+    state = jax.jit(init_state, static_argnums=(1, 2))(policy.trainable, optimizer, 0)
+    step = jit_train_step(make_train_step(sft_loss_fn(policy.cfg), optimizer, schedule),
+                          jax.tree.map(lambda x: x.sharding, state), policy.frozen_shardings,
+                          batch_sharding(mesh))
+    tokens = np.random.default_rng(0).integers(3, policy.cfg.vocab_size, (B, T)).astype(np.int32)
+    batch = jax.device_put(dict(tokens=tokens, targets=np.roll(tokens, -1, 1),
+                                loss_mask=np.ones((B, T), np.float32),
+                                segment_ids=np.ones((B, T), np.int32),
+                                positions=np.tile(np.arange(T, dtype=np.int32), (B, 1))),
+                           batch_sharding(mesh))
+    return policy, state, step, batch
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, help="HF dir (default: the cached SmolLM2)")
@@ -72,14 +100,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     import jax
-    import numpy as np
     from jaxalign import sharding
-    from jaxalign.config import LoRAConfig, MeshConfig, ModelSource, OptimConfig
-    from jaxalign.sharding import batch_sharding
-    from jaxalign.train.optim import make_optimizer
-    from jaxalign.train.setup import load_policy
-    from jaxalign.train.sft import sft_loss_fn
-    from jaxalign.train.step import init_state, jit_train_step, make_train_step
+    from jaxalign.config import LoRAConfig, MeshConfig, ModelSource
 
     if args.model is None:
         sys.path.insert(0, str(Path(__file__).parent))
@@ -89,20 +111,10 @@ def main(argv=None) -> int:
     mesh = sharding.make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), jax.devices()[:1])
     with jax.set_mesh(mesh):
         lora = LoRAConfig(rank=args.lora_rank, alpha=2.0 * args.lora_rank) if args.lora_rank else LoRAConfig()
-        policy = load_policy(ModelSource(path=args.model, scan_layers=scan, remat=args.remat,
-                                                 dtype=args.dtype), lora, mesh, 0)
-        optimizer, schedule = make_optimizer(OptimConfig(lr=1e-5), 10)
-        state = jax.jit(init_state, static_argnums=(1, 2))(policy.trainable, optimizer, 0)
-        step = jit_train_step(make_train_step(sft_loss_fn(policy.cfg), optimizer, schedule),
-                              jax.tree.map(lambda x: x.sharding, state), policy.frozen_shardings,
-                              batch_sharding(mesh))
+        policy, state, step, batch = build_sft_step(
+            ModelSource(path=args.model, scan_layers=scan, remat=args.remat, dtype=args.dtype),
+            lora, mesh, args.batch, args.seq)
         B, T = args.batch, args.seq
-        tokens = np.random.default_rng(0).integers(3, policy.cfg.vocab_size, (B, T)).astype(np.int32)
-        batch = jax.device_put(dict(tokens=tokens, targets=np.roll(tokens, -1, 1),
-                                    loss_mask=np.ones((B, T), np.float32),
-                                    segment_ids=np.ones((B, T), np.int32),
-                                    positions=np.tile(np.arange(T, dtype=np.int32), (B, 1))),
-                               batch_sharding(mesh))
         for _ in range(2):
             state, metrics = step(state, policy.frozen, batch)
             jax.block_until_ready(metrics)

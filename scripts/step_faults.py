@@ -70,36 +70,21 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     import jax
-    import numpy as np
     from jaxalign import runtime, sharding
-    from jaxalign.config import LoRAConfig, MeshConfig, ModelSource, OptimConfig
-    from jaxalign.sharding import batch_sharding
-    from jaxalign.train.optim import make_optimizer
-    from jaxalign.train.setup import load_policy
-    from jaxalign.train.sft import sft_loss_fn
-    from jaxalign.train.step import init_state, jit_train_step, make_train_step
+    from jaxalign.config import LoRAConfig, MeshConfig, ModelSource
 
     runtime.configure_jax()
+    sys.path.insert(0, str(Path(__file__).parent))
+    from profile_step import build_sft_step
     if args.model is None:
-        sys.path.insert(0, str(Path(__file__).parent))
         from fetch_smollm2 import fetch
         args.model = str(fetch())
     mesh = sharding.make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), jax.devices()[:1])
     with jax.set_mesh(mesh):
         lora = LoRAConfig(rank=args.lora_rank, alpha=2.0 * args.lora_rank) if args.lora_rank else LoRAConfig()
-        policy = load_policy(ModelSource(path=args.model, dtype=args.dtype), lora, mesh, 0)
-        optimizer, schedule = make_optimizer(OptimConfig(lr=1e-5), 10)
-        state = jax.jit(init_state, static_argnums=(1, 2))(policy.trainable, optimizer, 0)
-        step = jit_train_step(make_train_step(sft_loss_fn(policy.cfg), optimizer, schedule),
-                              jax.tree.map(lambda x: x.sharding, state), policy.frozen_shardings,
-                              batch_sharding(mesh))
+        policy, state, step, batch = build_sft_step(ModelSource(path=args.model, dtype=args.dtype),
+                                                    lora, mesh, args.batch, args.seq)
         B, T = args.batch, args.seq
-        tokens = np.random.default_rng(0).integers(3, policy.cfg.vocab_size, (B, T)).astype(np.int32)
-        batch = jax.device_put(dict(tokens=tokens, targets=np.roll(tokens, -1, 1),
-                                    loss_mask=np.ones((B, T), np.float32),
-                                    segment_ids=np.ones((B, T), np.int32),
-                                    positions=np.tile(np.arange(T, dtype=np.int32), (B, 1))),
-                               batch_sharding(mesh))
 
         def run(state):
             if args.no_donate:   # a copy is donated, so the state itself stays alive
