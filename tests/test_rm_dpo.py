@@ -220,3 +220,23 @@ def test_eval_accuracy_and_win_rate(prefs):
     assert self_eval["winrate/base"] == 0.5 and self_eval["kl/base/sequence"] == 0.0
     assert self_eval["dpo/base/accuracy"] == 0.0 and self_eval["dpo/base/margin"] == 0.0
     assert self_eval["rm/accuracy"] == got["rm/accuracy"]  # run dir and its HF export agree
+
+def test_every_process_lays_out_its_rows_to_the_same_shape(prefs):
+    """A multi-process run lays out the whole batch, then takes its rows: each process's
+    shared rows and loss gathers are padded to the same L and M (its own rows' bucket would
+    give the processes different programs, and the collectives mismatched sizes), and the
+    processes' rows together are the one-process layout."""
+    cfg = pref_config(DPOConfig, prefs, prefs["root"] / "unused")
+    whole = build_preference_data(cfg.data, prefs["tok"], batch_size=8)
+    one = next(laid_out(whole, share=True, pad_id=whole.pad_id)[0])
+    parts = []
+    for index in range(2):
+        data = build_preference_data(cfg.data, prefs["tok"], batch_size=8, process_index=index,
+                                     process_count=2)
+        train, evals = laid_out(data, share=True, pad_id=data.pad_id)
+        parts.append((next(train), next(evals())))
+    for k, v in one.items():
+        assert parts[0][0][k].shape == parts[1][0][k].shape, k
+        np.testing.assert_array_equal(np.concatenate([p[0][k] for p in parts]), v, err_msg=k)
+    for k in ("tokens", "logp_index"):
+        assert parts[0][1][k].shape == parts[1][1][k].shape, k

@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from jaxalign.data.packing import process_slice
+
 BUCKET = 64          # row lengths and loss counts are padded to a multiple of this
 ROW_KEYS = ("tokens", "positions", "segment_ids", "branch_ids")
 GATHER_KEYS = ("logp_index", "logp_target", "logp_branch")
@@ -102,6 +104,14 @@ def branch_layout(batch: dict[str, np.ndarray], *, share: bool, pad_id: int,
     return out
 
 
+def _process_layout(batch, loader, layout) -> dict[str, np.ndarray]:
+    """The layout of the whole (all processes') batch, then this process's rows: every
+    process of a multi-process run then pads to the same L and M, so all of them run the
+    same program (a per-process bucket would hand the collectives different sizes)."""
+    return process_slice(branch_layout(batch, **layout), loader.process_index,
+                         loader.process_count)
+
+
 class LayoutLoader:
     """A train loader whose batches come out through `branch_layout(batch, **layout)`; its
     position (state / restore, the resume contract) and everything else are the wrapped
@@ -114,7 +124,7 @@ class LayoutLoader:
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
-        return branch_layout(next(self.loader), **self.layout)
+        return _process_layout(self.loader.next_global(), self.loader, self.layout)
 
     def __getattr__(self, name):
         return getattr(self.loader, name)
@@ -126,4 +136,6 @@ def laid_out(data, *, share: bool, pad_id: int):
     train = LayoutLoader(data.train, share=share, pad_id=pad_id)
     if data.eval is None:
         return train, None
-    return train, lambda: (branch_layout(b, share=share, pad_id=pad_id) for b in data.eval)
+    layout = {"share": share, "pad_id": pad_id}
+    return train, lambda: (_process_layout(b, data.eval, layout)
+                           for b in data.eval.global_batches())
