@@ -20,7 +20,10 @@ Everything else is a jax config option set in `configure_jax`:
   `JAXALIGN_COMPILE_CACHE=DIR` moves it, `=off` disables it; kept under
   `JAXALIGN_COMPILE_CACHE_GB`, default 4, least recently used programs deleted at start):
   a rerun, a resume or a second run with the same shapes loads its programs instead of
-  compiling them.
+  compiling them. Programs go into a folder per host kind (`host_key`): XLA compiles CPU
+  programs for the host's own instruction set, and jax's cache key does not name the CPU,
+  so a home directory shared by different machines (a cluster's NFS home, CI runners)
+  would otherwise hand one machine another's machine code.
 * **Compilation counters** (`compile_stats`), which the training loops write to perf.jsonl,
   so that a recompilation after warm-up is visible (and tested).
 
@@ -30,7 +33,9 @@ training forward run, unless model.scan_layers / model.remat say otherwise.
 
 from __future__ import annotations
 
+import hashlib
 import os
+import platform
 import sys
 import sysconfig
 import threading
@@ -197,6 +202,27 @@ def trim_compile_cache(cache: Path, max_bytes: int) -> int:
     return freed
 
 
+def host_key(cpuinfo: str | None = None) -> str:
+    """A short name for the kind of machine a compiled CPU program can run on: the jaxlib
+    version and a digest of the CPU's model name and instruction-set flags."""
+    import jaxlib
+
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text(errors="replace")
+        except OSError:
+            cpuinfo = ""
+    fields = {}
+    for line in cpuinfo.splitlines():     # the first processor's entries are enough
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key in ("model name", "flags", "Features", "CPU part") and key not in fields:
+            fields[key] = " ".join(sorted(value.split()))
+    described = "\n".join(f"{k}={fields[k]}" for k in sorted(fields)) or platform.processor()
+    digest = hashlib.sha256(f"{platform.machine()}\n{described}".encode()).hexdigest()[:12]
+    return f"jaxlib{jaxlib.__version__}-{digest}"
+
+
 def configure_jax() -> dict[str, str]:
     """Applies the jax-level settings; returns what was chosen, for the run log."""
     import jax
@@ -205,6 +231,7 @@ def configure_jax() -> dict[str, str]:
     chosen = {"allocator": allocator_in_use()}
     cache = compile_cache_dir()
     if cache is not None:
+        cache = cache / host_key()
         cache.mkdir(parents=True, exist_ok=True)
         jax.config.update("jax_compilation_cache_dir", str(cache))
         # Cache every program: the small ones (optimizer init, eval, data placement) add up

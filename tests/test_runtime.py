@@ -73,7 +73,8 @@ def test_cli_settings_cache_and_no_recompilation(tiny, tmp_path):
     err, perf = _sft(tiny, tmp_path / "a", cache)
     # The CLI re-executed itself under the preloaded allocator and switched the cache on.
     expected = "mimalloc" if runtime.mimalloc_path() is not None else "system"
-    assert f"'allocator': '{expected}'" in err and f"'compile_cache': '{cache}'" in err
+    assert f"'allocator': '{expected}'" in err
+    assert f"'compile_cache': '{cache / runtime.host_key()}'" in err
     # ... and trains with the CPU's measured remat default (docs/bench/README.md); the tiny
     # config sets model.scan_layers itself, which wins over the default.
     assert "training layout: unrolled layers, remat attn" in err
@@ -110,3 +111,16 @@ def test_cache_off_and_system_allocator(tiny, tmp_path):
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "'allocator': 'system', 'compile_cache': 'off'" in proc.stderr
+
+
+def test_compile_cache_is_kept_per_host_kind():
+    """Programs compiled for one CPU never load on another: the cache folder names the CPU
+    model and instruction-set flags (and jaxlib), not the order the flags are listed in."""
+    amx = "processor\t: 0\nmodel name\t: Intel(R) Xeon(R)\nflags\t\t: sse avx512f amx_bf16\n"
+    epyc = "processor\t: 0\nmodel name\t: AMD EPYC 9654\nflags\t\t: sse avx512f avx512_bf16\n"
+    reordered = amx.replace("sse avx512f amx_bf16", "amx_bf16 sse avx512f")
+    second_cpu = amx + "\nprocessor\t: 1\nmodel name\t: other\nflags\t\t: sse\n"
+    assert runtime.host_key(amx) != runtime.host_key(epyc)
+    assert runtime.host_key(amx) == runtime.host_key(reordered) == runtime.host_key(second_cpu)
+    assert runtime.host_key(amx) != runtime.host_key(amx.replace(" amx_bf16", ""))
+    assert runtime.host_key().startswith("jaxlib")
