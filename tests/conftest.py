@@ -18,6 +18,21 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
 
+@pytest.fixture(autouse=True)
+def _no_compile_cache_left_on():
+    """A test that runs the CLI in this process (`cli.main`) switches jax's persistent
+    compilation cache on, and jax keeps it on for every later test of the session: the
+    pytest process then serializes each of the thousands of small programs its eager tests
+    compile, and after some 800 tests XLA's CPU serializer crashed (SIGSEGV) on one of them.
+    The CLI's own processes (subprocess tests) keep their cache; this process does not."""
+    yield
+    import jax
+    if jax.config.jax_compilation_cache_dir is not None:
+        from jax.experimental.compilation_cache import compilation_cache
+        jax.config.update("jax_compilation_cache_dir", None)
+        compilation_cache.reset_cache()
+
+
 def make_tiny_hf(path, seed=0, init_std=0.2, **overrides):
     """Saves a random transformers LlamaForCausalLM (fp32) into `path` and returns the model.
 
