@@ -147,6 +147,7 @@ def test_plan_skips_the_upper_triangle_and_covers_the_lower():
     assert sum(len(k) for _, k in long.blocks) == 36
 
 
+@pytest.mark.slow  # over 3 s: outside the fast tier
 @pytest.mark.parametrize("plan_name", list(PLANS))
 @pytest.mark.parametrize("heads", list(HEADS))
 def test_fp32_equals_reference(plan_name, heads):
@@ -171,6 +172,7 @@ def test_fp32_equals_reference(plan_name, heads):
             _close(got, _xla(q, k, v, m), 1e-5, f"{plan_name} {heads}: vs dot_product_attention")
 
 
+@pytest.mark.slow  # over 3 s: outside the fast tier
 @pytest.mark.parametrize("plan_name", ["short_default", "square_48_ragged", "rect_40x24",
                                        "loop_32_ragged"])
 def test_bf16_close_to_fp32_reference(plan_name):
@@ -190,6 +192,7 @@ def test_bf16_close_to_fp32_reference(plan_name):
             _close(g, w, 3e-2, f"bf16 {plan_name} {name}: {n}")
 
 
+@pytest.mark.slow  # over 3 s: outside the fast tier
 def test_rows_without_keys_give_zeros_and_finite_gradients():
     """A padding query (no visible key) outputs zeros; a nonzero cotangent on it moves nothing."""
     B, T = 2, 100
@@ -226,6 +229,7 @@ def test_backward_keeps_linear_memory():
     assert large < 2048 * 9 * 64 * 4 * 6, large   # a few (T, N, H) arrays, no (T, T) one
 
 
+@pytest.mark.slow  # over 3 s: outside the fast tier
 def test_remat_attn_saves_out_and_lse_only():
     """Under the "attn" remat policy the layer saves the attention's output and log-sum-exp
     (names 'attn') and no (T, T) array."""

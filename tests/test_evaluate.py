@@ -142,6 +142,7 @@ def test_generation_metrics_match_the_written_completions(tiny_eval):
         assert results[f"gen/{name}/reward"] == pytest.approx(np.mean([r["reward"] for r in rows]))
 
 
+@pytest.mark.slow  # over 3 s: outside the fast tier
 def test_kl_of_the_reference_to_itself_is_zero(world, tmp_path):
     """The same model as policy and reference: every log-prob difference is exactly 0."""
     raw = {"models": {"policies": {"a": str(world["sft"]), "b": str(world["sft"])},
@@ -182,6 +183,7 @@ def test_perplexity_equals_transformers(world):
     assert ours["perplexity"] == pytest.approx(math.exp(total / count), rel=1e-5)
 
 
+@pytest.mark.slow  # over 3 s: outside the fast tier
 def test_completion_logps_and_kl_equal_transformers(world):
     """Sum of log p(completion | prompt) under each model, from transformers' logits, for the
     dpo policy's own sampled completions (temperature 1); KL estimate = their mean difference."""
@@ -209,6 +211,7 @@ def test_completion_logps_and_kl_equal_transformers(world):
     assert abs((ours["dpo"] - ours["sft"]).mean()) > 1e-3  # two different models
 
 
+@pytest.mark.slow  # over 3 s: outside the fast tier
 def test_pair_logps_equal_the_dpo_trainers(world):
     """The DPO-implied reward's log-probs (pairs as one row each) are the ones the DPO trainer
     optimises (here on two rows a pair)."""
@@ -235,6 +238,7 @@ def test_pair_logps_equal_the_dpo_trainers(world):
 
 # ----------------------------------------------------------------------------- generate --prompts
 
+@pytest.mark.slow  # over 3 s: outside the fast tier
 def test_generate_prompts_file_to_jsonl(world, tmp_path, capsys):
     """A .txt file of 5 prompts (a blank line skipped), batches of 2: every prompt gets a row
     in order, and a row equals `generate --prompt` on that prompt alone (greedy)."""
@@ -406,6 +410,7 @@ def test_reference_answers_by_column():
         reference_answers(p, "answer")
 
 
+@pytest.mark.slow  # over 3 s: outside the fast tier
 def test_intervals_written_and_drawn(tiny_eval, tmp_path):
     """Every mean over prompts has its bootstrap interval (recomputed here from the written
     completions), every policy pair its paired difference; the report draws both."""

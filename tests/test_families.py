@@ -126,6 +126,7 @@ def test_sliding_window_is_live(tiny):
     assert np.abs(wide - ref)[mask > 0].max() > 1e-2
 
 
+@pytest.mark.slow  # over 3 s: outside the fast tier
 def test_shared_prefix_rows_equal_separate_rows(tiny):
     """[prompt | a | b] in one row with branch ids (b's positions continuing from the prompt)
     gives each branch the logits of its own row [prompt | a], [prompt | b]: the mask hides a
@@ -193,6 +194,7 @@ def test_head_paths_see_the_capped_logits(tiny):
     assert np.abs(np.asarray(uncapped) - ref)[mask > 0].max() > 1e-2   # the cap is live
 
 
+@pytest.mark.slow  # over 3 s: outside the fast tier
 def test_greedy_decoding_matches_transformers_generate(tiny):
     n_new, lens = 12, (6, 3, 11, 16)
     rng = np.random.default_rng(1)
@@ -376,6 +378,7 @@ def test_phi3_lora_targets_name_its_fused_modules():
     assert "q_lora" in params["layers"]["attn"] and "up_lora" in params["layers"]["mlp"]
 
 
+@pytest.mark.slow  # over 3 s: outside the fast tier
 @pytest.mark.parametrize("targets", [("qkv_proj", "gate_up_proj", "o_proj", "down_proj"),
                                      ("q_proj", "v_proj", "up_proj")], ids=["all", "some_parts"])
 def test_peft_adapter_of_fused_phi3_loads_in_peft_with_our_logits(tmp_path, targets):
@@ -534,7 +537,14 @@ def test_sft_lowers_the_loss(trainable, lora):
                          "--max-new-tokens", "4"]) == 0
 
 
+# The preference recipes on the families whose trunk differs most from Llama's (biases; the
+# fused projections; soft-capped logits with alternating windows); every family's forward is
+# checked against transformers above and trains under SFT and GRPO.
+PREFERENCE_FAMILIES = ["qwen2", "phi3", "gemma2"]
+
+
 @pytest.mark.slow  # trains / compiles a run per family
+@pytest.mark.parametrize("trainable", PREFERENCE_FAMILIES, indirect=True)
 def test_reward_model_lowers_the_loss(trainable):
     """`jaxalign rm` on a causal LM of the family: a score head, Bradley-Terry loss down."""
     import math
@@ -548,6 +558,7 @@ def test_reward_model_lowers_the_loss(trainable):
 
 
 @pytest.mark.slow  # trains / compiles a run per family
+@pytest.mark.parametrize("trainable", PREFERENCE_FAMILIES, indirect=True)
 def test_dpo_lowers_the_loss(trainable):
     import math
     from jaxalign.train.dpo import DPOConfig, run_dpo

@@ -156,8 +156,10 @@ def _wait_for_steps(p, run_dir: Path, n: int, timeout=600.0):
         time.sleep(0.05)
 
 
+# One recipe per kind of input the one loop shell runs (rows, pairs, an RL rollout with the
+# `rollout` fault point); scripts/faults.py kills every recipe, in larger numbers.
 @pytest.mark.slow  # training runs killed and resumed
-@pytest.mark.parametrize("algo", harness.ALGOS)
+@pytest.mark.parametrize("algo", ["sft", "dpo", "ppo"])
 def test_sigterm_checkpoints_exits_3_and_rerun_continues(paths, tmp_path, algo):
     """SIGTERM from outside once a step is logged (PPO: delivered while iteration 3's rollout
     runs, via the `rollout` fault point) -> a checkpoint of the last finished step, exit 3

@@ -116,6 +116,7 @@ def test_per_row_eos(tiny, prompts, greedy):
                                   _hf_generate(model, prompts[1], prompts[2], N_NEW, eos_token_id=list(eos_ids)))
 
 
+@pytest.mark.slow  # over 3 s: outside the fast tier
 def test_sampling_seeds_and_degenerate_filters(tiny, prompts, greedy):
     _, cfg, params = tiny
     args = (cfg, params, prompts[1], prompts[2])
@@ -324,6 +325,7 @@ def tiny_lora(tiny):
     return cfg, lora.combine(adapters, frozen)
 
 
+@pytest.mark.slow  # over 3 s: outside the fast tier
 def test_lora_merged_decode_equals_adapter_decode(tiny, tiny_lora, prompts, greedy):
     """The sampler folds LoRA into the decode weights once per call (the RL rollout passes
     the live adapter params): same tokens as decoding with the adapter products on every

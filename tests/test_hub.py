@@ -50,6 +50,7 @@ def assert_same_params(x, y):
         np.testing.assert_array_equal(np.asarray(u), np.asarray(v))
 
 
+@pytest.mark.slow  # over 3 s: outside the fast tier
 def test_hub_id_loads_from_the_offline_cache(offline):
     env = offline
     _, params_a, _ = hf.load(env["a"])

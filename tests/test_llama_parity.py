@@ -193,6 +193,7 @@ def test_default_positions_restart_per_segment():
     np.testing.assert_array_equal(pos, [[0, 1, 0, 1, 2, 0, 1, 0], [0, 1, 2, 3, 0, 1, 2, 3]])
 
 
+@pytest.mark.slow  # over 3 s: outside the fast tier
 def test_blocked_causal_attention_long_rows(gqa, monkeypatch):
     """Rows of 160 tokens run the causal attention in query blocks (64, 64, 32), each
     against the keys up to its own end: logits equal transformers' on every real token with

@@ -32,6 +32,7 @@ def _logits(cfg, params, tokens, **kw):
     return np.asarray(functional.apply(cfg, params, tokens, **kw)[0])
 
 
+@pytest.mark.slow  # over 3 s: outside the fast tier
 def test_fresh_adapters_leave_model_unchanged(setup):
     d, base_cfg, base, cfg, _, tokens = setup
     fresh = lora.add_adapters(cfg, base, seed=0)

@@ -56,6 +56,7 @@ def sft_plans(tiny_dir):
     return {m: plan.plan_mesh("sft", cfg, plan.parse_meshes(m)[0]) for m in ("fsdp=8", "data=8")}
 
 
+@pytest.mark.slow  # over 3 s: outside the fast tier
 def test_memory_is_the_shards_we_expect(sft_plans, tiny_dir):
     """XLA's own argument size = our per-device shard arithmetic: params, Adam's two moments
     sharded like them (+ two int32 counts), the batch split 8 ways, the step and the rng key."""
@@ -97,6 +98,7 @@ def test_collective_bytes_counts_loop_trips():
     assert plan.collective_bytes(text)["all-reduce"] == 5 * 256 * 4
 
 
+@pytest.mark.slow  # over 3 s: outside the fast tier
 def test_optimizer_moments_are_sharded_like_params(tiny_dir, tmp_path):
     """The run's TrainState: Adam's moments on their params' shardings (a jitted init left
     them replicated: zeros_like has no data dependence on the params)."""

@@ -98,6 +98,7 @@ def test_sampler_logprobs_equal_training_logprobs(tiny):
     np.testing.assert_array_less(np.abs(out["ref_logp_BN"] - trained)[mask], 1e-6)
 
 
+@pytest.mark.slow  # over 3 s: outside the fast tier
 def test_ppo_learns_reward_under_kl_ceiling(ppo_run):
     rows = records(ppo_run)
     assert [r["step"] for r in rows] == list(range(1, ITERATIONS + 1))
@@ -138,6 +139,7 @@ def test_grpo_learns_reward_under_kl_ceiling_and_resumes_exactly(tiny, tmp_path)
     assert (resumed / "metrics.jsonl").read_text() == (out / "metrics.jsonl").read_text()
 
 
+@pytest.mark.slow  # over 3 s: outside the fast tier
 def test_rloo_learns_resumes_exactly_and_passes_columns(tiny, tmp_path):
     """RLOO, one row of the objectives table, raises the reward on the shared driver (no
     value model, KL in the reward); a run stopped after 3 iterations and rerun writes the

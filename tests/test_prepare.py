@@ -108,6 +108,7 @@ def test_bad_config_and_data_named(tmp_path):
         run_prepare(cfg)
 
 
+@pytest.mark.slow  # over 3 s: outside the fast tier
 def test_streams_rows_instead_of_holding_them(tmp_path):
     """Peak Python memory of the stage (exact dedup, split, shuffle) on 20000 rows stays a
     fraction of what the rows take as dicts: it holds offsets and digests, not rows."""

@@ -38,6 +38,7 @@ def _run(command, name, tmp_path, overrides):
     return cfg, metrics, rows
 
 
+@pytest.mark.slow  # over 3 s: outside the fast tier
 def test_trl_sft_lora_recipe(tiny, tmp_path):
     root, model = tiny
     cfg, metrics, rows = _run("sft", "trl_sft_lora.yaml", tmp_path, [

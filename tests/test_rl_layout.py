@@ -99,6 +99,7 @@ def test_grouped_rows_are_per_row_rows(tiny):
     assert _rel(np.asarray(shared[1]) * mask, np.asarray(per_row[1]) * mask) <= 1e-5
 
 
+@pytest.mark.slow  # over 3 s: outside the fast tier
 @pytest.mark.parametrize("name,value", [("grpo", "none"), ("rloo", "none"), ("ppo", "shared"),
                                         ("ppo", "separate")])
 def test_grouped_loss_and_grads_equal_per_row(tiny, name, value):
@@ -124,6 +125,7 @@ def test_grouped_loss_and_grads_equal_per_row(tiny, name, value):
     _assert_trees_close(gg, g1)
 
 
+@pytest.mark.slow  # over 3 s: outside the fast tier
 def test_trimmed_rows_equal_padded_rows(tiny):
     """Extra left padding of the prompts and right padding of the responses change neither
     the loss nor its gradients: `groups.trim` cuts them exactly."""
@@ -143,6 +145,7 @@ def test_trimmed_rows_equal_padded_rows(tiny):
         _assert_trees_close(gt, gp)
 
 
+@pytest.mark.slow  # over 3 s: outside the fast tier
 def test_zero_entropy_coefficient_keeps_the_gradient(tiny):
     """ent_coef 0: the entropy is a metric under stop_gradient; the gradient is the loss
     without it (as before), and a nonzero coefficient still moves it."""
@@ -156,6 +159,7 @@ def test_zero_entropy_coefficient_keeps_the_gradient(tiny):
     assert _rel(g1["policy"]["embed"], g0["policy"]["embed"]) > 1e-3
 
 
+@pytest.mark.slow  # over 3 s: outside the fast tier
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_shared_prefill_samples_the_same_tokens(tiny, temperature):
     cfg, params = tiny
@@ -182,6 +186,7 @@ def test_group_layout_is_chosen_by_cost(tiny):
     assert rows[0::2].tolist() == [6, 7, 0, 1] and rows[1::2].tolist() == [4, 5, 2, 3]
 
 
+@pytest.mark.slow  # over 3 s: outside the fast tier
 def test_grpo_run_writes_rss_timeline(ppo_tiny, tmp_path):
     """A GRPO run (grouped layout, trimmed rows) writes the RSS of every phase per iteration."""
     out = tmp_path / "grpo"

@@ -122,6 +122,7 @@ def _snapshot(root: Path) -> dict[str, tuple[int, int]]:
             for p in root.rglob("*") if p.is_file()}
 
 
+@pytest.mark.slow  # over 3 s: outside the fast tier
 def test_runs_and_exports_write_only_where_told(tiny, tmp_path):
     """`jaxalign sft` (with export_hf) and `jaxalign export` from a working directory, with
     HOME in the sandbox: every file written lies in out_dir, the export directory or the

@@ -43,6 +43,7 @@ def _inputs(dtype):
             jax.random.normal(k3, (M, K)).astype(dtype))
 
 
+@pytest.mark.slow  # over 3 s: outside the fast tier
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
 def test_saveable_gradients_equal_checkpoint_name(dtype):
     args = _inputs(dtype)

@@ -101,6 +101,7 @@ def test_layout_holds_each_pair_once_with_its_prompt_once(dpo_world):
     assert shared["logp_index"].shape[1] < batch["tokens"].shape[-1] * 2
 
 
+@pytest.mark.slow  # over 3 s: outside the fast tier
 @pytest.mark.parametrize("average", [False, True])
 def test_pair_logps_equal_the_two_rows_full_logits(dpo_world, average, mesh):
     m, batch = dpo_world["m"], dpo_world["batch"]
@@ -114,7 +115,10 @@ def test_pair_logps_equal_the_two_rows_full_logits(dpo_world, average, mesh):
             assert rel_err(got, want) <= RTOL, share
 
 
-@pytest.mark.parametrize("loss_type", DPO_LOSS_TYPES + POLICY_ONLY_LOSS_TYPES)
+# Every loss reads the layout only through the sequence log-probs (summed, or averaged for
+# SimPO / ORPO's NLL term): one loss with a reference, and the two policy-only ones.
+@pytest.mark.slow  # over 3 s: outside the fast tier
+@pytest.mark.parametrize("loss_type", [DPO_LOSS_TYPES[0], *POLICY_ONLY_LOSS_TYPES])
 def test_dpo_losses_and_grads_shared_equal_unshared(dpo_world, loss_type, mesh):
     m = dpo_world["m"]
     opts = DPOOptions(loss_type=loss_type, beta=0.5 if loss_type != "simpo" else 2.0)
@@ -133,6 +137,7 @@ def test_dpo_losses_and_grads_shared_equal_unshared(dpo_world, loss_type, mesh):
     assert_trees_close(gs, gu)
 
 
+@pytest.mark.slow  # over 3 s: outside the fast tier
 def test_reward_scores_and_grads_shared_equal_unshared(prefs, tmp_path, mesh):
     cfg = pref_config(RMConfig, prefs, tmp_path)
     data = build_preference_data(cfg.data, prefs["tok"], batch_size=4)
@@ -156,6 +161,7 @@ def test_reward_scores_and_grads_shared_equal_unshared(prefs, tmp_path, mesh):
     assert_trees_close(out[True][1], out[False][1])
 
 
+@pytest.mark.slow  # over 3 s: outside the fast tier
 def test_kto_loss_and_grads_shared_equal_unshared(prefs, tmp_path, mesh):
     cfg = pref_config(KTOConfig, prefs, tmp_path)
     data = build_unpaired_data(cfg.data, prefs["tok"], batch_size=4)
@@ -174,6 +180,7 @@ def test_kto_loss_and_grads_shared_equal_unshared(prefs, tmp_path, mesh):
     assert_trees_close(out[True][1], out[False][1])
 
 
+@pytest.mark.slow  # over 3 s: outside the fast tier
 def test_eval_pair_scores_shared_equal_unshared(prefs, tmp_path, mesh):
     from jaxalign.data.config import DataConfig
     from jaxalign.data.preference import load_pairs
@@ -212,6 +219,7 @@ def _pair_batch(rng, vocab, B, prompt, chosen, rejected, T):
     return batch
 
 
+@pytest.mark.slow  # over 3 s: outside the fast tier
 @pytest.mark.parametrize("family, kw", [("mistral", dict(sliding_window=6)),
                                         ("gemma2", dict(sliding_window=5, num_hidden_layers=3,
                                                         final_logit_softcapping=6.0))])

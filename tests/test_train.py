@@ -51,6 +51,7 @@ def _batches(tiny, pack, batch_size, seq_len=64):
     return build_sft_data(dcfg, tiny["tok"], batch_size=batch_size).train
 
 
+@pytest.mark.slow  # over 3 s: outside the fast tier
 def test_packed_loss_equals_unpacked(tiny):
     from jaxalign.data.packing import empty_batch, write_row
     loss_fn = sft_loss_fn(tiny["cfg"])
@@ -76,6 +77,7 @@ def _grads(cfg, params, batch, accum):
     return new_state, metrics
 
 
+@pytest.mark.slow  # over 3 s: outside the fast tier
 def test_accumulation_equals_large_batch(tiny):
     batch = next(_batches(tiny, pack=False, batch_size=8))
     # Uneven token counts per micro-batch (micro-batch k = rows k, k+4): the weighting must
@@ -92,6 +94,7 @@ def test_accumulation_equals_large_batch(tiny):
         assert float(jnp.abs(a - b).max()) / scale <= 1e-5
 
 
+@pytest.mark.slow  # over 3 s: outside the fast tier
 def test_sharded_step_equals_single_device(tiny):
     cfg = tiny["cfg"]
     batch = next(_batches(tiny, pack=False, batch_size=8))
@@ -108,6 +111,7 @@ def test_sharded_step_equals_single_device(tiny):
     np.testing.assert_allclose(got["grad_norm"], ref["grad_norm"], rtol=1e-5)
 
 
+@pytest.mark.slow  # over 3 s: outside the fast tier
 def test_tiny_model_learns_the_task(tiny):
     from jaxalign.train.sft import run_sft
     out = tiny["root"] / "learn"
@@ -177,6 +181,7 @@ def _run_cli(config, overrides, env, **kw):
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 
 
+@pytest.mark.slow  # over 3 s: outside the fast tier
 def test_exact_resume_after_sigkill(tiny, tmp_path):
     """20 steps straight vs 10+ steps, SIGKILL, rerun to 20: identical metrics.jsonl."""
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
@@ -208,6 +213,7 @@ def test_exact_resume_after_sigkill(tiny, tmp_path):
     assert a == b
 
 
+@pytest.mark.slow  # over 3 s: outside the fast tier
 def test_lora_run_on_a_lora_run_keeps_the_base_runs_adapters(tiny, tmp_path):
     """A LoRA run whose model is another LoRA run (RL or a reward model on an SFT run) trains
     on that run's merged weights; loading it (eval, export, a later stage) must give the same
@@ -236,6 +242,7 @@ def test_lora_run_on_a_lora_run_keeps_the_base_runs_adapters(tiny, tmp_path):
     assert max(moved) > 1e-4      # the first run's adapters changed its merged weights
 
 
+@pytest.mark.slow  # over 3 s: outside the fast tier
 def test_lora_run_exports_merged_and_peft(tiny, tmp_path):
     """A LoRA SFT run dir -> `jaxalign export` (merged HF dir) and `--adapter` (PEFT): both
     give, in transformers / peft, the logits of the trained jaxalign model."""

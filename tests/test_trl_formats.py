@@ -77,6 +77,7 @@ def test_kto_data_from_paired_and_named_unpaired(tmp_path):
         from_dict(DataConfig, {"train": [{"path": "x", "format": "unpaired_rows"}]})
 
 
+@pytest.mark.slow  # over 3 s: outside the fast tier
 def test_kto_trains_from_paired_rows(prefs, tmp_path):  # noqa: F811
     """`jaxalign kto` on the synthetic *paired* preference set, no conversion by the user:
     it trains and the held-out desirable / undesirable margin moves up from 0."""
@@ -109,6 +110,7 @@ def _trl_compute_loss(r_chosen, r_rejected, margin=None, center=None):
     return float(RewardTrainer.compute_loss(me, model, inputs))
 
 
+@pytest.mark.slow  # over 3 s: outside the fast tier
 def test_rm_margin_column_is_trls_formula(prefs, tmp_path):  # noqa: F811
     """A preference file with a `margin` column: the batches carry it, and our reward-model
     loss on a real tiny reward model equals TRL's compute_loss on the same scores and margins

@@ -150,6 +150,7 @@ def test_none_is_skipped_in_the_weighted_sum_as_trl(env):
         RewardConfig(functions=("a:b",), convention="torch")
 
 
+@pytest.mark.slow  # over 3 s: outside the fast tier
 def test_trl_shaped_function_inside_a_grpo_run(env, tmp_path):
     """Two GRPO iterations with a TRL-shaped reward and an async one, and a held-out
     evaluation after the second: the function gets the message-list prompts of the rows

@@ -9,6 +9,7 @@ from jaxalign.losses import xent
 from jaxalign.losses.xent import head_logprobs, head_masked_xent, masked_xent, token_logprobs
 
 
+@pytest.mark.slow  # over 3 s: outside the fast tier
 @pytest.mark.parametrize("keep_probs", [True, False], ids=["keep-softmax", "recompute-logits"])
 @pytest.mark.parametrize("head_is_VD", [True, False])
 @pytest.mark.parametrize("chunk", [4, 5, 64])  # divides T, does not, larger than T
