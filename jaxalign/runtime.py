@@ -183,7 +183,7 @@ def trim_compile_cache(cache: Path, max_bytes: int) -> int:
     needs an -atime file beside every entry and fails every write in a directory that an
     unbounded run filled before."""
     entries = []
-    for p in cache.glob("*"):
+    for p in cache.rglob("*"):   # every host kind's folder (and entries of older versions)
         try:
             st = p.stat()
         except OSError:   # another process evicted it meanwhile
@@ -229,16 +229,16 @@ def configure_jax() -> dict[str, str]:
 
     count_compilations()
     chosen = {"allocator": allocator_in_use()}
-    cache = compile_cache_dir()
+    root = compile_cache_dir()
+    cache = None if root is None else root / host_key()
     if cache is not None:
-        cache = cache / host_key()
         cache.mkdir(parents=True, exist_ok=True)
         jax.config.update("jax_compilation_cache_dir", str(cache))
         # Cache every program: the small ones (optimizer init, eval, data placement) add up
         # to seconds at start-up too, and a cache entry costs only its file.
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
-        trim_compile_cache(cache, compile_cache_bytes())
+        trim_compile_cache(root, compile_cache_bytes())   # one cap for all host kinds
     chosen["compile_cache"] = str(cache) if cache is not None else "off"
     return chosen
 

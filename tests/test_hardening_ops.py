@@ -78,11 +78,14 @@ def test_compile_cache_is_size_capped(tmp_path):
     with pytest.raises(SystemExit, match="JAXALIGN_COMPILE_CACHE_GB"):
         runtime.compile_cache_bytes({runtime.COMPILE_CACHE_GB_ENV: "lots"})
     now = time.time()
+    # One cap over every host kind's folder (odd entries in one, even in another).
     for i in range(5):
-        (tmp_path / f"prog{i}-cache").write_bytes(b"x" * 1000)
-        os.utime(tmp_path / f"prog{i}-cache", (now - 100 + i, now - 100 + i))
+        entry = tmp_path / f"host{i % 2}" / f"prog{i}-cache"
+        entry.parent.mkdir(exist_ok=True)
+        entry.write_bytes(b"x" * 1000)
+        os.utime(entry, (now - 100 + i, now - 100 + i))
     assert runtime.trim_compile_cache(tmp_path, 2500) == 3000
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["prog3-cache", "prog4-cache"]
+    assert sorted(p.name for p in tmp_path.rglob("*-cache")) == ["prog3-cache", "prog4-cache"]
 
 
 def test_export_is_written_with_the_users_umask(tmp_path):
