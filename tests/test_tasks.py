@@ -9,7 +9,6 @@ import re
 import subprocess
 import sys
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,7 +17,6 @@ from jaxalign.data import DataConfig, build_sft_data
 from jaxalign.synth import tasks
 from jaxalign.synth.tasks import ALL_KINDS, KINDS, exact_match, make_tasks, prompt_of, write_splits
 
-SMOLLM2_DIR = Path("~/.cache/jaxalign/smollm2-135m-instruct-0.1.2").expanduser()
 
 
 @pytest.fixture(scope="module")
@@ -177,11 +175,9 @@ def test_rows_train_only_the_answer_and_end_of_turn(tiny_tok, tmp_path):
         assert prompt_of(row) in seen and seen.count(row["answer"]) >= 1
 
 
-def test_rows_fit_128_tokens_with_smollm2_tokenizer(tmp_path):
-    if not SMOLLM2_DIR.exists():
-        pytest.skip(f"SmolLM2 tokenizer not cached at {SMOLLM2_DIR}")
+def test_rows_fit_128_tokens_with_smollm2_tokenizer(tmp_path, smollm2_dir):
     from jaxalign.tokenizer import load_tokenizer
-    tok = load_tokenizer(SMOLLM2_DIR)
+    tok = load_tokenizer(smollm2_dir)
     rows = make_tasks(40 * len(ALL_KINDS), seed=0, kinds=ALL_KINDS)
     path = tasks.write_jsonl(tmp_path / "t.jsonl", rows)
     cfg = DataConfig(train=[{"path": str(path)}], seq_len=128, truncation="drop",
