@@ -350,6 +350,7 @@ class Llama(nnx.Module):
         x_BTD = jnp.take(self.embed[...], tokens_BT, axis=0)
         if cfg.gemma_block:   # times sqrt(D) in the embedding's dtype, as transformers
             x_BTD = x_BTD * jnp.asarray(cfg.hidden_size ** 0.5, x_BTD.dtype)
+        # fp32 residual from the embedding rounded as decode reads it (`precision.decode_cast`)
         x_BTD = constrain(x_BTD.astype(dt).astype(residual_dtype(dt)), ("batch", "seq", None))
         cos_BTH, sin_BTH = rope_tables(cfg, positions_BT)
 
@@ -489,7 +490,6 @@ def per_layer(stacked: dict, dtype=None) -> tuple[dict, ...]:
     leaves, treedef = jax.tree.flatten(stacked)
     return tuple(jax.tree.unflatten(treedef, [decode_cast(a[i], dtype) for a in leaves])
                  for i in range(leaves[0].shape[0]))
-
 
 
 CACHE_NAMES: dict[str, Any] = {
