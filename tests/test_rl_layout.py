@@ -2,8 +2,10 @@
 rG] against one row per response (per-sequence log-probs, losses and gradients of GRPO, RLOO
 and PPO, shared value head and separate critic), rows trimmed to the batch's buckets against
 the padded rows, the sampler's prefill once per group against once per row (same tokens for
-the same key, greedy and sampled), and the RSS timeline of a run's perf.jsonl."""
+the same key, greedy and sampled), the old log-probs taken from the first update step against
+the rollout's own forward, and the RSS timeline of a run's perf.jsonl."""
 
+import dataclasses
 import json
 
 import jax
@@ -58,7 +60,8 @@ def _batch(P=7, n=N, pad_p=0, pad_n=0, seed=0):
     f = lambda: (rng.normal(size=(rows, N2)) * rmask).astype(np.float32)
     return {"prompt_BP": prompt, "prompt_mask_BP": pmask, "response_BN": response,
             "mask_BN": rmask, "old_logp_BN": f() - 3.0 * rmask, "ref_logp_BN": f() - 3.0 * rmask,
-            "values_BN": f(), "advantages_BN": f(), "returns_BN": f()}
+            "values_BN": f(), "advantages_BN": f(), "returns_BN": f(),
+            "fresh_old_B": np.zeros(rows, np.float32)}
 
 
 def _rel(a, b):
@@ -198,3 +201,73 @@ def test_grpo_run_writes_rss_timeline(ppo_tiny, tmp_path):
     for p in perf:
         for phase in ("rollout", "scoring", "update"):
             assert 0 < p[f"rss_{phase}_gib"] <= p[f"rss_peak_{phase}_gib"] + 1e-3, (phase, p)
+
+
+def test_first_step_forward_is_the_rollouts_forward(tiny):
+    """The old log-probs the update's first step keeps (`objectives.first_forward`) are the
+    policy forward the rollout would have run, and that step's loss and gradients with
+    fresh_old_B = 1 (ratio 1 by construction) equal the step on the recomputed old log-probs."""
+    cfg, params = tiny
+    models = R.Models(policy=cfg, ref="copy", value="none")
+    s = dataclasses.replace(_settings("grpo", G), reuse_old_logp=True)
+    batch = _batch()
+    trainable, frozen = {"policy": params}, {"policy": {}}
+    kw = dict(temperature=s.temperature, chunk=s.logits_chunk, group=G)
+    own_BN = R.policy_forward(cfg, params, batch, **kw)[0] * batch["mask_BN"]
+    recomputed = dict(batch, old_logp_BN=np.asarray(own_BN))
+    fresh = dict(batch, old_logp_BN=np.zeros_like(batch["old_logp_BN"]),
+                 fresh_old_B=np.ones(len(batch["mask_BN"]), np.float32))
+    loss_r, m_r, g_r = _loss_and_grads(models, s, trainable, frozen, recomputed)
+    loss_f, m_f, g_f = _loss_and_grads(models, s, trainable, frozen, fresh)
+    assert abs(loss_f - loss_r) <= 1e-5 * abs(loss_r) and m_f["ratio"] == 1.0
+    _assert_trees_close(g_f, g_r)
+    # The step hands back its forward per row; first_forward puts it in place (rows shuffled).
+    picked = np.array([3, 4, 5, 0, 1, 2])
+    rows = {k: v[picked] for k, v in m_f["rows"].items()}
+    sampler_BN = np.asarray(own_BN) + 0.25 * batch["mask_BN"]
+    out, figures = jax.jit(lambda *a: objectives.first_forward(s, *a))(
+        fresh, picked, rows, sampler_BN)
+    assert _rel(out["old_logp_BN"], own_BN) <= 1e-5
+    assert not np.asarray(out["fresh_old_B"]).any()
+    mask = batch["mask_BN"].astype(bool)
+    assert abs(float(figures["logprob_gap"]) - 0.25) <= 1e-5
+    ent_BN = R.policy_forward(cfg, params, batch, **kw)[1]
+    assert abs(float(figures["entropy"]) - float(np.asarray(ent_BN)[mask].mean())) <= 1e-5
+
+
+def test_old_log_probs_are_reused_only_where_exact(tiny):
+    """From the first step only where it sees the rollout's params on every row and nothing
+    before the update needs them: GRPO with one minibatch, not PPO (KL in the reward, value
+    head), RLOO (KL in the reward) or two minibatches (the second sees updated params)."""
+    def cfg(*args):
+        return ppo_config({"model_dir": "m", "prompts": "p.jsonl"}, "out",
+                          "rollout.num_generations=4", *args)
+    assert objectives.reuses(cfg("algorithm=grpo", "ppo.minibatches=1"))
+    assert not objectives.reuses(cfg("algorithm=grpo", "ppo.minibatches=2"))
+    assert not objectives.reuses(cfg("algorithm=grpo", "ppo.minibatches=1",
+                                     "ppo.reuse_old_logp=false"))
+    assert not objectives.reuses(cfg("algorithm=ppo", "ppo.minibatches=1"))
+    assert not objectives.reuses(cfg("algorithm=rloo", "ppo.minibatches=1"))
+
+
+@pytest.mark.slow  # over 3 s: outside the fast tier
+def test_grpo_run_reusing_old_log_probs_equals_recomputing(ppo_tiny, tmp_path):
+    """Whole GRPO runs (two epochs per rollout, grouped layout): with the old log-probs from
+    the first update step and with the rollout's own forward, the same metrics to rounding
+    (KL, entropy, log-prob gap, losses, rewards) and the same samples."""
+    args = ("algorithm=grpo", "rollout.batch_size=4", "rollout.num_generations=4",
+            "ppo.epochs=2", "ppo.minibatches=1", "train.iterations=3", "monitor.action=warn",
+            "train.sample_every=1")
+    runs = {}
+    for reuse in (True, False):
+        out = tmp_path / str(reuse)
+        run_rl_one_device(ppo_config(ppo_tiny, out, *args, f"ppo.reuse_old_logp={reuse}"))
+        runs[reuse] = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        runs[reuse, "samples"] = (out / "samples.jsonl").read_text()
+    assert runs[True, "samples"] == runs[False, "samples"]
+    assert len(runs[True]) == len(runs[False]) == 3
+    for a, b in zip(runs[True], runs[False]):
+        assert a.keys() == b.keys()
+        for k in ("kl", "kl_token", "entropy", "logprob_gap", "loss", "policy_loss", "kl_loss",
+                  "reward_mean", "train_entropy", "grad_norm"):
+            assert abs(a[k] - b[k]) <= 1e-4 * max(abs(b[k]), 1e-2), (k, a[k], b[k])

@@ -4,6 +4,10 @@ An algorithm supplies only `loss_fn(params, frozen, batch, rng) -> (loss, metric
 `metrics['weight']` (tokens, pairs, ... that `loss` averages over). The step does the rest:
 micro-batch accumulation weighted by that count (so k micro-batches equal one k-times
 larger batch), clipping and the optimizer, and a non-finite guard.
+
+A loss may also return `metrics['rows']`: a dict of per-row arrays (leading axis the micro
+batch's rows), stop-gradient. They are not averaged: the step hands them back in the
+batch's row order under the same key (the RL update keeps the first step's log-probs).
 """
 
 from __future__ import annotations
@@ -69,11 +73,12 @@ def _weighted_sums(loss_fn: LossFn, params, frozen, batch, rng, grad_accum: int)
     def body(carry, xs):
         mb, k = xs
         (wloss, metrics), grads = grad_fn(params, mb, jax.random.fold_in(rng, k))
+        rows = metrics.pop("rows", {})
         w = metrics["weight"]
         sums = {name: v * w for name, v in metrics.items() if name != "weight"}
         sums["weight"] = w
         carry = jax.tree.map(lambda acc, x: acc + x.astype(acc.dtype), carry, (wloss, sums, grads))
-        return carry, None
+        return carry, rows
 
     mbs = micro_batches(batch, grad_accum)
     first = jax.tree.map(lambda x: x[0], mbs)
@@ -81,10 +86,12 @@ def _weighted_sums(loss_fn: LossFn, params, frozen, batch, rng, grad_accum: int)
     # Gradients are summed in fp32 whatever the params' dtype (bf16 params: model.param_dtype).
     zero = lambda s: jnp.zeros(s.shape, jnp.promote_types(s.dtype, jnp.float32))
     init = (jnp.zeros((), jnp.float32),
-            {name: jnp.zeros((), jnp.float32) for name in metric_shapes},
+            {name: jnp.zeros((), jnp.float32) for name in metric_shapes if name != "rows"},
             jax.tree.map(zero, grad_shapes))
-    (wloss, sums, grads), _ = jax.lax.scan(body, init, (mbs, jnp.arange(grad_accum)))
-    return wloss, sums, grads
+    (wloss, sums, grads), rows = jax.lax.scan(body, init, (mbs, jnp.arange(grad_accum)))
+    # (A, B/A, ...) back to the batch's rows: the inverse of `micro_batches`' striding.
+    rows = jax.tree.map(lambda x: x.swapaxes(0, 1).reshape(-1, *x.shape[2:]), rows)
+    return wloss, sums, grads, rows
 
 
 def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
@@ -92,7 +99,8 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
     """Pure step: (state, frozen, batch) -> (state, metrics). Jit it with `jit_train_step`."""
     def step(state: TrainState, frozen, batch: dict):
         rng = jax.random.fold_in(state.rng, state.step)
-        wloss, sums, grads = _weighted_sums(loss_fn, state.params, frozen, batch, rng, grad_accum)
+        wloss, sums, grads, rows = _weighted_sums(loss_fn, state.params, frozen, batch, rng,
+                                                  grad_accum)
         weight = jnp.maximum(sums["weight"], 1e-9)
         loss = wloss / weight
         # Back to each parameter's own dtype: the optimizer state and both branches of the
@@ -119,6 +127,8 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
         metrics.update(loss=loss, grad_norm=grad_norm, lr=schedule(state.step),
                        weight=sums["weight"], finite=ok.astype(jnp.float32),
                        state_finite=all_finite((params, opt_state)).astype(jnp.float32))
+        if rows:
+            metrics["rows"] = rows
         return new_state, metrics
     return step
 
@@ -148,6 +158,7 @@ def make_eval_step(loss_fn: LossFn):
     """(params, frozen, batch) -> {'loss_sum', 'weight', ...sums}; the caller divides."""
     def step(params, frozen, batch):
         loss, metrics = loss_fn(params, frozen, batch, None)  # rng None: no dropout
+        metrics.pop("rows", None)
         w = metrics["weight"]
         out = {f"{k}_sum": v * w for k, v in metrics.items() if k != "weight"}
         out["weight"] = w

@@ -143,6 +143,7 @@ class PPOAlgoConfig:
     kl_target: float | None = None  # adaptive KL controller when set (per-sequence KL)
     kl_horizon: float = 10000.0     # adaptive controller's horizon (steps), as in TRL / Ziegler et al.
     max_approx_kl: float | None = None  # stop the epochs once an epoch's approx KL exceeds it
+    reuse_old_logp: bool = True     # old log-probs from the first update's forward where exact
     value_model: str = "shared"     # 'shared' head on the policy trunk or a 'separate' critic
     critic_init: str = "policy"     # separate critic: from the 'policy' or the 'reward' model
 

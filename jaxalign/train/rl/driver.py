@@ -148,9 +148,11 @@ class _Run:
         loss_models = dataclasses.replace(models, reward=None)
 
         G, group = cfg.rollout.num_generations, self.rollout_group
+        own = not obj.reuse_old_logp   # the rollout's own policy forward (`objectives.reuses`)
         self.rollout_fn = compiled(
-            ("rollout", models, sampling, G, group),
-            lambda: jax.jit(lambda *a: R.rollout(models, sampling, *a, generations=G, group=group),
+            ("rollout", models, sampling, G, group, own),
+            lambda: jax.jit(lambda *a: R.rollout(models, sampling, *a, generations=G, group=group,
+                                                 policy_logp=own),
                             in_shardings=(train_sh, frozen_sh, aux_sh, bsh, bsh, rep),
                             out_shardings=bsh),
             abstract(state.params), abstract(roles.frozen), abstract(roles.aux),
@@ -165,7 +167,8 @@ class _Run:
             exp_abs, sds((rows,), f32), sds((), f32, rep))
         optimizer, schedule = make_optimizer(cfg.optim, cfg.total_steps)
         def batch_abs(n, P, N):
-            return {k: sds((n, P if k.endswith("_BP") else N), i32 if k in (
+            width = lambda k: (P,) if k.endswith("_BP") else (N,) if k.endswith("_BN") else ()
+            return {k: sds((n, *width(k)), i32 if k in (
                 "prompt_BP", "prompt_mask_BP", "response_BN", "mask_BN") else f32)
                 for k in objectives.TRAIN_KEYS}
         state_sh = jax.tree.map(lambda x: x.sharding, state)
@@ -193,6 +196,11 @@ class _Run:
             return trim, take, step
 
         self.update_programs = update_programs
+        # After a rollout's first step, its log-probs become the old ones
+        # (`objectives.first_forward`); jitted on use, as the step's per-row outputs come in
+        # whatever sharding XLA gave them.
+        self.first_fn = jax.jit(lambda *a: objectives.first_forward(obj, *a),
+                                out_shardings=(bsh, rep)) if obj.reuse_old_logp else None
         # The memory report and pre-flight see the largest shapes (nothing trimmed).
         _, _, full_step = update_programs(self.P, N)
         programs = {"rollout": self.rollout_fn, "advantages": self.adv_fn,
@@ -204,7 +212,9 @@ class _Run:
 
     # -- one iteration ------------------------------------------------------------------------
     def _adv_shardings(self, bsh, rep) -> dict:
-        out = {"kl": rep, "kl_token": rep, "advantages_BN": bsh, "returns_BN": bsh}
+        out = {"advantages_BN": bsh, "returns_BN": bsh}
+        if not self.obj.reuse_old_logp:
+            out.update(kl=rep, kl_token=rep)
         if self.obj.objective.needs_value:
             out["explained_variance"] = rep
         return out
@@ -229,7 +239,8 @@ class _Run:
                               self.roles.aux, dev["p"], dev["m"],
                               jax.device_put(jnp.asarray(key, jnp.uint32), rep))
         faults.point("rollout")
-        host = {k: distributed.local_rows(exp[k], self.rows) for k in hosts.HOST_KEYS}
+        keys = hosts.HOST_KEYS + (() if self.obj.reuse_old_logp else hosts.FORWARD_KEYS)
+        host = {k: distributed.local_rows(exp[k], self.rows) for k in keys}
         self.mem.end("rollout")
         lengths, eos = host["lengths_B"], R.has_eos(host["response_BN"], host["lengths_B"], self.eos_ids)
         completions = R.decode(self.tokenizer, host["response_BN"], lengths)
@@ -272,8 +283,9 @@ class _Run:
         adv = self.adv_fn(adv_in, put_batch({"s": scores[self.rows]}, self.mesh)["s"],
                           jax.device_put(jnp.float32(self.kl_coef), rep))
         metrics = {**hosts.rollout_metrics(g), "score_mean": float(scores[keep].mean()),
-                   "kl": float(adv["kl"]), "kl_token": float(adv["kl_token"]),
                    "kl_coef": float(self.kl_coef)}
+        if "kl" in adv:   # else from the update's first step
+            metrics.update(kl=float(adv["kl"]), kl_token=float(adv["kl_token"]))
         if "explained_variance" in adv:
             metrics["explained_variance"] = float(adv["explained_variance"])
         if not keep.all():
@@ -285,6 +297,7 @@ class _Run:
         P2, N2 = groups.buckets([len(self.prompts.ids[i]) for i in idx], g["lengths"], self.P,
                                 cfg.rollout.max_new_tokens)
         batch = self.update_programs(P2, N2)[0](batch)
+        self.sampler_logp = exp["sampler_logp_BN"]
         samples = [{"prompt": s["prompt"], "completion": s["completion"],
                     "reward": float(g["raw"][s["row"]]), "length": int(g["lengths"][s["row"]]),
                     "eos": bool(g["eos"][s["row"]])}
@@ -302,6 +315,7 @@ class _Run:
                                                    batch["response_BN"].shape[1])
         rng = np.random.default_rng([cfg.train.seed, it])
         records, epochs, skipped_before = [], 0, self.guard.skipped
+        figures = {}
         for epoch in range(cfg.ppo.epochs):
             # Grouped layout: minibatches of whole groups (drawn in a seeded order as rows are).
             perm = rng.permutation(cfg.rollout.rows // G)
@@ -313,6 +327,9 @@ class _Run:
                 picked = sharding.put_global(rows.astype(np.int32), sharding.replicated(self.mesh))
                 state, out = step_fn(state, self.roles.frozen, take_fn(batch, picked))
                 faults.point("step")
+                rows_out = out.pop("rows", None)
+                if self.first_fn is not None and epoch == 0:   # one minibatch: every row, once
+                    batch, figures = self.first_fn(batch, picked, rows_out, self.sampler_logp)
                 out = {k: float(v) for k, v in jax.device_get(out).items()}
                 self.guard.check(out, it, saved_at)
                 epoch_records.append(out)
@@ -329,6 +346,7 @@ class _Run:
         metrics.pop("weight", None)
         metrics["train_entropy"] = metrics.pop("entropy")
         metrics.update(epochs=float(epochs), skipped=float(self.guard.skipped - skipped_before))
+        metrics.update({k: float(v) for k, v in jax.device_get(figures).items()})
         self.mem.end("update")
         return state, metrics
 

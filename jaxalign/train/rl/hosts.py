@@ -18,20 +18,24 @@ import numpy as np
 
 from jaxalign import distributed
 
-# Rollout outputs each process reads back for its own rows.
-HOST_KEYS = ("response_BN", "lengths_B", "mask_BN", "entropy_BN", "sampler_logp_BN",
-             "old_logp_BN", "rm_score_B")
+# Rollout outputs each process reads back for its own rows; the policy forward's two only when
+# the rollout ran one (else the update's first step reports them, `objectives.first_forward`).
+HOST_KEYS = ("response_BN", "lengths_B", "mask_BN", "sampler_logp_BN", "rm_score_B")
+FORWARD_KEYS = ("entropy_BN", "old_logp_BN")
 
 
 def row_figures(host: dict, eos: np.ndarray, raw: np.ndarray, parts: dict) -> dict:
-    """This process's per-row figures: `host` its rows of the rollout (HOST_KEYS), `raw` and
-    `parts` (source -> per-row score) from the rewarder, `eos` the EOS flags."""
+    """This process's per-row figures: `host` its rows of the rollout (HOST_KEYS, and
+    FORWARD_KEYS when the rollout has them), `raw` and `parts` (source -> per-row score) from
+    the rewarder, `eos` the EOS flags."""
     mask = host["mask_BN"].astype(bool)
-    gap = np.where(mask, np.abs(host["sampler_logp_BN"] - host["old_logp_BN"]), 0.0)
-    return {"raw": raw, "lengths": host["lengths_B"], "eos": eos,
-            "entropy_sum": np.where(mask, host["entropy_BN"], 0.0).sum(1, dtype=np.float64),
-            "tokens": mask.sum(1), "logprob_gap": gap.max(1),
-            **{f"part:{k}": v for k, v in parts.items()}}
+    out = {"raw": raw, "lengths": host["lengths_B"], "eos": eos, "tokens": mask.sum(1),
+           **{f"part:{k}": v for k, v in parts.items()}}
+    if "old_logp_BN" in host:
+        gap = np.where(mask, np.abs(host["sampler_logp_BN"] - host["old_logp_BN"]), 0.0)
+        out.update(entropy_sum=np.where(mask, host["entropy_BN"], 0.0).sum(1, dtype=np.float64),
+                   logprob_gap=gap.max(1))
+    return out
 
 
 def exchange(rows: slice, total: int, figures: dict | None, extra: dict | None = None,
@@ -63,9 +67,10 @@ def rollout_metrics(g: dict[str, np.ndarray]) -> dict[str, float]:
     raw = g["raw"][~np.isnan(g["raw"])]   # NaN: a completion no reward source scored
     out = {"reward_mean": float(raw.mean()) if raw.size else float("nan"),
            "reward_std": float(raw.std()) if raw.size else float("nan"),
-           "entropy": float(g["entropy_sum"].sum() / tokens),
-           "response_length": float(g["lengths"].mean()), "eos_rate": float(g["eos"].mean()),
-           "logprob_gap": float(g["logprob_gap"].max())}
+           "response_length": float(g["lengths"].mean()), "eos_rate": float(g["eos"].mean())}
+    if "entropy_sum" in g:   # else the update's first step reports them
+        out.update(entropy=float(g["entropy_sum"].sum() / tokens),
+                   logprob_gap=float(g["logprob_gap"].max()))
     # a source's mean over the completions it scored (its None: NaN, left out, as TRL's nanmean)
     out.update({k[len("part:"):]: float(np.nanmean(v)) if (~np.isnan(v)).any() else float("nan")
                 for k, v in g.items() if k.startswith("part:")})

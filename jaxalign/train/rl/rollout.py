@@ -143,19 +143,32 @@ def _sample(models: Models, sampling: Sampling, policy, prompt_BP, prompt_mask_B
 
 
 def rollout(models: Models, sampling: Sampling, trainable, frozen, aux, prompt_BP, prompt_mask_BP,
-            key, *, generations: int = 1, group: int = 1) -> dict[str, jax.Array]:
+            key, *, generations: int = 1, group: int = 1,
+            policy_logp: bool = True) -> dict[str, jax.Array]:
     """Sample, then score every response with one forward per role. Pure; jit it with
-    `models`, `sampling`, `generations` and `group` static. `aux`: {'ref': params} when
-    models.ref == 'copy', {'reward': params} with a reward model. Rows come in groups of
+    `models`, `sampling`, `generations`, `group` and `policy_logp` static. `aux`: {'ref': params}
+    when models.ref == 'copy', {'reward': params} with a reward model. Rows come in groups of
     `generations` equal prompts: the sampler's prefill runs once per group; `group` (1 or
-    `generations`) is the layout of the policy / reference / critic forwards (`groups.py`)."""
+    `generations`) is the layout of the policy / reference / critic forwards (`groups.py`).
+    `policy_logp=False`: no policy forward here (the update's first step is it,
+    `objectives.reuses`): old_logp_BN comes out 0 with fresh_old_B 1, and no entropy_BN."""
     policy = lora.combine(trainable["policy"], frozen["policy"])
     out = _sample(models, sampling, policy, prompt_BP, prompt_mask_BP, key, generations)
     batch = sequence(prompt_BP, prompt_mask_BP, out["tokens_BN"], out["mask_BN"])
     batch.update(prompt_BP=prompt_BP, prompt_mask_BP=prompt_mask_BP,
                  response_BN=out["tokens_BN"], mask_BN=out["mask_BN"])
+    mask_BN = out["mask_BN"].astype(jnp.float32)
     kw = dict(temperature=sampling.temperature, chunk=sampling.logits_chunk, group=group)
-    logp_BN, ent_BN, hidden_BND = policy_forward(models.policy, policy, batch, **kw)
+    if policy_logp:
+        logp_BN, ent_BN, hidden_BND = policy_forward(models.policy, policy, batch, **kw)
+        mine = {"old_logp_BN": logp_BN * mask_BN, "entropy_BN": ent_BN * mask_BN,
+                "fresh_old_B": jnp.zeros(mask_BN.shape[:1], jnp.float32),
+                "values_BN": values(models, trainable, frozen, batch, hidden_BND, group) * mask_BN}
+    else:
+        assert models.value == "none", "the value head needs the rollout's policy forward"
+        mine = {"old_logp_BN": jnp.zeros_like(mask_BN),
+                "fresh_old_B": jnp.ones(mask_BN.shape[:1], jnp.float32),
+                "values_BN": jnp.zeros_like(mask_BN)}
     if models.ref == "adapters_off":
         ref_logp_BN = policy_forward(models.policy, policy, batch, use_lora=False, **kw)[0]
     else:
@@ -165,13 +178,9 @@ def rollout(models: Models, sampling: Sampling, trainable, frozen, aux, prompt_B
                               batch["segment_ids_BT"], batch["positions_BT"])
     else:
         score_B = jnp.zeros(prompt_BP.shape[:1], jnp.float32)
-    mask_BN = out["mask_BN"].astype(jnp.float32)
-    return {**batch,
+    return {**batch, **mine,
             "sampler_logp_BN": out["logprobs_BN"],
-            "old_logp_BN": logp_BN * mask_BN,
             "ref_logp_BN": ref_logp_BN * mask_BN,
-            "entropy_BN": ent_BN * mask_BN,
-            "values_BN": values(models, trainable, frozen, batch, hidden_BND, group) * mask_BN,
             "rm_score_B": score_B,
             "lengths_B": out["lengths_B"]}
 
