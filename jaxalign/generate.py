@@ -91,7 +91,7 @@ def decode_params(cfg: ModelConfig, params) -> tuple[ModelConfig, dict]:
 def generate(cfg: ModelConfig, params, prompt_tokens_BP: jax.Array, prompt_mask_BP: jax.Array,
              key: jax.Array, *, max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
              top_p: float = 1.0, eos_ids: Sequence[int] = (), pad_id: int = 0,
-             prefill_group: int = 1, cache_chunk: int = 64) -> dict:
+             prefill_group: int = 1, cache_chunk: int = 64, min_new_tokens: int = 0) -> dict:
     """Samples up to `max_new_tokens` tokens after each LEFT-padded prompt (mask 0 = pad).
 
     `prefill_group` G > 1: rows come in groups of G equal prompts (RL's completions per
@@ -105,6 +105,9 @@ def generate(cfg: ModelConfig, params, prompt_tokens_BP: jax.Array, prompt_mask_
     The settings after `key` must be Python values (static under jit). Not differentiable
     (a while_loop with a data-dependent stop): PPO recomputes log-probs with a forward pass.
     `cache_chunk`: about how many decode steps share one cache size (`decode_loops`).
+    `min_new_tokens`: the EOS ids cannot be sampled before that many tokens (transformers'
+    `min_new_tokens`: their logits are -inf, so the reported log-probs are under that
+    distribution too); 0: off.
     """
     B, P = prompt_tokens_BP.shape
     N = max_new_tokens
@@ -154,8 +157,11 @@ def generate(cfg: ModelConfig, params, prompt_tokens_BP: jax.Array, prompt_mask_
         pos_B1 = (prompt_len_B - 1 + i)[:, None]
         logits_B1V, _, cache = functional.apply(cfg, params, tok_in_B[:, None], positions_BT=pos_B1,
                                                 segment_ids_BT=jnp.ones_like(pos_B1), cache=cache)
-        tok_B, logp_B = _select(logits_B1V[:, 0], jax.random.fold_in(key, i),
-                                temperature, top_k, top_p)
+        logits_BV = logits_B1V[:, 0]
+        if min_new_tokens > 0 and eos_ids:
+            early = i < min_new_tokens
+            logits_BV = logits_BV.at[:, eos_E].set(jnp.where(early, -jnp.inf, logits_BV[:, eos_E]))
+        tok_B, logp_B = _select(logits_BV, jax.random.fold_in(key, i), temperature, top_k, top_p)
         # Finished rows keep running (the batch is one array) but emit pad and are masked.
         tok_B = jnp.where(done_B, pad_id, tok_B)
         tokens_BN = tokens_BN.at[:, i].set(tok_B)
@@ -203,7 +209,7 @@ def _constrain_cache(cache):
 @functools.lru_cache(maxsize=32)
 def make_generate_fn(cfg: ModelConfig, max_new_tokens: int, temperature: float = 0.0,
                      top_k: int = 0, top_p: float = 1.0, eos_ids: tuple[int, ...] = (),
-                     pad_id: int = 0):
+                     pad_id: int = 0, min_new_tokens: int = 0):
     """Jitted `fn(params, prompt_tokens_BP, prompt_mask_BP, key) -> generate(...)'s dict`.
 
     Cached on its (hashable) settings, so repeated calls reuse one jitted function, which
@@ -217,9 +223,13 @@ def make_generate_fn(cfg: ModelConfig, max_new_tokens: int, temperature: float =
         raise JaxalignError(f"top_k must be >= 0 (0 = off), got {top_k}")
     if not 0.0 < top_p <= 1.0:
         raise JaxalignError(f"top_p must be in (0, 1], got {top_p}")
+    if not 0 <= min_new_tokens <= max_new_tokens:
+        raise JaxalignError(f"min_new_tokens must be in [0, max_new_tokens = {max_new_tokens}], "
+                            f"got {min_new_tokens}")
     fn = functools.partial(generate, cfg, max_new_tokens=max_new_tokens,
                            temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
-                           eos_ids=tuple(int(e) for e in eos_ids), pad_id=int(pad_id))
+                           eos_ids=tuple(int(e) for e in eos_ids), pad_id=int(pad_id),
+                           min_new_tokens=int(min_new_tokens))
     return jax.jit(fn)
 
 

@@ -116,6 +116,24 @@ def test_per_row_eos(tiny, prompts, greedy):
                                   _hf_generate(model, prompts[1], prompts[2], N_NEW, eos_token_id=list(eos_ids)))
 
 
+def test_min_new_tokens_bans_eos_as_transformers(tiny, prompts, greedy):
+    """min_new_tokens: no row ends before it, and the tokens are transformers' greedy ones with
+    its `min_new_tokens` (row 0, whose first greedy token is made an EOS id, stops at once
+    without it)."""
+    model, cfg, params = tiny
+    ref_BN = greedy["tokens_BN"]
+    eos_ids = (int(ref_BN[0, 0]), EOS)   # row 0's greedy first token: it would stop at once
+    m = 4
+    out = _run(cfg, params, prompts[1], prompts[2], eos_ids=eos_ids, min_new_tokens=m)
+    assert (out["lengths_B"] >= m).all()
+    assert not np.isin(out["tokens_BN"][:, :m], eos_ids).any()
+    np.testing.assert_array_equal(
+        out["tokens_BN"], _hf_generate(model, prompts[1], prompts[2], N_NEW, min_new_tokens=m,
+                                       eos_token_id=list(eos_ids)))
+    free = _run(cfg, params, prompts[1], prompts[2], eos_ids=eos_ids)
+    assert free["lengths_B"][0] == 1
+
+
 @pytest.mark.slow  # over 3 s: outside the fast tier
 def test_sampling_seeds_and_degenerate_filters(tiny, prompts, greedy):
     _, cfg, params = tiny

@@ -76,7 +76,9 @@ def cli_config(workload: str, a, model: str, tmp: Path) -> tuple[str, dict]:
         prompts = write_prompts(tmp / "prompts.jsonl", n * rows)
         rollout = ({"batch_size": a.batch, "num_generations": a.generations} if workload == "grpo"
                    else {"batch_size": rows})
-        rollout["max_new_tokens"] = a.new_tokens
+        # EOS banned until the length on both sides (TRL: generation_kwargs min_new_tokens), so
+        # every iteration trains on the same number of response tokens on each side.
+        rollout.update(max_new_tokens=a.new_tokens, min_new_tokens=a.new_tokens)
         return "ppo", {"algorithm": workload, "model": model_cfg,
                        "data": {"prompts": str(prompts), "chat": True, "shuffle": False},
                        "rollout": rollout, "reward": {"functions": [REWARD]},

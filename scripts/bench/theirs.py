@@ -173,6 +173,7 @@ def grpo(job: dict) -> dict:
         common.update(max_steps=iterations * epochs, per_device_train_batch_size=rows)
         args = GRPOConfig(**common, num_generations=job["generations"], num_iterations=epochs,
                           max_completion_length=job["new_tokens"], beta=job["beta"],
+                          generation_kwargs={"min_new_tokens": job["new_tokens"]},
                           shuffle_dataset=False, model_init_kwargs={"dtype": "float32"})
         trainer = TimedGRPOTrainer(model=job["model"], args=args, train_dataset=data, reward_funcs=[reward],
                                    processing_class=AutoTokenizer.from_pretrained(job["model"]),

@@ -103,6 +103,7 @@ class RolloutConfig:
     batch_size: int = 16            # prompts per iteration
     num_generations: int = 1        # completions per prompt (the group of GRPO / RLOO)
     max_new_tokens: int = 64        # completion length limit
+    min_new_tokens: int = 0         # EOS not sampled before this many tokens (0: off; not in eval)
     temperature: float = 1.0        # the policy distribution PPO optimises is softmax(logits / T)
     top_p: float = 1.0              # nucleus sampling (1: off)
     top_k: int = 0                  # sample among the k likeliest tokens (0: off)
@@ -117,6 +118,9 @@ class RolloutConfig:
         require(self.temperature > 0, f"rollout.temperature must be > 0 (sampling), got {self.temperature}")
         require(0 < self.top_p <= 1, f"rollout.top_p must be in (0, 1], got {self.top_p}")
         require(self.top_k >= 0, f"rollout.top_k must be >= 0, got {self.top_k}")
+        require(0 <= self.min_new_tokens <= self.max_new_tokens,
+               f"rollout.min_new_tokens must be in [0, rollout.max_new_tokens = "
+               f"{self.max_new_tokens}], got {self.min_new_tokens}")
         require(self.decode_dtype in (None, "float32", "bfloat16"),
                f"rollout.decode_dtype must be float32 or bfloat16, got {self.decode_dtype!r}")
 

@@ -122,7 +122,7 @@ class _Run:
             top_p=float(cfg.rollout.top_p), top_k=cfg.rollout.top_k, eos_ids=self.eos_ids,
             pad_id=int(self.pad_id), decode_scan_layers=cfg.rollout.decode_scan_layers,
             decode_dtype=cfg.rollout.decode_dtype,
-            logits_chunk=cfg.train.logits_chunk)
+            logits_chunk=cfg.train.logits_chunk, min_new_tokens=cfg.rollout.min_new_tokens)
         self.stream = RP.PromptStream(len(loaded.prompts.ids), cfg.rollout.batch_size,
                                      seed=cfg.data.seed, shuffle=cfg.data.shuffle)
         # The coefficient of the objective's KL term (traced into the advantages; logged).

@@ -98,7 +98,9 @@ class HeldOut:
                  sampling: R.Sampling, rows: slice, prompts: Prompts):
         self.cfg, self.run_dir, self.mesh, self.roles = cfg, run_dir, mesh, roles
         self.tokenizer, self.rewarder, self.rows, self.prompts = tokenizer, rewarder, rows, prompts
-        self.sampling = dataclasses.replace(sampling, temperature=float(cfg.train.eval_temperature))
+        # The model as users get it: no EOS ban (rollout.min_new_tokens is for training rollouts).
+        self.sampling = dataclasses.replace(sampling, temperature=float(cfg.train.eval_temperature),
+                                            min_new_tokens=0)
         self.P = RP.prompt_length(prompts)
         self.answers = reference_answers(prompts, cfg.data.answer_field)
         t = cfg.train

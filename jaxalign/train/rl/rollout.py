@@ -59,6 +59,7 @@ class Sampling:
     decode_scan_layers: bool | None = None   # the prefill's layer form; None: the policy's
     decode_dtype: str | None = None          # sampling's compute dtype; None: the policy's
     logits_chunk: int = 128
+    min_new_tokens: int = 0                  # EOS banned before this many tokens (0: off)
 
 
 def sequence(prompt_BP, prompt_mask_BP, response_BN, response_mask_BN) -> dict:
@@ -139,7 +140,8 @@ def _sample(models: Models, sampling: Sampling, policy, prompt_BP, prompt_mask_B
     return generate(gen_cfg, policy, prompt_BP, prompt_mask_BP, key,
                     max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
                     top_k=sampling.top_k, top_p=sampling.top_p, eos_ids=sampling.eos_ids,
-                    pad_id=sampling.pad_id, prefill_group=prefill_group)
+                    pad_id=sampling.pad_id, prefill_group=prefill_group,
+                    min_new_tokens=sampling.min_new_tokens)
 
 
 def rollout(models: Models, sampling: Sampling, trainable, frozen, aux, prompt_BP, prompt_mask_BP,
