@@ -131,6 +131,26 @@ def test_memory_preflight_refuses_before_any_step(paths, tmp_path, capsys, algo)
         assert {"rollout", "advantages", "train_step"} <= set(report["programs"])
 
 
+@pytest.mark.slow  # three runs, each compiling its step
+def test_default_layout_that_does_not_fit_falls_back_to_full_remat(paths, tmp_path, caplog):
+    """model.remat unset: a step that does not fit in the backend's default layout is compiled
+    again with model.remat=full and the run goes on (one warning); a remat the user chose is
+    kept, and refused if it does not fit."""
+    def need(out, *extra):
+        assert _cli("sft", out, paths, "train.steps=2", *extra) == 0
+        return json.loads((out / "memory.json").read_text())["preflight"]["need_per_device"]
+    default = need(tmp_path / "default", "train.memory_limit_gb=64")
+    full = need(tmp_path / "full", "train.memory_limit_gb=64", "model.remat=full")
+    assert full < default, (full, default)
+    between = f"train.memory_limit_gb={(full + default) / 2 / 2**30:.9f}"
+    with caplog.at_level(logging.WARNING):
+        assert need(tmp_path / "fallback", between) == full
+    assert "model.remat is not set" in caplog.text and "model.remat=full" in caplog.text
+    chosen = tmp_path / "chosen"
+    assert _cli("sft", chosen, paths, "train.steps=2", between, "model.remat=attn") == 1
+    assert not _steps(chosen)
+
+
 @pytest.mark.parametrize("algo", ["sft", "ppo"])
 def test_memory_preflight_refuses_before_compiling(paths, tmp_path, capsys, algo):
     """A run whose params and optimizer state alone exceed the device is refused from their

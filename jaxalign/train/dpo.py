@@ -166,12 +166,13 @@ def preference_task(section: str, build_data, make_loss):
     def task(cfg, models: Loaded, tokenizer):
         data = build_data(cfg.data, tokenizer, batch_size=cfg.train.batch_size,
                           process_index=jax.process_index(), process_count=jax.process_count())
-        loss_fn = make_loss(models.cfg, getattr(cfg, section), ref_cfg=models.extra["ref_cfg"],
-                            chunk=cfg.train.logits_chunk)
+        def loss_for(model_cfg):
+            return make_loss(model_cfg, getattr(cfg, section), ref_cfg=models.extra["ref_cfg"],
+                             chunk=cfg.train.logits_chunk)
         # Pairs (KTO: a row and its KL row) share their prompt: one row each by default.
         train, eval_data = laid_out(data, share=cfg.data.share_prompt, pad_id=data.pad_id)
-        return Task(loss_fn=loss_fn, train_data=train, eval_data=eval_data,
-                    perplexity=False, progress=RECIPES[section].progress), {}
+        return Task(loss_fn=loss_for(models.cfg), loss_for=loss_for, train_data=train,
+                    eval_data=eval_data, perplexity=False, progress=RECIPES[section].progress), {}
     return task
 
 

@@ -54,6 +54,9 @@ class Task:
     perplexity: bool = True
     # The metrics the progress line shows: the recipe's row of RECIPES.
     progress: tuple[str, ...] = RECIPES["sft"].progress
+    # The same loss for another layout of the trained model (its ModelConfig): the loop
+    # retries with model.remat=full when the backend's default layout does not fit.
+    loss_for: Callable[[ModelConfig], LossFn] | None = None
 
 
 def put_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
@@ -176,10 +179,12 @@ def evaluate(eval_step, params, frozen, batches: Iterable[dict], mesh: Mesh, lim
 def train(*, run_dir: str | Path, cfg: TrainConfig, optim: OptimConfig, mesh: Mesh,
           trainable, frozen, frozen_shardings, task: Task, run_config: dict | None = None,
           on_end: Callable[[TrainState], None] | None = None,
-          model: ModelConfig | None = None) -> dict[str, float]:
+          model: ModelConfig | None = None, remat_chosen: bool = True) -> dict[str, float]:
     """Runs (or resumes) training to `cfg.steps` (or `cfg.epochs` turned into steps);
     returns the last logged metrics. `model`: the trained model's config, for the memory
-    pre-flight's advice."""
+    pre-flight's advice. `remat_chosen` False (model.remat left to the backend's default):
+    a step that does not fit in that layout is compiled again with model.remat=full
+    (`task.loss_for`) before the run is refused."""
     run_dir = Path(run_dir)
     _check_batch_fits(cfg, mesh)
     cfg = dataclasses.replace(cfg, steps=total_steps(cfg, task.train_data), epochs=None)
@@ -190,9 +195,12 @@ def train(*, run_dir: str | Path, cfg: TrainConfig, optim: OptimConfig, mesh: Me
     if meta is not None:
         task.train_data.restore(meta["data"])
 
-    jitted = jit_train_step(make_train_step(task.loss_fn, optimizer, schedule,
-                                            grad_accum=cfg.grad_accum),
-                            state_sh, frozen_shardings, batch_sharding(mesh))
+    def jit_step(loss_fn):
+        return jit_train_step(make_train_step(loss_fn, optimizer, schedule,
+                                              grad_accum=cfg.grad_accum),
+                              state_sh, frozen_shardings, batch_sharding(mesh))
+
+    jitted = jit_step(task.loss_fn)
     # The first batch gives the step's input shapes: the step is compiled ahead of time once,
     # its memory analysis checked against the devices (preflight), and the same executable runs.
     first, step_fn = None, None
@@ -202,7 +210,20 @@ def train(*, run_dir: str | Path, cfg: TrainConfig, optim: OptimConfig, mesh: Me
             batch0 = put_batch(first, mesh)
             check_memory(run_dir, mesh, None, state, frozen, cfg, model)   # before compiling
             step_fn = jitted.lower(abstract(state), abstract(frozen), abstract(batch0)).compile()
-            check_memory(run_dir, mesh, step_fn, state, frozen, cfg, model)
+            try:
+                check_memory(run_dir, mesh, step_fn, state, frozen, cfg, model)
+            except preflight.MemoryPreflightError as e:
+                if remat_chosen or task.loss_for is None or model is None or \
+                        model.remat == "full":
+                    raise
+                # Every process takes the same turn: the limit is agreed, the shapes are equal.
+                log.warning("%s; model.remat is not set, so this run recomputes each layer in "
+                            "the backward instead (model.remat=full, the least memory)",
+                            str(e).split("; refused")[0])
+                model = model.replace(remat="full")
+                jitted = jit_step(task.loss_for(model))
+                step_fn = jitted.lower(abstract(state), abstract(frozen), abstract(batch0)).compile()
+                check_memory(run_dir, mesh, step_fn, state, frozen, cfg, model)
     except BaseException:
         ckpts.close()
         raise

@@ -81,8 +81,9 @@ def _task(cfg: RMConfig, models: Loaded, tokenizer):
                                  process_index=jax.process_index(),
                                  process_count=jax.process_count())
     train, eval_data = laid_out(data, share=cfg.data.share_prompt, pad_id=data.pad_id)
-    task = Task(loss_fn=rm_loss_fn(models.cfg, cfg.rm), train_data=train, eval_data=eval_data,
-                perplexity=False, progress=RECIPES["rm"].progress)
+    loss_for = lambda model_cfg: rm_loss_fn(model_cfg, cfg.rm)
+    task = Task(loss_fn=loss_for(models.cfg), loss_for=loss_for, train_data=train,
+                eval_data=eval_data, perplexity=False, progress=RECIPES["rm"].progress)
     return task, {"pad_token_id": data.pad_id}
 
 

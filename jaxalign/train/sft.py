@@ -43,7 +43,8 @@ def sft_loss_fn(cfg: ModelConfig, logits_chunk: int = 128):
 def _task(cfg: SFTConfig, models: Loaded, tokenizer):
     data = build_sft_data(cfg.data, tokenizer, batch_size=cfg.train.batch_size,
                           process_index=jax.process_index(), process_count=jax.process_count())
-    return Task(loss_fn=sft_loss_fn(models.cfg, cfg.train.logits_chunk), train_data=data.train,
+    loss_for = lambda model_cfg: sft_loss_fn(model_cfg, cfg.train.logits_chunk)
+    return Task(loss_fn=loss_for(models.cfg), loss_for=loss_for, train_data=data.train,
                 eval_data=(lambda: iter(data.eval)) if data.eval is not None else None), {}
 
 
