@@ -58,7 +58,9 @@ ROOT = Path(__file__).resolve().parents[1]
 SUPERVISED = ("sft", "rm", "dpo", "kto")
 ALGOS = (*SUPERVISED, "ppo", "grpo")
 STEPS, SAVE_EVERY = 12, 3          # supervised steps / RL iterations: 8, saved every 2
-RL_ITERS, RL_SAVE, RL_STEPS_PER_IT = 8, 2, 4
+RL_ITERS, RL_SAVE, RL_EPOCHS = 8, 2, 2
+# GRPO at its default of one minibatch: the old log-probs come from each rollout's first step.
+RL_MINIBATCHES = {"ppo": 2, "grpo": 1}
 
 
 def prepare(work: Path) -> dict[str, Path]:
@@ -105,8 +107,8 @@ def command(algo: str, out_dir: Path, paths: dict[str, Path], *extra: str) -> li
         cmd = [algo, str(ROOT / "configs" / f"tiny_{algo}.yaml")]
     else:
         over = [f"data.prompts={paths['tasks'] / 'train.jsonl'}", f"train.iterations={RL_ITERS}",
-                f"train.save_every={RL_SAVE}", "train.sample_every=2", "ppo.epochs=2",
-                "ppo.minibatches=2"]
+                f"train.save_every={RL_SAVE}", "train.sample_every=2",
+                f"ppo.epochs={RL_EPOCHS}", f"ppo.minibatches={RL_MINIBATCHES[algo]}"]
         if algo == "grpo":
             over += ["algorithm=grpo", "rollout.batch_size=4", "rollout.num_generations=4"]
         cmd = ["ppo", str(ROOT / "configs" / "tiny_ppo.yaml")]
@@ -118,7 +120,8 @@ def points(algo: str) -> list[tuple[str, int]]:
     if algo in SUPERVISED:
         return [("batch", STEPS), ("step", STEPS), ("checkpoint", STEPS // SAVE_EVERY),
                 ("manifest", STEPS // SAVE_EVERY), ("timed", 0)]
-    return [("batch", RL_ITERS), ("rollout", RL_ITERS), ("step", RL_ITERS * RL_STEPS_PER_IT),
+    steps = RL_ITERS * RL_EPOCHS * RL_MINIBATCHES[algo]
+    return [("batch", RL_ITERS), ("rollout", RL_ITERS), ("step", steps),
             ("checkpoint", RL_ITERS // RL_SAVE), ("manifest", RL_ITERS // RL_SAVE), ("timed", 0)]
 
 
