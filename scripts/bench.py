@@ -349,8 +349,10 @@ def report(ctx: dict) -> list[dict]:
                       pct("mfu"), pct("roofline"), r.get("loss1"), note])
     w = ctx["workload"]
     shape = {"generate": f"batch x ({a.prompt_tokens}-token prompt + {a.new_tokens} new tokens)",
-             "grpo": f"batch prompts x {a.generations} generations, <= {a.new_tokens} new tokens",
-             "ppo": f"batch x {a.generations} prompts, <= {a.new_tokens} new tokens",
+             "grpo": f"batch prompts x {a.generations} generations, {a.new_tokens} new tokens each "
+                     f"(EOS banned until then on both sides)",
+             "ppo": f"batch x {a.generations} prompts, {a.new_tokens} new tokens each (EOS banned "
+                    f"until then)",
              "dpo": f"batch pairs x 2 x ({a.prompt_len} + {a.response_len}) tokens",
              "rm": f"batch pairs x 2 x ({a.prompt_len} + {a.response_len}) tokens"}.get(w, f"batch x {ctx['seq']} tokens")
     title = f"{w}: {Path(ctx['model']).name}, {a.precision}, {shape}; median of {a.steps} steps after {a.warmup} warm-up"

@@ -31,7 +31,9 @@ def last_json(path: Path) -> dict:
     raise SystemExit(f"{path}: no JSON line (not a scripts/bench.py output)")
 
 
-def shape(s: dict) -> str:
+def shape(s: dict, rows: list[dict] = ()) -> str:
+    """The workload's shape; RL rows whose every response ran the full length (EOS banned
+    until then, on both sides) say so."""
     w = s["workload"]
     if w in ("sft", "sft-lora", "forward"):
         return f"{s['batch']} x {s['seq']}"
@@ -39,6 +41,9 @@ def shape(s: dict) -> str:
         return f"{s['batch']} pairs x ({s['prompt_len']} + {s['response_len']})"
     if w == "generate":
         return f"{s['prompt_tokens']} + {s['new_tokens']} tokens, batch {s['batch']}"
+    lengths = [r.get("response_length") for r in rows if r.get("step_s")]
+    if lengths and all(n == s["new_tokens"] for n in lengths):
+        return f"{s['batch']} prompts x {s['generations']}, {s['new_tokens']} tokens each"
     return f"{s['batch']} prompts x {s['generations']}, <= {s['new_tokens']} tokens"
 
 
@@ -61,7 +66,7 @@ def rows(doc: dict) -> list[str]:
     for ours in (r for r in mine if r["side"] == "ours"):
         theirs = next((r for r in mine if r["side"] == "theirs" and r["batch"] == ours["batch"]
                        and r.get("step_s")), None)
-        label = f"{w} ({shape({**doc['settings'], 'batch': ours['batch']})})"
+        label = f"{w} ({shape({**doc['settings'], 'batch': ours['batch']}, doc['rows'])})"
         if doc["settings"].get("precision") == "bf16":   # fp32 rows keep the older labels
             label = label[:-1] + ", bf16)"
         if theirs is None:
@@ -87,7 +92,7 @@ def baseline_rows(doc: dict) -> list[str]:
     """ours | TRL default | speed | best TRL | speed | memory (against TRL default)."""
     w, prec = doc["workload"], doc["settings"]["precision"]
     ours = next((r for r in doc["rows"] if r["side"] == "ours" and r.get("step_s")), None)
-    label = f"{w} ({shape(doc['settings'])}, {prec})"
+    label = f"{w} ({shape(doc['settings'], doc['rows'])}, {prec})"
     if ours is None:
         return [f"| {label} | failed | | | | | |"]
     default = next((r for r in doc["rows"] if r.get("baseline") == "default" and r.get("step_s")), None)
