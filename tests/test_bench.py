@@ -4,6 +4,7 @@ sides (same weights, same token ids: TRL's SFTTrainer is the reference); in its 
 (bf16, both baselines) the TRL-default and best-TRL rows with their settings and both ratios."""
 
 import json
+import re
 import os
 import subprocess
 import sys
@@ -52,7 +53,8 @@ def test_bench_sft_json(bench_sft):
 
 # The README's speed tables: each round's committed outputs.
 ROUNDS = {"2026-12-05 fp32": ["2026-12-05_cpu_*.txt"],
-          "2026-12-06 evening": ["2026-12-06_cpu_after_*.txt"]}
+          "2026-12-06 evening": ["2026-12-06_cpu_after_*.txt"],
+          "2026-12-07 RL": ["2026-12-07_cpu_grpo.txt", "2026-12-07_cpu_ppo.txt"]}
 
 
 @pytest.mark.parametrize("round_", sorted(ROUNDS))
@@ -60,7 +62,7 @@ def test_bench_table_matches_the_committed_outputs(round_):
     """The README's speed tables are `scripts/bench_table.py` over the committed outputs: each
     row's speed is theirs' step time / ours from the JSON line, and the README holds the rows."""
     outputs = sorted(p for pattern in ROUNDS[round_] for p in (ROOT / "docs" / "bench").glob(pattern))
-    assert len(outputs) == {"2026-12-05 fp32": 8, "2026-12-06 evening": 8}.get(
+    assert len(outputs) == {"2026-12-05 fp32": 8, "2026-12-06 evening": 8, "2026-12-07 RL": 2}.get(
         round_, len(ROUNDS[round_])), \
         [p.name for p in outputs]
     table = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_table.py"),
@@ -74,6 +76,36 @@ def test_bench_table_matches_the_committed_outputs(round_):
     for line in table.splitlines():
         if line.startswith("| ") and "---" not in line:
             assert line in readme, f"README speed table is stale: {line}"
+
+
+# How the README's opening paragraph names each workload whose ratios it quotes.
+INTRO_NAMES = {"full SFT": "sft", "LoRA SFT": "sft-lora", "DPO": "dpo", "RM": "rm", "GRPO": "grpo"}
+
+
+def test_readme_opening_ratios_are_the_latest_outputs():
+    """The README's opening words on speed quote, per workload, the newest committed bf16
+    output: each ratio against TRL's defaults, GRPO's against best TRL, and the range of the
+    other rows against best TRL."""
+    latest = {}
+    for patterns in ROUNDS.values():
+        for path in (p for pattern in patterns for p in (ROOT / "docs" / "bench").glob(pattern)):
+            doc = json.loads(path.read_text().splitlines()[-1])
+            ours = next((r for r in doc["rows"] if r["side"] == "ours" and r.get("ratio_best")), None)
+            if doc["settings"]["precision"] != "bf16" or ours is None:
+                continue
+            date = doc["machine"]["date"]
+            if doc["workload"] not in latest or date > latest[doc["workload"]][0]:
+                latest[doc["workload"]] = (date, ours)
+    opening = (ROOT / "README.md").read_text().split("## Two commands")[0]
+    defaults, best = opening.split("against the best")
+    for name, workload in INTRO_NAMES.items():
+        found = re.search(name.replace(" ", r"\s+") + r"\s+(?:is\s+)?([0-9.]+)x", defaults)
+        assert found, name
+        assert found.group(1) == f"{latest[workload][1]['ratio_default']:.2f}", (name, workload)
+    assert re.search(r"GRPO\s+is\s+([0-9.]+)x", best).group(1) == \
+        f"{latest['grpo'][1]['ratio_best']:.2f}"
+    others = [latest[w][1]["ratio_best"] for w in ("sft", "sft-lora", "dpo", "rm")]
+    assert f"{min(others):.2f}-{max(others):.2f}x" in " ".join(best.split())
 
 
 def test_bench_baselines_trl_default_and_best(tmp_path):
