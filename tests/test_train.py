@@ -12,6 +12,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from jaxalign import sharding
@@ -75,6 +76,23 @@ def _grads(cfg, params, batch, accum):
     state = init_state(params, opt, 0)
     new_state, metrics = jax.jit(step)(state, {}, batch)
     return new_state, metrics
+
+
+def test_per_row_outputs_come_back_in_row_order():
+    """A loss's metrics['rows'] pass through gradient accumulation unaveraged, each row where
+    the batch had it (micro batch k holds rows k, k + A, ...), and stay out of the averages."""
+    def loss_fn(params, frozen, batch, rng):
+        pred = batch["x"] * params["w"]
+        return jnp.mean(pred ** 2), {"weight": jnp.float32(batch["x"].shape[0]),
+                                     "rows": {"pred": jax.lax.stop_gradient(pred)}}
+    x = np.arange(12, dtype=np.float32).reshape(6, 2)
+    opt = optax.sgd(0.1)
+    for accum in (1, 3):
+        step = make_train_step(loss_fn, opt, optax.constant_schedule(0.1), grad_accum=accum)
+        _, metrics = jax.jit(step)(init_state({"w": jnp.float32(2.0)}, opt, 0), {}, {"x": x})
+        np.testing.assert_array_equal(metrics["rows"]["pred"], x * 2)
+        assert set(metrics) - {"rows"} == {"loss", "grad_norm", "lr", "weight", "finite",
+                                           "state_finite"}
 
 
 @pytest.mark.slow  # over 3 s: outside the fast tier
