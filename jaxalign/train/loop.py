@@ -201,6 +201,10 @@ def train(*, run_dir: str | Path, cfg: TrainConfig, optim: OptimConfig, mesh: Me
                               state_sh, frozen_shardings, batch_sharding(mesh))
 
     jitted = jit_step(task.loss_fn)
+
+    def compile_for_shapes(batch):   # the current `jitted` (the fallback below replaces it)
+        return jitted.lower(abstract(state), abstract(frozen), abstract(batch)).compile()
+
     # The first batch gives the step's input shapes: the step is compiled ahead of time once,
     # its memory analysis checked against the devices (preflight), and the same executable runs.
     first, step_fn = None, None
@@ -209,7 +213,7 @@ def train(*, run_dir: str | Path, cfg: TrainConfig, optim: OptimConfig, mesh: Me
             first = next_batch(task.train_data)
             batch0 = put_batch(first, mesh)
             check_memory(run_dir, mesh, None, state, frozen, cfg, model)   # before compiling
-            step_fn = jitted.lower(abstract(state), abstract(frozen), abstract(batch0)).compile()
+            step_fn = compile_for_shapes(batch0)
             try:
                 check_memory(run_dir, mesh, step_fn, state, frozen, cfg, model)
             except preflight.MemoryPreflightError as e:
@@ -222,7 +226,7 @@ def train(*, run_dir: str | Path, cfg: TrainConfig, optim: OptimConfig, mesh: Me
                             str(e).split("; refused")[0])
                 model = model.replace(remat="full")
                 jitted = jit_step(task.loss_for(model))
-                step_fn = jitted.lower(abstract(state), abstract(frozen), abstract(batch0)).compile()
+                step_fn = compile_for_shapes(batch0)
                 check_memory(run_dir, mesh, step_fn, state, frozen, cfg, model)
     except BaseException:
         ckpts.close()
@@ -234,7 +238,7 @@ def train(*, run_dir: str | Path, cfg: TrainConfig, optim: OptimConfig, mesh: Me
     def compiled_for(batch):
         key = shapes(batch)
         if key not in programs:
-            programs[key] = jitted.lower(abstract(state), abstract(frozen), abstract(batch)).compile()
+            programs[key] = compile_for_shapes(batch)
         return programs[key]
 
     eval_step = make_eval_step(task.loss_fn) if task.eval_data is not None else None
