@@ -7,8 +7,10 @@ before jax is imported:
 * **The host allocator.** XLA's CPU runtime allocates and frees every step's activations
   with malloc. glibc serves large blocks with fresh mmaps and unmaps them on free, so each
   training step page-faults (and the kernel zeroes) gigabytes again: 25-35% of a SmolLM2 SFT
-  step (docs/architecture.md, CPU facts). mimalloc with purging off keeps freed memory mapped and reuses
-  it. It ships as the PyPI wheel `cmeel-mimalloc` (a dependency on x86-64 Linux), and the
+  step (docs/architecture.md, CPU facts). mimalloc, told never to purge on its own, keeps
+  freed memory mapped and reuses it; `release_free_memory` hands it back where a phase of the
+  run ends (a pipeline stage, an RL rollout), so one phase's high-water mark is not kept
+  under the next. It ships as the PyPI wheel `cmeel-mimalloc` (a dependency on x86-64 Linux), and the
   entry point re-executes itself once with it in LD_PRELOAD, since an allocator can only be
   swapped before the first malloc. `JAXALIGN_ALLOCATOR=system` keeps glibc.
 * **XLA flags** are read once, when the backend starts (none are needed today: every
@@ -45,9 +47,13 @@ ALLOCATOR_ENV = "JAXALIGN_ALLOCATOR"      # mimalloc (default where available) |
 COMPILE_CACHE_ENV = "JAXALIGN_COMPILE_CACHE"
 _REEXEC_MARK = "JAXALIGN_ALLOCATOR_PRELOADED"
 
-# mimalloc options (read from the environment by the library): never hand freed pages back
-# to the OS (purge delay -1), so the next step's buffers reuse them without page faults.
-MIMALLOC_ENV = {"MIMALLOC_PURGE_DELAY": "-1"}
+# mimalloc options (read from the environment by the library). The purge delay (ms, times the
+# arena multiplier 10) is a year: freed pages stay mapped, so the next step's buffers reuse
+# them without page faults, but unlike -1 (no purging at all) each freed range is still marked
+# for purging, so a forced `mi_collect` (`release_free_memory`) returns it at once. With -1 the
+# pipeline's data + sft + rm stages peaked at 7.1 GiB against 2.45 GiB under glibc
+# (docs/bench/2026-12-07_cpu_rlhf_main_job_before_after.txt): nothing freed ever went back.
+MIMALLOC_ENV = {"MIMALLOC_PURGE_DELAY": str(365 * 24 * 3600 * 1000 // 10)}
 
 
 def cache_root() -> Path:
@@ -109,6 +115,48 @@ def allocator_in_use() -> str:
     except OSError:
         return "system"
     return "mimalloc" if "libmimalloc" in maps else "system"
+
+
+def _free_memory_call():
+    """The allocator's "hand free memory back" call: mimalloc's forced collect when it is
+    preloaded, else glibc's malloc_trim(0); None when neither is found."""
+    import ctypes
+    try:
+        process = ctypes.CDLL(None)
+    except OSError:
+        return None
+    for name, args in (("mi_collect", (ctypes.c_bool(True),)), ("malloc_trim", (0,))):
+        fn = getattr(process, name, None)
+        if fn is not None:
+            return lambda fn=fn, args=args: fn(*args)
+    return None
+
+
+_release = None
+
+
+def rss_gib() -> float | None:
+    """This process's resident set in GiB (None where /proc is missing)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return None
+
+
+def release_free_memory() -> float | None:
+    """Hands the allocator's free pages back to the system; returns the GiB the resident set
+    shrank by (None where that cannot be done or read). Milliseconds; the next allocations of
+    the same size page-fault again, so it belongs where a phase ends, not inside a step."""
+    global _release
+    if _release is None:
+        _release = _free_memory_call() or (lambda: None)
+    before = rss_gib()
+    _release()
+    after = rss_gib()
+    return None if before is None or after is None else before - after
 
 
 # ----------------------------------------------------------------------------- jax settings

@@ -206,6 +206,10 @@ class Shell:
                     early = self._finish(n, out, state)   # before any save: the flag first
                     self.meta = self.meta_of(n)
                     if due or stopping or out.halt or early:
+                        if n == end or stopping or out.halt or early:
+                            # No step follows: what the allocator keeps of the steps' freed
+                            # buffers goes back before the save (and the export) allocate.
+                            runtime.release_free_memory()
                         self.save(n, state)
                     if out.halt is not None:
                         raise out.halt

@@ -207,6 +207,10 @@ class _Run:
                     "train_step": full_step}
         if self.heldout is not None:
             programs["heldout"] = self.heldout.compile(state, compiled)
+        # The compiler's and the loaders' freed memory back to the system, once: releasing
+        # between every rollout and update as well cost ~1.5 s an iteration in page faults for
+        # no lower peak (GRPO bench, docs/bench/README.md).
+        self.mem.release()
         self.mem.end("compile")   # into the first iteration's perf record
         return programs
 
@@ -309,7 +313,6 @@ class _Run:
     def _update(self, state, batch: dict, it: int, saved_at: int):
         """ppo.epochs x ppo.minibatches optimizer steps -> (state, averaged step metrics)."""
         cfg, G = self.cfg, self.obj.layout_group
-        self.mem.release()   # the rollout's freed temporaries back to the system
         self.mem.start()
         _, take_fn, step_fn = self.update_programs(batch["prompt_BP"].shape[1],
                                                    batch["response_BN"].shape[1])
