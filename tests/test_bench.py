@@ -54,7 +54,9 @@ def test_bench_sft_json(bench_sft):
 # The README's speed tables: each round's committed outputs.
 ROUNDS = {"2026-12-05 fp32": ["2026-12-05_cpu_*.txt"],
           "2026-12-06 evening": ["2026-12-06_cpu_after_*.txt"],
-          "2026-12-07 RL": ["2026-12-07_cpu_grpo.txt", "2026-12-07_cpu_ppo.txt"]}
+          "2026-12-07 RL": ["2026-12-07_cpu_grpo.txt", "2026-12-07_cpu_ppo.txt"],
+          "2026-12-07 release": ["2026-12-07_cpu_grpo_release.txt", "2026-12-07_cpu_rm_release.txt",
+                                 "2026-12-07_cpu_ppo_release.txt"]}
 
 
 @pytest.mark.parametrize("round_", sorted(ROUNDS))
@@ -62,7 +64,8 @@ def test_bench_table_matches_the_committed_outputs(round_):
     """The README's speed tables are `scripts/bench_table.py` over the committed outputs: each
     row's speed is theirs' step time / ours from the JSON line, and the README holds the rows."""
     outputs = sorted(p for pattern in ROUNDS[round_] for p in (ROOT / "docs" / "bench").glob(pattern))
-    assert len(outputs) == {"2026-12-05 fp32": 8, "2026-12-06 evening": 8, "2026-12-07 RL": 2}.get(
+    assert len(outputs) == {"2026-12-05 fp32": 8, "2026-12-06 evening": 8, "2026-12-07 RL": 2,
+                         "2026-12-07 release": 3}.get(
         round_, len(ROUNDS[round_])), \
         [p.name for p in outputs]
     table = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_table.py"),
