@@ -53,7 +53,14 @@ _REEXEC_MARK = "JAXALIGN_ALLOCATOR_PRELOADED"
 # for purging, so a forced `mi_collect` (`release_free_memory`) returns it at once. With -1 the
 # pipeline's data + sft + rm stages peaked at 7.1 GiB against 2.45 GiB under glibc
 # (docs/bench/2026-12-07_cpu_rlhf_main_job_before_after.txt): nothing freed ever went back.
-MIMALLOC_ENV = {"MIMALLOC_PURGE_DELAY": str(365 * 24 * 3600 * 1000 // 10)}
+# The largest object an arena serves (mimalloc's default 2 GiB) is raised to 1 TiB (a bare
+# number would be read as bytes, hence the unit): a
+# bigger block went straight to the OS, mapped and unmapped on every step. The bf16 SmolLM2
+# SFT step at 8 x 256 has one such buffer (2.7 GiB of temporaries): 1,357 huge-page faults
+# and ~0.8 s of system time a step, none with the limit raised (scripts/step_faults.py;
+# docs/bench/2026-12-07_cpu_page_faults_arena_limit.txt).
+MIMALLOC_ENV = {"MIMALLOC_PURGE_DELAY": str(365 * 24 * 3600 * 1000 // 10),
+                "MIMALLOC_ARENA_MAX_OBJECT_SIZE": "1TiB"}
 
 
 def cache_root() -> Path:

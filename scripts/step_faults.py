@@ -11,7 +11,7 @@ machine-wide THP fault and zeroing counters (other processes add to those).
 
 The allocator is whatever the environment gives: run it under the CLI's setting with
   LD_PRELOAD=$(python -c 'from jaxalign.runtime import mimalloc_path; print(mimalloc_path())') \\
-  MIMALLOC_PURGE_DELAY=-1 python scripts/step_faults.py
+  MIMALLOC_PURGE_DELAY=3153600000 MIMALLOC_ARENA_MAX_OBJECT_SIZE=1TiB python scripts/step_faults.py
 and vary one MIMALLOC_* option (or XLA flag) at a time. `--perf-out FILE` writes this
 process's pid to FILE after the warm-up and waits 3 s, so that
   perf record -e page-faults -g -p PID

@@ -148,3 +148,12 @@ def test_bench_baselines_trl_default_and_best(tmp_path):
     line = next(l for l in table.splitlines() if l.startswith("| sft ("))
     assert ", bf16)" in line and f"{ours['ratio_default']:.2f}x" in line and f"{ours['ratio_best']:.2f}x" in line
     assert fastest["settings"] in line
+
+
+def test_preloaded_mimalloc_row_gets_the_clis_settings():
+    """A bench row with mimalloc preloaded (best TRL) runs under the CLI's own mimalloc
+    options, so the two sides differ in what they run, not in how their memory is kept."""
+    from bench import common
+    from jaxalign import runtime
+    assert common.ALLOCATOR_ENV["mimalloc"] == runtime.MIMALLOC_ENV
+    assert set(runtime.MIMALLOC_ENV) <= set(common._ALLOC_VARS)   # never inherited by a row

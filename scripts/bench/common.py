@@ -24,11 +24,14 @@ ALLOCATORS = {
     "mimalloc": ["/usr/lib/x86_64-linux-gnu/libmimalloc.so.2", "/usr/lib/aarch64-linux-gnu/libmimalloc.so.2",
                  f"{sys.prefix}/lib/python3*/site-packages/cmeel.prefix/lib/libmimalloc.so*"],
 }
-# The allocator settings of the measurements (memory kept, not returned to the OS).
+# The allocator settings of a preloaded row (memory kept, not returned to the OS). mimalloc's are
+# the CLI's own (jaxalign/runtime.py MIMALLOC_ENV, copied here so that this driver imports no
+# jaxalign; tests/test_bench.py checks they agree), so "best TRL" runs on what our CLI runs on.
 ALLOCATOR_ENV = {"jemalloc": {"MALLOC_CONF": "dirty_decay_ms:-1,muzzy_decay_ms:-1"},
-                 "mimalloc": {"MIMALLOC_PURGE_DELAY": "-1"}}
-_ALLOC_VARS = ("LD_PRELOAD", "MALLOC_CONF", "MIMALLOC_PURGE_DELAY", "JAXALIGN_ALLOCATOR",
-               "JAXALIGN_ALLOCATOR_PRELOADED")
+                 "mimalloc": {"MIMALLOC_PURGE_DELAY": "3153600000",
+                              "MIMALLOC_ARENA_MAX_OBJECT_SIZE": "1TiB"}}
+_ALLOC_VARS = ("LD_PRELOAD", "MALLOC_CONF", "MIMALLOC_PURGE_DELAY", "MIMALLOC_ARENA_MAX_OBJECT_SIZE",
+               "JAXALIGN_ALLOCATOR", "JAXALIGN_ALLOCATOR_PRELOADED")
 
 
 def find_allocator(name: str) -> str | None:
