@@ -56,7 +56,9 @@ ROUNDS = {"2026-12-05 fp32": ["2026-12-05_cpu_*.txt"],
           "2026-12-06 evening": ["2026-12-06_cpu_after_*.txt"],
           "2026-12-07 RL": ["2026-12-07_cpu_grpo.txt", "2026-12-07_cpu_ppo.txt"],
           "2026-12-07 release": ["2026-12-07_cpu_grpo_release.txt", "2026-12-07_cpu_rm_release.txt",
-                                 "2026-12-07_cpu_ppo_release.txt"]}
+                                 "2026-12-07_cpu_ppo_release.txt"],
+          "2026-12-07 arena": ["2026-12-07_cpu_sft_arena.txt", "2026-12-07_cpu_sft-lora_arena.txt",
+                               "2026-12-07_cpu_dpo_arena.txt", "2026-12-07_cpu_rm_arena.txt"]}
 
 
 @pytest.mark.parametrize("round_", sorted(ROUNDS))
@@ -65,7 +67,7 @@ def test_bench_table_matches_the_committed_outputs(round_):
     row's speed is theirs' step time / ours from the JSON line, and the README holds the rows."""
     outputs = sorted(p for pattern in ROUNDS[round_] for p in (ROOT / "docs" / "bench").glob(pattern))
     assert len(outputs) == {"2026-12-05 fp32": 8, "2026-12-06 evening": 8, "2026-12-07 RL": 2,
-                         "2026-12-07 release": 3}.get(
+                         "2026-12-07 release": 3, "2026-12-07 arena": 4}.get(
         round_, len(ROUNDS[round_])), \
         [p.name for p in outputs]
     table = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_table.py"),
