@@ -397,8 +397,8 @@ def _run_steps(cfg, root, steps, state, devices, after_stage):
         gc.collect()
         released = runtime.release_free_memory()
         if released is not None:
-            log.info("pipeline: stage %s done; %.2f GiB of freed memory returned (resident %.2f GiB)",
-                     stage, released, runtime.rss_gib())
+            log.info("pipeline: stage %s done; %.2f GiB of freed memory returned "
+                     "(resident %.2f GiB)", stage, released, runtime.rss_gib())
         if after_stage is not None:
             after_stage(stage)
     return steps

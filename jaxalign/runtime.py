@@ -9,10 +9,11 @@ before jax is imported:
   training step page-faults (and the kernel zeroes) gigabytes again: 25-35% of a SmolLM2 SFT
   step (docs/architecture.md, CPU facts). mimalloc, told never to purge on its own, keeps
   freed memory mapped and reuses it; `release_free_memory` hands it back where a phase of the
-  run ends (a pipeline stage, an RL rollout), so one phase's high-water mark is not kept
-  under the next. It ships as the PyPI wheel `cmeel-mimalloc` (a dependency on x86-64 Linux), and the
-  entry point re-executes itself once with it in LD_PRELOAD, since an allocator can only be
-  swapped before the first malloc. `JAXALIGN_ALLOCATOR=system` keeps glibc.
+  run ends (a pipeline stage, the RL programs' compilation, the last step before the final
+  checkpoint), so one phase's high-water mark is not kept under the next. It ships as the
+  PyPI wheel `cmeel-mimalloc` (a dependency on x86-64 Linux), and the entry point
+  re-executes itself once with it in LD_PRELOAD, since an allocator can only be swapped
+  before the first malloc. `JAXALIGN_ALLOCATOR=system` keeps glibc.
 * **XLA flags** are read once, when the backend starts (none are needed today: every
   flag tried on the CPU backend was slower or neutral; see docs/bench/README.md).
 
@@ -54,10 +55,10 @@ _REEXEC_MARK = "JAXALIGN_ALLOCATOR_PRELOADED"
 # pipeline's data + sft + rm stages peaked at 7.1 GiB against 2.45 GiB under glibc
 # (docs/bench/2026-12-07_cpu_rlhf_main_job_before_after.txt): nothing freed ever went back.
 # The largest object an arena serves (mimalloc's default 2 GiB) is raised to 1 TiB (a bare
-# number would be read as bytes, hence the unit): a
-# bigger block went straight to the OS, mapped and unmapped on every step. The bf16 SmolLM2
-# SFT step at 8 x 256 has one such buffer (2.7 GiB of temporaries): 1,357 huge-page faults
-# and ~0.8 s of system time a step, none with the limit raised (scripts/step_faults.py;
+# number would be read as bytes, hence the unit): a bigger block went straight to the OS,
+# mapped and unmapped on every step. The bf16 SmolLM2 SFT step at 8 x 256 has one such
+# buffer (2.7 GiB of temporaries): 1,357 huge-page faults and ~0.8 s of system time a step,
+# none with the limit raised (scripts/step_faults.py;
 # docs/bench/2026-12-07_cpu_page_faults_arena_limit.txt).
 MIMALLOC_ENV = {"MIMALLOC_PURGE_DELAY": str(365 * 24 * 3600 * 1000 // 10),
                 "MIMALLOC_ARENA_MAX_OBJECT_SIZE": "1TiB"}

@@ -61,14 +61,14 @@ def test_allocator_keeps_pages_within_a_phase_and_releases_them_after():
     """Under the CLI's allocator settings, freed buffers are reused without page faults (the
     reason for preloading mimalloc), and `release_free_memory` hands them back (a pipeline
     stage's or a rollout's high-water mark is not kept under the next phase)."""
-    env = runtime.allocator_env({k: v for k, v in os.environ.items()
-                                 if not k.startswith(("MIMALLOC_", "LD_PRELOAD", "JAXALIGN_ALLOC"))})
+    mine = ("MIMALLOC_", "LD_PRELOAD", "JAXALIGN_ALLOC")
+    env = runtime.allocator_env({k: v for k, v in os.environ.items() if not k.startswith(mine)})
     if env is None:
         pytest.skip("cmeel-mimalloc is not installed on this platform")
     out = subprocess.run([sys.executable, "-c", _KEEP_AND_RELEASE], env=env, capture_output=True,
                          text=True, check=True).stdout.split()
-    steady, idle, after_release, released, huge_reuse = (int(out[0]), int(out[1]), int(out[2]),
-                                                         float(out[3]), int(out[4]))
+    steady, idle, after_release, huge_reuse = (int(x) for x in (out[0], out[1], out[2], out[4]))
+    released = float(out[3])
     # 768 MiB is 384 faults in transparent huge pages, ~196k in 4 KiB pages. mimalloc's own
     # defaults purge what was idle (~380 faults on the idle round); purge delay -1 never
     # releases (0 GiB): both fail here.

@@ -248,8 +248,8 @@ def train(*, run_dir: str | Path, cfg: TrainConfig, optim: OptimConfig, mesh: Me
     # and the allocator keeps both resident (8.2 against 5.5 GiB for the bf16 SmolLM2 step at
     # 8 x 256). So there the next batch is prepared while the previous step runs, and the step
     # is dispatched once that step is done: measured 4.60 / 4.64 s a step at 5.5 GiB against
-    # 4.81 / 4.84 s at 8.1 GiB dispatching early (docs/bench/README.md). Accelerators keep
-    # their queue full.
+    # 4.81 / 4.84 s at 8.1 GiB dispatching early
+    # (docs/bench/2026-12-07_cpu_sft_dispatch_wait.txt). Accelerators keep their queue full.
     wait_for_previous = mesh.devices.flat[0].platform == "cpu"
 
     def step(shell: Shell, n: int, state) -> Outcome:

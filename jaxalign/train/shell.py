@@ -8,9 +8,10 @@ updates (RL).
 Metrics are read one step late (`lag=1`): the shell dispatches step n + 1 before it pulls
 step n's metrics to the host, so the host never waits on the device between steps (JAX
 dispatches asynchronously; on the CPU the supervised body still waits for step n before it
-dispatches step n + 1, after preparing its batch: `loop.train`). A step the shell must act on at once is read at once: one that
-is checkpointed (the save needs its finite flag read first, and the next step would donate
-its state), evaluated, the last one, and every step once a stop is requested. The RL driver
+dispatches step n + 1, after preparing its batch: `loop.train`). A step the shell must act
+on at once is read at once: one that is checkpointed (the save needs its finite flag read
+first, and the next step would donate its state), evaluated, the last one, and every step
+once a stop is requested. The RL driver
 uses `lag=0`: its iteration already waits on the device inside (decoding the rollout,
 reading each minibatch's flags), so there is nothing left to overlap.
 """

@@ -66,7 +66,7 @@ class PhaseMemory:
         self.start()
 
     def release(self) -> None:
-        """The allocator's free pages back to the system (between rollout and update)."""
+        """The allocator's free pages back to the system (once the programs are compiled)."""
         released = runtime.release_free_memory()
         if released is not None:
             self.fields["rss_released_gib"] = round(released, 4)
