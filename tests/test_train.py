@@ -169,6 +169,30 @@ def test_nan_loss_stops_with_checkpoint_intact(tiny, tmp_path):
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == ["2"]
 
 
+@pytest.mark.slow  # over 3 s: outside the fast tier
+def test_cpu_loop_dispatches_each_step_after_the_previous_one(tiny, tmp_path, monkeypatch):
+    """On the CPU, XLA allocates a step's temporaries at dispatch: the loop waits for the
+    previous step's state before it dispatches the next (else two sets of temporaries stay
+    resident): step n waits on the state with n - 1 optimizer steps taken."""
+    from jaxalign.train import loop
+    from jaxalign.train.step import TrainState
+    waited, real = [], jax.block_until_ready
+
+    def spy(x):
+        if isinstance(x, TrainState):
+            waited.append(int(real(x).step))   # optimizer steps taken by the awaited state
+        return real(x)
+
+    monkeypatch.setattr(loop.jax, "block_until_ready", spy)
+    mesh = sharding.make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), jax.devices()[:1])
+    train(run_dir=tmp_path, cfg=TrainConfig(steps=4, batch_size=8, progress=False,
+                                            tensorboard=False),
+          optim=OptimConfig(lr=1e-3), mesh=mesh, trainable=tiny["params"], frozen={},
+          frozen_shardings={}, task=Task(loss_fn=sft_loss_fn(tiny["cfg"]),
+                                         train_data=_batches(tiny, pack=False, batch_size=8)))
+    assert waited == [0, 1, 2, 3]
+
+
 def test_unknown_config_key_is_named():
     with pytest.raises(ConfigError, match=r"unknown config key 'train.stepz'"):
         from_dict(SFTConfig, {"out_dir": "x", "model": {"path": "m"}, "data": {"train": ["d"]},
