@@ -151,6 +151,28 @@ def test_default_layout_that_does_not_fit_falls_back_to_full_remat(paths, tmp_pa
     assert not _steps(chosen)
 
 
+@pytest.mark.slow  # three compiles
+def test_bf16_fallback_recomputes_in_scanned_layers(paths, tmp_path, caplog):
+    """In bf16 the CPU's default layout is unrolled, where XLA merges any recomputation back:
+    the fallback to model.remat=full runs scanned layers (unless model.scan_layers is set)."""
+    def run(out, *extra):   # (the tiny config sets scan_layers: null unsets it)
+        return _cli("sft", out, paths, "train.steps=2", "model.dtype=bfloat16",
+                    "model.scan_layers=null", *extra)
+    assert run(tmp_path / "fits", "train.memory_limit_gb=64") == 0
+    pre = json.loads((tmp_path / "fits" / "memory.json").read_text())["preflight"]
+    resident = sum(pre["resident_per_device"].values())
+    # Room for the resident arrays, not for any step: the fallback is tried, then refused.
+    tight = f"train.memory_limit_gb={(resident + 1024) / 2**30:.12f}"
+    with caplog.at_level(logging.WARNING):
+        assert run(tmp_path / "tight", tight) == 1
+    assert "model.remat=full in scanned layers" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert run(tmp_path / "unrolled", tight, "model.scan_layers=false") == 1
+    assert "model.remat=full in unrolled layers" in caplog.text
+    assert not _steps(tmp_path / "tight") and not _steps(tmp_path / "unrolled")
+
+
 @pytest.mark.parametrize("algo", ["sft", "ppo"])
 def test_memory_preflight_refuses_before_compiling(paths, tmp_path, capsys, algo):
     """A run whose params and optimizer state alone exceed the device is refused from their

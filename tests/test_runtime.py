@@ -80,6 +80,28 @@ def test_allocator_keeps_pages_within_a_phase_and_releases_them_after():
     assert huge_reuse < 20, out
 
 
+def test_training_layout_by_backend_and_dtype():
+    """The layer form and remat a run gets when model.scan_layers / model.remat are unset: on
+    CPU scanned with remat "attn" in fp32, unrolled without remat in bf16 (measured:
+    docs/bench/2026-12-07_cpu_layout_ab.txt); a remat set alone runs scanned, the form in
+    which it lowers the peak; both set: as set."""
+    from jaxalign.config import ModelSource
+    assert runtime.train_layout("float32", "cpu") == (True, "attn")
+    assert runtime.train_layout("bfloat16", "cpu") == (False, "none")
+    assert runtime.train_layout("bfloat16", "gpu") == (False, "none")
+    assert runtime.train_layout("bfloat16", "tpu") == (True, "full")   # not measured: safe
+
+    def layout(**kw):
+        rt = ModelSource(path="unused", **kw).runtime()
+        return rt["scan_layers"], rt["remat"]
+    assert layout(dtype="float32") == (True, "attn")
+    assert layout(dtype="bfloat16") == (False, "none")
+    assert layout(dtype="bfloat16", remat="full") == (True, "full")
+    assert layout(dtype="bfloat16", remat="none") == (False, "none")
+    assert layout(dtype="bfloat16", remat="full", scan_layers=False) == (False, "full")
+    assert layout(dtype="float32", scan_layers=False) == (False, "attn")
+
+
 def test_compile_cache_dir_choices(tmp_path):
     assert runtime.compile_cache_dir({"JAXALIGN_COMPILE_CACHE": "off"}) is None
     assert runtime.compile_cache_dir({"JAXALIGN_COMPILE_CACHE": str(tmp_path)}) == tmp_path

@@ -179,12 +179,14 @@ def evaluate(eval_step, params, frozen, batches: Iterable[dict], mesh: Mesh, lim
 def train(*, run_dir: str | Path, cfg: TrainConfig, optim: OptimConfig, mesh: Mesh,
           trainable, frozen, frozen_shardings, task: Task, run_config: dict | None = None,
           on_end: Callable[[TrainState], None] | None = None,
-          model: ModelConfig | None = None, remat_chosen: bool = True) -> dict[str, float]:
+          model: ModelConfig | None = None, remat_chosen: bool = True,
+          scan_chosen: bool = True) -> dict[str, float]:
     """Runs (or resumes) training to `cfg.steps` (or `cfg.epochs` turned into steps);
     returns the last logged metrics. `model`: the trained model's config, for the memory
     pre-flight's advice. `remat_chosen` False (model.remat left to the backend's default):
     a step that does not fit in that layout is compiled again with model.remat=full
-    (`task.loss_for`) before the run is refused."""
+    (`task.loss_for`), in scanned layers unless `scan_chosen` (model.scan_layers set), before
+    the run is refused."""
     run_dir = Path(run_dir)
     _check_batch_fits(cfg, mesh)
     cfg = dataclasses.replace(cfg, steps=total_steps(cfg, task.train_data), epochs=None)
@@ -221,10 +223,12 @@ def train(*, run_dir: str | Path, cfg: TrainConfig, optim: OptimConfig, mesh: Me
                         model.remat == "full":
                     raise
                 # Every process takes the same turn: the limit is agreed, the shapes are equal.
+                model = model.replace(remat="full",
+                                      scan_layers=model.scan_layers if scan_chosen else True)
                 log.warning("%s; model.remat is not set, so this run recomputes each layer in "
-                            "the backward instead (model.remat=full, the least memory)",
-                            str(e).split("; refused")[0])
-                model = model.replace(remat="full")
+                            "the backward instead (model.remat=full in %s layers, the least "
+                            "memory)", str(e).split("; refused")[0],
+                            "scanned" if model.scan_layers else "unrolled")
                 jitted = jit_step(task.loss_for(model))
                 step_fn = compile_for_shapes(batch0)
                 check_memory(run_dir, mesh, step_fn, state, frozen, cfg, model)

@@ -168,5 +168,6 @@ def supervised(task: Callable[[Any, Loaded, Any], tuple[Task, dict]]):
         return train(run_dir=run_dir, cfg=cfg.train, optim=cfg.optim, mesh=mesh,
                      trainable=models.trainable, frozen=models.frozen,
                      frozen_shardings=models.frozen_shardings, task=the_task, run_config=raw,
-                     on_end=on_end, model=models.cfg, remat_chosen=cfg.model.remat is not None)
+                     on_end=on_end, model=models.cfg, remat_chosen=cfg.model.remat is not None,
+                     scan_chosen=cfg.model.scan_layers is not None)
     return run
