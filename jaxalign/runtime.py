@@ -167,6 +167,27 @@ def release_free_memory() -> float | None:
     return None if before is None or after is None else before - after
 
 
+# XLA's CPU client hands a step's temporaries back to the allocator from its own thread a
+# moment after the step's outputs are ready. A step dispatched at once can allocate its own
+# before that, and the process then holds two sets: the bf16 SmolLM2 RM step (2.3 GiB of
+# temporaries) peaked at 5.6 or 8.05 GiB from run to run (2 runs of 5 high); with a 20 ms
+# pause between the outputs and the next dispatch, 6 runs of 6 at 5.6 GiB
+# (docs/bench/2026-12-07_cpu_dispatch_settle.txt). Only steps with large temporaries pause.
+SETTLE_S = 0.02
+SETTLE_MIN_BYTES = 256 << 20
+
+
+def settle_seconds(executable) -> float:
+    """How long to pause, on the CPU, between a step's outputs being ready and dispatching the
+    next run of `executable` (a compiled program): SETTLE_S when its temporaries are large."""
+    try:
+        analysis = executable.memory_analysis()
+    except (AttributeError, NotImplementedError):   # some backends do not say
+        return 0.0
+    temp = getattr(analysis, "temp_size_in_bytes", 0) if analysis is not None else 0
+    return SETTLE_S if temp >= SETTLE_MIN_BYTES else 0.0
+
+
 # ----------------------------------------------------------------------------- jax settings
 
 _stats = {"compiles": 0, "compile_s": 0.0, "cache_hits": 0, "cache_misses": 0}

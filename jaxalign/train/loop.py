@@ -14,6 +14,7 @@ import dataclasses
 import json
 import logging
 import math
+import time
 from pathlib import Path
 from typing import Callable, Iterable, Protocol
 
@@ -255,6 +256,9 @@ def train(*, run_dir: str | Path, cfg: TrainConfig, optim: OptimConfig, mesh: Me
     # 4.81 / 4.84 s at 8.1 GiB dispatching early
     # (docs/bench/2026-12-07_cpu_sft_dispatch_wait.txt). Accelerators keep their queue full.
     wait_for_previous = mesh.devices.flat[0].platform == "cpu"
+    # ... and a moment longer where the step's temporaries are large: XLA's CPU client frees
+    # them just after the outputs are ready (`runtime.settle_seconds`).
+    settle = runtime.settle_seconds(step_fn) if wait_for_previous and step_fn is not None else 0.0
 
     def step(shell: Shell, n: int, state) -> Outcome:
         nonlocal first
@@ -264,6 +268,8 @@ def train(*, run_dir: str | Path, cfg: TrainConfig, optim: OptimConfig, mesh: Me
         batch = put_batch(host_batch, mesh)
         if wait_for_previous:
             jax.block_until_ready(state)
+            if settle:
+                time.sleep(settle)
         state, metrics = compiled_for(batch)(state, frozen, batch)
         faults.point("step")
         return Outcome(state, metrics, tokens=tokens)   # metrics still on the device

@@ -98,6 +98,7 @@ class _Run:
 
     def __init__(self, cfg, run_dir: Path, mesh, loaded: Loaded, raw: dict):
         self.cfg, self.run_dir, self.mesh, self.raw = cfg, run_dir, mesh, raw
+        self.on_cpu = mesh.devices.flat[0].platform == "cpu"
         self.roles, self.tokenizer = loaded.roles, loaded.tokenizer
         self.prompts, self.rewarder = loaded.prompts, loaded.rewarder
         tokenizer = loaded.tokenizer
@@ -334,6 +335,8 @@ class _Run:
                 if self.first_fn is not None and epoch == 0:   # one minibatch: every row, once
                     batch, figures = self.first_fn(batch, picked, rows_out, self.sampler_logp)
                 out = {k: float(v) for k, v in jax.device_get(out).items()}
+                if self.on_cpu:   # the step's temporaries freed before the next one's
+                    time.sleep(runtime.settle_seconds(step_fn))
                 self.guard.check(out, it, saved_at)
                 epoch_records.append(out)
             records += epoch_records
