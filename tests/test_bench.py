@@ -58,7 +58,12 @@ ROUNDS = {"2026-12-05 fp32": ["2026-12-05_cpu_*.txt"],
           "2026-12-07 release": ["2026-12-07_cpu_grpo_release.txt", "2026-12-07_cpu_rm_release.txt",
                                  "2026-12-07_cpu_ppo_release.txt"],
           "2026-12-07 arena": ["2026-12-07_cpu_sft_arena.txt", "2026-12-07_cpu_sft-lora_arena.txt",
-                               "2026-12-07_cpu_dpo_arena.txt", "2026-12-07_cpu_rm_arena.txt"]}
+                               "2026-12-07_cpu_dpo_arena.txt", "2026-12-07_cpu_rm_arena.txt"],
+          "2026-12-07 unrolled": ["2026-12-07_cpu_sft_settle.txt", "2026-12-07_cpu_sft_fp32.txt",
+                                  "2026-12-07_cpu_sft-lora_unrolled.txt",
+                                  "2026-12-07_cpu_dpo_unrolled.txt", "2026-12-07_cpu_rm_settle.txt",
+                                  "2026-12-07_cpu_grpo_unrolled.txt",
+                                  "2026-12-07_cpu_ppo_settle.txt"]}
 
 
 @pytest.mark.parametrize("round_", sorted(ROUNDS))

@@ -102,6 +102,20 @@ def test_training_layout_by_backend_and_dtype():
     assert layout(dtype="float32", scan_layers=False) == (False, "attn")
 
 
+def test_settle_pause_only_for_large_temporaries():
+    """`settle_seconds`: a compiled program whose temporaries reach SETTLE_MIN_BYTES gets
+    the pause, a small one none (compiled only, not run)."""
+    import jax
+    import jax.numpy as jnp
+    # An (8192, 8192) fp32 product, sorted (so that it is materialised): 256 MiB.
+    x = jax.ShapeDtypeStruct((8192, 64), jnp.float32)
+    big = jax.jit(lambda a: jnp.sum(jnp.sort(a @ a.T, axis=1), 0)).lower(x).compile()
+    small = jax.jit(lambda a: jnp.sum(jnp.sort(a[:64] @ a[:64].T, axis=1), 0)).lower(x).compile()
+    assert big.memory_analysis().temp_size_in_bytes >= runtime.SETTLE_MIN_BYTES
+    assert runtime.settle_seconds(big) == runtime.SETTLE_S > 0
+    assert runtime.settle_seconds(small) == 0.0
+
+
 def test_compile_cache_dir_choices(tmp_path):
     assert runtime.compile_cache_dir({"JAXALIGN_COMPILE_CACHE": "off"}) is None
     assert runtime.compile_cache_dir({"JAXALIGN_COMPILE_CACHE": str(tmp_path)}) == tmp_path

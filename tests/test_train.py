@@ -173,7 +173,10 @@ def test_nan_loss_stops_with_checkpoint_intact(tiny, tmp_path):
 def test_cpu_loop_dispatches_each_step_after_the_previous_one(tiny, tmp_path, monkeypatch):
     """On the CPU, XLA allocates a step's temporaries at dispatch: the loop waits for the
     previous step's state before it dispatches the next (else two sets of temporaries stay
-    resident): step n waits on the state with n - 1 optimizer steps taken."""
+    resident): step n waits on the state with n - 1 optimizer steps taken; and, where the
+    step's temporaries are large (here: any size), pauses `runtime.SETTLE_S` after that wait,
+    while XLA hands them back."""
+    from jaxalign import runtime
     from jaxalign.train import loop
     from jaxalign.train.step import TrainState
     waited, real = [], jax.block_until_ready
@@ -184,13 +187,17 @@ def test_cpu_loop_dispatches_each_step_after_the_previous_one(tiny, tmp_path, mo
         return real(x)
 
     monkeypatch.setattr(loop.jax, "block_until_ready", spy)
+    monkeypatch.setattr(runtime, "SETTLE_MIN_BYTES", 0)
+    real_sleep = loop.time.sleep
+    monkeypatch.setattr(loop.time, "sleep", lambda s: (waited.append(s), real_sleep(s)))
     mesh = sharding.make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), jax.devices()[:1])
     train(run_dir=tmp_path, cfg=TrainConfig(steps=4, batch_size=8, progress=False,
                                             tensorboard=False),
           optim=OptimConfig(lr=1e-3), mesh=mesh, trainable=tiny["params"], frozen={},
           frozen_shardings={}, task=Task(loss_fn=sft_loss_fn(tiny["cfg"]),
                                          train_data=_batches(tiny, pack=False, batch_size=8)))
-    assert waited == [0, 1, 2, 3]
+    pause = runtime.SETTLE_S
+    assert waited == [0, pause, 1, pause, 2, pause, 3, pause]
 
 
 def test_unknown_config_key_is_named():
