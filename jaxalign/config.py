@@ -107,6 +107,10 @@ class ModelConfig:
     # each layer's input; "dots" keeps the projections' outputs; "attn" keeps the attention's
     # output and log-sum-exp too (O(T)), recomputing only elementwise work.
     remat: Literal["none", "full", "dots", "attn"] = "none"
+    # Rows of at most this many tokens run the training forward's layers unrolled and without
+    # remat, longer ones as scan_layers / remat say (0: never). The CPU's bf16 default
+    # (`runtime.train_layout`): unrolled is faster on short rows, scanned on long ones.
+    unroll_up_to: int = 0
     # Attention kernel of the training / scoring forward (the KV-cache decode always uses XLA):
     # "xla" materialises the (T, S) scores; "cudnn" is cuDNN's fused flash attention (GPU,
     # bf16 compute only); "auto" picks cudnn where it applies, else xla.
@@ -225,9 +229,9 @@ class ModelSource:
     param_dtype: str = "float32"   # dtype the parameters (and optimizer moments) are kept in
     # Layer form and rematerialisation of the training forward; None: the measured default of
     # the backend and dtype (`jaxalign.runtime.train_layout`; on CPU scanned layers keeping
-    # projections and attention, remat "attn", in float32, unrolled layers without remat in
-    # bfloat16). remat "full" recomputes the most (least memory). A remat policy set without
-    # scan_layers runs scanned: unrolled, XLA merges the recomputation back (CPU).
+    # projections and attention, remat "attn", and in bfloat16 rows of up to 512 tokens
+    # unrolled without remat). remat "full" recomputes the most (least memory). A remat
+    # policy set without scan_layers runs scanned: unrolled, XLA merges the recomputation back.
     scan_layers: bool | None = None
     remat: str | None = None       # none | full | dots | attn
     attention: str = "auto"        # auto | xla | cudnn (GPU flash attention, bf16)
@@ -242,7 +246,9 @@ class ModelSource:
 
     def runtime(self) -> dict[str, Any]:
         from jaxalign.runtime import train_layout
-        scan, remat = train_layout(self.dtype)
+        scan, remat, unroll_up_to = train_layout(self.dtype)
+        if self.scan_layers is not None or self.remat is not None:
+            unroll_up_to = 0      # a layout asked for is the layout run, whatever the rows
         if self.scan_layers is None and self.remat not in (None, "none"):
             # A remat policy asked for without a layer form runs in scanned layers, the form
             # in which it lowers the peak: unrolled, XLA merges the recomputation back into the
@@ -252,7 +258,8 @@ class ModelSource:
             scan = True
         return dict(dtype=self.dtype, param_dtype=self.param_dtype,
                     scan_layers=scan if self.scan_layers is None else self.scan_layers,
-                    remat=remat if self.remat is None else self.remat, attention=self.attention)
+                    remat=remat if self.remat is None else self.remat, attention=self.attention,
+                    unroll_up_to=unroll_up_to)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

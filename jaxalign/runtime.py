@@ -322,26 +322,29 @@ def configure_jax() -> dict[str, str]:
 
 # ----------------------------------------------------------------------------- layer layout
 
-# (scan_layers, remat) of the training forward per backend and compute dtype, measured side by
-# side on SmolLM2 (docs/bench/README.md). CPU, fp32 (SFT 8 x 256): scanned layers keeping the
-# projection outputs and the attention's output and log-sum-exp ("attn": only elementwise work
-# is recomputed) took the step from 13.7 s with full remat to 12.2 s, at 5.7 instead of 4.0 GiB;
-# unrolled is no faster there (8.64 vs 8.79 s in the 2026-12-07 profile) at 9.1 instead of
-# 6.3 GiB. CPU, bf16: a scan pays for stacking each layer's saved values (a converting copy
-# per value and layer, the stacked buffers zero-filled every step), so unrolled layers without
-# remat are faster on every workload (2026-12-07, docs/bench/2026-12-07_cpu_layout_ab.txt:
-# SFT -14%, LoRA -12%, DPO -25%, RM -28%, GRPO / PPO -12% / -11%) for +0.4 to +1.3 GiB and a
-# compile 2-4x as long. GPU (H200, bf16): unrolled without remat was the fastest. Other
-# backends: scanned with full remat, the memory-safe choice (not measured here). A run that
-# does not fit is refused by the memory pre-flight, which suggests model.remat=full.
-TRAIN_LAYOUTS = {("cpu", "float32"): (True, "attn"), ("cpu", "bfloat16"): (False, "none"),
-                 ("gpu", "float32"): (False, "none"), ("gpu", "bfloat16"): (False, "none")}
+# (scan_layers, remat, unroll_up_to) of the training forward per backend and compute dtype,
+# measured side by side on SmolLM2 (docs/bench/README.md). CPU, fp32 (SFT 8 x 256): scanned
+# layers keeping the projection outputs and the attention's output and log-sum-exp ("attn":
+# only elementwise work is recomputed) took the step from 13.7 s with full remat to 12.2 s, at
+# 5.7 instead of 4.0 GiB; unrolled is no faster there (8.64 vs 8.79 s in the 2026-12-07
+# profile) at 9.1 instead of 6.3 GiB. CPU, bf16: a scan pays for stacking each layer's saved
+# values (a converting copy per value and layer, the stacked buffers zero-filled every step),
+# so on short rows unrolled layers without remat are faster on every workload (2026-12-07,
+# docs/bench/2026-12-07_cpu_layout_ab.txt: SFT -14%, LoRA -12%, DPO -25%, RM -28%, GRPO / PPO
+# -12% / -11%) for +0.4 to +1.3 GiB and a compile 2-4x as long; on long rows the scan wins (SFT
+# 2 x 1024: 5.05 vs 4.89 s at 5.6 instead of 7.6 GiB; 2 x 4096: 29.4 vs 37.4 s,
+# docs/bench/2026-12-07_cpu_sft_row_length.txt), hence unrolled up to 512 tokens a row. GPU
+# (H200, bf16): unrolled without remat was the fastest. Other backends: scanned with full
+# remat, the memory-safe choice (not measured here). A run that does not fit is refused by
+# the memory pre-flight, which suggests model.remat=full.
+TRAIN_LAYOUTS = {("cpu", "float32"): (True, "attn", 0), ("cpu", "bfloat16"): (True, "attn", 512),
+                 ("gpu", "float32"): (False, "none", 0), ("gpu", "bfloat16"): (False, "none", 0)}
 
 
-def train_layout(dtype: str = "float32", backend: str | None = None) -> tuple[bool, str]:
-    """(scan_layers, remat) of the training forward for a compute dtype on a backend (the
-    default backend when None)."""
+def train_layout(dtype: str = "float32", backend: str | None = None) -> tuple[bool, str, int]:
+    """(scan_layers, remat, unroll_up_to) of the training forward for a compute dtype on a
+    backend (the default backend when None): `ModelConfig.unroll_up_to`."""
     if backend is None:
         import jax
         backend = jax.default_backend()
-    return TRAIN_LAYOUTS.get((backend, dtype), (True, "full"))
+    return TRAIN_LAYOUTS.get((backend, dtype), (True, "full", 0))

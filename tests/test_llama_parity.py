@@ -272,6 +272,22 @@ def test_remat_matches_no_remat(gqa, no_remat_grads, remat, scan_layers):
     assert "remat" in jaxpr, f"remat={remat!r} left no remat in the traced forward"
 
 
+@pytest.mark.parametrize("up_to", [0, 8, 64])
+def test_short_rows_run_unrolled_without_remat(gqa, no_remat_grads, up_to):
+    """`unroll_up_to`: rows of at most that many tokens run the layers unrolled and without
+    remat, longer ones scanned with the config's remat; the same loss and gradients."""
+    cfg, params, _ = gqa
+    tokens, mask = padded_batch(seed=5)
+    c = cfg.replace(remat="attn", scan_layers=True, unroll_up_to=up_to)
+    (loss, _), grads = _loss_and_grad(c, params, tokens, mask)
+    (ref_loss, _), ref_grads = no_remat_grads
+    chex.assert_trees_all_close(loss, ref_loss, rtol=1e-6, atol=1e-6)
+    chex.assert_trees_all_close(grads, ref_grads, rtol=1e-5, atol=1e-6)
+    jaxpr = str(jax.make_jaxpr(lambda p: _loss_impl(c, p, tokens, mask)[0])(params))
+    short = tokens.shape[1] <= up_to
+    assert ("remat" in jaxpr) != short, (up_to, tokens.shape)
+
+
 # ----------------------------------------------------------------------------- bf16
 
 # bf16 keeps 8 mantissa bits (~0.4% per rounding). Measured on random tiny models with

@@ -82,24 +82,25 @@ def test_allocator_keeps_pages_within_a_phase_and_releases_them_after():
 
 def test_training_layout_by_backend_and_dtype():
     """The layer form and remat a run gets when model.scan_layers / model.remat are unset: on
-    CPU scanned with remat "attn" in fp32, unrolled without remat in bf16 (measured:
-    docs/bench/2026-12-07_cpu_layout_ab.txt); a remat set alone runs scanned, the form in
-    which it lowers the peak; both set: as set."""
+    CPU scanned with remat "attn", and in bf16 rows of up to 512 tokens unrolled without remat
+    (measured: docs/bench/2026-12-07_cpu_layout_ab.txt, 2026-12-07_cpu_sft_row_length.txt);
+    a remat set alone runs scanned, the form in which it lowers the peak; a layout set is the
+    layout run, whatever the row length."""
     from jaxalign.config import ModelSource
-    assert runtime.train_layout("float32", "cpu") == (True, "attn")
-    assert runtime.train_layout("bfloat16", "cpu") == (False, "none")
-    assert runtime.train_layout("bfloat16", "gpu") == (False, "none")
-    assert runtime.train_layout("bfloat16", "tpu") == (True, "full")   # not measured: safe
+    assert runtime.train_layout("float32", "cpu") == (True, "attn", 0)
+    assert runtime.train_layout("bfloat16", "cpu") == (True, "attn", 512)
+    assert runtime.train_layout("bfloat16", "gpu") == (False, "none", 0)
+    assert runtime.train_layout("bfloat16", "tpu") == (True, "full", 0)   # not measured: safe
 
     def layout(**kw):
         rt = ModelSource(path="unused", **kw).runtime()
-        return rt["scan_layers"], rt["remat"]
-    assert layout(dtype="float32") == (True, "attn")
-    assert layout(dtype="bfloat16") == (False, "none")
-    assert layout(dtype="bfloat16", remat="full") == (True, "full")
-    assert layout(dtype="bfloat16", remat="none") == (False, "none")
-    assert layout(dtype="bfloat16", remat="full", scan_layers=False) == (False, "full")
-    assert layout(dtype="float32", scan_layers=False) == (False, "attn")
+        return rt["scan_layers"], rt["remat"], rt["unroll_up_to"]
+    assert layout(dtype="float32") == (True, "attn", 0)
+    assert layout(dtype="bfloat16") == (True, "attn", 512)
+    assert layout(dtype="bfloat16", remat="full") == (True, "full", 0)
+    assert layout(dtype="bfloat16", remat="none") == (True, "none", 0)
+    assert layout(dtype="bfloat16", scan_layers=False) == (False, "attn", 0)
+    assert layout(dtype="bfloat16", remat="full", scan_layers=False) == (False, "full", 0)
 
 
 def test_settle_pause_only_for_large_temporaries():

@@ -416,7 +416,10 @@ class Llama(nnx.Module):
                 lambda full, window: jnp.where(kind, window, full), *kinds)
             return nnx.merge(block_def, params)(x_BTD, *inputs, layer_kv, end, layer_key, use_lora)
 
-        policy = _REMAT_POLICIES.get(cfg.remat)
+        # Short rows of a training / scoring forward (no cache) may run unrolled without remat
+        # (`cfg.unroll_up_to`: faster there on the CPU in bf16, the scan faster on long rows).
+        short = kv is None and 0 < x_BTD.shape[1] <= cfg.unroll_up_to
+        policy = None if short else _REMAT_POLICIES.get(cfg.remat)
         if policy is not None:
             # Inside scan, prevent_cse would only block fusion (remat is kept by the loop).
             body = jax.checkpoint(body, policy=policy, prevent_cse=False)
@@ -426,7 +429,8 @@ class Llama(nnx.Module):
         # loop over a[i] slices instead padded and summed a full-size gradient per layer
         # (about 30% of a SmolLM2 step).
         kind_L = None if kind_L is None else jnp.asarray(kind_L)
-        return jax.lax.scan(body, x_BTD, (stacked, kv, keys, kind_L), unroll=not cfg.scan_layers)
+        return jax.lax.scan(body, x_BTD, (stacked, kv, keys, kind_L),
+                            unroll=short or not cfg.scan_layers)
 
     def _loop_layers(self, layer_params, x_BTD, kinds, kind_L, kv, end, key, use_lora):
         """The layers as a Python loop over separate per-layer arrays (decoding).

@@ -224,12 +224,13 @@ def train(*, run_dir: str | Path, cfg: TrainConfig, optim: OptimConfig, mesh: Me
                         model.remat == "full":
                     raise
                 # Every process takes the same turn: the limit is agreed, the shapes are equal.
-                model = model.replace(remat="full",
+                model = model.replace(remat="full", unroll_up_to=0,
                                       scan_layers=model.scan_layers if scan_chosen else True)
                 log.warning("%s; model.remat is not set, so this run recomputes each layer in "
                             "the backward instead (model.remat=full in %s layers, the least "
                             "memory)", str(e).split("; refused")[0],
-                            "scanned" if model.scan_layers else "unrolled")
+                            "scanned" if model.scan_layers and not model.unroll_up_to
+                            else "unrolled")
                 jitted = jit_step(task.loss_for(model))
                 step_fn = compile_for_shapes(batch0)
                 check_memory(run_dir, mesh, step_fn, state, frozen, cfg, model)

@@ -57,8 +57,9 @@ def load_policy(source: ModelSource, lora_cfg: LoRAConfig, mesh, seed: int) -> L
                                                  **source.runtime())
     cfg = lora_cfg.apply_to(cfg)
     # What model.scan_layers / model.remat resolved to (unset: the backend's measured default).
-    log.info("training layout: %s layers, remat %s", "scanned" if cfg.scan_layers else "unrolled",
-             cfg.remat)
+    log.info("training layout: %s%s layers, remat %s",
+             f"rows up to {cfg.unroll_up_to} tokens unrolled without remat, longer ones "
+             if cfg.unroll_up_to else "", "scanned" if cfg.scan_layers else "unrolled", cfg.remat)
     shardings = functional.param_shardings(cfg, mesh)
     if cfg.lora_rank:
         params = lora.add_adapters(cfg, params, mesh, seed)
