@@ -416,18 +416,14 @@ class Llama(nnx.Module):
                 lambda full, window: jnp.where(kind, window, full), *kinds)
             return nnx.merge(block_def, params)(x_BTD, *inputs, layer_kv, end, layer_key, use_lora)
 
-        # Short rows of a training / scoring forward (no cache) may run unrolled without remat
-        # (`cfg.unroll_up_to`: faster there on the CPU in bf16, the scan faster on long rows).
+        # Short rows without a cache run unrolled, no remat (`cfg.unroll_up_to`, CPU bf16).
         short = kv is None and 0 < x_BTD.shape[1] <= cfg.unroll_up_to
         policy = None if short else _REMAT_POLICIES.get(cfg.remat)
-        if policy is not None:
-            # Inside scan, prevent_cse would only block fusion (remat is kept by the loop).
+        if policy is not None:   # (in a scan prevent_cse would only block fusion)
             body = jax.checkpoint(body, policy=policy, prevent_cse=False)
-
-        # "Unrolled" is the same scan, fully unrolled: one program per layer (faster CPU
-        # steps), while XLA still builds each stacked gradient with one concatenate. A Python
-        # loop over a[i] slices instead padded and summed a full-size gradient per layer
-        # (about 30% of a SmolLM2 step).
+        # "Unrolled" is the same scan, fully unrolled: one program per layer, while XLA still
+        # builds each stacked gradient with one concatenate (a Python loop over a[i] slices
+        # padded and summed a full-size gradient per layer: ~30% of a SmolLM2 step).
         kind_L = None if kind_L is None else jnp.asarray(kind_L)
         return jax.lax.scan(body, x_BTD, (stacked, kv, keys, kind_L),
                             unroll=short or not cfg.scan_layers)
