@@ -331,9 +331,10 @@ def configure_jax() -> dict[str, str]:
 # values (a converting copy per value and layer, the stacked buffers zero-filled every step),
 # so on short rows unrolled layers without remat are faster on every workload (2026-12-07,
 # docs/bench/2026-12-07_cpu_layout_ab.txt: SFT -14%, LoRA -12%, DPO -25%, RM -28%, GRPO / PPO
-# -12% / -11%) for +0.4 to +1.3 GiB and a compile 2-4x as long; on long rows the scan wins (SFT
-# 2 x 1024: 5.05 vs 4.89 s at 5.6 instead of 7.6 GiB; 2 x 4096: 29.4 vs 37.4 s,
-# docs/bench/2026-12-07_cpu_sft_row_length.txt), hence unrolled up to 512 tokens a row. GPU
+# -12% / -11%) for +0.4 to +1.3 GiB and a compile 2-4x as long; on long rows the scan is as
+# fast or faster for less memory (SFT 2 x 1024: 5.05 against 4.89 s unrolled, at 5.6 instead
+# of 7.6 GiB; 2 x 4096: 29.4 against 37.4 s; docs/bench/2026-12-07_cpu_sft_row_length.txt),
+# hence unrolled up to 512 tokens a row. GPU
 # (H200, bf16): unrolled without remat was the fastest. Other backends: scanned with full
 # remat, the memory-safe choice (not measured here). A run that does not fit is refused by
 # the memory pre-flight, which suggests model.remat=full.

@@ -260,6 +260,30 @@ def test_approx_kl_early_stop(tiny, ppo_run, tmp_path):
     assert all(r["approx_kl"] > 1e-12 for r in rows)
 
 
+def test_cpu_update_pauses_after_each_minibatch_step(tiny, tmp_path, monkeypatch):
+    """On the CPU, each update minibatch step whose program's temporaries are large (here: any
+    size) is followed by `runtime.SETTLE_S` before the next dispatch (XLA frees a step's
+    temporaries just after its outputs are ready)."""
+    import time
+    from jaxalign import runtime
+    from jaxalign.train.rl import driver
+    pauses = []
+
+    class Recorded:   # the driver's `time`, its sleeps recorded (this module's only)
+        def __getattr__(self, name):
+            return getattr(time, name)
+
+        def sleep(self, seconds):
+            pauses.append(seconds)
+            time.sleep(seconds)
+    monkeypatch.setattr(runtime, "SETTLE_MIN_BYTES", 0)
+    monkeypatch.setattr(driver, "time", Recorded())
+    cfg = config(tiny, tmp_path, "train.iterations=1")
+    run(cfg)
+    steps = int(records(tmp_path)[0]["epochs"]) * cfg.ppo.minibatches
+    assert steps > 1 and pauses.count(runtime.SETTLE_S) == steps, (pauses, steps)
+
+
 def test_reward_sources_weighted_and_eos_penalty():
     """score = sum of weight x source (the model first), minus the missing-EOS penalty; a
     weight list of the wrong length is refused by name."""

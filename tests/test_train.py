@@ -169,6 +169,20 @@ def test_nan_loss_stops_with_checkpoint_intact(tiny, tmp_path):
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == ["2"]
 
 
+class _RecordedSleep:
+    """The `time` module as one module sees it, its sleeps also recorded (in that module only:
+    other threads' sleeps are not)."""
+    def __init__(self, record: list):
+        self.record = record
+
+    def __getattr__(self, name):
+        return getattr(time, name)
+
+    def sleep(self, seconds):
+        self.record.append(seconds)
+        time.sleep(seconds)
+
+
 @pytest.mark.slow  # over 3 s: outside the fast tier
 def test_cpu_loop_dispatches_each_step_after_the_previous_one(tiny, tmp_path, monkeypatch):
     """On the CPU, XLA allocates a step's temporaries at dispatch: the loop waits for the
@@ -188,8 +202,7 @@ def test_cpu_loop_dispatches_each_step_after_the_previous_one(tiny, tmp_path, mo
 
     monkeypatch.setattr(loop.jax, "block_until_ready", spy)
     monkeypatch.setattr(runtime, "SETTLE_MIN_BYTES", 0)
-    real_sleep = loop.time.sleep
-    monkeypatch.setattr(loop.time, "sleep", lambda s: (waited.append(s), real_sleep(s)))
+    monkeypatch.setattr(loop, "time", _RecordedSleep(waited))
     mesh = sharding.make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), jax.devices()[:1])
     train(run_dir=tmp_path, cfg=TrainConfig(steps=4, batch_size=8, progress=False,
                                             tensorboard=False),

@@ -317,6 +317,8 @@ class _Run:
         self.mem.start()
         _, take_fn, step_fn = self.update_programs(batch["prompt_BP"].shape[1],
                                                    batch["response_BN"].shape[1])
+        # On the CPU, the step's temporaries freed before the next one's (runtime.settle_seconds).
+        settle = runtime.settle_seconds(step_fn) if self.on_cpu else 0.0
         rng = np.random.default_rng([cfg.train.seed, it])
         records, epochs, skipped_before = [], 0, self.guard.skipped
         figures = {}
@@ -335,8 +337,8 @@ class _Run:
                 if self.first_fn is not None and epoch == 0:   # one minibatch: every row, once
                     batch, figures = self.first_fn(batch, picked, rows_out, self.sampler_logp)
                 out = {k: float(v) for k, v in jax.device_get(out).items()}
-                if self.on_cpu:   # the step's temporaries freed before the next one's
-                    time.sleep(runtime.settle_seconds(step_fn))
+                if settle:
+                    time.sleep(settle)
                 self.guard.check(out, it, saved_at)
                 epoch_records.append(out)
             records += epoch_records
