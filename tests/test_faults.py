@@ -153,8 +153,9 @@ def test_default_layout_that_does_not_fit_falls_back_to_full_remat(paths, tmp_pa
 
 @pytest.mark.slow  # three compiles
 def test_bf16_fallback_recomputes_in_scanned_layers(paths, tmp_path, caplog):
-    """In bf16 the CPU's default layout is unrolled, where XLA merges any recomputation back:
-    the fallback to model.remat=full runs scanned layers (unless model.scan_layers is set)."""
+    """In bf16 the CPU's default layout runs short rows unrolled, where XLA merges any
+    recomputation back: the fallback to model.remat=full runs scanned layers, the very program
+    model.remat=full alone compiles (unless model.scan_layers is set)."""
     def run(out, *extra):   # (the tiny config sets scan_layers: null unsets it)
         return _cli("sft", out, paths, "train.steps=2", "model.dtype=bfloat16",
                     "model.scan_layers=null", *extra)
@@ -166,6 +167,9 @@ def test_bf16_fallback_recomputes_in_scanned_layers(paths, tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         assert run(tmp_path / "tight", tight) == 1
     assert "model.remat=full in scanned layers" in caplog.text
+    assert run(tmp_path / "full", "train.memory_limit_gb=64", "model.remat=full") == 0
+    need = lambda out: json.loads((out / "memory.json").read_text())["preflight"]["need_per_device"]
+    assert need(tmp_path / "tight") == need(tmp_path / "full")
     caplog.clear()
     with caplog.at_level(logging.WARNING):
         assert run(tmp_path / "unrolled", tight, "model.scan_layers=false") == 1

@@ -229,8 +229,7 @@ def train(*, run_dir: str | Path, cfg: TrainConfig, optim: OptimConfig, mesh: Me
                 log.warning("%s; model.remat is not set, so this run recomputes each layer in "
                             "the backward instead (model.remat=full in %s layers, the least "
                             "memory)", str(e).split("; refused")[0],
-                            "scanned" if model.scan_layers and not model.unroll_up_to
-                            else "unrolled")
+                            "scanned" if model.scan_layers else "unrolled")
                 jitted = jit_step(task.loss_for(model))
                 step_fn = compile_for_shapes(batch0)
                 check_memory(run_dir, mesh, step_fn, state, frozen, cfg, model)
