@@ -294,6 +294,10 @@ class LoopConfig:
     logits_chunk: int = 128
     # Memory per device (GiB) the pre-flight plans for; null: what the device / host reports.
     memory_limit_gb: float | None = None
+    # bf16 compute over fp32 params: each step's forward reads the trainable weights rounded
+    # to bf16 stochastically (unbiased), not to nearest, which hides updates below half a bf16
+    # step (small learning rates); evaluations read them the same way. false: to nearest.
+    stochastic_rounding: bool = True
 
     def __post_init__(self):
         require(self.memory_limit_gb is None or self.memory_limit_gb > 0,

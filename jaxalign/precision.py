@@ -108,7 +108,8 @@ def residual_dtype(dt) -> jnp.dtype:
     fp32 under a 16-bit compute dtype, as under PyTorch autocast. Every block adds its bf16
     branch output into an fp32 sum and the norms read fp32; only the projections' inputs are
     cast. A bf16 residual learned 3-13% more slowly than fp32 on SmolLM2 SFT over the first
-    14 steps; with this one, the 50-step gap is 3.2% (docs/bench/2026-12-06_cpu_bf16_vs_fp32.txt)."""
+    14 steps (docs/bench/2026-12-06_cpu_bf16_vs_fp32.txt; the rest of that gap was the weights'
+    rounding, `stochastic_round`)."""
     return jnp.dtype(jnp.float32) if jnp.dtype(dt).itemsize < 4 else jnp.dtype(dt)
 
 
@@ -118,3 +119,57 @@ def decode_cast(a: jax.Array, dtype) -> jax.Array:
     start is the embedding rounded to the compute dtype (what a decode reading cast
     embeddings sees), so that sampler and trainer log-probs agree."""
     return a if dtype is None or a.ndim < 2 else a.astype(dtype)
+
+
+def _mix32(h: jax.Array) -> jax.Array:
+    """A 32-bit integer hash (murmur3's finaliser): every input bit flips each output bit
+    with probability ~1/2. Cheap enough to fuse into the cast it feeds."""
+    h = h ^ (h >> 16)
+    h = h * jnp.uint32(0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = h * jnp.uint32(0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def stochastic_round(x: jax.Array, seed: jax.Array) -> jax.Array:
+    """fp32 `x` rounded to a bf16 value (returned as fp32), down or up at random with the
+    probabilities that make the expected result `x` itself.
+
+    Round-to-nearest hides every change of a weight smaller than half its bf16 spacing: at
+    lr 2e-5 an Adam step moves a weight of size ~0.05 by a tenth of that, so a bf16 forward
+    keeps seeing the old weight for several steps. Rounded stochastically, the forward sees
+    the fp32 master's value on average. The random bits are a hash of (element index, seed),
+    computed where the cast happens: no pass over a random array (threefry over SmolLM2's
+    weights cost 1.3 s a step on 2 CPU cores; the hash costs nothing beside the cast), and
+    the same bits on every device layout (the index is the element's global position)."""
+    idx = jnp.zeros(x.shape, jnp.uint32)
+    stride = 1
+    for d in reversed(range(x.ndim)):
+        idx = idx + jax.lax.broadcasted_iota(jnp.uint32, x.shape, d) * jnp.uint32(stride % 2**32)
+        stride *= x.shape[d]
+    noise = _mix32(idx * jnp.uint32(0x9E3779B1) + seed) >> 16   # the 16 bits bf16 drops
+    bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
+    # Adding below the kept bits carries into them with probability (dropped part) / 2^16;
+    # on the magnitude, so negative values round symmetrically. inf stays inf, NaN stays NaN.
+    return jax.lax.bitcast_convert_type((bits + noise) & jnp.uint32(0xFFFF0000), jnp.float32)
+
+
+def rounds_stochastically(compute_dtype, param_dtype, enabled: bool) -> bool:
+    """Whether a train step reads its trainable matrices through `stochastic_round`: bf16
+    compute over fp32 params, unless `train.stochastic_rounding` is off."""
+    return (enabled and jnp.dtype(compute_dtype) == jnp.bfloat16
+            and jnp.dtype(param_dtype) == jnp.float32)
+
+
+def round_params(params, seed: jax.Array):
+    """`stochastic_round` of every fp32 weight in `params` (each its own stream) that the
+    forward casts to the compute dtype: all but the norm scales, which it reads in fp32
+    against the residual stream (`residual_dtype`), so rounding them would only add noise."""
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+
+    def rounded(i, path, a):
+        name = "/".join(str(getattr(k, "key", k)) for k in path)
+        if a.dtype != jnp.float32 or "norm" in name:
+            return a
+        return stochastic_round(a, _mix32(seed + jnp.uint32(i * 0x632BE5AB % 2**32)))
+    return jax.tree.unflatten(treedef, [rounded(i, path, a) for i, (path, a) in enumerate(leaves)])

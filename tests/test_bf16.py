@@ -108,6 +108,27 @@ def test_bf16_rl_tracks_fp32(tiny, tmp_path, name):
     assert all(abs(r["logprob_gap"]) < 0.05 for r in bf16), [r["logprob_gap"] for r in bf16]
 
 
+@pytest.mark.parametrize("name,dtype,extra,rounds", [
+    ("sft", "bfloat16", [], True), ("sft", "bfloat16", ["train.stochastic_rounding=false"], False),
+    ("sft", "float32", [], False), ("ppo", "bfloat16", [], True),
+    ("ppo", "bfloat16", ["train.stochastic_rounding=false"], False)])
+def test_runs_read_weights_rounded_stochastically(tiny, tmp_path, monkeypatch, name, dtype, extra,
+                                                  rounds):
+    """A bf16 run's steps (supervised train and eval, the RL update) read the trainable weights
+    through `round_params` (tests/test_rounding.py: what that changes); fp32 runs and
+    `train.stochastic_rounding=false` do not."""
+    import collections
+    from jaxalign.train import step
+    from jaxalign.train.rl import programs
+    traced = []
+    real = step.round_params
+    monkeypatch.setattr(step, "round_params", lambda p, seed: traced.append(1) or real(p, seed))
+    # The RL driver's executables outlive a run: trace this one's afresh.
+    monkeypatch.setattr(programs, "_EXECUTABLES", collections.OrderedDict())
+    _run(tiny, tmp_path, {**SUPERVISED, **RL}[name], dtype, extra)
+    assert bool(traced) == rounds
+
+
 @pytest.mark.parametrize("name", ["sft", "sft_lora"])
 def test_param_dtype_bfloat16_trains(tiny, tmp_path, name):
     """model.param_dtype=bfloat16 (bf16 weights and Adam moments) trains instead of failing in
@@ -146,6 +167,7 @@ def test_bf16_train_step_dots_all_run_in_bf16(tied, lora_rank):
     creeps back in."""
     from jaxalign.losses.xent import head_masked_xent
     from jaxalign.models import functional, lora
+    from jaxalign.precision import round_params
 
     cfg = ModelConfig(vocab_size=384, hidden_size=64, intermediate_size=128, num_layers=2,
                       num_heads=4, num_kv_heads=2, head_dim=16, tie_word_embeddings=tied,
@@ -167,7 +189,10 @@ def test_bf16_train_step_dots_all_run_in_bf16(tied, lora_rank):
     # A LoRA step differentiates the adapters only (the base weights are frozen).
     trained, frozen = lora.split(params) if lora_rank else (params, {})
     trained, frozen = jax.device_put((trained, frozen), device)
-    hlo = jax.jit(jax.grad(loss)).lower(trained, frozen).compile().as_text()
+    # As the train step reads them: stochastically rounded (`train.stochastic_rounding`), the
+    # gradient taken at the rounded values.
+    step = lambda t, f: jax.grad(loss)(round_params(t, jnp.uint32(1)), f)
+    hlo = jax.jit(step).lower(trained, frozen).compile().as_text()
     dots = _dots(hlo)
     assert len(dots) >= 20, dots
     assert all(d == ("bf16", "fast") for d in dots), sorted(set(dots))

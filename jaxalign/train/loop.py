@@ -26,6 +26,7 @@ from jax.sharding import Mesh
 from jaxalign import distributed, faults, runtime
 from jaxalign.checkpoint import TrainCheckpoints, describe_run
 from jaxalign.config import ConfigError, ModelConfig, OptimConfig, TrainConfig
+from jaxalign.precision import rounds_stochastically
 from jaxalign.rundir import write_atomic
 from jaxalign.train.recipes import RECIPES
 from jaxalign.sharding import batch_sharding, replicated
@@ -193,6 +194,8 @@ def train(*, run_dir: str | Path, cfg: TrainConfig, optim: OptimConfig, mesh: Me
     cfg = dataclasses.replace(cfg, steps=total_steps(cfg, task.train_data), epochs=None)
     runtime.count_compilations()  # perf.jsonl shows any recompilation after warm-up
     optimizer, schedule = make_optimizer(optim, cfg.steps)
+    round_weights = model is not None and rounds_stochastically(
+        model.dtype, model.param_dtype, cfg.stochastic_rounding)
     state, state_sh, ckpts, start, meta = start_or_resume(run_dir, trainable, optimizer, cfg.seed,
                                                           cfg.keep_checkpoints)
     if meta is not None:
@@ -200,7 +203,8 @@ def train(*, run_dir: str | Path, cfg: TrainConfig, optim: OptimConfig, mesh: Me
 
     def jit_step(loss_fn):
         return jit_train_step(make_train_step(loss_fn, optimizer, schedule,
-                                              grad_accum=cfg.grad_accum),
+                                              grad_accum=cfg.grad_accum,
+                                              round_weights=round_weights),
                               state_sh, frozen_shardings, batch_sharding(mesh))
 
     jitted = jit_step(task.loss_fn)
@@ -246,7 +250,7 @@ def train(*, run_dir: str | Path, cfg: TrainConfig, optim: OptimConfig, mesh: Me
             programs[key] = compile_for_shapes(batch)
         return programs[key]
 
-    eval_step = make_eval_step(task.loss_fn) if task.eval_data is not None else None
+    eval_step = make_eval_step(task.loss_fn, round_weights) if task.eval_data is not None else None
 
     # On the CPU, XLA allocates a step's temporaries when the step is dispatched: dispatched
     # while the previous step still runs, its buffers would be a second set beside that step's,

@@ -30,6 +30,7 @@ from jaxalign import sharding
 from jaxalign.config import ConfigError, MeshConfig, ModelConfig
 from jaxalign.convert import hf, hub
 from jaxalign.models import functional, lora
+from jaxalign.precision import rounds_stochastically
 from jaxalign.train.optim import make_optimizer
 from jaxalign.train.preflight import per_device_bytes
 from jaxalign.train.step import init_state, jit_train_step, make_train_step, state_shardings
@@ -316,8 +317,11 @@ def plan_mesh(recipe: str, run_cfg, mesh_cfg: MeshConfig, devices=None) -> MeshP
         batch_sh = sharding.batch_sharding(mesh)   # as `loop.put_batch` places every key
         batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sh)
                  for k, v in p.batch(run_cfg).items()}
+        rounded = rounds_stochastically(models.cfg.dtype, models.cfg.param_dtype,
+                                        run_cfg.train.stochastic_rounding)
         step = jit_train_step(make_train_step(p.loss(run_cfg, models), optimizer, schedule,
-                                              grad_accum=run_cfg.train.grad_accum),
+                                              grad_accum=run_cfg.train.grad_accum,
+                                              round_weights=rounded),
                               state_sh, frozen_sh, batch_sh)
         t0 = time.perf_counter()
         compiled = step.lower(state, models.frozen, batch).compile()

@@ -49,6 +49,7 @@ from jaxalign.generate import eos_ids_for
 from jaxalign.losses.ppo import adaptive_kl_update
 from jaxalign.metrics import truncate_jsonl
 from jaxalign.models import functional, lora
+from jaxalign.precision import rounds_stochastically
 from jaxalign.train.loop import abstract, put_batch, start_or_resume
 from jaxalign.train.recipes import RECIPES
 from jaxalign.train.optim import make_optimizer
@@ -115,6 +116,8 @@ class _Run:
         # forwards need only group-major rows; the update also needs whole groups per micro batch.
         G, N, policy_cfg = cfg.rollout.num_generations, cfg.rollout.max_new_tokens, loaded.cfg
         self.rollout_group = groups.group_size(policy_cfg, self.P, N, G, G)
+        self.rounded = rounds_stochastically(policy_cfg.dtype, policy_cfg.param_dtype,
+                                             cfg.train.stochastic_rounding)
         self.obj = objectives.Settings.of(cfg, groups.group_size(
             policy_cfg, self.P, N, G, cfg.minibatch_rows // cfg.train.grad_accum))
         self.mem = PhaseMemory()
@@ -188,10 +191,11 @@ class _Run:
                                                        out_shardings=bsh),
                             batch_abs(rows, P, N), sds((mb,), i32, rep))
             step = compiled(
-                ("train", loss_models, obj, cfg.optim, span, cfg.train.grad_accum),
+                ("train", loss_models, obj, cfg.optim, span, cfg.train.grad_accum, self.rounded),
                 lambda: jit_train_step(make_train_step(objectives.make_loss_fn(loss_models, obj),
                                                        optimizer, schedule,
-                                                       grad_accum=cfg.train.grad_accum),
+                                                       grad_accum=cfg.train.grad_accum,
+                                                       round_weights=self.rounded),
                                        state_sh, frozen_sh, bsh),
                 abstract(state), abstract(roles.frozen), batch_abs(mb, P, N))
             return trim, take, step
