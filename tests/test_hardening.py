@@ -99,6 +99,24 @@ def test_step_reports_state_finiteness():
         assert float(m["finite"]) == 1.0 and float(m["state_finite"]) == want, b2
 
 
+def test_all_finite_finds_one_bad_element_in_any_leaf():
+    """`all_finite` (matrices through a product with zeros on CPU, the rest summed): one inf or
+    NaN anywhere in any leaf, fp32 or bf16, matrix or vector, is found; finite trees pass."""
+    import jax
+    import jax.numpy as jnp
+    from jaxalign.train.step import all_finite
+
+    tree = {"w": jnp.ones((6, 40, 24)), "e": jnp.ones((300, 16)), "v": jnp.ones(7),
+            "h": jnp.ones((5, 8), jnp.bfloat16), "n": jnp.arange(3)}
+    check = jax.jit(all_finite)
+    assert bool(check(tree))
+    for key, index in (("w", (5, 39, 23)), ("w", (0, 0, 0)), ("e", (150, 3)), ("v", (6,)),
+                       ("h", (4, 7))):
+        for bad in (jnp.inf, -jnp.inf, jnp.nan):
+            broken = dict(tree, **{key: tree[key].at[index].set(bad)})
+            assert not bool(check(broken)), (key, index, bad)
+
+
 # ----------------------------------------------------------------------------- 12: NaN rewards
 
 def test_non_finite_reward_rows_do_not_reach_moments_or_kl():

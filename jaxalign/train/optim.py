@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from jaxalign.config import OptimConfig
@@ -24,6 +25,21 @@ def make_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
     return optax.join_schedules([warmup, decay], [cfg.warmup_steps])
 
 
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformationExtraArgs:
+    """`optax.clip_by_global_norm` (same state, same result to an ulp) as one multiply by a
+    scalar, from the norm the train step has already taken when it passes `grad_norm`.
+
+    optax divides every element by the norm; XLA counts a division as expensive and will not
+    repeat it in each of its consumers (Adam's two moments), so the clipped gradients were
+    written out and read back, and the norm inside the optimizer was a second pass over them."""
+    def update(updates, state, params=None, *, grad_norm=None, **extra_args):
+        del params, extra_args
+        norm = optax.tree.norm(updates) if grad_norm is None else grad_norm
+        scale = jnp.where(norm < max_norm, 1.0, max_norm / norm)
+        return jax.tree.map(lambda t: t * scale.astype(t.dtype), updates), state
+    return optax.GradientTransformationExtraArgs(optax.init_empty_state, update)
+
+
 def decay_mask(params) -> dict:
     """Weight decay on matrices only: not on norm scales or biases (named, since stacked
     layers make a norm scale 2-D)."""
@@ -37,7 +53,7 @@ def make_optimizer(cfg: OptimConfig, total_steps: int) -> tuple[optax.GradientTr
     schedule = make_schedule(cfg, total_steps)
     parts = []
     if cfg.max_grad_norm is not None:
-        parts.append(optax.clip_by_global_norm(cfg.max_grad_norm))
+        parts.append(clip_by_global_norm(cfg.max_grad_norm))
     parts.append(optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
                              weight_decay=cfg.weight_decay, mask=decay_mask))
     return optax.chain(*parts), schedule
