@@ -164,12 +164,12 @@ def _nan_if_any_not_finite(x: jax.Array) -> jax.Array:
     """An fp32 scalar: 0 when every element of x is finite, else NaN (inf * 0 and NaN * 0 are
     NaN, and neither sum can overflow).
 
-    On CPU an fp32 matrix goes through a product with a (columns, 4) matrix of zeros: XLA runs
-    a matrix product on all cores, where it runs a reduction (or a matrix-vector product, which
-    it rewrites into one) on one. SmolLM2's params and Adam moments: 0.08 s against 0.16 s."""
+    On CPU an fp32 array of 2 or more axes goes through a product with a (last axis, 4) matrix
+    of zeros: XLA runs a matrix product on all cores, where it runs a reduction (or a
+    matrix-vector product, which it rewrites into one) on one. SmolLM2's params and Adam
+    moments: 0.08 s against 0.16 s. No reshape: a sharded leading axis stays sharded."""
     if x.ndim >= 2 and x.dtype == jnp.float32 and jax.default_backend() == "cpu":
-        rows = x.reshape(-1, x.shape[-1])
-        return jnp.sum(jnp.dot(rows, jnp.zeros((x.shape[-1], 4), x.dtype),
+        return jnp.sum(jnp.dot(x, jnp.zeros((x.shape[-1], 4), x.dtype),
                                precision=jax.lax.Precision.HIGHEST))
     return jnp.sum(x * 0, dtype=jnp.float32)
 
