@@ -167,7 +167,8 @@ def _nan_if_any_not_finite(x: jax.Array) -> jax.Array:
     On CPU an fp32 array of 2 or more axes goes through a product with a (last axis, 4) matrix
     of zeros: XLA runs a matrix product on all cores, where it runs a reduction (or a
     matrix-vector product, which it rewrites into one) on one. SmolLM2's params and Adam
-    moments: 0.08 s against 0.16 s. No reshape: a sharded leading axis stays sharded."""
+    moments: 0.10 s against 0.17 s. No reshape (0.08 s): merging a sharded axis into its
+    neighbour would make XLA reshard the leaf."""
     if x.ndim >= 2 and x.dtype == jnp.float32 and jax.default_backend() == "cpu":
         return jnp.sum(jnp.dot(x, jnp.zeros((x.shape[-1], 4), x.dtype),
                                precision=jax.lax.Precision.HIGHEST))
