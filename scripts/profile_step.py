@@ -66,6 +66,7 @@ def build_sft_step(source, lora, mesh, B: int, T: int):
     import jax
     import numpy as np
     from jaxalign.config import OptimConfig
+    from jaxalign.precision import rounds_stochastically
     from jaxalign.sharding import batch_sharding
     from jaxalign.train.optim import make_optimizer
     from jaxalign.train.setup import load_policy
@@ -75,7 +76,10 @@ def build_sft_step(source, lora, mesh, B: int, T: int):
     policy = load_policy(source, lora, mesh, 0)
     optimizer, schedule = make_optimizer(OptimConfig(lr=1e-5), 10)
     state = jax.jit(init_state, static_argnums=(1, 2))(policy.trainable, optimizer, 0)
-    step = jit_train_step(make_train_step(sft_loss_fn(policy.cfg), optimizer, schedule),
+    # Weights read stochastically rounded in bf16, as the CLI's default `train.stochastic_rounding`.
+    rounded = rounds_stochastically(policy.cfg.dtype, policy.cfg.param_dtype, True)
+    step = jit_train_step(make_train_step(sft_loss_fn(policy.cfg), optimizer, schedule,
+                                          round_weights=rounded),
                           jax.tree.map(lambda x: x.sharding, state), policy.frozen_shardings,
                           batch_sharding(mesh))
     tokens = np.random.default_rng(0).integers(3, policy.cfg.vocab_size, (B, T)).astype(np.int32)
