@@ -191,8 +191,9 @@ def head_logprobs(hidden_BTD: jax.Array, head: jax.Array, targets_BT: jax.Array,
     if row_major_dots(hidden_BTD.dtype):
         if head_is_VD:
             # bf16 on CPU: a tied (V, D) head read as (D, V), copied once per step outside the
-            # chunk loop, so that every head product is one the fast bf16 kernel runs.
-            head, head_is_VD = materialize(head.T), False
+            # chunk loop, so that every head product is one the fast bf16 kernel runs; cast
+            # first, so the transposing copy moves bf16, not fp32 (LoRA SFT step 2.33 -> 2.24 s).
+            head, head_is_VD = materialize(head.astype(hidden_BTD.dtype).T), False
         if softcap is None and B * T * V * 4 > KEEP_PROBS_BYTES:
             return scan_chunks(hidden_BTD, targets_BT, chunk,
                                lambda h, t: _chunk_stats_recompute(h, head, t, head_is_VD),
