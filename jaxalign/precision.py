@@ -161,6 +161,12 @@ def rounds_stochastically(compute_dtype, param_dtype, enabled: bool) -> bool:
             and jnp.dtype(param_dtype) == jnp.float32)
 
 
+def path_name(path) -> str:
+    """A param's tree path as "layers/attn_norm/scale": the names the rules read (which
+    weights decay, which the forward reads in fp32)."""
+    return "/".join(str(getattr(k, "key", k)) for k in path)
+
+
 def round_params(params, seed: jax.Array):
     """`stochastic_round` of every fp32 weight in `params` (each its own stream) that the
     forward casts to the compute dtype: all but the norm scales, which it reads in fp32
@@ -168,8 +174,7 @@ def round_params(params, seed: jax.Array):
     leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
 
     def rounded(i, path, a):
-        name = "/".join(str(getattr(k, "key", k)) for k in path)
-        if a.dtype != jnp.float32 or "norm" in name:
+        if a.dtype != jnp.float32 or "norm" in path_name(path):
             return a
         return stochastic_round(a, _mix32(seed + jnp.uint32(i * 0x632BE5AB % 2**32)))
     return jax.tree.unflatten(treedef, [rounded(i, path, a) for i, (path, a) in enumerate(leaves)])

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxalign.config import OptimConfig
+from jaxalign.precision import path_name
 
 
 def make_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
@@ -44,7 +45,7 @@ def decay_mask(params) -> dict:
     """Weight decay on matrices only: not on norm scales or biases (named, since stacked
     layers make a norm scale 2-D)."""
     def keep(path, _):
-        name = "/".join(str(getattr(k, "key", k)) for k in path)
+        name = path_name(path)
         return not ("norm" in name or name.endswith("bias"))
     return jax.tree_util.tree_map_with_path(keep, params)
 
