@@ -99,11 +99,12 @@ def allocator_env(environ: dict[str, str] | None = None) -> dict[str, str] | Non
     return env
 
 
-def reexec_with_allocator(argv: list[str]) -> None:
+def reexec_with_allocator(argv: list[str], script: str | None = None) -> None:
     """Replaces this process by the same command under mimalloc (see the module doc).
 
-    Called first thing in `cli.main`, before jax (and its allocator use) is loaded. Returns
-    only when there is nothing to do."""
+    Called first thing in `cli.main`, before jax (and its allocator use) is loaded, and by the
+    measuring scripts (`script`: the path of the script to run again), so that they time what
+    the CLI runs. Returns only when there is nothing to do."""
     env = allocator_env()
     if env is None or "jax" in sys.modules:
         return
@@ -113,7 +114,9 @@ def reexec_with_allocator(argv: list[str]) -> None:
     # directory first on sys.path, so an argparse.py (or json.py, ...) where the user typed
     # `jaxalign` would run in place of the standard library; the console script never had it
     # there, so imports (reward functions included) resolve the same with and without this.
-    os.execve(sys.executable, [sys.executable, "-P", "-m", "jaxalign.cli", *argv], env)
+    # A script keeps its own folder first on sys.path (its sibling modules), as it had.
+    target = [script] if script is not None else ["-P", "-m", "jaxalign.cli"]
+    os.execve(sys.executable, [sys.executable, *target, *argv], env)
 
 
 def allocator_in_use() -> str:

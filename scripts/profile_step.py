@@ -11,7 +11,9 @@ events while the process used 1.9 cores throughout (docs/bench/README.md).
 
 Builds the step the way `jaxalign sft` does (`setup.load_policy`, `sft_loss_fn`,
 `make_train_step` / `jit_train_step`), runs two steps, traces the third with jax.profiler and
-reads the trace back (`jax.profiler.ProfileData`). Random token ids; SmolLM2 by default.
+reads the trace back (`jax.profiler.ProfileData`). Random token ids; SmolLM2 by default. Like
+the CLI, it re-executes itself once under the allocator the CLI preloads (jaxalign/runtime.py;
+`JAXALIGN_ALLOCATOR=system` keeps glibc).
 """
 
 from __future__ import annotations
@@ -143,4 +145,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    from jaxalign import runtime
+    runtime.reexec_with_allocator(sys.argv[1:], script=__file__)   # the CLI's allocator
     sys.exit(main())
