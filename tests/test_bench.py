@@ -67,7 +67,8 @@ ROUNDS = {"2026-12-05 fp32": ["2026-12-05_cpu_*.txt"],
           "2026-12-07 step": ["2026-12-07_cpu_sft_step.txt", "2026-12-07_cpu_sft_fp32_step.txt",
                               "2026-12-07_cpu_sft-lora_step.txt", "2026-12-07_cpu_dpo_step.txt",
                               "2026-12-07_cpu_rm_step.txt", "2026-12-07_cpu_grpo_step.txt",
-                              "2026-12-07_cpu_ppo_step.txt"]}
+                              "2026-12-07_cpu_ppo_step.txt"],
+          "2026-12-07 session 8": ["2026-12-07_cpu_sft_s8.txt", "2026-12-07_cpu_sft-lora_s8.txt"]}
 
 
 @pytest.mark.parametrize("round_", sorted(ROUNDS))
