@@ -19,7 +19,8 @@ the rest of the program included.
 
 Like the CLI, the script re-executes itself once under the allocator the CLI preloads
 (jaxalign/runtime.py; `JAXALIGN_ALLOCATOR=system` keeps glibc): under glibc each call maps and
-page-faults its temporaries afresh, which doubled the layer's time here (23.6 against 12.9 ms).
+page-faults its temporaries afresh, which nearly doubled the layer's time here (25.7 against
+14.3 ms a layer at 8 x 256 in bf16, docs/bench/2026-12-07_cpu_attention_in_step.txt).
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ def main(argv=None):
     import jax.numpy as jnp
     import numpy as np
     from jaxalign.models import attention
+    from jaxalign.runtime import allocator_in_use
 
     B, T, N, K, H = args.batch, args.seq, args.heads, args.kv_heads, args.head_dim
     dt = jnp.dtype(args.dtype)
@@ -68,7 +70,6 @@ def main(argv=None):
         mod = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(mod)
         impls.append((path, mod))
-    from jaxalign.runtime import allocator_in_use
     if args.in_step:
         return in_step(args, impls)
     print(f"B={B} T={T} N={N} K={K} H={H} {dt.name}, backend {jax.default_backend()}, "

@@ -215,8 +215,8 @@ def test_compile_cache_is_kept_per_host_kind():
 def test_measuring_scripts_run_under_the_clis_allocator(choice):
     """scripts/attention_bench.py (and profile_step.py, the same call) re-executes itself under
     the allocator the CLI preloads, so that what it times is what `jaxalign` runs: under glibc
-    the attention layer took 23.6 ms against 12.9 ms (its temporaries page-faulted afresh on
-    every call). JAXALIGN_ALLOCATOR=system keeps glibc, as for the CLI."""
+    the attention layer took 25.7 against 14.3 ms (its temporaries page-faulted afresh on every
+    call). JAXALIGN_ALLOCATOR=system keeps glibc, as for the CLI."""
     mine = ("MIMALLOC_", "LD_PRELOAD", "JAXALIGN_ALLOC")
     env = {k: v for k, v in os.environ.items() if not k.startswith(mine)}
     if runtime.allocator_env(env) is None:
