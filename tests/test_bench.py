@@ -68,7 +68,10 @@ ROUNDS = {"2026-12-05 fp32": ["2026-12-05_cpu_*.txt"],
                               "2026-12-07_cpu_sft-lora_step.txt", "2026-12-07_cpu_dpo_step.txt",
                               "2026-12-07_cpu_rm_step.txt", "2026-12-07_cpu_grpo_step.txt",
                               "2026-12-07_cpu_ppo_step.txt"],
-          "2026-12-07 session 8": ["2026-12-07_cpu_sft_s8.txt", "2026-12-07_cpu_sft-lora_s8.txt"]}
+          "2026-12-07 session 8": ["2026-12-07_cpu_sft_s8.txt", "2026-12-07_cpu_sft-lora_s8.txt"],
+          "2026-12-07 EPYC": ["2026-12-07_cpu_epyc_sft.txt", "2026-12-07_cpu_epyc_sft-lora.txt",
+                              "2026-12-07_cpu_epyc_dpo.txt", "2026-12-07_cpu_epyc_rm.txt",
+                              "2026-12-07_cpu_epyc_grpo.txt", "2026-12-07_cpu_epyc_sft_fp32.txt"]}
 
 
 @pytest.mark.parametrize("round_", sorted(ROUNDS))
@@ -95,12 +98,14 @@ def test_bench_table_matches_the_committed_outputs(round_):
 
 # How the README's opening paragraph names each workload whose ratios it quotes.
 INTRO_NAMES = {"full SFT": "sft", "LoRA SFT": "sft-lora", "DPO": "dpo", "RM": "rm", "GRPO": "grpo"}
+# The machines it quotes, as the opening names them, and how each names its CPU (bench JSON).
+INTRO_MACHINES = {"Intel Xeon": "Intel", "AMD EPYC": "AMD EPYC"}
 
 
 def test_readme_opening_ratios_are_the_latest_outputs():
-    """The README's opening words on speed quote, per workload, the newest committed bf16
-    output: each ratio against TRL's defaults, GRPO's against best TRL, and the range of the
-    other rows against best TRL."""
+    """The README's opening words on speed quote, per machine and workload, the newest committed
+    bf16 output on that machine: each ratio against TRL's defaults, GRPO's against best TRL, and
+    the range of the other rows against best TRL."""
     latest = {}
     for patterns in ROUNDS.values():
         for path in (p for pattern in patterns for p in (ROOT / "docs" / "bench").glob(pattern)):
@@ -108,19 +113,23 @@ def test_readme_opening_ratios_are_the_latest_outputs():
             ours = next((r for r in doc["rows"] if r["side"] == "ours" and r.get("ratio_best")), None)
             if doc["settings"]["precision"] != "bf16" or ours is None:
                 continue
-            date = doc["machine"]["date"]
-            if doc["workload"] not in latest or date > latest[doc["workload"]][0]:
-                latest[doc["workload"]] = (date, ours)
-    opening = (ROOT / "README.md").read_text().split("## Two commands")[0]
-    defaults, best = opening.split("against the best")
-    for name, workload in INTRO_NAMES.items():
-        found = re.search(name.replace(" ", r"\s+") + r"\s+(?:is\s+)?([0-9.]+)x", defaults)
-        assert found, name
-        assert found.group(1) == f"{latest[workload][1]['ratio_default']:.2f}", (name, workload)
-    assert re.search(r"GRPO\s+is\s+([0-9.]+)x", best).group(1) == \
-        f"{latest['grpo'][1]['ratio_best']:.2f}"
-    others = [latest[w][1]["ratio_best"] for w in ("sft", "sft-lora", "dpo", "rm")]
-    assert f"{min(others):.2f}-{max(others):.2f}x" in " ".join(best.split())
+            machine = next(m for m, cpu in INTRO_MACHINES.items() if cpu in doc["machine"]["cpu"])
+            key, date = (machine, doc["workload"]), doc["machine"]["date"]
+            if key not in latest or date > latest[key][0]:
+                latest[key] = (date, ours)
+    opening = " ".join((ROOT / "README.md").read_text().split("## Two commands")[0].split())
+    for machine in INTRO_MACHINES:
+        part = opening.split(f"On a 2-core {machine}")[1].split("On a 2-core")[0]
+        defaults, best = part.split("against the best")
+        for name, workload in INTRO_NAMES.items():
+            found = re.search(name + r" (?:is )?([0-9.]+)x", defaults)
+            assert found, (machine, name)
+            assert found.group(1) == f"{latest[machine, workload][1]['ratio_default']:.2f}", \
+                (machine, name)
+        assert re.search(r"GRPO is ([0-9.]+)x", best).group(1) == \
+            f"{latest[machine, 'grpo'][1]['ratio_best']:.2f}", machine
+        others = [latest[machine, w][1]["ratio_best"] for w in ("sft", "sft-lora", "dpo", "rm")]
+        assert f"{min(others):.2f}-{max(others):.2f}x" in best, machine
 
 
 def test_bench_baselines_trl_default_and_best(tmp_path):
