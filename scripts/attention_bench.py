@@ -14,8 +14,8 @@ a module without `plan` gets its own `query_blocks(T)`.
 `jaxalign sft` builds it, scripts/profile_step.py): the step timed with each attention module
 (the current one and every `--impl`), and again with every layer's attention replaced by
 q + k + v (the heads broadcast; no scores, same shapes, gradients to all three), the programs'
-steps alternating (--repeat / 4 steps each, at least 3); the difference is what the attention costs the step, its interplay with
-the rest of the program included.
+steps alternating (--repeat / 4 steps each, at least 3); the difference is what the attention
+costs the step, its interplay with the rest of the program included.
 
 Like the CLI, the script re-executes itself once under the allocator the CLI preloads
 (jaxalign/runtime.py; `JAXALIGN_ALLOCATOR=system` keeps glibc): under glibc each call maps and
