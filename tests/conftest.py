@@ -9,7 +9,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import json
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -18,19 +20,46 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
 
+# One persistent compilation cache for the test session, shared by the pytest workers (they
+# inherit the variable): a program another test already built (the same tiny model, recipe and
+# shapes, often in another file) is loaded, not compiled again. Only programs that took 1 s or
+# more to compile are written: with every small eager program cached, XLA's CPU serializer
+# segfaulted on one of them after some 800 tests.
+TEST_CACHE_ENV = "JAXALIGN_TEST_COMPILE_CACHE"
+TEST_CACHE_MIN_COMPILE_S = 1.0
+if TEST_CACHE_ENV not in os.environ:
+    os.environ[TEST_CACHE_ENV] = tempfile.mkdtemp(prefix="jaxalign-test-xla-")
+    _CACHE_OWNER = os.getpid()   # removes it when the session ends
+else:
+    _CACHE_OWNER = None
+
+
+def _use_test_compile_cache():
+    import jax
+    from jax.experimental.compilation_cache import compilation_cache
+    compilation_cache.reset_cache()   # jax reads the directory once, at its first compile
+    jax.config.update("jax_compilation_cache_dir", os.environ[TEST_CACHE_ENV])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", TEST_CACHE_MIN_COMPILE_S)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def pytest_configure(config):
+    _use_test_compile_cache()
+
+
+def pytest_unconfigure(config):
+    if _CACHE_OWNER == os.getpid():
+        shutil.rmtree(os.environ[TEST_CACHE_ENV], ignore_errors=True)
+
+
 @pytest.fixture(autouse=True)
-def _no_compile_cache_left_on():
-    """A test that runs the CLI in this process (`cli.main`) switches jax's persistent
-    compilation cache on, and jax keeps it on for every later test of the session: the
-    pytest process then serializes each of the thousands of small programs its eager tests
-    compile, and after some 800 tests XLA's CPU serializer crashed (SIGSEGV) on one of them.
-    The CLI's own processes (subprocess tests) keep their cache; this process does not."""
+def _test_compile_cache_kept():
+    """A test that runs the CLI in this process (`cli.main`) points jax's cache at the user's
+    one and caches every program there: the session's own settings come back after it."""
     yield
     import jax
-    if jax.config.jax_compilation_cache_dir is not None:
-        from jax.experimental.compilation_cache import compilation_cache
-        jax.config.update("jax_compilation_cache_dir", None)
-        compilation_cache.reset_cache()
+    if jax.config.jax_compilation_cache_dir != os.environ[TEST_CACHE_ENV]:
+        _use_test_compile_cache()
 
 
 def make_tiny_hf(path, seed=0, init_std=0.2, **overrides):
