@@ -24,7 +24,8 @@ sys.path.insert(0, str(ROOT / "scripts"))
 # inherit the variable): a program another test already built (the same tiny model, recipe and
 # shapes, often in another file) is loaded, not compiled again. Only programs that took 1 s or
 # more to compile are written: with every small eager program cached, XLA's CPU serializer
-# segfaulted on one of them after some 800 tests.
+# segfaulted on one of them after some 800 tests. A folder given in the variable is the
+# user's: kept, and reused by the next session.
 TEST_CACHE_ENV = "JAXALIGN_TEST_COMPILE_CACHE"
 TEST_CACHE_MIN_COMPILE_S = 1.0
 if TEST_CACHE_ENV not in os.environ:
