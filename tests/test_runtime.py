@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from jaxalign import runtime
@@ -136,11 +137,11 @@ def tiny(tmp_path_factory):
     return model_dir, data
 
 
-def _sft(tiny, out_dir, cache_dir, *extra):
+def _sft(tiny, out_dir, cache_dir, *extra, xla_flags=""):
     model_dir, data = tiny
     env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "JAXALIGN_ALLOCATOR",
                                                              "JAXALIGN_ALLOCATOR_PRELOADED")}
-    env.update(XLA_FLAGS="--xla_force_host_platform_device_count=1",
+    env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count=1 {xla_flags}".strip(),
                JAXALIGN_COMPILE_CACHE=str(cache_dir))
     cmd = [sys.executable, "-m", "jaxalign.cli", "-v", "sft", str(ROOT / "configs" / "tiny_sft.yaml"),
            f"out_dir={out_dir}", f"model.path={model_dir}", f"data.train=[{{path: {data}}}]",
@@ -184,6 +185,24 @@ def test_cli_settings_cache_and_no_recompilation(tiny, tmp_path):
     assert sorted(resumed) == [1, 2, 3, 4, 5, 6]  # perf.jsonl cut back to step 3, then 4..6
     assert resumed[4]["cache_misses"] == 0 and resumed[4]["cache_hits"] > 0, resumed[4]
     assert resumed[6]["compiles"] == resumed[4]["compiles"]
+
+
+@pytest.mark.slow  # CLI runs in subprocesses
+def test_the_suites_codegen_level_moves_results_by_round_off_only(tiny, tmp_path):
+    """conftest compiles the suite with LLVM's optimizer off; the same CLI run compiled that
+    way and as users get it (XLA's default level) trains to the same losses and gradient norms
+    within fp32 round-off."""
+    runs = {}
+    for level in ("0", None):
+        flags = f"--xla_backend_optimization_level={level}" if level else ""
+        _sft(tiny, tmp_path / f"level_{level}", tmp_path / "xla", "train.save_every=0",
+             xla_flags=flags)
+        rows = [json.loads(l) for l in (tmp_path / f"level_{level}" / "metrics.jsonl")
+                .read_text().splitlines()]
+        runs[level] = {k: [r[k] for r in rows] for k in ("loss", "grad_norm")}
+    assert len(runs[None]["loss"]) == 6
+    for key, want in runs[None].items():
+        np.testing.assert_allclose(runs["0"][key], want, rtol=1e-5, err_msg=key)
 
 
 def test_cache_off_and_system_allocator(tiny, tmp_path):
