@@ -85,7 +85,10 @@ def prepare(work: Path) -> dict[str, Path]:
 
 
 def child_env(**extra) -> dict[str, str]:
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
+    # One device per run; a codegen level the caller set (the test suite's) carries over.
+    level = [f for f in os.environ.get("XLA_FLAGS", "").split()
+             if f.startswith("--xla_backend_optimization_level")]
+    env = dict(os.environ, XLA_FLAGS=" ".join(["--xla_force_host_platform_device_count=1", *level]),
                PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     env.pop("JAXALIGN_FAULT", None)
     env.update(extra)

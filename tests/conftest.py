@@ -6,15 +6,16 @@ import os
 # them). Most of the suite's time is XLA compiling small programs, and nearly all of that is
 # LLVM optimizing the fused loop kernels (a tiny model's train step: ~80 ms of HLO passes,
 # ~1.7 s of LLVM for ~200 kernels). The tests compile with LLVM's optimizer off: XLA's own
-# passes (fusion, layouts, which dots go to the oneDNN / YNNPACK kernels) and so the programs are
-# the ones users run; only the kernels' machine code is less tuned, which moves results by
-# round-off (test_runtime.py runs one training run both ways). An `xla_backend_optimization_level`
+# passes (fusion, layouts, which dots go to the oneDNN / YNNPACK kernels) run unchanged, so the
+# programs are the ones users run; only the kernels' machine code is less tuned, which moves
+# results by round-off (test_runtime.py trains one CLI run both ways). An `xla_backend_optimization_level`
 # already in XLA_FLAGS wins: `XLA_FLAGS=--xla_backend_optimization_level=2` runs the suite as
 # the CLI compiles.
 TEST_XLA_FLAGS = ["--xla_force_host_platform_device_count=8"]
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     TEST_XLA_FLAGS.append("--xla_backend_optimization_level=0")
 os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), *TEST_XLA_FLAGS]).strip()
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
@@ -28,6 +29,14 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
+
+
+def child_xla_flags(*flags: str) -> str:
+    """XLA_FLAGS for a child process that sets its own (its device count): the suite's
+    codegen level carries over."""
+    level = [f for f in os.environ["XLA_FLAGS"].split()
+             if f.startswith("--xla_backend_optimization_level")]
+    return " ".join([*flags, *level])
 
 
 # One persistent compilation cache for the test session, shared by the pytest workers (they

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import child_xla_flags
+
 pytestmark = pytest.mark.slow  # runs scripts/bench.py (ours and TRL) in a subprocess
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,7 +25,7 @@ def bench_sft(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("bench")
     model = make_tiny_model(tmp / "tiny")
     # The children get the user's environment: not the test session's 8 fake CPU devices.
-    env = dict(os.environ, PYTHONPATH=str(ROOT), XLA_FLAGS="")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), XLA_FLAGS=child_xla_flags())
     out = tmp / "bench.txt"
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), "sft", "--model", str(model),
                            "--steps", "1", "--warmup", "1", "--batch", "2", "--seq", "32", "--out", str(out),
@@ -139,7 +141,7 @@ def test_bench_baselines_trl_default_and_best(tmp_path):
     are theirs' step time / ours, and bench_table.py prints both with each side's settings."""
     from make_tiny_model import make_tiny_model
     model = make_tiny_model(tmp_path / "tiny")
-    env = dict(os.environ, PYTHONPATH=str(ROOT), XLA_FLAGS="")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), XLA_FLAGS=child_xla_flags())
     out = tmp_path / "bench.txt"
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), "sft", "--model", str(model),
                            "--steps", "1", "--warmup", "1", "--batch", "2", "--seq", "32", "--out", str(out)],

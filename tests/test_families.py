@@ -302,7 +302,14 @@ def test_sharded_forward_equals_single_device(tiny):
     assert float(np.abs(np.asarray(out) - ref)[mask > 0].max()) <= SHARDED_TOL
 
 
+# One variant per family (tied and untied heads among them): the plan's split follows the
+# family's parameter tree, and each plan compiles an eight-device train step.
+PLAN_VARIANTS = ["gemma2_mqa_untied_caps", "gemma3_mqa_untied_headdim", "mistral_gqa_window",
+                 "phi3_mqa_tied", "qwen2_mqa", "qwen3_gqa_headdim_tied"]
+
+
 @pytest.mark.slow  # trains / compiles a run per family
+@pytest.mark.parametrize("tiny", PLAN_VARIANTS, indirect=True)
 def test_plan_reads_every_family(tiny):
     """`jaxalign plan` from config.json alone: the family's params, split over fsdp=8."""
     import math

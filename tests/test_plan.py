@@ -25,7 +25,7 @@ from jaxalign.train.loop import start_or_resume
 from jaxalign.train.optim import make_optimizer
 from jaxalign.train.sft import SFTConfig
 
-from conftest import make_tiny_hf
+from conftest import child_xla_flags, make_tiny_hf
 
 ROOT = Path(__file__).resolve().parents[1]
 BATCH, SEQ = 8, 32
@@ -151,7 +151,7 @@ def test_cli_plans_an_8b_llama_on_64_fake_devices():
     """The README's table: full SFT of Llama 3 8B's shape on fsdp=64, from its config.json
     alone, in a fresh process (the device count is fixed when JAX starts); `--mesh fsdp=-1`
     plans the one mesh with every device on fsdp."""
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = dict(os.environ, XLA_FLAGS=child_xla_flags())
     out = subprocess.run([sys.executable, "-m", "jaxalign.cli", "plan",
                           str(ROOT / "configs" / "plan_llama8b.yaml"), "--devices", "64",
                           "--mesh", "fsdp=-1", "--device-memory-gb", "80", "--json"],

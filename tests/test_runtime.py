@@ -14,6 +14,8 @@ import pytest
 
 from jaxalign import runtime
 
+from conftest import child_xla_flags
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -208,7 +210,7 @@ def test_the_suites_codegen_level_moves_results_by_round_off_only(tiny, tmp_path
 def test_cache_off_and_system_allocator(tiny, tmp_path):
     model_dir, data = tiny
     env = dict(os.environ, JAXALIGN_ALLOCATOR="system", JAXALIGN_COMPILE_CACHE="off",
-               XLA_FLAGS="--xla_force_host_platform_device_count=1")
+               XLA_FLAGS=child_xla_flags("--xla_force_host_platform_device_count=1"))
     env.pop("LD_PRELOAD", None)
     proc = subprocess.run([sys.executable, "-m", "jaxalign.cli", "-v", "generate", str(model_dir),
                            "--prompt", "What is 2 plus 3?", "--max-new-tokens", "4"],

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import child_xla_flags
+
 ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / "jaxalign"
 
@@ -136,7 +138,7 @@ def test_runs_and_exports_write_only_where_told(tiny, tmp_path):
     home.mkdir()
     before = _snapshot(box)
     time.sleep(0.01)
-    env = dict(os.environ, HOME=str(home), XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    env = dict(os.environ, HOME=str(home), XLA_FLAGS=child_xla_flags("--xla_force_host_platform_device_count=1"))
     env.pop("JAXALIGN_CACHE", None)
     env.pop("HF_HOME", None)
     env.pop("HF_DATASETS_CACHE", None)

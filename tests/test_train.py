@@ -28,7 +28,7 @@ from jaxalign.train.optim import make_optimizer
 from jaxalign.train.sft import SFTConfig, sft_loss_fn
 from jaxalign.train.step import init_state, make_train_step
 
-from conftest import sft_config, write_tasks
+from conftest import child_xla_flags, sft_config, write_tasks
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -246,7 +246,7 @@ def _run_cli(config, overrides, env, **kw):
 @pytest.mark.slow  # over 3 s: outside the fast tier
 def test_exact_resume_after_sigkill(tiny, tmp_path):
     """20 steps straight vs 10+ steps, SIGKILL, rerun to 20: identical metrics.jsonl."""
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    env = dict(os.environ, XLA_FLAGS=child_xla_flags("--xla_force_host_platform_device_count=1"))
     common = [f"model.path={tiny['model_dir']}", f"data.train=[{{path: {tiny['data']}}}]",
               "train.steps=20", "train.save_every=5", "train.tensorboard=false", "train.progress=false"]
     cfg = ROOT / "configs" / "tiny_sft.yaml"
