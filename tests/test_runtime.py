@@ -197,11 +197,14 @@ def test_the_suites_codegen_level_moves_results_by_round_off_only(tiny, tmp_path
     runs = {}
     for level in ("0", None):
         flags = f"--xla_backend_optimization_level={level}" if level else ""
-        _sft(tiny, tmp_path / f"level_{level}", tmp_path / "xla", "train.save_every=0",
-             xla_flags=flags)
+        _, perf = _sft(tiny, tmp_path / f"level_{level}", tmp_path / "xla", "train.save_every=0",
+                       xla_flags=flags)
         rows = [json.loads(l) for l in (tmp_path / f"level_{level}" / "metrics.jsonl")
                 .read_text().splitlines()]
         runs[level] = {k: [r[k] for r in rows] for k in ("loss", "grad_norm")}
+    # The second run shares the first's compilation cache, whose keys cover XLA_FLAGS: it
+    # compiled its own programs, so the level reached XLA.
+    assert perf[1]["cache_misses"] > 0, perf[1]
     assert len(runs[None]["loss"]) == 6
     for key, want in runs[None].items():
         np.testing.assert_allclose(runs["0"][key], want, rtol=1e-5, err_msg=key)
