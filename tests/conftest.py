@@ -8,9 +8,9 @@ import os
 # ~1.7 s of LLVM for ~200 kernels). The tests compile with LLVM's optimizer off: XLA's own
 # passes (fusion, layouts, which dots go to the oneDNN / YNNPACK kernels) run unchanged, so the
 # programs are the ones users run; only the kernels' machine code is less tuned, which moves
-# results by round-off (test_runtime.py trains one CLI run both ways). An `xla_backend_optimization_level`
-# already in XLA_FLAGS wins: `XLA_FLAGS=--xla_backend_optimization_level=2` runs the suite as
-# the CLI compiles.
+# results by round-off (test_runtime.py trains one CLI run both ways). A level already in
+# XLA_FLAGS wins: `XLA_FLAGS=--xla_backend_optimization_level=2` runs the suite as the CLI
+# compiles.
 TEST_XLA_FLAGS = ["--xla_force_host_platform_device_count=8"]
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     TEST_XLA_FLAGS.append("--xla_backend_optimization_level=0")

@@ -37,10 +37,8 @@ def worker_env(local_devices: int, **extra: str) -> dict[str, str]:
            if not k.startswith(("JAXALIGN_COORDINATOR", "JAXALIGN_NUM_PROCESSES",
                                 "JAXALIGN_PROCESS_ID", "SLURM_", "JAX_COORDINATOR",
                                 "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"))}
-    # The caller's codegen level carries over (the test suite compiles with LLVM's optimizer off).
-    level = [f for f in os.environ.get("XLA_FLAGS", "").split()
-             if f.startswith("--xla_backend_optimization_level")]
-    env["XLA_FLAGS"] = " ".join([f"--xla_force_host_platform_device_count={local_devices}", *level])
+    from conftest import child_xla_flags   # loaded already: only the pytest process calls this
+    env["XLA_FLAGS"] = child_xla_flags(f"--xla_force_host_platform_device_count={local_devices}")
     env["JAX_PLATFORMS"] = "cpu"
     env["JAXALIGN_ALLOCATOR"] = "system"   # no re-exec under mimalloc: one process per worker
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(TESTS), env.get("PYTHONPATH", "")])

@@ -24,7 +24,8 @@ def bench_sft(tmp_path_factory):
     from make_tiny_model import make_tiny_model
     tmp = tmp_path_factory.mktemp("bench")
     model = make_tiny_model(tmp / "tiny")
-    # The children get the user's environment: not the test session's 8 fake CPU devices.
+    # The children get the user's environment (not the test session's 8 fake CPU devices),
+    # compiled at the suite's codegen level.
     env = dict(os.environ, PYTHONPATH=str(ROOT), XLA_FLAGS=child_xla_flags())
     out = tmp / "bench.txt"
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), "sft", "--model", str(model),

@@ -138,7 +138,8 @@ def test_runs_and_exports_write_only_where_told(tiny, tmp_path):
     home.mkdir()
     before = _snapshot(box)
     time.sleep(0.01)
-    env = dict(os.environ, HOME=str(home), XLA_FLAGS=child_xla_flags("--xla_force_host_platform_device_count=1"))
+    env = dict(os.environ, HOME=str(home),
+               XLA_FLAGS=child_xla_flags("--xla_force_host_platform_device_count=1"))
     env.pop("JAXALIGN_CACHE", None)
     env.pop("HF_HOME", None)
     env.pop("HF_DATASETS_CACHE", None)
